@@ -1,0 +1,38 @@
+# realm-jax: `make run` (set up, then the main job) and `make test` (set up, then the test suite).
+# Set-up creates .venv with a Python >= 3.12 found on this machine (scripts/find_python.sh) and installs
+# the package with its test, notebook and default-model extras; it reruns only when pyproject.toml changes.
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+EXTRAS := dev,model,notebooks
+
+.PHONY: setup run test test-all llama bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/find_python.sh
+	@python=$$(scripts/find_python.sh) || exit 1; \
+	  if [ ! -x $(PY) ] || ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
+	    echo "creating $(VENV) with $$python"; rm -rf $(VENV); "$$python" -m venv $(VENV) || exit 1; \
+	  fi
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+# The main job: until the model runtime lands, inspect the embedded default model.
+run: setup
+	$(VENV)/bin/realm-jax inspect
+
+test: setup
+	$(PY) -m pytest -q
+
+# The optional llama.cpp peer (compiles llama.cpp, ~6 minutes): enables the bit-exact reference tests.
+llama: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[llama]"
+
+bench: setup
+	$(PY) benchmarks/gguf_open.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

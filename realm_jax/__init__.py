@@ -1,0 +1,29 @@
+"""realm-jax: GGUF-quantized language models on JAX.
+
+Public API: `read_gguf` / `write_gguf` (files <-> `QTensor`s), `open_gguf` (metadata and tensor index
+only), `quantize` / `dequantize` (every supported format), `qmatmul` (x @ dequant(w)^T), the errors
+under `RealmError`, and `default_model_path` (the embedded gemma3-270m Q4_K_M file).
+"""
+
+from realm_jax import errors
+from realm_jax.assets import default_model_path
+from realm_jax.checkpoint import read_gguf, write_gguf
+from realm_jax.errors import RealmError
+from realm_jax.gguf import GGUFFile, open_gguf
+from realm_jax.ops import qmatmul
+from realm_jax.quant import FORMATS, QTensor, dequantize, quantize
+
+__all__ = [
+    "FORMATS",
+    "GGUFFile",
+    "QTensor",
+    "RealmError",
+    "default_model_path",
+    "dequantize",
+    "errors",
+    "open_gguf",
+    "qmatmul",
+    "quantize",
+    "read_gguf",
+    "write_gguf",
+]

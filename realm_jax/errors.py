@@ -1,0 +1,108 @@
+"""The exceptions of realm-jax: one class per cause, all under `RealmError`.
+
+Every message names what it is about: the file, the tensor, the shape or the host. Callers catch
+`RealmError` to handle any of them; tests assert the precise subclass.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RealmError",
+    "GGUFError",
+    "MissingFileError",
+    "NotGGUFError",
+    "UnsupportedVersionError",
+    "TruncatedFileError",
+    "MetadataError",
+    "UnknownTensorTypeError",
+    "TensorShapeError",
+    "TensorOutOfBoundsError",
+    "TensorOverlapError",
+    "DuplicateTensorError",
+    "MisalignedTensorError",
+    "ResourceLimitError",
+    "UnsupportedFormatError",
+    "QTensorError",
+    "ShapeMismatchError",
+    "DTypeError",
+    "ModelUnavailableError",
+]
+
+
+class RealmError(Exception):
+    """Base class of every error realm-jax raises on purpose."""
+
+
+# --- GGUF files -------------------------------------------------------------------------------
+class GGUFError(RealmError):
+    """A GGUF file cannot be used as it is. Subclasses name the cause."""
+
+
+class MissingFileError(GGUFError, FileNotFoundError):
+    """The path does not exist or is not a regular file."""
+
+
+class NotGGUFError(GGUFError):
+    """The file does not start with the GGUF magic."""
+
+
+class UnsupportedVersionError(GGUFError):
+    """The GGUF version (or byte order) is not one this reader handles (v2 and v3, little-endian)."""
+
+
+class TruncatedFileError(GGUFError):
+    """The header or metadata runs past the end of the file."""
+
+
+class MetadataError(GGUFError):
+    """A metadata key/value is malformed: unknown value type, bad UTF-8, wrong type for a known key."""
+
+
+class UnknownTensorTypeError(GGUFError):
+    """A tensor's ggml type id is not a type realm-jax knows."""
+
+
+class TensorShapeError(GGUFError):
+    """A tensor's dimensions are invalid or disagree with its type's block size."""
+
+
+class TensorOutOfBoundsError(GGUFError):
+    """A tensor's data lies (partly) past the end of the file."""
+
+
+class TensorOverlapError(GGUFError):
+    """Two tensors' data regions overlap, so their byte sizes disagree with their offsets."""
+
+
+class DuplicateTensorError(GGUFError):
+    """Two tensors (or two metadata keys) share one name."""
+
+
+class MisalignedTensorError(GGUFError):
+    """A tensor's data offset is not a multiple of the file's alignment."""
+
+
+class ResourceLimitError(GGUFError):
+    """A count or size in the header is too large to honour (it would exhaust memory)."""
+
+
+# --- quantized tensors and ops ----------------------------------------------------------------
+class UnsupportedFormatError(RealmError):
+    """A quant format realm-jax does not implement (it names the format and what is supported)."""
+
+
+class QTensorError(RealmError):
+    """A QTensor is malformed: missing planes, wrong plane shapes or dtypes, shape not block-aligned."""
+
+
+class ShapeMismatchError(RealmError):
+    """Operands of an op have incompatible shapes (e.g. x's last dim differs from the weight's cols)."""
+
+
+class DTypeError(RealmError):
+    """An operand has a dtype the op does not accept."""
+
+
+# --- assets -----------------------------------------------------------------------------------
+class ModelUnavailableError(RealmError):
+    """A bundled model file cannot be found or fetched (it says how to install it)."""

@@ -1,0 +1,32 @@
+"""Quantized tensors: GGUF block formats as struct-of-arrays `QTensor` pytrees.
+
+One module per format family (`floats`, `legacy`, `kquants`) holds the block layout with its bit diagram,
+the lossless repack to planes and back, the per-tile dequantization that the XLA path and the Pallas
+kernels share, and the quantizer.
+"""
+
+from realm_jax.quant.formats import (
+    FORMATS,
+    dequantize,
+    dequantize_tile,
+    format_for_ggml_type,
+    get_format,
+    quantize,
+    repack,
+    unpack,
+)
+from realm_jax.quant.qtensor import Field, Format, QTensor
+
+__all__ = [
+    "FORMATS",
+    "Field",
+    "Format",
+    "QTensor",
+    "dequantize",
+    "dequantize_tile",
+    "format_for_ggml_type",
+    "get_format",
+    "quantize",
+    "repack",
+    "unpack",
+]

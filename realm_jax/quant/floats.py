@@ -1,0 +1,53 @@
+"""Unquantized formats F32, F16, BF16: one plane `w` holding the values themselves.
+
+GGUF stores them as plain little-endian arrays; "block size" 1. Dequantization widens to f32 exactly
+(every f16 and bf16 value, subnormals included, is an f32 value).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+
+from realm_jax.quant.qtensor import Field, Format
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def tile_float(p, *, exact: bool = False) -> jax.Array:
+    del exact  # a conversion: exact by construction
+    return p["w"].astype(jnp.float32)
+
+
+@jax.jit
+def quantize_f32(x: jax.Array) -> dict[str, jax.Array]:
+    return {"w": x.astype(jnp.float32)}
+
+
+@jax.jit
+def quantize_f16(x: jax.Array) -> dict[str, jax.Array]:
+    return {"w": x.astype(jnp.float32).astype(jnp.float16)}
+
+
+@jax.jit
+def quantize_bf16(x: jax.Array) -> dict[str, jax.Array]:
+    """f32 -> bf16 as ggml_compute_fp32_to_bf16 (and gguf-py): NaNs quieted keeping their top bits, RNE."""
+    u32 = functools.partial(jnp.asarray, dtype=jnp.uint32)
+    n = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    is_nan = (n & u32(0x7FFFFFFF)) > u32(0x7F800000)
+    quiet = (n & u32(0xFFFF0000)) | u32(64 << 16)
+    rounded = (n + (u32(0x7FFF) + ((n >> 16) & 1))) >> 16  # wraps only for NaNs, which take `quiet`
+    bits = jnp.where(is_nan, quiet >> 16, rounded).astype(jnp.uint16)
+    return {"w": lax.bitcast_convert_type(bits, jnp.bfloat16)}
+
+
+FORMATS = (
+    Format("F32", 0, 1, 4, (Field("w", np.dtype(np.float32), 1),), tile_float, quantize_f32),
+    Format("F16", 1, 1, 2, (Field("w", np.dtype(np.float16), 1),), tile_float, quantize_f16),
+    Format("BF16", 30, 1, 2, (Field("w", BF16, 1),), tile_float, quantize_bf16),
+)

@@ -1,0 +1,128 @@
+"""The format registry and the operations every format shares: repack, unpack, dequantize, quantize."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
+from realm_jax.quant import floats, kquants, legacy
+from realm_jax.quant.qtensor import Format, QTensor
+
+__all__ = ["FORMATS", "dequantize", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
+           "repack", "unpack"]
+
+FORMATS: dict[str, Format] = {f.name: f for f in floats.FORMATS + legacy.FORMATS + kquants.FORMATS}
+_BY_GGML_TYPE: dict[int, Format] = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def get_format(name: str) -> Format:
+    """The `Format` named `name` ("Q4_K"); UnsupportedFormatError names the supported ones otherwise."""
+    try:
+        return FORMATS[name]
+    except (KeyError, TypeError):
+        raise UnsupportedFormatError(f"format {name!r} is not supported; supported: {', '.join(FORMATS)}") from None
+
+
+def format_for_ggml_type(ggml_type: int, *, what: str = "tensor") -> Format:
+    """The `Format` of a ggml type id, or UnsupportedFormatError naming `what` and the type."""
+    if ggml_type not in _BY_GGML_TYPE:
+        from gguf import GGMLQuantizationType
+
+        try:
+            name = GGMLQuantizationType(ggml_type).name
+        except ValueError:
+            name = f"unknown type id {ggml_type}"
+        raise UnsupportedFormatError(f"{what}: ggml type {name} is not supported; supported: {', '.join(FORMATS)}")
+    return _BY_GGML_TYPE[ggml_type]
+
+
+def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "tensor") -> QTensor:
+    """GGUF bytes of a tensor -> a `QTensor` with numpy planes (lossless; `unpack` inverts it).
+
+    Args:
+      raw: the tensor's bytes, uint8, any shape with the right total size (as GGUF stores them).
+      fmt: the GGUF type name.
+      shape: the logical shape (..., rows, cols).
+      what: how to name the tensor in errors (e.g. "model.gguf: blk.0.attn_q.weight").
+    """
+    f = get_format(fmt)
+    shape = tuple(int(d) for d in shape)
+    if not shape or min(shape) <= 0 or shape[-1] % f.block_size:
+        raise QTensorError(f"{what}: shape={shape} is not a valid {fmt} shape (cols must be a positive "
+                           f"multiple of block_size={f.block_size})")
+    n_blocks = shape[-1] // f.block_size
+    raw = np.asarray(raw)
+    expected = int(np.prod(shape[:-1], dtype=np.int64)) * n_blocks * f.type_size
+    if raw.dtype != np.uint8 or raw.size != expected:
+        raise QTensorError(f"{what}: {fmt}{list(shape)} needs {expected} bytes (uint8), got {raw.size} "
+                           f"({raw.dtype})")
+    planes = f.split(raw.reshape(*shape[:-1], n_blocks, f.type_size))
+    return QTensor(f.name, shape, planes)
+
+
+def unpack(qt: QTensor) -> np.ndarray:
+    """A `QTensor` -> its GGUF bytes, uint8 of shape (..., rows, bytes per row) as gguf-py's reader gives."""
+    qt.check()
+    f = qt.format
+    if f.packing is not None:
+        _check_packable(qt)
+    blocks = f.join(qt.planes)
+    return blocks.reshape(*qt.shape[:-1], -1)
+
+
+def _check_packable(qt: QTensor) -> None:
+    for name in ("scales", "mins"):
+        if int(np.max(np.asarray(qt.planes[name]), initial=0)) > 63:
+            raise QTensorError(f"{qt}: plane {name!r} holds values above 63, which do not fit in 6 bits")
+
+
+def dequantize_tile(fmt: str, planes, *, dtype=jnp.float32, exact: bool = False) -> jax.Array:
+    """Dequantize a tile of planes covering whole blocks: [..., n_blocks * block_size] in `dtype`.
+
+    This is the one definition of each format's math: `dequantize`, `qmatmul` and the Pallas kernels
+    all call it. Values are computed in f32 and cast to `dtype` at the end.
+    """
+    with jax.named_scope("dequant"):
+        return get_format(fmt).tile(planes, exact=exact).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _dequantize(qt: QTensor, dtype) -> jax.Array:
+    return dequantize_tile(qt.fmt, qt.planes, dtype=dtype, exact=True).reshape(qt.shape)
+
+
+def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
+    """A `QTensor` -> a dense array of its logical shape (..., rows, cols) in `dtype` (jit-compatible).
+
+    With dtype=float32 the values are bit-identical to `gguf.quants.dequantize` of the same bytes.
+    (On XLA:CPU one exception exists: a Q8_K block with a subnormal f32 scale, whose products XLA flushes
+    to zero.)
+    """
+    qt.check()
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise DTypeError(f"dequantize: dtype={dtype} must be a floating dtype")
+    return _dequantize(qt, dtype)
+
+
+def quantize(x, fmt: str) -> QTensor:
+    """A dense array (..., cols) -> a `QTensor` in format `fmt` with jax planes (runs on any device).
+
+    Bit-exact with `gguf.quants.quantize` for F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; llama.cpp's
+    reference quantizers (`quantize_row_*_ref`) for Q4_K, Q5_K, Q6_K and Q8_K. Values are taken as f32.
+    """
+    f = get_format(fmt)
+    if f.quantize is None:
+        raise UnsupportedFormatError(f"quantize: realm-jax cannot produce {fmt}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise DTypeError(f"quantize: x.dtype={x.dtype} must be floating")
+    if x.ndim == 0 or x.shape[-1] % f.block_size or min(x.shape) == 0:
+        raise ShapeMismatchError(f"quantize: x.shape={x.shape} must have a last dim that is a positive "
+                                 f"multiple of {fmt}'s block_size={f.block_size}")
+    planes = f.quantize(x.astype(jnp.float32))
+    return QTensor(f.name, tuple(x.shape), dict(planes))

@@ -1,0 +1,206 @@
+"""Block formats: registry, lossless repack, and dequantization bit-exact against gguf-py."""
+
+from __future__ import annotations
+
+import gguf
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+import realm_jax
+from realm_jax.errors import QTensorError, UnsupportedFormatError
+from realm_jax.quant import FORMATS, QTensor, dequantize, get_format, repack, unpack
+from helpers import random_blocks
+
+ALL = list(FORMATS)
+GGUF_PY = [f for f in ALL if f != "Q8_K"]  # gguf-py has no Q8_K dequantizer
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32).view(np.uint32)
+
+
+def assert_bit_identical(got, ref):
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.dtype == np.float32
+    assert got.shape == ref.shape
+    mismatch = bits(got) != bits(ref)
+    assert not mismatch.any(), f"{mismatch.sum()} of {mismatch.size} values differ, first at {np.argwhere(mismatch)[0]}"
+
+
+def dequant_q8_k_numpy(raw: np.ndarray) -> np.ndarray:
+    """ggml's dequantize_row_q8_K transcribed: y[j] = d * qs[j], d an f32 per 256 elements."""
+    blocks = raw.reshape(-1, 292)
+    d = blocks[:, :4].copy().view("<f4").astype(np.float32)
+    qs = blocks[:, 4:260].copy().view(np.int8).astype(np.float32)
+    with np.errstate(over="ignore"):
+        return (d * qs).reshape(*raw.shape[:-1], -1)
+
+
+def reference(raw: np.ndarray, fmt: str) -> np.ndarray:
+    if fmt == "Q8_K":
+        return dequant_q8_k_numpy(raw)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return gguf.quants.dequantize(raw, GGMLQuantizationType[fmt])
+
+
+@pytest.mark.parametrize("fmt", ALL)
+def test_registry_matches_ggml(fmt):
+    f = get_format(fmt)
+    assert f.ggml_type == GGMLQuantizationType[fmt].value
+    assert (f.block_size, f.type_size) == GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+
+
+def test_unknown_format_is_named():
+    with pytest.raises(UnsupportedFormatError, match="IQ2_XS.*supported: F32"):
+        get_format("IQ2_XS")
+
+
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("n_blocks", [1, 5])
+def test_random_bytes_dequantize_bit_exact_and_roundtrip(fmt, n_blocks, rng):
+    """Uniformly random bytes: every bit pattern of every field, NaN/Inf/subnormal scales included."""
+    f = get_format(fmt)
+    raw = rng.integers(0, 256, size=(7, n_blocks * f.type_size), dtype=np.uint8)
+    if fmt == "Q8_K":  # XLA:CPU flushes f32 subnormal products to zero: keep d normal (see dequantize's doc)
+        blocks = raw.reshape(7, n_blocks, 292)
+        blocks[..., :4] = (rng.standard_normal((7, n_blocks, 1)) * 1e-3).astype("<f4").view(np.uint8)
+    qt = repack(raw, fmt, (7, n_blocks * f.block_size))
+    assert np.array_equal(unpack(qt), raw)
+    ref = reference(raw, fmt)
+    got = dequantize(qt)
+    assert got.shape == (7, n_blocks * f.block_size)
+    np.testing.assert_array_equal(np.isnan(np.asarray(got)), np.isnan(ref))
+    assert_bit_identical(np.where(np.isnan(ref), 0, got), np.where(np.isnan(ref), 0, ref))
+
+
+def _scale_fields(fmt):
+    """(byte offset, field) of each f16/f32 scale field of the block struct."""
+    out, offset = [], 0
+    for field in get_format(fmt).fields:
+        if np.dtype(field.dtype).kind == "f":
+            out.append((offset, field))
+        offset += field.nbytes
+    return out
+
+
+SPECIAL_F16 = np.array([0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x0400, 0x7BFF, 0xFBFF, 0x3C00, 0x0200],
+                       dtype=np.uint16)
+
+
+@pytest.mark.parametrize("fmt", [f for f in ALL if get_format(f).block_size > 1])
+def test_special_scales_bit_exact(fmt, rng):
+    """All-zero blocks, and scales that are zero, +-subnormal, the smallest normal, +-65504."""
+    f = get_format(fmt)
+    n = len(SPECIAL_F16)
+    raw = rng.integers(0, 256, size=(n + 1, f.type_size), dtype=np.uint8)
+    raw[n] = 0  # an all-zero block
+    for offset, field in _scale_fields(fmt):
+        if field.dtype == np.float16:
+            raw[:n, offset : offset + 2] = SPECIAL_F16.view(np.uint8).reshape(n, 2)
+        else:  # Q8_K's f32 d: extreme normal values
+            d = np.array([0, -0.0, 1.17549435e-38, -1.17549435e-38, 3.4e38, 1e-30, 1, -1, 1e-5, 65504] * 1,
+                         dtype="<f4")[:n]
+            raw[:n, offset : offset + 4] = d.view(np.uint8).reshape(n, 4)
+    qt = repack(raw.reshape(1, -1), fmt, (1, (n + 1) * f.block_size))
+    assert np.array_equal(unpack(qt), raw.reshape(1, -1))
+    assert_bit_identical(dequantize(qt), reference(raw.reshape(1, -1), fmt))
+    assert not np.asarray(dequantize(qt))[0, -f.block_size:].any()
+
+
+@pytest.mark.parametrize("fmt", ["F16", "BF16"])
+def test_every_16bit_pattern(fmt):
+    """All 65,536 patterns widen exactly to f32; NaNs stay NaN (XLA may quiet a signalling NaN's payload)."""
+    patterns = np.arange(65536, dtype=np.uint16)
+    qt = repack(patterns.view(np.uint8).reshape(1, -1), fmt, (1, 65536))
+    want = patterns.view(np.float16 if fmt == "F16" else ml_dtypes.bfloat16).astype(np.float32)[None]
+    got = np.asarray(dequantize(qt))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert_bit_identical(np.where(np.isnan(want), 0, got), np.where(np.isnan(want), 0, want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_dequantize_to_half_dtypes(dtype, rng):
+    raw = random_blocks("Q4_K", 3, 2, rng)
+    qt = repack(raw, "Q4_K", (3, 512))
+    got = dequantize(qt, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dequantize(qt)).astype(dtype))
+
+
+def test_dequantize_is_jittable_and_qtensor_is_a_pytree(rng):
+    qt = repack(random_blocks("Q5_K", 2, 1, rng), "Q5_K", (2, 256))
+    leaves, treedef = jax.tree_util.tree_flatten(qt)
+    assert len(leaves) == 6
+    again = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert again.fmt == "Q5_K" and again.shape == (2, 256)
+    on_device = jax.device_put(qt)
+    jitted = jax.jit(lambda t: realm_jax.dequantize(t) * 2)(on_device)
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(dequantize(qt)) * 2)
+
+
+def test_three_dim_tensor(rng):
+    """Leading dims are kept (MoE expert stacks are 3-D in GGUF)."""
+    raw = random_blocks("Q8_0", 6, 2, rng)
+    qt = repack(raw, "Q8_0", (2, 3, 64))
+    assert qt.planes["qs"].shape == (2, 3, 64) and qt.planes["d"].shape == (2, 3, 2)
+    assert_bit_identical(dequantize(qt), reference(raw, "Q8_0").reshape(2, 3, 64))
+    assert np.array_equal(unpack(qt).reshape(6, -1), raw)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda p: p.pop("qs"), "planes must be"),
+        (lambda p: p.update(qs=p["qs"][:, :-1]), "plane 'qs' must be uint8"),
+        (lambda p: p.update(d=p["d"].astype(np.float32)), "plane 'd' must be float16"),
+        (lambda p: p.update(extra=p["d"]), "planes must be"),
+    ],
+)
+def test_malformed_qtensor_is_rejected(mutate, match, rng):
+    qt = repack(random_blocks("Q4_K", 2, 1, rng), "Q4_K", (2, 256))
+    planes = dict(qt.planes)
+    mutate(planes)
+    with pytest.raises(QTensorError, match=match):
+        dequantize(QTensor("Q4_K", (2, 256), planes))
+
+
+def test_bad_shapes_are_rejected(rng):
+    raw = random_blocks("Q4_0", 2, 1, rng)
+    with pytest.raises(QTensorError, match="block_size=32"):
+        repack(raw, "Q4_0", (2, 33))
+    with pytest.raises(QTensorError, match="needs 72 bytes"):
+        repack(raw, "Q4_0", (4, 32))
+    qt = repack(raw, "Q4_0", (2, 32))
+    with pytest.raises(QTensorError, match="block_size"):
+        dequantize(QTensor("Q4_0", (2, 31), qt.planes))
+
+
+def test_unpack_refuses_scales_wider_than_6_bits(rng):
+    qt = repack(random_blocks("Q4_K", 1, 1, rng), "Q4_K", (1, 256))
+    planes = dict(qt.planes, scales=np.full((1, 8), 64, np.uint8))
+    with pytest.raises(QTensorError, match="6 bits"):
+        unpack(QTensor("Q4_K", (1, 256), planes))
+
+
+def test_real_models_bit_exact_and_lossless(real_model_path):
+    """Every tensor of both real models: repack -> unpack gives the file's bytes, dequantize gives
+    gguf-py's values bit for bit."""
+    reader = gguf.GGUFReader(real_model_path)
+    _, tensors = realm_jax.read_gguf(real_model_path)
+    assert set(tensors) == {t.name for t in reader.tensors}
+    seen = set()
+    for t in reader.tensors:
+        qt = tensors[t.name]
+        raw = np.asarray(t.data)
+        seen.add(qt.fmt)
+        assert qt.fmt == t.tensor_type.name
+        assert np.array_equal(unpack(qt).reshape(-1).view(np.uint8), raw.reshape(-1).view(np.uint8)), t.name
+        ref = gguf.quants.dequantize(raw, t.tensor_type)
+        got = np.asarray(dequantize(qt))
+        assert got.shape == ref.shape, t.name
+        assert np.array_equal(bits(got), bits(ref)), t.name
+    assert seen >= {"F32", "Q8_0"}
