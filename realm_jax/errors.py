@@ -10,6 +10,7 @@ __all__ = [
     "RealmError",
     "GGUFError",
     "MissingFileError",
+    "UnreadableFileError",
     "NotGGUFError",
     "UnsupportedVersionError",
     "TruncatedFileError",
@@ -40,6 +41,10 @@ class GGUFError(RealmError):
 
 class MissingFileError(GGUFError, FileNotFoundError):
     """The path does not exist or is not a regular file."""
+
+
+class UnreadableFileError(GGUFError):
+    """The file exists but cannot be opened or mapped (permissions, a device or pipe, an I/O error)."""
 
 
 class NotGGUFError(GGUFError):

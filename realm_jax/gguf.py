@@ -1,0 +1,457 @@
+"""Open and validate a GGUF file: header, metadata and tensor infos, with the tensor data memory-mapped.
+
+The header is parsed here rather than with gguf-py's ``GGUFReader``, which builds one numpy array per
+vocabulary string and takes seconds on a 262k-token vocabulary; this parser opens the same file in a
+fraction of a second. Every field read from the file is checked before it is used, so a damaged or hostile
+file ends in one `realm_jax.errors.GGUFError` subclass per cause, never in a big allocation, a long loop or
+a stray ``struct.error``.
+
+Layout (GGUF v2 and v3, little-endian; v2 only lacks v3's big-endian variant):
+``magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv | n_kv x (string key, u32 type, value)
+| n_tensors x (string name, u32 n_dims, n_dims x u64 ne, u32 ggml type, u64 offset) | padding to alignment
+| tensor data``. A string is a u64 byte length and UTF-8 bytes; an array is a u32 element type, a u64
+count and the elements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import pathlib
+import struct
+from typing import Any
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from realm_jax.errors import (
+    DuplicateTensorError,
+    MetadataError,
+    MisalignedTensorError,
+    MissingFileError,
+    NotGGUFError,
+    ResourceLimitError,
+    TensorOutOfBoundsError,
+    TensorOverlapError,
+    TensorShapeError,
+    TruncatedFileError,
+    UnknownTensorTypeError,
+    UnreadableFileError,
+    UnsupportedVersionError,
+)
+
+__all__ = ["GGML_TYPES", "GGUFFile", "TensorInfo", "open_gguf"]
+
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
+}
+
+_MAGIC = b"GGUF"
+_VERSIONS = (2, 3)
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_ARRAY_DEPTH = 4  # llama.cpp rejects nested arrays; gguf-py writes them, real files have none
+_MAX_ELEMENTS = 2**63 - 1  # ggml counts elements in int64_t
+
+# GGUF value type ids (gguf.constants.GGUFValueType).
+_STRING, _ARRAY, _BOOL, _UINT32 = 8, 9, 7, 4
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+_SCALAR_STRUCTS = {t: struct.Struct("<" + f) for t, f in _SCALAR_FORMATS.items()}
+_SCALAR_DTYPES = {t: np.dtype("<" + f) for t, f in _SCALAR_FORMATS.items()}  # bool (7) as its byte
+_VALUE_TYPE_NAMES = {
+    0: "UINT8", 1: "INT8", 2: "UINT16", 3: "INT16", 4: "UINT32", 5: "INT32", 6: "FLOAT32", 7: "BOOL",
+    8: "STRING", 9: "ARRAY", 10: "UINT64", 11: "INT64", 12: "FLOAT64",
+}  # fmt: skip
+# The fewest bytes one element of each type can occupy: a bound on how many elements a file can hold.
+_MIN_VALUE_SIZE = {t: d.itemsize for t, d in _SCALAR_DTYPES.items()} | {_STRING: 8, _ARRAY: 12}
+_MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, a one-byte value
+_MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_HEADER = struct.Struct("<4sIQQ")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's data lies in the file and how to read it.
+
+    ``shape`` is in numpy order, the reverse of ggml's ``ne``: ``(..., rows, cols)`` with ``cols`` (``ne[0]``)
+    the contiguous, block-quantized axis, as gguf-py's ``quants.dequantize`` returns it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+    type_name: str
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file. Use it as a context manager or call `close`."""
+
+    def __init__(
+        self,
+        path: pathlib.Path,
+        version: int,
+        alignment: int,
+        data_offset: int,
+        metadata: dict[str, Any],
+        tensors: dict[str, TensorInfo],
+        mapping: mmap.mmap,
+    ):
+        self.path = path
+        self.version = version
+        self.alignment = alignment
+        self.data_offset = data_offset
+        self.metadata = metadata
+        self.tensors = tensors
+        self._mmap: mmap.mmap | None = mapping
+        self._bytes: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8)
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """The raw bytes of one tensor, without copying them.
+
+        Args:
+            name: a key of `tensors`.
+
+        Returns:
+            A read-only uint8 view of the mapped file, shape ``(nbytes,)``. It stays valid after `close`.
+        """
+        if self._bytes is None:
+            raise ValueError(f"{self.path}: the GGUF file is closed")
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}")
+        return self._bytes[info.offset : info.offset + info.nbytes]
+
+    def close(self) -> None:
+        """Release the file mapping; views returned by `tensor_bytes` keep their pages alive until freed."""
+        self._bytes = None
+        if self._mmap is not None:
+            mapping, self._mmap = self._mmap, None
+            try:
+                mapping.close()
+            except BufferError:
+                # Views handed out by tensor_bytes still export the buffer; the map is unmapped when the
+                # last of them is garbage-collected.
+                pass
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"GGUFFile({str(self.path)!r}, version={self.version}, architecture={self.architecture!r}, "
+            f"n_kv={len(self.metadata)}, n_tensors={len(self.tensors)})"
+        )
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open a GGUF file, parse its header and validate every tensor's type, shape and byte range.
+
+    Tensor data is memory-mapped, not read.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Returns:
+        A `GGUFFile` with the metadata and tensor infos in file order.
+
+    Raises:
+        GGUFError: a subclass per cause (see `realm_jax.errors`), naming the file and the field.
+    """
+    path = pathlib.Path(os.fspath(path))
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise MissingFileError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise TruncatedFileError(f"{path}: the file is empty (0 bytes)")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
+    try:
+        parsed = _Parser(path, mapping, size).parse()
+    except BaseException:
+        try:
+            mapping.close()
+        except BufferError:
+            # A frame in the traceback still holds a view; the map goes when the traceback does.
+            pass
+        raise
+    return GGUFFile(path, *parsed, mapping=mapping)
+
+
+class _Parser:
+    # Reads the header from the map, checking every length and count against the bytes that remain.
+
+    def __init__(self, path: pathlib.Path, buf: mmap.mmap, size: int):
+        self.path = path
+        self.buf = buf
+        self.size = size
+        self.pos = 0
+
+    def parse(self) -> tuple[int, int, int, dict[str, Any], dict[str, TensorInfo]]:
+        version, n_tensors, n_kv = self._header()
+        metadata, alignment = self._metadata(n_kv)
+        infos = self._tensor_infos(n_tensors, alignment)
+        data_offset = -(-self.pos // alignment) * alignment
+        tensors = self._place_tensors(infos, data_offset)
+        return version, alignment, data_offset, metadata, tensors
+
+    # --- errors ---------------------------------------------------------------------------------
+    def _truncated(self, what: str, pos: int, need: int) -> TruncatedFileError:
+        return TruncatedFileError(
+            f"{self.path}: {what} needs {need} bytes at offset {pos}, past the end of the file "
+            f"({self.size} bytes)"
+        )
+
+    def _check_span(self, what: str, pos: int, need: int) -> None:
+        # A claim no file of this size could meet is hostile or garbage, not a file cut short.
+        if need > self.size:
+            raise ResourceLimitError(
+                f"{self.path}: {what} at offset {pos} claims {need} bytes, more than the whole file "
+                f"({self.size} bytes)"
+            )
+        if pos + need > self.size:
+            raise self._truncated(what, pos, need)
+
+    # --- primitives -----------------------------------------------------------------------------
+    def _u32(self, what: str) -> int:
+        pos = self.pos
+        if pos + 4 > self.size:
+            raise self._truncated(what, pos, 4)
+        self.pos = pos + 4
+        return _U32.unpack_from(self.buf, pos)[0]
+
+    def _u64(self, what: str) -> int:
+        pos = self.pos
+        if pos + 8 > self.size:
+            raise self._truncated(what, pos, 8)
+        self.pos = pos + 8
+        return _U64.unpack_from(self.buf, pos)[0]
+
+    def _str(self, what: str) -> str:
+        n = self._u64(f"length of {what}")
+        pos = self.pos
+        self._check_span(what, pos, n)
+        self.pos = pos + n
+        try:
+            return self.buf[pos : pos + n].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MetadataError(
+                f"{self.path}: {what} at offset {pos} is not valid UTF-8 ({e.reason})"
+            ) from None
+
+    # --- sections -------------------------------------------------------------------------------
+    def _header(self) -> tuple[int, int, int]:
+        head = self.buf[: _HEADER.size]
+        if head[:4] != _MAGIC[: len(head)]:
+            raise NotGGUFError(
+                f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected {_MAGIC!r})"
+            )
+        if len(head) < 8:
+            raise self._truncated("the GGUF magic and version", 0, 8)
+        version = _U32.unpack_from(head, 4)[0]
+        if version not in _VERSIONS:
+            if version & 0xFFFF == 0 and version != 0:
+                swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+                raise UnsupportedVersionError(
+                    f"{self.path}: version field {version:#010x} is {swapped} byte-swapped: a big-endian "
+                    "GGUF file; big-endian files are unsupported"
+                )
+            supported = ", ".join(map(str, _VERSIONS))
+            raise UnsupportedVersionError(
+                f"{self.path}: GGUF version {version} is unsupported (supported: {supported})"
+            )
+        if len(head) < _HEADER.size:
+            raise self._truncated("the GGUF header", 0, _HEADER.size)
+        _, _, n_tensors, n_kv = _HEADER.unpack(head)
+        self.pos = _HEADER.size
+        room = self.size - self.pos
+        if n_kv * _MIN_KV_SIZE + n_tensors * _MIN_TENSOR_INFO_SIZE > room:
+            raise ResourceLimitError(
+                f"{self.path}: header claims {n_kv=} metadata entries and {n_tensors=} tensors, more than "
+                f"the {room} bytes after the header can hold (or the file is truncated)"
+            )
+        return version, n_tensors, n_kv
+
+    def _metadata(self, n_kv: int) -> tuple[dict[str, Any], int]:
+        metadata: dict[str, Any] = {}
+        alignment = _DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            key_pos = self.pos
+            key = self._str(f"metadata key #{i}")
+            if key in metadata:
+                raise MetadataError(f"{self.path}: metadata key {key!r} (offset {key_pos}) appears twice")
+            vtype = self._u32(f"value type of metadata key {key!r}")
+            value = self._value(vtype, key, depth=0)
+            if key == "general.alignment":
+                if vtype != _UINT32 or value <= 0 or value & (value - 1):
+                    raise MetadataError(
+                        f"{self.path}: metadata key {key!r} must be a UINT32 power of two > 0, got "
+                        f"{_VALUE_TYPE_NAMES[vtype]} {value!r}"
+                    )
+                alignment = value
+            elif key == "general.architecture" and vtype != _STRING:
+                raise MetadataError(
+                    f"{self.path}: metadata key {key!r} must be a STRING, got {_VALUE_TYPE_NAMES[vtype]}"
+                )
+            metadata[key] = value
+        return metadata, alignment
+
+    def _value(self, vtype: int, key: str, depth: int) -> Any:
+        st = _SCALAR_STRUCTS.get(vtype)
+        if st is not None:
+            pos = self.pos
+            if pos + st.size > self.size:
+                raise self._truncated(f"value of metadata key {key!r}", pos, st.size)
+            self.pos = pos + st.size
+            value = st.unpack_from(self.buf, pos)[0]
+            if vtype == _BOOL:
+                if value > 1:
+                    raise MetadataError(f"{self.path}: metadata key {key!r}: bool byte {value} is not 0 or 1")
+                return bool(value)
+            return value
+        if vtype == _STRING:
+            return self._str(f"value of metadata key {key!r}")
+        if vtype == _ARRAY:
+            return self._array(key, depth + 1)
+        raise MetadataError(
+            f"{self.path}: metadata key {key!r} has unknown value type {vtype} (offset {self.pos - 4})"
+        )
+
+    def _array(self, key: str, depth: int) -> Any:
+        if depth > _MAX_ARRAY_DEPTH:
+            raise ResourceLimitError(
+                f"{self.path}: metadata key {key!r} nests arrays {depth} deep (limit {_MAX_ARRAY_DEPTH})"
+            )
+        etype = self._u32(f"element type of metadata key {key!r}")
+        count = self._u64(f"element count of metadata key {key!r}")
+        min_size = _MIN_VALUE_SIZE.get(etype)
+        if min_size is None:
+            raise MetadataError(
+                f"{self.path}: metadata key {key!r} is an array of unknown value type {etype} "
+                f"(offset {self.pos - 12})"
+            )
+        what = f"array of {count} {_VALUE_TYPE_NAMES[etype]} of metadata key {key!r}"
+        pos = self.pos
+        self._check_span(what, pos, count * min_size)
+        dtype = _SCALAR_DTYPES.get(etype)
+        if dtype is not None:
+            self.pos = pos + count * dtype.itemsize
+            # A copy, so the map can be closed while the metadata lives on (and no view of it is left
+            # in a traceback).
+            native = dtype.newbyteorder("=")
+            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=pos).astype(native)
+            if etype == _BOOL:
+                if count and arr.max() > 1:
+                    raise MetadataError(f"{self.path}: {what}: a bool byte is not 0 or 1")
+                arr = arr.view(np.bool_)
+            arr.flags.writeable = False
+            return arr
+        if etype == _STRING:
+            return self._str_array(count, key)
+        return [self._array(key, depth + 1) for _ in range(count)]
+
+    def _str_array(self, count: int, key: str) -> list[str]:
+        # The hot loop of a 262k-token vocabulary: locals only, one bounds check per string.
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    raise self._truncated(f"length of string #{len(out)} of metadata key {key!r}", pos, 8)
+                n = unpack(buf, pos)[0]
+                pos += 8
+                if pos + n > size:
+                    self._check_span(f"string #{len(out)} of metadata key {key!r}", pos, n)
+                append(buf[pos : pos + n].decode("utf-8"))
+                pos += n
+        except UnicodeDecodeError as e:
+            raise MetadataError(
+                f"{self.path}: string #{len(out)} of metadata key {key!r} (offset {pos}) is not valid UTF-8 "
+                f"({e.reason})"
+            ) from None
+        self.pos = pos
+        return out
+
+    def _tensor_infos(self, n_tensors: int, alignment: int) -> list[tuple]:
+        infos = []
+        names: set[str] = set()
+        for i in range(n_tensors):
+            name = self._str(f"name of tensor #{i}")
+            if name in names:
+                raise DuplicateTensorError(
+                    f"{self.path}: tensor {name!r} appears twice (second is tensor #{i})"
+                )
+            names.add(name)
+            what = f"tensor {name!r}"
+            n_dims = self._u32(f"n_dims of {what}")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise TensorShapeError(f"{self.path}: {what} has {n_dims=}, must be 1..{_MAX_DIMS}")
+            ne = tuple(self._u64(f"ne[{d}] of {what}") for d in range(n_dims))
+            type_id = self._u32(f"type of {what}")
+            offset = self._u64(f"data offset of {what}")
+            if type_id not in GGML_TYPES:
+                raise UnknownTensorTypeError(f"{self.path}: {what} has unknown ggml type id {type_id}")
+            type_name, block, type_size = GGML_TYPES[type_id]
+            n_elements = 1
+            for d in ne:
+                n_elements *= d
+            if n_elements == 0 or n_elements > _MAX_ELEMENTS:
+                raise TensorShapeError(
+                    f"{self.path}: {what} has dims {list(ne)} (ggml order): {n_elements} elements, must be "
+                    f"1..{_MAX_ELEMENTS}"
+                )
+            if ne[0] % block:
+                raise TensorShapeError(
+                    f"{self.path}: {what} of type {type_name} has row length ne[0]={ne[0]}, which must be a "
+                    f"multiple of {block=}"
+                )
+            nbytes = n_elements // block * type_size
+            if nbytes > self.size:
+                raise TensorOutOfBoundsError(
+                    f"{self.path}: {what} of type {type_name} and dims {list(ne)} needs {nbytes} bytes, more "
+                    f"than the whole file ({self.size} bytes)"
+                )
+            if offset % alignment:
+                raise MisalignedTensorError(
+                    f"{self.path}: {what} has data offset {offset}, not a multiple of {alignment=}"
+                )
+            infos.append((name, ne[::-1], type_id, offset, nbytes))
+        return infos
+
+    def _place_tensors(self, infos: list[tuple], data_offset: int) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for name, shape, type_id, offset, nbytes in infos:
+            start = data_offset + offset
+            if start + nbytes > self.size:
+                raise TensorOutOfBoundsError(
+                    f"{self.path}: tensor {name!r} spans bytes [{start}, {start + nbytes}), past the end of "
+                    f"the file ({self.size} bytes; data section starts at {data_offset})"
+                )
+            tensors[name] = TensorInfo(name, shape, type_id, GGML_TYPES[type_id][0], start, nbytes)
+        ranges = sorted(tensors.values(), key=lambda t: t.offset)
+        for prev, cur in zip(ranges, ranges[1:]):
+            if cur.offset < prev.offset + prev.nbytes:
+                raise TensorOverlapError(
+                    f"{self.path}: tensor {cur.name!r} at bytes [{cur.offset}, {cur.offset + cur.nbytes}) "
+                    f"overlaps tensor {prev.name!r} at [{prev.offset}, {prev.offset + prev.nbytes})"
+                )
+        return tensors
