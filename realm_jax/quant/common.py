@@ -7,26 +7,32 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def mul_add(a, b, c, *, exact: bool):
-    """a * b + c, with the product rounded to f32 before the add when `exact`.
+def rounded(*xs):
+    """The values as materialized f32 arrays, so XLA cannot fuse them into what follows.
 
     XLA:CPU contracts a*b+c into one FMA (measured: a quarter of random f32 triples round differently),
-    while gguf-py and llama.cpp's reference dequantizers round the product first. The barrier keeps the
-    two roundings; kernels pass exact=False and let the compiler fuse.
+    while gguf-py and llama.cpp's reference code (libggml is built without -mfma) round the product first.
     """
+    out = lax.optimization_barrier(xs)
+    return out if len(xs) > 1 else out[0]
+
+
+def mul_add(a, b, c, *, exact: bool):
+    """a * b + c, with the product rounded to f32 before the add when `exact` (kernels pass False and let
+    the compiler fuse)."""
     prod = a * b
-    if exact:
-        prod = lax.optimization_barrier(prod)
-    return prod + c
+    return (rounded(prod) if exact else prod) + c
 
 
-def true_div(a, divisor: float):
-    """a / divisor as a real f32 division.
+def true_div(a, b):
+    """a / b as a real f32 division.
 
-    XLA rewrites division by a constant into multiplication by its reciprocal, which rounds differently
-    (measured for /15: 63% of random values); hiding the constant behind a barrier keeps the division.
+    XLA rewrites x / broadcast(d), a constant d included, into x * (1/d), which rounds differently
+    (measured for /15: 63% of random values); a divisor broadcast to a's shape and materialized keeps the
+    division.
     """
-    return a / lax.optimization_barrier(jnp.float32(divisor))
+    a, b = jnp.broadcast_arrays(a, jnp.asarray(b, jnp.float32))
+    return a / rounded(b)
 
 
 def split_nibbles(q: jax.Array, group: int) -> jax.Array:

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realm_jax.quant import kquantize
 from realm_jax.quant.common import mul_add, split_nibbles
 from realm_jax.quant.qtensor import Field, Format, Packing
 
@@ -131,15 +132,6 @@ _SCALE_PACKING = Packing(
 )
 
 
-def _kquantizer(name: str):
-    def run(x):
-        from realm_jax.quant import kquantize
-
-        return getattr(kquantize, name)(x)
-
-    return run
-
-
 def _with_planes(packing: Packing, *extra: Field) -> Packing:
     return Packing(packing.planes + extra, packing.unpack, packing.pack)
 
@@ -147,15 +139,15 @@ def _with_planes(packing: Packing, *extra: Field) -> Packing:
 FORMATS = (
     Format("Q4_K", 12, QK_K, 144,
            (Field("d", F16, 1), Field("dmin", F16, 1), Field("packed_scales", U8, 12), Field("qs", U8, 128)),
-           tile_q4_k, _kquantizer("quantize_q4_k"), _with_planes(_SCALE_PACKING, Field("qs", U8, 128))),
+           tile_q4_k, kquantize.quantize_q4_k, _with_planes(_SCALE_PACKING, Field("qs", U8, 128))),
     Format("Q5_K", 13, QK_K, 176,
            (Field("d", F16, 1), Field("dmin", F16, 1), Field("packed_scales", U8, 12), Field("qh", U8, 32),
             Field("qs", U8, 128)),
-           tile_q5_k, _kquantizer("quantize_q5_k"),
+           tile_q5_k, kquantize.quantize_q5_k,
            _with_planes(_SCALE_PACKING, Field("qh", U8, 32), Field("qs", U8, 128))),
     Format("Q6_K", 14, QK_K, 210,
            (Field("ql", U8, 128), Field("qh", U8, 64), Field("scales", I8, 16), Field("d", F16, 1)),
-           tile_q6_k, _kquantizer("quantize_q6_k")),
+           tile_q6_k, kquantize.quantize_q6_k),
     Format("Q8_K", 15, QK_K, 292, (Field("d", F32, 1), Field("qs", I8, QK_K), Field("bsums", I16, 16)),
-           tile_q8_k, _kquantizer("quantize_q8_k")),
+           tile_q8_k, kquantize.quantize_q8_k),
 )
