@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,11 +17,12 @@ from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
 __all__ = ["read_gguf", "write_gguf"]
 
 
-def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, QTensor]]:
+def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[str, Any], dict[str, QTensor]]:
     """Read a GGUF file into its metadata and its tensors as `QTensor`s with numpy planes.
 
     Args:
       path: the GGUF file (v2 or v3).
+      progress: show a progress bar (bytes repacked) on stderr.
 
     Returns:
       (metadata, tensors): metadata key -> value in file order; tensor name -> QTensor of the tensor's
@@ -30,12 +32,18 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, QTenso
       GGUFError subclasses for a bad file; UnsupportedFormatError for a tensor type realm-jax cannot
       compute with (the message names the file and the tensor).
     """
+    from tqdm.auto import tqdm
+
     with open_gguf(path) as f:
         tensors = {}
-        for name, info in f.tensors.items():
-            what = f"{f.path}: tensor {name!r}"
-            fmt = format_for_ggml_type(info.ggml_type, what=what)
-            tensors[name] = repack(f.tensor_bytes(name), fmt.name, info.shape, what=what)
+        total = sum(t.nbytes for t in f.tensors.values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=not progress,
+                  file=sys.stderr) as bar:
+            for name, info in f.tensors.items():
+                what = f"{f.path}: tensor {name!r}"
+                fmt = format_for_ggml_type(info.ggml_type, what=what)
+                tensors[name] = repack(f.tensor_bytes(name), fmt.name, info.shape, what=what)
+                bar.update(info.nbytes)
         return dict(f.metadata), tensors
 
 
