@@ -1,8 +1,11 @@
 """The `realm-jax` command line.
 
-    realm-jax inspect [FILE] [--json]     architecture, metadata summary, tensors per type
+    realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
+    realm-jax chat [--model FILE] [--system TEXT]                   chat on stdin with an instruct model
+    realm-jax inspect [FILE] [--json]                               architecture, metadata, tensors per type
 
-Errors of realm-jax end in a one-line message on stderr and exit status 2.
+The default model is the embedded gemma3-270m Q4_K_M. Errors end in a one-line message on stderr and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -119,9 +122,95 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from realm_jax.assets import default_model_path
+    from realm_jax.errors import SamplingError
+    from realm_jax.runtime import load
+    from realm_jax.sampling import SamplingConfig
+
+    # Bad arguments fail before the model loads.
+    SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise SamplingError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+
+    return load(args.model or default_model_path(), policy=args.precision, progress=True)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    model = _load(args)
+    pieces = model.generate(args.prompt, stream=True, **_sampling_kwargs(args))
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    if model.tokenizer.chat_template is None:
+        from realm_jax.errors import MetadataError
+
+        raise MetadataError(f"{model.path}: the file has no chat template (tokenizer.chat_template); "
+                            "chat needs an instruct model such as SmolLM2-135M-Instruct")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        reply = []
+        if interactive:
+            print("assistant> ", end="", flush=True)
+        for piece in model.generate(prompt, stream=True, **_sampling_kwargs(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"realm-jax: error: {message} (see --help)\n")
+
+
+def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
+    p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
+                   "params=..,compute=..,kv=.. (default: auto for the device)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a string that ends the generation (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="realm-jax", description="GGUF-quantized language models on JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="realm-jax", description="GGUF-quantized language models on JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("generate", help="stream a continuation of a prompt")
+    p.add_argument("prompt")
+    _add_model_options(p, max_new_tokens=128)
+    p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("chat", help="chat with an instruct model, one user message per stdin line")
+    p.add_argument("--system", default=None, help="a system message")
+    _add_model_options(p, max_new_tokens=256)
+    p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("inspect", help="show a GGUF file's architecture, metadata and tensor types")
     p.add_argument("file", nargs="?", help="the GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")

@@ -27,6 +27,11 @@ __all__ = [
     "ShapeMismatchError",
     "DTypeError",
     "ModelUnavailableError",
+    "UnsupportedArchitectureError",
+    "MissingTensorError",
+    "ContextLengthError",
+    "SamplingError",
+    "ChatTemplateError",
 ]
 
 
@@ -111,3 +116,24 @@ class DTypeError(RealmError):
 # --- assets -----------------------------------------------------------------------------------
 class ModelUnavailableError(RealmError):
     """A bundled model file cannot be found or fetched (it says how to install it)."""
+
+
+# --- models and generation --------------------------------------------------------------------
+class UnsupportedArchitectureError(RealmError):
+    """The file's general.architecture (or a feature it uses, like a rope scaling type) is not supported."""
+
+
+class MissingTensorError(GGUFError):
+    """A tensor the architecture needs is absent from the file."""
+
+
+class ContextLengthError(RealmError):
+    """A prompt plus the tokens to generate do not fit in the model's context."""
+
+
+class SamplingError(RealmError):
+    """Invalid sampling or generation arguments (temperature, top_k, top_p, max_new_tokens, ...)."""
+
+
+class ChatTemplateError(RealmError):
+    """The file's chat template rejected the messages (its raise_exception), e.g. roles out of order."""

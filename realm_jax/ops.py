@@ -1,7 +1,8 @@
-"""Operations on quantized weights. `qmatmul` is the XLA path: the reference for the Pallas kernels and
-the execution path on CPU.
+"""The operations of the inference path: `qmatmul` (the XLA path, the reference for the Pallas kernels and
+the execution path on CPU), `embed`, `rms_norm`, `rope` and `attention`.
 
-Shapes: B... any leading dims of x, K the contraction (the weight's cols), N the weight's rows.
+Shapes: B batch, T tokens, S key positions, N query heads, K kv heads (or the contraction, in qmatmul),
+G query heads per kv head, H head dim, D model width, R rotated dims.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from jax import lax
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError
 from realm_jax.quant import QTensor, dequantize_tile
 
-__all__ = ["qmatmul"]
+__all__ = ["attention", "embed", "qmatmul", "rms_norm", "rope"]
 
 _FLOATS = (jnp.float32, jnp.float16, jnp.bfloat16)
 
@@ -56,3 +57,56 @@ def _qmatmul_xla(x: jax.Array, w: QTensor, compute_dtype) -> jax.Array:
         precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32,
     )
     return y.astype(x.dtype)
+
+
+def embed(ids: jax.Array, table: QTensor, dtype=jnp.float32) -> jax.Array:
+    """Rows `ids` of a (V, D) table, dequantized: [B..., D] in `dtype`. Only the gathered rows are
+    dequantized, so a quantized vocabulary stays quantized."""
+    planes = {name: jnp.take(p, ids, axis=0) for name, p in table.planes.items()}
+    return dequantize_tile(table.fmt, planes, dtype=dtype)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * weight over the last axis, computed in f32 (a sum of squares in bf16 loses the small
+    terms) and returned in x.dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, neox: bool) -> jax.Array:
+    """Rotary embedding of x [B, T, N, H] at positions [B, T], with inv_freq [R/2] for the first R dims.
+
+    `neox` rotates the pairs (i, i + R/2), as GPT-NeoX, Qwen2 and Gemma; otherwise the adjacent pairs
+    (2i, 2i+1), which is what llama-architecture GGUF files expect (llama.cpp permutes q/k at conversion).
+    Dims past R pass through unrotated.
+    """
+    rot = 2 * inv_freq.shape[-1]
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, R/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    if neox:
+        a, b = xr[..., : rot // 2], xr[..., rot // 2 :]
+        out = jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+    else:
+        pairs = xr.reshape(*xr.shape[:-1], rot // 2, 2)
+        a, b = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([a * cos - b * sin, b * cos + a * sin], axis=-1).reshape(xr.shape)
+    return jnp.concatenate([out.astype(x.dtype), rest], axis=-1) if rest.shape[-1] else out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+              scores_dtype=jnp.float32) -> jax.Array:
+    """Grouped-query attention. q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], mask [B, T, S] (True =
+    attend) -> [B, T, N, Hv]. N must be a multiple of K; query head n reads kv head n // (N / K).
+
+    Scores and softmax are in `scores_dtype` (f32 by default: the softmax of long rows needs its range).
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=scores_dtype) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores_dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)

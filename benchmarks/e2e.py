@@ -1,0 +1,165 @@
+"""End-to-end speed: prefill tokens/s (a 128-token prompt) and decode tokens/s (64 tokens), realm-jax against
+llama.cpp (llama-cpp-python) on the same files, in one run.
+
+Each runtime runs in its own subprocess so its peak memory (RSS) is its own. Times are medians over
+--runs repetitions after one warm-up (realm-jax's warm-up includes its jit compilation, reported apart).
+
+    python benchmarks/e2e.py [--models gemma3-270m-q4_k_m smollm2-135m-instruct-q4_1] [--policy f32]
+                             [--threads 2] [--runs 5] [--json out.json]
+
+Without llama-cpp-python installed, the llama.cpp columns say so and only realm-jax is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PROMPT_TOKENS = 128
+DECODE_TOKENS = 64
+MODELS = ["gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"]
+
+
+def _prompt_ids(vocab_size: int) -> list[int]:
+    # A fixed pseudo-random prompt: both runtimes see the same ids, and no tokenizer time is measured.
+    import numpy as np
+
+    return np.random.default_rng(0).integers(100, min(vocab_size, 30000), PROMPT_TOKENS).tolist()
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_realm(model: str, policy: str, runs: int) -> dict:
+    import jax
+
+    from realm_jax import assets, runtime
+    from realm_jax.sampling import SamplingConfig
+
+    start = time.perf_counter()
+    m = runtime.load(assets.model_path(model), policy=policy, progress=False)
+    load_s = time.perf_counter() - start
+    ids = _prompt_ids(m.config.vocab_size)
+    greedy = SamplingConfig()
+
+    def prefill() -> float:
+        t0 = time.perf_counter()
+        gen = m.start([ids], max_new_tokens=DECODE_TOKENS + 1, sampling=greedy, stop_ids=())
+        jax.block_until_ready(gen.token)
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        gen = m.start([ids], max_new_tokens=DECODE_TOKENS + 1, sampling=greedy, stop_ids=())
+        jax.block_until_ready(gen.token)
+        t0 = time.perf_counter()
+        gen.step(DECODE_TOKENS)
+        return time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    prefill(), decode()
+    warmup_s = time.perf_counter() - t0
+    pre = statistics.median(prefill() for _ in range(runs))
+    dec = statistics.median(decode() for _ in range(runs))
+    return {"prefill_tps": PROMPT_TOKENS / pre, "decode_tps": DECODE_TOKENS / dec, "load_s": load_s,
+            "warmup_s": warmup_s, "peak_rss_mib": _peak_rss_mib(), "policy": str(m.policy)}
+
+
+def worker_llama(model: str, threads: int, runs: int) -> dict:
+    import llama_cpp
+
+    from realm_jax import assets
+
+    llm = llama_cpp.Llama(str(assets.model_path(model)), n_ctx=512, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, verbose=False)
+    ids = _prompt_ids(llm.n_vocab())
+
+    def prefill() -> float:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        return time.perf_counter() - t0
+
+    def decode() -> float:
+        llm.reset()
+        llm.eval(ids)
+        t0 = time.perf_counter()
+        for i in range(DECODE_TOKENS):
+            llm.eval([ids[i % len(ids)]])
+        return time.perf_counter() - t0
+
+    prefill(), decode()
+    pre = statistics.median(prefill() for _ in range(runs))
+    dec = statistics.median(decode() for _ in range(runs))
+    return {"prefill_tps": PROMPT_TOKENS / pre, "decode_tps": DECODE_TOKENS / dec, "peak_rss_mib": _peak_rss_mib(),
+            "version": llama_cpp.__version__}
+
+
+def _run_worker(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--policy", default="f32", help="realm-jax precision policy (e.g. f32, bf16, auto)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, model = args.worker[0], args.worker[1]
+        result = worker_realm(model, args.policy, args.runs) if kind == "realm" else \
+            worker_llama(model, args.threads, args.runs)
+        print(json.dumps(result))
+        return
+
+    try:
+        import llama_cpp  # noqa: F401
+
+        have_llama = True
+    except ImportError:
+        have_llama = False
+        print("llama-cpp-python is not installed (pip install 'realm-jax[llama]'): llama.cpp not measured",
+              file=sys.stderr)
+    rows = []
+    for model in args.models:
+        common = ["--runs", str(args.runs), "--policy", args.policy, "--threads", str(args.threads)]
+        ours = _run_worker(["realm", model, *common])
+        peer = _run_worker(["llama", model, *common]) if have_llama else {"error": "llama-cpp-python not installed"}
+        rows.append({"model": model, "realm_jax": ours, "llama_cpp": peer})
+
+    print(f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, llama.cpp threads {args.threads}, "
+          f"median of {args.runs}; {platform.processor() or platform.machine()}")
+    print("| model | policy | realm-jax prefill tok/s | llama.cpp prefill tok/s | ratio | realm-jax decode tok/s "
+          "| llama.cpp decode tok/s | ratio | realm-jax peak RSS MiB | llama.cpp peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        o, p = r["realm_jax"], r["llama_cpp"]
+        if "error" in o:
+            print(f"| {r['model']} | {args.policy} | error: {o['error']} |")
+            continue
+
+        def ratio(key):
+            return f"{o[key] / p[key]:.2f}x" if key in p else "-"
+
+        print(f"| {r['model']} | {args.policy} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
+              f"| {ratio('prefill_tps')} | {o['decode_tps']:.1f} | {p.get('decode_tps', float('nan')):.1f} "
+              f"| {ratio('decode_tps')} | {o['peak_rss_mib']:.0f} | {p.get('peak_rss_mib', float('nan')):.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The decoder forward pass every architecture shares, over a KV cache. Pure functions, jit-friendly.
+
+Legend: B batch, T new tokens, S cache length, L layers, D width, N heads, K kv heads, H head dim, V vocab.
+
+Runs of consecutive layers whose params have the same structure (the same formats) are stacked and run
+with `lax.scan`; a file that mixes formats across layers becomes several runs. Per-layer differences that
+are data (rope frequencies, sliding-window or global) ride along as scanned arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from realm_jax import ops
+from realm_jax.models.config import ModelConfig
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys [L, B, S, K, H] and values [L, B, S, K, Hv]; position p of sequence b lives at index p."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (config.n_layers, batch, length, config.n_kv_heads)
+    return KVCache(jnp.zeros((*shape, config.head_dim), dtype), jnp.zeros((*shape, config.v_head_dim), dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRun:
+    """Layers [first, first + count) with identical param structure, their leaves stacked on axis 0."""
+
+    first: int
+    count: int
+    params: Any
+
+
+def stack_layers(layers: list[dict[str, Any]]) -> list[LayerRun]:
+    """Group consecutive layers of identical structure into stacked runs for `lax.scan`.
+
+    A stacked QTensor keeps its per-layer logical shape while its planes gain the leading L axis: inside
+    the scan each step sees one layer's consistent QTensor.
+    """
+    runs: list[LayerRun] = []
+    i = 0
+    while i < len(layers):
+        treedef = jax.tree_util.tree_structure(layers[i])
+        j = i + 1
+        while j < len(layers) and jax.tree_util.tree_structure(layers[j]) == treedef:
+            j += 1
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers[i:j])
+        runs.append(LayerRun(i, j - i, stacked))
+        i = j
+    return runs
+
+
+jax.tree_util.register_dataclass(LayerRun, data_fields=["params"], meta_fields=["first", "count"])
+
+
+def _layer_constants(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = np.stack([config.inv_freq(i) for i in range(config.n_layers)])  # [L, R/2]
+    local = np.array([config.is_local(i) for i in range(config.n_layers)], dtype=bool)  # [L]
+    return inv_freq, local
+
+
+def _linear(x, w, bias=None):
+    y = ops.qmatmul(x, w)
+    return y if bias is None else y + bias.astype(y.dtype)
+
+
+def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local):
+    """One decoder layer on x [B, T, D] at positions [B, T]; writes its keys/values into the cache."""
+    b, t, _ = x.shape
+    eps = config.norm_eps
+    h = ops.rms_norm(x, p["attn_norm"], eps)
+    q = _linear(h, p["wq"], p.get("bq")).reshape(b, t, config.n_heads, config.head_dim)
+    k = _linear(h, p["wk"], p.get("bk")).reshape(b, t, config.n_kv_heads, config.head_dim)
+    v = _linear(h, p["wv"], p.get("bv")).reshape(b, t, config.n_kv_heads, config.v_head_dim)
+    if config.qk_norm:
+        q, k = ops.rms_norm(q, p["q_norm"], eps), ops.rms_norm(k, p["k_norm"], eps)
+    q = ops.rope(q, positions, inv_freq, neox=config.rope_neox)
+    k = ops.rope(k, positions, inv_freq, neox=config.rope_neox)
+
+    # Write this step's keys/values at each sequence's own offset, then attend over the whole cache.
+    write = jax.vmap(lambda c, new, start: lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
+    ck = write(cache.k[layer], k.astype(cache.k.dtype), positions[:, 0])
+    cv = write(cache.v[layer], v.astype(cache.v.dtype), positions[:, 0])
+    cache = KVCache(cache.k.at[layer].set(ck), cache.v.at[layer].set(cv))
+
+    key_pos = jnp.arange(cache.length)[None, None, :]
+    query_pos = positions[:, :, None]
+    mask = key_pos <= query_pos
+    if config.sliding_window:
+        mask &= ~local | (key_pos > query_pos - config.sliding_window)
+    attn = ops.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, scale=config.scale)
+    o = _linear(attn.reshape(b, t, -1), p["wo"])
+    if config.post_norms:
+        o = ops.rms_norm(o, p["post_attn_norm"], eps)
+    x = x + o.astype(x.dtype)
+
+    h = ops.rms_norm(x, p["ffn_norm"], eps)
+    gate, up = _linear(h, p["w_gate"]), _linear(h, p["w_up"])
+    act = jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    down = _linear(act * up, p["w_down"])
+    if config.post_norms:
+        down = ops.rms_norm(down, p["post_ffn_norm"], eps)
+    return x + down.astype(x.dtype), cache
+
+
+def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, dtype,
+            last: jax.Array | None = None):
+    """Run tokens [B, T] at positions [B, T] through the model, updating the cache.
+
+    Args:
+      params: the params pytree with "layers" replaced by `stack_layers(...)` runs.
+      dtype: the activation dtype.
+      last: [B] indices into T; when given, only those tokens' logits are computed.
+
+    Returns:
+      (logits float32 [B, T, V] or [B, V] with `last`, the updated cache).
+    """
+    x = ops.embed(tokens, params["embed"], dtype=jnp.float32)
+    if config.embed_scale != 1.0:
+        x = x * jnp.float32(config.embed_scale)
+    x = x.astype(dtype)
+    inv_freq, local = _layer_constants(config)
+    for run in params["layers"]:
+        span = slice(run.first, run.first + run.count)
+
+        def body(carry, xs):
+            h, c = carry
+            layer_params, layer, freq, is_local = xs
+            return _block(config, layer_params, h, positions, c, layer, freq, is_local), None
+
+        xs = (run.params, jnp.arange(run.first, run.first + run.count), inv_freq[span], local[span])
+        (x, cache), _ = lax.scan(body, (x, cache), xs)
+    if last is not None:
+        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    x = ops.rms_norm(x, params["final_norm"], config.norm_eps)
+    return ops.qmatmul(x, params["output"]).astype(jnp.float32), cache

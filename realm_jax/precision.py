@@ -1,0 +1,136 @@
+"""Mixed precision: one `Policy` that every layer and kernel reads.
+
+A policy names the dtype of each kind of value on the inference path:
+
+    params   dense weights (the dtype quantized weights are dequantized to, or converted to on CPU)
+    compute  activations and the matmul inputs
+    output   the logits returned to the caller
+    kv       the KV cache
+    scores   attention scores and softmax
+    norm     RMSNorm statistics
+
+Quantized blocks are never cast. Accumulators are f32 whatever the policy says.
+
+Strings parse as a mode (``"f32"``, ``"bf16"``, ``"f16"``, ``"auto"``) or as explicit fields
+(``"params=f32,compute=bf16,output=f32"``); unnamed fields follow `compute`, except scores and norm (f32)
+and output (f32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax
+import jax.numpy as jnp
+
+from realm_jax.errors import DTypeError
+
+__all__ = ["Policy", "PrecisionMode", "resolve_policy"]
+
+_NAMES = {
+    "f32": jnp.float32, "float32": jnp.float32, "fp32": jnp.float32,
+    "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
+    "f16": jnp.float16, "float16": jnp.float16, "fp16": jnp.float16, "half": jnp.float16,
+}  # fmt: skip
+_FIELDS = ("params", "compute", "output", "kv", "scores", "norm")
+
+
+class PrecisionMode(enum.Enum):
+    FP32 = "f32"
+    FP16 = "f16"
+    BF16 = "bf16"
+    AUTO = "auto"
+
+
+def _dtype(name, field: str) -> jnp.dtype:
+    if isinstance(name, str):
+        if name.lower() not in _NAMES:
+            raise DTypeError(f"precision: {field}={name!r} is not a dtype; use one of f32, bf16, f16")
+        return jnp.dtype(_NAMES[name.lower()])
+    dtype = jnp.dtype(name)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise DTypeError(f"precision: {field}={dtype} must be float32, bfloat16 or float16")
+    return dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The dtypes of the inference path (see the module docstring)."""
+
+    params: jnp.dtype = jnp.dtype(jnp.float32)
+    compute: jnp.dtype = jnp.dtype(jnp.float32)
+    output: jnp.dtype = jnp.dtype(jnp.float32)
+    kv: jnp.dtype = jnp.dtype(jnp.float32)
+    scores: jnp.dtype = jnp.dtype(jnp.float32)
+    norm: jnp.dtype = jnp.dtype(jnp.float32)
+
+    def __post_init__(self):
+        for field in _FIELDS:
+            object.__setattr__(self, field, _dtype(getattr(self, field), field))
+
+    @classmethod
+    def of(cls, dtype) -> Policy:
+        """Params, compute and kv in `dtype`; scores, norms and output logits in f32."""
+        return cls(params=dtype, compute=dtype, kv=dtype)
+
+    @classmethod
+    def full(cls) -> Policy:
+        """Everything in f32: the reference."""
+        return cls()
+
+    @classmethod
+    def inference(cls, device: jax.Device | None = None) -> Policy:
+        """The fastest safe policy for `device` (default: the first device): see `auto_dtype`."""
+        return cls.of(auto_dtype(device))
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """``"bf16"``, ``"auto"`` or ``"params=f32,compute=bf16,output=f32"``."""
+        text = text.strip()
+        if "=" not in text:
+            if text.lower() == PrecisionMode.AUTO.value:
+                return cls.inference()
+            return cls.of(_dtype(text, "mode"))
+        fields = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in _FIELDS:
+                raise DTypeError(f"precision: {part.strip()!r} in {text!r} is not field=dtype with field one "
+                                 f"of {', '.join(_FIELDS)}")
+            fields[key] = _dtype(value.strip(), key)
+        compute = fields.get("compute", jnp.float32)
+        return cls(**{"params": compute, "kv": compute} | fields)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f}={jnp.dtype(getattr(self, f)).name}" for f in _FIELDS)
+
+
+def auto_dtype(device: jax.Device | None = None) -> jnp.dtype:
+    """bf16 on TPU and on CUDA with compute capability >= 8.0, f16 on 5.3 <= cc < 8.0, else f32.
+
+    CPU gets f32: on this project's CPU benchmarks bf16 activations did not beat f32 by enough to pay for
+    their accuracy cost (the decode matmuls are bandwidth-bound on the weights either way).
+    """
+    device = device or jax.devices()[0]
+    if device.platform == "tpu":
+        return jnp.dtype(jnp.bfloat16)
+    if device.platform == "gpu":
+        cc = float(getattr(device, "compute_capability", "0") or 0)
+        if cc >= 8.0:
+            return jnp.dtype(jnp.bfloat16)
+        if cc >= 5.3:
+            return jnp.dtype(jnp.float16)
+    return jnp.dtype(jnp.float32)
+
+
+def resolve_policy(policy: Policy | str | None, device: jax.Device | None = None) -> Policy:
+    """None -> Policy.inference(device); a string -> Policy.parse; a Policy as it is."""
+    if policy is None:
+        return Policy.inference(device)
+    if isinstance(policy, str):
+        return Policy.parse(policy)
+    if isinstance(policy, Policy):
+        return policy
+    raise DTypeError(f"precision: policy must be a Policy, a string or None, got {type(policy).__name__}")

@@ -1,0 +1,343 @@
+"""The model runtime: `load` a GGUF file, then teacher-forced `logits` and `generate`.
+
+One generate call is one jitted prefill of the (right-padded) prompts and a jitted decode loop
+(`lax.while_loop`) that samples on the device; Python steps in only between chunks of the loop: to stream
+text out, or to check stop strings.
+
+Legend: B batch, T prompt tokens (padded), S cache length, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.errors import ContextLengthError, RealmError, SamplingError
+from realm_jax.checkpoint import read_gguf
+from realm_jax.models import ModelConfig, config_from_gguf, params_from_tensors
+from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
+from realm_jax.precision import Policy, resolve_policy
+from realm_jax.quant import QTensor, dequantize
+from realm_jax.sampling import SamplingConfig, sample
+from realm_jax.tokenizer import Tokenizer
+
+__all__ = ["Model", "load"]
+
+_PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: fewer shapes to compile
+_CACHE_BUCKET = 256
+_STREAM_CHUNK = 1  # tokens per dispatch while streaming
+_STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
+_DENSE_FORMAT = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _densify(dtype):
+    """On CPU the XLA path would dequantize every weight on every call: convert once at load instead."""
+    fmt = _DENSE_FORMAT[jnp.dtype(dtype)]
+    return lambda qt: QTensor(fmt, qt.shape, {"w": dequantize(qt, dtype)})
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "all_logits"), donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, dtype, all_logits: bool):
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return forward(config, params, tokens, positions, cache, dtype=dtype, last=None if all_logits else lengths - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _sample_first(logits, key, recent, *, sampling: SamplingConfig):
+    return sample(logits, key, recent, sampling)
+
+
+def _push(recent, tokens):
+    """Append tokens [B] to the ring of recent tokens [B, R] (oldest dropped)."""
+    return jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampling", "n_steps"), donate_argnames=("cache",))
+def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, *, config: ModelConfig,
+            dtype, sampling: SamplingConfig, n_steps: int):
+    """Up to n_steps decode steps. token [B] (sampled, not yet fed) at positions pos [B]; done [B].
+
+    Returns (new tokens [B, n_steps] with -1 after a sequence is done, and the updated state)."""
+    b = token.shape[0]
+
+    def cond(state):
+        step, *_, done_, _ = state
+        return (step < n_steps) & ~jnp.all(done_)
+
+    def body(state):
+        step, out, cache_, token_, pos_, recent_, done_, key_ = state
+        logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, dtype=dtype,
+                                 last=jnp.zeros((b,), jnp.int32))
+        nxt = sample(logits, jax.random.fold_in(key_, step0 + step), recent_, sampling)
+        nxt = jnp.where(done_, -1, nxt)
+        out = out.at[:, step].set(nxt)
+        advance = ~done_
+        done_ = done_ | jnp.isin(nxt, stop_ids)
+        recent_ = jnp.where(advance[:, None], _push(recent_, nxt), recent_)
+        return step + 1, out, cache_, jnp.where(advance, nxt, token_), pos_ + advance, recent_, done_, key_
+
+    out = jnp.full((b, n_steps), -1, jnp.int32)
+    state = (jnp.int32(0), out, cache, token, pos, recent, done, key)
+    _, out, cache, token, pos, recent, done, _ = jax.lax.while_loop(cond, body, state)
+    return out, cache, token, pos, recent, done
+
+
+class Model:
+    """A loaded model: config, params on the device, tokenizer and precision policy."""
+
+    def __init__(self, path: pathlib.Path, metadata: dict[str, Any], config: ModelConfig, params: dict[str, Any],
+                 tokenizer: Tokenizer, policy: Policy):
+        self.path = path
+        self.metadata = metadata
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({self.path.name!r}, arch={c.arch}, layers={c.n_layers}, d_model={c.d_model}, "
+                f"vocab={c.vocab_size}, policy={self.policy})")
+
+    # --- teacher-forced logits --------------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits of every position of `ids` in one batched prefill: float32 [len(ids), V]."""
+        ids = self._check_ids(ids)
+        t = _round_up(len(ids), _PROMPT_BUCKET)
+        tokens = np.zeros((1, t), np.int32)
+        tokens[0, : len(ids)] = ids
+        cache = init_cache(self.config, 1, t, self.policy.kv)
+        logits, _ = _prefill(self.params, tokens, np.array([len(ids)], np.int32), cache, config=self.config,
+                             dtype=self.policy.compute, all_logits=True)
+        return np.asarray(logits[0, : len(ids)], np.float32)
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise SamplingError("the prompt is empty: at least one token is needed")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise SamplingError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) > self.config.context_length:
+            raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of "
+                                     f"{self.config.context_length} tokens")
+        return ids
+
+    # --- generation -------------------------------------------------------------------------------
+    def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
+              seed: int = 0, stop_ids: Sequence[int] | None = None) -> _Generation:
+        """Prefill token-id prompts and sample each one's first new token; `_Generation.step` continues.
+        `stop_ids` (default: the tokenizer's end-of-generation tokens) end a sequence."""
+        stop_ids = sorted(self.tokenizer.stop_ids) if stop_ids is None else list(stop_ids)
+        return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, seed, stop_ids)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                     sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
+        """New token ids for each token-id prompt, in one prefill and one decode dispatch; a sequence ends
+        at the first stop token (included)."""
+        gen = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        blocks = [gen.first]
+        while not gen.finished:
+            blocks.append(gen.step(gen.remaining))
+        out = np.concatenate(blocks, axis=1)
+        return [[int(t) for t in row if t >= 0] for row in out]
+
+    def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 seed: int = 0, stop: Sequence[str] = (), stream: bool = False):
+        """Generate text after `prompt` (or after each prompt of a list, in one batch).
+
+        Args:
+          prompt: a string, or a list of strings generated together (their lengths may differ).
+          max_new_tokens: at most this many tokens per prompt.
+          temperature, top_k, top_p, repetition_penalty: sampling (temperature 0 is greedy).
+          seed: the PRNG seed of the sampling.
+          stop: strings that end a sequence (not included in the result).
+          stream: return an iterator of text pieces as they are generated (one prompt only).
+
+        Returns:
+          The generated text (a list of texts for a list of prompts), or an iterator of pieces if `stream`.
+        """
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty)
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise SamplingError("prompt must be a string or a non-empty list of strings")
+        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError(f"stop={stop!r} must be a list of non-empty strings")
+        if stream and not single:
+            raise SamplingError("stream=True takes one prompt, not a list")
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        chunk = _STREAM_CHUNK if stream else (_STOP_CHUNK if stop else None)
+        texts = _TextCollector(self.tokenizer, len(prompts), tuple(stop))
+        pieces = self._stream_texts(ids, texts, max_new_tokens, sampling, seed, chunk)
+        if stream:
+            return (piece[0] for piece in pieces if piece[0])
+        for _ in pieces:
+            pass
+        return texts.texts[0] if single else texts.texts
+
+    def _stream_texts(self, ids, texts: _TextCollector, max_new_tokens, sampling, seed, chunk):
+        gen = self.start(ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        yield texts.add(gen.first)
+        while not gen.finished:
+            gen.stop_rows(texts.stopped)
+            if gen.finished:
+                break
+            yield texts.add(gen.step(min(chunk or gen.remaining, gen.remaining)))
+        yield texts.flush()
+
+
+class _Generation:
+    """The device state of one generate call between dispatches of the decode loop."""
+
+    def __init__(self, model: Model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                 seed: int, stop_ids: list[int]):
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+        if not prompts:
+            raise SamplingError("no prompts given")
+        config, policy = model.config, model.policy
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > config.context_length:
+            raise ContextLengthError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"of {config.context_length} tokens")
+        self.model, self.sampling = model, sampling
+        b, t = len(prompts), _round_up(longest, _PROMPT_BUCKET)
+        tokens = np.zeros((b, t), np.int32)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        recent = np.full((b, sampling.penalty_last_n), -1, np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+            tail = p[-sampling.penalty_last_n :]
+            recent[i, recent.shape[1] - len(tail) :] = tail
+        cache = init_cache(config, b, _round_up(t + max_new_tokens, _CACHE_BUCKET), policy.kv)
+        logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, dtype=policy.compute,
+                                      all_logits=False)
+        self.key = jax.random.PRNGKey(seed)
+        self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
+        first = _sample_first(logits, jax.random.fold_in(self.key, 0), jnp.asarray(recent), sampling=sampling)
+        self.done = jnp.isin(first, self.stop_ids)
+        self.recent = _push(jnp.asarray(recent), first)
+        self.token, self.pos = first, jnp.asarray(lengths)
+        self.first = np.asarray(first)[:, None]
+        self.produced, self.max_new_tokens = 1, max_new_tokens
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - self.produced
+
+    @property
+    def finished(self) -> bool:
+        return self.remaining <= 0 or bool(jnp.all(self.done))
+
+    def stop_rows(self, rows: Sequence[bool]) -> None:
+        """End the sequences flagged in `rows` (e.g. a stop string seen on the host)."""
+        self.done = self.done | jnp.asarray(rows, bool)
+
+    def step(self, n: int) -> np.ndarray:
+        """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
+        m = self.model
+        out, self.cache, self.token, self.pos, self.recent, self.done = _decode(
+            m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
+            self.stop_ids, config=m.config, dtype=m.policy.compute, sampling=self.sampling, n_steps=n)
+        self.produced += n
+        return np.asarray(out)
+
+
+class _TextCollector:
+    """Turns token blocks into text per sequence: holds back incomplete UTF-8 and possible stop-string
+    prefixes, cuts at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, n: int, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.emitted = [0] * n
+        self.texts = [""] * n
+        self.stopped = [False] * n
+
+    @property
+    def all_stopped(self) -> bool:
+        return all(self.stopped)
+
+    def add(self, block: np.ndarray) -> list[str]:
+        out = []
+        for i, row in enumerate(block):
+            if not self.stopped[i]:
+                for tok in row:
+                    if tok < 0:
+                        self.stopped[i] = True
+                        break
+                    if tok in self.tokenizer.stop_ids:
+                        self.stopped[i] = True
+                        break
+                    self.ids[i].append(int(tok))
+            out.append(self._update(i, final=self.stopped[i]))
+        return out
+
+    def flush(self) -> list[str]:
+        return [self._update(i, final=True) for i in range(len(self.ids))]
+
+    def _update(self, i: int, final: bool) -> str:
+        text = self.tokenizer.decode(self.ids[i])
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            text, final = text[:cut], True
+            self.stopped[i] = True
+        ready = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # a multi-byte character split across tokens
+                ready = len(text.rstrip("\ufffd"))
+            for s in self.stop:  # a stop string may be starting
+                for k in range(min(len(s) - 1, ready), 0, -1):
+                    if text[:ready].endswith(s[:k]):
+                        ready -= k
+                        break
+        new = text[self.emitted[i] : max(ready, self.emitted[i])]
+        self.emitted[i] = max(ready, self.emitted[i])
+        self.texts[i] = text
+        return new
+
+
+def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: Any = None,
+         progress: bool | None = None) -> Model:
+    """Load a GGUF model.
+
+    Args:
+      path: the GGUF file (llama, mistral, qwen2 or gemma3 architecture).
+      policy: a `Policy`, a string such as "bf16" or "params=f32,compute=bf16", or None for the device's
+        automatic choice.
+      mesh: distributed inference is not available yet; passing a mesh raises.
+      progress: show a progress bar while loading (default: when stderr is a terminal).
+
+    Returns:
+      A `Model`.
+    """
+    if mesh is not None:
+        raise RealmError("load(mesh=...): distributed inference is not available in this version")
+    path = pathlib.Path(os.fspath(path))
+    device = jax.devices()[0]
+    policy = resolve_policy(policy, device)
+    progress = sys.stderr.isatty() if progress is None else progress
+    metadata, tensors = read_gguf(path, progress=progress)
+    config = config_from_gguf(metadata, tensors, str(path))
+    tokenizer = Tokenizer.from_metadata(metadata, source=str(path))
+    params = params_from_tensors(config, tensors, str(path), linear=_densify(policy.params))
+    params["layers"] = stack_layers(params["layers"])
+    params = jax.device_put(params, device)
+    return Model(path, metadata, config, params, tokenizer, policy)

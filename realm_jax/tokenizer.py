@@ -1,0 +1,802 @@
+"""A tokenizer built from GGUF metadata that tokenizes and detokenizes exactly as llama.cpp does.
+
+llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced here, with a Hugging Face
+`tokenizers.Tokenizer` doing the splitting and the merges:
+
+- Token attributes come from ``tokenizer.ggml.token_type``, then llama.cpp's fix-ups by token text: EOT,
+  EOM and FIM tokens found by name become control tokens, control tokens named "unused" are unused, and
+  the end-of-generation set is EOS plus the end-of-turn tokens llama.cpp recognises by name.
+- Control, unknown and user-defined tokens are split out of the text before anything else (llama.cpp's
+  "special token partition"). With ``parse_special=False`` control and unknown tokens are text like any
+  other; user-defined tokens are split out in both modes. In `tokenizers` terms: control and unknown tokens
+  are special added tokens, user-defined ones are plain added tokens, none normalized, and
+  ``encode_special_tokens`` turns parse_special off.
+- ``gpt2`` vocabularies: byte-level BPE with the file's merges, pre-split by the regexes llama.cpp uses for
+  ``tokenizer.ggml.pre``.
+- ``llama`` (SentencePiece) vocabularies: llama.cpp replaces spaces with U+2581 and repeatedly merges the
+  adjacent pair whose concatenation is the best-scored token. That is a BPE whose merges are every split
+  of every token into two tokens, ranked by the score of the token they make. Characters missing from the
+  vocabulary fall back to ``<0xNN>`` byte tokens.
+- Detokenization concatenates llama.cpp's per-token pieces and applies its space clean-up where the
+  pre-tokenizer asks for it; that part is plain Python over byte strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from realm_jax.errors import ChatTemplateError, MetadataError
+
+__all__ = ["Tokenizer"]
+
+# GGUF token types (llama.cpp's llama_token_type).
+_TYPE_NORMAL, _TYPE_UNKNOWN, _TYPE_CONTROL, _TYPE_USER_DEFINED, _TYPE_UNUSED, _TYPE_BYTE = 1, 2, 3, 4, 5, 6
+
+# llama.cpp's llama_token_attr bits.
+ATTR_UNKNOWN = 1 << 0
+ATTR_UNUSED = 1 << 1
+ATTR_NORMAL = 1 << 2
+ATTR_CONTROL = 1 << 3
+ATTR_USER_DEFINED = 1 << 4
+ATTR_BYTE = 1 << 5
+
+_TYPE_TO_ATTR = {
+    _TYPE_NORMAL: ATTR_NORMAL,
+    _TYPE_UNKNOWN: ATTR_UNKNOWN,
+    _TYPE_CONTROL: ATTR_CONTROL,
+    _TYPE_USER_DEFINED: ATTR_USER_DEFINED,
+    _TYPE_UNUSED: ATTR_UNUSED,
+    _TYPE_BYTE: ATTR_BYTE,
+}
+_ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL  # rendered only when special pieces are asked for
+_ATTR_SPLIT = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN  # split out of the text before the BPE
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+# --- pre-tokenizers of gpt2-style vocabularies (llama_vocab::impl::load and llm_tokenizer_bpe) -----------
+# llama.cpp's own spellings of the regexes; its custom matchers for the GPT-2 and Llama-3 patterns include
+# the trailing `|\s+` written here.
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_RE = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BpePre:
+    regexes: tuple[str, ...]  # applied in turn, each splitting the pieces of the one before
+    clean_spaces: bool = True  # llama.cpp's clean_up_tokenization_spaces at detokenization
+    ignore_merges: bool = False  # a pre-split word that is a token is emitted whole
+    add_bos: bool = False  # default when tokenizer.ggml.add_bos_token is absent
+
+
+_DEFAULT_PRE = _BpePre((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", "[0-9][0-9][0-9]"))
+_BPE_PRE: dict[str, _BpePre] = {
+    "default": _DEFAULT_PRE,
+    "gpt-2": _BpePre((_GPT2_RE,)),
+    "llama3": _BpePre((_LLAMA3_RE,), ignore_merges=True, add_bos=True),
+    "llama-v3": _BpePre((_LLAMA3_RE,), ignore_merges=True, add_bos=True),
+    "llama-bpe": _BpePre((_LLAMA3_RE,), ignore_merges=True, add_bos=True),
+    "qwen2": _BpePre((_QWEN2_RE,), clean_spaces=False),
+    "smollm": _BpePre((r"\p{N}", _GPT2_RE), clean_spaces=False),
+    "starcoder": _BpePre((r"\p{N}", _GPT2_RE)),
+}
+
+# --- special tokens llama.cpp recognises by their text (llama_vocab::impl::load) -------------------------
+_EOT_NAMES = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
+    "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+)  # fmt: skip
+_EOM_NAMES = ("<|eom_id|>",)
+_FIM_NAMES = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>",
+            "<|code_prefix|>", "<|prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>",
+            "<|code_suffix|>", "<|suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>",
+            "<|code_middle|>", "<|middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}  # fmt: skip
+_EOG_NAMES = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
+))  # fmt: skip
+_ALWAYS_RENDERED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss: user-defined
+
+# Metadata keys of the special token ids that llama.cpp reads.
+_ID_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "eot": "tokenizer.ggml.eot_token_id",
+    "eom": "tokenizer.ggml.eom_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "fim_pre": "tokenizer.ggml.fim_pre_token_id",
+    "fim_suf": "tokenizer.ggml.fim_suf_token_id",
+    "fim_mid": "tokenizer.ggml.fim_mid_token_id",
+    "fim_pad": "tokenizer.ggml.fim_pad_token_id",
+    "fim_rep": "tokenizer.ggml.fim_rep_token_id",
+    "fim_sep": "tokenizer.ggml.fim_sep_token_id",
+}
+_DEPRECATED_FIM_KEYS = {
+    "fim_pre": "tokenizer.ggml.prefix_token_id",
+    "fim_suf": "tokenizer.ggml.suffix_token_id",
+    "fim_mid": "tokenizer.ggml.middle_token_id",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (llama.cpp's unicode_byte_to_utf8_map)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+@dataclasses.dataclass
+class _Vocab:
+    """The vocabulary as llama.cpp holds it after loading: texts, scores, attributes and flags."""
+
+    source: str
+    model: str  # "gpt2" or "llama"
+    pre_name: str  # the gpt2 pre-tokenizer's name ("" for llama)
+    pre: _BpePre | None  # gpt2 only
+    texts: list[str]
+    scores: np.ndarray  # f32 [n]
+    attrs: list[int]
+    merges: list[tuple[str, str]]  # gpt2 only, in rank order
+    ids: dict[str, int | None]  # bos, eos, eot, ... (None: absent)
+    add_bos: bool
+    add_eos: bool
+    add_space_prefix: bool
+    clean_spaces: bool
+    eog_ids: frozenset[int]
+
+
+class Tokenizer:
+    """Tokenizer of a GGUF model, identical to llama.cpp's for the same file.
+
+    Build it with `from_gguf` or `from_metadata`. Attributes: ``bos_id`` / ``eos_id`` (None when the file
+    has none), ``stop_ids`` (alias ``eot_ids``: every end-of-generation token, as llama.cpp's
+    ``llama_vocab_is_eog`` reports), ``vocab_size``, ``add_bos`` / ``add_eos`` (what the file asks for) and
+    ``chat_template`` (the file's Jinja template, or None).
+    """
+
+    def __init__(self, vocab: _Vocab, chat_template: str | None):
+        # Private: use from_gguf / from_metadata.
+        self.source = vocab.source
+        self._vocab = vocab
+        self._texts = vocab.texts
+        self._attrs = vocab.attrs
+        self.vocab_size = len(vocab.texts)
+        self.bos_id: int | None = vocab.ids["bos"]
+        self.eos_id: int | None = vocab.ids["eos"]
+        self.stop_ids: frozenset[int] = vocab.eog_ids
+        self.eot_ids = self.stop_ids
+        self.add_bos = vocab.add_bos
+        self.add_eos = vocab.add_eos
+        self.chat_template = chat_template
+        self._pieces = [_piece(vocab, i) for i in range(self.vocab_size)]
+        self._hf = _build_hf_tokenizer(vocab)
+        self._hf_lock = threading.Lock()  # encode_special_tokens is state on the shared HF object
+        self._template = None
+
+    # --- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any], *, source: str = "<metadata>") -> Tokenizer:
+        """Build the tokenizer from a GGUF file's metadata.
+
+        Args:
+          metadata: the key/value metadata as `realm_jax.open_gguf(path).metadata` returns it (string
+            arrays as ``list[str]``, numeric arrays as numpy arrays).
+          source: what error messages name (the file path).
+
+        Returns:
+          The tokenizer.
+
+        Raises:
+          MetadataError: a tokenizer key is missing, has the wrong type or a value llama.cpp rejects or
+            realm-jax does not implement; the message names the key and the value.
+        """
+        vocab = _load_vocab(metadata, source)
+        template = metadata.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise MetadataError(
+                f"{source}: tokenizer.chat_template must be a string, got {type(template).__name__}"
+            )
+        return cls(vocab, template)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        """Build the tokenizer of a GGUF file (reads the header only).
+
+        Raises:
+          GGUFError: the file cannot be read (a subclass per cause); MetadataError for bad tokenizer keys.
+        """
+        from realm_jax.gguf import open_gguf
+
+        with open_gguf(path) as f:
+            metadata = f.metadata
+        return cls.from_metadata(metadata, source=os.fspath(path))
+
+    # --- encoding -------------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``, as llama.cpp's ``llama_tokenize`` gives them.
+
+        Args:
+          text: the text.
+          add_bos: None adds BOS and EOS as the file says (llama.cpp's ``add_special=True``); False adds
+            neither; True adds BOS even where the file does not ask for it (EOS still as the file says).
+          parse_special: True turns the texts of control tokens (``<start_of_turn>``, ``<|im_start|>``)
+            into those tokens; False leaves them as plain text. User-defined tokens are split out either way.
+
+        Returns:
+          The ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        ids: list[int] = []
+        if add_bos or (add_bos is None and self.add_bos):
+            if self.bos_id is None:
+                raise MetadataError(f"{self.source}: no BOS token (tokenizer.ggml.bos_token_id) to add")
+            ids.append(self.bos_id)
+        if text:
+            with self._hf_lock:
+                self._hf.encode_special_tokens = not parse_special
+                ids.extend(self._hf.encode(text, add_special_tokens=False).ids)
+        if add_bos is not False and self.add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    # --- decoding -------------------------------------------------------------------------------------
+    def token_to_piece(self, id: int, *, special: bool = True) -> bytes:
+        """The bytes llama.cpp's ``llama_token_to_piece`` renders for one token.
+
+        A piece can end inside a UTF-8 character (byte tokens, byte-level BPE): stream bytes, not str.
+
+        Args:
+          id: the token id.
+          special: render control and unknown tokens (their text); False renders them as b"".
+        """
+        self._check_id(id)
+        if not special and self._attrs[id] & _ATTR_SPECIAL:
+            return b""
+        return self._pieces[id]
+
+    def detokenize(
+        self, ids: Iterable[int], *, remove_special: bool = False, unparse_special: bool = True
+    ) -> bytes:
+        """llama.cpp's ``llama_detokenize``: the bytes of a token sequence.
+
+        Args:
+          ids: token ids.
+          remove_special: drop a leading BOS / trailing EOS where the file adds them.
+          unparse_special: render control and unknown tokens as their text.
+        """
+        ids = [int(i) for i in ids]
+        for i in ids:
+            self._check_id(i)
+        remove_space = self._vocab.add_space_prefix
+        if remove_special and self.add_bos and ids and ids[0] == self.bos_id:
+            remove_space = False
+            ids = ids[1:]
+        if remove_special and self.add_eos and ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        out = bytearray()
+        for n, i in enumerate(ids):
+            piece = self.token_to_piece(i, special=unparse_special)
+            if n == 0 and remove_space and piece.startswith(b" "):
+                piece = piece[1:]
+            out += piece
+        if self._vocab.clean_spaces:
+            out = _clean_spaces(out)
+        return bytes(out)
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """The text of ``ids``, as llama.cpp detokenizes it (invalid UTF-8 becomes U+FFFD).
+
+        Args:
+          ids: token ids.
+          skip_special: render control tokens (BOS, ``<end_of_turn>``...) as nothing instead of their text.
+        """
+        return self.detokenize(ids, unparse_special=not skip_special).decode("utf-8", errors="replace")
+
+    def token_text(self, id: int) -> str:
+        """The token's text as the vocabulary stores it (``▁`` for spaces, GPT-2 byte characters)."""
+        self._check_id(id)
+        return self._texts[id]
+
+    def is_control(self, id: int) -> bool:
+        """Whether llama.cpp treats the token as a control token (after its fix-ups by name)."""
+        self._check_id(id)
+        return bool(self._attrs[id] & ATTR_CONTROL)
+
+    def token_attr(self, id: int) -> int:
+        """llama.cpp's ``llama_token_attr`` bits of the token (``llama_vocab_get_attr``)."""
+        self._check_id(id)
+        return self._attrs[id]
+
+    def _check_id(self, id: int) -> None:
+        if not 0 <= id < self.vocab_size:
+            raise IndexError(f"token {id=} is outside the vocabulary [0, {self.vocab_size})")
+
+    # --- chat templates -------------------------------------------------------------------------------
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """Render the file's chat template (``tokenizer.chat_template``) for ``messages``.
+
+        The template comes from the file, so it runs in Jinja's immutable sandbox: no attribute starting
+        with an underscore, no mutation of the arguments, bounded ranges and string repetition.
+
+        Args:
+          messages: ``[{"role": "user", "content": "..."}, ...]``.
+          add_generation_prompt: end with the opening of the assistant's turn.
+
+        Returns:
+          The prompt text; encode it with ``parse_special=True`` (its BOS, if any, is in the text).
+
+        Raises:
+          MetadataError: the file has no chat template, or the template does not compile or breaks the
+            sandbox's rules.
+          ChatTemplateError: the template rejected the messages (its ``raise_exception``).
+        """
+        if self.chat_template is None:
+            raise MetadataError(
+                f"{self.source}: the file has no chat template (tokenizer.chat_template is absent); "
+                "format the prompt yourself"
+            )
+        if self._template is None:
+            self._template = _compile_template(self.chat_template, self.source)
+        return _render_template(
+            self._template,
+            self.source,
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._texts[self.bos_id] if self.bos_id is not None else "",
+            eos_token=self._texts[self.eos_id] if self.eos_id is not None else "",
+        )
+
+    def __repr__(self) -> str:
+        kind = self._vocab.model if self._vocab.pre is None else f"gpt2/{self._vocab.pre_name}"
+        return (
+            f"Tokenizer({self.source!r}, {kind}, vocab_size={self.vocab_size}, "
+            f"bos={self.bos_id}, eos={self.eos_id})"
+        )
+
+
+# --- loading the vocabulary -------------------------------------------------------------------------------
+def _get(metadata: Mapping[str, Any], key: str, kind: type, source: str, default: Any = ...) -> Any:
+    if key not in metadata:
+        if default is ...:
+            raise MetadataError(f"{source}: {key} is missing")
+        return default
+    value = metadata[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise MetadataError(f"{source}: {key} is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def _num_array(metadata: Mapping[str, Any], key: str, n: int, source: str, dtype: str) -> np.ndarray | None:
+    if key not in metadata:
+        return None
+    value = metadata[key]
+    if not isinstance(value, np.ndarray) or value.ndim != 1:
+        raise MetadataError(f"{source}: {key} must be a numeric array, got {type(value).__name__}")
+    if value.dtype.kind not in "iuf":
+        raise MetadataError(f"{source}: {key} has dtype {value.dtype}, expected a numeric array")
+    if len(value) < n:
+        raise MetadataError(f"{source}: {key} has {len(value)} entries for {n} tokens")
+    return value[:n].astype(dtype)
+
+
+def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
+    model = _get(metadata, "tokenizer.ggml.model", str, source)
+    pre_name = _get(metadata, "tokenizer.ggml.pre", str, source, default="")
+    if model == "gpt2":
+        pre_key = pre_name or "default"  # llama.cpp warns and uses "default" when the key is absent
+        if pre_key not in _BPE_PRE:
+            raise MetadataError(
+                f"{source}: tokenizer.ggml.pre = {pre_name!r} is not a pre-tokenizer realm-jax implements "
+                f"(supported: {sorted(_BPE_PRE)})"
+            )
+        pre = _BPE_PRE[pre_key]
+        defaults = dict(bos=11, eos=11, unk=None)
+        add_bos, add_space_prefix, clean_spaces = pre.add_bos, False, pre.clean_spaces
+    elif model == "llama":
+        pre, pre_key = None, ""
+        defaults = dict(bos=1, eos=2, unk=0)
+        add_bos, add_space_prefix, clean_spaces = True, True, False
+    else:
+        raise MetadataError(
+            f"{source}: tokenizer.ggml.model = {model!r} is not a tokenizer realm-jax implements "
+            "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
+        )
+    add_space_prefix = _get(metadata, "tokenizer.ggml.add_space_prefix", bool, source, add_space_prefix)
+
+    texts = _get(metadata, "tokenizer.ggml.tokens", list, source)
+    n = len(texts)
+    if n == 0:
+        raise MetadataError(f"{source}: tokenizer.ggml.tokens is empty")
+    texts = list(texts)
+    ids_of: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise MetadataError(f"{source}: tokenizer.ggml.tokens[{i}] is a {type(t).__name__}, not a string")
+        if not t:
+            t = texts[i] = f"[EMPTY_{i}]"  # llama.cpp's name for an empty token
+        if ids_of.setdefault(t, i) != i:
+            raise MetadataError(f"{source}: tokenizer.ggml.tokens has {t!r} twice (ids {ids_of[t]} and {i})")
+
+    scores = _num_array(metadata, "tokenizer.ggml.scores", n, source, "float32")
+    scores = np.zeros(n, np.float32) if scores is None else scores
+    types = _num_array(metadata, "tokenizer.ggml.token_type", n, source, "int64")
+    attrs = [ATTR_NORMAL] * n if types is None else [_TYPE_TO_ATTR.get(int(t), 0) for t in types]
+    for i, a in enumerate(attrs):
+        t = texts[i]
+        if a & ATTR_BYTE and not _is_byte_token(t):
+            raise MetadataError(
+                f"{source}: tokenizer.ggml.token_type[{i}] marks {t!r} a byte token, which needs the form "
+                "<0xNN>"
+            )
+
+    merges: list[tuple[str, str]] = []
+    if model == "gpt2":
+        merges = _parse_merges(_get(metadata, "tokenizer.ggml.merges", list, source), ids_of, source)
+
+    ids: dict[str, int | None] = {k: None for k in _ID_KEYS}
+    ids.update(defaults)
+    for name, key in {**_DEPRECATED_FIM_KEYS, **_ID_KEYS}.items():
+        value = _get(metadata, key, int, source, default=None)
+        if value is None:
+            continue
+        if not 0 <= value < n:
+            raise MetadataError(f"{source}: {key} = {value} is outside the vocabulary (0..{n - 1})")
+        ids[name] = value
+    for name in ("bos", "eos", "unk"):
+        if ids[name] is not None and ids[name] >= n:
+            ids[name] = None  # llama.cpp disables a default id outside the vocabulary
+
+    add_bos = _get(metadata, "tokenizer.ggml.add_bos_token", bool, source, add_bos)
+    add_eos = _get(metadata, "tokenizer.ggml.add_eos_token", bool, source, False)
+    for flag, name in ((add_bos, "bos"), (add_eos, "eos")):
+        if flag and ids[name] is None:
+            key = f"tokenizer.ggml.add_{name}_token"
+            raise MetadataError(f"{source}: {key} is true, but the file has no {name.upper()} token id")
+
+    _check_unsupported_attributes(metadata, source)
+    eog = _fix_attributes(texts, ids_of, attrs, ids)
+    return _Vocab(
+        source=source, model=model, pre_name=pre_key, pre=pre, texts=texts, scores=scores, attrs=attrs,
+        merges=merges, ids=ids, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
+        clean_spaces=clean_spaces, eog_ids=eog,
+    )  # fmt: skip
+
+
+def _is_byte_token(t: str) -> bool:
+    hex_digits = "0123456789abcdefABCDEF"
+    return len(t) == 6 and t.startswith("<0x") and t.endswith(">") and all(c in hex_digits for c in t[3:5])
+
+
+def _parse_merges(raw: list, ids_of: Mapping[str, int], source: str) -> list[tuple[str, str]]:
+    """The file's merges as pairs in rank order; a repeated pair keeps its first rank, as in llama.cpp."""
+    seen: set[tuple[str, str]] = set()
+    merges = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, str):
+            raise MetadataError(f"{source}: tokenizer.ggml.merges[{i}] is a {type(m).__name__}, not a string")
+        pos = m.find(" ", 1)
+        if pos < 0:
+            raise MetadataError(f"{source}: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens and a space")
+        pair = (m[:pos], m[pos + 1 :])
+        # A merge that makes a non-token would send llama.cpp into its per-byte fallback, which the BPE
+        # here does not have; converted files never contain one.
+        for part in (*pair, pair[0] + pair[1]):
+            if part not in ids_of:
+                raise MetadataError(
+                    f"{source}: tokenizer.ggml.merges[{i}] = {m!r} uses or makes {part!r}, not a token"
+                )
+        if pair not in seen:
+            seen.add(pair)
+            merges.append(pair)
+    return merges
+
+
+def _check_unsupported_attributes(metadata: Mapping[str, Any], source: str) -> None:
+    # llama.cpp gives some tokens lstrip/rstrip attributes by model name; those rules are not implemented.
+    name = str(metadata.get("general.name", "")).lower()
+    pre = str(metadata.get("tokenizer.ggml.pre", ""))
+    arch = str(metadata.get("general.architecture", ""))
+    if (
+        any(s in pre for s in ("jina-v2-de", "jina-v2-es", "jina-v2-code"))
+        or any(s in arch for s in ("nomic-bert-moe", "jina-bert-v3"))
+        or any(s in name for s in ("phi-3", "phi3", "modern-bert"))
+    ):
+        raise MetadataError(
+            f"{source}: llama.cpp strips spaces around some tokens of this model (general.name = {name!r}, "
+            f"tokenizer.ggml.pre = {pre!r}); realm-jax does not implement those per-token rules"
+        )
+
+
+def _fix_attributes(
+    texts: list[str], ids_of: Mapping[str, int], attrs: list[int], ids: dict[str, int | None]
+) -> frozenset[int]:
+    """llama.cpp's fix-ups of token attributes by token text; returns the end-of-generation ids.
+
+    llama.cpp walks a hash map, so where several tokens match one role it picks an unspecified one; this
+    picks the lowest id.
+    """
+    roles = {"eot": _EOT_NAMES, "eom": _EOM_NAMES, **{f"fim_{k}": v for k, v in _FIM_NAMES.items()}}
+    for role, names in roles.items():
+        if ids[role] is None:
+            found = [ids_of[t] for t in names if t in ids_of]
+            if found:
+                ids[role] = min(found)
+                attrs[ids[role]] |= ATTR_CONTROL
+    for i, t in enumerate(texts):
+        if attrs[i] & ATTR_CONTROL and "unused" in t:
+            attrs[i] |= ATTR_UNUSED
+
+    eog = {ids[r] for r in ("fim_pad", "fim_rep", "fim_sep") if ids[r] is not None}
+    for t in _EOG_NAMES:
+        if t in ids_of:
+            eog.add(ids_of[t])
+            attrs[ids_of[t]] |= ATTR_CONTROL
+    for t in _ALWAYS_RENDERED:
+        if t in ids_of:
+            attrs[ids_of[t]] = ATTR_USER_DEFINED
+    eog |= {ids[r] for r in ("eos", "eot", "eom") if ids[r] is not None}
+
+    by_text = {texts[i]: i for i in eog}
+    # o200k_harmony and solar-open: "<|end|>" ends a message, not the generation.
+    if "<|end|>" in by_text and (
+        ("<|return|>" in by_text and ("<|call|>" in by_text or "<|calls|>" in by_text))
+        or (("<|call|>" in by_text or "<|calls|>" in by_text) and "<|flush|>" in by_text)
+    ):
+        eog.discard(by_text["<|end|>"])
+        attrs[by_text["<|end|>"]] = ATTR_USER_DEFINED
+    # gemma4 and paddleocr: "</s>" is not an end of generation there.
+    if "<|tool_response>" in by_text and "</s>" in by_text:
+        eog.discard(by_text["</s>"])
+        attrs[by_text["</s>"]] = ATTR_NORMAL
+    return frozenset(eog)
+
+
+# --- pieces and detokenization ----------------------------------------------------------------------------
+def _piece(vocab: _Vocab, i: int) -> bytes:
+    """llama.cpp's token_to_piece(special=True) of token ``i``."""
+    attr, text = vocab.attrs[i], vocab.texts[i]
+    if attr & (_ATTR_SPECIAL | ATTR_USER_DEFINED):
+        return text.encode()
+    if attr & ATTR_NORMAL:
+        if vocab.model == "llama":
+            return text.replace(_SPACE, " ").encode()
+        return _decode_byte_level(text)
+    if attr & ATTR_BYTE:
+        return bytes([int(text[3:5], 16)])
+    return b""  # unused and undefined tokens render as nothing
+
+
+def _decode_byte_level(text: str) -> bytes:
+    """llama.cpp's llama_decode_text, its odd message for characters outside GPT-2's byte table included."""
+    out = bytearray()
+    for c in text:
+        b = _BYTE_DECODER.get(c)
+        if b is not None:
+            out.append(b)
+        else:
+            out += b"[UNK_BYTE_0x" + c.encode().hex().encode() + text.encode() + b"]"
+    return bytes(out)
+
+
+def _clean_spaces(text: bytearray) -> bytearray:
+    """llama.cpp's clean_up_tokenization_spaces, transcribed pass by pass (it edits the buffer in place)."""
+    t = bytearray(text)
+    sp, ap = ord(" "), ord("'")
+    # First pass: " ?", " !", " .", " ," lose their space.
+    total1, total = len(t), (1 if t else 0)
+    for i in range(1, total1):
+        x = t[i]
+        if t[i - 1] == sp and x in b"?!.,":
+            total -= 1
+        t[total] = x
+        total += 1
+    # Second pass: a lone apostrophe between spaces loses both.
+    total2, total = total, (1 if total else 0)
+    i = 1
+    while i < total2:
+        x = t[i]
+        if x == ap and i + 1 < total2 and t[i - 1] == sp and t[i + 1] == sp:
+            total -= 1
+            i += 1
+            t[i] = 0
+        t[total] = x
+        total += 1
+        i += 1
+    # Third pass: " 's", " 'm", " 're", " 've" lose their space.
+    total3, total = total, (1 if total else 0)
+    for i in range(1, total3):
+        x = t[i]
+        if t[i - 1] == sp and x == ap and i + 1 < total3:
+            x1 = t[i + 1]
+            if x1 in b"sm":
+                total -= 1
+            elif x1 not in b"td" and i + 2 < total3:
+                x2 = t[i + 2]
+                if (x1, x2) in ((ord("r"), ord("e")), (ord("v"), ord("e"))):
+                    total -= 1
+        t[total] = x
+        total += 1
+    return t[:total]
+
+
+# --- the Hugging Face tokenizer ---------------------------------------------------------------------------
+def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
+    """Every split of every token into two tokens, best-scored result first.
+
+    llama.cpp's SentencePiece loop merges the adjacent pair whose concatenation is the best-scored token,
+    the leftmost first on ties. A BPE ranking the pairs by that score does the same, except on ties: it
+    takes the lower rank first, llama.cpp the leftmost pair. Equal scores of different tokens rank by id;
+    two splits of one token rank by the length of the left part. No such tie changed a result on the real
+    vocabularies (tens of thousands of random texts compared with llama.cpp, runs of repeated pieces
+    included).
+    """
+    ids_of = {t: i for i, t in enumerate(vocab.texts)}
+    left, right, result = [], [], []
+    for t, i in ids_of.items():
+        for k in range(1, len(t)):
+            a, b = t[:k], t[k:]
+            if a in ids_of and b in ids_of:
+                left.append(a)
+                right.append(b)
+                result.append(i)
+    result_ids = np.asarray(result, np.int64)
+    left_len = np.fromiter((len(a) for a in left), np.int64, len(left))
+    order = np.lexsort((left_len, result_ids, -vocab.scores[result_ids].astype(np.float64)))
+    return [(left[j], right[j]) for j in order.tolist()]
+
+
+def _build_hf_tokenizer(vocab: _Vocab):
+    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    ids_of = {t: i for i, t in enumerate(vocab.texts)}
+    if vocab.model == "llama":
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in ids_of]
+        if missing:
+            raise MetadataError(
+                f"{vocab.source}: tokenizer.ggml.tokens lacks the byte-fallback tokens {missing[:4]}... "
+                f"({len(missing)} of 256); realm-jax needs all of <0x00>..<0xFF> for a 'llama' vocabulary"
+            )
+        hf = HFTokenizer(BPE(vocab=ids_of, merges=_spm_merges(vocab), byte_fallback=True, fuse_unk=False))
+        steps = [normalizers.Replace(" ", _SPACE)]
+        if vocab.add_space_prefix:
+            # llama.cpp prefixes a space to the first text fragment and to every fragment after a special
+            # token, i.e. to every fragment: exactly what a per-fragment normalizer does.
+            steps.insert(0, normalizers.Prepend(" "))
+        hf.normalizer = normalizers.Sequence(steps)
+    else:
+        hf = HFTokenizer(BPE(vocab=ids_of, merges=vocab.merges, ignore_merges=vocab.pre.ignore_merges))
+        splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in vocab.pre.regexes]
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
+        )
+    # llama.cpp splits control, unknown and user-defined tokens out of the raw text first.
+    # Control and unknown tokens are "special" (parse_special=False leaves them as text); user-defined
+    # ones are split out in both modes.
+    def added(attr_mask: int, exclude: int = 0) -> list:
+        return [
+            AddedToken(t, special=not exclude, normalized=False, lstrip=False, rstrip=False)
+            for t, a in zip(vocab.texts, vocab.attrs)
+            if a & attr_mask and not a & exclude
+        ]
+
+    hf.add_special_tokens(added(_ATTR_SPECIAL))
+    hf.add_tokens(added(ATTR_USER_DEFINED, exclude=_ATTR_SPECIAL))
+    return hf
+
+
+# --- chat templates ---------------------------------------------------------------------------------------
+_MAX_REPEAT = 1 << 20  # the longest string or list a template may build with `*`
+
+
+class _TemplateRaised(Exception):
+    """The template called raise_exception (it rejects the messages)."""
+
+
+def _sandbox():
+    """Jinja's immutable sandbox set up as Hugging Face and llama.cpp render chat templates."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        # The stock sandbox bounds range() but not repetition: "x" * 10**12 would exhaust memory.
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, k in ((left, right), (right, left)):
+                    if not (isinstance(seq, str | list | tuple) and isinstance(k, int)):
+                        continue
+                    if len(seq) * k > _MAX_REPEAT:
+                        raise SecurityError(f"repetition to {len(seq) * k} items exceeds {_MAX_REPEAT}")
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+                raise SecurityError(f"exponent {right} is too large")
+            return super().call_binop(context, operator, left, right)
+
+        def unsafe_undefined(self, obj, attribute):
+            # The stock sandbox returns an Undefined that renders as "": refuse loudly instead.
+            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
+
+    class GenerationTag(jinja2.ext.Extension):
+        # Hugging Face's {% generation %} marks assistant text for training masks; rendering ignores it.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message: str) -> None:
+        raise _TemplateRaised(message)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.datetime.now().strftime(fmt)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env
+
+
+def _compile_template(source_text: str, source: str):
+    import jinja2
+
+    try:
+        return _sandbox().from_string(source_text)
+    except jinja2.TemplateError as e:
+        raise MetadataError(f"{source}: tokenizer.chat_template does not compile: {e}") from e
+
+
+def _render_template(template, source: str, **context) -> str:
+    import jinja2
+    from jinja2.exceptions import SecurityError
+
+    try:
+        return template.render(**context)
+    except SecurityError as e:
+        raise MetadataError(f"{source}: tokenizer.chat_template breaks the sandbox's rules: {e}") from e
+    except _TemplateRaised as e:
+        raise ChatTemplateError(f"{source}: the chat template rejects these messages: {e}") from e
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
+        raise MetadataError(f"{source}: tokenizer.chat_template fails to render: {type(e).__name__}: {e}") from e

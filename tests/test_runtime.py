@@ -1,0 +1,127 @@
+"""The model runtime: loading, generation, batching, sampling, streaming, stop strings and its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import realm_jax
+from realm_jax.errors import (
+    ContextLengthError,
+    MissingFileError,
+    NotGGUFError,
+    SamplingError,
+    UnsupportedArchitectureError,
+)
+from realm_jax.sampling import SamplingConfig
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return realm_jax.load(smollm2_path, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path):
+    return realm_jax.load(gemma3_path, progress=False)
+
+
+# Golden strings: greedy continuations of "Once upon a time" (realm-jax f32; llama.cpp's greedy
+# continuations are compared token by token in test_llama_reference.py).
+GOLDEN = {
+    "gemma3": ", there was a little girl named Lily. She was a very smart girl, and she loved to play with her",
+    "smollm2": ", the city of Nova Haven was a thriving metropolis, with towering skyscrapers and bustling",
+}
+
+
+@pytest.mark.parametrize("name", ["gemma3", "smollm2"])
+def test_golden_greedy_generation(name, request):
+    model = request.getfixturevalue(name)
+    text = model.generate("Once upon a time", max_new_tokens=24)
+    assert text.startswith(GOLDEN[name][: len(text)]) and len(text) >= 60, text
+
+
+def test_batch_of_different_lengths_matches_one_by_one(smollm2):
+    prompts = ["The capital of France is", "1, 2, 3,", "def fibonacci(n):\n    "]
+    together = smollm2.generate(prompts, max_new_tokens=12)
+    alone = [smollm2.generate(p, max_new_tokens=12) for p in prompts]
+    assert together == alone
+
+
+def test_stream_pieces_add_up_to_the_text(smollm2):
+    pieces = list(smollm2.generate("Here is a list of fruits:", max_new_tokens=20, stream=True))
+    assert len(pieces) > 5
+    assert "".join(pieces) == smollm2.generate("Here is a list of fruits:", max_new_tokens=20)
+
+
+def test_stop_string_ends_and_is_excluded(smollm2):
+    full = smollm2.generate("Count: one, two, three,", max_new_tokens=40)
+    assert " six" in full
+    cut = smollm2.generate("Count: one, two, three,", max_new_tokens=40, stop=["six"])
+    assert cut == full[: full.index("six")]
+    streamed = "".join(smollm2.generate("Count: one, two, three,", max_new_tokens=40, stop=["six"], stream=True))
+    assert streamed == cut
+
+
+def test_eos_ends_generation(smollm2):
+    chat = smollm2.tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}])
+    ids = smollm2.generate_ids([smollm2.tokenizer.encode(chat)], max_new_tokens=200)[0]
+    assert ids[-1] in smollm2.tokenizer.stop_ids and len(ids) < 200
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(smollm2):
+    ids = [smollm2.tokenizer.encode("The weather today is")]
+    hot = SamplingConfig(temperature=1.0, top_k=40, top_p=0.95, repetition_penalty=1.1)
+    a = smollm2.generate_ids(ids, max_new_tokens=16, sampling=hot, seed=7)
+    b = smollm2.generate_ids(ids, max_new_tokens=16, sampling=hot, seed=7)
+    c = smollm2.generate_ids(ids, max_new_tokens=16, sampling=hot, seed=8)
+    assert a == b and a != c
+    k1 = SamplingConfig(temperature=0.7, top_k=1)
+    assert smollm2.generate_ids(ids, max_new_tokens=8, sampling=k1, seed=3) == \
+        smollm2.generate_ids(ids, max_new_tokens=8)
+
+
+def test_logits_are_teacher_forced_prefill(smollm2):
+    ids = smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    logits = smollm2.logits(ids)
+    assert logits.dtype == np.float32 and logits.shape == (len(ids), smollm2.config.vocab_size)
+    greedy = smollm2.generate_ids([ids[:5]], max_new_tokens=1)[0][0]
+    assert greedy == int(np.argmax(logits[4]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop="abc"), "stop"),
+    ],
+)
+def test_invalid_sampling_arguments(smollm2, kwargs, match):
+    with pytest.raises(SamplingError, match=match):
+        smollm2.generate("Hello", **({"max_new_tokens": 4} | kwargs))
+
+
+def test_prompt_longer_than_context(smollm2):
+    too_long = [1] * (smollm2.config.context_length - 3)
+    with pytest.raises(ContextLengthError, match="context of 8192"):
+        smollm2.generate_ids([too_long], max_new_tokens=10)
+    with pytest.raises(ContextLengthError):
+        smollm2.logits([1] * (smollm2.config.context_length + 1))
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(MissingFileError, match="nope.gguf"):
+        realm_jax.load(tmp_path / "nope.gguf")
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello")
+    with pytest.raises(NotGGUFError, match="notes.gguf"):
+        realm_jax.load(text)
+    q = realm_jax.quantize(np.zeros((4, 32), np.float32), "Q8_0")
+    other = realm_jax.write_gguf(tmp_path / "gpt2.gguf", {"w": q}, arch="gpt2")
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: llama"):
+        realm_jax.load(other)
