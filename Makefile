@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml scripts/find_python.sh
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-# The main job: until the model runtime lands, inspect the embedded default model.
+# The main job: generation with the embedded default model (gemma3-270m Q4_K_M).
 run: setup
-	$(VENV)/bin/realm-jax inspect
+	$(VENV)/bin/realm-jax generate "Once upon a time" --max-new-tokens 64
 
 test: setup
 	$(PY) -m pytest -q

@@ -145,10 +145,11 @@ class Model:
         return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, seed, stop_ids)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                     sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> list[list[int]]:
+                     sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                     stop_ids: Sequence[int] | None = None) -> list[list[int]]:
         """New token ids for each token-id prompt, in one prefill and one decode dispatch; a sequence ends
-        at the first stop token (included)."""
-        gen = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        at the first of `stop_ids` (default: the tokenizer's end-of-generation tokens; included)."""
+        gen = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids)
         blocks = [gen.first]
         while not gen.finished:
             blocks.append(gen.step(gen.remaining))
