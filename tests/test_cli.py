@@ -50,3 +50,41 @@ def test_usage_error_exits_nonzero():
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "realm_jax.cli", *args], capture_output=True, text=True,
+                          timeout=600, input=stdin)
+
+
+def test_generate_streams_a_continuation(smollm2_path):
+    proc = _cli("generate", "The capital of France is", "--model", str(smollm2_path), "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The capital of France is Paris")
+
+
+def test_chat_reads_stdin(smollm2_path):
+    proc = _cli("chat", "--model", str(smollm2_path), "--max-new-tokens", "16",
+                stdin="What is the capital of France?\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "temperature"),
+    (["--top-p", "2"], "top_p"),
+    (["--top-k", "abc"], "--top-k"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--model", "/nonexistent/model.gguf"], "no such file"),
+    (["--precision", "f64"], "f64"),
+])
+def test_generate_errors_are_one_line(args, message):
+    proc = _cli("generate", "Hello", *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("realm-jax: error:") and message in lines[0], proc.stderr
+
+
+def test_chat_needs_a_template(gemma3_path):
+    proc = _cli("chat", "--model", str(gemma3_path), stdin="hi\n")
+    assert proc.returncode == 2 and "chat template" in proc.stderr.strip().splitlines()[-1]
