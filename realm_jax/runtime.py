@@ -22,7 +22,7 @@ import numpy as np
 
 from realm_jax.errors import ContextLengthError, RealmError, SamplingError
 from realm_jax.checkpoint import read_gguf
-from realm_jax.models import ModelConfig, config_from_gguf, params_from_tensors
+from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor, dequantize
@@ -52,7 +52,8 @@ def _densify(dtype):
 def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, dtype, all_logits: bool):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return forward(config, params, tokens, positions, cache, dtype=dtype, last=None if all_logits else lengths - 1)
+    return forward(config, params, tokens, positions, cache, dtype=dtype, last=None if all_logits else lengths - 1,
+                   kv_len=t)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
@@ -339,6 +340,6 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
     config = config_from_gguf(metadata, tensors, str(path))
     tokenizer = Tokenizer.from_metadata(metadata, source=str(path))
     params = params_from_tensors(config, tensors, str(path), linear=_densify(policy.params))
-    params["layers"] = stack_layers(params["layers"])
+    params["layers"] = stack_layers([fuse_projections(layer) for layer in params["layers"]])
     params = jax.device_put(params, device)
     return Model(path, metadata, config, params, tokenizer, policy)

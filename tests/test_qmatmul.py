@@ -27,6 +27,7 @@ def rms(a) -> float:
 def check(x, w, compute_dtype=None):
     y = realm_jax.qmatmul(x, w, compute_dtype=compute_dtype)
     assert y.dtype == x.dtype
+    assert realm_jax.qmatmul(x, w, compute_dtype=compute_dtype, out_dtype=jnp.float32).dtype == jnp.float32
     assert y.shape == (*x.shape[:-1], w.shape[0])
     ref = reference(np.asarray(x, np.float32), w)
     tol = matmul_tolerance(compute_dtype or x.dtype, w.shape[1], rms(np.asarray(x, np.float32)),
@@ -52,9 +53,10 @@ def test_f32_all_formats(fmt, m, rng):
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q8_0", "Q5_1", "BF16"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_half_precision(fmt, dtype, rng):
+@pytest.mark.parametrize("m", [1, 2, 16, 40])  # both operand orders of the XLA path
+def test_half_precision(fmt, dtype, m, rng):
     w = random_qtensor(fmt, N, 1024, rng)
-    x = jnp.asarray(rng.standard_normal((16, 1024)), dtype)
+    x = jnp.asarray(rng.standard_normal((m, 1024)), dtype)
     check(x, w)
     check(jnp.asarray(x, jnp.float32), w, compute_dtype=dtype)
 

@@ -21,9 +21,9 @@ import numpy as np
 from realm_jax.errors import MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
-from realm_jax.quant import QTensor, dequantize
+from realm_jax.quant import QTensor, concat_rows, dequantize
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "params_from_tensors"]
+__all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "fuse_projections", "params_from_tensors"]
 
 _MODULES = {arch: module for module in (llama, gemma3) for arch in module.ARCHITECTURES}
 ARCHITECTURES = tuple(_MODULES)
@@ -89,3 +89,16 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
     params["layers"] = [{key: take(f"blk.{i}.{_LAYER_TENSORS[key]}", shape) for key, shape in shapes.items()}
                         for i in range(config.n_layers)]
     return params
+
+
+def fuse_projections(layer: dict[str, Any]) -> dict[str, Any]:
+    """Merge wq|wk|wv into "wqkv" and w_gate|w_up into "w_gateup" where their formats agree: one matmul
+    instead of three (two) reads the same bytes with fewer dispatches and better tiles."""
+    layer = dict(layer)
+    groups = (("wqkv", ("wq", "wk", "wv"), ("bq", "bk", "bv")), ("w_gateup", ("w_gate", "w_up"), ()))
+    for fused, names, biases in groups:
+        if len({layer[n].fmt for n in names}) == 1:
+            layer[fused] = concat_rows([layer.pop(n) for n in names])
+            if biases and all(b in layer for b in biases):
+                layer["b" + fused[1:]] = np.concatenate([layer.pop(b) for b in biases])
+    return layer

@@ -7,6 +7,7 @@ kernels share, and the quantizer.
 
 from realm_jax.quant.formats import (
     FORMATS,
+    concat_rows,
     dequantize,
     dequantize_tile,
     format_for_ggml_type,
@@ -22,6 +23,7 @@ __all__ = [
     "Field",
     "Format",
     "QTensor",
+    "concat_rows",
     "dequantize",
     "dequantize_tile",
     "format_for_ggml_type",

@@ -12,7 +12,7 @@ from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, Unsup
 from realm_jax.quant import floats, kquants, legacy
 from realm_jax.quant.qtensor import Format, QTensor
 
-__all__ = ["FORMATS", "dequantize", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
+__all__ = ["FORMATS", "concat_rows", "dequantize", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
            "repack", "unpack"]
 
 FORMATS: dict[str, Format] = {f.name: f for f in floats.FORMATS + legacy.FORMATS + kquants.FORMATS}
@@ -86,8 +86,11 @@ def dequantize_tile(fmt: str, planes, *, dtype=jnp.float32, exact: bool = False)
     This is the one definition of each format's math: `dequantize`, `qmatmul` and the Pallas kernels
     all call it. Values are computed in f32 and cast to `dtype` at the end.
     """
+    f = get_format(fmt)
     with jax.named_scope("dequant"):
-        return get_format(fmt).tile(planes, exact=exact).astype(dtype)
+        if f.block_size == 1:  # F32/F16/BF16: one cast, not a round trip through f32 that XLA keeps
+            return jnp.asarray(planes["w"]).astype(dtype)
+        return f.tile(planes, exact=exact).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -126,3 +129,17 @@ def quantize(x, fmt: str) -> QTensor:
                                  f"multiple of {fmt}'s block_size={f.block_size}")
     planes = f.quantize(x.astype(jnp.float32))
     return QTensor(f.name, tuple(x.shape), dict(planes))
+
+
+def concat_rows(qts) -> QTensor:
+    """Stack 2-D QTensors of one format along their rows: (N1, K), (N2, K), ... -> (N1 + N2 + ..., K).
+    Rows are independent in every format, so this is a concatenation of each plane."""
+    qts = list(qts)
+    fmts, cols = {qt.fmt for qt in qts}, {qt.shape[1:] for qt in qts}
+    if len(fmts) != 1 or len(cols) != 1 or any(qt.ndim != 2 for qt in qts):
+        raise QTensorError(f"concat_rows: needs 2-D QTensors of one format and width, got {qts}")
+    import jax.numpy as jnp
+
+    xp = np if all(isinstance(p, np.ndarray) for qt in qts for p in qt.planes.values()) else jnp
+    planes = {name: xp.concatenate([qt.planes[name] for qt in qts], axis=0) for name in qts[0].planes}
+    return QTensor(qts[0].fmt, (sum(qt.shape[0] for qt in qts), qts[0].shape[1]), planes)
