@@ -37,7 +37,6 @@ _LAYER_TENSORS = {
     "w_gate": "ffn_gate.weight", "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
     "post_ffn_norm": "post_ffw_norm.weight",
 }  # fmt: skip
-_VECTORS = ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm", "bq", "bk", "bv")
 
 
 def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, QTensor], source: str) -> ModelConfig:
