@@ -339,7 +339,14 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
     metadata, tensors = read_gguf(path, progress=progress)
     config = config_from_gguf(metadata, tensors, str(path))
     tokenizer = Tokenizer.from_metadata(metadata, source=str(path))
-    params = params_from_tensors(config, tensors, str(path), linear=_densify(policy.params))
-    params["layers"] = stack_layers([fuse_projections(layer) for layer in params["layers"]])
-    params = jax.device_put(params, device)
+    params = prepare_params(config, tensors, str(path), policy, device)
     return Model(path, metadata, config, params, tokenizer, policy)
+
+
+def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
+                   device: jax.Device) -> dict[str, Any]:
+    """The params pytree the jitted forward takes: weights in the policy's dense dtype, q|k|v and gate|up
+    fused, layers stacked into scan runs, on `device`."""
+    params = params_from_tensors(config, tensors, source, linear=_densify(policy.params))
+    params["layers"] = stack_layers([fuse_projections(layer) for layer in params["layers"]])
+    return jax.device_put(params, device)

@@ -13,7 +13,7 @@ import pytest
 
 import realm_jax
 from realm_jax import assets
-from realm_jax.models import config_from_gguf
+from float64_forward import float64_forward
 from realm_jax.reference import CONFIDENT_MARGIN, compare_logits, greedy_agreement, load_reference, reference_dir
 
 SYNTHETIC = ["llama-k-q4_k_m", "llama-k-q5_k_m", "llama-k-q6_k", "llama-k-q8_0"]
@@ -66,51 +66,12 @@ def test_greedy_continuations_match_until_llama_cpp_is_unsure(loaded):
         assert result["matches_until_uncertain"], (name, i, result)
 
 
-def float64_llama_forward(path, ids: list[int]) -> np.ndarray:
-    """An independent llama forward in float64 numpy from the dequantized weights: [T, V] logits."""
-    metadata, tensors = realm_jax.read_gguf(path)
-    c = config_from_gguf(metadata, tensors, str(path))
-    w = {k: np.asarray(realm_jax.dequantize(v), np.float64) for k, v in tensors.items()}
-    t, h, n, kv = len(ids), c.head_dim, c.n_heads, c.n_kv_heads
-
-    def norm(x, weight):
-        return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) * weight
-
-    angles = np.arange(t)[:, None] * c.rope_base ** (-np.arange(0, h, 2) / h)
-
-    def rope(q):  # llama.cpp's "normal" RoPE: adjacent pairs
-        a, b = q[..., 0::2], q[..., 1::2]
-        cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
-        out = np.empty_like(q)
-        out[..., 0::2], out[..., 1::2] = a * cos - b * sin, b * cos + a * sin
-        return out
-
-    causal = np.tril(np.ones((t, t), bool))
-    x = w["token_embd.weight"][ids]
-    for layer in range(c.n_layers):
-        p = {k.split(".", 2)[2]: v for k, v in w.items() if k.startswith(f"blk.{layer}.")}
-        y = norm(x, p["attn_norm.weight"])
-        q = rope((y @ p["attn_q.weight"].T).reshape(t, n, h))
-        k = rope((y @ p["attn_k.weight"].T).reshape(t, kv, h))
-        v = (y @ p["attn_v.weight"].T).reshape(t, kv, h)
-        out = np.empty((t, n, h))
-        for head in range(n):
-            s = np.where(causal, q[:, head] @ k[:, head // (n // kv)].T / np.sqrt(h), -np.inf)
-            s = np.exp(s - s.max(1, keepdims=True))
-            out[:, head] = (s / s.sum(1, keepdims=True)) @ v[:, head // (n // kv)]
-        x = x + out.reshape(t, -1) @ p["attn_output.weight"].T
-        y = norm(x, p["ffn_norm.weight"])
-        gate, up = y @ p["ffn_gate.weight"].T, y @ p["ffn_up.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ p["ffn_down.weight"].T
-    return norm(x, w["output_norm.weight"]) @ w["output.weight"].T
-
-
 @pytest.mark.parametrize("name", ["llama-k-q4_k_m", "llama-k-q6_k"])
 def test_synthetic_model_matches_a_float64_reference(name):
     ref = load_reference(name)[2]
     ids = list(ref.ids) + ref.greedy[:3].tolist()
     model = realm_jax.load(model_file(name), policy="f32", progress=False)
     ours = model.logits(ids)
-    exact = float64_llama_forward(model_file(name), ids)
+    exact = float64_forward(*realm_jax.read_gguf(model_file(name)), ids)
     scale = np.abs(exact).max()
     assert np.abs(ours - exact).max() <= 1e-5 * scale * np.sqrt(model.config.d_model)

@@ -1,0 +1,111 @@
+"""Architecture configs from metadata, and the shared forward against a float64 numpy reference on tiny
+random models covering the variants no real test file has: qwen2 biases with NeoX RoPE, linear RoPE
+scaling, rope_freqs factors, partial rotary dims, untied output, GQA."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import realm_jax
+from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
+from realm_jax.models import config_from_gguf
+from realm_jax.precision import Policy
+from realm_jax.runtime import _prefill, prepare_params
+from realm_jax.models.transformer import init_cache
+from float64_forward import float64_forward
+
+D, F, V, LAYERS, HEADS, KV, HEAD = 64, 96, 80, 2, 4, 2, 16
+
+
+def tiny_model(arch="llama", rng=None, *, bias=False, fmt="F32", tied=False, **meta):
+    rng = rng or np.random.default_rng(0)
+    metadata = {"general.architecture": arch, f"{arch}.block_count": LAYERS, f"{arch}.embedding_length": D,
+                f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": HEADS,
+                f"{arch}.attention.head_count_kv": KV, f"{arch}.context_length": 128,
+                f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0} | meta
+
+    def mat(rows, cols, scale=0.3):
+        return realm_jax.quantize((rng.standard_normal((rows, cols)) * scale).astype(np.float32), fmt)
+
+    def vec(n, center=1.0):
+        return realm_jax.quantize((center + 0.1 * rng.standard_normal(n)).astype(np.float32), "F32")
+
+    tensors = {"token_embd.weight": mat(V, D, 1.0), "output_norm.weight": vec(D)}
+    if not tied:
+        tensors["output.weight"] = mat(V, D)
+    for i in range(LAYERS):
+        b = f"blk.{i}."
+        tensors |= {b + "attn_norm.weight": vec(D), b + "attn_q.weight": mat(HEADS * HEAD, D),
+                    b + "attn_k.weight": mat(KV * HEAD, D), b + "attn_v.weight": mat(KV * HEAD, D),
+                    b + "attn_output.weight": mat(D, HEADS * HEAD), b + "ffn_norm.weight": vec(D),
+                    b + "ffn_gate.weight": mat(F, D), b + "ffn_up.weight": mat(F, D), b + "ffn_down.weight": mat(D, F)}
+        if bias:
+            tensors |= {b + "attn_q.bias": vec(HEADS * HEAD, 0), b + "attn_k.bias": vec(KV * HEAD, 0),
+                        b + "attn_v.bias": vec(KV * HEAD, 0)}
+    return metadata, tensors
+
+
+def ours(metadata, tensors, ids):
+    config = config_from_gguf(metadata, tensors, "tiny")
+    params = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices()[0])
+    cache = init_cache(config, 1, len(ids), np.float32)
+    logits, _ = _prefill(params, np.array([ids], np.int32), np.array([len(ids)], np.int32), cache, config=config,
+                         dtype=np.dtype(np.float32), all_logits=True)
+    return np.asarray(logits[0])
+
+
+VARIANTS = {
+    "llama": dict(),
+    "llama-tied-q8_0": dict(tied=True, fmt="Q8_0"),
+    "qwen2-bias-neox": dict(arch="qwen2", bias=True),
+    "llama-linear-rope": {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
+    "llama-partial-rope": {"llama.rope.dimension_count": 8},
+    "mistral": dict(arch="mistral"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_matches_float64(variant):
+    metadata, tensors = tiny_model(**VARIANTS[variant])
+    ids = list(np.random.default_rng(1).integers(0, V, 24))
+    got, want = ours(metadata, tensors, ids), float64_forward(metadata, tensors, ids)
+    assert got.shape == (24, V) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_rope_freq_factors_are_applied():
+    metadata, tensors = tiny_model()
+    tensors["rope_freqs.weight"] = realm_jax.quantize(np.linspace(1, 8, HEAD // 2).astype(np.float32), "F32")
+    config = config_from_gguf(metadata, tensors, "tiny")
+    assert config.rope_freq_factors[-1] == 8.0
+    ids = list(range(20))
+    np.testing.assert_allclose(ours(metadata, tensors, ids), float64_forward(metadata, tensors, ids),
+                               atol=1e-4 * np.abs(float64_forward(metadata, tensors, ids)).max())
+
+
+def test_config_errors_name_the_key():
+    metadata, tensors = tiny_model()
+    with pytest.raises(UnsupportedArchitectureError, match="rope scaling type 'yarn'"):
+        config_from_gguf(metadata | {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
+                         tensors, "m.gguf")
+    broken = dict(metadata)
+    del broken["llama.embedding_length"]
+    with pytest.raises(MetadataError, match=r"m\.gguf.*llama\.embedding_length"):
+        config_from_gguf(broken, tensors, "m.gguf")
+    with pytest.raises(MetadataError, match="head_count"):
+        config_from_gguf(metadata | {"llama.attention.head_count": "four"}, tensors, "m.gguf")
+    with pytest.raises(MetadataError, match="multiple of n_kv_heads"):
+        config_from_gguf(metadata | {"llama.attention.head_count_kv": 3}, tensors, "m.gguf")
+
+
+def test_params_errors_name_the_tensor():
+    metadata, tensors = tiny_model()
+    config = config_from_gguf(metadata, tensors, "m.gguf")
+    missing = {k: v for k, v in tensors.items() if k != "blk.1.ffn_up.weight"}
+    with pytest.raises(MissingTensorError, match=r"blk\.1\.ffn_up\.weight"):
+        prepare_params(config, missing, "m.gguf", Policy.full(), jax.devices()[0])
+    wrong = tensors | {"blk.0.attn_k.weight": realm_jax.quantize(np.zeros((HEAD, D), np.float32), "F32")}
+    with pytest.raises(TensorShapeError, match=r"blk\.0\.attn_k\.weight.*\(16, 64\).*\(32, 64\)"):
+        prepare_params(config, wrong, "m.gguf", Policy.full(), jax.devices()[0])
