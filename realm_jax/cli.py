@@ -2,7 +2,7 @@
 
     realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
     realm-jax chat [--model FILE] [--system TEXT]                   chat on stdin with an instruct model
-    realm-jax inspect [FILE] [--json]                               architecture, metadata, tensors per type
+    realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
 
 The default model is the embedded gemma3-270m Q4_K_M. Errors end in a one-line message on stderr and
 exit status 2.
@@ -106,6 +106,13 @@ def _print_inspect(report: dict[str, Any]) -> None:
     for r in report["tensor_types"]:
         print(f"  {r['type']:<6}{r['count']:>7}{r['elements']:>14,}{r['bytes'] / 2**20:>10.2f}"
               f"{r['bits_per_weight']:>9.3f}  {'yes' if r['supported'] else 'no'}")
+    if "memory" in report:
+        m = report["memory"]
+        print(f"\nmemory under precision {m['policy']}")
+        print(f"  params (as loaded)          {m['params_bytes']:>14,} bytes  ({m['params_bytes'] / 2**20:.1f} MiB)")
+        print(f"  KV cache per token          {m['kv_bytes_per_token']:>14,} bytes")
+        print(f"  KV cache at {m['context_length']:>6} tokens   {m['kv_bytes_full_context']:>14,} bytes  "
+              f"({m['kv_bytes_full_context'] / 2**20:.1f} MiB)")
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -114,6 +121,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
         args.file = str(default_model_path())
     report = inspect_report(args.file)
+    if args.precision is not None:
+        from realm_jax.runtime import memory_plan
+
+        report["memory"] = memory_plan(args.file, args.precision)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
@@ -214,6 +225,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show a GGUF file's architecture, metadata and tensor types")
     p.add_argument("file", nargs="?", help="the GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.add_argument("--precision", default=None, help="also report the bytes loading with this precision "
+                   "policy allocates (params, KV cache): f32, bf16, f16, auto, or params=..,compute=..,kv=..")
     p.set_defaults(func=_cmd_inspect)
     return parser
 

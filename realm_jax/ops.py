@@ -82,12 +82,12 @@ def embed(ids: jax.Array, table: QTensor, dtype=jnp.float32) -> jax.Array:
     return dequantize_tile(table.fmt, planes, dtype=dtype)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """x / rms(x) * weight over the last axis, computed in f32 (a sum of squares in bf16 loses the small
-    terms) and returned in x.dtype."""
-    xf = x.astype(jnp.float32)
-    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype=jnp.float32) -> jax.Array:
+    """x / rms(x) * weight over the last axis, computed in `dtype` (f32 by default: a sum of squares in
+    bf16 loses the small terms, in f16 it overflows) and returned in x.dtype."""
+    xf = x.astype(dtype)
+    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.asarray(eps, dtype))
+    return (y * weight.astype(dtype)).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, neox: bool) -> jax.Array:

@@ -11,6 +11,9 @@ A policy names the dtype of each kind of value on the inference path:
 
 Quantized blocks are never cast. Accumulators are f32 whatever the policy says.
 
+Array conversions between f32, f16 and bf16, bit-exact with ml_dtypes on every backend, are
+`convert(x, dtype)` (from `realm_jax.conversions`).
+
 Strings parse as a mode (``"f32"``, ``"bf16"``, ``"f16"``, ``"auto"``) or as explicit fields
 (``"params=f32,compute=bf16,output=f32"``); unnamed fields follow `compute`, except scores and norm (f32)
 and output (f32).
@@ -24,9 +27,10 @@ import enum
 import jax
 import jax.numpy as jnp
 
+from realm_jax.conversions import convert
 from realm_jax.errors import DTypeError
 
-__all__ = ["Policy", "PrecisionMode", "resolve_policy"]
+__all__ = ["Policy", "PrecisionMode", "auto_dtype", "cast_floating", "convert", "resolve_policy"]
 
 _NAMES = {
     "f32": jnp.float32, "float32": jnp.float32, "fp32": jnp.float32,
@@ -105,6 +109,40 @@ class Policy:
 
     def __str__(self) -> str:
         return ",".join(f"{f}={jnp.dtype(getattr(self, f)).name}" for f in _FIELDS)
+
+    def cast_to_param(self, tree):
+        return cast_floating(tree, self.params)
+
+    def cast_to_compute(self, tree):
+        return cast_floating(tree, self.compute)
+
+    def cast_to_output(self, tree):
+        return cast_floating(tree, self.output)
+
+
+_DENSE = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
+
+
+def cast_floating(tree, dtype):
+    """Cast the floating leaves of a pytree to `dtype`; everything else passes untouched.
+
+    Quantized QTensors are never cast (their f16 scales are part of the format); a dense QTensor (F32, F16,
+    BF16) becomes the dense format of `dtype`. Integer and boolean arrays stay as they are.
+    """
+    from realm_jax.quant import QTensor
+
+    dtype = _dtype(dtype, "dtype")
+
+    def cast(leaf):
+        if isinstance(leaf, QTensor):
+            if leaf.fmt not in _DENSE.values():
+                return leaf
+            return QTensor(_DENSE[dtype], leaf.shape, {"w": jnp.asarray(leaf.planes["w"]).astype(dtype)})
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(leaf).astype(dtype)
+        return leaf
+
+    return jax.tree.map(cast, tree, is_leaf=lambda x: isinstance(x, QTensor))
 
 
 def auto_dtype(device: jax.Device | None = None) -> jnp.dtype:

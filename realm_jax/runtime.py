@@ -48,11 +48,11 @@ def _densify(dtype):
     return lambda qt: QTensor(fmt, qt.shape, {"w": dequantize(qt, dtype)})
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "all_logits"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, dtype, all_logits: bool):
+@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits"), donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return forward(config, params, tokens, positions, cache, dtype=dtype, last=None if all_logits else lengths - 1,
+    return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_logits else lengths - 1,
                    kv_len=t)
 
 
@@ -66,9 +66,9 @@ def _push(recent, tokens):
     return jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampling", "n_steps"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps"), donate_argnames=("cache",))
 def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, *, config: ModelConfig,
-            dtype, sampling: SamplingConfig, n_steps: int):
+            policy: Policy, sampling: SamplingConfig, n_steps: int):
     """Up to n_steps decode steps. token [B] (sampled, not yet fed) at positions pos [B]; done [B].
 
     Returns (new tokens [B, n_steps] with -1 after a sequence is done, and the updated state)."""
@@ -80,8 +80,9 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
 
     def body(state):
         step, out, cache_, token_, pos_, recent_, done_, key_ = state
-        logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, dtype=dtype,
+        logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32))
+        logits = logits.astype(jnp.float32)
         nxt = sample(logits, jax.random.fold_in(key_, step0 + step), recent_, sampling)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
@@ -122,7 +123,7 @@ class Model:
         tokens[0, : len(ids)] = ids
         cache = init_cache(self.config, 1, t, self.policy.kv)
         logits, _ = _prefill(self.params, tokens, np.array([len(ids)], np.int32), cache, config=self.config,
-                             dtype=self.policy.compute, all_logits=True)
+                             policy=self.policy, all_logits=True)
         return np.asarray(logits[0, : len(ids)], np.float32)
 
     def _check_ids(self, ids) -> list[int]:
@@ -229,11 +230,12 @@ class _Generation:
             tail = p[-sampling.penalty_last_n :]
             recent[i, recent.shape[1] - len(tail) :] = tail
         cache = init_cache(config, b, _round_up(t + max_new_tokens, _CACHE_BUCKET), policy.kv)
-        logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, dtype=policy.compute,
+        logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
                                       all_logits=False)
         self.key = jax.random.PRNGKey(seed)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
-        first = _sample_first(logits, jax.random.fold_in(self.key, 0), jnp.asarray(recent), sampling=sampling)
+        first = _sample_first(logits.astype(jnp.float32), jax.random.fold_in(self.key, 0), jnp.asarray(recent),
+                              sampling=sampling)
         self.done = jnp.isin(first, self.stop_ids)
         self.recent = _push(jnp.asarray(recent), first)
         self.token, self.pos = first, jnp.asarray(lengths)
@@ -257,7 +259,7 @@ class _Generation:
         m = self.model
         out, self.cache, self.token, self.pos, self.recent, self.done = _decode(
             m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
-            self.stop_ids, config=m.config, dtype=m.policy.compute, sampling=self.sampling, n_steps=n)
+            self.stop_ids, config=m.config, policy=m.policy, sampling=self.sampling, n_steps=n)
         self.produced += n
         return np.asarray(out)
 
@@ -343,10 +345,39 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
     return Model(path, metadata, config, params, tokenizer, policy)
 
 
-def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
-                   device: jax.Device) -> dict[str, Any]:
+def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy) -> dict[str, Any]:
     """The params pytree the jitted forward takes: weights in the policy's dense dtype, q|k|v and gate|up
-    fused, layers stacked into scan runs, on `device`."""
+    fused, layers stacked into scan runs. Traceable (see `param_bytes`)."""
     params = params_from_tensors(config, tensors, source, linear=_densify(policy.params))
     params["layers"] = stack_layers([fuse_projections(layer) for layer in params["layers"]])
-    return jax.device_put(params, device)
+    return params
+
+
+def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
+                   device: jax.Device) -> dict[str, Any]:
+    """`build_params`, on `device`."""
+    return jax.device_put(build_params(config, tensors, source, policy), device)
+
+
+def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None) -> dict[str, Any]:
+    """Bytes `load(path, policy=policy)` allocates for the params, and the KV cache's bytes per token and at
+    the full context, from the file's header alone (the params' shapes come from `jax.eval_shape` of the
+    very function that builds them)."""
+    from realm_jax.gguf import open_gguf
+    from realm_jax.quant import format_for_ggml_type
+
+    policy = resolve_policy(policy)
+    with open_gguf(path) as f:
+        metadata = dict(f.metadata)
+        tensors = {}
+        for name, info in f.tensors.items():
+            fmt = format_for_ggml_type(info.ggml_type, what=f"{f.path}: tensor {name!r}")
+            n_blocks = info.shape[-1] // fmt.block_size
+            planes = {p.name: jax.ShapeDtypeStruct((*info.shape[:-1], n_blocks * p.count), p.dtype) for p in fmt.planes}
+            tensors[name] = QTensor(fmt.name, info.shape, planes)
+    config = config_from_gguf(metadata, tensors, str(path))
+    shapes = jax.eval_shape(lambda t: build_params(config, t, str(path), policy), tensors)
+    params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+    kv_token = config.n_layers * config.n_kv_heads * (config.head_dim + config.v_head_dim) * policy.kv.itemsize
+    return {"policy": str(policy), "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
+            "context_length": config.context_length, "kv_bytes_full_context": int(kv_token * config.context_length)}

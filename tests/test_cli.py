@@ -88,3 +88,20 @@ def test_generate_errors_are_one_line(args, message):
 def test_chat_needs_a_template(gemma3_path):
     proc = _cli("chat", "--model", str(gemma3_path), stdin="hi\n")
     assert proc.returncode == 2 and "chat template" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("policy", ["f32", "bf16", "params=f16,compute=f16,kv=f32"])
+def test_inspect_precision_bytes_equal_allocated(capsys, smollm2_path, policy):
+    import jax
+
+    import realm_jax
+    from realm_jax.models.transformer import init_cache
+
+    assert main(["inspect", "--json", "--precision", policy, str(smollm2_path)]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    model = realm_jax.load(smollm2_path, policy=policy, progress=False)
+    assert memory["params_bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(model.params))
+    cache = init_cache(model.config, 1, 100, model.policy.kv)
+    assert memory["kv_bytes_per_token"] * 100 == sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    assert main(["inspect", "--precision", policy, str(smollm2_path)]) == 0
+    assert "KV cache per token" in capsys.readouterr().out

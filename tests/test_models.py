@@ -52,7 +52,7 @@ def ours(metadata, tensors, ids):
     params = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices()[0])
     cache = init_cache(config, 1, len(ids), np.float32)
     logits, _ = _prefill(params, np.array([ids], np.int32), np.array([len(ids)], np.int32), cache, config=config,
-                         dtype=np.dtype(np.float32), all_logits=True)
+                         policy=Policy.full(), all_logits=True)
     return np.asarray(logits[0])
 
 

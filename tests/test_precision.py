@@ -35,3 +35,19 @@ def test_auto_on_cpu_is_bf16():
     assert resolve_policy(Policy.full()) == Policy.full()
     with pytest.raises(DTypeError):
         resolve_policy(3.0)
+
+
+def test_casts_touch_only_floating_leaves():
+    import numpy as np
+
+    import realm_jax
+
+    q = realm_jax.quantize(np.ones((2, 32), np.float32), "Q8_0")
+    dense = realm_jax.quantize(np.ones((2, 32), np.float32), "F32")
+    tree = {"q": q, "dense": dense, "norm": np.ones(4, np.float32), "ids": np.arange(3), "flag": np.array([True])}
+    out = Policy.parse("bf16").cast_to_param(tree)
+    assert out["q"] is q  # quantized blocks pass untouched, f16 scales included
+    assert out["dense"].fmt == "BF16" and out["dense"].planes["w"].dtype == BF16
+    assert out["norm"].dtype == BF16
+    assert out["ids"].dtype == tree["ids"].dtype and out["flag"].dtype == bool
+    assert Policy.parse("params=f32,compute=f16,output=f32").cast_to_compute(tree)["norm"].dtype == F16

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+import jax.numpy as jnp
 
 from realm_jax.errors import MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import gemma3, llama
@@ -67,7 +67,8 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
 
     Args:
       linear: applied to each matrix the forward pass multiplies by (e.g. to convert its format); the
-        embedding table stays as stored, norm and bias vectors become f32 numpy arrays.
+        embedding table stays as stored, norm and bias vectors become f32 arrays. Traceable: under
+        `jax.eval_shape` it gives the params' shapes and dtypes without computing them.
     """
 
     def take(name: str, shape: tuple[int, ...], convert: Callable[[QTensor], Any] = linear):
@@ -77,7 +78,7 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
         if qt.shape != shape:
             raise TensorShapeError(f"{source}: tensor {name!r} has shape {qt.shape}, expected {shape} "
                                    f"for {config.arch} with this metadata")
-        return np.asarray(dequantize(qt)) if len(shape) == 1 else convert(qt)
+        return dequantize(qt) if len(shape) == 1 else convert(qt)
 
     v, d = config.vocab_size, config.d_model
     params: dict[str, Any] = {"embed": take("token_embd.weight", (v, d), convert=lambda qt: qt),
@@ -99,5 +100,5 @@ def fuse_projections(layer: dict[str, Any]) -> dict[str, Any]:
         if len({layer[n].fmt for n in names}) == 1:
             layer[fused] = concat_rows([layer.pop(n) for n in names])
             if biases and all(b in layer for b in biases):
-                layer["b" + fused[1:]] = np.concatenate([layer.pop(b) for b in biases])
+                layer["b" + fused[1:]] = jnp.concatenate([layer.pop(b) for b in biases])
     return layer

@@ -20,6 +20,7 @@ from jax import lax
 
 from realm_jax import ops
 from realm_jax.models.config import ModelConfig
+from realm_jax.precision import Policy
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -78,9 +79,17 @@ def _layer_constants(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     return inv_freq, local
 
 
+def _to(x, dtype):
+    """x in a compute dtype; f16 inputs are clamped to its finite range first (gemma's activations reach
+    past 65504: an Inf entering a matmul would poison every output)."""
+    if jnp.dtype(dtype) == jnp.float16:
+        x = jnp.clip(x, -65504.0, 65504.0)
+    return x.astype(dtype)
+
+
 def _linear(x, w, dtype, bias=None):
-    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream and norms stay f32)."""
-    y = ops.qmatmul(x.astype(dtype), w, out_dtype=jnp.float32)
+    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream stays f32)."""
+    y = ops.qmatmul(_to(x, dtype), w, out_dtype=jnp.float32)
     return y if bias is None else y + bias
 
 
@@ -95,18 +104,19 @@ def _projections(config: ModelConfig, p: dict[str, Any], h, dtype):
 
 
 def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local, *,
-           dtype, kv_len: int):
-    """One decoder layer on the f32 residual x [B, T, D] at positions [B, T]; matmul inputs in `dtype`.
+           policy: Policy, kv_len: int):
+    """One decoder layer on the f32 residual x [B, T, D] at positions [B, T], dtypes from `policy`.
     Writes this step's keys/values into the cache and attends over its first kv_len positions."""
     b, t, _ = x.shape
-    eps = config.norm_eps
-    h = ops.rms_norm(x, p["attn_norm"], eps)
+    eps, dtype = config.norm_eps, policy.compute
+    norm = functools.partial(ops.rms_norm, eps=eps, dtype=policy.norm)
+    h = norm(x, p["attn_norm"])
     q, k, v = _projections(config, p, h, dtype)
     q = q.reshape(b, t, config.n_heads, config.head_dim)
     k = k.reshape(b, t, config.n_kv_heads, config.head_dim)
     v = v.reshape(b, t, config.n_kv_heads, config.v_head_dim)
     if config.qk_norm:
-        q, k = ops.rms_norm(q, p["q_norm"], eps), ops.rms_norm(k, p["k_norm"], eps)
+        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
     q = ops.rope(q, positions, inv_freq, neox=config.rope_neox)
     k = ops.rope(k, positions, inv_freq, neox=config.rope_neox)
 
@@ -121,14 +131,14 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     mask = key_pos <= query_pos
     if config.sliding_window:
         mask &= ~local | (key_pos > query_pos - config.sliding_window)
-    attn = ops.attention(q.astype(dtype), ck[:, :kv_len].astype(dtype), cv[:, :kv_len].astype(dtype), mask,
-                         scale=config.scale)
+    attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), mask,
+                         scale=config.scale, scores_dtype=policy.scores)
     o = _linear(attn.reshape(b, t, -1), p["wo"], dtype)
     if config.post_norms:
-        o = ops.rms_norm(o, p["post_attn_norm"], eps)
+        o = norm(o, p["post_attn_norm"])
     x = x + o
 
-    h = ops.rms_norm(x, p["ffn_norm"], eps)
+    h = norm(x, p["ffn_norm"])
     if "w_gateup" in p:
         gate, up = jnp.split(_linear(h, p["w_gateup"], dtype), 2, axis=-1)
     else:
@@ -136,18 +146,20 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     act = jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)
     down = _linear(act * up, p["w_down"], dtype)
     if config.post_norms:
-        down = ops.rms_norm(down, p["post_ffn_norm"], eps)
+        down = norm(down, p["post_ffn_norm"])
     return x + down, cache
 
 
-def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, dtype,
+def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, policy: Policy,
             last: jax.Array | None = None, kv_len: int | None = None):
     """Run tokens [B, T] at positions [B, T] through the model, updating the cache.
 
     Args:
       params: the params pytree with "layers" replaced by `stack_layers(...)` runs.
-      dtype: the compute dtype: matmul and attention inputs. The residual stream, norms, softmax and
-        accumulators are f32 whatever it is (f16 would overflow gemma's residual; bf16 would blur it).
+      policy: the dtypes: `compute` for matmul and attention inputs, `norm` for RMSNorm statistics,
+        `scores` for attention scores and softmax, `output` for the logits (the cache carries `kv`). The
+        residual stream and matmul accumulators are f32 whatever it says (f16 would overflow gemma's
+        residual; bf16 would blur it).
       last: [B] indices into T; when given, only those tokens' logits are computed.
       kv_len: attend over the cache's first kv_len positions (default: all). A prefill from position 0
         needs only T.
@@ -166,12 +178,12 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
         def body(carry, xs):
             h, c = carry
             layer_params, layer, freq, is_local = xs
-            return _block(config, layer_params, h, positions, c, layer, freq, is_local, dtype=dtype,
+            return _block(config, layer_params, h, positions, c, layer, freq, is_local, policy=policy,
                           kv_len=kv_len), None
 
         xs = (run.params, jnp.arange(run.first, run.first + run.count), inv_freq[span], local[span])
         (x, cache), _ = lax.scan(body, (x, cache), xs)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    x = ops.rms_norm(x, params["final_norm"], config.norm_eps)
-    return _linear(x, params["output"], dtype), cache
+    x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
+    return _linear(x, params["output"], policy.compute).astype(policy.output), cache
