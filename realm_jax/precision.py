@@ -4,7 +4,7 @@ A policy names the dtype of each kind of value on the inference path:
 
     params   dense weights (the dtype quantized weights are dequantized to, or converted to on CPU)
     compute  activations and the matmul inputs
-    output   the logits returned to the caller
+    output   the logits returned to the caller (`Policy.logits` reads the same dtype)
     kv       the KV cache
     scores   attention scores and softmax
     norm     RMSNorm statistics
@@ -106,6 +106,11 @@ class Policy:
             fields[key] = _dtype(value.strip(), key)
         compute = fields.get("compute", jnp.float32)
         return cls(**{"params": compute, "kv": compute} | fields)
+
+    @property
+    def logits(self) -> jnp.dtype:
+        """The dtype of the logits: the model's output."""
+        return self.output
 
     def __str__(self) -> str:
         return ",".join(f"{f}={jnp.dtype(getattr(self, f)).name}" for f in _FIELDS)

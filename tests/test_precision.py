@@ -51,3 +51,21 @@ def test_casts_touch_only_floating_leaves():
     assert out["norm"].dtype == BF16
     assert out["ids"].dtype == tree["ids"].dtype and out["flag"].dtype == bool
     assert Policy.parse("params=f32,compute=f16,output=f32").cast_to_compute(tree)["norm"].dtype == F16
+
+
+class _FakeDevice:
+    def __init__(self, platform, compute_capability=None):
+        self.platform, self.compute_capability = platform, compute_capability
+
+
+@pytest.mark.parametrize("platform, cc, want", [
+    ("gpu", "9.0", BF16), ("gpu", "8.0", BF16), ("gpu", "7.5", F16), ("gpu", "5.3", F16), ("gpu", "5.2", F32),
+    ("tpu", None, BF16), ("cpu", None, BF16), ("metal", None, F32),
+])
+def test_auto_per_device(platform, cc, want):
+    assert auto_dtype(_FakeDevice(platform, cc)) == want
+    assert Policy.inference(_FakeDevice(platform, cc)).compute == want
+
+
+def test_logits_dtype_is_the_output_dtype():
+    assert Policy.parse("compute=bf16,output=f16").logits == F16
