@@ -3,7 +3,7 @@
 A policy names the dtype of each kind of value on the inference path:
 
     params   dense weights (the dtype quantized weights are dequantized to, or converted to on CPU)
-    compute  activations and the matmul inputs
+    compute  matmul and attention inputs (the residual stream stays f32)
     output   the logits returned to the caller (`Policy.logits` reads the same dtype)
     kv       the KV cache
     scores   attention scores and softmax
