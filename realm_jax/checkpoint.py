@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import QTensorError, UnsupportedFormatError
+from realm_jax.errors import MetadataError, QTensorError, UnsupportedFormatError
 from realm_jax.gguf import open_gguf
 from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
 
@@ -61,8 +61,17 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
     import gguf
 
     path = pathlib.Path(path)
+    metadata = dict(metadata or {})
+    if metadata.get("general.architecture", arch) != arch:
+        raise MetadataError(f"write_gguf: metadata general.architecture={metadata['general.architecture']!r} "
+                            f"conflicts with arch={arch!r}")
+    metadata.pop("general.architecture", None)
     writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in (metadata or {}).items():
+    for key, value in metadata.items():
+        value = _plain(value)
+        if key == "general.alignment":  # the writer must pad the data to it, not only record it
+            writer.add_custom_alignment(value)
+            continue
         writer.add_key_value(key, value, _value_type(key, value))
     for name, qt in tensors.items():
         if not isinstance(qt, QTensor):
@@ -80,17 +89,37 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
     return path
 
 
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars (as read_gguf returns them) -> Python values the writer accepts."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Keys llama.cpp reads as 32-bit: written as such so llama.cpp (and open_gguf, for the alignment) accept them.
+_UINT32_KEYS = ("general.alignment", "general.file_type", "general.quantization_version", ".block_count",
+                ".context_length", ".embedding_length", ".feed_forward_length", ".head_count", ".head_count_kv",
+                ".key_length", ".value_length", ".dimension_count", ".sliding_window", ".vocab_size", "_token_id")
+
+
 def _value_type(key: str, value: Any):
     import gguf
 
     if isinstance(value, bool):
         return gguf.GGUFValueType.BOOL
     if isinstance(value, int):
+        if key.endswith(_UINT32_KEYS) and 0 <= value < 2**32:
+            return gguf.GGUFValueType.UINT32
         return gguf.GGUFValueType.INT64 if value < 0 else gguf.GGUFValueType.UINT64
     if isinstance(value, float):
         return gguf.GGUFValueType.FLOAT32
     if isinstance(value, str):
         return gguf.GGUFValueType.STRING
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, list) and value:
         return gguf.GGUFValueType.ARRAY
-    raise QTensorError(f"write_gguf: metadata {key!r} has unsupported type {type(value).__name__}")
+    raise MetadataError(f"write_gguf: metadata {key!r} has unsupported type {type(value).__name__} "
+                        f"(str, bool, int, float, or a non-empty list of one of them)")

@@ -185,7 +185,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         reply = []
         if interactive:
             print("assistant> ", end="", flush=True)
-        for piece in model.generate(prompt, stream=True, **_sampling_kwargs(args)):
+        # A template that writes its BOS must not get a second one from the tokenizer.
+        bos = model.tokenizer.bos_id
+        has_bos = bos is not None and prompt.startswith(model.tokenizer.token_text(bos))
+        for piece in model.generate(prompt, stream=True, add_bos=False if has_bos else None, **_sampling_kwargs(args)):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -32,6 +32,7 @@ __all__ = [
     "ContextLengthError",
     "SamplingError",
     "ChatTemplateError",
+    "TokenIdError",
 ]
 
 
@@ -137,3 +138,7 @@ class SamplingError(RealmError):
 
 class ChatTemplateError(RealmError):
     """The file's chat template rejected the messages (its raise_exception), e.g. roles out of order."""
+
+
+class TokenIdError(RealmError, IndexError):
+    """A token id outside the vocabulary (or not an int)."""

@@ -52,7 +52,10 @@ def _dtype(name, field: str) -> jnp.dtype:
         if name.lower() not in _NAMES:
             raise DTypeError(f"precision: {field}={name!r} is not a dtype; use one of f32, bf16, f16")
         return jnp.dtype(_NAMES[name.lower()])
-    dtype = jnp.dtype(name)
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        raise DTypeError(f"precision: {field}={name!r} is not a dtype; use one of f32, bf16, f16") from None
     if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise DTypeError(f"precision: {field}={dtype} must be float32, bfloat16 or float16")
     return dtype
@@ -89,12 +92,12 @@ class Policy:
         return cls.of(auto_dtype(device))
 
     @classmethod
-    def parse(cls, text: str) -> Policy:
-        """``"bf16"``, ``"auto"`` or ``"params=f32,compute=bf16,output=f32"``."""
+    def parse(cls, text: str, device: jax.Device | None = None) -> Policy:
+        """``"bf16"``, ``"auto"`` (for `device`, default the first) or ``"params=f32,compute=bf16,output=f32"``."""
         text = text.strip()
         if "=" not in text:
             if text.lower() == PrecisionMode.AUTO.value:
-                return cls.inference()
+                return cls.inference(device)
             return cls.of(_dtype(text, "mode"))
         fields = {}
         for part in text.split(","):
@@ -174,12 +177,14 @@ def auto_dtype(device: jax.Device | None = None) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def resolve_policy(policy: Policy | str | None, device: jax.Device | None = None) -> Policy:
-    """None -> Policy.inference(device); a string -> Policy.parse; a Policy as it is."""
+def resolve_policy(policy: Policy | PrecisionMode | str | None, device: jax.Device | None = None) -> Policy:
+    """None -> Policy.inference(device); a PrecisionMode or a string -> Policy.parse; a Policy as it is."""
     if policy is None:
         return Policy.inference(device)
+    if isinstance(policy, PrecisionMode):
+        policy = policy.value
     if isinstance(policy, str):
-        return Policy.parse(policy)
+        return Policy.parse(policy, device)
     if isinstance(policy, Policy):
         return policy
     raise DTypeError(f"precision: policy must be a Policy, a string or None, got {type(policy).__name__}")

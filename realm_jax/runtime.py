@@ -9,6 +9,7 @@ Legend: B batch, T prompt tokens (padded), S cache length, V vocab.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import os
 import pathlib
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.errors import ContextLengthError, RealmError, SamplingError
+from realm_jax.errors import ContextLengthError, MetadataError, RealmError, SamplingError, TokenIdError
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
@@ -57,8 +58,8 @@ def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Pol
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
-def _sample_first(logits, key, recent, *, sampling: SamplingConfig):
-    return sample(logits, key, recent, sampling)
+def _sample_first(logits, key, recent, scalars, *, sampling: SamplingConfig):
+    return sample(logits, key, recent, sampling, scalars)
 
 
 def _push(recent, tokens):
@@ -67,23 +68,25 @@ def _push(recent, tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps"), donate_argnames=("cache",))
-def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, *, config: ModelConfig,
-            policy: Policy, sampling: SamplingConfig, n_steps: int):
-    """Up to n_steps decode steps. token [B] (sampled, not yet fed) at positions pos [B]; done [B].
+def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, limit, scalars, *,
+            config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int):
+    """Up to `limit` (<= n_steps, traced) decode steps. token [B] (sampled, not yet fed) at positions pos [B];
+    done [B]. n_steps is a bucket: generations of different lengths share one compilation.
 
-    Returns (new tokens [B, n_steps] with -1 after a sequence is done, and the updated state)."""
+    Returns (new tokens [B, n_steps] with -1 after a sequence is done or past `limit`, and the updated
+    state)."""
     b = token.shape[0]
 
     def cond(state):
         step, *_, done_, _ = state
-        return (step < n_steps) & ~jnp.all(done_)
+        return (step < limit) & ~jnp.all(done_)
 
     def body(state):
         step, out, cache_, token_, pos_, recent_, done_, key_ = state
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32))
         logits = logits.astype(jnp.float32)
-        nxt = sample(logits, jax.random.fold_in(key_, step0 + step), recent_, sampling)
+        nxt = sample(logits, jax.random.fold_in(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
         advance = ~done_
@@ -126,13 +129,18 @@ class Model:
                              policy=self.policy, all_logits=True)
         return np.asarray(logits[0, : len(ids)], np.float32)
 
-    def _check_ids(self, ids) -> list[int]:
+    def _check_ids(self, ids, *, what: str = "the prompt", allow_empty: bool = False) -> list[int]:
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise TokenIdError(f"{what} must be a sequence of token ids, got {type(ids).__name__}")
+        ids = list(ids)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            raise TokenIdError(f"{what} must hold ints (token ids), got {[type(i).__name__ for i in ids[:3]]}...")
         ids = [int(i) for i in ids]
-        if not ids:
-            raise SamplingError("the prompt is empty: at least one token is needed")
+        if not ids and not allow_empty:
+            raise SamplingError(f"{what} is empty: at least one token is needed")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
-            raise SamplingError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise TokenIdError(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
         if len(ids) > self.config.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of "
                                      f"{self.config.context_length} tokens")
@@ -143,8 +151,13 @@ class Model:
               seed: int = 0, stop_ids: Sequence[int] | None = None) -> _Generation:
         """Prefill token-id prompts and sample each one's first new token; `_Generation.step` continues.
         `stop_ids` (default: the tokenizer's end-of-generation tokens) end a sequence."""
-        stop_ids = sorted(self.tokenizer.stop_ids) if stop_ids is None else list(stop_ids)
-        return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, seed, stop_ids)
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
+            raise SamplingError("prompts must be a list of token-id lists")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise SamplingError(f"seed={seed!r} must be an int in [0, 2**32)")
+        stop_ids = sorted(self.tokenizer.stop_ids) if stop_ids is None else self._check_ids(stop_ids, what="stop_ids",
+                                                                                            allow_empty=True)
+        return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, int(seed), stop_ids)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
@@ -160,16 +173,19 @@ class Model:
 
     def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                 seed: int = 0, stop: Sequence[str] = (), stream: bool = False):
+                 seed: int = 0, stop: Sequence[str] | None = (), stream: bool = False,
+                 add_bos: bool | None = None):
         """Generate text after `prompt` (or after each prompt of a list, in one batch).
 
         Args:
           prompt: a string, or a list of strings generated together (their lengths may differ).
           max_new_tokens: at most this many tokens per prompt.
           temperature, top_k, top_p, repetition_penalty: sampling (temperature 0 is greedy).
-          seed: the PRNG seed of the sampling.
+          seed: the PRNG seed of the sampling (an int in [0, 2**32)).
           stop: strings that end a sequence (not included in the result).
           stream: return an iterator of text pieces as they are generated (one prompt only).
+          add_bos: prepend BOS (default: as the file says; pass False for text that holds its own BOS, such
+            as a rendered chat template).
 
         Returns:
           The generated text (a list of texts for a list of prompts), or an iterator of pieces if `stream`.
@@ -177,25 +193,28 @@ class Model:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty)
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if single else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise SamplingError("prompt must be a string or a non-empty list of strings")
-        if isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop):
+            raise SamplingError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        stop = () if stop is None else stop
+        if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or \
+                not all(isinstance(s, str) and s for s in stop):
             raise SamplingError(f"stop={stop!r} must be a list of non-empty strings")
         if stream and not single:
             raise SamplingError("stream=True takes one prompt, not a list")
-        ids = [self.tokenizer.encode(p) for p in prompts]
+        ids = [self.tokenizer.encode(p, add_bos=add_bos) for p in prompts]
         chunk = _STREAM_CHUNK if stream else (_STOP_CHUNK if stop else None)
         texts = _TextCollector(self.tokenizer, len(prompts), tuple(stop))
-        pieces = self._stream_texts(ids, texts, max_new_tokens, sampling, seed, chunk)
+        # Started here, not inside the generator, so bad arguments raise at the call, stream or not.
+        gen = self.start(ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        pieces = self._stream_texts(gen, texts, chunk)
         if stream:
             return (piece[0] for piece in pieces if piece[0])
         for _ in pieces:
             pass
         return texts.texts[0] if single else texts.texts
 
-    def _stream_texts(self, ids, texts: _TextCollector, max_new_tokens, sampling, seed, chunk):
-        gen = self.start(ids, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    def _stream_texts(self, gen: _Generation, texts: _TextCollector, chunk):
         yield texts.add(gen.first)
         while not gen.finished:
             gen.stop_rows(texts.stopped)
@@ -235,7 +254,7 @@ class _Generation:
         self.key = jax.random.PRNGKey(seed)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
         first = _sample_first(logits.astype(jnp.float32), jax.random.fold_in(self.key, 0), jnp.asarray(recent),
-                              sampling=sampling)
+                              sampling.scalars, sampling=sampling.static)
         self.done = jnp.isin(first, self.stop_ids)
         self.recent = _push(jnp.asarray(recent), first)
         self.token, self.pos = first, jnp.asarray(lengths)
@@ -257,20 +276,24 @@ class _Generation:
     def step(self, n: int) -> np.ndarray:
         """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
         m = self.model
+        bucket = 1 << max(n - 1, 0).bit_length()  # the next power of two: few compilations
         out, self.cache, self.token, self.pos, self.recent, self.done = _decode(
             m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
-            self.stop_ids, config=m.config, policy=m.policy, sampling=self.sampling, n_steps=n)
+            self.stop_ids, jnp.int32(n), self.sampling.scalars, config=m.config, policy=m.policy,
+            sampling=self.sampling.static, n_steps=bucket)
         self.produced += n
-        return np.asarray(out)
+        return np.asarray(out)[:, :n]
 
 
 class _TextCollector:
-    """Turns token blocks into text per sequence: holds back incomplete UTF-8 and possible stop-string
-    prefixes, cuts at the first stop string."""
+    """Turns token blocks into text per sequence as llama.cpp streams it: each token's piece
+    (`token_to_piece`), decoded incrementally as UTF-8. The text is the concatenation of what was emitted:
+    nothing is retracted. Possible stop-string prefixes are held back; text ends before a stop string."""
 
     def __init__(self, tokenizer: Tokenizer, n: int, stop: tuple[str, ...]):
         self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[list[int]] = [[] for _ in range(n)]
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(n)]
+        self.raw = [""] * n
         self.emitted = [0] * n
         self.texts = [""] * n
         self.stopped = [False] * n
@@ -284,29 +307,26 @@ class _TextCollector:
         for i, row in enumerate(block):
             if not self.stopped[i]:
                 for tok in row:
-                    if tok < 0:
+                    if tok < 0 or tok in self.tokenizer.stop_ids:
                         self.stopped[i] = True
                         break
-                    if tok in self.tokenizer.stop_ids:
-                        self.stopped[i] = True
-                        break
-                    self.ids[i].append(int(tok))
+                    self.raw[i] += self.decoders[i].decode(self.tokenizer.token_to_piece(int(tok)))
             out.append(self._update(i, final=self.stopped[i]))
         return out
 
     def flush(self) -> list[str]:
-        return [self._update(i, final=True) for i in range(len(self.ids))]
+        for i, decoder in enumerate(self.decoders):
+            self.raw[i] += decoder.decode(b"", final=True)
+        return [self._update(i, final=True) for i in range(len(self.raw))]
 
     def _update(self, i: int, final: bool) -> str:
-        text = self.tokenizer.decode(self.ids[i])
+        text = self.raw[i]
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
             text, final = text[:cut], True
             self.stopped[i] = True
         ready = len(text)
         if not final:
-            if text.endswith("\ufffd"):  # a multi-byte character split across tokens
-                ready = len(text.rstrip("\ufffd"))
             for s in self.stop:  # a stop string may be starting
                 for k in range(min(len(s) - 1, ready), 0, -1):
                     if text[:ready].endswith(s[:k]):
@@ -314,7 +334,7 @@ class _TextCollector:
                         break
         new = text[self.emitted[i] : max(ready, self.emitted[i])]
         self.emitted[i] = max(ready, self.emitted[i])
-        self.texts[i] = text
+        self.texts[i] = text[: self.emitted[i]]
         return new
 
 
@@ -341,6 +361,9 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
     metadata, tensors = read_gguf(path, progress=progress)
     config = config_from_gguf(metadata, tensors, str(path))
     tokenizer = Tokenizer.from_metadata(metadata, source=str(path))
+    if tokenizer.vocab_size != config.vocab_size:
+        raise MetadataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
+                            f"{config.vocab_size} rows")
     params = prepare_params(config, tensors, str(path), policy, device)
     return Model(path, metadata, config, params, tokenizer, policy)
 

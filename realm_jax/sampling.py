@@ -1,6 +1,7 @@
 """Token sampling under jit, in llama.cpp's order: repetition penalty, top-k, top-p, temperature, draw.
 
-`SamplingConfig` is static (hashable): a change of temperature or top-p recompiles the decode loop once.
+A `SamplingConfig` splits into a static part (which steps run, and top_k: they shape the computation) and
+traced scalars (temperature, top_p, penalty), so new values of those do not recompile the decode loop.
 """
 
 from __future__ import annotations
@@ -40,31 +41,54 @@ class SamplingConfig:
             raise SamplingError(f"top_p={p!r} must be None or a number in (0, 1]")
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r <= 0:
             raise SamplingError(f"repetition_penalty={r!r} must be a finite number > 0")
-        if not isinstance(self.penalty_last_n, int) or self.penalty_last_n < 1:
-            raise SamplingError(f"penalty_last_n={self.penalty_last_n!r} must be an int >= 1")
+        n = self.penalty_last_n
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_PENALTY_LAST_N:
+            raise SamplingError(f"penalty_last_n={n!r} must be an int in [1, {_MAX_PENALTY_LAST_N}]")
+        if p is not None and p >= 1.0:
+            object.__setattr__(self, "top_p", None)  # keeps every token: skip the sort
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def static(self) -> SamplingConfig:
+        """The part that shapes the computation (hashable, for jit); the values live in `scalars`."""
+        return SamplingConfig(temperature=0.0 if self.greedy else 1.0, top_k=self.top_k,
+                              top_p=None if self.top_p is None else 0.5,
+                              repetition_penalty=1.0 if self.repetition_penalty == 1.0 else 2.0,
+                              penalty_last_n=self.penalty_last_n)
 
-def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    @property
+    def scalars(self) -> dict[str, jax.Array]:
+        return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p or 1.0),
+                "penalty": jnp.float32(self.repetition_penalty)}
+
+
+_MAX_PENALTY_LAST_N = 1 << 16
+
+
+def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingConfig,
+           scalars: dict[str, jax.Array] | None = None) -> jax.Array:
     """Draw one token per row.
 
     Args:
       logits: [B, V] float32.
       key: a PRNG key for this step.
       recent: [B, R] int32, the last tokens of each sequence (-1 = empty slot), for the penalty.
-      cfg: static sampling settings.
+      cfg: the sampling settings; under jit pass `cfg.static` here and `cfg.scalars` as `scalars`.
+      scalars: traced temperature, top_p and penalty (default: cfg's own values).
 
     Returns:
       [B] int32 token ids.
     """
+    scalars = cfg.scalars if scalars is None else scalars
+    temperature, top_p, penalty = scalars["temperature"], scalars["top_p"], scalars["penalty"]
     if cfg.repetition_penalty != 1.0:
         b = logits.shape[0]
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], recent.shape)
         seen = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(recent, 0)].max(recent >= 0)
-        penalized = jnp.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
         logits = jnp.where(seen, penalized, logits)
     if cfg.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -75,11 +99,11 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
         values = jnp.take_along_axis(logits, ids, axis=-1)
     else:
         values, ids = logits, None
-    if cfg.top_p is not None and cfg.top_p < 1.0:
+    if cfg.top_p is not None:
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better candidates
-        values = jnp.where(before < cfg.top_p, values, -jnp.inf)  # the best candidate always stays
-    choice = jax.random.categorical(key, values / cfg.temperature, axis=-1)
+        values = jnp.where(before < top_p, values, -jnp.inf)  # the best candidate always stays
+    choice = jax.random.categorical(key, values / temperature, axis=-1)
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import ChatTemplateError, MetadataError
+from realm_jax.errors import ChatTemplateError, MetadataError, TokenIdError
 
 __all__ = ["Tokenizer"]
 
@@ -296,9 +296,10 @@ class Tokenizer:
           remove_special: drop a leading BOS / trailing EOS where the file adds them.
           unparse_special: render control and unknown tokens as their text.
         """
-        ids = [int(i) for i in ids]
+        ids = list(ids)
         for i in ids:
             self._check_id(i)
+        ids = [int(i) for i in ids]
         remove_space = self._vocab.add_space_prefix
         if remove_special and self.add_bos and ids and ids[0] == self.bos_id:
             remove_space = False
@@ -340,8 +341,8 @@ class Tokenizer:
         return self._attrs[id]
 
     def _check_id(self, id: int) -> None:
-        if not 0 <= id < self.vocab_size:
-            raise IndexError(f"token {id=} is outside the vocabulary [0, {self.vocab_size})")
+        if isinstance(id, bool) or not isinstance(id, (int, np.integer)) or not 0 <= id < self.vocab_size:
+            raise TokenIdError(f"token {id=} is not an id of the vocabulary [0, {self.vocab_size})")
 
     # --- chat templates -------------------------------------------------------------------------------
     def apply_chat_template(

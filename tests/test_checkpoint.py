@@ -64,3 +64,23 @@ def test_default_model_is_the_cached_gemma3(gemma3_path):
     assert realm_jax.default_model_path() == gemma3_path
     with realm_jax.open_gguf(gemma3_path) as f:
         assert f.architecture == "gemma3"
+
+
+def test_metadata_read_back_can_be_written_again(tmp_path, rng):
+    from realm_jax.errors import MetadataError
+
+    q = random_qtensor("Q8_0", 2, 64, rng)
+    meta = {"general.alignment": 64, "llama.block_count": 3, "t.floats": [1.5, 2.5], "t.names": ["a", "b"],
+            "t.flag": True, "t.neg": -7}
+    first = realm_jax.write_gguf(tmp_path / "a.gguf", {"w": q}, arch="llama", metadata=meta)
+    read, tensors = realm_jax.read_gguf(first)
+    assert read["general.alignment"] == 64 and read["llama.block_count"] == 3
+    assert np.array_equal(unpack(tensors["w"]), unpack(q))
+    second = realm_jax.write_gguf(tmp_path / "b.gguf", {"w": q}, arch="llama", metadata=read)
+    again, _ = realm_jax.read_gguf(second)
+    assert {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in again.items()} == \
+        {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in read.items()}
+    with pytest.raises(MetadataError, match="conflicts"):
+        realm_jax.write_gguf(tmp_path / "c.gguf", {"w": q}, arch="gemma3", metadata=read)
+    with pytest.raises(MetadataError, match="unsupported type"):
+        realm_jax.write_gguf(tmp_path / "d.gguf", {"w": q}, metadata={"t.empty": []})

@@ -13,15 +13,15 @@ from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError
 from realm_jax.models import config_from_gguf
 from realm_jax.precision import Policy
 from realm_jax.runtime import _prefill, prepare_params
-from realm_jax.models.transformer import init_cache
+from realm_jax.models.transformer import forward, init_cache
 from float64_forward import float64_forward
 
 D, F, V, LAYERS, HEADS, KV, HEAD = 64, 96, 80, 2, 4, 2, 16
 
 
-def tiny_model(arch="llama", rng=None, *, bias=False, fmt="F32", tied=False, **meta):
+def tiny_model(arch="llama", rng=None, *, bias=False, fmt="F32", tied=False, layers=LAYERS, **meta):
     rng = rng or np.random.default_rng(0)
-    metadata = {"general.architecture": arch, f"{arch}.block_count": LAYERS, f"{arch}.embedding_length": D,
+    metadata = {"general.architecture": arch, f"{arch}.block_count": layers, f"{arch}.embedding_length": D,
                 f"{arch}.feed_forward_length": F, f"{arch}.attention.head_count": HEADS,
                 f"{arch}.attention.head_count_kv": KV, f"{arch}.context_length": 128,
                 f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.freq_base": 10000.0} | meta
@@ -35,7 +35,7 @@ def tiny_model(arch="llama", rng=None, *, bias=False, fmt="F32", tied=False, **m
     tensors = {"token_embd.weight": mat(V, D, 1.0), "output_norm.weight": vec(D)}
     if not tied:
         tensors["output.weight"] = mat(V, D)
-    for i in range(LAYERS):
+    for i in range(layers):
         b = f"blk.{i}."
         tensors |= {b + "attn_norm.weight": vec(D), b + "attn_q.weight": mat(HEADS * HEAD, D),
                     b + "attn_k.weight": mat(KV * HEAD, D), b + "attn_v.weight": mat(KV * HEAD, D),
@@ -44,6 +44,9 @@ def tiny_model(arch="llama", rng=None, *, bias=False, fmt="F32", tied=False, **m
         if bias:
             tensors |= {b + "attn_q.bias": vec(HEADS * HEAD, 0), b + "attn_k.bias": vec(KV * HEAD, 0),
                         b + "attn_v.bias": vec(KV * HEAD, 0)}
+        if arch == "gemma3":
+            tensors |= {b + "attn_q_norm.weight": vec(HEAD), b + "attn_k_norm.weight": vec(HEAD),
+                        b + "post_attention_norm.weight": vec(D), b + "post_ffw_norm.weight": vec(D)}
     return metadata, tensors
 
 
@@ -63,6 +66,9 @@ VARIANTS = {
     "llama-linear-rope": {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0},
     "llama-partial-rope": {"llama.rope.dimension_count": 8},
     "mistral": dict(arch="mistral"),
+    # 7 layers: 0-4 and 6 local (window 5), 5 global; 24 tokens cross the window many times.
+    "gemma3-sliding-window": {"arch": "gemma3", "tied": True, "layers": 7, "gemma3.attention.sliding_window": 5,
+                              "gemma3.attention.key_length": HEAD, "gemma3.rope.freq_base": 1e6},
 }
 
 
@@ -109,3 +115,41 @@ def test_params_errors_name_the_tensor():
     wrong = tensors | {"blk.0.attn_k.weight": realm_jax.quantize(np.zeros((HEAD, D), np.float32), "F32")}
     with pytest.raises(TensorShapeError, match=r"blk\.0\.attn_k\.weight.*\(16, 64\).*\(32, 64\)"):
         prepare_params(config, wrong, "m.gguf", Policy.full(), jax.devices()[0])
+
+
+def test_sliding_window_matters_in_the_tiny_gemma3():
+    """The reference itself must see the window: without it the logits differ (so the match above tests it)."""
+    metadata, tensors = tiny_model(**VARIANTS["gemma3-sliding-window"])
+    ids = list(np.random.default_rng(1).integers(0, V, 24))
+    wide = metadata | {"gemma3.attention.sliding_window": 64}
+    assert np.abs(float64_forward(metadata, tensors, ids) - float64_forward(wide, tensors, ids)).max() > 1e-2
+
+
+def test_decode_steps_match_the_prefill_across_the_window():
+    """Token-by-token decoding (cache writes at each position, window masks on the cache) gives the logits
+    of one batched prefill."""
+    metadata, tensors = tiny_model(**VARIANTS["gemma3-sliding-window"])
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, V, 20)]
+    want = float64_forward(metadata, tensors, ids)
+    config = config_from_gguf(metadata, tensors, "tiny")
+    params = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices()[0])
+    cache = init_cache(config, 1, 32, np.float32)
+    got = []
+    for pos, tok in enumerate(ids):
+        logits, cache = jax.jit(forward, static_argnames=("config", "policy"))(
+            config, params, np.array([[tok]], np.int32), np.array([[pos]], np.int32), cache, policy=Policy.full())
+        got.append(np.asarray(logits[0, 0]))
+    np.testing.assert_allclose(np.stack(got), want, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"llama.attention.layer_norm_rms_epsilon": -1.0}, "layer_norm_rms_epsilon"),
+    ({"llama.rope.freq_base": 0.0}, "freq_base"),
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": -2.0}, "scaling.factor"),
+    ({"llama.block_count": 1}, "not part of llama with block_count=1"),
+])
+def test_lying_metadata_is_refused(change, match):
+    metadata, tensors = tiny_model()
+    with pytest.raises(MetadataError, match=match):
+        config = config_from_gguf(metadata | change, tensors, "m.gguf")
+        prepare_params(config, tensors, "m.gguf", Policy.full(), jax.devices()[0])

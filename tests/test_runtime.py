@@ -8,6 +8,7 @@ import pytest
 import realm_jax
 from realm_jax.errors import (
     ContextLengthError,
+    TokenIdError,
     MissingFileError,
     NotGGUFError,
     SamplingError,
@@ -18,12 +19,12 @@ from realm_jax.sampling import SamplingConfig
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path):
-    return realm_jax.load(smollm2_path, progress=False)
+    return realm_jax.load(smollm2_path, policy="f32", progress=False)
 
 
 @pytest.fixture(scope="module")
 def gemma3(gemma3_path):
-    return realm_jax.load(gemma3_path, progress=False)
+    return realm_jax.load(gemma3_path, policy="f32", progress=False)
 
 
 # Golden strings: greedy continuations of "Once upon a time" (realm-jax f32; llama.cpp's greedy
@@ -112,6 +113,30 @@ def test_prompt_longer_than_context(smollm2):
         smollm2.generate_ids([too_long], max_new_tokens=10)
     with pytest.raises(ContextLengthError):
         smollm2.logits([1] * (smollm2.config.context_length + 1))
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda m: m.generate(5), SamplingError),
+    (lambda m: m.generate(["ok", 3]), SamplingError),
+    (lambda m: m.generate("hi", stop=[""]), SamplingError),
+    (lambda m: m.generate("hi", seed=2**70), SamplingError),
+    (lambda m: m.generate("hi", seed="a"), SamplingError),
+    (lambda m: m.generate("hi", max_new_tokens=0, stream=True), SamplingError),  # at the call, not at next()
+    (lambda m: m.logits("hello"), TokenIdError),
+    (lambda m: m.logits([1.7, 2.2]), TokenIdError),
+    (lambda m: m.logits([10**9]), TokenIdError),
+    (lambda m: m.generate_ids([1, 2, 3], max_new_tokens=2), SamplingError),
+    (lambda m: m.generate_ids([[1, 2]], max_new_tokens=2, stop_ids=[10**12]), TokenIdError),
+    (lambda m: m.tokenizer.decode([10**9]), TokenIdError),
+    (lambda m: SamplingConfig(repetition_penalty=1.1, penalty_last_n=10**9), SamplingError),
+])
+def test_bad_arguments_raise_realm_errors(smollm2, call, error):
+    with pytest.raises(error):
+        call(smollm2)
+
+
+def test_stop_none_means_no_stop_strings(smollm2):
+    assert smollm2.generate("Hi", max_new_tokens=4, stop=None) == smollm2.generate("Hi", max_new_tokens=4)
 
 
 def test_bad_files(tmp_path):

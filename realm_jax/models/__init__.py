@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from realm_jax.errors import MissingTensorError, TensorShapeError, UnsupportedArchitectureError
+from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
 from realm_jax.quant import QTensor, concat_rows, dequantize
@@ -39,13 +39,21 @@ _LAYER_TENSORS = {
 }  # fmt: skip
 
 
+_IGNORED = ("rope_freqs.weight",)  # read by the config (RoPE factors), not a param
+
+
 def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, QTensor], source: str) -> ModelConfig:
     """The ModelConfig of a file; UnsupportedArchitectureError names the architecture if unknown."""
     arch = metadata.get("general.architecture")
     if arch not in _MODULES:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
-    return _MODULES[arch].config_from_metadata(metadata, tensors, source)
+    try:
+        return _MODULES[arch].config_from_metadata(metadata, tensors, source)
+    except MetadataError as e:
+        if str(e).startswith(f"{source}:"):
+            raise
+        raise MetadataError(f"{source}: {e}") from None
 
 
 def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -71,7 +79,10 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
         `jax.eval_shape` it gives the params' shapes and dtypes without computing them.
     """
 
+    used = set(_IGNORED)
+
     def take(name: str, shape: tuple[int, ...], convert: Callable[[QTensor], Any] = linear):
+        used.add(name)
         if name not in tensors:
             raise MissingTensorError(f"{source}: tensor {name!r} is missing (architecture {config.arch})")
         qt = tensors[name]
@@ -88,6 +99,10 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
     shapes = _expected_shapes(config)
     params["layers"] = [{key: take(f"blk.{i}.{_LAYER_TENSORS[key]}", shape) for key, shape in shapes.items()}
                         for i in range(config.n_layers)]
+    unused = sorted(set(tensors) - used)
+    if unused:  # llama.cpp refuses such files too: the metadata and the tensors disagree
+        raise MetadataError(f"{source}: {len(unused)} tensors are not part of {config.arch} with "
+                            f"block_count={config.n_layers}: {unused[:5]}")
     return params
 
 

@@ -7,6 +7,7 @@ forward pass (`transformer`) reads only the config, never the architecture name.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -93,4 +94,7 @@ def get(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], defau
                             f"got {type(value).__name__} {value!r}")
     if kind is int and value <= 0 and not key.endswith("sliding_window"):
         raise MetadataError(f"{source}: metadata key {key!r} must be positive, got {value}")
+    if kind is float and not (math.isfinite(value) and value > 0):
+        # eps, rope bases and scaling factors: a zero or negative one gives NaN logits, not an error
+        raise MetadataError(f"{source}: metadata key {key!r} must be a finite positive number, got {value}")
     return value

@@ -21,8 +21,8 @@ ARCHITECTURES = ("llama", "mistral", "qwen2")
 def rope_scale(metadata: dict[str, Any], arch: str, source: str) -> float:
     """The linear RoPE scale (1 / factor) of the file; an error for scaling types not implemented."""
     kind = get(metadata, f"{arch}.rope.scaling.type", str, "none", source=source)
-    factor = get(metadata, f"{arch}.rope.scaling.factor", float, 0.0, source=source)
-    if kind == "none" or (kind == "linear" and factor in (0.0, 1.0)):
+    factor = get(metadata, f"{arch}.rope.scaling.factor", float, 1.0, source=source)
+    if kind == "none" or (kind == "linear" and factor == 1.0):
         legacy = get(metadata, f"{arch}.rope.scale_linear", float, 1.0, source=source)
         return 1.0 / legacy
     if kind == "linear":

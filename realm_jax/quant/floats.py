@@ -1,7 +1,8 @@
 """Unquantized formats F32, F16, BF16: one plane `w` holding the values themselves.
 
 GGUF stores them as plain little-endian arrays; "block size" 1. Dequantization widens to f32 exactly
-(every f16 and bf16 value, subnormals included, is an f32 value).
+(every f16 and bf16 value, subnormals included, is an f32 value); the exact path goes through
+`realm_jax.conversions`, which also keeps NaN payloads as gguf-py does.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from realm_jax.conversions import f32_to_f16, to_float32
 from realm_jax.quant.qtensor import Field, Format
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def tile_float(p, *, exact: bool = False) -> jax.Array:
-    del exact  # a conversion: exact by construction
-    return p["w"].astype(jnp.float32)
+    w = jnp.asarray(p["w"])
+    if exact and w.dtype != jnp.float32:  # XLA's convert quiets signalling NaNs; gguf-py keeps their bits
+        return to_float32(w)
+    return w.astype(jnp.float32)
 
 
 @jax.jit
@@ -31,7 +35,7 @@ def quantize_f32(x: jax.Array) -> dict[str, jax.Array]:
 
 @jax.jit
 def quantize_f16(x: jax.Array) -> dict[str, jax.Array]:
-    return {"w": x.astype(jnp.float32).astype(jnp.float16)}
+    return {"w": f32_to_f16(x.astype(jnp.float32))}  # numpy's rounding, NaN payloads included
 
 
 @jax.jit

@@ -88,7 +88,7 @@ def dequantize_tile(fmt: str, planes, *, dtype=jnp.float32, exact: bool = False)
     """
     f = get_format(fmt)
     with jax.named_scope("dequant"):
-        if f.block_size == 1:  # F32/F16/BF16: one cast, not a round trip through f32 that XLA keeps
+        if f.block_size == 1 and not exact:  # F32/F16/BF16: one cast, not a round trip through f32
             return jnp.asarray(planes["w"]).astype(dtype)
         return f.tile(planes, exact=exact).astype(dtype)
 
