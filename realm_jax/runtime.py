@@ -27,7 +27,7 @@ from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, pa
 from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor, dequantize
-from realm_jax.sampling import SamplingConfig, sample
+from realm_jax.sampling import SamplingConfig, sample, step_keys
 from realm_jax.tokenizer import Tokenizer
 
 __all__ = ["Model", "load"]
@@ -86,7 +86,7 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32))
         logits = logits.astype(jnp.float32)
-        nxt = sample(logits, jax.random.fold_in(key_, step0 + step), recent_, sampling, scalars)
+        nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
         advance = ~done_
@@ -181,7 +181,8 @@ class Model:
           prompt: a string, or a list of strings generated together (their lengths may differ).
           max_new_tokens: at most this many tokens per prompt.
           temperature, top_k, top_p, repetition_penalty: sampling (temperature 0 is greedy).
-          seed: the PRNG seed of the sampling (an int in [0, 2**32)).
+          seed: the PRNG seed of the sampling (an int in [0, 2**32)); prompt i of a list samples with
+            seed + i, exactly as it would alone with that seed.
           stop: strings that end a sequence (not included in the result).
           stream: return an iterator of text pieces as they are generated (one prompt only).
           add_bos: prepend BOS (default: as the file says; pass False for text that holds its own BOS, such
@@ -251,9 +252,10 @@ class _Generation:
         cache = init_cache(config, b, _round_up(t + max_new_tokens, _CACHE_BUCKET), policy.kv)
         logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
                                       all_logits=False)
-        self.key = jax.random.PRNGKey(seed)
+        # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
+        self.key = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
-        first = _sample_first(logits.astype(jnp.float32), jax.random.fold_in(self.key, 0), jnp.asarray(recent),
+        first = _sample_first(logits.astype(jnp.float32), step_keys(self.key, 0), jnp.asarray(recent),
                               sampling.scalars, sampling=sampling.static)
         self.done = jnp.isin(first, self.stop_ids)
         self.recent = _push(jnp.asarray(recent), first)

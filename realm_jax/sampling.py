@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from realm_jax.errors import SamplingError
 
-__all__ = ["SamplingConfig", "sample"]
+__all__ = ["SamplingConfig", "sample", "step_keys"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
 
     Args:
       logits: [B, V] float32.
-      key: a PRNG key for this step.
+      key: [B] PRNG keys for this step, one per row (a row's draw does not depend on the others).
       recent: [B, R] int32, the last tokens of each sequence (-1 = empty slot), for the penalty.
       cfg: the sampling settings; under jit pass `cfg.static` here and `cfg.scalars` as `scalars`.
       scalars: traced temperature, top_p and penalty (default: cfg's own values).
@@ -103,7 +103,12 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better candidates
         values = jnp.where(before < top_p, values, -jnp.inf)  # the best candidate always stays
-    choice = jax.random.categorical(key, values / temperature, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(key, values / temperature)
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def step_keys(seeds: jax.Array, step) -> jax.Array:
+    """[B] PRNG keys for one decode step from per-row seeds [B] (uint32)."""
+    return jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)

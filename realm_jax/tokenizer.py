@@ -363,8 +363,14 @@ class Tokenizer:
         Raises:
           MetadataError: the file has no chat template, or the template does not compile or breaks the
             sandbox's rules.
-          ChatTemplateError: the template rejected the messages (its ``raise_exception``).
+          ChatTemplateError: the messages are not a list of {"role": str, "content": str} dicts, or the
+            template rejected them (its ``raise_exception``).
         """
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not all(
+            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise ChatTemplateError(f'messages must be a list of {{"role": str, "content": str}} dicts, got {messages!r:.80}')
         if self.chat_template is None:
             raise MetadataError(
                 f"{self.source}: the file has no chat template (tokenizer.chat_template is absent); "

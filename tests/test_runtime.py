@@ -150,3 +150,11 @@ def test_bad_files(tmp_path):
     other = realm_jax.write_gguf(tmp_path / "gpt2.gguf", {"w": q}, arch="gpt2")
     with pytest.raises(UnsupportedArchitectureError, match="gpt2.*supported: llama"):
         realm_jax.load(other)
+
+
+def test_sampled_batch_rows_match_their_own_seeds(smollm2):
+    prompts = ["The weather today is", "My favourite food is"]
+    batch = smollm2.generate(prompts, max_new_tokens=10, temperature=1.0, top_k=50, seed=5)
+    alone = [smollm2.generate(p, max_new_tokens=10, temperature=1.0, top_k=50, seed=5 + i)
+             for i, p in enumerate(prompts)]
+    assert batch == alone

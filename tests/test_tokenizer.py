@@ -400,3 +400,10 @@ def test_template_runtime_failure_is_a_metadata_error():
     tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.chat_template": "{{ 1 / 0 }}"}), source="t.gguf")
     with pytest.raises(MetadataError, match="t.gguf.*fails to render"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("messages", [["hi"], [{"role": "user"}], "hi", [{"role": "user", "content": 3}]])
+def test_bad_messages_are_the_callers_fault(messages):
+    tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.chat_template": "{{ messages[0].content }}"}))
+    with pytest.raises(ChatTemplateError, match="messages must be"):
+        tok.apply_chat_template(messages)
