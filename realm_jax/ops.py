@@ -111,18 +111,44 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, *, neox: bool)
     return jnp.concatenate([out.astype(x.dtype), rest], axis=-1) if rest.shape[-1] else out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
-              scores_dtype=jnp.float32) -> jax.Array:
-    """Grouped-query attention. q [B, T, N, H], k [B, S, K, H], v [B, S, K, Hv], mask [B, T, S] (True =
-    attend) -> [B, T, N, Hv]. N must be a multiple of K; query head n reads kv head n // (N / K).
+_QUERY_CHUNK = 512  # prefill attends in blocks of this many queries: scores stay O(chunk * S), not O(T * S)
 
-    Scores and softmax are in `scores_dtype` (f32 by default: the softmax of long rows needs its range).
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_pos: jax.Array, *, scale: float, window: int = 0,
+              local=None, scores_dtype=jnp.float32, chunk: int = _QUERY_CHUNK) -> jax.Array:
+    """Causal grouped-query attention over a cache.
+
+    Args:
+      q: [B, T, N, H]; k: [B, S, K, H]; v: [B, S, K, Hv]. N must be a multiple of K; query head n reads
+        kv head n // (N / K). Key j holds position j.
+      query_pos: [B, T] the queries' positions: a query attends to keys at positions <= its own.
+      window: with `local` true (a traced bool is fine), only the last `window` positions are attended.
+      scores_dtype: the dtype of scores and softmax (f32 by default: long rows need its range).
+      chunk: queries per block; longer prefills run block by block (lax.map) to bound the scores' memory.
+
+    Returns:
+      [B, T, N, Hv] in q.dtype.
     """
     b, t, n, h = q.shape
+    if t <= chunk:
+        return _attend(q, k, v, query_pos, scale, window, local, scores_dtype)
+    pad = -t % chunk
+    qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, n, h).swapaxes(0, 1)
+    ps = jnp.pad(query_pos, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], scale, window, local, scores_dtype), (qs, ps))
+    return out.swapaxes(0, 1).reshape(b, -1, n, v.shape[-1])[:, :t]
+
+
+def _attend(q, k, v, query_pos, scale, window, local, scores_dtype):
+    b, t, n, h = q.shape
     kv = k.shape[2]
+    key_pos = jnp.arange(k.shape[1])[None, None, :]
+    mask = key_pos <= query_pos[:, :, None]  # [B, T, S]
+    if window:
+        mask &= ~jnp.asarray(local, bool) | (key_pos > query_pos[:, :, None] - window)
     qg = q.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=scores_dtype) * scale
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores_dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)

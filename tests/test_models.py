@@ -153,3 +153,16 @@ def test_lying_metadata_is_refused(change, match):
     with pytest.raises(MetadataError, match=match):
         config = config_from_gguf(metadata | change, tensors, "m.gguf")
         prepare_params(config, tensors, "m.gguf", Policy.full(), jax.devices()[0])
+
+
+def test_chunked_prefill_attention_equals_one_block():
+    """Long prefills attend in query blocks (bounded memory); the result is the same."""
+    from realm_jax import ops
+
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, s, h, 16)).astype(np.float32) for s, h in ((37, 4), (40, 2), (40, 2)))
+    pos = np.tile(np.arange(37), (2, 1)) + np.array([[0], [3]])
+    for window, local in ((0, None), (5, True), (5, False)):
+        whole = ops.attention(q, k, v, pos, scale=0.25, window=window, local=local, chunk=64)
+        blocks = ops.attention(q, k, v, pos, scale=0.25, window=window, local=local, chunk=8)
+        np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-6, atol=1e-6)

@@ -126,13 +126,8 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     cv = write(cache.v[layer], v.astype(cache.v.dtype), positions[:, 0])
     cache = KVCache(cache.k.at[layer].set(ck), cache.v.at[layer].set(cv))
 
-    key_pos = jnp.arange(kv_len)[None, None, :]
-    query_pos = positions[:, :, None]
-    mask = key_pos <= query_pos
-    if config.sliding_window:
-        mask &= ~local | (key_pos > query_pos - config.sliding_window)
-    attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), mask,
-                         scale=config.scale, scores_dtype=policy.scores)
+    attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
+                         scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores)
     o = _linear(attn.reshape(b, t, -1), p["wo"], dtype)
     if config.post_norms:
         o = norm(o, p["post_attn_norm"])
