@@ -33,6 +33,8 @@ __all__ = [
     "SamplingError",
     "ChatTemplateError",
     "TokenIdError",
+    "MeshError",
+    "ShardingError",
 ]
 
 
@@ -142,3 +144,12 @@ class ChatTemplateError(RealmError):
 
 class TokenIdError(RealmError, IndexError):
     """A token id outside the vocabulary (or not an int)."""
+
+
+# --- distributed ------------------------------------------------------------------------------
+class MeshError(RealmError):
+    """An impossible mesh: its shape does not match the devices, or an axis is unknown."""
+
+
+class ShardingError(RealmError):
+    """A model cannot be split over a mesh as asked (e.g. fewer query heads than the tensor-parallel degree)."""

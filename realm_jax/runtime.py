@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from realm_jax.errors import ContextLengthError, MetadataError, RealmError, SamplingError, TokenIdError
 from realm_jax.checkpoint import read_gguf
@@ -104,7 +105,8 @@ class Model:
     """A loaded model: config, params on the device, tokenizer and precision policy."""
 
     def __init__(self, path: pathlib.Path, metadata: dict[str, Any], config: ModelConfig, params: dict[str, Any],
-                 tokenizer: Tokenizer, policy: Policy):
+                 tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None):
+        self.mesh = mesh
         self.path = path
         self.metadata = metadata
         self.config = config
@@ -124,10 +126,18 @@ class Model:
         t = _round_up(len(ids), _PROMPT_BUCKET)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, : len(ids)] = ids
-        cache = init_cache(self.config, 1, t, self.policy.kv)
+        cache = self._new_cache(1, t)
         logits, _ = _prefill(self.params, tokens, np.array([len(ids)], np.int32), cache, config=self.config,
                              policy=self.policy, all_logits=True)
         return np.asarray(logits[0, : len(ids)], np.float32)
+
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        cache = init_cache(self.config, batch, length, self.policy.kv)
+        if self.mesh is None:
+            return cache
+        from realm_jax.distributed import cache_sharding
+
+        return jax.device_put(cache, cache_sharding(self.config, self.mesh))
 
     def _check_ids(self, ids, *, what: str = "the prompt", allow_empty: bool = False) -> list[int]:
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
@@ -249,7 +259,7 @@ class _Generation:
             tokens[i, : len(p)] = p
             tail = p[-sampling.penalty_last_n :]
             recent[i, recent.shape[1] - len(tail) :] = tail
-        cache = init_cache(config, b, _round_up(t + max_new_tokens, _CACHE_BUCKET), policy.kv)
+        cache = model._new_cache(b, _round_up(t + max_new_tokens, _CACHE_BUCKET))
         logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
                                       all_logits=False)
         # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
@@ -340,7 +350,7 @@ class _TextCollector:
         return new
 
 
-def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: Any = None,
+def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: Mesh | None = None,
          progress: bool | None = None) -> Model:
     """Load a GGUF model.
 
@@ -348,16 +358,22 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
       path: the GGUF file (llama, mistral, qwen2 or gemma3 architecture).
       policy: a `Policy`, a string such as "bf16" or "params=f32,compute=bf16", or None for the device's
         automatic choice.
-      mesh: distributed inference is not available yet; passing a mesh raises.
+      mesh: a `realm_jax.distributed.make_mesh(model=n)` mesh to split the model over n devices (tensor
+        parallelism); its data and stage axes must be 1 in this version.
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
     Returns:
       A `Model`.
     """
     if mesh is not None:
-        raise RealmError("load(mesh=...): distributed inference is not available in this version")
+        from realm_jax.distributed import mesh_shape
+
+        shape = mesh_shape(mesh)
+        if shape.data > 1 or shape.stage > 1:
+            raise RealmError(f"load(mesh=...): only tensor parallelism (the model axis) is available in this "
+                             f"version; got data={shape.data}, stage={shape.stage}")
     path = pathlib.Path(os.fspath(path))
-    device = jax.devices()[0]
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)
     progress = sys.stderr.isatty() if progress is None else progress
     metadata, tensors = read_gguf(path, progress=progress)
@@ -366,22 +382,29 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: A
     if tokenizer.vocab_size != config.vocab_size:
         raise MetadataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
                             f"{config.vocab_size} rows")
-    params = prepare_params(config, tensors, str(path), policy, device)
-    return Model(path, metadata, config, params, tokenizer, policy)
+    params = prepare_params(config, tensors, str(path), policy, device, mesh)
+    return Model(path, metadata, config, params, tokenizer, policy, mesh)
 
 
-def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy) -> dict[str, Any]:
+def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy, *,
+                 fuse: bool = True) -> dict[str, Any]:
     """The params pytree the jitted forward takes: weights in the policy's dense dtype, q|k|v and gate|up
-    fused, layers stacked into scan runs. Traceable (see `param_bytes`)."""
+    fused (unless `fuse` is False: tensor parallelism splits them by heads), layers stacked into scan runs.
+    Traceable (see `memory_plan`)."""
     params = params_from_tensors(config, tensors, source, linear=_densify(policy.params))
-    params["layers"] = stack_layers([fuse_projections(layer) for layer in params["layers"]])
+    layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
+    params["layers"] = stack_layers(layers)
     return params
 
 
 def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
-                   device: jax.Device) -> dict[str, Any]:
-    """`build_params`, on `device`."""
-    return jax.device_put(build_params(config, tensors, source, policy), device)
+                   device: jax.Device | None = None, mesh=None) -> dict[str, Any]:
+    """`build_params`, on `device`, or split over `mesh` by the sharding rules."""
+    if mesh is None:
+        return jax.device_put(build_params(config, tensors, source, policy), device)
+    from realm_jax.distributed import shard_params
+
+    return shard_params(build_params(config, tensors, source, policy, fuse=False), config, mesh, source)
 
 
 def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None) -> dict[str, Any]:

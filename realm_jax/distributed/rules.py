@@ -1,0 +1,93 @@
+"""The sharding rules: one table from the params' logical axes to mesh axes, and the placement of the params
+and the KV cache on a mesh.
+
+Tensor parallelism is Megatron's: q/k/v and gate/up are column-parallel (their rows, the output features,
+split over `model`), the attention output and down projections row-parallel (their columns split), so each
+block half ends in one all-reduce, which XLA's partitioner inserts. Quantized planes split on whole blocks.
+KV heads that do not divide over `model` are replicated, as other runtimes do; query heads or FFN columns
+that do not divide are an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from realm_jax.errors import ShardingError
+from realm_jax.models.config import ModelConfig
+from realm_jax.models.transformer import KVCache
+from realm_jax.quant import QTensor
+
+# logical axis -> mesh axis (None: replicated)
+RULES: dict[str, str | None] = {"heads": "model", "kv_heads": "model", "mlp": "model", "embed": None,
+                                "vocab": None, "head_dim": None, "batch": "data", "seq": None}
+
+# param -> logical axes of its logical shape (rows, cols) or (n,)
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "wq": ("heads", "embed"), "wk": ("kv_heads", "embed"), "wv": ("kv_heads", "embed"),
+    "wo": ("embed", "heads"), "w_gate": ("mlp", "embed"), "w_up": ("mlp", "embed"), "w_down": ("embed", "mlp"),
+    "bq": ("heads",), "bk": ("kv_heads",), "bv": ("kv_heads",),
+    "attn_norm": ("embed",), "ffn_norm": ("embed",), "post_attn_norm": ("embed",), "post_ffn_norm": ("embed",),
+    "q_norm": ("head_dim",), "k_norm": ("head_dim",),
+    "embed": ("vocab", "embed"), "output": ("vocab", "embed"), "final_norm": ("embed",),
+}  # fmt: skip
+CACHE_AXES = (None, "batch", "seq", "kv_heads", "head_dim")  # [L, B, S, K, H]
+
+
+def _rules(config: ModelConfig, mesh: Mesh, name: str) -> dict[str, str | None]:
+    tp = int(mesh.shape.get("model", 1))
+    if config.n_heads % tp:
+        raise ShardingError(f"{name}: {config.n_heads} query heads cannot be split over a model axis of {tp} "
+                            f"devices (mesh {dict(mesh.shape)})")
+    if config.ffn_dim % tp:
+        raise ShardingError(f"{name}: ffn width {config.ffn_dim} cannot be split over a model axis of {tp} devices")
+    rules = dict(RULES)
+    if config.n_kv_heads % tp:
+        rules["kv_heads"] = None  # fewer KV heads than shards: every shard keeps all of them
+    if int(mesh.shape.get("data", 1)) == 1:
+        rules["batch"] = None
+    return rules
+
+
+def _spec(axes: tuple[str | None, ...], rules: dict[str, str | None], stacked: bool) -> PartitionSpec:
+    mesh_axes = tuple(rules.get(a) if a else None for a in axes)
+    return PartitionSpec(*(((None,) if stacked else ()) + mesh_axes))
+
+
+def _place(value: Any, spec: PartitionSpec, mesh: Mesh, what: str):
+    """Put an array, or each plane of a QTensor, on the mesh with `spec` over its logical axes."""
+    if isinstance(value, QTensor):
+        # Planes share the logical rows; their last axis counts blocks: splitting it splits whole blocks.
+        fmt = value.format
+        blocks = value.shape[-1] // fmt.block_size
+        split = spec[-1]
+        if split is not None and blocks % int(mesh.shape[split]):
+            raise ShardingError(f"{what}: {blocks} blocks of {fmt.name} per row cannot be split over {split}="
+                                f"{mesh.shape[split]} in whole blocks")
+        return QTensor(value.fmt, value.shape, {k: jax.device_put(p, NamedSharding(mesh, spec))
+                                                for k, p in value.planes.items()})
+    return jax.device_put(value, NamedSharding(mesh, spec))
+
+
+def shard_params(params: dict[str, Any], config: ModelConfig, mesh: Mesh, name: str = "model") -> dict[str, Any]:
+    """Place the params (as `runtime.build_params` makes them, unfused) on the mesh by the rules."""
+    rules = _rules(config, mesh, name)
+    out = {key: _place(value, _spec(PARAM_AXES[key], rules, False), mesh, f"{name}: {key}")
+           for key, value in params.items() if key != "layers"}
+    out["layers"] = []
+    for run in params["layers"]:
+        placed = {key: _place(value, _spec(PARAM_AXES[key], rules, True), mesh, f"{name}: layers {run.first}+ {key}")
+                  for key, value in run.params.items()}
+        out["layers"].append(type(run)(run.first, run.count, placed))
+    return out
+
+
+def cache_sharding(config: ModelConfig, mesh: Mesh) -> KVCache:
+    """NamedShardings for the KVCache's leaves: KV heads over `model` when they divide, batch over `data`."""
+    spec = _spec(CACHE_AXES, _rules(config, mesh, config.arch), False)
+    return KVCache(NamedSharding(mesh, spec), NamedSharding(mesh, spec))
+
+
+__all__ = ["CACHE_AXES", "PARAM_AXES", "RULES", "cache_sharding", "shard_params"]
