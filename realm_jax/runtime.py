@@ -124,12 +124,18 @@ class Model:
         """Logits of every position of `ids` in one batched prefill: float32 [len(ids), V]."""
         ids = self._check_ids(ids)
         t = _round_up(len(ids), _PROMPT_BUCKET)
-        tokens = np.zeros((1, t), np.int32)
-        tokens[0, : len(ids)] = ids
-        cache = self._new_cache(1, t)
-        logits, _ = _prefill(self.params, tokens, np.array([len(ids)], np.int32), cache, config=self.config,
+        b = self.batch_multiple  # the data axis needs a row per shard: the extra rows repeat this one
+        tokens = np.zeros((b, t), np.int32)
+        tokens[:, : len(ids)] = ids
+        cache = self._new_cache(b, t)
+        logits, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), cache, config=self.config,
                              policy=self.policy, all_logits=True)
         return np.asarray(logits[0, : len(ids)], np.float32)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Batches are padded to a multiple of this: the size of the mesh's data axis (1 without a mesh)."""
+        return 1 if self.mesh is None else int(dict(self.mesh.shape).get("data", 1))
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
         cache = init_cache(self.config, batch, length, self.policy.kv)
@@ -251,6 +257,10 @@ class _Generation:
                 f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
                 f"of {config.context_length} tokens")
         self.model, self.sampling = model, sampling
+        # Data parallelism splits the batch over the mesh's data axis: pad it with copies of the first prompt
+        # (their outputs are dropped) to a multiple of that axis.
+        self.n = len(prompts)
+        prompts = prompts + [prompts[0]] * (-len(prompts) % model.batch_multiple)
         b, t = len(prompts), _round_up(longest, _PROMPT_BUCKET)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.array([len(p) for p in prompts], np.int32)
@@ -267,10 +277,10 @@ class _Generation:
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
         first = _sample_first(logits.astype(jnp.float32), step_keys(self.key, 0), jnp.asarray(recent),
                               sampling.scalars, sampling=sampling.static)
-        self.done = jnp.isin(first, self.stop_ids)
+        self.done = jnp.isin(first, self.stop_ids) | (np.arange(b) >= self.n)  # padding rows start done
         self.recent = _push(jnp.asarray(recent), first)
         self.token, self.pos = first, jnp.asarray(lengths)
-        self.first = np.asarray(first)[:, None]
+        self.first = np.asarray(first)[: self.n, None]
         self.produced, self.max_new_tokens = 1, max_new_tokens
 
     @property
@@ -279,11 +289,12 @@ class _Generation:
 
     @property
     def finished(self) -> bool:
-        return self.remaining <= 0 or bool(jnp.all(self.done))
+        return self.remaining <= 0 or bool(jnp.all(self.done[: self.n]))
 
     def stop_rows(self, rows: Sequence[bool]) -> None:
         """End the sequences flagged in `rows` (e.g. a stop string seen on the host)."""
-        self.done = self.done | jnp.asarray(rows, bool)
+        rows = np.asarray(rows, bool)
+        self.done = self.done | jnp.asarray(np.pad(rows, (0, self.done.shape[0] - len(rows))))
 
     def step(self, n: int) -> np.ndarray:
         """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
@@ -294,7 +305,7 @@ class _Generation:
             self.stop_ids, jnp.int32(n), self.sampling.scalars, config=m.config, policy=m.policy,
             sampling=self.sampling.static, n_steps=bucket)
         self.produced += n
-        return np.asarray(out)[:, :n]
+        return np.asarray(out)[: self.n, :n]
 
 
 class _TextCollector:
@@ -358,8 +369,8 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
       path: the GGUF file (llama, mistral, qwen2 or gemma3 architecture).
       policy: a `Policy`, a string such as "bf16" or "params=f32,compute=bf16", or None for the device's
         automatic choice.
-      mesh: a `realm_jax.distributed.make_mesh(model=n)` mesh to split the model over n devices (tensor
-        parallelism); its data and stage axes must be 1 in this version.
+      mesh: a `realm_jax.distributed.make_mesh(data=d, model=m)` mesh: the model split over m devices
+        (tensor parallelism), batches over d (data parallelism); its stage axis must be 1 in this version.
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
     Returns:
@@ -369,9 +380,9 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         from realm_jax.distributed import mesh_shape
 
         shape = mesh_shape(mesh)
-        if shape.data > 1 or shape.stage > 1:
-            raise RealmError(f"load(mesh=...): only tensor parallelism (the model axis) is available in this "
-                             f"version; got data={shape.data}, stage={shape.stage}")
+        if shape.stage > 1:
+            raise RealmError(f"load(mesh=...): pipeline parallelism (the stage axis) is not available in this "
+                             f"version; got stage={shape.stage}")
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)

@@ -1,7 +1,7 @@
-"""Tensor parallelism on 8 simulated CPU devices, in a subprocess (the device count is fixed when JAX starts,
-so it cannot change inside the pytest process): logits match the single-device run within the f32
-tolerance and greedy generations are identical; KV heads fewer than the degree are replicated; query heads
-fewer than the degree are refused with a clear error; impossible meshes are refused."""
+"""Tensor, data and hybrid parallelism on 8 simulated CPU devices, in a subprocess (the device count is fixed
+when JAX starts, so it cannot change inside the pytest process): logits match the single-device run within
+the f32 tolerance and greedy generations are identical; KV heads fewer than the degree are replicated; query
+heads fewer than the degree are refused with a clear error; impossible meshes are refused."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ SCRIPT = textwrap.dedent("""
                         "greedy_same": m.generate_ids([ids], max_new_tokens=12) == greedy,
                         "wq_shard_rows": int(wq.addressable_shards[0].data.shape[1])}
         out[path] = rows
+    path = sys.argv[1]
+    prompts = ["The history of computing", "Once upon a time, in a small village", "def fibonacci(n):"]
+    ref = realm_jax.load(path, policy="f32", progress=False)
+    want = ref.generate(prompts, max_new_tokens=8)
+    ids = ref.tokenizer.encode(prompts[1])
+    logits = ref.logits(ids)
+    batch = {}
+    for data, model in ((2, 1), (4, 1), (8, 1), (2, 2), (4, 2)):
+        m = realm_jax.load(path, policy="f32", progress=False,
+                           mesh=make_mesh(data=data, model=model, devices=jax.devices()[: data * model]))
+        batch[f"{data}x{model}"] = {"same_text": m.generate(prompts, max_new_tokens=8) == want,
+                                    "max_diff": float(np.abs(m.logits(ids) - logits).max()),
+                                    "scale": float(np.abs(logits).max())}
+    out["batch"] = batch
     print(json.dumps(out))
 """)
 
@@ -72,6 +86,14 @@ def test_more_shards_than_query_heads_is_refused(tp_results):
         assert error.startswith("ShardingError") and "4 query heads" in error and "model axis of 8" in error
 
 
+@pytest.mark.parametrize("mesh", ["2x1", "4x1", "8x1", "2x2", "4x2"])
+def test_data_and_hybrid_parallel_batches_match(tp_results, mesh):
+    """data x model meshes: a batch of 3 prompts (padded to the data axis) gives the single-device texts."""
+    row = tp_results[0]["batch"][mesh]
+    assert row["same_text"], row
+    assert row["max_diff"] <= 1e-5 * row["scale"] * 8, row
+
+
 def test_impossible_meshes():
     import jax
 
@@ -83,7 +105,7 @@ def test_impossible_meshes():
         make_mesh(model=2, devices=jax.devices()[:1])
     with pytest.raises(MeshError, match="model=0"):
         make_mesh(model=0)
-    with pytest.raises(realm_jax.RealmError, match="only tensor parallelism"):
+    with pytest.raises(realm_jax.RealmError, match="pipeline parallelism"):
         realm_jax.load(reference_dir().parent / "synthetic" / "llama-k-q8_0.gguf", mesh=_two_stage_mesh())
 
 

@@ -1,8 +1,9 @@
 """Distributed inference: meshes over data / stage / model, and the sharding rules.
 
-Available: tensor parallelism over the `model` axis of one mesh of local devices
-(`realm_jax.load(path, mesh=make_mesh(model=4))`). Pipeline (`stage`), data parallelism and several hosts
-are not available yet: a mesh with stage or data > 1 is refused with a clear error.
+Available on one mesh of local devices: tensor parallelism over `model` and data parallelism over `data`
+(batches padded to a multiple of it), alone or together (`realm_jax.load(path, mesh=make_mesh(data=2,
+model=4))`). Pipeline parallelism (`stage`) and several hosts are not available yet: a mesh with stage > 1
+is refused with a clear error.
 """
 
 from realm_jax.distributed.mesh import AXES, MeshShape, make_mesh, mesh_shape
