@@ -35,6 +35,7 @@ __all__ = [
     "TokenIdError",
     "MeshError",
     "ShardingError",
+    "CollectiveError",
 ]
 
 
@@ -153,3 +154,7 @@ class MeshError(RealmError):
 
 class ShardingError(RealmError):
     """A model cannot be split over a mesh as asked (e.g. fewer query heads than the tensor-parallel degree)."""
+
+
+class CollectiveError(RealmError, ValueError):
+    """A collective's arguments are invalid (an unknown reduction, for instance)."""

@@ -117,3 +117,51 @@ def _two_stage_mesh():
 
     devices = np.array([jax.devices()[0]] * 2, dtype=object).reshape(1, 2, 1)
     return Mesh(devices, ("data", "stage", "model"))
+
+
+COLLECTIVES = textwrap.dedent("""
+    import json
+    import numpy as np
+    from realm_jax.distributed import all_reduce, broadcast, gather, make_mesh, scatter
+    mesh = make_mesh(data=2, model=4)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    s = scatter(np.arange(8, dtype=np.float32), mesh, "model")
+    print(json.dumps({
+        "sum": np.asarray(all_reduce(x, mesh, "model")).tolist(),
+        "max": np.asarray(all_reduce(x, mesh, "model", op="max")).tolist(),
+        "mean_data": np.asarray(all_reduce(np.array([[1.0], [3.0]], np.float32), mesh, "data", op="mean")).tolist(),
+        "broadcast": np.asarray(broadcast(x, mesh, "model", root=2)).tolist(),
+        "gather": np.asarray(gather(x, mesh, "model")).tolist(),
+        "scatter_shards": sorted({tuple(sh.data.tolist()) for sh in s.addressable_shards}),
+    }))
+""")
+
+
+def test_collectives_over_a_named_axis():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", COLLECTIVES], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    x = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert got["sum"] == [18, 22, 26] and got["max"] == [9, 10, 11] and got["mean_data"] == [2.0]
+    assert got["broadcast"] == [x[2]] * 4 and got["gather"] == x
+    assert got["scatter_shards"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_collective_argument_errors():
+    import jax
+    import numpy as np
+
+    from realm_jax.distributed import all_reduce, broadcast, make_mesh, scatter
+    from realm_jax.errors import CollectiveError, MeshError, ShapeMismatchError
+
+    mesh = make_mesh(model=1, devices=jax.devices()[:1])
+    with pytest.raises(CollectiveError, match="op='prod'"):
+        all_reduce(np.ones((1, 2)), mesh, "model", op="prod")
+    with pytest.raises(MeshError, match="'tensor' is not an axis"):
+        all_reduce(np.ones((1, 2)), mesh, "tensor")
+    with pytest.raises(ShapeMismatchError, match="leading dim of 1"):
+        all_reduce(np.ones((3, 2)), mesh, "model")
+    with pytest.raises(MeshError, match="root=1"):
+        broadcast(np.ones((1, 2)), mesh, "model", root=1)
+    assert np.asarray(scatter(np.ones((2, 2)), mesh, "model")).shape == (2, 2)
