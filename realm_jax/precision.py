@@ -128,24 +128,19 @@ class Policy:
         return cast_floating(tree, self.output)
 
 
-_DENSE = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
-
-
 def cast_floating(tree, dtype):
     """Cast the floating leaves of a pytree to `dtype`; everything else passes untouched.
 
     Quantized QTensors are never cast (their f16 scales are part of the format); a dense QTensor (F32, F16,
     BF16) becomes the dense format of `dtype`. Integer and boolean arrays stay as they are.
     """
-    from realm_jax.quant import QTensor
+    from realm_jax.quant import DENSE_FORMATS, QTensor, to_dense
 
     dtype = _dtype(dtype, "dtype")
 
     def cast(leaf):
         if isinstance(leaf, QTensor):
-            if leaf.fmt not in _DENSE.values():
-                return leaf
-            return QTensor(_DENSE[dtype], leaf.shape, {"w": jnp.asarray(leaf.planes["w"]).astype(dtype)})
+            return to_dense(leaf, dtype) if leaf.fmt in DENSE_FORMATS.values() else leaf
         if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.asarray(leaf).astype(dtype)
         return leaf

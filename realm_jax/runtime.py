@@ -27,7 +27,7 @@ from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
 from realm_jax.precision import Policy, resolve_policy
-from realm_jax.quant import QTensor, dequantize
+from realm_jax.quant import QTensor, to_dense
 from realm_jax.sampling import SamplingConfig, sample, step_keys
 from realm_jax.tokenizer import Tokenizer
 
@@ -37,7 +37,6 @@ _PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: fewer shapes to
 _CACHE_BUCKET = 256
 _STREAM_CHUNK = 1  # tokens per dispatch while streaming
 _STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
-_DENSE_FORMAT = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
 
 
 def _round_up(n: int, m: int) -> int:
@@ -45,9 +44,8 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _densify(dtype):
-    """On CPU the XLA path would dequantize every weight on every call: convert once at load instead."""
-    fmt = _DENSE_FORMAT[jnp.dtype(dtype)]
-    return lambda qt: QTensor(fmt, qt.shape, {"w": dequantize(qt, dtype)})
+    """The XLA path would dequantize every weight on every call: convert once at load instead."""
+    return lambda qt: to_dense(qt, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits"), donate_argnames=("cache",))

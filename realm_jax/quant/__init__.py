@@ -6,6 +6,7 @@ kernels share, and the quantizer.
 """
 
 from realm_jax.quant.formats import (
+    DENSE_FORMATS,
     FORMATS,
     concat_rows,
     dequantize,
@@ -14,11 +15,13 @@ from realm_jax.quant.formats import (
     get_format,
     quantize,
     repack,
+    to_dense,
     unpack,
 )
 from realm_jax.quant.qtensor import Field, Format, QTensor
 
 __all__ = [
+    "DENSE_FORMATS",
     "FORMATS",
     "Field",
     "Format",
@@ -30,5 +33,6 @@ __all__ = [
     "get_format",
     "quantize",
     "repack",
+    "to_dense",
     "unpack",
 ]

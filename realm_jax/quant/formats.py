@@ -12,10 +12,12 @@ from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, Unsup
 from realm_jax.quant import floats, kquants, legacy
 from realm_jax.quant.qtensor import Format, QTensor
 
-__all__ = ["FORMATS", "concat_rows", "dequantize", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
+__all__ = ["DENSE_FORMATS", "FORMATS", "concat_rows", "dequantize", "to_dense", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
            "repack", "unpack"]
 
 FORMATS: dict[str, Format] = {f.name: f for f in floats.FORMATS + legacy.FORMATS + kquants.FORMATS}
+# The unquantized format that holds each float dtype.
+DENSE_FORMATS = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
 _BY_GGML_TYPE: dict[int, Format] = {f.ggml_type: f for f in FORMATS.values()}
 
 
@@ -110,6 +112,14 @@ def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
     if not jnp.issubdtype(dtype, jnp.floating):
         raise DTypeError(f"dequantize: dtype={dtype} must be a floating dtype")
     return _dequantize(qt, dtype)
+
+
+def to_dense(qt: QTensor, dtype) -> QTensor:
+    """`qt` in the dense format of `dtype` (F32, F16 or BF16): its values dequantized, or just cast."""
+    dtype = jnp.dtype(dtype)
+    if dtype not in DENSE_FORMATS:
+        raise DTypeError(f"to_dense: dtype={dtype} must be float32, float16 or bfloat16")
+    return QTensor(DENSE_FORMATS[dtype], qt.shape, {"w": dequantize(qt, dtype)})
 
 
 def quantize(x, fmt: str) -> QTensor:
