@@ -21,7 +21,7 @@ __all__ = ["attention", "embed", "qmatmul", "rms_norm", "rope"]
 _FLOATS = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
-def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None) -> jax.Array:
+def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None, impl: str = "auto") -> jax.Array:
     """y = x @ dequant(w)^T with f32 accumulation.
 
     Args:
@@ -30,6 +30,9 @@ def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None) -> 
       compute_dtype: the dtype the weight is dequantized to and x is cast to before the dot; defaults
         to x.dtype. Accumulation is f32 whatever it is.
       out_dtype: the dtype of y; defaults to x.dtype.
+      impl: "xla" (dequantize with jnp, then a dot), "pallas" (the fused kernels of `pallas_kernels`;
+        on CPU in interpret mode) or "auto": the kernels on GPU and TPU, the XLA path on CPU. Dense
+        weights (F32/F16/BF16) take the plain dot whatever `impl` says.
 
     Returns:
       [B..., N] in out_dtype.
@@ -49,7 +52,26 @@ def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None) -> 
     for name, dt in (("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
         if dt not in _FLOATS:
             raise DTypeError(f"qmatmul: {name}={dt} must be one of float32, float16, bfloat16")
+    if impl not in _IMPLS:
+        raise ValueError(f"qmatmul: impl={impl!r} must be one of {', '.join(_IMPLS)}")
+    platform = jax.default_backend()
+    if impl == "auto":
+        impl = "xla" if platform == "cpu" else "pallas"
+    if impl == "pallas" and w.format.block_size > 1:
+        return _qmatmul_pallas(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
     return _qmatmul_xla(x, w, compute_dtype, out_dtype)
+
+
+_IMPLS = ("auto", "pallas", "xla")
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))
+def _qmatmul_pallas(x: jax.Array, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+    import pallas_kernels
+
+    rows = x.reshape(-1, x.shape[-1])
+    y = pallas_kernels.matmul(rows, w, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)
+    return y.reshape(*x.shape[:-1], -1)
 
 
 _FEW_ROWS = 16  # up to this many rows of x (decode), the weight goes on the left of the dot

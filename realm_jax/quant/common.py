@@ -37,8 +37,11 @@ def true_div(a, b):
 
 def split_nibbles(q: jax.Array, group: int) -> jax.Array:
     """uint8 [..., n*group] -> [..., n, 2*group]: each group's low nibbles, then its high nibbles."""
-    q = q.reshape(*q.shape[:-1], -1, group)
-    return jnp.stack([q & 0xF, q >> 4], axis=-2).reshape(*q.shape[:-2], q.shape[-2], 2 * group)
+    # A broadcast shift rather than a stack: kernels lower it on every backend (Triton stacks only on the
+    # last axis).
+    q = q.reshape(*q.shape[:-1], -1, 1, group)
+    shifts = (4 * jnp.arange(2, dtype=jnp.uint8))[:, None]  # [2, 1]
+    return ((q >> shifts) & 0xF).reshape(*q.shape[:-3], q.shape[-3], 2 * group)
 
 
 def join_nibbles(q: jax.Array, group: int) -> jax.Array:

@@ -113,7 +113,7 @@ def tile_q6_k(p, *, exact: bool = False) -> jax.Array:
     del exact  # products only: nothing to contract
     low = split_nibbles(p["ql"], 64)  # [..., n*2, 128]
     qh = p["qh"].reshape(*p["qh"].shape[:-1], -1, 1, 32)
-    high = (qh >> jnp.array([0, 2, 4, 6], dtype=jnp.uint8)[:, None]) & 3  # [..., n*2, 4, 32]
+    high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., n*2, 4, 32]
     q = (low | (high.reshape(*high.shape[:-2], 128) << 4)).astype(jnp.int8) - 32
     q = q.reshape(*p["ql"].shape[:-1], -1, 16, 16).astype(jnp.float32)
     return _flatten(_per_sub(p["d"], p["scales"], 16) * q)
