@@ -160,3 +160,16 @@ def test_kernel_argument_errors(rng):
     with pytest.raises(ValueError, match="backend='cuda'"):
         pallas_kernels.matmul(x, random_qtensor("Q4_K", 8, 256, rng), compute_dtype=jnp.float32,
                               out_dtype=jnp.float32, backend="cuda", interpret=True)
+
+
+ON_DEVICE = jax.default_backend() in ("gpu", "tpu")
+
+
+@pytest.mark.skipif(not ON_DEVICE, reason="compiled kernels need a GPU or TPU (CPU runs them in interpret mode above)")
+@pytest.mark.parametrize("fmt", QUANTIZED_FORMATS)
+def test_compiled_on_device(fmt, rng):
+    backends = ["tpu"] if jax.default_backend() == "tpu" else [b for b in pallas_kernels.BACKENDS if b != "tpu"]
+    w = random_qtensor(fmt, 1000, 4096, rng)
+    for m, compute_dtype, backend in itertools.product((1, 7, 16, 256), DTYPES, backends):
+        x = jnp.asarray(rng.standard_normal((m, 4096)), jnp.float32)
+        check_against_xla(x, w, compute_dtype, jnp.float32, interpret=False, backend=backend)

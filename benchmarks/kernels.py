@@ -1,0 +1,200 @@
+"""Fused dequant-matmul kernels against their peers on the same device, in one run.
+
+For each format, weight shape (N, K) and number of rows M it times:
+  pallas[BACKEND]  the fused kernel (pallas_kernels; on CPU the TPU kernel in interpret mode, which is a
+                   correctness tool, not a speed: its column is reported but means nothing there)
+  xla              realm_jax.ops.qmatmul(impl="xla"): dequantize with jnp, then a dot
+  dense_bf16       jnp.dot on the weight dequantized to bf16 beforehand (the dense peer)
+and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
+quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time) and % of the dense
+bf16 rate at the same shape.
+
+    python benchmarks/kernels.py                 # CPU: small shapes; GPU/TPU: the full set
+    python benchmarks/kernels.py --full --formats Q4_K,Q8_0 --m 1,512 --json out.json --markdown out.md
+
+Timing: a warm-up call, then `--reps` calls dispatched back to back and one sync, median of `--runs` such
+batches. Weights rotate through enough copies to exceed a 64 MiB last-level cache, so decode rows measure
+device memory, not cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pallas_kernels  # noqa: E402
+from realm_jax.ops import qmatmul  # noqa: E402
+from realm_jax.quant import QTensor, dequantize, get_format  # noqa: E402
+
+# (N, K): square 4096, the projections of an 8B llama (q/o, k/v, gate/up, down).
+FULL_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+FULL_M = [1, 8, 16, 128, 512, 2048]
+SMALL_SHAPES = [(1024, 1024), (1024, 4096)]
+SMALL_M = [1, 16, 128]
+FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
+CACHE_BYTES = 64 << 20
+
+
+def random_weight(fmt: str, n: int, k: int, key) -> QTensor:
+    """Random planes generated on the device: uniform bits, small positive-and-negative scales."""
+    f = get_format(fmt)
+    planes = {}
+    for i, p in enumerate(f.planes):
+        shape, sub = (n, k // f.block_size * p.count), jax.random.fold_in(key, i)
+        dt = jnp.dtype(p.dtype)
+        if jnp.issubdtype(dt, jnp.floating):
+            planes[p.name] = (0.02 * jax.random.normal(sub, shape, jnp.float32)).astype(dt)
+        else:
+            bits = jax.random.bits(sub, shape, jnp.uint32 if dt.itemsize == 4 else jnp.uint8)
+            planes[p.name] = jax.lax.bitcast_convert_type(bits, dt) if dt.itemsize == 1 else bits.astype(dt)
+    if fmt in ("Q4_K", "Q5_K"):  # 6-bit scales and mins
+        planes["scales"], planes["mins"] = planes["scales"] & 63, planes["mins"] & 63
+    return QTensor(fmt, (n, k), planes)
+
+
+def weight_bytes(w: QTensor) -> int:
+    return sum(int(np.prod(p.shape)) * jnp.dtype(p.dtype).itemsize for p in w.planes.values())
+
+
+def time_call(fn, args_list, reps: int, runs: int) -> float:
+    """Median seconds per call; `args_list` rotates through copies of the inputs."""
+    jax.block_until_ready(fn(*args_list[0]))
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = [fn(*args_list[i % len(args_list)]) for i in range(reps)]
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - start) / reps)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(nbytes: int, reps: int, runs: int) -> float:
+    """Bytes per second of a device copy (bytes read + bytes written)."""
+    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    fn = jax.jit(lambda a: -a)
+    return 2 * nbytes / time_call(fn, [(x,)], reps, runs)
+
+
+def backends_for(platform_name: str) -> list[str]:
+    if platform_name == "gpu":
+        return [b for b in pallas_kernels.BACKENDS if b != "tpu"]
+    return ["tpu"]  # the TPU kernel, on CPU in interpret mode
+
+
+def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
+    w0 = random_weight(fmt, n, k, key)
+    wbytes = weight_bytes(w0)
+    copies = max(1, min(8, -(-CACHE_BYTES // wbytes)))
+    ws = [w0] + [random_weight(fmt, n, k, jax.random.fold_in(key, 1000 + i)) for i in range(copies - 1)]
+    dense = [dequantize(w, jnp.bfloat16) for w in ws]  # [N, K] bf16
+    rows = []
+    for m in ms:
+        x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
+        impls = {
+            "xla": (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="xla")), [(x, w) for w in ws]),
+            "dense_bf16": (jax.jit(lambda a, b: jnp.dot(a, b.T, preferred_element_type=jnp.float32).astype(a.dtype)),
+                           [(x, d) for d in dense]),
+        }
+        for b in backends:
+            fn = jax.jit(functools.partial(pallas_kernels.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
+                                           backend=b, interpret=interpret))
+            impls[f"pallas[{b}]"] = (fn, [(x, w) for w in ws])
+        for name, (fn, args) in impls.items():
+            seconds = time_call(fn, args, reps, runs)
+            rows.append({"format": fmt, "m": m, "n": n, "k": k, "impl": name, "us": seconds * 1e6,
+                         "weight_bytes": wbytes, "interpret": interpret and name.startswith("pallas")})
+    return rows
+
+
+def add_ratios(rows, copy_bps):
+    dense = {(r["format"], r["m"], r["n"], r["k"]): r["us"] for r in rows if r["impl"] == "dense_bf16"}
+    for r in rows:
+        seconds = r["us"] * 1e-6
+        r["weight_gbps"] = r["weight_bytes"] / seconds / 1e9
+        r["pct_copy_bw"] = 100 * r["weight_bytes"] / seconds / copy_bps
+        r["tflops"] = 2 * r["m"] * r["n"] * r["k"] / seconds / 1e12
+        r["pct_dense_bf16"] = 100 * dense[(r["format"], r["m"], r["n"], r["k"])] / r["us"]
+
+
+def markdown(rows, meta) -> str:
+    lines = [f"Device: {meta['device']} ({meta['platform']}); copy bandwidth {meta['copy_gbps']:.0f} GB/s; "
+             f"jax {meta['jax']}; commit {meta['commit']}; {meta['date']}; `{meta['command']}`", "",
+             "| format | M | N | K | impl | us | weight GB/s | % copy BW | TFLOP/s | % dense bf16 |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        impl = r["impl"] + (" (interpret)" if r["interpret"] else "")
+        lines.append(f"| {r['format']} | {r['m']} | {r['n']} | {r['k']} | {impl} | {r['us']:.1f} | "
+                     f"{r['weight_gbps']:.1f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.3f} | {r['pct_dense_bf16']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--full", action="store_true", help="the full shape set (default on GPU/TPU)")
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--m", help="rows of x, comma-separated (default: the set for the device)")
+    ap.add_argument("--reps", type=int, default=None, help="calls per timed batch")
+    ap.add_argument("--runs", type=int, default=5, help="timed batches (the median is reported)")
+    ap.add_argument("--json", type=pathlib.Path, help="write every row and the run's metadata here")
+    ap.add_argument("--markdown", type=pathlib.Path, help="write the table here")
+    args = ap.parse_args(argv)
+
+    plat = jax.default_backend()
+    interpret = plat == "cpu"
+    full = args.full or not interpret
+    shapes, ms = (FULL_SHAPES, FULL_M) if full else (SMALL_SHAPES, SMALL_M)
+    if args.m:
+        ms = [int(v) for v in args.m.split(",")]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for fmt in formats:
+        if fmt not in pallas_kernels.QUANTIZED_FORMATS:
+            ap.error(f"--formats: {fmt!r} has no fused kernel; choose from {', '.join(pallas_kernels.QUANTIZED_FORMATS)}")
+    reps = args.reps or (3 if interpret else 20)
+    copy_bps = copy_bandwidth((256 if interpret else 1024) << 20, reps, args.runs)
+    meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__, "commit": commit(),
+            "date": datetime.date.today().isoformat(), "host": platform.node(), "copy_gbps": copy_bps / 1e9,
+            "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(f"{meta['device']}: copy {copy_bps / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    key = jax.random.key(0)
+    for fmt in formats:
+        for n, k in shapes:
+            rows += bench_shape(fmt, n, k, ms, backends=backends_for(plat), interpret=interpret, reps=reps,
+                                runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
+            print(f"  {fmt} {n}x{k} done", flush=True)
+    add_ratios(rows, copy_bps)
+    table = markdown(rows, meta)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
