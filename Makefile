@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := dev,model,notebooks
 
-.PHONY: setup run test test-all llama bench clean
+.PHONY: setup run test test-all llama bench device-wheels clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ llama: setup
 
 bench: setup
 	$(PY) benchmarks/gguf_open.py
+
+# Wheels of the dependencies a lent GPU machine lacks (it has jax, numpy, pytest, no network), for
+# scripts/device_checks.sh; .whl/ is ignored by git and carried by the device tool.
+device-wheels: setup
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl gguf tqdm jinja2 markupsafe tokenizers pyyaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache
