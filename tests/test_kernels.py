@@ -16,7 +16,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import pallas_kernels
 import realm_jax
-from pallas_kernels import QUANTIZED_FORMATS, TpuTiling, TritonTiling, choose_tiling
+from pallas_kernels import QUANTIZED_FORMATS, TpuTiling, choose_tiling
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 from helpers import matmul_tolerance, random_qtensor
