@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from realm_jax.errors import ContextLengthError, MetadataError, RealmError, SamplingError, TokenIdError
+from realm_jax.errors import ContextLengthError, MetadataError, SamplingError, ShardingError, TokenIdError
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
-from realm_jax.models.transformer import KVCache, forward, init_cache, stack_layers
+from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor, to_dense
 from realm_jax.sampling import SamplingConfig, sample, step_keys
@@ -48,12 +48,17 @@ def _densify(dtype):
     return lambda qt: to_dense(qt, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool):
+def _layer_stack(pipeline):
+    """The layer stack's runner: one device group, or a pipeline over the mesh's stages."""
+    return run_layers if pipeline is None else pipeline.run_layers
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits", "pipeline"), donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool, pipeline=None):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_logits else lengths - 1,
-                   kv_len=t)
+                   kv_len=t, layer_stack=_layer_stack(pipeline))
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
@@ -66,9 +71,10 @@ def _push(recent, tokens):
     return jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps", "pipeline"),
+                   donate_argnames=("cache",))
 def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, limit, scalars, *,
-            config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int):
+            config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int, pipeline=None):
     """Up to `limit` (<= n_steps, traced) decode steps. token [B] (sampled, not yet fed) at positions pos [B];
     done [B]. n_steps is a bucket: generations of different lengths share one compilation.
 
@@ -83,7 +89,7 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
     def body(state):
         step, out, cache_, token_, pos_, recent_, done_, key_ = state
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
-                                 last=jnp.zeros((b,), jnp.int32))
+                                 last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline))
         logits = logits.astype(jnp.float32)
         nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
@@ -100,11 +106,17 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
 
 
 class Model:
-    """A loaded model: config, params on the device, tokenizer and precision policy."""
+    """A loaded model: config, params on the device, tokenizer and precision policy; with a mesh whose stage
+    axis is > 1, `pipeline` (a `realm_jax.distributed.pipeline.Pipeline`) runs the layers over the stages."""
 
     def __init__(self, path: pathlib.Path, metadata: dict[str, Any], config: ModelConfig, params: dict[str, Any],
                  tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None):
         self.mesh = mesh
+        self.pipeline = None
+        if mesh is not None and int(dict(mesh.shape).get("stage", 1)) > 1:
+            from realm_jax.distributed.pipeline import Pipeline
+
+            self.pipeline = Pipeline(mesh)
         self.path = path
         self.metadata = metadata
         self.config = config
@@ -127,7 +139,7 @@ class Model:
         tokens[:, : len(ids)] = ids
         cache = self._new_cache(b, t)
         logits, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), cache, config=self.config,
-                             policy=self.policy, all_logits=True)
+                             policy=self.policy, all_logits=True, pipeline=self.pipeline)
         return np.asarray(logits[0, : len(ids)], np.float32)
 
     @property
@@ -136,7 +148,8 @@ class Model:
         return 1 if self.mesh is None else int(dict(self.mesh.shape).get("data", 1))
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
-        cache = init_cache(self.config, batch, length, self.policy.kv)
+        layers = None if self.pipeline is None else self.pipeline.cache_layers(self.params["layers"])
+        cache = init_cache(self.config, batch, length, self.policy.kv, layers)
         if self.mesh is None:
             return cache
         from realm_jax.distributed import cache_sharding
@@ -269,7 +282,7 @@ class _Generation:
             recent[i, recent.shape[1] - len(tail) :] = tail
         cache = model._new_cache(b, _round_up(t + max_new_tokens, _CACHE_BUCKET))
         logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
-                                      all_logits=False)
+                                      all_logits=False, pipeline=model.pipeline)
         # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
         self.key = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
@@ -301,7 +314,7 @@ class _Generation:
         out, self.cache, self.token, self.pos, self.recent, self.done = _decode(
             m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
             self.stop_ids, jnp.int32(n), self.sampling.scalars, config=m.config, policy=m.policy,
-            sampling=self.sampling.static, n_steps=bucket)
+            sampling=self.sampling.static, n_steps=bucket, pipeline=m.pipeline)
         self.produced += n
         return np.asarray(out)[: self.n, :n]
 
@@ -360,15 +373,17 @@ class _TextCollector:
 
 
 def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: Mesh | None = None,
-         progress: bool | None = None) -> Model:
+         split_by: str = "bytes", progress: bool | None = None) -> Model:
     """Load a GGUF model.
 
     Args:
       path: the GGUF file (llama, mistral, qwen2 or gemma3 architecture).
       policy: a `Policy`, a string such as "bf16" or "params=f32,compute=bf16", or None for the device's
         automatic choice.
-      mesh: a `realm_jax.distributed.make_mesh(data=d, model=m)` mesh: the model split over m devices
-        (tensor parallelism), batches over d (data parallelism); its stage axis must be 1 in this version.
+      mesh: a `realm_jax.distributed.make_mesh(data=d, stage=s, model=m)` mesh: the layer stack split over
+        s pipeline stages, each layer over m devices (tensor parallelism), batches over d (data parallelism).
+      split_by: how the layers are cut into the mesh's stages: "bytes" (each stage's params as equal as a
+        contiguous split allows) or "layers" (equal layer counts); see `distributed.create_model_shards`.
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
     Returns:
@@ -377,10 +392,11 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     if mesh is not None:
         from realm_jax.distributed import mesh_shape
 
-        shape = mesh_shape(mesh)
-        if shape.stage > 1:
-            raise RealmError(f"load(mesh=...): pipeline parallelism (the stage axis) is not available in this "
-                             f"version; got stage={shape.stage}")
+        mesh_shape(mesh)  # unknown axes are an error before the file is read
+    from realm_jax.distributed.pipeline import BY
+
+    if split_by not in BY:
+        raise ShardingError(f"load: split_by={split_by!r} must be one of {BY}")
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)
@@ -391,7 +407,7 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     if tokenizer.vocab_size != config.vocab_size:
         raise MetadataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
                             f"{config.vocab_size} rows")
-    params = prepare_params(config, tensors, str(path), policy, device, mesh)
+    params = prepare_params(config, tensors, str(path), policy, device, mesh, split_by=split_by)
     return Model(path, metadata, config, params, tokenizer, policy, mesh)
 
 
@@ -407,13 +423,23 @@ def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, 
 
 
 def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
-                   device: jax.Device | None = None, mesh=None) -> dict[str, Any]:
-    """`build_params`, on `device`, or split over `mesh` by the sharding rules."""
+                   device: jax.Device | None = None, mesh=None, *, split_by: str = "bytes") -> dict[str, Any]:
+    """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
+    layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
         return jax.device_put(build_params(config, tensors, source, policy), device)
     from realm_jax.distributed import shard_params
+    from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 
-    return shard_params(build_params(config, tensors, source, policy, fuse=False), config, mesh, source)
+    params = build_params(config, tensors, source, policy, fuse=False)
+    stages = int(dict(mesh.shape).get("stage", 1))
+    if stages > 1:
+        try:
+            shards = create_model_shards(params, stages, by=split_by)
+        except ShardingError as e:
+            raise ShardingError(f"{source}: {e}") from None
+        params["layers"] = stage_layers(params["layers"], shards)
+    return shard_params(params, config, mesh, source)
 
 
 def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None) -> dict[str, Any]:

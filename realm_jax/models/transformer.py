@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,8 +37,9 @@ class KVCache:
         return self.k.shape[2]
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shape = (config.n_layers, batch, length, config.n_kv_heads)
+def init_cache(config: ModelConfig, batch: int, length: int, dtype, layers: int | None = None) -> KVCache:
+    """A zero cache; `layers` (default: the model's) is the pipeline's slot count when it differs."""
+    shape = (config.n_layers if layers is None else layers, batch, length, config.n_kv_heads)
     return KVCache(jnp.zeros((*shape, config.head_dim), dtype), jnp.zeros((*shape, config.v_head_dim), dtype))
 
 
@@ -104,9 +106,10 @@ def _projections(config: ModelConfig, p: dict[str, Any], h, dtype):
 
 
 def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local, *,
-           policy: Policy, kv_len: int):
+           policy: Policy, kv_len: int, row=None):
     """One decoder layer on the f32 residual x [B, T, D] at positions [B, T], dtypes from `policy`.
-    Writes this step's keys/values into the cache and attends over its first kv_len positions."""
+    Writes this step's keys/values into cache slot `layer` and attends over its first kv_len positions.
+    `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the whole cache batch."""
     b, t, _ = x.shape
     eps, dtype = config.norm_eps, policy.compute
     norm = functools.partial(ops.rms_norm, eps=eps, dtype=policy.norm)
@@ -122,9 +125,17 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
 
     # Write this step's keys/values at each sequence's own offset, then attend over the cache.
     write = jax.vmap(lambda c, new, start: lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
-    ck = write(cache.k[layer], k.astype(cache.k.dtype), positions[:, 0])
-    cv = write(cache.v[layer], v.astype(cache.v.dtype), positions[:, 0])
-    cache = KVCache(cache.k.at[layer].set(ck), cache.v.at[layer].set(cv))
+    if row is None:
+        ck, cv = cache.k[layer], cache.v[layer]
+    else:
+        ck, cv = (lax.dynamic_slice_in_dim(c[layer], row, b, axis=0) for c in (cache.k, cache.v))
+    ck = write(ck, k.astype(cache.k.dtype), positions[:, 0])
+    cv = write(cv, v.astype(cache.v.dtype), positions[:, 0])
+    if row is None:
+        cache = KVCache(cache.k.at[layer].set(ck), cache.v.at[layer].set(cv))
+    else:
+        cache = KVCache(*(lax.dynamic_update_slice(c, new[None], (layer, row, 0, 0, 0))
+                          for c, new in ((cache.k, ck), (cache.v, cv))))
 
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
                          scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores)
@@ -145,8 +156,53 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     return x + down, cache
 
 
+def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, slots, layer_ids, *, policy: Policy,
+                kv_len: int, row=None, skip=None):
+    """Run one stack of layers (leaves stacked [n, ...]) over x with `lax.scan`.
+
+    Args:
+      slots: [n] the cache slot of each layer; layer_ids: [n] its index in the model (numpy or traced), which
+        picks its RoPE frequencies and sliding-window flag.
+      row: see `_block`.
+      skip: [n] bool or None; a skipped layer leaves x and the cache as they were (a pipeline stage's empty
+        slots).
+
+    Returns:
+      (x, cache).
+    """
+    inv_freq, local = _layer_constants(config)
+    if isinstance(layer_ids, np.ndarray):
+        freq, is_local = inv_freq[layer_ids], local[layer_ids]
+    else:
+        ids = jnp.maximum(layer_ids, 0)
+        freq, is_local = jnp.asarray(inv_freq)[ids], jnp.asarray(local)[ids]
+
+    def body(carry, xs):
+        layer_params, slot, f, loc, off = xs
+
+        def run(carry):
+            h, c = carry
+            return _block(config, layer_params, h, positions, c, slot, f, loc, policy=policy, kv_len=kv_len, row=row)
+
+        return (run(carry) if skip is None else lax.cond(off, lambda c: c, run, carry)), None
+
+    skips = jnp.zeros(len(slots), bool) if skip is None else skip  # unread when skip is None
+    (x, cache), _ = lax.scan(body, (x, cache), (params, slots, freq, is_local, skips))
+    return x, cache
+
+
+def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: KVCache, *, policy: Policy,
+               kv_len: int):
+    """The layer stack on one device group: each `LayerRun` scanned in turn; layer i uses cache slot i."""
+    for run in runs:
+        ids = np.arange(run.first, run.first + run.count)
+        x, cache = scan_layers(config, run.params, x, positions, cache, jnp.asarray(ids), ids, policy=policy,
+                               kv_len=kv_len)
+    return x, cache
+
+
 def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, policy: Policy,
-            last: jax.Array | None = None, kv_len: int | None = None):
+            last: jax.Array | None = None, kv_len: int | None = None, layer_stack: Callable = run_layers):
     """Run tokens [B, T] at positions [B, T] through the model, updating the cache.
 
     Args:
@@ -158,6 +214,8 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
       last: [B] indices into T; when given, only those tokens' logits are computed.
       kv_len: attend over the cache's first kv_len positions (default: all). A prefill from position 0
         needs only T.
+      layer_stack: runs params["layers"]: `layer_stack(config, params["layers"], x, positions, cache,
+        policy=, kv_len=) -> (x, cache)`; `run_layers` by default, a pipeline's schedule over a mesh's stages.
 
     Returns:
       (logits float32 [B, T, V] or [B, V] with `last`, the updated cache).
@@ -166,18 +224,7 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
     x = ops.embed(tokens, params["embed"], dtype=jnp.float32)
     if config.embed_scale != 1.0:
         x = x * jnp.float32(config.embed_scale)
-    inv_freq, local = _layer_constants(config)
-    for run in params["layers"]:
-        span = slice(run.first, run.first + run.count)
-
-        def body(carry, xs):
-            h, c = carry
-            layer_params, layer, freq, is_local = xs
-            return _block(config, layer_params, h, positions, c, layer, freq, is_local, policy=policy,
-                          kv_len=kv_len), None
-
-        xs = (run.params, jnp.arange(run.first, run.first + run.count), inv_freq[span], local[span])
-        (x, cache), _ = lax.scan(body, (x, cache), xs)
+    x, cache = layer_stack(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
