@@ -3,9 +3,16 @@
     realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
     realm-jax chat [--model FILE] [--system TEXT]                   chat on stdin with an instruct model
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
+    realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
+                                                                    one generate over N processes on this host
+    realm-jax launch --hosts A,B,... [--port P] -- generate ...     print the command for each host of a cluster
+    realm-jax launch --process-id I --num-processes N --coordinator HOST:PORT -- generate ...   one worker
+    realm-jax launch --cluster -- generate ...                      one worker under Slurm, Open MPI or Kubernetes
 
-The default model is the embedded gemma3-270m Q4_K_M. Errors end in a one-line message on stderr and
-exit status 2.
+`generate --mesh model=2,data=2` (or `--strategy tensor`) splits the model over the devices; under launch
+the mesh spans every process, and process 0 prints the text. The default model is the embedded gemma3-270m
+Q4_K_M. Errors end in a one-line message on stderr and exit status 2; a launch that loses a process stops
+all of them and names it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import RealmError
+from realm_jax.errors import CoordinatorError, PeerError, RealmError
 
 __all__ = ["main"]
 
@@ -133,18 +140,31 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
-    from realm_jax.assets import default_model_path
+def _check_sampling(args: argparse.Namespace) -> None:
     from realm_jax.errors import SamplingError
-    from realm_jax.runtime import load
     from realm_jax.sampling import SamplingConfig
 
-    # Bad arguments fail before the model loads.
     SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise SamplingError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
 
-    return load(args.model or default_model_path(), policy=args.precision, progress=True)
+
+def _load(args: argparse.Namespace, mesh=None, progress: bool = True):
+    from realm_jax.assets import default_model_path
+    from realm_jax.runtime import load
+
+    _check_sampling(args)  # bad arguments fail before the model loads
+    return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, progress=progress)
+
+
+def _distributed_config(args: argparse.Namespace, **processes):
+    """The DistributedConfig of `generate --mesh/--strategy` (None for neither), with the process fields."""
+    from realm_jax.distributed.config import DistributedConfig, parse_mesh
+
+    if args.mesh is None and args.strategy is None:
+        return DistributedConfig(**processes) if processes else None
+    return DistributedConfig(strategy=args.strategy, mesh=None if args.mesh is None else parse_mesh(args.mesh),
+                             **processes)
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -152,15 +172,125 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    model = _load(args)
+def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
+    _check_sampling(args)
+    config = _distributed_config(args)
+    mesh = None
+    if config is not None:
+        from realm_jax.distributed.coordinator import global_mesh
+
+        mesh = global_mesh(config)
+    model = _load(args, mesh, progress)
     pieces = model.generate(args.prompt, stream=True, **_sampling_kwargs(args))
     sys.stdout.write(args.prompt)
-    for piece in pieces:
+    for i, piece in enumerate(pieces):
         sys.stdout.write(piece)
         sys.stdout.flush()
+        if i == 0 and after_first_piece is not None:
+            after_first_piece()
     sys.stdout.write("\n")
+    sys.stdout.flush()
     return 0
+
+
+def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Namespace]:
+    """The command after `launch ... --`, checked here so that bad arguments fail before any process starts."""
+    command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
+    if not command:
+        raise CoordinatorError('launch needs a command after --, e.g. -- generate "Once upon a time" --mesh model=2')
+    if command[0] != "generate":
+        raise CoordinatorError(f"launch runs generate on every process; got {command[0]!r}")
+    gen = _parser().parse_args(command)
+    _check_sampling(gen)
+    if _distributed_config(gen) is None:
+        raise CoordinatorError("launch needs generate --mesh (e.g. model=4) or --strategy: the mesh that spans the "
+                               "processes")
+    return command, gen
+
+
+def _cmd_launch(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from realm_jax.distributed import coordinator, launch
+
+    command, gen = _launch_command(args)
+    options = launch.WorkerOptions(args.cpu_devices, args.init_timeout, args.heartbeat_timeout)
+    worker = (args.process_id, args.num_processes, args.coordinator) != (None, None, None)
+    modes = [flag for flag, on in (("--processes", args.processes is not None), ("--hosts", args.hosts is not None),
+                                   ("--process-id/--num-processes/--coordinator", worker), ("--cluster", args.cluster))
+             if on]
+    if len(modes) != 1:
+        raise CoordinatorError("launch takes one of --processes N (on this host), --hosts A,B,... (print each host's "
+                               "command), --process-id/--num-processes/--coordinator (one worker) or --cluster (one "
+                               f"worker under Slurm, Open MPI or Kubernetes); got {' and '.join(modes) or 'none'}")
+    if args.port is not None and args.hosts is None:
+        raise CoordinatorError("--port goes with --hosts (the other modes choose the port or are given it)")
+    if args.processes is not None:
+        options = dataclasses.replace(options, cpu_devices=options.cpu_devices or 1)  # one host: CPU devices
+        if args.processes < 1:
+            raise CoordinatorError(f"--processes={args.processes} must be >= 1")
+        coordinator.plan_mesh(_distributed_config(gen), args.processes, options.cpu_devices)
+        launch.run_local(args.processes, command, options)
+        return 0
+    if args.hosts is not None:
+        hosts = args.hosts.split(",")
+        if options.cpu_devices is not None:
+            coordinator.plan_mesh(_distributed_config(gen), len(hosts), options.cpu_devices)
+        for host, line in zip(hosts, launch.cluster_commands(hosts, args.port or 1234, command, options)):
+            print(f"# on {host}\n{line}")
+        return 0
+    return _run_worker(args, gen, options)
+
+
+def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options) -> int:
+    """One process of a launch: join the others, generate over the global mesh, leave together."""
+    import contextlib
+    import os
+
+    import jax
+
+    from realm_jax.distributed import coordinator, launch
+
+    config = _distributed_config(gen, num_processes=args.num_processes, process_id=args.process_id,
+                                 coordinator_address=args.coordinator)
+    rank = config.process_id
+    if options.cpu_devices is not None:
+        launch.use_cpu_devices(options.cpu_devices)
+    with launch.text_stdout():
+        if rank is not None:
+            launch.fault_point("join", rank)
+        coord = None
+        try:
+            coord = coordinator.join(config, init_timeout=options.init_timeout,
+                                     heartbeat_timeout=options.heartbeat_timeout)
+            with contextlib.ExitStack() as stack:
+                if not coord.is_main:  # process 0 prints the text
+                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                _cmd_generate(gen, progress=coord.is_main,
+                              after_first_piece=lambda: launch.fault_point("generate", coord.rank))
+            coord.shutdown()
+        except (CoordinatorError, PeerError) as e:  # they name the process already
+            print(f"realm-jax: error: {e}", file=sys.stderr, flush=True)
+            return coordinator.EXIT_PEER_LOST if isinstance(e, PeerError) else 2
+        except RealmError as e:
+            print(f"realm-jax: error: {_who(coord, config)}: {e}", file=sys.stderr, flush=True)
+            return 2
+        except jax.errors.JaxRuntimeError as e:
+            if coord is not None:
+                coord.await_watchdog()  # a lost peer ends this process there, named
+            print(f"realm-jax: error: {_who(coord, config)}: a collective failed (a peer may be lost): "
+                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr,
+                  flush=True)
+            return coordinator.EXIT_PEER_LOST
+    return 0
+
+
+def _who(coord, config) -> str:
+    from realm_jax.distributed.coordinator import process_name
+
+    if coord is None:
+        return process_name(config.process_id, config.num_processes)
+    return process_name(coord.rank, coord.world_size)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -220,6 +350,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     p.add_argument("prompt")
     _add_model_options(p, max_new_tokens=128)
+    p.add_argument("--mesh", default=None, help="split the model over a data/stage/model mesh of all devices, "
+                   "e.g. model=2,data=2 (under launch: the devices of every process)")
+    p.add_argument("--strategy", default=None, help="none, tensor, pipeline, data or hybrid; "
+                   "without --mesh, all devices go on the strategy's axis")
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("chat", help="chat with an instruct model, one user message per stdin line")
     p.add_argument("--system", default=None, help="a system message")
@@ -231,6 +365,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, help="also report the bytes loading with this precision "
                    "policy allocates (params, KV cache): f32, bf16, f16, auto, or params=..,compute=..,kv=..")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("launch", help="run generate over several processes (hosts) with one mesh spanning them",
+                       usage="realm-jax launch (--processes N | --hosts A,B,... | --process-id I --num-processes N "
+                             "--coordinator HOST:PORT | --cluster) [options] -- generate PROMPT [generate options]")
+    p.add_argument("--processes", type=int, default=None, help="start N processes on this host (127.0.0.1) "
+                   "and supervise them")
+    p.add_argument("--hosts", default=None, help="print the command for each of these hosts (comma-separated; "
+                   "the first runs process 0 and the coordinator)")
+    p.add_argument("--port", type=int, default=None, help="the coordinator's port with --hosts (default 1234)")
+    p.add_argument("--process-id", type=int, default=None, help="this worker's rank (with --num-processes and "
+                   "--coordinator)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    p.add_argument("--cluster", action="store_true", help="join through JAX's detection of Slurm, Open MPI or "
+                   "Kubernetes")
+    p.add_argument("--cpu-devices", type=int, default=None, help="simulate K CPU devices per process (default "
+                   "with --processes: 1; otherwise the host's own devices)")
+    p.add_argument("--init-timeout", type=float, default=60.0, help="seconds for all processes to join (60)")
+    p.add_argument("--heartbeat-timeout", type=float, default=15.0, help="seconds of silence after which a "
+                   "process counts as lost (15)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- generate PROMPT [options]")
+    p.set_defaults(func=_cmd_launch)
     return parser
 
 

@@ -36,6 +36,8 @@ __all__ = [
     "MeshError",
     "ShardingError",
     "CollectiveError",
+    "CoordinatorError",
+    "PeerError",
 ]
 
 
@@ -158,3 +160,12 @@ class ShardingError(RealmError):
 
 class CollectiveError(RealmError, ValueError):
     """A collective's arguments are invalid (an unknown reduction, for instance)."""
+
+
+class CoordinatorError(RealmError, ValueError):
+    """Processes cannot join as asked: a bad process count, id or coordinator address, or no cluster found."""
+
+
+class PeerError(RealmError):
+    """A peer process was lost: it failed to start or to join in time, or it died. The message names its rank
+    (process id), and its host and pid where they are known."""
