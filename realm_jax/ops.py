@@ -12,11 +12,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
-from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError
+from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, ShardingError
 from realm_jax.quant import QTensor, dequantize_tile
 
-__all__ = ["attention", "embed", "qmatmul", "rms_norm", "rope"]
+__all__ = ["IMPLS", "attention", "embed", "qmatmul", "resolve_impl", "rms_norm", "rope"]
 
 _FLOATS = (jnp.float32, jnp.float16, jnp.bfloat16)
 
@@ -52,17 +53,25 @@ def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None, imp
     for name, dt in (("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
         if dt not in _FLOATS:
             raise DTypeError(f"qmatmul: {name}={dt} must be one of float32, float16, bfloat16")
-    if impl not in _IMPLS:
-        raise ValueError(f"qmatmul: impl={impl!r} must be one of {', '.join(_IMPLS)}")
     platform = jax.default_backend()
-    if impl == "auto":
-        impl = "xla" if platform == "cpu" else "pallas"
-    if impl == "pallas" and w.format.block_size > 1:
+    if resolve_impl(impl, platform) == "pallas" and w.format.block_size > 1:
+        if w.axes is not None:
+            return _qmatmul_pallas_sharded(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
         return _qmatmul_pallas(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
     return _qmatmul_xla(x, w, compute_dtype, out_dtype)
 
 
-_IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "xla")
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """"pallas" or "xla" for qmatmul's `impl` on a JAX platform: "auto" is the XLA path on CPU (where the
+    kernels only interpret) and the fused kernels on GPU and TPU."""
+    if impl not in IMPLS:
+        raise ValueError(f"qmatmul: impl={impl!r} must be one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "xla" if (platform or jax.default_backend()) == "cpu" else "pallas"
+    return impl
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))
@@ -95,6 +104,33 @@ def _qmatmul_xla(x: jax.Array, w: QTensor, compute_dtype, out_dtype) -> jax.Arra
     else:
         y = lax.dot_general(rows, wd, contract, precision=precision, preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
+
+
+def _qmatmul_pallas_sharded(x: jax.Array, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+    """The fused kernel per shard of a weight split over mesh axes (w.axes): XLA cannot partition a kernel,
+    so each device multiplies its own blocks inside shard_map. Rows split (column-parallel): each device
+    computes its slice of the outputs. Columns split (row-parallel): x arrives split the same way and the
+    partial products are summed with one psum (Megatron's all-reduce). Needs the mesh in context
+    (`jax.set_mesh`), as `realm_jax.load` arranges."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rows_axis, cols_axis = w.axes
+    missing = [a for a in w.axes if a is not None and a not in mesh.axis_names]
+    if missing:
+        raise ShardingError(f"qmatmul: w={w} is split over mesh axes {missing}, which the mesh in context "
+                            f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
+    n_rows = w.shape[0] // (mesh.shape[rows_axis] if rows_axis else 1)
+    n_cols = w.shape[1] // (mesh.shape[cols_axis] if cols_axis else 1)
+    lead = (None,) * (x.ndim - 1)
+
+    def local(x, planes):
+        y = _qmatmul_pallas(x, QTensor(w.fmt, (n_rows, n_cols), planes), compute_dtype,
+                            jnp.float32 if cols_axis else out_dtype, interpret)
+        return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
+
+    split = PartitionSpec(rows_axis, cols_axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(*lead, cols_axis), {k: split for k in w.planes}),
+                         out_specs=PartitionSpec(*lead, rows_axis), axis_names={a for a in w.axes if a},
+                         check_vma=False)(x, w.planes)
 
 
 def embed(ids: jax.Array, table: QTensor, dtype=jnp.float32) -> jax.Array:

@@ -10,6 +10,7 @@ Legend: B batch, T prompt tokens (padded), S cache length, V vocab.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import os
 import pathlib
@@ -26,6 +27,7 @@ from realm_jax.errors import ContextLengthError, MetadataError, SamplingError, S
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
+from realm_jax.ops import resolve_impl
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor, to_dense
 from realm_jax.sampling import SamplingConfig, sample, step_keys
@@ -43,9 +45,11 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _densify(dtype):
-    """The XLA path would dequantize every weight on every call: convert once at load instead."""
-    return lambda qt: to_dense(qt, dtype)
+def _linear_weights(dtype, impl: str):
+    """How a linear layer's weight is kept on the device. For the fused kernels ("pallas"): quantized, as
+    stored. For the XLA path, which would dequantize every weight on every call: dense in `dtype`, converted
+    once at load. Weights stored dense (F32/F16/BF16) take `dtype` either way."""
+    return lambda qt: qt if impl == "pallas" and qt.format.block_size > 1 else to_dense(qt, dtype)
 
 
 def _layer_stack(pipeline):
@@ -53,12 +57,14 @@ def _layer_stack(pipeline):
     return run_layers if pipeline is None else pipeline.run_layers
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits", "pipeline"), donate_argnames=("cache",))
-def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool, pipeline=None):
+@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits", "pipeline", "impl"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool, pipeline=None,
+             impl: str = "auto"):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_logits else lengths - 1,
-                   kv_len=t, layer_stack=_layer_stack(pipeline))
+                   kv_len=t, layer_stack=_layer_stack(pipeline), impl=impl)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
@@ -71,10 +77,11 @@ def _push(recent, tokens):
     return jnp.concatenate([recent[:, 1:], tokens[:, None]], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps", "pipeline"),
+@functools.partial(jax.jit, static_argnames=("config", "policy", "sampling", "n_steps", "pipeline", "impl"),
                    donate_argnames=("cache",))
 def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_ids, limit, scalars, *,
-            config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int, pipeline=None):
+            config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int, pipeline=None,
+            impl: str = "auto"):
     """Up to `limit` (<= n_steps, traced) decode steps. token [B] (sampled, not yet fed) at positions pos [B];
     done [B]. n_steps is a bucket: generations of different lengths share one compilation.
 
@@ -89,7 +96,7 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
     def body(state):
         step, out, cache_, token_, pos_, recent_, done_, key_ = state
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
-                                 last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline))
+                                 last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline), impl=impl)
         logits = logits.astype(jnp.float32)
         nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
@@ -110,8 +117,9 @@ class Model:
     axis is > 1, `pipeline` (a `realm_jax.distributed.pipeline.Pipeline`) runs the layers over the stages."""
 
     def __init__(self, path: pathlib.Path, metadata: dict[str, Any], config: ModelConfig, params: dict[str, Any],
-                 tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None):
+                 tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None, impl: str = "xla"):
         self.mesh = mesh
+        self.impl = impl  # "pallas" (weights quantized, fused kernels) or "xla" (weights dense)
         self.pipeline = None
         if mesh is not None and int(dict(mesh.shape).get("stage", 1)) > 1:
             from realm_jax.distributed.pipeline import Pipeline
@@ -138,9 +146,35 @@ class Model:
         tokens = np.zeros((b, t), np.int32)
         tokens[:, : len(ids)] = ids
         cache = self._new_cache(b, t)
-        logits, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), cache, config=self.config,
-                             policy=self.policy, all_logits=True, pipeline=self.pipeline)
+        with self.mesh_context():
+            logits, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), cache, config=self.config,
+                                 policy=self.policy, all_logits=True, pipeline=self.pipeline, impl=self.impl)
         return np.asarray(logits[0, : len(ids)], np.float32)
+
+    def compiled_text(self, step: str, *, batch: int = 1, prompt_tokens: int = 16) -> str:
+        """The compiled HLO text of one jitted step for `batch` prompts of `prompt_tokens` tokens: "prefill"
+        (the prompt through the model) or "decode" (the decode loop; its body is one step). Collective bytes
+        are read from it (`realm_jax.distributed.hlo`)."""
+        if step not in ("prefill", "decode"):
+            raise ValueError(f"compiled_text: step={step!r} must be 'prefill' or 'decode'")
+        prompts = [[self.tokenizer.bos_id or 1] * prompt_tokens] * batch
+        gen = _Generation(self, prompts, 2, SamplingConfig(), 0, [])
+        if step == "prefill":
+            b, t = len(prompts) + (-len(prompts) % self.batch_multiple), _round_up(prompt_tokens, _PROMPT_BUCKET)
+            with self.mesh_context():
+                lowered = _prefill.lower(self.params, np.zeros((b, t), np.int32),
+                                         np.full((b,), prompt_tokens, np.int32),
+                                         self._new_cache(b, _round_up(t + 2, _CACHE_BUCKET)), config=self.config,
+                                         policy=self.policy, all_logits=False, pipeline=self.pipeline,
+                                         impl=self.impl)
+        else:
+            lowered = gen.lower_step(1)
+        return lowered.compile().as_text()
+
+    def mesh_context(self):
+        """The mesh as JAX's context mesh (for the kernels' shard_map) while a jitted step traces; a no-op
+        without a mesh."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def batch_multiple(self) -> int:
@@ -281,8 +315,9 @@ class _Generation:
             tail = p[-sampling.penalty_last_n :]
             recent[i, recent.shape[1] - len(tail) :] = tail
         cache = model._new_cache(b, _round_up(t + max_new_tokens, _CACHE_BUCKET))
-        logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
-                                      all_logits=False, pipeline=model.pipeline)
+        with model.mesh_context():
+            logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
+                                          all_logits=False, pipeline=model.pipeline, impl=model.impl)
         # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
         self.key = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
@@ -307,14 +342,25 @@ class _Generation:
         rows = np.asarray(rows, bool)
         self.done = self.done | jnp.asarray(np.pad(rows, (0, self.done.shape[0] - len(rows))))
 
-    def step(self, n: int) -> np.ndarray:
-        """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
+    def _decode_args(self, n: int):
         m = self.model
         bucket = 1 << max(n - 1, 0).bit_length()  # the next power of two: few compilations
-        out, self.cache, self.token, self.pos, self.recent, self.done = _decode(
-            m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
-            self.stop_ids, jnp.int32(n), self.sampling.scalars, config=m.config, policy=m.policy,
-            sampling=self.sampling.static, n_steps=bucket, pipeline=m.pipeline)
+        args = (m.params, self.cache, self.token, self.pos, self.done, self.recent, self.key, jnp.int32(self.produced),
+                self.stop_ids, jnp.int32(n), self.sampling.scalars)
+        return args, dict(config=m.config, policy=m.policy, sampling=self.sampling.static, n_steps=bucket,
+                          pipeline=m.pipeline, impl=m.impl)
+
+    def lower_step(self, n: int):
+        """The decode loop of `step(n)`, lowered (not run)."""
+        args, static = self._decode_args(n)
+        with self.model.mesh_context():
+            return _decode.lower(*args, **static)
+
+    def step(self, n: int) -> np.ndarray:
+        """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
+        args, static = self._decode_args(n)
+        with self.model.mesh_context():
+            out, self.cache, self.token, self.pos, self.recent, self.done = _decode(*args, **static)
         self.produced += n
         return np.asarray(out)[: self.n, :n]
 
@@ -373,7 +419,7 @@ class _TextCollector:
 
 
 def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: Mesh | None = None,
-         split_by: str = "bytes", progress: bool | None = None) -> Model:
+         split_by: str = "bytes", impl: str = "auto", progress: bool | None = None) -> Model:
     """Load a GGUF model.
 
     Args:
@@ -384,6 +430,10 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         s pipeline stages, each layer over m devices (tensor parallelism), batches over d (data parallelism).
       split_by: how the layers are cut into the mesh's stages: "bytes" (each stage's params as equal as a
         contiguous split allows) or "layers" (equal layer counts); see `distributed.create_model_shards`.
+      impl: how linear layers run: "pallas" keeps the weights quantized on the device and multiplies with
+        the fused dequant-matmul kernels (on CPU in interpret mode: slow, for checks); "xla" converts them
+        to the policy's dtype at load and uses XLA's dot; "auto" (default): "pallas" on GPU and TPU,
+        "xla" on CPU.
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
     Returns:
@@ -400,6 +450,7 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)
+    impl = resolve_impl(impl, device.platform)
     progress = sys.stderr.isatty() if progress is None else progress
     metadata, tensors = read_gguf(path, progress=progress)
     config = config_from_gguf(metadata, tensors, str(path))
@@ -407,31 +458,32 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     if tokenizer.vocab_size != config.vocab_size:
         raise MetadataError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
                             f"{config.vocab_size} rows")
-    params = prepare_params(config, tensors, str(path), policy, device, mesh, split_by=split_by)
-    return Model(path, metadata, config, params, tokenizer, policy, mesh)
+    params = prepare_params(config, tensors, str(path), policy, device, mesh, split_by=split_by, impl=impl)
+    return Model(path, metadata, config, params, tokenizer, policy, mesh, impl)
 
 
 def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy, *,
-                 fuse: bool = True) -> dict[str, Any]:
-    """The params pytree the jitted forward takes: weights in the policy's dense dtype, q|k|v and gate|up
-    fused (unless `fuse` is False: tensor parallelism splits them by heads), layers stacked into scan runs.
-    Traceable (see `memory_plan`)."""
-    params = params_from_tensors(config, tensors, source, linear=_densify(policy.params))
+                 fuse: bool = True, impl: str = "xla") -> dict[str, Any]:
+    """The params pytree the jitted forward takes: linear weights quantized (impl "pallas") or in the
+    policy's dense dtype ("xla"), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
+    them by heads), layers stacked into scan runs. Traceable (see `memory_plan`)."""
+    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy.params, impl))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
     params["layers"] = stack_layers(layers)
     return params
 
 
 def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
-                   device: jax.Device | None = None, mesh=None, *, split_by: str = "bytes") -> dict[str, Any]:
+                   device: jax.Device | None = None, mesh=None, *, split_by: str = "bytes",
+                   impl: str = "xla") -> dict[str, Any]:
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
     layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
-        return jax.device_put(build_params(config, tensors, source, policy), device)
+        return jax.device_put(build_params(config, tensors, source, policy, impl=impl), device)
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 
-    params = build_params(config, tensors, source, policy, fuse=False)
+    params = build_params(config, tensors, source, policy, fuse=False, impl=impl)
     stages = int(dict(mesh.shape).get("stage", 1))
     if stages > 1:
         try:
@@ -442,14 +494,14 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     return shard_params(params, config, mesh, source)
 
 
-def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None) -> dict[str, Any]:
+def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, impl: str = "auto") -> dict[str, Any]:
     """Bytes `load(path, policy=policy)` allocates for the params, and the KV cache's bytes per token and at
     the full context, from the file's header alone (the params' shapes come from `jax.eval_shape` of the
     very function that builds them)."""
     from realm_jax.gguf import open_gguf
     from realm_jax.quant import format_for_ggml_type
 
-    policy = resolve_policy(policy)
+    policy, impl = resolve_policy(policy), resolve_impl(impl)
     with open_gguf(path) as f:
         metadata = dict(f.metadata)
         tensors = {}
@@ -459,8 +511,8 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None) -> 
             planes = {p.name: jax.ShapeDtypeStruct((*info.shape[:-1], n_blocks * p.count), p.dtype) for p in fmt.planes}
             tensors[name] = QTensor(fmt.name, info.shape, planes)
     config = config_from_gguf(metadata, tensors, str(path))
-    shapes = jax.eval_shape(lambda t: build_params(config, t, str(path), policy), tensors)
+    shapes = jax.eval_shape(lambda t: build_params(config, t, str(path), policy, impl=impl), tensors)
     params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
     kv_token = config.n_layers * config.n_kv_heads * (config.head_dim + config.v_head_dim) * policy.kv.itemsize
-    return {"policy": str(policy), "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
+    return {"policy": str(policy), "impl": impl, "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
             "context_length": config.context_length, "kv_bytes_full_context": int(kv_token * config.context_length)}

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np, realm_jax
     from realm_jax.distributed import make_mesh
+    from realm_jax.distributed.hlo import collective_bytes
     out = {}
     for path in sys.argv[1:]:
         ref = realm_jax.load(path, policy="f32", progress=False)
@@ -35,7 +36,10 @@ SCRIPT = textwrap.dedent("""
             wq = m.params["layers"][0].params["wq"].planes["w"]
             rows[tp] = {"max_diff": float(np.abs(m.logits(ids) - want).max()), "scale": float(np.abs(want).max()),
                         "greedy_same": m.generate_ids([ids], max_new_tokens=12) == greedy,
-                        "wq_shard_rows": int(wq.addressable_shards[0].data.shape[1])}
+                        "wq_shard_rows": int(wq.addressable_shards[0].data.shape[1]),
+                        "layers": ref.config.n_layers, "width": ref.config.d_model}
+            if tp == 2:
+                rows[tp]["decode_bytes"] = collective_bytes(m.compiled_text("decode"), unknown_trips=1)
         out[path] = rows
     path = sys.argv[1]
     prompts = ["The history of computing", "Once upon a time, in a small village", "def fibonacci(n):"]
@@ -73,6 +77,14 @@ def test_tensor_parallel_matches_single_device(tp_results, model, tp):
     assert "error" not in row, row
     assert row["max_diff"] <= 1e-5 * row["scale"] * 8, row  # f32 reassociation across shards
     assert row["greedy_same"]
+
+
+@pytest.mark.parametrize("model", [1, 2])
+def test_tensor_parallel_decode_moves_the_minimum(tp_results, model):
+    """One decode step at model=2 moves two all-reduces of batch 1 x width (f32) per layer and nothing else:
+    no weight is gathered, and the replicated output head needs no logits gather."""
+    row = tp_results[0][tp_results[model]]["2"]
+    assert row["decode_bytes"] == {"all-reduce": row["layers"] * 2 * row["width"] * 4}, row
 
 
 def test_weights_are_split_not_replicated(tp_results):

@@ -95,8 +95,8 @@ def _callees(op: str, rest: str) -> list[tuple[str, int | None]]:
             out.append((body.group(1), int(trips.group(1)) if trips else None))
         return out
     for attr in ("calls", "to_apply", "branch_computations", "true_computation", "false_computation"):
-        for group in re.findall(attr + r"=\{?([^}\s]+(?:,\s*%[\w.\-]+)*)\}?", rest):
-            out += [(name.strip().lstrip("%"), 1) for name in group.split(",") if name.strip()]
+        for group in re.findall(attr + r"=(\{[^}]*\}|%?[\w.\-]+)", rest):
+            out += [(name.strip().lstrip("%"), 1) for name in group.strip("{}").split(",") if name.strip()]
     return out
 
 

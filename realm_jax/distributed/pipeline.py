@@ -278,7 +278,7 @@ class Pipeline:
         return self.n_stages * sum(run.slots for run in runs)
 
     def run_layers(self, config: ModelConfig, runs: list[StageRun], x, positions, cache: KVCache, *,
-                   policy: Policy, kv_len: int):
+                   policy: Policy, kv_len: int, impl: str = "auto"):
         """x [B, T, D] at positions [B, T] through the stages; the cache's layer axis split over `stage`.
         Returns (x [B, T, D] as the last stage leaves it, the cache)."""
         b, t, d = x.shape
@@ -298,7 +298,7 @@ class Pipeline:
                     ids = jnp.asarray(np.asarray(run.layer_ids, np.int32))[s]
                     h, cache = scan_layers(config, run.params, h, pos, cache, offset + jnp.arange(run.slots), ids,
                                            policy=policy, kv_len=kv_len, row=None if whole_batch else row,
-                                           skip=(ids < 0) if run.padded else None)
+                                           skip=(ids < 0) if run.padded else None, impl=impl)
                     offset += run.slots
                 return h, cache
 

@@ -76,8 +76,9 @@ def _place(value: Any, spec: PartitionSpec, mesh: Mesh, what: str):
         if split is not None and blocks % int(mesh.shape[split]):
             raise ShardingError(f"{what}: {blocks} blocks of {fmt.name} per row cannot be split over {split}="
                                 f"{mesh.shape[split]} in whole blocks")
+        axes = (spec[-2], spec[-1]) if len(spec) >= 2 and (spec[-2] or spec[-1]) else None
         return QTensor(value.fmt, value.shape, {k: jax.device_put(p, NamedSharding(mesh, spec))
-                                                for k, p in value.planes.items()})
+                                                for k, p in value.planes.items()}, axes)
     return jax.device_put(value, NamedSharding(mesh, spec))
 
 

@@ -89,24 +89,24 @@ def _to(x, dtype):
     return x.astype(dtype)
 
 
-def _linear(x, w, dtype, bias=None):
-    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream stays f32)."""
-    y = ops.qmatmul(_to(x, dtype), w, out_dtype=jnp.float32)
+def _linear(x, w, dtype, bias=None, *, impl: str = "auto"):
+    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream stays f32); `impl` picks
+    qmatmul's path (the fused kernels or XLA)."""
+    y = ops.qmatmul(_to(x, dtype), w, out_dtype=jnp.float32, impl=impl)
     return y if bias is None else y + bias
 
 
-def _projections(config: ModelConfig, p: dict[str, Any], h, dtype):
+def _projections(config: ModelConfig, p: dict[str, Any], h, dtype, impl: str):
     """q [B, T, N*H], k [B, T, K*H], v [B, T, K*Hv] from separate or fused ("wqkv") weights."""
     if "wqkv" in p:
-        qkv = _linear(h, p["wqkv"], dtype, p.get("bqkv"))
+        qkv = _linear(h, p["wqkv"], dtype, p.get("bqkv"), impl=impl)
         nq, nk = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
-    return (_linear(h, p["wq"], dtype, p.get("bq")), _linear(h, p["wk"], dtype, p.get("bk")),
-            _linear(h, p["wv"], dtype, p.get("bv")))
+    return tuple(_linear(h, p[w], dtype, p.get(b), impl=impl) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
 
 
 def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local, *,
-           policy: Policy, kv_len: int, row=None):
+           policy: Policy, kv_len: int, row=None, impl: str = "auto"):
     """One decoder layer on the f32 residual x [B, T, D] at positions [B, T], dtypes from `policy`.
     Writes this step's keys/values into cache slot `layer` and attends over its first kv_len positions.
     `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the whole cache batch."""
@@ -114,7 +114,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     eps, dtype = config.norm_eps, policy.compute
     norm = functools.partial(ops.rms_norm, eps=eps, dtype=policy.norm)
     h = norm(x, p["attn_norm"])
-    q, k, v = _projections(config, p, h, dtype)
+    q, k, v = _projections(config, p, h, dtype, impl)
     q = q.reshape(b, t, config.n_heads, config.head_dim)
     k = k.reshape(b, t, config.n_kv_heads, config.head_dim)
     v = v.reshape(b, t, config.n_kv_heads, config.v_head_dim)
@@ -139,25 +139,25 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
 
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
                          scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores)
-    o = _linear(attn.reshape(b, t, -1), p["wo"], dtype)
+    o = _linear(attn.reshape(b, t, -1), p["wo"], dtype, impl=impl)
     if config.post_norms:
         o = norm(o, p["post_attn_norm"])
     x = x + o
 
     h = norm(x, p["ffn_norm"])
     if "w_gateup" in p:
-        gate, up = jnp.split(_linear(h, p["w_gateup"], dtype), 2, axis=-1)
+        gate, up = jnp.split(_linear(h, p["w_gateup"], dtype, impl=impl), 2, axis=-1)
     else:
-        gate, up = _linear(h, p["w_gate"], dtype), _linear(h, p["w_up"], dtype)
+        gate, up = _linear(h, p["w_gate"], dtype, impl=impl), _linear(h, p["w_up"], dtype, impl=impl)
     act = jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    down = _linear(act * up, p["w_down"], dtype)
+    down = _linear(act * up, p["w_down"], dtype, impl=impl)
     if config.post_norms:
         down = norm(down, p["post_ffn_norm"])
     return x + down, cache
 
 
 def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, slots, layer_ids, *, policy: Policy,
-                kv_len: int, row=None, skip=None):
+                kv_len: int, row=None, skip=None, impl: str = "auto"):
     """Run one stack of layers (leaves stacked [n, ...]) over x with `lax.scan`.
 
     Args:
@@ -182,7 +182,8 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
 
         def run(carry):
             h, c = carry
-            return _block(config, layer_params, h, positions, c, slot, f, loc, policy=policy, kv_len=kv_len, row=row)
+            return _block(config, layer_params, h, positions, c, slot, f, loc, policy=policy, kv_len=kv_len, row=row,
+                          impl=impl)
 
         return (run(carry) if skip is None else lax.cond(off, lambda c: c, run, carry)), None
 
@@ -192,17 +193,18 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
 
 
 def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: KVCache, *, policy: Policy,
-               kv_len: int):
+               kv_len: int, impl: str = "auto"):
     """The layer stack on one device group: each `LayerRun` scanned in turn; layer i uses cache slot i."""
     for run in runs:
         ids = np.arange(run.first, run.first + run.count)
         x, cache = scan_layers(config, run.params, x, positions, cache, jnp.asarray(ids), ids, policy=policy,
-                               kv_len=kv_len)
+                               kv_len=kv_len, impl=impl)
     return x, cache
 
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, policy: Policy,
-            last: jax.Array | None = None, kv_len: int | None = None, layer_stack: Callable = run_layers):
+            last: jax.Array | None = None, kv_len: int | None = None, layer_stack: Callable = run_layers,
+            impl: str = "auto"):
     """Run tokens [B, T] at positions [B, T] through the model, updating the cache.
 
     Args:
@@ -215,7 +217,9 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
       kv_len: attend over the cache's first kv_len positions (default: all). A prefill from position 0
         needs only T.
       layer_stack: runs params["layers"]: `layer_stack(config, params["layers"], x, positions, cache,
-        policy=, kv_len=) -> (x, cache)`; `run_layers` by default, a pipeline's schedule over a mesh's stages.
+        policy=, kv_len=, impl=) -> (x, cache)`; `run_layers` by default, a pipeline's schedule over a mesh's
+        stages.
+      impl: every linear layer's `ops.qmatmul` path: "auto", "pallas" or "xla".
 
     Returns:
       (logits float32 [B, T, V] or [B, V] with `last`, the updated cache).
@@ -224,8 +228,8 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
     x = ops.embed(tokens, params["embed"], dtype=jnp.float32)
     if config.embed_scale != 1.0:
         x = x * jnp.float32(config.embed_scale)
-    x, cache = layer_stack(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len)
+    x, cache = layer_stack(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len, impl=impl)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
-    return _linear(x, params["output"], policy.compute).astype(policy.output), cache
+    return _linear(x, params["output"], policy.compute, impl=impl).astype(policy.output), cache

@@ -117,7 +117,7 @@ class Format:
         return _join_fields(self.fields, fields)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["planes"], meta_fields=["fmt", "shape"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["planes"], meta_fields=["fmt", "shape", "axes"])
 @dataclasses.dataclass(frozen=True)
 class QTensor:
     """A quantized tensor as planes: a pytree whose leaves are the plane arrays.
@@ -127,11 +127,14 @@ class QTensor:
       shape: the logical shape (..., rows, cols), static; the order of `gguf.quants.dequantize`.
       planes: plane name -> array of shape (..., rows, cols // block_size * count); numpy on the host
         (as `read_gguf` returns them) or jax arrays on devices.
+      axes: the mesh axes its (rows, cols) are split over once placed on a mesh (None: not split), static:
+        the fused kernels run per shard inside shard_map with it (`realm_jax.ops.qmatmul`).
     """
 
     fmt: str
     shape: tuple[int, ...]
     planes: dict[str, Any]
+    axes: tuple[str | None, str | None] | None = None
 
     @property
     def format(self) -> Format:
