@@ -56,8 +56,9 @@ def _largest_dividing(k: int, candidates) -> int | None:
     return next((c for c in candidates if k % c == 0), None)
 
 
-def choose_tiling(backend: str, fmt: str, m: int, n: int, k: int) -> TpuTiling | TritonTiling:
-    """The tiling for a matmul of x [m, k] with a (n, k) weight in `fmt` on `backend` ("tpu" or "triton").
+def choose_tiling(backend: str, fmt: str, m: int, n: int, k: int):
+    """The tiling for a matmul of x [m, k] with a (n, k) weight in `fmt` on `backend` ("tpu", "triton" or
+    "mosaic_gpu", whose kernels' tile rules live with them: `mosaic_gpu.tiling_for`).
 
     Decode (m <= DECODE_ROWS) keeps every row of x in one block, so each weight byte is read once; prefill
     tiles M too. K tiles of 2048 (TPU) amortize the per-step overhead over ~1 MiB of Q4_K weight per 256
@@ -81,4 +82,8 @@ def choose_tiling(backend: str, fmt: str, m: int, n: int, k: int) -> TpuTiling |
             raise ShapeMismatchError(f"choose_tiling: K={k} has no power-of-2 tile that holds whole {fmt} blocks")
         return TritonTiling(block_m=block_m, block_n=64, block_k=block_k, num_warps=4,
                             num_stages=2 if decode else 3)
-    raise ValueError(f"choose_tiling: backend={backend!r} must be 'tpu' or 'triton'")
+    if backend == "mosaic_gpu":
+        from pallas_kernels.mosaic_gpu import tiling_for
+
+        return tiling_for(fmt, m, n, k, kernel="gemv" if decode else "gemm")
+    raise ValueError(f"choose_tiling: backend={backend!r} must be 'tpu', 'triton' or 'mosaic_gpu'")

@@ -173,3 +173,11 @@ def test_compiled_on_device(fmt, rng):
     for m, compute_dtype, backend in itertools.product((1, 7, 16, 256), DTYPES, backends):
         x = jnp.asarray(rng.standard_normal((m, 4096)), jnp.float32)
         check_against_xla(x, w, compute_dtype, jnp.float32, interpret=False, backend=backend)
+
+
+@pytest.mark.parametrize("m", [2, 64])
+def test_mosaic_gpu_through_the_dispatch(m, rng):
+    """The Mosaic GPU kernels (tested in full in test_mosaic_gpu.py) behind pallas_kernels.matmul."""
+    w = random_qtensor("Q4_K", 160, 512, rng)
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
+    check_against_xla(x, w, jnp.bfloat16, jnp.float32, backend="mosaic_gpu")
