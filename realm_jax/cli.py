@@ -154,7 +154,8 @@ def _load(args: argparse.Namespace, mesh=None, progress: bool = True):
     from realm_jax.runtime import load
 
     _check_sampling(args)  # bad arguments fail before the model loads
-    return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, progress=progress)
+    return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, impl=args.impl,
+                progress=progress)
 
 
 def _distributed_config(args: argparse.Namespace, **processes):
@@ -335,6 +336,9 @@ def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
                    "params=..,compute=..,kv=.. (default: auto for the device)")
+    p.add_argument("--impl", choices=("auto", "pallas", "xla"), default="auto",
+                   help="linear layers: the fused Pallas kernels on quantized weights, or XLA on weights converted "
+                        "at load (default auto: pallas on GPU/TPU, xla on CPU, where pallas only interprets)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=None)

@@ -63,6 +63,17 @@ def test_generate_streams_a_continuation(smollm2_path):
     assert proc.stdout.startswith("The capital of France is Paris")
 
 
+def test_generate_with_the_fused_kernels():
+    """--impl pallas keeps the weights quantized and runs the kernels (interpret mode on CPU): same text."""
+    from realm_jax.reference import reference_dir
+
+    model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
+    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "6", "--precision", "f32",
+                  "--impl", impl) for impl in ("pallas", "xla")]
+    assert all(p.returncode == 0 for p in texts), texts[0].stderr
+    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("Once upon a time")
+
+
 def test_chat_reads_stdin(smollm2_path):
     proc = _cli("chat", "--model", str(smollm2_path), "--max-new-tokens", "16",
                 stdin="What is the capital of France?\n")
