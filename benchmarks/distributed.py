@@ -50,7 +50,6 @@ import os
 import pathlib
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -122,28 +121,10 @@ def collective_table(model, mesh: dict[str, int], batch: int, prompt_tokens: int
 
 
 def _timings(model, batch: int, runs: int) -> dict:
-    import jax
-    import numpy as np
+    from realm_jax.bench import measure
 
-    from realm_jax.sampling import SamplingConfig
-
-    # Fixed pseudo-random prompts (distinct rows): no tokenizer time, the same ids on every run.
-    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (batch, PROMPT_TOKENS)).tolist()
-
-    def once() -> tuple[float, float]:
-        t0 = time.perf_counter()
-        gen = model.start(ids, max_new_tokens=DECODE_TOKENS + 1, sampling=SamplingConfig(), stop_ids=())
-        jax.block_until_ready(gen.token)
-        t1 = time.perf_counter()
-        gen.step(DECODE_TOKENS)  # returns host arrays: the loop has finished
-        return t1 - t0, time.perf_counter() - t1
-
-    t0 = time.perf_counter()
-    once()
-    warmup = time.perf_counter() - t0
-    pre, dec = zip(*(once() for _ in range(runs)))
-    return {"prefill_tps": batch * PROMPT_TOKENS / statistics.median(pre),
-            "decode_tps": batch * DECODE_TOKENS / statistics.median(dec), "warmup_s": warmup}
+    speed = measure(model, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS, batch=batch, runs=runs)
+    return {key: speed[key] for key in ("prefill_tps", "decode_tps", "warmup_s")}
 
 
 def measure(path, strategies=STRATEGIES, *, policy: str = "f32", impl: str = "auto", runs: int = 3,

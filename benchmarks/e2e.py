@@ -38,37 +38,15 @@ def _peak_rss_mib() -> float:
 
 
 def worker_realm(model: str, policy: str, runs: int) -> dict:
-    import jax
-
     from realm_jax import assets, runtime
-    from realm_jax.sampling import SamplingConfig
+    from realm_jax.bench import measure
 
     start = time.perf_counter()
     m = runtime.load(assets.model_path(model), policy=policy, progress=False)
     load_s = time.perf_counter() - start
-    ids = _prompt_ids(m.config.vocab_size)
-    greedy = SamplingConfig()
-
-    def prefill() -> float:
-        t0 = time.perf_counter()
-        gen = m.start([ids], max_new_tokens=DECODE_TOKENS + 1, sampling=greedy, stop_ids=())
-        jax.block_until_ready(gen.token)
-        return time.perf_counter() - t0
-
-    def decode() -> float:
-        gen = m.start([ids], max_new_tokens=DECODE_TOKENS + 1, sampling=greedy, stop_ids=())
-        jax.block_until_ready(gen.token)
-        t0 = time.perf_counter()
-        gen.step(DECODE_TOKENS)
-        return time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    prefill(), decode()
-    warmup_s = time.perf_counter() - t0
-    pre = statistics.median(prefill() for _ in range(runs))
-    dec = statistics.median(decode() for _ in range(runs))
-    return {"prefill_tps": PROMPT_TOKENS / pre, "decode_tps": DECODE_TOKENS / dec, "load_s": load_s,
-            "warmup_s": warmup_s, "peak_rss_mib": _peak_rss_mib(), "policy": str(m.policy)}
+    speed = measure(m, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS, runs=runs)
+    return {"prefill_tps": speed["prefill_tps"], "decode_tps": speed["decode_tps"], "load_s": load_s,
+            "warmup_s": speed["warmup_s"], "peak_rss_mib": _peak_rss_mib(), "policy": str(m.policy)}
 
 
 def worker_llama(model: str, threads: int, runs: int) -> dict:

@@ -3,8 +3,9 @@
     realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
     realm-jax chat [--model FILE] [--system TEXT]                   chat on stdin with an instruct model
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
+    realm-jax bench [--model FILE] [--mesh ...] [--json]            prefill and decode tokens/s
     realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
-                                                                    one generate over N processes on this host
+                                                                    one generate (or bench) over N processes
     realm-jax launch --hosts A,B,... [--port P] -- generate ...     print the command for each host of a cluster
     realm-jax launch --process-id I --num-processes N --coordinator HOST:PORT -- generate ...   one worker
     realm-jax launch --cluster -- generate ...                      one worker under Slurm, Open MPI or Kubernetes
@@ -153,7 +154,6 @@ def _load(args: argparse.Namespace, mesh=None, progress: bool = True):
     from realm_jax.assets import default_model_path
     from realm_jax.runtime import load
 
-    _check_sampling(args)  # bad arguments fail before the model loads
     return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, impl=args.impl,
                 progress=progress)
 
@@ -194,18 +194,52 @@ def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_firs
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
+    del after_first_piece  # a launch's fault hook fires in generate only
+    from realm_jax.bench import check_sizes, measure
+
+    check_sizes(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=args.batch or 1,
+                runs=args.runs)  # before the model loads
+    config = _distributed_config(args)
+    mesh = None
+    if config is not None:
+        from realm_jax.distributed.coordinator import global_mesh
+
+        mesh = global_mesh(config)
+    model = _load(args, mesh, progress)
+    batch = args.batch or model.batch_multiple
+    speed = measure(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=batch,
+                    runs=args.runs)
+    speed |= {"model": str(model.path), "policy": str(model.policy), "impl": model.impl,
+              "mesh": None if model.mesh is None else dict(model.mesh.shape), "devices": len(jax_devices(model))}
+    if args.json:
+        print(json.dumps(speed))
+    else:
+        print(f"{model.path.name}: prefill {speed['prefill_tps']:.1f} tok/s ({batch} x {args.prompt_tokens} tokens), "
+              f"decode {speed['decode_tps']:.1f} tok/s ({batch} x {args.decode_tokens} tokens); policy {speed['policy']}, "
+              f"impl {speed['impl']}, mesh {speed['mesh'] or 'none'}, median of {args.runs}")
+    return 0
+
+
+def jax_devices(model) -> list:
+    import jax
+
+    return jax.devices() if model.mesh is None else list(model.mesh.devices.flat)
+
+
 def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Namespace]:
     """The command after `launch ... --`, checked here so that bad arguments fail before any process starts."""
     command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
     if not command:
         raise CoordinatorError('launch needs a command after --, e.g. -- generate "Once upon a time" --mesh model=2')
-    if command[0] != "generate":
-        raise CoordinatorError(f"launch runs generate on every process; got {command[0]!r}")
+    if command[0] not in ("generate", "bench"):
+        raise CoordinatorError(f"launch runs generate or bench on every process; got {command[0]!r}")
     gen = _parser().parse_args(command)
-    _check_sampling(gen)
+    if command[0] == "generate":
+        _check_sampling(gen)
     if _distributed_config(gen) is None:
-        raise CoordinatorError("launch needs generate --mesh (e.g. model=4) or --strategy: the mesh that spans the "
-                               "processes")
+        raise CoordinatorError(f"launch needs {command[0]} --mesh (e.g. model=4) or --strategy: the mesh that spans "
+                               "the processes")
     return command, gen
 
 
@@ -267,8 +301,8 @@ def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options) -> i
             with contextlib.ExitStack() as stack:
                 if not coord.is_main:  # process 0 prints the text
                     stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
-                _cmd_generate(gen, progress=coord.is_main,
-                              after_first_piece=lambda: launch.fault_point("generate", coord.rank))
+                gen.func(gen, progress=coord.is_main,
+                         after_first_piece=lambda: launch.fault_point("generate", coord.rank))
             coord.shutdown()
         except (CoordinatorError, PeerError) as e:  # they name the process already
             print(f"realm-jax: error: {e}", file=sys.stderr, flush=True)
@@ -295,6 +329,7 @@ def _who(coord, config) -> str:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    _check_sampling(args)  # bad arguments fail before the model loads
     model = _load(args)
     if model.tokenizer.chat_template is None:
         from realm_jax.errors import MetadataError
@@ -332,13 +367,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"realm-jax: error: {message} (see --help)\n")
 
 
-def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
                    "params=..,compute=..,kv=.. (default: auto for the device)")
     p.add_argument("--impl", choices=("auto", "pallas", "xla"), default="auto",
                    help="linear layers: the fused Pallas kernels on quantized weights, or XLA on weights converted "
                         "at load (default auto: pallas on GPU/TPU, xla on CPU, where pallas only interprets)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    _add_load_options(p)
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
@@ -348,17 +387,30 @@ def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], help="a string that ends the generation (repeatable)")
 
 
+def _add_mesh_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None, help="split the model over a data/stage/model mesh of all devices, "
+                   "e.g. model=2,data=2 (under launch: the devices of every process)")
+    p.add_argument("--strategy", default=None, help="none, tensor, pipeline, data or hybrid; "
+                   "without --mesh, all devices go on the strategy's axis")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="realm-jax", description="GGUF-quantized language models on JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     p.add_argument("prompt")
     _add_model_options(p, max_new_tokens=128)
-    p.add_argument("--mesh", default=None, help="split the model over a data/stage/model mesh of all devices, "
-                   "e.g. model=2,data=2 (under launch: the devices of every process)")
-    p.add_argument("--strategy", default=None, help="none, tensor, pipeline, data or hybrid; "
-                   "without --mesh, all devices go on the strategy's axis")
+    _add_mesh_options(p)
     p.set_defaults(func=_cmd_generate)
+    p = sub.add_parser("bench", help="prefill and decode tokens/s of a model on these devices (or a mesh)")
+    _add_load_options(p)
+    _add_mesh_options(p)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="prompts per run (default: 1, or the data axis)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (the median is reported)")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("chat", help="chat with an instruct model, one user message per stdin line")
     p.add_argument("--system", default=None, help="a system message")
     _add_model_options(p, max_new_tokens=256)

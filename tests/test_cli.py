@@ -74,6 +74,19 @@ def test_generate_with_the_fused_kernels():
     assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("Once upon a time")
 
 
+def test_bench_reports_tokens_per_second():
+    from realm_jax.reference import reference_dir
+
+    model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
+    proc = _cli("bench", "--model", model, "--prompt-tokens", "32", "--decode-tokens", "8", "--runs", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["prefill_tps"] > 0 and report["decode_tps"] > 0 and report["impl"] == "xla"
+    assert (report["batch"], report["prompt_tokens"], report["decode_tokens"], report["mesh"]) == (1, 32, 8, None)
+    bad = _cli("bench", "--model", model, "--decode-tokens", "0")
+    assert bad.returncode == 2 and bad.stderr.strip() == "realm-jax: error: decode_tokens=0 must be an int >= 1"
+
+
 def test_chat_reads_stdin(smollm2_path):
     proc = _cli("chat", "--model", str(smollm2_path), "--max-new-tokens", "16",
                 stdin="What is the capital of France?\n")

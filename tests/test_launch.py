@@ -9,6 +9,7 @@ through JAX's Slurm detection). Bad arguments fail before any process starts.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -130,7 +131,7 @@ TP2 = [*GENERATE, "--mesh", "model=2"]
     (["--", *TP2], "launch takes one of --processes N"),
     (["--processes", "2", "--hosts", "a,b", "--", *TP2], "got --processes and --hosts"),
     (["--processes", "2"], "needs a command after --"),
-    (["--processes", "2", "--", "inspect", MODEL], "launch runs generate on every process; got 'inspect'"),
+    (["--processes", "2", "--", "inspect", MODEL], "launch runs generate or bench on every process; got 'inspect'"),
     (["--processes", "2", "--", *GENERATE], "launch needs generate --mesh (e.g. model=4) or --strategy"),
     (["--processes", "0", "--", *TP2], "--processes=0 must be >= 1"),
     (["--processes", "2", "--cpu-devices", "0", "--", *TP2], "cpu_devices=0 must be an int >= 1"),
@@ -193,6 +194,17 @@ def test_two_processes_give_the_tokens_of_one():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == PROMPT + want + "\n"  # process 0 prints; stdout carries only the text
     assert not _errors(proc.stderr)
+
+
+def test_bench_over_two_processes():
+    """launch forwards bench too: one JSON report from process 0 for a mesh over both processes' devices."""
+    proc, _ = _run(["scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2", "--", "bench", "--model",
+                    MODEL, "--mesh", "model=4", "--prompt-tokens", "16", "--decode-tokens", "4", "--runs", "1",
+                    "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["devices"] == 4 and report["mesh"] == {"data": 1, "stage": 1, "model": 4}
+    assert report["prefill_tps"] > 0 and report["decode_tps"] > 0
 
 
 def _lost(proc, elapsed: float, rank: int) -> str:

@@ -1,0 +1,56 @@
+"""Prefill and decode speed of a loaded model, as `realm-jax bench`, benchmarks/e2e.py and
+benchmarks/distributed.py measure it."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from realm_jax.errors import SamplingError
+
+__all__ = ["check_sizes", "measure"]
+
+
+def check_sizes(**sizes: int) -> None:
+    """SamplingError unless every size is an int >= 1 (named as given)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SamplingError(f"{name}={value!r} must be an int >= 1")
+
+
+def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: int = 1, runs: int = 3) -> dict[str, Any]:
+    """Tokens per second of `model` on fixed pseudo-random prompts (no tokenizer time, the same ids every run).
+
+    One run is a jitted prefill of `batch` prompts of `prompt_tokens` (timed until the first token is
+    sampled), then `decode_tokens` greedy steps in one dispatch of the decode loop (timed until the tokens
+    are on the host). A first run compiles and is not counted; the medians of `runs` runs are reported.
+
+    Returns:
+      {"prefill_tps", "decode_tps" (tokens of the whole batch per second), "warmup_s", "batch",
+       "prompt_tokens", "decode_tokens", "runs"}.
+    """
+    import jax
+
+    from realm_jax.sampling import SamplingConfig
+
+    check_sizes(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, batch=batch, runs=runs)
+    ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (batch, prompt_tokens)).tolist()
+
+    def once() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        gen = model.start(ids, max_new_tokens=decode_tokens + 1, sampling=SamplingConfig(), stop_ids=())
+        jax.block_until_ready(gen.token)
+        t1 = time.perf_counter()
+        gen.step(decode_tokens)  # returns host arrays: the loop has finished
+        return t1 - t0, time.perf_counter() - t1
+
+    t0 = time.perf_counter()
+    once()
+    warmup = time.perf_counter() - t0
+    pre, dec = zip(*(once() for _ in range(runs)))
+    return {"prefill_tps": batch * prompt_tokens / statistics.median(pre),
+            "decode_tps": batch * decode_tokens / statistics.median(dec), "warmup_s": warmup, "batch": batch,
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "runs": runs}
