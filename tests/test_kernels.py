@@ -152,6 +152,18 @@ def test_qmatmul_dispatch(rng):
         realm_jax.qmatmul(x, w, impl="fast")
 
 
+def test_split_weight_needs_its_mesh_and_load_checks_impl(rng, tmp_path):
+    import dataclasses
+
+    from realm_jax.errors import ShardingError
+
+    w = dataclasses.replace(random_qtensor("Q4_K", N, 512, rng), axes=("model", None))
+    with pytest.raises(ShardingError, match="lacks: call it under jax.set_mesh"):
+        realm_jax.qmatmul(jnp.ones((1, 512), jnp.float32), w, impl="pallas")
+    with pytest.raises(ValueError, match="impl='cuda' must be one of auto, pallas, xla"):
+        realm_jax.load(tmp_path / "missing.gguf", impl="cuda")
+
+
 def test_kernel_argument_errors(rng):
     x = jnp.ones((1, 256), jnp.float32)
     with pytest.raises(UnsupportedFormatError, match="F16 weights have no fused kernel"):
