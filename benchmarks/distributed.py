@@ -50,7 +50,6 @@ import os
 import pathlib
 import platform
 import re
-import subprocess
 import sys
 import time
 
@@ -225,13 +224,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def resolve_model(spec: str) -> pathlib.Path:
     if pathlib.Path(spec).exists():
@@ -271,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax  # only now: XLA_FLAGS is read when JAX starts
 
+    from realm_jax.bench import git_revision
+
     path = resolve_model(args.model)
     devices = jax.devices()
     meta = {"model": path.name, "policy": args.policy, "platform": devices[0].platform,
             "device_kind": devices[0].device_kind, "devices": len(devices), "cpu_cores": os.cpu_count(),
-            "jax": jax.__version__, "commit": commit(), "date": datetime.date.today().isoformat(),
+            "jax": jax.__version__, "commit": git_revision(ROOT), "date": datetime.date.today().isoformat(),
             "host": platform.node(), "runs": args.runs, "prompt_tokens": PROMPT_TOKENS,
             "decode_tokens": DECODE_TOKENS, "command": "python benchmarks/distributed.py " + " ".join(argv)}
     if meta["platform"] == "cpu" and len(devices) > 1:

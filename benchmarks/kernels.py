@@ -26,7 +26,6 @@ import json
 import pathlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import zlib
@@ -39,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pallas_kernels  # noqa: E402
+from realm_jax.bench import git_revision  # noqa: E402
 from realm_jax.ops import qmatmul  # noqa: E402
 from realm_jax.quant import QTensor, dequantize, get_format  # noqa: E402
 
@@ -145,13 +145,6 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -176,7 +169,7 @@ def main(argv=None) -> int:
             ap.error(f"--formats: {fmt!r} has no fused kernel; choose from {', '.join(pallas_kernels.QUANTIZED_FORMATS)}")
     reps = args.reps or (3 if interpret else 20)
     copy_bps = copy_bandwidth((256 if interpret else 1024) << 20, reps, args.runs)
-    meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__, "commit": commit(),
+    meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__, "commit": git_revision(ROOT),
             "date": datetime.date.today().isoformat(), "host": platform.node(), "copy_gbps": copy_bps / 1e9,
             "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{meta['device']}: copy {copy_bps / 1e9:.1f} GB/s", flush=True)

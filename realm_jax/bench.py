@@ -3,7 +3,9 @@ benchmarks/distributed.py measure it."""
 
 from __future__ import annotations
 
+import pathlib
 import statistics
+import subprocess
 import time
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 
 from realm_jax.errors import SamplingError
 
-__all__ = ["check_sizes", "measure"]
+__all__ = ["check_sizes", "git_revision", "measure"]
 
 
 def check_sizes(**sizes: int) -> None:
@@ -54,3 +56,13 @@ def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: 
     return {"prefill_tps": batch * prompt_tokens / statistics.median(pre),
             "decode_tps": batch * decode_tokens / statistics.median(dec), "warmup_s": warmup, "batch": batch,
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "runs": runs}
+
+
+def git_revision(path: str | pathlib.Path = ".") -> str:
+    """The short commit hash of the checkout at `path` (benchmark tables name the commit they measured), or
+    "unknown" outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
