@@ -134,33 +134,36 @@ def _grid(value) -> np.ndarray:
     return out
 
 
-def _structural(eqn, x: np.ndarray, rest) -> np.ndarray:
-    name, p = eqn.primitive.name, eqn.params
-    if name == "reshape":
-        return x.reshape(p["new_sizes"])
-    if name == "broadcast_in_dim":
-        shape = list(p["shape"])
-        expanded = [1] * len(shape)
-        for src, dst in enumerate(p["broadcast_dimensions"]):
-            expanded[dst] = x.shape[src]
-        return np.broadcast_to(x.reshape(expanded), shape)
-    if name == "squeeze":
-        return np.squeeze(x, axis=tuple(p["dimensions"]))
-    if name == "transpose":
-        return np.transpose(x, p["permutation"])
-    if name == "concatenate":
-        return np.concatenate([x, *rest], axis=p["dimension"])
-    if name == "slice":
-        strides = p["strides"] or (1,) * x.ndim
-        return x[tuple(slice(*a) for a in zip(p["start_indices"], p["limit_indices"], strides))]
-    if name == "iota":
-        d = p["dimension"]
-        ramp = np.arange(p["shape"][d], dtype=p["dtype"]).reshape([-1 if i == d else 1 for i in range(len(p["shape"]))])
-        return _grid(np.broadcast_to(ramp, p["shape"]))
-    raise NotImplementedError(name)
+def _broadcast_in_dim(x: np.ndarray, rest, p) -> np.ndarray:
+    shape = list(p["shape"])
+    expanded = [1] * len(shape)
+    for src, dst in enumerate(p["broadcast_dimensions"]):
+        expanded[dst] = x.shape[src]
+    return np.broadcast_to(x.reshape(expanded), shape)
 
 
-_STRUCTURAL = {"reshape", "broadcast_in_dim", "squeeze", "transpose", "concatenate", "slice", "iota"}
+def _slice(x: np.ndarray, rest, p) -> np.ndarray:
+    strides = p["strides"] or (1,) * x.ndim
+    return x[tuple(slice(*a) for a in zip(p["start_indices"], p["limit_indices"], strides))]
+
+
+def _iota(x, rest, p) -> np.ndarray:
+    d = p["dimension"]
+    ramp = np.arange(p["shape"][d], dtype=p["dtype"]).reshape([-1 if i == d else 1 for i in range(len(p["shape"]))])
+    return _grid(np.broadcast_to(ramp, p["shape"]))
+
+
+# Primitives that only rearrange elements: applied to the element grid at trace time, emitting nothing.
+# Each takes (first operand, the other operands, params).
+_STRUCTURAL = {
+    "reshape": lambda x, rest, p: x.reshape(p["new_sizes"]),
+    "broadcast_in_dim": _broadcast_in_dim,
+    "squeeze": lambda x, rest, p: np.squeeze(x, axis=tuple(p["dimensions"])),
+    "transpose": lambda x, rest, p: np.transpose(x, p["permutation"]),
+    "concatenate": lambda x, rest, p: np.concatenate([x, *rest], axis=p["dimension"]),
+    "slice": _slice,
+    "iota": _iota,
+}
 
 
 def _apply(prim, args, params):
@@ -205,7 +208,7 @@ def _eval(jaxpr, consts, args, width: int):
         vals = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
         if name in _STRUCTURAL:
-            outs = [_structural(eqn, vals[0] if vals else None, vals[1:])]
+            outs = [_STRUCTURAL[name](vals[0] if vals else None, vals[1:], eqn.params)]
         elif name in ("pjit", "closed_call", "jit"):
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
             outs = _eval(inner.jaxpr, inner.consts, vals, width)

@@ -173,15 +173,21 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
-def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
-    _check_sampling(args)
+def _load_on_mesh(args: argparse.Namespace, progress: bool):
+    """The model of `generate`/`bench`, on the mesh --mesh/--strategy name (over every process's devices
+    under launch), or on one device."""
     config = _distributed_config(args)
     mesh = None
     if config is not None:
         from realm_jax.distributed.coordinator import global_mesh
 
         mesh = global_mesh(config)
-    model = _load(args, mesh, progress)
+    return _load(args, mesh, progress)
+
+
+def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
+    _check_sampling(args)
+    model = _load_on_mesh(args, progress)
     pieces = model.generate(args.prompt, stream=True, **_sampling_kwargs(args))
     sys.stdout.write(args.prompt)
     for i, piece in enumerate(pieces):
@@ -200,18 +206,12 @@ def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_p
 
     check_sizes(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=args.batch or 1,
                 runs=args.runs)  # before the model loads
-    config = _distributed_config(args)
-    mesh = None
-    if config is not None:
-        from realm_jax.distributed.coordinator import global_mesh
-
-        mesh = global_mesh(config)
-    model = _load(args, mesh, progress)
+    model = _load_on_mesh(args, progress)
     batch = args.batch or model.batch_multiple
     speed = measure(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=batch,
                     runs=args.runs)
     speed |= {"model": str(model.path), "policy": str(model.policy), "impl": model.impl,
-              "mesh": None if model.mesh is None else dict(model.mesh.shape), "devices": len(jax_devices(model))}
+              "mesh": None if model.mesh is None else dict(model.mesh.shape), "devices": 1 if model.mesh is None else model.mesh.devices.size}
     if args.json:
         print(json.dumps(speed))
     else:
@@ -219,12 +219,6 @@ def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_p
               f"decode {speed['decode_tps']:.1f} tok/s ({batch} x {args.decode_tokens} tokens); policy {speed['policy']}, "
               f"impl {speed['impl']}, mesh {speed['mesh'] or 'none'}, median of {args.runs}")
     return 0
-
-
-def jax_devices(model) -> list:
-    import jax
-
-    return jax.devices() if model.mesh is None else list(model.mesh.devices.flat)
 
 
 def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Namespace]:

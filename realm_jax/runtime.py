@@ -158,7 +158,6 @@ class Model:
         if step not in ("prefill", "decode"):
             raise ValueError(f"compiled_text: step={step!r} must be 'prefill' or 'decode'")
         prompts = [[self.tokenizer.bos_id or 1] * prompt_tokens] * batch
-        gen = _Generation(self, prompts, 2, SamplingConfig(), 0, [])
         if step == "prefill":
             b, t = len(prompts) + (-len(prompts) % self.batch_multiple), _round_up(prompt_tokens, _PROMPT_BUCKET)
             with self.mesh_context():
@@ -167,8 +166,8 @@ class Model:
                                          self._new_cache(b, _round_up(t + 2, _CACHE_BUCKET)), config=self.config,
                                          policy=self.policy, all_logits=False, pipeline=self.pipeline,
                                          impl=self.impl)
-        else:
-            lowered = gen.lower_step(1)
+        else:  # the decode loop's inputs come from a prefill
+            lowered = _Generation(self, prompts, 2, SamplingConfig(), 0, []).lower_step(1)
         return lowered.compile().as_text()
 
     def mesh_context(self):
