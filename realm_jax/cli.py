@@ -365,9 +365,10 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
                    "params=..,compute=..,kv=.. (default: auto for the device)")
-    p.add_argument("--impl", choices=("auto", "pallas", "xla"), default="auto",
-                   help="linear layers: the fused Pallas kernels on quantized weights, or XLA on weights converted "
-                        "at load (default auto: pallas on GPU/TPU, xla on CPU, where pallas only interprets)")
+    p.add_argument("--impl", choices=("auto", "pallas", "xla", "native"), default="auto",
+                   help="linear layers: the fused Pallas kernels on quantized weights, XLA on weights converted "
+                        "at load, or the native CPU matmul on the weights as stored (decode) and XLA (prefill) "
+                        "(default auto: pallas on GPU/TPU; on CPU native where it builds, else xla)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "QTensorError",
     "ShapeMismatchError",
     "DTypeError",
+    "NativeBuildError",
     "ModelUnavailableError",
     "UnsupportedArchitectureError",
     "MissingTensorError",
@@ -117,6 +118,11 @@ class ShapeMismatchError(RealmError):
 
 class DTypeError(RealmError):
     """An operand has a dtype the op does not accept."""
+
+
+class NativeBuildError(RealmError):
+    """The native CPU matmul (realm_jax.native) cannot be built, loaded or used here (no compiler, a failed
+    build: it names the command and its output; not a CPU)."""
 
 
 # --- assets -----------------------------------------------------------------------------------

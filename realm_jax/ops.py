@@ -1,5 +1,5 @@
 """The operations of the inference path: `qmatmul` (the XLA path, the reference for the Pallas kernels and
-the execution path on CPU), `embed`, `rms_norm`, `rope` and `attention`.
+for the native CPU matmul, and prefill's path on CPU), `embed`, `rms_norm`, `rope` and `attention`.
 
 Shapes: B batch, T tokens, S key positions, N query heads, K kv heads (or the contraction, in qmatmul),
 G query heads per kv head, H head dim, D model width, R rotated dims.
@@ -8,13 +8,14 @@ G query heads per kv head, H head dim, D model width, R rotated dims.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, ShardingError
+from realm_jax.errors import DTypeError, NativeBuildError, QTensorError, ShapeMismatchError, ShardingError
 from realm_jax.quant import QTensor, dequantize_tile
 
 __all__ = ["IMPLS", "attention", "embed", "qmatmul", "resolve_impl", "rms_norm", "rope"]
@@ -22,25 +23,32 @@ __all__ = ["IMPLS", "attention", "embed", "qmatmul", "resolve_impl", "rms_norm",
 _FLOATS = (jnp.float32, jnp.float16, jnp.bfloat16)
 
 
-def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None, impl: str = "auto") -> jax.Array:
+def qmatmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, impl: str = "auto") -> jax.Array:
     """y = x @ dequant(w)^T with f32 accumulation.
 
     Args:
       x: [B..., K] float32, float16 or bfloat16.
-      w: a 2-D QTensor of logical shape (N, K), any supported format.
+      w: a 2-D QTensor of logical shape (N, K), any supported format; or a `realm_jax.native.NativeWeight`
+        (what `load` builds for impl "native"), which takes the native path whatever `impl` says.
       compute_dtype: the dtype the weight is dequantized to and x is cast to before the dot; defaults
         to x.dtype. Accumulation is f32 whatever it is.
       out_dtype: the dtype of y; defaults to x.dtype.
       impl: "xla" (dequantize with jnp, then a dot), "pallas" (the fused kernels of `pallas_kernels`;
-        on CPU in interpret mode) or "auto": the kernels on GPU and TPU, the XLA path on CPU. Dense
-        weights (F32/F16/BF16) take the plain dot whatever `impl` says.
+        on CPU in interpret mode), "native" (CPU: `realm_jax.native`'s kernel reading the planes, for up
+        to `native.MAX_ROWS` rows of x; the XLA path for more) or "auto": the kernels on GPU and TPU,
+        "native" on CPU where it builds, else "xla". Under "pallas" dense weights (F32/F16/BF16) take the
+        plain dot.
 
     Returns:
       [B..., N] in out_dtype.
     """
-    if not isinstance(w, QTensor):
-        raise QTensorError(f"qmatmul: w must be a QTensor, got {type(w).__name__}")
-    w.check("qmatmul: w")
+    from realm_jax.native import NativeWeight
+
+    if not isinstance(w, (QTensor, NativeWeight)):
+        raise QTensorError(f"qmatmul: w must be a QTensor or a NativeWeight, got {type(w).__name__}")
+    for part in (w.packed, w.dense) if isinstance(w, NativeWeight) else (w,):
+        if part is not None:
+            part.check("qmatmul: w")
     x = jnp.asarray(x)
     if x.dtype not in _FLOATS:
         raise DTypeError(f"qmatmul: x.dtype={x.dtype} must be one of float32, float16, bfloat16")
@@ -54,24 +62,66 @@ def qmatmul(x: jax.Array, w: QTensor, *, compute_dtype=None, out_dtype=None, imp
         if dt not in _FLOATS:
             raise DTypeError(f"qmatmul: {name}={dt} must be one of float32, float16, bfloat16")
     platform = jax.default_backend()
-    if resolve_impl(impl, platform) == "pallas" and w.format.block_size > 1:
+    if isinstance(w, NativeWeight):
+        return _qmatmul_native(x, w, compute_dtype, out_dtype, platform)
+    impl = resolve_impl(impl, platform)
+    if impl == "native":
+        from realm_jax import native
+
+        if native.supports(w):
+            return _qmatmul_native(x, NativeWeight(w), compute_dtype, out_dtype, platform)
+    if impl == "pallas" and w.format.block_size > 1:
         if w.axes is not None:
             return _qmatmul_pallas_sharded(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
         return _qmatmul_pallas(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
     return _qmatmul_xla(x, w, compute_dtype, out_dtype)
 
 
-IMPLS = ("auto", "pallas", "xla")
+IMPLS = ("auto", "pallas", "xla", "native")
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """"pallas" or "xla" for qmatmul's `impl` on a JAX platform: "auto" is the XLA path on CPU (where the
-    kernels only interpret) and the fused kernels on GPU and TPU."""
+def resolve_impl(impl: str, platform: str | None = None, *, devices: int = 1) -> str:
+    """"pallas", "xla" or "native" for `impl` on a JAX platform, for params spread over `devices`.
+
+    "auto" is the fused kernels on GPU and TPU; on CPU, the native matmul (`realm_jax.native`) where it
+    builds and the params sit on one device, else the XLA path (the kernels only interpret on CPU).
+    "native" elsewhere is an error: it is a CPU custom call XLA cannot split over a mesh."""
     if impl not in IMPLS:
         raise ValueError(f"qmatmul: impl={impl!r} must be one of {', '.join(IMPLS)}")
+    platform = platform or jax.default_backend()
+    if impl == "native":
+        if devices > 1:
+            raise ShardingError(f"impl='native' runs on one CPU device, not on a mesh of {devices} (XLA cannot "
+                                f"split its custom call): use impl='xla' or 'auto'")
+        if platform != "cpu":
+            raise NativeBuildError(f"impl='native' runs on one CPU device, not on {platform}: use impl='auto'")
+        from realm_jax import native
+
+        if not native.available():
+            raise NativeBuildError(native.reason())
+        return impl
     if impl == "auto":
-        return "xla" if (platform or jax.default_backend()) == "cpu" else "pallas"
+        if platform != "cpu":
+            return "pallas"
+        from realm_jax import native
+
+        return "native" if devices == 1 and native.available() else "xla"
     return impl
+
+
+def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
+    """A NativeWeight: the native kernel on its packed planes for few rows, XLA's dot on its dense copy for
+    more (or the kernel again where there is none and the packed weight is quantized)."""
+    from realm_jax import native
+
+    if platform != "cpu":
+        raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
+    rows = math.prod(x.shape[:-1])
+    if rows > native.MAX_ROWS:
+        big = w.dense if w.dense is not None else w.packed if w.packed.format.block_size == 1 else None
+        if big is not None:
+            return _qmatmul_xla(x, big, compute_dtype, out_dtype)
+    return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))

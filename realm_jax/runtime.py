@@ -29,6 +29,8 @@ from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, pa
 from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
 from realm_jax.ops import resolve_impl
 from realm_jax.precision import Policy, resolve_policy
+from realm_jax import native
+from realm_jax.native import NativeWeight
 from realm_jax.quant import QTensor, to_dense
 from realm_jax.sampling import SamplingConfig, sample, step_keys
 from realm_jax.tokenizer import Tokenizer
@@ -48,8 +50,30 @@ def _round_up(n: int, m: int) -> int:
 def _linear_weights(dtype, impl: str):
     """How a linear layer's weight is kept on the device. For the fused kernels ("pallas"): quantized, as
     stored. For the XLA path, which would dequantize every weight on every call: dense in `dtype`, converted
-    once at load. Weights stored dense (F32/F16/BF16) take `dtype` either way."""
-    return lambda qt: qt if impl == "pallas" and qt.format.block_size > 1 else to_dense(qt, dtype)
+    once at load. For "native" (CPU): a `NativeWeight` holding the planes as stored for the decode kernel
+    and a dense copy for prefill's dot. Weights stored dense (F32/F16/BF16) take `dtype` either way."""
+    def convert(qt: QTensor):
+        if impl == "pallas" and qt.format.block_size > 1:
+            return qt
+        dense = to_dense(qt, dtype)
+        if impl == "native" and native.supports(qt):
+            return NativeWeight(qt, dense) if qt.format.block_size > 1 else NativeWeight(dense)
+        return dense
+
+    return convert
+
+
+def _output_weight(dtype, impl: str):
+    """The output projection's weight: as `_linear_weights`, but for "native" without the dense copy (a
+    prefill multiplies only its last positions by it; `Model.logits` runs the kernel on every row)."""
+    linear = _linear_weights(dtype, impl)
+
+    def convert(qt: QTensor):
+        if impl == "native" and native.supports(qt) and qt.format.block_size > 1:
+            return NativeWeight(qt)
+        return linear(qt)
+
+    return convert
 
 
 def _layer_stack(pipeline):
@@ -449,7 +473,7 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)
-    impl = resolve_impl(impl, device.platform)
+    impl = resolve_impl(impl, device.platform, devices=1 if mesh is None else mesh.size)
     progress = sys.stderr.isatty() if progress is None else progress
     metadata, tensors = read_gguf(path, progress=progress)
     config = config_from_gguf(metadata, tensors, str(path))
@@ -466,7 +490,8 @@ def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, 
     """The params pytree the jitted forward takes: linear weights quantized (impl "pallas") or in the
     policy's dense dtype ("xla"), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
     them by heads), layers stacked into scan runs. Traceable (see `memory_plan`)."""
-    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy.params, impl))
+    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy.params, impl),
+                                 output=_output_weight(policy.params, impl))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
     params["layers"] = stack_layers(layers)
     return params
@@ -478,7 +503,11 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
     layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
-        return jax.device_put(build_params(config, tensors, source, policy, impl=impl), device)
+        host = build_params(config, tensors, source, policy, impl=impl)
+        params = jax.device_put(host, device)
+        if isinstance(host["output"], NativeWeight) and host["output"].packed is host["embed"]:
+            params["output"] = NativeWeight(params["embed"])  # tied: one copy of the table on the device
+        return params
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 

@@ -75,13 +75,14 @@ def test_generate_with_the_fused_kernels():
 
 
 def test_bench_reports_tokens_per_second():
+    from realm_jax import native
     from realm_jax.reference import reference_dir
 
     model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
     proc = _cli("bench", "--model", model, "--prompt-tokens", "32", "--decode-tokens", "8", "--runs", "1", "--json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["prefill_tps"] > 0 and report["decode_tps"] > 0 and report["impl"] == "xla"
+    assert report["prefill_tps"] > 0 and report["decode_tps"] > 0 and report["impl"] == ("native" if native.available() else "xla")
     assert (report["batch"], report["prompt_tokens"], report["decode_tokens"], report["mesh"]) == (1, 32, 8, None)
     bad = _cli("bench", "--model", model, "--decode-tokens", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "realm-jax: error: decode_tokens=0 must be an int >= 1"

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from realm_jax.distributed.hlo import collective_bytes
     out = {}
     for path in sys.argv[1:]:
-        ref = realm_jax.load(path, policy="f32", progress=False)
+        ref = realm_jax.load(path, policy="f32", progress=False, impl="xla")  # a mesh's path on CPU
         ids = ref.tokenizer.encode("The history of computing is a story of people trying to make machines")
         want, greedy = ref.logits(ids), ref.generate_ids([ids], max_new_tokens=12)
         rows = {}
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
         out[path] = rows
     path = sys.argv[1]
     prompts = ["The history of computing", "Once upon a time, in a small village", "def fibonacci(n):"]
-    ref = realm_jax.load(path, policy="f32", progress=False)
+    ref = realm_jax.load(path, policy="f32", progress=False, impl="xla")  # a mesh's path on CPU
     want = ref.generate(prompts, max_new_tokens=8)
     ids = ref.tokenizer.encode(prompts[1])
     logits = ref.logits(ids)
@@ -67,7 +67,7 @@ DATA_SCRIPT = textwrap.dedent("""
     import jax, numpy as np, realm_jax
     from realm_jax.distributed import make_mesh
     prompts = ["The history of computing", "Once upon a time, in a small village", "def fibonacci(n):"]
-    ref = realm_jax.load(sys.argv[1], policy="bf16", progress=False)
+    ref = realm_jax.load(sys.argv[1], policy="bf16", progress=False, impl="xla")  # a mesh's path on CPU
     want = ref.generate(prompts, max_new_tokens=8)
     ids = ref.tokenizer.encode(prompts[1])
     logits = ref.logits(ids)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
+from realm_jax.native import NativeWeight
 from realm_jax.quant import QTensor, concat_rows, dequantize
 
 __all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "fuse_projections", "params_from_tensors"]
@@ -70,13 +71,15 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source: str,
-                        linear: Callable[[QTensor], Any] = lambda qt: qt) -> dict[str, Any]:
+                        linear: Callable[[QTensor], Any] = lambda qt: qt,
+                        output: Callable[[QTensor], Any] | None = None) -> dict[str, Any]:
     """The params pytree of `config` from a file's tensors, every shape checked.
 
     Args:
       linear: applied to each matrix the forward pass multiplies by (e.g. to convert its format); the
         embedding table stays as stored, norm and bias vectors become f32 arrays. Traceable: under
         `jax.eval_shape` it gives the params' shapes and dtypes without computing them.
+      output: the same for the output projection (default: `linear`).
     """
 
     used = set(_IGNORED)
@@ -95,7 +98,7 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
     params: dict[str, Any] = {"embed": take("token_embd.weight", (v, d), convert=lambda qt: qt),
                               "final_norm": take("output_norm.weight", (d,)),
                               "output": take("token_embd.weight" if config.tied_embeddings else "output.weight",
-                                             (v, d))}
+                                             (v, d), convert=output or linear)}
     shapes = _expected_shapes(config)
     params["layers"] = [{key: take(f"blk.{i}.{_LAYER_TENSORS[key]}", shape) for key, shape in shapes.items()}
                         for i in range(config.n_layers)]
@@ -112,8 +115,10 @@ def fuse_projections(layer: dict[str, Any]) -> dict[str, Any]:
     layer = dict(layer)
     groups = (("wqkv", ("wq", "wk", "wv"), ("bq", "bk", "bv")), ("w_gateup", ("w_gate", "w_up"), ()))
     for fused, names, biases in groups:
-        if len({layer[n].fmt for n in names}) == 1:
-            layer[fused] = concat_rows([layer.pop(n) for n in names])
+        ws = [layer[n] for n in names]
+        if len({(type(w), w.fmt) for w in ws}) == 1:
+            concat = NativeWeight.concat_rows if isinstance(ws[0], NativeWeight) else concat_rows
+            layer[fused] = concat([layer.pop(n) for n in names])
             if biases and all(b in layer for b in biases):
                 layer["b" + fused[1:]] = jnp.concatenate([layer.pop(b) for b in biases])
     return layer

@@ -1,0 +1,224 @@
+"""realm-jax's native CPU matmul: the decode path on CPU, reached from XLA as an FFI custom call.
+
+On a CPU, XLA multiplies the one or few rows of a decode step by a 16-bit or 8-bit weight far below memory
+bandwidth (BENCHMARKS.md: 6-20 GB/s against 40-80), and it can only read 4-bit planes by dequantizing the
+whole weight on every call. `qmatmul.cc` streams a weight's planes (any realm-jax format: the k-quants,
+the legacy block formats, F32/F16/BF16) once per call, dequantizes 32 elements at a time in registers with
+the format's own formulas, multiplies them by the rows of x in f32 and splits the weight's rows over XLA's
+intra-op thread pool.
+
+The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
+``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
+compiler, the flags, jax's version and the CPU) and registered as the XLA FFI target ``realm_qmatmul``.
+``REALM_JAX_NATIVE=0`` turns it off; `available()` then says False and `reason()` why, and impl "auto"
+stays on the XLA path. Asking for impl "native" where it cannot be built raises `NativeBuildError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax.errors import NativeBuildError, QTensorError, ShapeMismatchError
+from realm_jax.quant import QTensor, concat_rows
+
+__all__ = ["FORMAT_IDS", "MAX_ROWS", "NativeWeight", "available", "build", "matmul", "reason", "supports",
+           "vector_path"]
+
+_SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
+# The format ids qmatmul.cc's `Fmt` enum expects; planes are passed in the format's plane order.
+FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 10, "Q4_1": 11, "Q5_0": 12, "Q5_1": 13, "Q8_0": 14,
+              "Q4_K": 20, "Q5_K": 21, "Q6_K": 22, "Q8_K": 23}
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
+# Up to this many rows of x the native kernel runs; from here on XLA's dot on a dense copy is faster
+# (measured on the 2-core AVX-512 CPU: it dequantizes once per row block of 4, the dot packs once).
+MAX_ROWS = 16
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class NativeWeight:
+    """A linear layer's weight for impl "native" (one CPU device).
+
+    Attributes:
+      packed: the weight the native kernel reads for up to MAX_ROWS rows of x (decode): the planes as
+        stored in the file, or the policy's dense dtype for weights stored dense.
+      dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None
+        where only few rows are ever multiplied at speed (the output projection: a prefill needs only the
+        last position's logits), or where `packed` is dense already.
+    """
+
+    packed: QTensor
+    dense: QTensor | None = None
+
+    @property
+    def fmt(self) -> str:
+        return self.packed.fmt
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.packed.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.packed.ndim
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + (self.dense.nbytes if self.dense is not None else 0)
+
+    @staticmethod
+    def concat_rows(ws) -> NativeWeight:
+        """Weights of one format stacked along their rows (fused q|k|v, gate|up)."""
+        ws = list(ws)
+        if any(not isinstance(w, NativeWeight) for w in ws) or len({w.dense is None for w in ws}) != 1:
+            raise QTensorError(f"NativeWeight.concat_rows: needs NativeWeights alike, got {ws}")
+        dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense)
+
+    def __repr__(self) -> str:
+        return f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None})"
+
+
+def _compiler() -> str:
+    for cxx in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cxx and shutil.which(cxx):
+            return cxx
+    raise NativeBuildError("realm_jax.native: no C++ compiler found ($CXX, g++, c++, clang++); install one "
+                           "(e.g. `apt install g++`) or use impl='xla'")
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_root() -> pathlib.Path:
+    from realm_jax.assets import cache_dir
+
+    return cache_dir() / "native"
+
+
+def build(portable: bool = False) -> pathlib.Path:
+    """Compile qmatmul.cc (once per source, compiler, flags, jax version and CPU) and return the shared
+    library's path. `portable` builds the scalar path even where AVX-512 is present (the tests check it).
+    Raises NativeBuildError with the compiler's output when it fails."""
+    cxx = _compiler()
+    flags = (*_FLAGS, "-DREALM_PORTABLE") if portable else _FLAGS
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise NativeBuildError(f"realm_jax.native: cannot run {cxx} --version: {e}") from None
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, " ".join(flags), jax.__version__,
+                                    platform.machine(), _cpu_signature()]).encode()).hexdigest()[:16]
+    name = "librealm_qmatmul_portable.so" if portable else "librealm_qmatmul.so"
+    target = _cache_root() / key / name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise NativeBuildError(f"realm_jax.native: building {_SOURCE.name} failed ({' '.join(cmd)}):\n"
+                                   f"{done.stderr.strip()[-4000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+    except subprocess.TimeoutExpired:
+        raise NativeBuildError(f"realm_jax.native: {' '.join(cmd)} ran past 600 s") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _load(portable: bool) -> ctypes.CDLL:
+    """Build, load and register the library (once per process); NativeBuildError if that fails."""
+    if os.environ.get("REALM_JAX_NATIVE", "1") == "0":
+        raise NativeBuildError("realm_jax.native: turned off by REALM_JAX_NATIVE=0")
+    path = build(portable)
+    try:
+        lib = ctypes.CDLL(str(path))
+        handler = lib.RealmQMatmul
+    except (OSError, AttributeError) as e:
+        raise NativeBuildError(f"realm_jax.native: cannot load {path}: {e}") from None
+    jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
+    return lib
+
+
+def available() -> bool:
+    """Whether the native matmul is built and registered here (building it on the first call)."""
+    try:
+        _load(False)
+        return True
+    except NativeBuildError:
+        return False
+
+
+def reason() -> str | None:
+    """Why `available()` is False, or None."""
+    try:
+        _load(False)
+        return None
+    except NativeBuildError as e:
+        return str(e)
+
+
+def vector_path(portable: bool = False) -> bool:
+    """Whether the loaded library runs the AVX-512 path (False: the portable scalar path)."""
+    return bool(_load(portable).realm_native_vector_path())
+
+
+def supports(w) -> bool:
+    """Whether `matmul` takes this weight: a 2-D QTensor of a format above, K a multiple of 32."""
+    return w.fmt in FORMAT_IDS and w.ndim == 2 and w.shape[1] % 32 == 0
+
+
+def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, portable: bool = False) -> jax.Array:
+    """y = x @ dequant(w)^T on CPU with f32 accumulation, reading w's planes as they are.
+
+    Args:
+      x: [..., K] float array; it is rounded to `compute_dtype` (default x.dtype), then multiplied in f32
+        (products of a 16-bit x and a dequantized weight are exact in f32, so a bf16 compute dtype gives
+        the bf16 matmul's result).
+      w: a 2-D `QTensor` (N, K) that `supports` accepts.
+      out_dtype: y's dtype (default x.dtype).
+      portable: use the scalar build (for tests).
+
+    Returns:
+      [..., N] in out_dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    w.check("realm_jax.native.matmul: w")
+    if not supports(w):
+        raise ShapeMismatchError(f"realm_jax.native.matmul: {w} is not supported (a 2-D weight of "
+                                 f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
+    if x.shape[-1] != w.shape[1]:
+        raise ShapeMismatchError(f"realm_jax.native.matmul: x.shape={x.shape} must end in K={w.shape[1]}")
+    _load(portable)
+    compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    rows = x.reshape(-1, x.shape[-1]).astype(compute_dtype).astype(jnp.float32)
+    planes = [w.planes[p.name] for p in w.format.planes]
+    out = jax.ShapeDtypeStruct((rows.shape[0], w.shape[0]), jnp.float32)
+    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]))
+    return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)

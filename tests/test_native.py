@@ -1,0 +1,173 @@
+"""The native CPU matmul (realm_jax.native): every format, both builds (AVX-512 and portable), against a
+float64 matmul of gguf-style dequantized weights; its place in qmatmul and load; its failure modes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import realm_jax
+from realm_jax import native
+from realm_jax.errors import NativeBuildError, ShapeMismatchError, ShardingError
+from realm_jax.native import NativeWeight
+from realm_jax.ops import resolve_impl
+from realm_jax.quant import dequantize, to_dense
+from helpers import matmul_tolerance, random_qtensor
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native matmul unavailable: {native.reason()}")
+
+FORMATS = list(native.FORMAT_IDS)
+N = 37  # rows: not a multiple of the 16-row chunks the threads take
+
+
+def rms(a) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
+
+
+def reference(x, w, compute_dtype):
+    """float64 x (rounded to the compute dtype, as the kernel rounds it) @ dequant(w)^T."""
+    xr = np.asarray(jnp.asarray(x).astype(compute_dtype).astype(jnp.float32), np.float64)
+    return xr @ np.asarray(dequantize(w), np.float64).T
+
+
+def check(x, w, compute_dtype=jnp.float32, out_dtype=jnp.float32, portable=False):
+    y = jax.jit(lambda x, w: native.matmul(x, w, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                                           portable=portable))(x, w)
+    assert y.dtype == jnp.dtype(out_dtype) and y.shape == (*x.shape[:-1], w.shape[0])
+    want = reference(x, w, compute_dtype)
+    # The products are exact in f32 whatever the compute dtype: only f32 accumulation (and the final
+    # rounding to out_dtype) separates the kernel from the float64 reference.
+    tol = matmul_tolerance(jnp.float32, w.shape[1], rms(x), rms(dequantize(w)))
+    if jnp.dtype(out_dtype) != jnp.float32:
+        tol += float(np.max(np.abs(want))) * float(jnp.finfo(out_dtype).eps)
+    err = float(np.max(np.abs(np.asarray(y, np.float64) - want)))
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_every_format_matches_reference(fmt, m, portable, rng):
+    k = 512 if m % 2 else 256
+    w = random_qtensor(fmt, N, k, rng)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    check(x, w, portable=portable)
+
+
+@pytest.mark.parametrize("compute_dtype,out_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float16),
+                                                     (jnp.float32, jnp.bfloat16)])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q5_0", "Q8_0", "BF16"])
+def test_compute_and_out_dtypes(fmt, compute_dtype, out_dtype, rng):
+    w = random_qtensor(fmt, N, 1024, rng)
+    x = jnp.asarray(rng.standard_normal((2, 5, 1024)), jnp.float32)  # leading dims are flattened and restored
+    check(x, w, compute_dtype, out_dtype)
+
+
+def test_many_rows_and_threads(rng):
+    """Thousands of rows: many chunks over the thread pool, every row written once."""
+    w = random_qtensor("Q4_K", 4099, 256, rng)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32)
+    check(x, w)
+
+
+def test_builds_report_their_path():
+    assert native.vector_path(portable=True) is False
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if " avx512f " in flags and " avx512bw " in flags:
+        assert native.vector_path() is True
+
+
+def test_bad_operands_are_clear_errors(rng):
+    w = random_qtensor("Q8_0", 8, 64, rng)
+    with pytest.raises(ShapeMismatchError, match="must end in K=64"):
+        native.matmul(jnp.zeros((1, 32)), w)
+    odd = to_dense(random_qtensor("F32", 4, 40, rng), jnp.float32)  # K not a multiple of 32
+    assert not native.supports(odd)
+    with pytest.raises(ShapeMismatchError, match="not supported"):
+        native.matmul(jnp.zeros((1, 40)), odd)
+
+
+def test_kernel_rejects_mismatched_planes(rng):
+    """The custom call checks what it is given: a plane of the wrong size is an error, not a bad read."""
+    w = random_qtensor("Q8_0", 8, 64, rng)
+    native.matmul(jnp.zeros((1, 64)), w)  # registered
+    short = w.planes["qs"][:4]
+    call = jax.ffi.ffi_call("realm_qmatmul", jax.ShapeDtypeStruct((1, 8), jnp.float32))
+    with pytest.raises(Exception, match="plane's size"):
+        jax.block_until_ready(call(jnp.zeros((1, 64)), w.planes["d"], short, fmt=np.int64(14)))
+    with pytest.raises(Exception, match="unknown format"):
+        jax.block_until_ready(call(jnp.zeros((1, 64)), w.planes["d"], w.planes["qs"], fmt=np.int64(99)))
+
+
+@pytest.mark.parametrize("rows", [1, native.MAX_ROWS, native.MAX_ROWS + 1, 40])
+def test_qmatmul_native_weight(rows, rng):
+    """A NativeWeight: the kernel up to MAX_ROWS rows, XLA's dot on the dense copy past it; both within
+    the compute dtype's tolerance of the reference."""
+    qt = random_qtensor("Q4_K", N, 512, rng)
+    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16))
+    x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.float32)
+    y = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))(x, w)
+    want = np.asarray(x, np.float64) @ np.asarray(dequantize(qt), np.float64).T
+    tol = matmul_tolerance(jnp.bfloat16, 512, rms(x), rms(dequantize(qt)))
+    assert float(np.max(np.abs(np.asarray(y) - want))) <= tol
+    text = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16)).lower(x, w).as_text()
+    assert ("realm_qmatmul" in text) == (rows <= native.MAX_ROWS)
+
+
+def test_resolve_impl():
+    assert resolve_impl("auto", "cpu") == "native"
+    assert resolve_impl("auto", "cpu", devices=8) == "xla"  # a custom call cannot be split over a mesh
+    assert resolve_impl("auto", "gpu") == "pallas"
+    assert resolve_impl("native", "cpu") == "native"
+    with pytest.raises(NativeBuildError, match="one CPU device, not on gpu"):
+        resolve_impl("native", "gpu")
+    with pytest.raises(ShardingError, match="not on a mesh of 2"):
+        resolve_impl("native", "cpu", devices=2)
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+def test_turned_off_or_unbuildable(tmp_path):
+    """REALM_JAX_NATIVE=0 or a compiler that fails: "auto" stays on XLA, "native" names the cause."""
+    code = """
+        import realm_jax
+        from realm_jax.ops import resolve_impl
+        print("auto:", resolve_impl("auto", "cpu"))
+        try:
+            resolve_impl("native", "cpu")
+        except realm_jax.errors.NativeBuildError as e:
+            print("error:", str(e).splitlines()[0])
+    """
+    off = _run(code, REALM_JAX_NATIVE="0")
+    assert "auto: xla" in off.stdout and "turned off by REALM_JAX_NATIVE=0" in off.stdout, off.stderr
+    broken = _run(code, CXX="false", REALM_JAX_CACHE=str(tmp_path))
+    assert "auto: xla" in broken.stdout and "building qmatmul.cc failed (false -O3" in broken.stdout, broken.stderr
+
+
+def test_load_native_matches_xla(smollm2_path):
+    """The real model through the native path: the weights as stored plus a dense copy for prefill, the
+    tied output projection sharing the embedding's planes; logits and greedy text as on the XLA path."""
+    a = realm_jax.load(smollm2_path, impl="native")
+    b = realm_jax.load(smollm2_path, impl="xla")
+    assert a.impl == "native" and b.impl == "xla"
+    assert isinstance(a.params["output"], NativeWeight) and a.params["output"].dense is None
+    assert a.params["output"].packed.planes["qs"] is a.params["embed"].planes["qs"]
+    layer = a.params["layers"][0].params
+    assert isinstance(layer["wqkv"], NativeWeight) and layer["wqkv"].fmt == "Q4_1"
+    ids = a.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
+    assert "realm_qmatmul" in a.compiled_text("decode")
+    prompt = "The capital of France is"
+    assert a.generate(prompt, max_new_tokens=8) == b.generate(prompt, max_new_tokens=8)
