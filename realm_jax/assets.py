@@ -24,7 +24,7 @@ import zipfile
 
 from realm_jax.errors import ModelUnavailableError
 
-__all__ = ["KNOWN_MODELS", "cache_dir", "default_model_path", "model_path"]
+__all__ = ["KNOWN_MODELS", "cache_dir", "cache_root", "default_model_path", "model_path"]
 
 DEFAULT_MODEL = "gemma3-270m-q4_k_m"
 
@@ -52,10 +52,14 @@ KNOWN_MODELS: dict[str, _Model] = {
 }
 
 
+def cache_root() -> pathlib.Path:
+    """realm-jax's cache: ``$REALM_JAX_CACHE`` or ``~/.cache/realm-jax`` (models/, native/)."""
+    return pathlib.Path(os.environ.get("REALM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "realm-jax")
+
+
 def cache_dir() -> pathlib.Path:
-    """The folder models are cached in: ``$REALM_JAX_CACHE`` or ``~/.cache/realm-jax``."""
-    root = os.environ.get("REALM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "realm-jax"
-    path = pathlib.Path(root) / "models"
+    """The folder models are cached in: `cache_root()` / models."""
+    path = cache_root() / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -46,7 +46,9 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, impl: str = 
 
     if not isinstance(w, (QTensor, NativeWeight)):
         raise QTensorError(f"qmatmul: w must be a QTensor or a NativeWeight, got {type(w).__name__}")
-    for part in (w.packed, w.dense) if isinstance(w, NativeWeight) else (w,):
+    # (A NativeWeight read in place from a stack of layers is checked by native.matmul.)
+    parts = ((w.packed if w.layer is None else None), w.dense) if isinstance(w, NativeWeight) else (w,)
+    for part in parts:
         if part is not None:
             part.check("qmatmul: w")
     x = jnp.asarray(x)
@@ -118,10 +120,11 @@ def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
         raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
     rows = math.prod(x.shape[:-1])
     if rows > native.MAX_ROWS:
-        big = w.dense if w.dense is not None else w.packed if w.packed.format.block_size == 1 else None
+        big = w.dense if w.dense is not None else w.packed if w.packed.format.block_size == 1 and w.layer is None \
+            else None
         if big is not None:
             return _qmatmul_xla(x, big, compute_dtype, out_dtype)
-    return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, layer=w.layer)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))

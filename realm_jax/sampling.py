@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from realm_jax.errors import SamplingError
 
-__all__ = ["SamplingConfig", "sample", "step_keys"]
+__all__ = ["SamplingConfig", "first_argmax", "sample", "step_keys"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
         penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
         logits = jnp.where(seen, penalized, logits)
     if cfg.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     if cfg.top_k is not None:
         values, ids = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))
     elif cfg.top_p is not None:
@@ -107,6 +107,16 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any), as int32, written as a max
+    and a min: XLA:CPU runs argmax's paired reduction over a 262k vocabulary in ~1.2 ms, these two in
+    ~0.2 ms (a sixth of a gemma3 decode step)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == top) | jnp.isnan(logits)
+    v = logits.shape[-1]
+    return jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
 
 
 def step_keys(seeds: jax.Array, step) -> jax.Array:

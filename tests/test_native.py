@@ -98,12 +98,27 @@ def test_kernel_rejects_mismatched_planes(rng):
     """The custom call checks what it is given: a plane of the wrong size is an error, not a bad read."""
     w = random_qtensor("Q8_0", 8, 64, rng)
     native.matmul(jnp.zeros((1, 64)), w)  # registered
-    short = w.planes["qs"][:4]
+    short, zero = w.planes["qs"][:4], jnp.int32(0)
     call = jax.ffi.ffi_call("realm_qmatmul", jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="plane's size"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), w.planes["d"], short, fmt=np.int64(14)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], short, fmt=np.int64(14)))
     with pytest.raises(Exception, match="unknown format"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), w.planes["d"], w.planes["qs"], fmt=np.int64(99)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(99)))
+    with pytest.raises(Exception, match="layer index is outside"):
+        jax.block_until_ready(call(jnp.zeros((1, 64)), jnp.int32(1), w.planes["d"], w.planes["qs"], fmt=np.int64(14)))
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0", "BF16"])
+def test_layer_of_a_stack_read_in_place(fmt, rng):
+    """Stacked planes [L, ...] and a (traced) layer index: layer i's product, as for the unstacked weight."""
+    ws = [random_qtensor(fmt, N, 256, rng) for _ in range(3)]
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), *ws)
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32)
+    f = jax.jit(lambda x, w, i: native.matmul(x, w, layer=i))
+    for i, w in enumerate(ws):
+        np.testing.assert_array_equal(np.asarray(f(x, stacked, jnp.int32(i))), np.asarray(native.matmul(x, w)))
+    with pytest.raises(realm_jax.errors.QTensorError, match="one layer of a stack"):
+        native.matmul(x, ws[0], layer=0)  # unstacked planes given a layer index
 
 
 @pytest.mark.parametrize("rows", [1, native.MAX_ROWS, native.MAX_ROWS + 1, 40])

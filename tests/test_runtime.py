@@ -158,3 +158,16 @@ def test_sampled_batch_rows_match_their_own_seeds(smollm2):
     alone = [smollm2.generate(p, max_new_tokens=10, temperature=1.0, top_k=50, seed=5 + i)
              for i, p in enumerate(prompts)]
     assert batch == alone
+
+
+@pytest.mark.parametrize("row", [[1.0, 3.0, 3.0, 2.0], [np.nan, 1.0, 5.0], [1.0, np.nan, np.nan], [-np.inf, -np.inf],
+                                 [2.0, np.inf, np.inf], [0.0] * 5])
+def test_greedy_pick_is_argmax(row):
+    """Greedy sampling's max-then-min form picks what jnp.argmax picks: the first maximum, the first NaN."""
+    import jax.numpy as jnp
+
+    from realm_jax.sampling import first_argmax
+
+    logits = jnp.asarray([row, row[::-1]], jnp.float32)
+    np.testing.assert_array_equal(np.asarray(first_argmax(logits)), np.asarray(jnp.argmax(logits, axis=-1)))
+    assert first_argmax(logits).dtype == jnp.int32

@@ -48,7 +48,7 @@ _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
 MAX_ROWS = 16
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class NativeWeight:
     """A linear layer's weight for impl "native" (one CPU device).
@@ -59,10 +59,14 @@ class NativeWeight:
       dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None
         where only few rows are ever multiplied at speed (the output projection: a prefill needs only the
         last position's logits), or where `packed` is dense already.
+      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
+        then the whole stack [L, ...] and the kernel reads layer `layer` where it lies, instead of XLA
+        copying each layer's planes out on every step (`realm_jax.models.transformer.scan_layers`).
     """
 
     packed: QTensor
     dense: QTensor | None = None
+    layer: jax.Array | None = None
 
     @property
     def fmt(self) -> str:
@@ -90,7 +94,8 @@ class NativeWeight:
         return NativeWeight(concat_rows([w.packed for w in ws]), dense)
 
     def __repr__(self) -> str:
-        return f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None})"
+        stacked = "" if self.layer is None else ", one layer of a stack"
+        return f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}{stacked})"
 
 
 def _compiler() -> str:
@@ -112,9 +117,9 @@ def _cpu_signature() -> str:
 
 
 def _cache_root() -> pathlib.Path:
-    from realm_jax.assets import cache_dir
+    from realm_jax.assets import cache_root
 
-    return cache_dir() / "native"
+    return cache_root() / "native"
 
 
 def build(portable: bool = False) -> pathlib.Path:
@@ -194,7 +199,7 @@ def supports(w) -> bool:
     return w.fmt in FORMAT_IDS and w.ndim == 2 and w.shape[1] % 32 == 0
 
 
-def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, portable: bool = False) -> jax.Array:
+def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, layer=None, portable: bool = False) -> jax.Array:
     """y = x @ dequant(w)^T on CPU with f32 accumulation, reading w's planes as they are.
 
     Args:
@@ -203,12 +208,18 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, portable: boo
         the bf16 matmul's result).
       w: a 2-D `QTensor` (N, K) that `supports` accepts.
       out_dtype: y's dtype (default x.dtype).
+      layer: None, or an int32 scalar (traced or not): w's planes carry a leading axis of stacked layers
+        [L, ...] and layer `layer` is multiplied, read in place.
       portable: use the scalar build (for tests).
 
     Returns:
       [..., N] in out_dtype. Call it under `jax.jit` on the CPU backend.
     """
-    w.check("realm_jax.native.matmul: w")
+    if layer is None:
+        w.check("realm_jax.native.matmul: w")
+    else:  # the planes of one layer must be right; the stack's depth is checked by the kernel
+        QTensor(w.fmt, w.shape, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in w.planes.items()}
+                ).check("realm_jax.native.matmul: w (one layer of a stack)")
     if not supports(w):
         raise ShapeMismatchError(f"realm_jax.native.matmul: {w} is not supported (a 2-D weight of "
                                  f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
@@ -220,5 +231,6 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, portable: boo
     rows = x.reshape(-1, x.shape[-1]).astype(compute_dtype).astype(jnp.float32)
     planes = [w.planes[p.name] for p in w.format.planes]
     out = jax.ShapeDtypeStruct((rows.shape[0], w.shape[0]), jnp.float32)
-    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]))
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]))
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)

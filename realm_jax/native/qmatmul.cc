@@ -365,8 +365,12 @@ void work(Shared& s) {
   }
 }
 
-ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs planes,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t fmt) {
+using LayerIndex = ffi::Buffer<ffi::S32, 0>;
+
+// planes: each [N, per-row bytes], or [L, N, ...] for a stack of L layers' weights of which `layer` is read
+// where it lies (a scan over stacked layers would otherwise copy each layer's planes out every step).
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex layer,
+                   ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y, int64_t fmt) {
   const Spec* spec = nullptr;
   for (const Spec& s : kSpecs) spec = s.fmt == fmt ? &s : spec;
   if (spec == nullptr) return ffi::Error::InvalidArgument("realm_qmatmul: unknown format id");
@@ -388,17 +392,22 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remaining
     return ffi::Error::InvalidArgument("realm_qmatmul: wrong number of planes for the format");
   }
   p.n_planes = spec->n_planes;
+  const int64_t index = static_cast<int64_t>(*layer.typed_data());
   for (int64_t i = 0; i < p.n_planes; ++i) {
     auto plane = planes.get<ffi::AnyBuffer>(i);
     if (!plane.has_value()) return ffi::Error::InvalidArgument("realm_qmatmul: a plane is not a buffer");
-    const int64_t row_bytes = p.k / spec->block * spec->bytes[i];
-    if (static_cast<int64_t>(plane->size_bytes()) != p.n * row_bytes) {
+    const int64_t row_bytes = p.k / spec->block * spec->bytes[i], matrix = p.n * row_bytes;
+    const int64_t size = static_cast<int64_t>(plane->size_bytes());
+    if (matrix == 0 || size % matrix != 0) {
       return ffi::Error::InvalidArgument("realm_qmatmul: a plane's size does not match [N, K]");
     }
-    p.planes[i] = static_cast<const uint8_t*>(plane->untyped_data());
+    if (index < 0 || index >= size / matrix) {
+      return ffi::Error::InvalidArgument("realm_qmatmul: the layer index is outside the stacked planes");
+    }
+    p.planes[i] = static_cast<const uint8_t*>(plane->untyped_data()) + index * matrix;
     p.row_bytes[i] = row_bytes;
   }
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
+  if (p.m == 0) return ffi::Error::Success();
   s->runner = spec->runner;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // About 8 chunks per thread for balance, at least 16 rows each.
@@ -421,6 +430,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQMatmul, QMatmul,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<LayerIndex>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("fmt"));
