@@ -92,8 +92,12 @@ def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Pol
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
-def _sample_first(logits, key, recent, scalars, *, sampling: SamplingConfig):
-    return sample(logits, key, recent, sampling, scalars)
+def _sample_first(logits, seeds, recent, scalars, stop_ids, n, *, sampling: SamplingConfig):
+    """The first sampled token of each row after prefill, whether the row is done (a stop id, or a padding
+    row past the n real ones) and the recent-token ring with it: one dispatch (eager ops cost ~5 ms here)."""
+    first = sample(logits.astype(jnp.float32), step_keys(seeds, 0), recent, sampling, scalars)
+    done = jnp.isin(first, stop_ids) | (jnp.arange(first.shape[0]) >= n)  # padding rows start done
+    return first, done, _push(recent, first)
 
 
 def _push(recent, tokens):
@@ -344,10 +348,8 @@ class _Generation:
         # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
         self.key = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
-        first = _sample_first(logits.astype(jnp.float32), step_keys(self.key, 0), jnp.asarray(recent),
-                              sampling.scalars, sampling=sampling.static)
-        self.done = jnp.isin(first, self.stop_ids) | (np.arange(b) >= self.n)  # padding rows start done
-        self.recent = _push(jnp.asarray(recent), first)
+        first, self.done, self.recent = _sample_first(logits, self.key, recent, sampling.scalars, self.stop_ids,
+                                                      self.n, sampling=sampling.static)
         self.token, self.pos = first, jnp.asarray(lengths)
         self.first = np.asarray(first)[: self.n, None]
         self.produced, self.max_new_tokens = 1, max_new_tokens
@@ -541,6 +543,9 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     config = config_from_gguf(metadata, tensors, str(path))
     shapes = jax.eval_shape(lambda t: build_params(config, t, str(path), policy, impl=impl), tensors)
     params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
+    if config.tied_embeddings and isinstance(shapes["output"], NativeWeight):
+        # load() shares the embedding table's planes with the output projection's kernel
+        params -= sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes["output"].packed))
     kv_token = config.n_layers * config.n_kv_heads * (config.head_dim + config.v_head_dim) * policy.kv.itemsize
     return {"policy": str(policy), "impl": impl, "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
             "context_length": config.context_length, "kv_bytes_full_context": int(kv_token * config.context_length)}

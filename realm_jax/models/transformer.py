@@ -121,8 +121,9 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     v = v.reshape(b, t, config.n_kv_heads, config.v_head_dim)
     if config.qk_norm:
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-    q = ops.rope(q, positions, inv_freq, neox=config.rope_neox)
-    k = ops.rope(k, positions, inv_freq, neox=config.rope_neox)
+    tables = ops.rope_tables(positions, inv_freq)
+    q = ops.rope(q, positions, inv_freq, neox=config.rope_neox, tables=tables)
+    k = ops.rope(k, positions, inv_freq, neox=config.rope_neox, tables=tables)
 
     # Write this step's keys/values at each sequence's own offset, then attend over the cache.
     write = jax.vmap(lambda c, new, start: lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
