@@ -4,6 +4,8 @@ For each format, weight shape (N, K) and number of rows M it times:
   pallas[BACKEND]  the fused kernel (pallas_kernels; on CPU the TPU kernel in interpret mode, which is a
                    correctness tool, not a speed: its column is reported but means nothing there)
   xla              realm_jax.ops.qmatmul(impl="xla"): dequantize with jnp, then a dot
+  native           (CPU) realm_jax.native's FFI kernel on the planes as stored, at every M (the runtime
+                   uses it up to native.MAX_ROWS rows and XLA's dot on a dense copy past that)
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
 quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time) and % of the dense
@@ -38,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pallas_kernels  # noqa: E402
+from realm_jax import native  # noqa: E402
 from realm_jax.bench import git_revision  # noqa: E402
 from realm_jax.ops import qmatmul  # noqa: E402
 from realm_jax.quant import QTensor, dequantize, get_format  # noqa: E402
@@ -98,6 +101,7 @@ def backends_for(platform_name: str) -> list[str]:
 
 
 def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
+    native_ok = jax.default_backend() == "cpu" and native.available()
     w0 = random_weight(fmt, n, k, key)
     wbytes = weight_bytes(w0)
     copies = max(1, min(8, -(-CACHE_BYTES // wbytes)))
@@ -112,6 +116,9 @@ def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
             "xla": (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="xla")), [(x, w) for w in ws]),
             "dense_bf16": (jax.jit(functools.partial(qmatmul, impl="xla")), [(x, d) for d in dense]),
         }
+        if native_ok:
+            impls["native"] = (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="native")),
+                               [(x, w) for w in ws])
         for b in backends:
             fn = jax.jit(functools.partial(pallas_kernels.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
                                            backend=b, interpret=interpret))

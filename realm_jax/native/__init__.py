@@ -43,9 +43,10 @@ FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 10, "Q4_1": 11, "Q5_0": 12,
               "Q4_K": 20, "Q5_K": 21, "Q6_K": 22, "Q8_K": 23}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
-# Up to this many rows of x the native kernel runs; from here on XLA's dot on a dense copy is faster
-# (measured on the 2-core AVX-512 CPU: it dequantizes once per row block of 4, the dot packs once).
-MAX_ROWS = 16
+# Up to this many rows of x the native kernel runs; past it XLA's dot on a dense copy is faster. Measured
+# on the 2-core AVX-512 CPU (4096 x 4096 Q4_K / Q6_K / Q8_0, bf16): native 0.3-0.7 ms at 1 row, ~1.8 at 8
+# (even with the dot), 3.4-3.8 at 16 against the dot's ~2.1 (the kernel is bound by its FMAs from ~4 rows).
+MAX_ROWS = 8
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"], meta_fields=[])

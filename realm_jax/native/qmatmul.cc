@@ -1,5 +1,5 @@
 // realm-jax's native CPU matmul: y[M, N] = x[M, K] . W[N, K]^T with f32 accumulation, for the few rows of
-// x a decode step multiplies (any M works; the XLA dot is faster from ~16 rows on).
+// x a decode step multiplies (any M works; XLA's dot on a dense copy is faster past ~8 rows: native.MAX_ROWS).
 //
 // Why it exists: XLA:CPU multiplies one or two rows by a 16-bit or 8-bit weight far below memory
 // bandwidth (it converts or packs the whole weight on every call), and it cannot read 4-bit planes at
