@@ -70,8 +70,8 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, impl: str = 
     if impl == "native":
         from realm_jax import native
 
-        if native.supports(w):
-            return _qmatmul_native(x, NativeWeight(w), compute_dtype, out_dtype, platform)
+        if native.supports(w):  # the weight dequantized to the compute dtype, as the XLA path does
+            return _qmatmul_native(x, NativeWeight(w, dtype=compute_dtype.name), compute_dtype, out_dtype, platform)
     if impl == "pallas" and w.format.block_size > 1:
         if w.axes is not None:
             return _qmatmul_pallas_sharded(x, w, compute_dtype, out_dtype, interpret=platform == "cpu")
@@ -124,7 +124,8 @@ def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
             else None
         if big is not None:
             return _qmatmul_xla(x, big, compute_dtype, out_dtype)
-    return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, layer=w.layer)
+    return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, weight_dtype=w.dtype,
+                         layer=w.layer)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))

@@ -101,11 +101,14 @@ def test_kernel_rejects_mismatched_planes(rng):
     short, zero = w.planes["qs"][:4], jnp.int32(0)
     call = jax.ffi.ffi_call("realm_qmatmul", jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="plane's size"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], short, fmt=np.int64(14)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], short, fmt=np.int64(14), round=np.int64(0)))
     with pytest.raises(Exception, match="unknown format"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(99)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(99), round=np.int64(0)))
+    with pytest.raises(Exception, match="unknown weight rounding"):
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(14),
+                                   round=np.int64(7)))
     with pytest.raises(Exception, match="layer index is outside"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), jnp.int32(1), w.planes["d"], w.planes["qs"], fmt=np.int64(14)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), jnp.int32(1), w.planes["d"], w.planes["qs"], fmt=np.int64(14), round=np.int64(0)))
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0", "BF16"])
@@ -186,3 +189,40 @@ def test_load_native_matches_xla(smollm2_path):
     assert "realm_qmatmul" in a.compiled_text("decode")
     prompt = "The capital of France is"
     assert a.generate(prompt, max_new_tokens=8) == b.generate(prompt, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
+@pytest.mark.parametrize("weight_dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K", "Q4_1", "F32"])
+def test_weights_rounded_to_the_params_dtype(fmt, weight_dtype, portable, rng):
+    """weight_dtype rounds each dequantized weight as converting it would (nearest even; for f16 also the
+    subnormals and the overflow to Inf), in both builds."""
+    w = random_qtensor(fmt, N, 256, rng)
+    if fmt == "F32":  # values at f16's edges: subnormals, halfway cases, the largest finite, overflow
+        edge = np.array([1e-6, 3e-5, 5.96e-8, 2.98e-8, 6.1e-5, 65504, 65519, -3e-5, 1 + 2**-11, 1 + 3 * 2**-11],
+                        np.float32)
+        vals = np.asarray(w.planes["w"]).copy()
+        vals[:, : edge.size] = edge
+        vals[0, edge.size : edge.size + 2] = [65520, 7e4]  # row 0 overflows to Inf in f16
+        w = type(w)("F32", w.shape, {"w": jnp.asarray(vals)})
+    x = jnp.asarray(rng.standard_normal((2, 256)), jnp.float32)
+    y = np.asarray(jax.jit(lambda x, w: native.matmul(x, w, weight_dtype=weight_dtype, portable=portable))(x, w))
+    wr = np.asarray(dequantize(w).astype(weight_dtype).astype(jnp.float32), np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # row 0 of F32/f16 holds Inf: its sums are Inf/NaN
+        want = np.asarray(x, np.float64) @ wr.T
+    finite = np.isfinite(want)
+    assert np.array_equal(np.isfinite(y), finite)
+    tol = matmul_tolerance(jnp.float32, 256, rms(x), rms(wr[np.isfinite(wr)]))
+    assert float(np.max(np.abs(y[finite] - want[finite]))) <= tol
+
+
+def test_batch_size_does_not_change_the_math(rng):
+    """A NativeWeight whose dtype is its dense copy's: few rows (the kernel, rounding each weight to bf16)
+    and many rows (XLA's dot on the bf16 copy) multiply the same values."""
+    qt = random_qtensor("Q4_K", N, 512, rng)
+    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16), dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+    f = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    few, many = np.asarray(f(x, w))[0], np.asarray(f(jnp.tile(x, (native.MAX_ROWS + 1, 1)), w))[0]
+    tol = matmul_tolerance(jnp.float32, 512, rms(x), rms(dequantize(qt)))
+    assert float(np.max(np.abs(few - many))) <= tol

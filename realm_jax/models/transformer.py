@@ -212,11 +212,13 @@ def _split_in_place(params):
     def sliced(v):
         if not is_native(v):
             return v
-        return NativeWeight(None, v.dense if v.dense is not None or v.packed.format.block_size > 1 else v.packed)
+        dense = v.dense if v.dense is not None or v.packed.format.block_size > 1 else v.packed
+        return NativeWeight(None, dense, dtype=v.dtype)
 
     def in_place(layer_params, index):
         parts = jax.tree.flatten(layer_params, is_leaf=is_native)[0]
-        return treedef.unflatten([NativeWeight(w, v.dense, index) if w is not None else v for w, v in zip(whole, parts)])
+        return treedef.unflatten([NativeWeight(w, v.dense, index, v.dtype) if w is not None else v
+                                  for w, v in zip(whole, parts)])
 
     return treedef.unflatten([sliced(v) for v in leaves]), in_place
 

@@ -49,7 +49,7 @@ _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
 MAX_ROWS = 8
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"], meta_fields=["dtype"])
 @dataclasses.dataclass(frozen=True)
 class NativeWeight:
     """A linear layer's weight for impl "native" (one CPU device).
@@ -63,11 +63,16 @@ class NativeWeight:
       layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
         then the whole stack [L, ...] and the kernel reads layer `layer` where it lies, instead of XLA
         copying each layer's planes out on every step (`realm_jax.models.transformer.scan_layers`).
+      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
+        what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
+        "float16", the values a dense copy in that dtype holds (qmatmul(impl="native") on a QTensor uses
+        its compute dtype, as its XLA path dequantizes to it).
     """
 
     packed: QTensor
     dense: QTensor | None = None
     layer: jax.Array | None = None
+    dtype: str = "float32"
 
     @property
     def fmt(self) -> str:
@@ -91,8 +96,10 @@ class NativeWeight:
         ws = list(ws)
         if any(not isinstance(w, NativeWeight) for w in ws) or len({w.dense is None for w in ws}) != 1:
             raise QTensorError(f"NativeWeight.concat_rows: needs NativeWeights alike, got {ws}")
+        if len({w.dtype for w in ws}) != 1:
+            raise QTensorError(f"NativeWeight.concat_rows: needs one params dtype, got {ws}")
         dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
-        return NativeWeight(concat_rows([w.packed for w in ws]), dense)
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense, dtype=ws[0].dtype)
 
     def __repr__(self) -> str:
         stacked = "" if self.layer is None else ", one layer of a stack"
@@ -200,7 +207,11 @@ def supports(w) -> bool:
     return w.fmt in FORMAT_IDS and w.ndim == 2 and w.shape[1] % 32 == 0
 
 
-def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, layer=None, portable: bool = False) -> jax.Array:
+_ROUND = {"float32": 0, "bfloat16": 1, "float16": 2}  # qmatmul.cc's Round
+
+
+def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=None, layer=None,
+           portable: bool = False) -> jax.Array:
     """y = x @ dequant(w)^T on CPU with f32 accumulation, reading w's planes as they are.
 
     Args:
@@ -209,6 +220,8 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, layer=None, p
         the bf16 matmul's result).
       w: a 2-D `QTensor` (N, K) that `supports` accepts.
       out_dtype: y's dtype (default x.dtype).
+      weight_dtype: float32 (default), bfloat16 or float16: each dequantized weight is rounded to it
+        before the product, as converting the weight to that dtype would.
       layer: None, or an int32 scalar (traced or not): w's planes carry a leading axis of stacked layers
         [L, ...] and layer `layer` is multiplied, read in place.
       portable: use the scalar build (for tests).
@@ -233,5 +246,9 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, layer=None, p
     planes = [w.planes[p.name] for p in w.format.planes]
     out = jax.ShapeDtypeStruct((rows.shape[0], w.shape[0]), jnp.float32)
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
-    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]))
+    weight_dtype = jnp.dtype(jnp.float32 if weight_dtype is None else weight_dtype).name
+    if weight_dtype not in _ROUND:
+        raise ShapeMismatchError(f"realm_jax.native.matmul: weight_dtype={weight_dtype} must be one of {list(_ROUND)}")
+    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
+                                                 round=np.int64(_ROUND[weight_dtype]))
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)

@@ -61,6 +61,35 @@ inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); retur
 inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 * i)); }
 
+// The dequantized weight rounded to the params dtype the policy holds weights in (round-to-nearest-even,
+// as XLA's convert), so that this kernel and XLA's dot on the dense copy multiply the same values.
+enum Round : int64_t { kNone = 0, kToBF16 = 1, kToF16 = 2 };
+
+inline float round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bits_to_f32(u & 0xffff0000u);
+}
+
+inline float round_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = u & 0x80000000u, a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return f;                           // Inf, NaN
+  if (a >= 0x477ff000u) return bits_to_f32(sign | 0x7f800000u);  // >= 65520: past f16's max after rounding
+  if (a < 0x38800000u) {                                    // below 2^-14: f16 subnormals, steps of 2^-24
+    float q = bits_to_f32(a) * 16777216.0f;                 // exact (a power-of-two scale)
+    float r = static_cast<float>(static_cast<int32_t>(q));  // q < 2^10: truncation, then round half even
+    float frac = q - r;
+    if (frac > 0.5f || (frac == 0.5f && (static_cast<int32_t>(r) & 1))) r += 1.0f;
+    return (sign ? -r : r) / 16777216.0f;  // exact: r < 2^10
+  }
+  const uint32_t lsb = (a >> 13) & 1u;                      // keep 10 mantissa bits, round half even
+  return bits_to_f32(sign | ((a + 0xfffu + lsb) & ~0x1fffu));
+}
+
 // One row of W: each plane's bytes for that row.
 struct Row {
   const uint8_t* p[kMaxPlanes];
@@ -127,6 +156,24 @@ inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
 inline __m512i lo16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m512i lo16s(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m512 set1(float v) { return _mm512_set1_ps(v); }
+
+template <int R>
+inline __m512 round_vec(__m512 w) {
+  if constexpr (R == kToBF16) {
+#ifdef __AVX512BF16__
+    return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(w));  // round to nearest even (NaN stays NaN) and back
+#endif
+    const __m512i u = _mm512_castps_si512(w);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q), _mm512_castsi512_ps(r), w);
+  } else if constexpr (R == kToF16) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    return w;
+  }
+}
 
 // Bit 4 of elements [base, base + 16) of a Q5_0/Q5_1 block, from its 32-bit qh.
 inline __m512i q5_high(uint32_t qh, int base) {
@@ -254,6 +301,7 @@ struct Problem {
   const float* x;
   float* y;
   int64_t m, n, k;
+  int64_t round;
   int64_t n_planes;
   const uint8_t* planes[kMaxPlanes];
   int64_t row_bytes[kMaxPlanes];
@@ -265,8 +313,8 @@ inline Row row_of(const Problem& p, int64_t n) {
   return r;
 }
 
-// W's rows [n0, n1) against MB rows of x starting at row m0.
-template <Fmt F, int MB>
+// W's rows [n0, n1) against MB rows of x starting at row m0, the weights rounded as R says.
+template <Fmt F, int MB, int R>
 void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t groups = p.k / 32;
   for (int64_t n = n0; n < n1; ++n) {
@@ -281,6 +329,8 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
       for (int64_t j = 0; j < per; ++j) {
         __m512 w0, w1;
         group_avx512<F>(r, b, j, s, o, w0, w1);
+        w0 = round_vec<R>(w0);
+        w1 = round_vec<R>(w1);
         const float* xg = p.x + m0 * p.k + 32 * (b * per + j);
         for (int i = 0; i < MB; ++i) {
           acc0[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + i * p.k), w0, acc0[i]);
@@ -294,6 +344,11 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     float w[32];
     for (int64_t g = 0; g < groups; ++g) {
       group_scalar<F>(r, g, w);
+      if constexpr (R == kToBF16) {
+        for (int e = 0; e < 32; ++e) w[e] = round_bf16(w[e]);
+      } else if constexpr (R == kToF16) {
+        for (int e = 0; e < 32; ++e) w[e] = round_f16(w[e]);
+      }
       for (int i = 0; i < MB; ++i) {
         const float* xr = p.x + (m0 + i) * p.k + 32 * g;
         for (int e = 0; e < 32; ++e) acc[i][e] += xr[e] * w[e];
@@ -310,15 +365,24 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
 
 constexpr int kRowBlock = 4;  // rows of x per pass over a row of W
 
-template <Fmt F>
-void run(const Problem& p, int64_t n0, int64_t n1) {
+template <Fmt F, int R>
+void run_rounded(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < p.m; m0 += kRowBlock) {
     switch (std::min<int64_t>(kRowBlock, p.m - m0)) {
-      case 1: rows<F, 1>(p, m0, n0, n1); break;
-      case 2: rows<F, 2>(p, m0, n0, n1); break;
-      case 3: rows<F, 3>(p, m0, n0, n1); break;
-      default: rows<F, 4>(p, m0, n0, n1); break;
+      case 1: rows<F, 1, R>(p, m0, n0, n1); break;
+      case 2: rows<F, 2, R>(p, m0, n0, n1); break;
+      case 3: rows<F, 3, R>(p, m0, n0, n1); break;
+      default: rows<F, 4, R>(p, m0, n0, n1); break;
     }
+  }
+}
+
+template <Fmt F>
+void run(const Problem& p, int64_t n0, int64_t n1) {
+  switch (p.round) {
+    case kToBF16: run_rounded<F, kToBF16>(p, n0, n1); break;
+    case kToF16: run_rounded<F, kToF16>(p, n0, n1); break;
+    default: run_rounded<F, kNone>(p, n0, n1); break;
   }
 }
 
@@ -370,7 +434,7 @@ using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 // planes: each [N, per-row bytes], or [L, N, ...] for a stack of L layers' weights of which `layer` is read
 // where it lies (a scan over stacked layers would otherwise copy each layer's planes out every step).
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex layer,
-                   ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y, int64_t fmt) {
+                   ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y, int64_t fmt, int64_t round) {
   const Spec* spec = nullptr;
   for (const Spec& s : kSpecs) spec = s.fmt == fmt ? &s : spec;
   if (spec == nullptr) return ffi::Error::InvalidArgument("realm_qmatmul: unknown format id");
@@ -385,6 +449,10 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
   p.m = xd[0];
   p.k = xd[1];
   p.n = yd[1];
+  if (round != kNone && round != kToBF16 && round != kToF16) {
+    return ffi::Error::InvalidArgument("realm_qmatmul: unknown weight rounding");
+  }
+  p.round = round;
   if (p.k % 32 || p.k % spec->block) {
     return ffi::Error::InvalidArgument("realm_qmatmul: K must be a multiple of 32 and of the block size");
   }
@@ -433,7 +501,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQMatmul, QMatmul,
                                   .Arg<LayerIndex>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("fmt"));
+                                  .Attr<int64_t>("fmt")
+                                  .Attr<int64_t>("round"));
 
 extern "C" int realm_native_vector_path() {
 #ifdef REALM_AVX512
