@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import platform
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax  # only now: XLA_FLAGS is read when JAX starts
 
-    from realm_jax.bench import git_revision
+    from realm_jax.bench import git_revision, write_report
 
     path = resolve_model(args.model)
     devices = jax.devices()
@@ -278,11 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, meta["config"] = measure(path, args.strategies, policy=args.policy, impl=args.impl, runs=args.runs,
                                    devices=devices, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table = markdown(rows, meta)
-    print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.markdown:
-        args.markdown.write_text(table)
+    write_report(table, meta, rows, args.json, args.markdown)
     return 0
 
 

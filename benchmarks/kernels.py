@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import pathlib
 import platform
 import statistics
@@ -41,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import pallas_kernels  # noqa: E402
 from realm_jax import native  # noqa: E402
-from realm_jax.bench import git_revision  # noqa: E402
+from realm_jax.bench import git_revision, write_report  # noqa: E402
 from realm_jax.ops import qmatmul  # noqa: E402
 from realm_jax.quant import QTensor, dequantize, get_format  # noqa: E402
 
@@ -189,11 +188,7 @@ def main(argv=None) -> int:
             print(f"  {fmt} {n}x{k} done", flush=True)
     add_ratios(rows, copy_bps)
     table = markdown(rows, meta)
-    print(table)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    if args.markdown:
-        args.markdown.write_text(table)
+    write_report(table, meta, rows, args.json, args.markdown)
     return 0
 
 

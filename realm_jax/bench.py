@@ -13,7 +13,7 @@ import numpy as np
 
 from realm_jax.errors import SamplingError
 
-__all__ = ["check_sizes", "git_revision", "measure"]
+__all__ = ["check_sizes", "git_revision", "measure", "write_report"]
 
 
 def check_sizes(**sizes: int) -> None:
@@ -66,3 +66,16 @@ def git_revision(path: str | pathlib.Path = ".") -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_report(table: str, meta: dict[str, Any], rows: list[dict[str, Any]], json_path=None,
+                 markdown_path=None) -> None:
+    """Print a benchmark's markdown table and, where paths are given, write {"meta", "rows"} as JSON and the
+    table as markdown (benchmarks/kernels.py and benchmarks/distributed.py)."""
+    import json
+
+    print(table)
+    if json_path:
+        pathlib.Path(json_path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if markdown_path:
+        pathlib.Path(markdown_path).write_text(table)

@@ -165,36 +165,41 @@ def build(portable: bool = False) -> pathlib.Path:
 
 
 @functools.cache
-def _load(portable: bool) -> ctypes.CDLL:
-    """Build, load and register the library (once per process); NativeBuildError if that fails."""
+def _outcome(portable: bool) -> ctypes.CDLL | NativeBuildError:
+    """Build, load and register the library, once per process: the library, or why not (kept, so that a
+    machine without a working compiler does not retry the build on every trace that asks)."""
     if os.environ.get("REALM_JAX_NATIVE", "1") == "0":
-        raise NativeBuildError("realm_jax.native: turned off by REALM_JAX_NATIVE=0")
-    path = build(portable)
+        return NativeBuildError("realm_jax.native: turned off by REALM_JAX_NATIVE=0")
+    try:
+        path = build(portable)
+    except NativeBuildError as e:
+        return e
     try:
         lib = ctypes.CDLL(str(path))
         handler = lib.RealmQMatmul
     except (OSError, AttributeError) as e:
-        raise NativeBuildError(f"realm_jax.native: cannot load {path}: {e}") from None
+        return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
     jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
 
+def _load(portable: bool) -> ctypes.CDLL:
+    """The registered library; NativeBuildError if it cannot be had here."""
+    outcome = _outcome(portable)
+    if isinstance(outcome, NativeBuildError):
+        raise outcome
+    return outcome
+
+
 def available() -> bool:
     """Whether the native matmul is built and registered here (building it on the first call)."""
-    try:
-        _load(False)
-        return True
-    except NativeBuildError:
-        return False
+    return not isinstance(_outcome(False), NativeBuildError)
 
 
 def reason() -> str | None:
     """Why `available()` is False, or None."""
-    try:
-        _load(False)
-        return None
-    except NativeBuildError as e:
-        return str(e)
+    outcome = _outcome(False)
+    return str(outcome) if isinstance(outcome, NativeBuildError) else None
 
 
 def vector_path(portable: bool = False) -> bool:
