@@ -112,14 +112,17 @@ def resolve_impl(impl: str, platform: str | None = None, *, devices: int = 1) ->
 
 
 def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
-    """A NativeWeight: the native kernel on its packed planes for few rows, XLA's dot on its dense copy for
-    more (or the kernel again where there is none and the packed weight is quantized)."""
+    """A NativeWeight: the native kernel on its packed planes for few rows; for more, the native bf16 gemm
+    on its panels (bf16 compute), else XLA's dot on its dense copy (or the kernel again where there is
+    neither and the packed weight is quantized)."""
     from realm_jax import native
 
     if platform != "cpu":
         raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
     rows = math.prod(x.shape[:-1])
     if rows > native.MAX_ROWS:
+        if w.panels is not None and compute_dtype == jnp.bfloat16:
+            return native.gemm(x, w.panels, w.shape[0], out_dtype=out_dtype, layer=w.layer)
         big = w.dense if w.dense is not None else w.packed if w.packed.format.block_size == 1 and w.layer is None \
             else None
         if big is not None:

@@ -47,29 +47,37 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def _linear_weights(dtype, impl: str):
+def _linear_weights(policy: Policy, impl: str):
     """How a linear layer's weight is kept on the device. For the fused kernels ("pallas"): quantized, as
-    stored. For the XLA path, which would dequantize every weight on every call: dense in `dtype`, converted
-    once at load. For "native" (CPU): a `NativeWeight` holding the planes as stored for the decode kernel
-    and a dense copy for prefill's dot. Weights stored dense (F32/F16/BF16) take `dtype` either way."""
+    stored. For the XLA path, which would dequantize every weight on every call: dense in the policy's
+    params dtype, converted once at load. For "native" (CPU): a `NativeWeight` holding the planes as stored
+    for the decode kernel and, for prefill, bf16 panels for the native gemm (params and compute bf16, a CPU
+    with AVX512_BF16) or else a dense copy for XLA's dot. Weights stored dense (F32/F16/BF16) take the
+    params dtype either way."""
+    dtype = policy.params
+    panels = impl == "native" and dtype == policy.compute == jnp.bfloat16 and native.gemm_available()
+
     def convert(qt: QTensor):
         if impl == "pallas" and qt.format.block_size > 1:
             return qt
         dense = to_dense(qt, dtype)
         if impl == "native" and native.supports(qt):
             # Decode multiplies the weights exactly as stored (rounding them to a 16-bit params dtype in the
-            # kernel, as the dense copy is, measured 1.4-2x the kernel's time); the dense copy holds them in
-            # `dtype`, so a batch of more than native.MAX_ROWS rows sees them rounded.
-            return NativeWeight(qt, dense) if qt.format.block_size > 1 else NativeWeight(dense)
+            # kernel, as the dense copy is, measured 1.4-2x the kernel's time); the prefill copy holds them
+            # in `dtype`, so a batch of more than native.MAX_ROWS rows sees them rounded.
+            packed = qt if qt.format.block_size > 1 else dense
+            if panels:
+                return NativeWeight(packed, panels=native.pack_panels(dense.planes["w"].reshape(qt.shape)))
+            return NativeWeight(packed, dense if qt.format.block_size > 1 else None)
         return dense
 
     return convert
 
 
-def _output_weight(dtype, impl: str):
-    """The output projection's weight: as `_linear_weights`, but for "native" without the dense copy (a
+def _output_weight(policy: Policy, impl: str):
+    """The output projection's weight: as `_linear_weights`, but for "native" without the prefill copy (a
     prefill multiplies only its last positions by it; `Model.logits` runs the kernel on every row)."""
-    linear = _linear_weights(dtype, impl)
+    linear = _linear_weights(policy, impl)
 
     def convert(qt: QTensor):
         if impl == "native" and native.supports(qt) and qt.format.block_size > 1:
@@ -495,8 +503,8 @@ def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, 
     """The params pytree the jitted forward takes: linear weights quantized (impl "pallas") or in the
     policy's dense dtype ("xla"), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
     them by heads), layers stacked into scan runs. Traceable (see `memory_plan`)."""
-    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy.params, impl),
-                                 output=_output_weight(policy.params, impl))
+    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy, impl),
+                                 output=_output_weight(policy, impl))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
     params["layers"] = stack_layers(layers)
     return params

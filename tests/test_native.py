@@ -171,7 +171,7 @@ def test_turned_off_or_unbuildable(tmp_path):
     off = _run(code, REALM_JAX_NATIVE="0")
     assert "auto: xla xla" in off.stdout and "turned off by REALM_JAX_NATIVE=0" in off.stdout, off.stderr
     broken = _run(code, CXX="false", REALM_JAX_CACHE=str(tmp_path))
-    assert "auto: xla xla" in broken.stdout and "building qmatmul.cc failed (false -O3" in broken.stdout, broken.stderr
+    assert "auto: xla xla" in broken.stdout and "building qmatmul.cc and gemm.cc failed (false -O3" in broken.stdout, broken.stderr
     assert "attempts: 1" in broken.stdout, broken.stdout
 
 

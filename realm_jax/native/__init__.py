@@ -34,22 +34,27 @@ import numpy as np
 from realm_jax.errors import NativeBuildError, QTensorError, ShapeMismatchError
 from realm_jax.quant import QTensor, concat_rows
 
-__all__ = ["FORMAT_IDS", "MAX_ROWS", "NativeWeight", "available", "build", "matmul", "reason", "supports",
-           "vector_path"]
+__all__ = ["FORMAT_IDS", "MAX_ROWS", "PANEL", "NativeWeight", "available", "build", "gemm", "gemm_available", "matmul",
+           "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
 
-_SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc")  # one library; both include pool.h
+_HEADERS = (_HERE / "pool.h",)
 # The format ids qmatmul.cc's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 10, "Q4_1": 11, "Q5_0": 12, "Q5_1": 13, "Q8_0": 14,
               "Q4_K": 20, "Q5_K": 21, "Q6_K": 22, "Q8_K": 23}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
+_GEMM_TARGET = {False: "realm_gemm_bf16", True: "realm_gemm_bf16_portable"}
+PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
 # Up to this many rows of x the native kernel runs; past it XLA's dot on a dense copy is faster. Measured
 # on the 2-core AVX-512 CPU (4096 x 4096 Q4_K / Q6_K / Q8_0, bf16): native 0.3-0.7 ms at 1 row, ~1.8 at 8
 # (even with the dot), 3.4-3.8 at 16 against the dot's ~2.1 (the kernel is bound by its FMAs from ~4 rows).
 MAX_ROWS = 8
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"], meta_fields=["dtype"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "panels", "layer"],
+                   meta_fields=["dtype"])
 @dataclasses.dataclass(frozen=True)
 class NativeWeight:
     """A linear layer's weight for impl "native" (one CPU device).
@@ -58,11 +63,13 @@ class NativeWeight:
       packed: the weight the native kernel reads for up to MAX_ROWS rows of x (decode): the planes as
         stored in the file, or the policy's dense dtype for weights stored dense.
       dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None
-        where only few rows are ever multiplied at speed (the output projection: a prefill needs only the
-        last position's logits), or where `packed` is dense already.
-      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
-        then the whole stack [L, ...] and the kernel reads layer `layer` where it lies, instead of XLA
-        copying each layer's planes out on every step (`realm_jax.models.transformer.scan_layers`).
+        where `panels` serves them, where only few rows are ever multiplied at speed (the output
+        projection: a prefill needs only the last position's logits), or where `packed` is dense already.
+      panels: the same weight in bf16 laid out for `gemm` (`pack_panels`), which multiplies more than
+        MAX_ROWS rows when the policy's params and compute dtypes are both bf16; or None.
+      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes and
+        `panels` are then the whole stack [L, ...] and the kernels read layer `layer` where it lies,
+        instead of XLA copying each layer's weight out on every step (`models.transformer.scan_layers`).
       dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
         what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
         "float16", the values a dense copy in that dtype holds (qmatmul(impl="native") on a QTensor uses
@@ -71,6 +78,7 @@ class NativeWeight:
 
     packed: QTensor
     dense: QTensor | None = None
+    panels: jax.Array | None = None
     layer: jax.Array | None = None
     dtype: str = "float32"
 
@@ -88,22 +96,30 @@ class NativeWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.packed.nbytes + (self.dense.nbytes if self.dense is not None else 0)
+        extra = [v.nbytes for v in (self.dense, self.panels) if v is not None]
+        return self.packed.nbytes + sum(extra)
 
     @staticmethod
     def concat_rows(ws) -> NativeWeight:
         """Weights of one format stacked along their rows (fused q|k|v, gate|up)."""
         ws = list(ws)
-        if any(not isinstance(w, NativeWeight) for w in ws) or len({w.dense is None for w in ws}) != 1:
+        if any(not isinstance(w, NativeWeight) for w in ws) or len({(w.dense is None, w.panels is None) for w in ws}) != 1:
             raise QTensorError(f"NativeWeight.concat_rows: needs NativeWeights alike, got {ws}")
         if len({w.dtype for w in ws}) != 1:
             raise QTensorError(f"NativeWeight.concat_rows: needs one params dtype, got {ws}")
         dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
-        return NativeWeight(concat_rows([w.packed for w in ws]), dense, dtype=ws[0].dtype)
+        panels = None
+        if ws[0].panels is not None:
+            if all(w.shape[0] % PANEL == 0 for w in ws[:-1]):  # whole panels: they simply follow each other
+                panels = jnp.concatenate([w.panels for w in ws])
+            else:
+                panels = pack_panels(jnp.concatenate([unpack_panels(w.panels, w.shape[0]) for w in ws]))
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense, panels, dtype=ws[0].dtype)
 
     def __repr__(self) -> str:
         stacked = "" if self.layer is None else ", one layer of a stack"
-        return f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}{stacked})"
+        return (f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}, "
+                f"panels={self.panels is not None}{stacked})")
 
 
 def _compiler() -> str:
@@ -140,7 +156,8 @@ def build(portable: bool = False) -> pathlib.Path:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise NativeBuildError(f"realm_jax.native: cannot run {cxx} --version: {e}") from None
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, " ".join(flags), jax.__version__,
+    texts = [f.read_text() for f in (*_SOURCES, *_HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(flags), jax.__version__,
                                     platform.machine(), _cpu_signature()]).encode()).hexdigest()[:16]
     name = "librealm_qmatmul_portable.so" if portable else "librealm_qmatmul.so"
     target = _cache_root() / key / name
@@ -149,11 +166,11 @@ def build(portable: bool = False) -> pathlib.Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise NativeBuildError(f"realm_jax.native: building {_SOURCE.name} failed ({' '.join(cmd)}):\n"
+            raise NativeBuildError(f"realm_jax.native: building {' and '.join(f.name for f in _SOURCES)} failed ({' '.join(cmd)}):\n"
                                    f"{done.stderr.strip()[-4000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     except subprocess.TimeoutExpired:
@@ -176,10 +193,11 @@ def _outcome(portable: bool) -> ctypes.CDLL | NativeBuildError:
         return e
     try:
         lib = ctypes.CDLL(str(path))
-        handler = lib.RealmQMatmul
+        handler, gemm = lib.RealmQMatmul, lib.RealmGemmBF16
     except (OSError, AttributeError) as e:
         return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
     jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
+    jax.ffi.register_ffi_target(_GEMM_TARGET[portable], jax.ffi.pycapsule(gemm), platform="cpu")
     return lib
 
 
@@ -257,3 +275,56 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
                                                  round=np.int64(_ROUND[weight_dtype]))
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)
+
+
+def gemm_available() -> bool:
+    """Whether `gemm` runs its vector path here (AVX512_BF16); where it does not, `load` keeps a dense
+    copy for XLA's dot instead of `pack_panels`' layout (the scalar path is for tests)."""
+    return available() and bool(_load(False).realm_gemm_vector_path())
+
+
+def pack_panels(w: jax.Array) -> jax.Array:
+    """A dense weight [N, K] (K even) laid out for `gemm`: bf16 [ceil(N/64), K/2, 64, 2], panel p holding
+    the pairs (W[n, 2k], W[n, 2k+1]) of rows 64p..64p+63 (zero past N). Traceable; the values are w's
+    rounded to bf16."""
+    if w.ndim != 2 or w.shape[1] % 2:
+        raise ShapeMismatchError(f"realm_jax.native.pack_panels: needs a weight [N, K] with K even, got {w.shape}")
+    n, k = w.shape
+    panels = -(-n // PANEL)
+    w = jnp.pad(jnp.asarray(w, jnp.bfloat16), ((0, panels * PANEL - n), (0, 0)))
+    return w.reshape(panels, PANEL, k // 2, 2).transpose(0, 2, 1, 3)
+
+
+def unpack_panels(panels: jax.Array, n: int) -> jax.Array:
+    """`pack_panels`' inverse: the bf16 weight [n, K]."""
+    p, kp = panels.shape[0], panels.shape[1]
+    return panels.transpose(0, 2, 1, 3).reshape(p * PANEL, 2 * kp)[:n]
+
+
+def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None, portable: bool = False) -> jax.Array:
+    """y = x @ W^T with x rounded to bf16, W given as `pack_panels(W)`, f32 accumulation (gemm.cc).
+
+    Args:
+      x: [..., K] float array.
+      panels: `pack_panels` of W [n, K]; with `layer`, a stack of them [L, ...] of which layer `layer`
+        (an int32 scalar, traced or not) is read in place.
+      n: W's rows (N).
+      out_dtype: y's dtype (default x.dtype).
+      portable: use the scalar build (for tests).
+
+    Returns:
+      [..., n] in out_dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    want = 3 if layer is None else 4
+    k = x.shape[-1]
+    if panels.ndim != want + 1 or panels.shape[-3:] != (k // 2, PANEL, 2) or panels.shape[-4] != -(-n // PANEL) \
+            or k % 2 or panels.dtype != jnp.bfloat16:
+        raise ShapeMismatchError(f"realm_jax.native.gemm: panels {panels.dtype}{list(panels.shape)} do not hold a "
+                                 f"weight [{n}, {k}] for x.shape={x.shape}" + (" (one layer of a stack)" if layer is not None else ""))
+    _load(portable)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    rows = x.reshape(-1, k).astype(jnp.bfloat16)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
+    y = jax.ffi.ffi_call(_GEMM_TARGET[portable], out)(rows, index, panels)
+    return y.reshape(*x.shape[:-1], n).astype(out_dtype)

@@ -14,16 +14,15 @@
 // path computes the same sums (the tests build and check both).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(REALM_PORTABLE)
 #include <immintrin.h>
 #define REALM_AVX512 1
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -412,24 +411,6 @@ const Spec kSpecs[] = {
     {kQ8_K, 256, 3, {4, 256, 32}, run<kQ8_K>},
 };
 
-// Chunks of W's rows handed out from an atomic counter. The calling thread takes chunks too and waits
-// only for chunks another thread has claimed, so a pool task that starts late cannot stall the call.
-struct Shared {
-  Problem p;
-  Runner runner;
-  int64_t chunk, n_chunks;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void work(Shared& s) {
-  for (;;) {
-    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.n_chunks) return;
-    s.runner(s.p, c * s.chunk, std::min(s.p.n, (c + 1) * s.chunk));
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 
 // planes: each [N, per-row bytes], or [L, N, ...] for a stack of L layers' weights of which `layer` is read
@@ -443,8 +424,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0]) {
     return ffi::Error::InvalidArgument("realm_qmatmul: x must be [M, K] and y [M, N]");
   }
-  auto s = std::make_shared<Shared>();
-  Problem& p = s->p;
+  Problem p{};
   p.x = x.typed_data();
   p.y = y->typed_data();
   p.m = xd[0];
@@ -477,19 +457,13 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
     p.row_bytes[i] = row_bytes;
   }
   if (p.m == 0) return ffi::Error::Success();
-  s->runner = spec->runner;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About 8 chunks per thread for balance, at least 16 rows each.
-  s->chunk = std::max<int64_t>(16, (p.n + threads * 8 - 1) / (threads * 8));
-  s->n_chunks = (p.n + s->chunk - 1) / s->chunk;
-  const int64_t helpers = std::min<int64_t>(threads, s->n_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s] { work(*s); });
-  work(*s);
-  while (s->done.load(std::memory_order_acquire) < s->n_chunks) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  // About 8 chunks of W's rows per thread for balance, at least 16 rows each.
+  const int64_t chunk = std::max<int64_t>(16, (p.n + threads * 8 - 1) / (threads * 8));
+  const Runner runner = spec->runner;
+  realm::parallel_chunks(pool, (p.n + chunk - 1) / chunk, [&p, runner, chunk](int64_t c) {
+    runner(p, c * chunk, std::min(p.n, (c + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 

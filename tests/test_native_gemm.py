@@ -1,0 +1,157 @@
+"""realm_jax.native's bf16 gemm (gemm.cc): prefill's matmul on CPU, on weights packed in panels of 64 rows.
+
+Checked against a float64 matmul of the bf16-rounded operands, in the AVX512_BF16 build (where the CPU has
+it) and the portable scalar build, for row counts around the 6-row tiles and weights whose row count is
+not a multiple of the 64-row panels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import realm_jax
+from realm_jax import native
+from realm_jax.errors import ShapeMismatchError
+from realm_jax.native import NativeWeight
+from realm_jax.quant import dequantize, to_dense
+from helpers import matmul_tolerance, random_qtensor
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
+
+BUILDS = [pytest.param(False, id="vector"), pytest.param(True, id="portable")]
+
+
+def rms(a) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
+
+
+def bf16_f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+
+
+def check(x, w, portable=False):
+    """native.gemm(x, pack_panels(w)) against float64 on the bf16-rounded operands."""
+    y = jax.jit(lambda x, p: native.gemm(x, p, w.shape[0], out_dtype=jnp.float32, portable=portable))(
+        x, native.pack_panels(w))
+    assert y.shape == (*x.shape[:-1], w.shape[0]) and y.dtype == jnp.float32
+    want = bf16_f64(x) @ bf16_f64(w).T
+    if not want.size:
+        return
+    # Products of two bf16 are exact in f32: only the f32 accumulation separates kernel and reference.
+    tol = matmul_tolerance(jnp.float32, w.shape[1], rms(bf16_f64(x)), rms(bf16_f64(w)))
+    err = float(np.max(np.abs(np.asarray(y, np.float64) - want)))
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("m,n,k", [(1, 64, 32), (5, 70, 64), (6, 128, 256), (7, 37, 512), (13, 200, 96),
+                                   (130, 640, 256), (9, 1, 2), (0, 64, 64)])
+def test_matches_float64(m, n, k, portable, rng):
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32)
+    check(x, w, portable)
+
+
+def test_batched_leading_axes_and_out_dtype(rng):
+    x = jnp.asarray(rng.standard_normal((2, 11, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((100, 128)), jnp.bfloat16)
+    y = native.gemm(x, native.pack_panels(w), 100)
+    assert y.shape == (2, 11, 100) and y.dtype == jnp.bfloat16
+    want = bf16_f64(x.reshape(22, 128)) @ bf16_f64(w).T
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(22, 100), want, rtol=1e-2, atol=0.05)
+
+
+def test_builds_report_their_path():
+    flags = open("/proc/cpuinfo").read()
+    assert native.gemm_available() == (" avx512_bf16 " in flags or "avx512_bf16\n" in flags)
+
+
+def test_pack_and_unpack(rng):
+    w = jnp.asarray(rng.standard_normal((70, 10)), jnp.bfloat16)
+    p = native.pack_panels(w)
+    assert p.shape == (2, 5, native.PANEL, 2) and p.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(p[0, 3, 7]), np.asarray(w[7, 6:8]))  # pair 3 of row 7
+    np.testing.assert_array_equal(np.asarray(p[1, :, 6:]), 0)  # rows past N are zero
+    np.testing.assert_array_equal(np.asarray(native.unpack_panels(p, 70)), np.asarray(w))
+    with pytest.raises(ShapeMismatchError, match="K even"):
+        native.pack_panels(jnp.zeros((4, 7)))
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+def test_layer_of_a_stack_read_in_place(portable, rng):
+    ws = [jnp.asarray(rng.standard_normal((90, 64)), jnp.bfloat16) for _ in range(3)]
+    stacked = jnp.stack([native.pack_panels(w) for w in ws])
+    x = jnp.asarray(rng.standard_normal((10, 64)), jnp.float32)
+    f = jax.jit(lambda x, p, i: native.gemm(x, p, 90, layer=i, portable=portable))
+    for i, w in enumerate(ws):
+        np.testing.assert_array_equal(np.asarray(f(x, stacked, jnp.int32(i))),
+                                      np.asarray(native.gemm(x, native.pack_panels(w), 90, portable=portable)))
+
+
+def test_bad_operands_are_clear_errors(rng):
+    p = native.pack_panels(jnp.zeros((70, 64), jnp.bfloat16))
+    with pytest.raises(ShapeMismatchError, match=r"do not hold a weight \[70, 32\]"):
+        native.gemm(jnp.zeros((3, 32)), p, 70)
+    with pytest.raises(ShapeMismatchError, match=r"do not hold a weight \[200, 64\]"):
+        native.gemm(jnp.zeros((3, 64)), p, 200)
+    with pytest.raises(ShapeMismatchError, match="one layer of a stack"):
+        native.gemm(jnp.zeros((3, 64)), p, 70, layer=0)
+    with pytest.raises(ShapeMismatchError):
+        native.gemm(jnp.zeros((3, 64)), p.astype(jnp.float32), 70)
+    # The custom call checks what it is given: wrong shapes and an out-of-range layer are errors, not bad reads.
+    call = jax.ffi.ffi_call("realm_gemm_bf16", jax.ShapeDtypeStruct((3, 70), jnp.float32))
+    x = jnp.zeros((3, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match="w must be"):
+        jax.block_until_ready(call(x, jnp.int32(0), p[:1]))
+    with pytest.raises(Exception, match="layer index is outside"):
+        jax.block_until_ready(call(x, jnp.int32(1), p))
+    with pytest.raises(Exception, match="K must be even"):
+        jax.block_until_ready(call(jnp.zeros((3, 63), jnp.bfloat16), jnp.int32(0), p))
+
+
+@pytest.mark.parametrize("sizes", [(128, 64, 64), (100, 30, 70)], ids=["whole-panels", "partial-panels"])
+def test_concat_rows_keeps_the_panels_right(sizes, rng):
+    """Fused q|k|v: panels concatenate as they are when the parts fill whole panels, else are repacked."""
+    qts = [random_qtensor("Q8_0", n, 64, rng) for n in sizes]
+    ws = [NativeWeight(q, panels=native.pack_panels(dequantize(q, jnp.bfloat16))) for q in qts]
+    fused = NativeWeight.concat_rows(ws)
+    want = jnp.concatenate([dequantize(q, jnp.bfloat16) for q in qts])
+    np.testing.assert_array_equal(np.asarray(native.unpack_panels(fused.panels, sum(sizes))), np.asarray(want))
+    assert fused.shape == (sum(sizes), 64) and fused.nbytes > fused.packed.nbytes
+
+
+@pytest.mark.parametrize("rows", [native.MAX_ROWS, native.MAX_ROWS + 1, 40])
+def test_qmatmul_takes_the_gemm_past_max_rows(rows, rng):
+    """A NativeWeight with panels: the decode kernel up to MAX_ROWS rows, the gemm past it under a bf16
+    compute dtype (XLA's dot on the unpacked weight under f32: the panels hold bf16 values)."""
+    if not native.gemm_available():
+        pytest.skip("this CPU has no AVX512_BF16: load() keeps a dense copy instead of panels")
+    qt = random_qtensor("Q4_K", 100, 256, rng)
+    w = NativeWeight(qt, panels=native.pack_panels(dequantize(qt, jnp.bfloat16)))
+    x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
+    f = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    text = f.lower(x, w).as_text()
+    assert ("realm_gemm_bf16" in text) == (rows > native.MAX_ROWS)
+    want = bf16_f64(x) @ np.asarray(dequantize(qt), np.float64).T
+    tol = matmul_tolerance(jnp.bfloat16, 256, rms(x), rms(dequantize(qt)))
+    assert float(np.max(np.abs(np.asarray(f(x, w)) - want))) <= tol
+
+
+def test_load_uses_panels_under_bf16_only(smollm2_path):
+    """load(): bf16 panels (no dense copy) for prefill under the bf16 policy, a dense copy under f32; the
+    prefill runs the gemm and gives the XLA path's logits."""
+    if not native.gemm_available():
+        pytest.skip("this CPU has no AVX512_BF16: load() keeps a dense copy instead of panels")
+    a = realm_jax.load(smollm2_path, impl="native", policy="bf16")
+    layer = a.params["layers"][0].params["wqkv"]
+    assert layer.panels is not None and layer.dense is None and layer.panels.dtype == jnp.bfloat16
+    assert "realm_gemm_bf16" in a.compiled_text("prefill", prompt_tokens=16)
+    f32 = realm_jax.load(smollm2_path, impl="native", policy="f32").params["layers"][0].params["wqkv"]
+    assert f32.panels is None and f32.dense is not None
+    b = realm_jax.load(smollm2_path, impl="xla", policy="bf16")
+    ids = a.tokenizer.encode("Panels of sixty-four rows, read in place by the gemm while the layers scan.")
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
