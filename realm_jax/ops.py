@@ -263,15 +263,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_pos: jax.Array, *,
 
 
 def _attend(q, k, v, query_pos, scale, window, local, scores_dtype):
+    # The G query heads of each kv head and the T queries form the rows of one matmul per kv head
+    # ([T * G, H] against the keys [S, H]): XLA:CPU runs that plain layout ~2x faster than the same dots
+    # with T and G as separate free dims (gemma3's 128-token prefill: 0.28 -> 0.14 ms a layer).
     b, t, n, h = q.shape
     kv = k.shape[2]
+    g = n // kv
+    rows = q.reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4).reshape(b, kv, t * g, h)
+    row_pos = jnp.repeat(query_pos, g, axis=1)[:, :, None]  # [B, T * G, 1]: row t * G + j is query t
     key_pos = jnp.arange(k.shape[1])[None, None, :]
-    mask = key_pos <= query_pos[:, :, None]  # [B, T, S]
+    mask = key_pos <= row_pos  # [B, T * G, S]
     if window:
-        mask &= ~jnp.asarray(local, bool) | (key_pos > query_pos[:, :, None] - window)
-    qg = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=scores_dtype) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(scores_dtype).min)
+        mask &= ~jnp.asarray(local, bool) | (key_pos > row_pos - window)
+    scores = jnp.einsum("BKMH,BSKH->BKMS", rows, k, preferred_element_type=scores_dtype) * scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(scores_dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, n, v.shape[-1]).astype(q.dtype)
+    out = jnp.einsum("BKMS,BSKH->BKMH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, t, n, -1).astype(q.dtype)

@@ -499,14 +499,16 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
 
 
 def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy, *,
-                 fuse: bool = True, impl: str = "xla") -> dict[str, Any]:
+                 fuse: bool = True, impl: str = "xla", last_apart: bool = False) -> dict[str, Any]:
     """The params pytree the jitted forward takes: linear weights quantized (impl "pallas") or in the
     policy's dense dtype ("xla"), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
-    them by heads), layers stacked into scan runs. Traceable (see `memory_plan`)."""
+    them by heads), layers stacked into scan runs, the last layer in a run of its own with `last_apart`
+    (a prefill then runs most of it on the last positions alone: `transformer.run_layers`; a pipeline's
+    stages do not). Traceable (see `memory_plan`)."""
     params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy, impl),
                                  output=_output_weight(policy, impl))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
-    params["layers"] = stack_layers(layers)
+    params["layers"] = stack_layers(layers, last_apart=last_apart)
     return params
 
 
@@ -516,7 +518,7 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
     layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
-        host = build_params(config, tensors, source, policy, impl=impl)
+        host = build_params(config, tensors, source, policy, impl=impl, last_apart=True)
         params = jax.device_put(host, device)
         if isinstance(host["output"], NativeWeight) and host["output"].packed is host["embed"]:
             params["output"] = NativeWeight(params["embed"])  # tied: one copy of the table on the device
@@ -524,8 +526,8 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 
-    params = build_params(config, tensors, source, policy, fuse=False, impl=impl)
     stages = int(dict(mesh.shape).get("stage", 1))
+    params = build_params(config, tensors, source, policy, fuse=False, impl=impl, last_apart=stages == 1)
     if stages > 1:
         try:
             shards = create_model_shards(params, stages, by=split_by)

@@ -166,3 +166,26 @@ def test_chunked_prefill_attention_equals_one_block():
         whole = ops.attention(q, k, v, pos, scale=0.25, window=window, local=local, chunk=64)
         blocks = ops.attention(q, k, v, pos, scale=0.25, window=window, local=local, chunk=8)
         np.testing.assert_allclose(np.asarray(blocks), np.asarray(whole), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma3-sliding-window"])
+def test_last_layer_pruned_prefill_gives_the_same_rows(variant):
+    """Built by load(), the last layer is a run of its own: a prefill that needs only each row's last
+    position computes that layer's attention output and FFN for it alone; its logits are those rows of the
+    full prefill's (prompts of different lengths in one batch, padded), and the cache is the same."""
+    kw = dict(VARIANTS[variant])
+    metadata, tensors = tiny_model(**kw)
+    config = config_from_gguf(metadata, tensors, "tiny")
+    params = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices()[0])
+    assert params["layers"][-1].count == 1 and params["layers"][-1].first == config.n_layers - 1
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(0, V, (3, 24)).astype(np.int32)
+    lengths = np.array([24, 9, 17], np.int32)
+    full, cache_full = _prefill(params, tokens, lengths, init_cache(config, 3, 32, np.float32), config=config,
+                                policy=Policy.full(), all_logits=True)
+    last, cache_last = _prefill(params, tokens, lengths, init_cache(config, 3, 32, np.float32), config=config,
+                                policy=Policy.full(), all_logits=False)
+    assert last.shape == (3, V)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full)[np.arange(3), lengths - 1], rtol=1e-5, atol=1e-5)
+    for a, b in ((cache_last.k, cache_full.k), (cache_last.v, cache_full.v)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

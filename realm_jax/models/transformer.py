@@ -53,8 +53,11 @@ class LayerRun:
     params: Any
 
 
-def stack_layers(layers: list[dict[str, Any]]) -> list[LayerRun]:
+def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False) -> list[LayerRun]:
     """Group consecutive layers of identical structure into stacked runs for `lax.scan`.
+
+    `last_apart` puts the last layer in a run of its own, so that a prefill that needs only the last
+    position's logits can run that layer's attention output and FFN on that position alone (`run_layers`).
 
     A stacked QTensor keeps its per-layer logical shape while its planes gain the leading L axis: inside
     the scan each step sees one layer's consistent QTensor. (Unrolling the layers instead measured no
@@ -62,10 +65,11 @@ def stack_layers(layers: list[dict[str, Any]]) -> list[LayerRun]:
     """
     runs: list[LayerRun] = []
     i = 0
+    end = len(layers) - 1 if last_apart else len(layers)
     while i < len(layers):
         treedef = jax.tree_util.tree_structure(layers[i])
         j = i + 1
-        while j < len(layers) and jax.tree_util.tree_structure(layers[j]) == treedef:
+        while j < end and jax.tree_util.tree_structure(layers[j]) == treedef:
             j += 1
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers[i:j])
         runs.append(LayerRun(i, j - i, stacked))
@@ -107,10 +111,13 @@ def _projections(config: ModelConfig, p: dict[str, Any], h, dtype, impl: str):
 
 
 def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local, *,
-           policy: Policy, kv_len: int, row=None, impl: str = "auto"):
+           policy: Policy, kv_len: int, row=None, impl: str = "auto", tables=None, keep=None):
     """One decoder layer on the f32 residual x [B, T, D] at positions [B, T], dtypes from `policy`.
     Writes this step's keys/values into cache slot `layer` and attends over its first kv_len positions.
-    `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the whole cache batch."""
+    `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the whole cache batch.
+    `tables`: `ops.rope_tables(positions, inv_freq)` when the caller has them. `keep`: None, or [B] indices
+    into T: after the cache write only those positions go on (x [B, 1, D] out), as the last layer of a
+    prefill that needs one position's logits may."""
     b, t, _ = x.shape
     eps, dtype = config.norm_eps, policy.compute
     norm = functools.partial(ops.rms_norm, eps=eps, dtype=policy.norm)
@@ -121,7 +128,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     v = v.reshape(b, t, config.n_kv_heads, config.v_head_dim)
     if config.qk_norm:
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-    tables = ops.rope_tables(positions, inv_freq)
+    tables = ops.rope_tables(positions, inv_freq) if tables is None else tables
     q = ops.rope(q, positions, inv_freq, neox=config.rope_neox, tables=tables)
     k = ops.rope(k, positions, inv_freq, neox=config.rope_neox, tables=tables)
 
@@ -139,6 +146,9 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
         cache = KVCache(*(lax.dynamic_update_slice(c, new[None], (layer, row, 0, 0, 0))
                           for c, new in ((cache.k, ck), (cache.v, cv))))
 
+    if keep is not None:
+        pick = lambda a: jnp.take_along_axis(a, keep.reshape(b, 1, *[1] * (a.ndim - 2)), axis=1)  # noqa: E731
+        q, x, positions, t = pick(q), pick(x), pick(positions), 1
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
                          scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores)
     o = _linear(attn.reshape(b, t, -1), p["wo"], dtype, impl=impl)
@@ -159,7 +169,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
 
 
 def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, slots, layer_ids, *, policy: Policy,
-                kv_len: int, row=None, skip=None, impl: str = "auto"):
+                kv_len: int, row=None, skip=None, impl: str = "auto", rope=None):
     """Run one stack of layers (leaves stacked [n, ...]) over x with `lax.scan`.
 
     Args:
@@ -168,6 +178,7 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
       row: see `_block`.
       skip: [n] bool or None; a skipped layer leaves x and the cache as they were (a pipeline stage's empty
         slots).
+      rope: None (each layer computes its rotary tables), or `rope_sets(config, positions)`.
 
     Returns:
       (x, cache).
@@ -180,22 +191,34 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
         freq, is_local = jnp.asarray(inv_freq)[ids], jnp.asarray(local)[ids]
 
     scanned, in_place = _split_in_place(params)
+    which = np.zeros(len(slots), np.int32) if rope is None else rope[1][np.asarray(layer_ids)]
 
     def body(carry, xs):
-        layer_params, slot, f, loc, off, index = xs
+        layer_params, slot, f, loc, off, index, w = xs
         layer_params = in_place(layer_params, index)
+        tables = None if rope is None else tuple(t[w] for t in rope[0])
 
         def run(carry):
             h, c = carry
             return _block(config, layer_params, h, positions, c, slot, f, loc, policy=policy, kv_len=kv_len, row=row,
-                          impl=impl)
+                          impl=impl, tables=tables)
 
         return (run(carry) if skip is None else lax.cond(off, lambda c: c, run, carry)), None
 
     skips = jnp.zeros(len(slots), bool) if skip is None else skip  # unread when skip is None
     index = jnp.arange(len(slots), dtype=jnp.int32)
-    (x, cache), _ = lax.scan(body, (x, cache), (scanned, slots, freq, is_local, skips, index))
+    (x, cache), _ = lax.scan(body, (x, cache), (scanned, slots, freq, is_local, skips, index, which))
     return x, cache
+
+
+def rope_sets(config: ModelConfig, positions):
+    """The rotary tables of each distinct set of layer frequencies (gemma3: its local and global layers;
+    llama: one), computed once per forward instead of once per layer (~1.2 ms of gemma3's prefill):
+    ((cos [U, B, T, 1, R/2], sin [U, ...]), numpy [n_layers] the set of each layer)."""
+    inv_freq, _ = _layer_constants(config)
+    sets, which = np.unique(inv_freq, axis=0, return_inverse=True)
+    tables = jax.vmap(lambda f: ops.rope_tables(positions, f))(jnp.asarray(sets))
+    return tables, np.asarray(which, np.int32).reshape(-1)
 
 
 def _split_in_place(params):
@@ -226,13 +249,27 @@ def _split_in_place(params):
 
 
 def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: KVCache, *, policy: Policy,
-               kv_len: int, impl: str = "auto"):
-    """The layer stack on one device group: each `LayerRun` scanned in turn; layer i uses cache slot i."""
-    for run in runs:
+               kv_len: int, impl: str = "auto", last=None):
+    """The layer stack on one device group: each `LayerRun` scanned in turn; layer i uses cache slot i.
+
+    `last`: None (x out [B, T, D]), or [B] indices into T: x out is those positions' rows [B, D]. When the
+    model's last layer is a run of its own (`stack_layers(last_apart=True)`), it computes keys and values
+    for every position but the rest for those rows alone (llama.cpp's graph prunes the same way).
+    """
+    rope = rope_sets(config, positions)
+    for i, run in enumerate(runs):
         ids = np.arange(run.first, run.first + run.count)
+        if last is not None and i == len(runs) - 1 and run.count == 1:
+            scanned, in_place = _split_in_place(run.params)
+            params = in_place(jax.tree.map(lambda a: a[0], scanned), jnp.int32(0))
+            inv_freq, local = _layer_constants(config)
+            tables = tuple(t[rope[1][run.first]] for t in rope[0])
+            x, cache = _block(config, params, x, positions, cache, run.first, jnp.asarray(inv_freq[run.first]),
+                              bool(local[run.first]), policy=policy, kv_len=kv_len, impl=impl, tables=tables, keep=last)
+            return x[:, 0], cache
         x, cache = scan_layers(config, run.params, x, positions, cache, jnp.asarray(ids), ids, policy=policy,
-                               kv_len=kv_len, impl=impl)
-    return x, cache
+                               kv_len=kv_len, impl=impl, rope=rope)
+    return (x if last is None else jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]), cache
 
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, policy: Policy,
@@ -261,8 +298,12 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
     x = ops.embed(tokens, params["embed"], dtype=jnp.float32)
     if config.embed_scale != 1.0:
         x = x * jnp.float32(config.embed_scale)
-    x, cache = layer_stack(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len, impl=impl)
-    if last is not None:
-        x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    if layer_stack is run_layers:  # it takes `last`: the last layer may run only those rows
+        x, cache = run_layers(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len, impl=impl,
+                              last=last)
+    else:
+        x, cache = layer_stack(config, params["layers"], x, positions, cache, policy=policy, kv_len=kv_len, impl=impl)
+        if last is not None:
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
     return _linear(x, params["output"], policy.compute, impl=impl).astype(policy.output), cache

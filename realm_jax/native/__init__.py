@@ -1,15 +1,20 @@
-"""realm-jax's native CPU matmul: the decode path on CPU, reached from XLA as an FFI custom call.
+"""realm-jax's native CPU kernels, reached from XLA as FFI custom calls: the decode matmul on the planes as
+stored (qmatmul.cc) and prefill's bf16 gemm on weights packed in panels (gemm.cc).
 
 On a CPU, XLA multiplies the one or few rows of a decode step by a 16-bit or 8-bit weight far below memory
 bandwidth (BENCHMARKS.md: 6-20 GB/s against 40-80), and it can only read 4-bit planes by dequantizing the
 whole weight on every call. `qmatmul.cc` streams a weight's planes (any realm-jax format: the k-quants,
 the legacy block formats, F32/F16/BF16) once per call, dequantizes 32 elements at a time in registers with
 the format's own formulas, multiplies them by the rows of x in f32 and splits the weight's rows over XLA's
-intra-op thread pool.
+intra-op thread pool. `gemm` multiplies prefill's many rows in bf16 with f32 accumulation (vdpbf16ps,
+6 x 64 register tiles) on a weight `pack_panels` laid out at load, reading layer i of the stacked layers
+in place (XLA's dot reached 410-850 GFLOP/s on gemma3's prefill shapes and needed each layer's weight
+copied out of the stack; the gemm runs at ~860).
 
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
-compiler, the flags, jax's version and the CPU) and registered as the XLA FFI target ``realm_qmatmul``.
+compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul`` and
+``realm_gemm_bf16``.
 ``REALM_JAX_NATIVE=0`` turns it off; `available()` then says False and `reason()` why, and impl "auto"
 stays on the XLA path. Asking for impl "native" where it cannot be built raises `NativeBuildError`.
 """
