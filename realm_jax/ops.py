@@ -131,6 +131,27 @@ def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
                          layer=w.layer)
 
 
+def glu(x: jax.Array, w, activation: str, *, compute_dtype=None, impl: str = "auto") -> jax.Array:
+    """A gated FFN's hidden activations act(x @ gate^T) * (x @ up^T) from its fused gate|up weight w
+    [2F, K] (gate rows first), `activation` "silu" (SwiGLU) or "gelu_tanh" (GeGLU), in f32 (gate and up
+    accumulate in f32). On a NativeWeight with bf16 panels past native.MAX_ROWS rows the native gemm
+    applies the activation in its epilogue and hands back bf16: the down projection's input in the bf16
+    compute dtype, without a pass over the f32 [.., 2F] product."""
+    from realm_jax import native
+    from realm_jax.native import NativeWeight
+
+    if activation not in ("silu", "gelu_tanh"):
+        raise ValueError(f"glu: activation={activation!r} must be 'silu' or 'gelu_tanh'")
+    compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
+    if isinstance(w, NativeWeight) and w.panels is not None and compute_dtype == jnp.bfloat16 \
+            and math.prod(x.shape[:-1]) > native.MAX_ROWS and w.shape[0] % (2 * native.PANEL) == 0 \
+            and jax.default_backend() == "cpu":
+        return native.gemm(x, w.panels, w.shape[0], out_dtype=jnp.float32, layer=w.layer, glu=activation)
+    gate, up = jnp.split(qmatmul(x, w, compute_dtype=compute_dtype, out_dtype=jnp.float32, impl=impl), 2, axis=-1)
+    act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return act * up
+
+
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))
 def _qmatmul_pallas(x: jax.Array, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
     import pallas_kernels

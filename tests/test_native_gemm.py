@@ -155,3 +155,68 @@ def test_load_uses_panels_under_bf16_only(smollm2_path):
     la, lb = a.logits(ids), b.logits(ids)
     assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
     assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
+
+
+def glu_reference(x, w, activation):
+    """float64 act(x @ gate^T) * (x @ up^T) on the bf16-rounded operands."""
+    gu = bf16_f64(x) @ bf16_f64(w).T
+    gate, up = np.split(gu, 2, axis=-1)
+    if activation == "silu":
+        act = gate / (1 + np.exp(-gate))
+    else:
+        act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+    return act * up, gu
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("activation", list(native.GLU_ACTS))
+@pytest.mark.parametrize("m,f,k", [(1, 64, 32), (7, 128, 64), (13, 192, 256)])
+def test_glu_epilogue_matches_float64(m, f, k, activation, portable, rng):
+    """gate|up with the activation in the epilogue: act(gate) * up rounded to bf16, within the bf16
+    rounding and f32 accumulation of float64 (gates up to |8|: silu's and gelu's tails are exercised)."""
+    x = jnp.asarray(rng.standard_normal((m, k)) * 2, jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2 * f, k)) / np.sqrt(k), jnp.float32)
+    y = jax.jit(lambda x, p: native.gemm(x, p, 2 * f, out_dtype=jnp.float32, glu=activation, portable=portable))(
+        x, native.pack_panels(w))
+    assert y.shape == (m, f)
+    want, gu = glu_reference(x, w, activation)
+    # f32 accumulation error of gate and up (propagated through act, whose slope is below 1.2), then
+    # the rounding of the result to bf16.
+    acc = matmul_tolerance(jnp.float32, k, rms(bf16_f64(x)), rms(bf16_f64(w)))
+    gate, up = np.split(gu, 2, axis=-1)
+    tol = acc * (1.2 * np.abs(up) + np.abs(gate) + acc) + np.abs(want) * 2.0**-8
+    err = np.abs(np.asarray(y, np.float64) - want)
+    assert np.all(err <= tol), f"max excess {np.max(err - tol):.3g}"
+
+
+def test_glu_needs_whole_panels_and_a_known_activation(rng):
+    p = native.pack_panels(jnp.zeros((192, 64), jnp.bfloat16))
+    with pytest.raises(ShapeMismatchError, match="multiple of 64"):
+        native.gemm(jnp.zeros((9, 64)), p, 192, glu="silu")  # halves of 96 rows
+    p = native.pack_panels(jnp.zeros((256, 64), jnp.bfloat16))
+    with pytest.raises(ShapeMismatchError, match="glu='relu'"):
+        native.gemm(jnp.zeros((9, 64)), p, 256, glu="relu")
+    call = jax.ffi.ffi_call("realm_gemm_glu_bf16", jax.ShapeDtypeStruct((9, 128), jnp.bfloat16))
+    with pytest.raises(Exception, match="unknown activation"):
+        jax.block_until_ready(call(jnp.zeros((9, 64), jnp.bfloat16), jnp.int32(0), p, act=np.int64(9)))
+
+
+@pytest.mark.parametrize("activation", list(native.GLU_ACTS))
+def test_ops_glu_native_and_xla_agree(activation, rng):
+    """ops.glu on a NativeWeight with panels (the epilogue, past MAX_ROWS rows) and on the dense weight
+    (XLA: split, activation, product) give the same hidden activations to bf16 rounding."""
+    if not native.gemm_available():
+        pytest.skip("this CPU has no AVX512_BF16: load() keeps a dense copy instead of panels")
+    import realm_jax.ops as ops
+
+    qt = random_qtensor("Q4_K", 256, 256, rng)
+    dense = to_dense(qt, jnp.bfloat16)
+    w = NativeWeight(qt, panels=native.pack_panels(dense.planes["w"]))
+    x = jnp.asarray(rng.standard_normal((24, 256)), jnp.bfloat16)
+    fast = jax.jit(lambda x, w: ops.glu(x, w, activation))
+    assert "realm_gemm_glu_bf16" in fast.lower(x, w).as_text()
+    slow = ops.glu(x, dense, activation, impl="xla")
+    a, b = np.asarray(fast(x, w), np.float64), np.asarray(slow, np.float64)
+    np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * float(np.max(np.abs(b))) * 0.05)
+    with pytest.raises(ValueError, match="activation"):
+        ops.glu(x, dense, "relu")

@@ -158,11 +158,11 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
 
     h = norm(x, p["ffn_norm"])
     if "w_gateup" in p:
-        gate, up = jnp.split(_linear(h, p["w_gateup"], dtype, impl=impl), 2, axis=-1)
+        hidden = ops.glu(_to(h, dtype), p["w_gateup"], config.activation, impl=impl)
     else:
         gate, up = _linear(h, p["w_gate"], dtype, impl=impl), _linear(h, p["w_up"], dtype, impl=impl)
-    act = jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    down = _linear(act * up, p["w_down"], dtype, impl=impl)
+        hidden = (jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
+    down = _linear(hidden, p["w_down"], dtype, impl=impl)
     if config.post_norms:
         down = norm(down, p["post_ffn_norm"])
     return x + down, cache

@@ -39,7 +39,7 @@ import numpy as np
 from realm_jax.errors import NativeBuildError, QTensorError, ShapeMismatchError
 from realm_jax.quant import QTensor, concat_rows
 
-__all__ = ["FORMAT_IDS", "MAX_ROWS", "PANEL", "NativeWeight", "available", "build", "gemm", "gemm_available", "matmul",
+__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "NativeWeight", "available", "build", "gemm", "gemm_available", "matmul",
            "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
@@ -51,6 +51,8 @@ FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 10, "Q4_1": 11, "Q5_0": 12,
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
 _GEMM_TARGET = {False: "realm_gemm_bf16", True: "realm_gemm_bf16_portable"}
+_GLU_TARGET = {False: "realm_gemm_glu_bf16", True: "realm_gemm_glu_bf16_portable"}
+GLU_ACTS = {"silu": 1, "gelu_tanh": 2}  # gemm.cc's Act: the gated FFN activations its epilogue applies
 PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
 # Up to this many rows of x the native kernel runs; past it XLA's dot on a dense copy is faster. Measured
 # on the 2-core AVX-512 CPU (4096 x 4096 Q4_K / Q6_K / Q8_0, bf16): native 0.3-0.7 ms at 1 row, ~1.8 at 8
@@ -198,11 +200,12 @@ def _outcome(portable: bool) -> ctypes.CDLL | NativeBuildError:
         return e
     try:
         lib = ctypes.CDLL(str(path))
-        handler, gemm = lib.RealmQMatmul, lib.RealmGemmBF16
+        handler, gemm, glu = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16
     except (OSError, AttributeError) as e:
         return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
     jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
     jax.ffi.register_ffi_target(_GEMM_TARGET[portable], jax.ffi.pycapsule(gemm), platform="cpu")
+    jax.ffi.register_ffi_target(_GLU_TARGET[portable], jax.ffi.pycapsule(glu), platform="cpu")
     return lib
 
 
@@ -306,7 +309,8 @@ def unpack_panels(panels: jax.Array, n: int) -> jax.Array:
     return panels.transpose(0, 2, 1, 3).reshape(p * PANEL, 2 * kp)[:n]
 
 
-def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None, portable: bool = False) -> jax.Array:
+def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None, glu: str | None = None,
+         portable: bool = False) -> jax.Array:
     """y = x @ W^T with x rounded to bf16, W given as `pack_panels(W)`, f32 accumulation (gemm.cc).
 
     Args:
@@ -315,10 +319,13 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
         (an int32 scalar, traced or not) is read in place.
       n: W's rows (N).
       out_dtype: y's dtype (default x.dtype).
+      glu: None, or a gated FFN's activation (a key of GLU_ACTS): W is gate|up (rows [0, n/2) and
+        [n/2, n), n/2 a multiple of PANEL) and y = act(x @ gate^T) * (x @ up^T) [..., n/2], computed in
+        f32 and rounded to bf16 in the kernel (the down projection's input), then cast to out_dtype.
       portable: use the scalar build (for tests).
 
     Returns:
-      [..., n] in out_dtype. Call it under `jax.jit` on the CPU backend.
+      [..., n] (or [..., n/2] with `glu`) in out_dtype. Call it under `jax.jit` on the CPU backend.
     """
     want = 3 if layer is None else 4
     k = x.shape[-1]
@@ -326,10 +333,18 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
             or k % 2 or panels.dtype != jnp.bfloat16:
         raise ShapeMismatchError(f"realm_jax.native.gemm: panels {panels.dtype}{list(panels.shape)} do not hold a "
                                  f"weight [{n}, {k}] for x.shape={x.shape}" + (" (one layer of a stack)" if layer is not None else ""))
+    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
+        raise ShapeMismatchError(f"realm_jax.native.gemm: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
+                                 f"halves of a multiple of {PANEL} rows, got n={n}")
     _load(portable)
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     rows = x.reshape(-1, k).astype(jnp.bfloat16)
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
-    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
-    y = jax.ffi.ffi_call(_GEMM_TARGET[portable], out)(rows, index, panels)
+    if glu is None:
+        out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
+        y = jax.ffi.ffi_call(_GEMM_TARGET[portable], out)(rows, index, panels)
+    else:
+        n //= 2
+        out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16)
+        y = jax.ffi.ffi_call(_GLU_TARGET[portable], out)(rows, index, panels, act=np.int64(GLU_ACTS[glu]))
     return y.reshape(*x.shape[:-1], n).astype(out_dtype)

@@ -11,10 +11,14 @@
 // what vdpbf16ps multiplies against the pair (x[m, 2k], x[m, 2k+1]) broadcast to all lanes. Rows past N
 // in the last panel are zero. x arrives in bf16 [M, K] (K even), whose rows are such pairs already.
 //
+// The gated FFN's gate|up projection can end in its activation (act(gate) * up, rounded to bf16: the
+// down projection's input), which spares a pass over the [M, N] f32 product.
+//
 // With AVX512_BF16 the vector path runs (vdpbf16ps flushes subnormal inputs and outputs to zero, as XLA's
 // bf16 dot on such CPUs does); otherwise a portable scalar path computes the same sums.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -33,18 +37,40 @@ namespace {
 constexpr int64_t kPanel = 64;  // rows of W per panel: 4 vectors of 16 f32 lanes
 constexpr int kRows = 6;        // rows of x per tile: 6 x 4 = 24 accumulators of the 32 vector registers
 
+// The gated FFN's activations (realm_jax.native.GLU_ACTS): act(gate) * up in the epilogue of gate|up.
+enum Act : int64_t { kNoAct = 0, kSilu = 1, kGeluTanh = 2 };
+
 struct Gemm {
   const uint32_t* x;  // [M, K/2] pairs
   const uint32_t* w;  // [P, K/2, 64] pairs
-  float* y;           // [M, N]
+  void* y;            // f32 [M, N], or with an activation bf16 [M, N/2]
   int64_t m, n, kp;   // kp = K / 2
+  int64_t act;        // kNoAct, or the GLU's: gate is W's rows [0, N/2), up [N/2, N)
 };
 
+inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// f32 -> bf16, round to nearest even (NaN stays NaN), as XLA's convert.
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// act(g) as jax.nn.silu / jax.nn.gelu(approximate=True) define it: g * sigmoid(g), and
+// 0.5 g (1 + tanh(u)) = g * sigmoid(2u) with u = sqrt(2/pi) (g + 0.044715 g^3).
+constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
+
+inline float act_scalar(int64_t act, float g) {
+  const float z = act == kSilu ? g : 2.0f * kGeluC * (g + kGeluA * g * g * g);
+  return g / (1.0f + std::exp(-z));
+}
+
 #ifdef REALM_GEMM_BF16
-// Rows [m0, m0 + R) of x against panel `panel`: R x 64 outputs, of which the first `cols` are stored.
+// Rows [m0, m0 + R) of x against panel `panel`, into acc.
 template <int R>
-void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
-  __m512 acc[R][4];
+inline void accumulate(const Gemm& g, int64_t m0, int64_t panel, __m512 (&acc)[R][4]) {
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const uint32_t* w = g.w + panel * g.kp * kPanel;
@@ -61,38 +87,98 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
       acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, w3);
     }
   }
-  float* y = g.y + m0 * g.n + panel * kPanel;
-  for (int j = 0; j < 4; ++j) {
-    const int64_t left = std::clamp<int64_t>(cols - 16 * j, 0, 16);
-    const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
-    for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + i * g.n + 16 * j, mask, acc[i][j]);
+}
+
+inline __mmask16 lanes(int64_t cols, int j) {
+  const int64_t left = std::clamp<int64_t>(cols - 16 * j, 0, 16);
+  return static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for exp(r), scaled by 2^n.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 act512(int64_t act, __m512 g) {
+  __m512 z = g;
+  if (act == kGeluTanh) {
+    const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+    z = _mm512_mul_ps(_mm512_set1_ps(2.0f * kGeluC), _mm512_fmadd_ps(_mm512_set1_ps(kGeluA), g3, g));
   }
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+}
+
+// R x 64 outputs of panel `panel` (the first `cols` stored): f32 y, or with an activation the GLU's bf16
+// act(gate) * up, gate from panel `panel` and up from the panel N/2 rows on.
+template <int R>
+void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
+  __m512 acc[R][4];
+  accumulate<R>(g, m0, panel, acc);
+  if (g.act == kNoAct) {
+    float* y = static_cast<float*>(g.y) + m0 * g.n + panel * kPanel;
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + i * g.n + 16 * j, lanes(cols, j), acc[i][j]);
+    return;
+  }
+  __m512 gate[R][4];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) gate[i][j] = act512(g.act, acc[i][j]);
+  accumulate<R>(g, m0, panel + g.n / 2 / kPanel, acc);
+  const int64_t half = g.n / 2;
+  uint16_t* y = static_cast<uint16_t*>(g.y) + m0 * half + panel * kPanel;
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < R; ++i) {
+      const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(gate[i][j], acc[i][j]));
+      _mm256_mask_storeu_epi16(y + i * half + 16 * j, lanes(cols, j), out);
+    }
 }
 #else
-inline float bf16_lo(uint32_t pair) { float f; uint32_t u = pair << 16; std::memcpy(&f, &u, 4); return f; }
-inline float bf16_hi(uint32_t pair) { float f; uint32_t u = pair & 0xffff0000u; std::memcpy(&f, &u, 4); return f; }
+inline float bf16_lo(uint32_t pair) { return bits_f32(pair << 16); }
+inline float bf16_hi(uint32_t pair) { return bits_f32(pair & 0xffff0000u); }
+
+inline float dot(const Gemm& g, int64_t m, int64_t panel, int64_t c) {
+  const uint32_t* w = g.w + panel * g.kp * kPanel;
+  const uint32_t* x = g.x + m * g.kp;
+  float acc = 0.0f;
+  for (int64_t k = 0; k < g.kp; ++k) {
+    const uint32_t a = x[k], b = w[k * kPanel + c];
+    acc += bf16_lo(a) * bf16_lo(b) + bf16_hi(a) * bf16_hi(b);
+  }
+  return acc;
+}
 
 template <int R>
 void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
-  const uint32_t* w = g.w + panel * g.kp * kPanel;
-  for (int i = 0; i < R; ++i) {
-    const uint32_t* x = g.x + (m0 + i) * g.kp;
-    float* y = g.y + (m0 + i) * g.n + panel * kPanel;
+  const int64_t half = g.n / 2, up = panel + half / kPanel;
+  for (int i = 0; i < R; ++i)
     for (int64_t c = 0; c < cols; ++c) {
-      float acc = 0.0f;
-      for (int64_t k = 0; k < g.kp; ++k) {
-        const uint32_t a = x[k], b = w[k * kPanel + c];
-        acc += bf16_lo(a) * bf16_lo(b) + bf16_hi(a) * bf16_hi(b);
+      const float v = dot(g, m0 + i, panel, c);
+      if (g.act == kNoAct) {
+        static_cast<float*>(g.y)[(m0 + i) * g.n + panel * kPanel + c] = v;
+      } else {
+        static_cast<uint16_t*>(g.y)[(m0 + i) * half + panel * kPanel + c] =
+            to_bf16(act_scalar(g.act, v) * dot(g, m0 + i, up, c));
       }
-      y[c] = acc;
     }
-  }
 }
 #endif
 
 // Rows [m0, m1) of x against panel `panel`.
 void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel) {
-  const int64_t cols = std::min(kPanel, g.n - panel * kPanel);
+  const int64_t cols = std::min(kPanel, (g.act == kNoAct ? g.n : g.n / 2) - panel * kPanel);
   int64_t m = m0;
   for (; m + kRows <= m1; m += kRows) tile<kRows>(g, m, panel, cols);
   switch (m1 - m) {
@@ -108,16 +194,20 @@ void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel) {
 using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 
 // w: [P, K/2, 64, 2] bf16, or [L, P, K/2, 64, 2] for a stack of L layers' weights of which `layer` is
-// read where it lies.
-ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), yd = y->dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0]) {
+// read where it lies. y: f32 [M, N] (act kNoAct), or bf16 [M, N/2] (an activation; N/2 a multiple of 64).
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::Buffer<ffi::BF16>& w,
+               void* y, int64_t y_rows, int64_t y_cols, int64_t act) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || y_rows != xd[0]) {
     return ffi::Error::InvalidArgument("realm_gemm_bf16: x must be [M, K] and y [M, N]");
   }
   Gemm g{};
   g.m = xd[0];
-  g.n = yd[1];
+  g.act = act;
+  g.n = act == kNoAct ? y_cols : 2 * y_cols;
+  if (act != kNoAct && (y_cols % kPanel || (act != kSilu && act != kGeluTanh))) {
+    return ffi::Error::InvalidArgument("realm_gemm_bf16: an unknown activation, or N/2 not a multiple of 64");
+  }
   if (xd[1] % 2) return ffi::Error::InvalidArgument("realm_gemm_bf16: K must be even");
   g.kp = xd[1] / 2;
   const int64_t panels = (g.n + kPanel - 1) / kPanel, nd = static_cast<int64_t>(wd.size());
@@ -131,19 +221,36 @@ ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex l
   }
   g.x = static_cast<const uint32_t*>(x.untyped_data());
   g.w = static_cast<const uint32_t*>(w.untyped_data()) + index * panels * g.kp * kPanel;
-  g.y = y->typed_data();
+  g.y = y;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
-  // Each chunk is one panel against a block of x's rows: all of them when there are panels enough for
-  // ~8 chunks per thread (each core then reads a panel of W once), else fewer rows per chunk.
+  // Each chunk is one panel (with an activation: a gate panel, and its up panel) against a block of x's
+  // rows: all of them when there are panels enough for ~8 chunks per thread (each core then reads a panel
+  // of W once), else fewer rows per chunk.
+  const int64_t units = act == kNoAct ? panels : panels / 2;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t splits = std::max<int64_t>(1, std::min((8 * threads + panels - 1) / panels, (g.m + kRows - 1) / kRows));
+  const int64_t splits = std::max<int64_t>(1, std::min((8 * threads + units - 1) / units, (g.m + kRows - 1) / kRows));
   const int64_t block = ((g.m + splits - 1) / splits + kRows - 1) / kRows * kRows;
   const int64_t blocks = (g.m + block - 1) / block;
-  realm::parallel_chunks(pool, panels * blocks, [&g, block, blocks](int64_t c) {
+  realm::parallel_chunks(pool, units * blocks, [&g, block, blocks](int64_t c) {
     const int64_t m0 = (c % blocks) * block;
     rows(g, m0, std::min(g.m, m0 + block), c / blocks);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto yd = y->dimensions();
+  if (yd.size() != 2) return ffi::Error::InvalidArgument("realm_gemm_bf16: y must be [M, N]");
+  return Run(pool, x, layer, w, y->typed_data(), yd[0], yd[1], kNoAct);
+}
+
+ffi::Error GemmGluBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::Buffer<ffi::BF16> w,
+                       ffi::ResultBuffer<ffi::BF16> y, int64_t act) {
+  auto yd = y->dimensions();
+  if (yd.size() != 2) return ffi::Error::InvalidArgument("realm_gemm_bf16: y must be [M, N/2]");
+  if (act == kNoAct) return ffi::Error::InvalidArgument("realm_gemm_bf16: an unknown activation");
+  return Run(pool, x, layer, w, y->untyped_data(), yd[0], yd[1], act);
 }
 
 }  // namespace
@@ -155,6 +262,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmBF16, GemmBF16,
                                   .Arg<LayerIndex>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmGluBF16, GemmGluBF16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<LayerIndex>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("act"));
 
 extern "C" int realm_gemm_vector_path() {
 #ifdef REALM_GEMM_BF16
