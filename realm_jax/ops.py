@@ -259,7 +259,7 @@ _QUERY_CHUNK = 512  # prefill attends in blocks of this many queries: scores sta
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_pos: jax.Array, *, scale: float, window: int = 0,
-              local=None, scores_dtype=jnp.float32, chunk: int = _QUERY_CHUNK) -> jax.Array:
+              local=None, scores_dtype=jnp.float32, chunk: int = _QUERY_CHUNK, impl: str = "auto") -> jax.Array:
     """Causal grouped-query attention over a cache.
 
     Args:
@@ -269,21 +269,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, query_pos: jax.Array, *,
       window: with `local` true (a traced bool is fine), only the last `window` positions are attended.
       scores_dtype: the dtype of scores and softmax (f32 by default: long rows need its range).
       chunk: queries per block; longer prefills run block by block (lax.map) to bound the scores' memory.
+      impl: "native" runs prefill's two products (bf16 inputs, f32 scores) on the native bf16 gemm;
+        anything else, XLA's dots.
 
     Returns:
       [B, T, N, Hv] in q.dtype.
     """
     b, t, n, h = q.shape
     if t <= chunk:
-        return _attend(q, k, v, query_pos, scale, window, local, scores_dtype)
+        return _attend(q, k, v, query_pos, scale, window, local, scores_dtype, impl)
     pad = -t % chunk
     qs = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, -1, chunk, n, h).swapaxes(0, 1)
     ps = jnp.pad(query_pos, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
-    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], scale, window, local, scores_dtype), (qs, ps))
+    out = lax.map(lambda qp: _attend(qp[0], k, v, qp[1], scale, window, local, scores_dtype, impl), (qs, ps))
     return out.swapaxes(0, 1).reshape(b, -1, n, v.shape[-1])[:, :t]
 
 
-def _attend(q, k, v, query_pos, scale, window, local, scores_dtype):
+_NATIVE_ATTENTION_BLOCKS = 8  # batch x kv heads up to which the native products are unrolled
+
+
+def _attend(q, k, v, query_pos, scale, window, local, scores_dtype, impl="auto"):
     # The G query heads of each kv head and the T queries form the rows of one matmul per kv head
     # ([T * G, H] against the keys [S, H]): XLA:CPU runs that plain layout ~2x faster than the same dots
     # with T and G as separate free dims (gemma3's 128-token prefill: 0.28 -> 0.14 ms a layer).
@@ -296,8 +301,39 @@ def _attend(q, k, v, query_pos, scale, window, local, scores_dtype):
     mask = key_pos <= row_pos  # [B, T * G, S]
     if window:
         mask &= ~jnp.asarray(local, bool) | (key_pos > row_pos - window)
-    scores = jnp.einsum("BKMH,BSKH->BKMS", rows, k, preferred_element_type=scores_dtype) * scale
+    native = _native_attention(rows, k, v, scores_dtype, impl)
+    if native:
+        scores = native(rows, k) * scale
+    else:
+        scores = jnp.einsum("BKMH,BSKH->BKMS", rows, k, preferred_element_type=scores_dtype) * scale
     scores = jnp.where(mask[:, None], scores, jnp.finfo(scores_dtype).min)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("BKMS,BSKH->BKMH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    if native:
+        out = native(probs.astype(v.dtype), v.swapaxes(1, 3))  # [B, K, M, S] against v^T [B, Hv, K, S]
+    else:
+        out = jnp.einsum("BKMS,BSKH->BKMH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, t, n, -1).astype(q.dtype)
+
+
+def _native_attention(rows, k, v, scores_dtype, impl: str):
+    """For impl "native" on a prefill (more than native.MAX_ROWS rows per kv head, bf16 inputs, f32
+    scores, even head and key lengths, at most _NATIVE_ATTENTION_BLOCKS batch x kv-head blocks): a
+    function (a [B, K, M, J], w [B, N, K, J]) -> a @ w^T [B, K, M, N] f32 on the native bf16 gemm, w packed
+    per block (a transpose of a few hundred KB); else None."""
+    if impl != "native" or jax.default_backend() != "cpu":
+        return None
+    from realm_jax import native
+
+    b, kv, m, h = rows.shape
+    if m <= native.MAX_ROWS or b * kv > _NATIVE_ATTENTION_BLOCKS or jnp.dtype(scores_dtype) != jnp.float32 \
+            or any(a.dtype != jnp.bfloat16 for a in (rows, k, v)) or h % 2 or k.shape[1] % 2 \
+            or not native.gemm_available():
+        return None
+
+    def product(a, w):
+        n = w.shape[1]
+        out = [[native.gemm(a[i, j], native.pack_panels(w[i, :, j]), n, out_dtype=jnp.float32) for j in range(kv)]
+               for i in range(b)]
+        return jnp.stack([jnp.stack(r) for r in out])
+
+    return product

@@ -220,3 +220,23 @@ def test_ops_glu_native_and_xla_agree(activation, rng):
     np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * float(np.max(np.abs(b))) * 0.05)
     with pytest.raises(ValueError, match="activation"):
         ops.glu(x, dense, "relu")
+
+
+@pytest.mark.parametrize("kv,window", [(1, 0), (2, 5)])
+def test_attention_products_on_the_gemm(kv, window, rng):
+    """ops.attention(impl="native") runs prefill's two products on the gemm (keys and values packed per
+    batch row and kv head) and agrees with XLA's dots; decode-sized queries stay on XLA."""
+    if not native.gemm_available():
+        pytest.skip("this CPU has no AVX512_BF16")
+    from realm_jax import ops
+
+    b, t, n, h, s = 2, 12, 4, 32, 16
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
+               ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
+    pos = jnp.asarray(np.tile(np.arange(t), (b, 1)) + np.array([[0], [4]]), jnp.int32)
+    f = jax.jit(lambda q, k, v, p, impl: ops.attention(q, k, v, p, scale=0.2, window=window, local=True, impl=impl),
+                static_argnames="impl")
+    assert "realm_gemm_bf16" in f.lower(q, k, v, pos, impl="native").as_text()
+    assert "realm_gemm_bf16" not in f.lower(q[:, :1], k, v, pos[:, :1], impl="native").as_text()
+    a, want = np.asarray(f(q, k, v, pos, impl="native"), np.float32), np.asarray(f(q, k, v, pos, impl="xla"), np.float32)
+    np.testing.assert_allclose(a, want, rtol=0.02, atol=0.02)

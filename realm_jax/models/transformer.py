@@ -150,7 +150,8 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
         pick = lambda a: jnp.take_along_axis(a, keep.reshape(b, 1, *[1] * (a.ndim - 2)), axis=1)  # noqa: E731
         q, x, positions, t = pick(q), pick(x), pick(positions), 1
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
-                         scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores)
+                         scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores,
+                         impl=impl)
     o = _linear(attn.reshape(b, t, -1), p["wo"], dtype, impl=impl)
     if config.post_norms:
         o = norm(o, p["post_attn_norm"])
