@@ -27,7 +27,9 @@ Theoretical minimum per device, per kind. B rows per data shard (B = batch / dat
 a pipeline), 4 bytes per element (the residual stream is f32 under every policy):
   none, data:  nothing (each data shard runs its own rows end to end).
   tensor:      all-reduce 2 * Ls * B * T * D * 4 (Megatron: one after the attention output and one after
-               the down projection, per layer; the output head is replicated, so logits need no gather).
+               the down projection, per layer; the output head is replicated, so logits need no gather);
+               a prefill's last layer needs only the last token's rows (its logits are all a prefill
+               returns): 2 * ((L - 1) * T + 1) * B * D * 4 without a pipeline.
   pipeline:    collective-permute B * T * D * 4 (each stage but the last hands its output on once per pass:
                (S-1) * B * T * D * 4 summed over the stages).
   hybrid:      the sum of its parts: tensor's all-reduces over the Ls layers of one stage, and the pipeline's
@@ -85,7 +87,10 @@ def minimum_bytes(mesh: dict[str, int], *, layers: int, width: int, rows: int, t
     `tokens` tokens needs under `mesh`; `layers` is the most layers one pipeline stage holds."""
     out = {}
     if mesh["model"] > 1:
-        out["all-reduce"] = 2 * layers * rows * tokens * width * F32
+        # Without a pipeline a prefill runs its last layer's attention output and FFN on the last token only
+        # (its logits are all it needs): that layer's two all-reduces carry one token per row.
+        full = layers - 1 if mesh["stage"] == 1 and tokens > 1 else layers
+        out["all-reduce"] = 2 * (full * tokens + (layers - full)) * rows * width * F32
     if mesh["stage"] > 1:
         out["collective-permute"] = rows * tokens * width * F32
     return out

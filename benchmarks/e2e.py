@@ -3,9 +3,12 @@ llama.cpp (llama-cpp-python) on the same files, in one run.
 
 Each runtime runs in its own subprocess so its peak memory (RSS) is its own. Times are medians over
 --runs repetitions after one warm-up (realm-jax's warm-up includes its jit compilation, reported apart).
+With --rounds R the two runtimes alternate R times per model (first one, then the other, the order
+swapped each round), because this kind of machine drifts by 10-20% within minutes: each figure is the
+median over the rounds, and the ratio is the median of the rounds' own ratios (their range is shown).
 
     python benchmarks/e2e.py [--models gemma3-270m-q4_k_m smollm2-135m-instruct-q4_1] [--policy f32]
-                             [--threads 2] [--runs 5] [--json out.json]
+                             [--threads 2] [--runs 5] [--rounds 3] [--json out.json]
 
 Without llama-cpp-python installed, the llama.cpp columns say so and only realm-jax is measured.
 """
@@ -86,12 +89,37 @@ def _run_worker(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _summary(rounds: list[dict]) -> dict:
+    """Medians over the rounds of each runtime's figures (peak RSS: the largest), and for each speed the
+    (min, median, max) of the rounds' realm-jax / llama.cpp ratios."""
+    out = {}
+    for side in ("realm_jax", "llama_cpp"):
+        ok = [r[side] for r in rounds if "error" not in r[side]]
+        if not ok:
+            out[side] = rounds[0][side]
+            continue
+        merged = dict(ok[-1])
+        for key in ("prefill_tps", "decode_tps"):
+            merged[key] = statistics.median(o[key] for o in ok)
+        merged["peak_rss_mib"] = max(o["peak_rss_mib"] for o in ok)
+        out[side] = merged
+    ratios = {}
+    for key in ("prefill_tps", "decode_tps"):
+        each = [r["realm_jax"][key] / r["llama_cpp"][key] for r in rounds
+                if "error" not in r["realm_jax"] and "error" not in r["llama_cpp"]]
+        if each:
+            ratios[key] = (min(each), statistics.median(each), max(each))
+    out["ratios"] = ratios
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--policy", default="f32", help="realm-jax precision policy (e.g. f32, bf16, auto)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the two runtimes per model")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,17 +138,27 @@ def main() -> None:
         have_llama = False
         print("llama-cpp-python is not installed (pip install 'realm-jax[llama]'): llama.cpp not measured",
               file=sys.stderr)
+    if args.runs < 1 or args.rounds < 1:
+        parser.error("--runs and --rounds must be at least 1")
     rows = []
     for model in args.models:
         common = ["--runs", str(args.runs), "--policy", args.policy, "--threads", str(args.threads)]
-        ours = _run_worker(["realm", model, *common])
-        peer = _run_worker(["llama", model, *common]) if have_llama else {"error": "llama-cpp-python not installed"}
-        rows.append({"model": model, "realm_jax": ours, "llama_cpp": peer})
+        rounds = []
+        for r in range(args.rounds):
+            order = ("realm", "llama") if r % 2 == 0 else ("llama", "realm")
+            got = {}
+            for kind in order:
+                if kind == "llama" and not have_llama:
+                    got[kind] = {"error": "llama-cpp-python not installed"}
+                else:
+                    got[kind] = _run_worker([kind, model, *common])
+            rounds.append({"realm_jax": got["realm"], "llama_cpp": got["llama"]})
+        rows.append({"model": model, **_summary(rounds), "rounds": rounds})
 
     print(f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, llama.cpp threads {args.threads}, "
-          f"median of {args.runs}; {platform.processor() or platform.machine()}")
-    print("| model | policy | realm-jax prefill tok/s | llama.cpp prefill tok/s | ratio | realm-jax decode tok/s "
-          "| llama.cpp decode tok/s | ratio | realm-jax peak RSS MiB | llama.cpp peak RSS MiB |")
+          f"median of {args.runs} per round, {args.rounds} rounds; {platform.processor() or platform.machine()}")
+    print("| model | policy | realm-jax prefill tok/s | llama.cpp prefill tok/s | ratio (rounds) | realm-jax decode "
+          "tok/s | llama.cpp decode tok/s | ratio (rounds) | realm-jax peak RSS MiB | llama.cpp peak RSS MiB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o, p = r["realm_jax"], r["llama_cpp"]
@@ -129,7 +167,10 @@ def main() -> None:
             continue
 
         def ratio(key):
-            return f"{o[key] / p[key]:.2f}x" if key in p else "-"
+            if key not in r["ratios"]:
+                return "-"
+            lo, mid, hi = r["ratios"][key]
+            return f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
 
         print(f"| {r['model']} | {args.policy} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
               f"| {ratio('prefill_tps')} | {o['decode_tps']:.1f} | {p.get('decode_tps', float('nan')):.1f} "

@@ -64,7 +64,9 @@ def test_tensor_parallel_bytes_equal_the_minimum(run):
     step = 2 * LAYERS * 1 * WIDTH * F32  # two all-reduces per layer of batch 1 x width, f32
     assert b["decode_step"] == {"all-reduce": {"measured": step, "minimum": step}}
     assert b["decode_per_call"] == {}
-    assert b["prefill"] == {"all-reduce": {"measured": step * 128, "minimum": step * 128}}
+    # the prefill's last layer runs its attention output and FFN on the last token alone
+    prefill = 2 * ((LAYERS - 1) * 128 + 1) * WIDTH * F32
+    assert b["prefill"] == {"all-reduce": {"measured": prefill, "minimum": prefill}}
 
 
 def test_pipeline_moves_at_least_the_minimum(run):
@@ -91,6 +93,8 @@ def test_strategies_and_minimum_formulas():
         bench.parse_strategy("tensor")
     kw = dict(layers=9, width=640, rows=1, tokens=128)
     assert bench.minimum_bytes(bench.parse_strategy("data8"), **kw) == {}
-    assert bench.minimum_bytes(bench.parse_strategy("tensor4"), **kw) == {"all-reduce": 2 * 9 * 128 * 640 * F32}
+    # without a pipeline the prefill's last layer carries one token per row
+    assert bench.minimum_bytes(bench.parse_strategy("tensor4"), **kw) == {"all-reduce": 2 * (8 * 128 + 1) * 640 * F32}
+    assert bench.minimum_bytes(bench.parse_strategy("tensor4"), **(kw | {"tokens": 1})) == {"all-reduce": 2 * 9 * 640 * F32}
     assert bench.minimum_bytes(bench.parse_strategy("hybrid2x2x2"), **kw) == {
         "all-reduce": 2 * 9 * 128 * 640 * F32, "collective-permute": 128 * 640 * F32}
