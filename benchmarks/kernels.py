@@ -5,7 +5,9 @@ For each format, weight shape (N, K) and number of rows M it times:
                    correctness tool, not a speed: its column is reported but means nothing there)
   xla              realm_jax.ops.qmatmul(impl="xla"): dequantize with jnp, then a dot
   native           (CPU) realm_jax.native's FFI kernel on the planes as stored, at every M (the runtime
-                   uses it up to native.MAX_ROWS rows and XLA's dot on a dense copy past that)
+                   uses it up to native.MAX_ROWS rows)
+  native_gemm      (CPU with AVX512_BF16, M > native.MAX_ROWS) the weight as load() keeps it for prefill:
+                   bf16 panels, multiplied by realm_jax.native's bf16 gemm
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
 quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time) and % of the dense
@@ -118,6 +120,10 @@ def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
         if native_ok:
             impls["native"] = (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="native")),
                                [(x, w) for w in ws])
+            if m > native.MAX_ROWS and native.gemm_available():
+                panels = [native.NativeWeight(w, panels=native.pack_panels(d.planes["w"])) for w, d in zip(ws, dense)]
+                impls["native_gemm"] = (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16)),
+                                        [(x, w) for w in panels])
         for b in backends:
             fn = jax.jit(functools.partial(pallas_kernels.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
                                            backend=b, interpret=interpret))
