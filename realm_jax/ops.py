@@ -301,7 +301,7 @@ def _attend(q, k, v, query_pos, scale, window, local, scores_dtype, impl="auto")
     mask = key_pos <= row_pos  # [B, T * G, S]
     if window:
         mask &= ~jnp.asarray(local, bool) | (key_pos > row_pos - window)
-    native = _native_attention(rows, k, v, scores_dtype, impl)
+    native = _native_attention(rows, k, v, scores_dtype, impl) if t > 1 else None  # decode: XLA's small dots
     if native:
         scores = native(rows, k) * scale
     else:
@@ -316,9 +316,9 @@ def _attend(q, k, v, query_pos, scale, window, local, scores_dtype, impl="auto")
 
 
 def _native_attention(rows, k, v, scores_dtype, impl: str):
-    """For impl "native" on a prefill (more than native.MAX_ROWS rows per kv head, bf16 inputs, f32
-    scores, even head and key lengths, at most _NATIVE_ATTENTION_BLOCKS batch x kv-head blocks): a
-    function (a [B, K, M, J], w [B, N, K, J]) -> a @ w^T [B, K, M, N] f32 on the native bf16 gemm, w packed
+    """For impl "native" on a prefill (the caller's: several queries; here: more than native.MAX_ROWS rows
+    per kv head, bf16 inputs, f32 scores, even head and key lengths, at most _NATIVE_ATTENTION_BLOCKS
+    batch x kv-head blocks): a function (a [B, K, M, J], w [B, N, K, J]) -> a @ w^T [B, K, M, N] f32 on the native bf16 gemm, w packed
     per block (a transpose of a few hundred KB); else None."""
     if impl != "native" or jax.default_backend() != "cpu":
         return None

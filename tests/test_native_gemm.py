@@ -238,5 +238,7 @@ def test_attention_products_on_the_gemm(kv, window, rng):
                 static_argnames="impl")
     assert "realm_gemm_bf16" in f.lower(q, k, v, pos, impl="native").as_text()
     assert "realm_gemm_bf16" not in f.lower(q[:, :1], k, v, pos[:, :1], impl="native").as_text()
+    many = jnp.tile(q[:, :1], (1, 1, 4, 1))  # one query, 16 heads a kv head: a decode step stays on XLA
+    assert "realm_gemm_bf16" not in f.lower(many, k, v, pos[:, :1], impl="native").as_text()
     a, want = np.asarray(f(q, k, v, pos, impl="native"), np.float32), np.asarray(f(q, k, v, pos, impl="xla"), np.float32)
     np.testing.assert_allclose(a, want, rtol=0.02, atol=0.02)
