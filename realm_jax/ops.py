@@ -1,5 +1,6 @@
 """The operations of the inference path: `qmatmul` (the XLA path, the reference for the Pallas kernels and
-for the native CPU matmul, and prefill's path on CPU), `embed`, `rms_norm`, `rope` and `attention`.
+for the native CPU kernels), `glu` (a gated FFN's gate|up with its activation), `embed`, `rms_norm`, `rope`
+and `attention`.
 
 Shapes: B batch, T tokens, S key positions, N query heads, K kv heads (or the contraction, in qmatmul),
 G query heads per kv head, H head dim, D model width, R rotated dims.

@@ -54,7 +54,8 @@ _GEMM_TARGET = {False: "realm_gemm_bf16", True: "realm_gemm_bf16_portable"}
 _GLU_TARGET = {False: "realm_gemm_glu_bf16", True: "realm_gemm_glu_bf16_portable"}
 GLU_ACTS = {"silu": 1, "gelu_tanh": 2}  # gemm.cc's Act: the gated FFN activations its epilogue applies
 PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
-# Up to this many rows of x the native kernel runs; past it XLA's dot on a dense copy is faster. Measured
+# Up to this many rows of x the native kernel runs; past it the gemm on panels (or XLA's dot on a dense copy,
+# where there are no panels) is faster. Measured
 # on the 2-core AVX-512 CPU (4096 x 4096 Q4_K / Q6_K / Q8_0, bf16): native 0.3-0.7 ms at 1 row, ~1.8 at 8
 # (even with the dot), 3.4-3.8 at 16 against the dot's ~2.1 (the kernel is bound by its FMAs from ~4 rows).
 MAX_ROWS = 8
