@@ -112,6 +112,16 @@ def resolve_impl(impl: str, platform: str | None = None, *, devices: int = 1) ->
     return impl
 
 
+def _takes_gemm(x, w, compute_dtype) -> bool:
+    """Whether `w @ x` goes to the native bf16 gemm: a NativeWeight with bf16 panels, a bf16 compute
+    dtype and more rows of x than the decode kernel takes (native.MAX_ROWS)."""
+    from realm_jax import native
+    from realm_jax.native import NativeWeight
+
+    return isinstance(w, NativeWeight) and w.panels is not None and compute_dtype == jnp.bfloat16 \
+        and math.prod(x.shape[:-1]) > native.MAX_ROWS
+
+
 def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
     """A NativeWeight: the native kernel on its packed planes for few rows; for more, the native bf16 gemm
     on its panels (bf16 compute), else XLA's dot on its dense copy (or the kernel again where there is
@@ -120,16 +130,25 @@ def _qmatmul_native(x, w, compute_dtype, out_dtype, platform: str) -> jax.Array:
 
     if platform != "cpu":
         raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
-    rows = math.prod(x.shape[:-1])
-    if rows > native.MAX_ROWS:
-        if w.panels is not None and compute_dtype == jnp.bfloat16:
-            return native.gemm(x, w.panels, w.shape[0], out_dtype=out_dtype, layer=w.layer)
+    if _takes_gemm(x, w, compute_dtype):
+        return native.gemm(x, w.panels, w.shape[0], out_dtype=out_dtype, layer=w.layer)
+    if math.prod(x.shape[:-1]) > native.MAX_ROWS:
         big = w.dense if w.dense is not None else w.packed if w.packed.format.block_size == 1 and w.layer is None \
             else None
         if big is not None:
             return _qmatmul_xla(x, big, compute_dtype, out_dtype)
     return native.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, weight_dtype=w.dtype,
                          layer=w.layer)
+
+
+_GATE_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def gated(gate: jax.Array, up: jax.Array, activation: str) -> jax.Array:
+    """act(gate) * up, `activation` "silu" (SwiGLU) or "gelu_tanh" (GeGLU)."""
+    if activation not in _GATE_ACTIVATIONS:
+        raise ValueError(f"glu: activation={activation!r} must be one of {list(_GATE_ACTIVATIONS)}")
+    return _GATE_ACTIVATIONS[activation](gate) * up
 
 
 def glu(x: jax.Array, w, activation: str, *, compute_dtype=None, impl: str = "auto") -> jax.Array:
@@ -139,18 +158,14 @@ def glu(x: jax.Array, w, activation: str, *, compute_dtype=None, impl: str = "au
     applies the activation in its epilogue and hands back bf16: the down projection's input in the bf16
     compute dtype, without a pass over the f32 [.., 2F] product."""
     from realm_jax import native
-    from realm_jax.native import NativeWeight
 
-    if activation not in ("silu", "gelu_tanh"):
-        raise ValueError(f"glu: activation={activation!r} must be 'silu' or 'gelu_tanh'")
+    if activation not in _GATE_ACTIVATIONS:
+        raise ValueError(f"glu: activation={activation!r} must be one of {list(_GATE_ACTIVATIONS)}")
     compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    if isinstance(w, NativeWeight) and w.panels is not None and compute_dtype == jnp.bfloat16 \
-            and math.prod(x.shape[:-1]) > native.MAX_ROWS and w.shape[0] % (2 * native.PANEL) == 0 \
-            and jax.default_backend() == "cpu":
+    if _takes_gemm(x, w, compute_dtype) and w.shape[0] % (2 * native.PANEL) == 0 and jax.default_backend() == "cpu":
         return native.gemm(x, w.panels, w.shape[0], out_dtype=jnp.float32, layer=w.layer, glu=activation)
     gate, up = jnp.split(qmatmul(x, w, compute_dtype=compute_dtype, out_dtype=jnp.float32, impl=impl), 2, axis=-1)
-    act = jax.nn.silu(gate) if activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return act * up
+    return gated(gate, up, activation)
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))

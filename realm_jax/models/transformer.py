@@ -162,7 +162,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
         hidden = ops.glu(_to(h, dtype), p["w_gateup"], config.activation, impl=impl)
     else:
         gate, up = _linear(h, p["w_gate"], dtype, impl=impl), _linear(h, p["w_up"], dtype, impl=impl)
-        hidden = (jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
+        hidden = ops.gated(gate, up, config.activation)
     down = _linear(hidden, p["w_down"], dtype, impl=impl)
     if config.post_norms:
         down = norm(down, p["post_ffn_norm"])

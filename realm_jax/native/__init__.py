@@ -43,8 +43,8 @@ __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "NativeWeight", "avail
            "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc")  # one library; both include pool.h
-_HEADERS = (_HERE / "pool.h",)
+_SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc")  # one library; both include pool.h and numeric.h
+_HEADERS = (_HERE / "pool.h", _HERE / "numeric.h")
 # The format ids qmatmul.cc's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "Q4_0": 10, "Q4_1": 11, "Q5_0": 12, "Q5_1": 13, "Q8_0": 14,
               "Q4_K": 20, "Q5_K": 21, "Q6_K": 22, "Q8_K": 23}
@@ -155,8 +155,8 @@ def _cache_root() -> pathlib.Path:
 
 
 def build(portable: bool = False) -> pathlib.Path:
-    """Compile qmatmul.cc (once per source, compiler, flags, jax version and CPU) and return the shared
-    library's path. `portable` builds the scalar path even where AVX-512 is present (the tests check it).
+    """Compile the native sources (qmatmul.cc and gemm.cc into one library, once per source, compiler,
+    flags, jax version and CPU) and return the shared library's path. `portable` builds the scalar path even where AVX-512 is present (the tests check it).
     Raises NativeBuildError with the compiler's output when it fails."""
     cxx = _compiler()
     flags = (*_FLAGS, "-DREALM_PORTABLE") if portable else _FLAGS

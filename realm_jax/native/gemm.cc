@@ -27,6 +27,7 @@
 #define REALM_GEMM_BF16 1
 #endif
 
+#include "numeric.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -48,24 +49,9 @@ struct Gemm {
   int64_t act;        // kNoAct, or the GLU's: gate is W's rows [0, N/2), up [N/2, N)
 };
 
-inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-// f32 -> bf16, round to nearest even (NaN stays NaN), as XLA's convert.
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // act(g) as jax.nn.silu / jax.nn.gelu(approximate=True) define it: g * sigmoid(g), and
 // 0.5 g (1 + tanh(u)) = g * sigmoid(2u) with u = sqrt(2/pi) (g + 0.044715 g^3).
 constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
-
-inline float act_scalar(int64_t act, float g) {
-  const float z = act == kSilu ? g : 2.0f * kGeluC * (g + kGeluA * g * g * g);
-  return g / (1.0f + std::exp(-z));
-}
 
 #ifdef REALM_GEMM_BF16
 // Rows [m0, m0 + R) of x against panel `panel`, into acc.
@@ -146,8 +132,20 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
     }
 }
 #else
-inline float bf16_lo(uint32_t pair) { return bits_f32(pair << 16); }
-inline float bf16_hi(uint32_t pair) { return bits_f32(pair & 0xffff0000u); }
+inline float bf16_lo(uint32_t pair) { return realm::bits_to_f32(pair << 16); }
+inline float bf16_hi(uint32_t pair) { return realm::bits_to_f32(pair & 0xffff0000u); }
+
+// f32 -> bf16 bits, round to nearest even (a NaN stays a quiet NaN), as XLA's convert.
+inline uint16_t to_bf16(float f) {
+  const uint32_t u = realm::f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>(realm::f32_bits(realm::round_bf16(f)) >> 16);
+}
+
+inline float act_scalar(int64_t act, float g) {
+  const float z = act == kSilu ? g : 2.0f * kGeluC * (g + kGeluA * g * g * g);
+  return g / (1.0f + std::exp(-z));
+}
 
 inline float dot(const Gemm& g, int64_t m, int64_t panel, int64_t c) {
   const uint32_t* w = g.w + panel * g.kp * kPanel;

@@ -22,6 +22,7 @@
 #define REALM_AVX512 1
 #endif
 
+#include "numeric.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -38,13 +39,9 @@ enum Fmt : int64_t {
 
 constexpr int kMaxPlanes = 6;
 
-inline float bits_to_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline float bf16_to_f32(uint16_t h) { return bits_to_f32(static_cast<uint32_t>(h) << 16); }
+using realm::bf16_to_f32;
+using realm::bits_to_f32;
+using realm::round_bf16;
 
 inline float f16_to_f32(uint16_t h) {
   uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
@@ -63,14 +60,6 @@ inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 *
 // The dequantized weight rounded to the params dtype the policy holds weights in (round-to-nearest-even,
 // as XLA's convert), so that this kernel and XLA's dot on the dense copy multiply the same values.
 enum Round : int64_t { kNone = 0, kToBF16 = 1, kToF16 = 2 };
-
-inline float round_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return f;  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bits_to_f32(u & 0xffff0000u);
-}
 
 inline float round_f16(float f) {
   uint32_t u;
