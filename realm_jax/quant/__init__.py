@@ -2,23 +2,24 @@
 
 One module per format family (`floats`, `legacy`, `kquants`) holds the block layout with its bit diagram,
 the lossless repack to planes and back, the per-tile dequantization that the XLA path and the Pallas
-kernels share, and the quantizer.
+kernels share, and the quantizer. `table` collects them: the format table every other part reads.
+`block` describes a format (`Format`), `qtensor` holds a tensor's planes (`QTensor`), `formats` the
+operations every format shares.
 """
 
+from realm_jax.quant.block import Field, Format
 from realm_jax.quant.formats import (
     DENSE_FORMATS,
-    FORMATS,
     concat_rows,
     dequantize,
     dequantize_tile,
-    format_for_ggml_type,
-    get_format,
     quantize,
     repack,
     to_dense,
     unpack,
 )
-from realm_jax.quant.qtensor import Field, Format, QTensor
+from realm_jax.quant.qtensor import QTensor
+from realm_jax.quant.table import FORMATS, format_for_ggml_type, get_format
 
 __all__ = [
     "DENSE_FORMATS",

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from realm_jax.conversions import f32_to_f16, to_float32
-from realm_jax.quant.qtensor import Field, Format
+from realm_jax.quant.block import Field, Format
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -1,4 +1,4 @@
-"""The format registry and the operations every format shares: repack, unpack, dequantize, quantize."""
+"""The operations every format of the table shares: repack, unpack, dequantize, quantize."""
 
 from __future__ import annotations
 
@@ -9,37 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
-from realm_jax.quant import floats, kquants, legacy
-from realm_jax.quant.qtensor import Format, QTensor
+from realm_jax.quant.qtensor import QTensor
+from realm_jax.quant.table import get_format
 
-__all__ = ["DENSE_FORMATS", "FORMATS", "concat_rows", "dequantize", "to_dense", "dequantize_tile", "format_for_ggml_type", "get_format", "quantize",
-           "repack", "unpack"]
+__all__ = ["DENSE_FORMATS", "concat_rows", "dequantize", "dequantize_tile", "quantize", "repack", "to_dense", "unpack"]
 
-FORMATS: dict[str, Format] = {f.name: f for f in floats.FORMATS + legacy.FORMATS + kquants.FORMATS}
 # The unquantized format that holds each float dtype.
 DENSE_FORMATS = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.float16): "F16", jnp.dtype(jnp.bfloat16): "BF16"}
-_BY_GGML_TYPE: dict[int, Format] = {f.ggml_type: f for f in FORMATS.values()}
-
-
-def get_format(name: str) -> Format:
-    """The `Format` named `name` ("Q4_K"); UnsupportedFormatError names the supported ones otherwise."""
-    try:
-        return FORMATS[name]
-    except (KeyError, TypeError):
-        raise UnsupportedFormatError(f"format {name!r} is not supported; supported: {', '.join(FORMATS)}") from None
-
-
-def format_for_ggml_type(ggml_type: int, *, what: str = "tensor") -> Format:
-    """The `Format` of a ggml type id, or UnsupportedFormatError naming `what` and the type."""
-    if ggml_type not in _BY_GGML_TYPE:
-        from gguf import GGMLQuantizationType
-
-        try:
-            name = GGMLQuantizationType(ggml_type).name
-        except ValueError:
-            name = f"unknown type id {ggml_type}"
-        raise UnsupportedFormatError(f"{what}: ggml type {name} is not supported; supported: {', '.join(FORMATS)}")
-    return _BY_GGML_TYPE[ggml_type]
 
 
 def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "tensor") -> QTensor:

@@ -41,7 +41,7 @@ import numpy as np
 
 from realm_jax.quant import kquantize
 from realm_jax.quant.common import mul_add, split_nibbles
-from realm_jax.quant.qtensor import Field, Format, Packing
+from realm_jax.quant.block import Field, Format, Packing
 
 F16, F32, U8, I8, I16 = (np.dtype(t) for t in (np.float16, np.float32, np.uint8, np.int8, np.int16))
 QK_K = 256

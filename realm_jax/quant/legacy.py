@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from realm_jax.quant.common import join_nibbles, mul_add, round_away, split_nibbles, true_div
-from realm_jax.quant.qtensor import Field, Format
+from realm_jax.quant.block import Field, Format
 
 F16, U8, I8, U32 = np.dtype(np.float16), np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.uint32)
 _BLOCK = 32
