@@ -9,8 +9,11 @@ median over the rounds, and the ratio is the median of the rounds' own ratios (t
 
     python benchmarks/e2e.py [--models gemma3-270m-q4_k_m smollm2-135m-instruct-q4_1] [--policy f32]
                              [--threads 2] [--runs 5] [--rounds 3] [--json out.json]
+                             [--baseline OTHER/.venv/bin/python]
 
 Without llama-cpp-python installed, the llama.cpp columns say so and only realm-jax is measured.
+`--baseline PYTHON` also measures realm-jax as another interpreter imports it (e.g. the venv of a checkout
+of the parent commit), in the same rounds: the table adds its speeds and this tree's ratio to them.
 """
 
 from __future__ import annotations
@@ -82,18 +85,18 @@ def worker_llama(model: str, threads: int, runs: int) -> dict:
             "version": llama_cpp.__version__}
 
 
-def _run_worker(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+def _run_worker(args: list[str], python: str = sys.executable) -> dict:
+    proc = subprocess.run([python, __file__, "--worker", *args], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _summary(rounds: list[dict]) -> dict:
+def _summary(rounds: list[dict], peer: str = "llama_cpp") -> dict:
     """Medians over the rounds of each runtime's figures (peak RSS: the largest), and for each speed the
-    (min, median, max) of the rounds' realm-jax / llama.cpp ratios."""
+    (min, median, max) of the rounds' realm-jax / peer ratios."""
     out = {}
-    for side in ("realm_jax", "llama_cpp"):
+    for side in ("realm_jax", peer):
         ok = [r[side] for r in rounds if "error" not in r[side]]
         if not ok:
             out[side] = rounds[0][side]
@@ -105,8 +108,8 @@ def _summary(rounds: list[dict]) -> dict:
         out[side] = merged
     ratios = {}
     for key in ("prefill_tps", "decode_tps"):
-        each = [r["realm_jax"][key] / r["llama_cpp"][key] for r in rounds
-                if "error" not in r["realm_jax"] and "error" not in r["llama_cpp"]]
+        each = [r["realm_jax"][key] / r[peer][key] for r in rounds
+                if "error" not in r["realm_jax"] and "error" not in r[peer]]
         if each:
             ratios[key] = (min(each), statistics.median(each), max(each))
     out["ratios"] = ratios
@@ -121,6 +124,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two runtimes per model")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--baseline", metavar="PYTHON", help="also measure realm-jax as this interpreter imports "
+                        "it (another checkout's venv), alternating with the others")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -145,15 +150,21 @@ def main() -> None:
         common = ["--runs", str(args.runs), "--policy", args.policy, "--threads", str(args.threads)]
         rounds = []
         for r in range(args.rounds):
-            order = ("realm", "llama") if r % 2 == 0 else ("llama", "realm")
+            order = ["realm", "llama"] + (["baseline"] if args.baseline else [])
+            order = order if r % 2 == 0 else order[::-1]
             got = {}
             for kind in order:
                 if kind == "llama" and not have_llama:
                     got[kind] = {"error": "llama-cpp-python not installed"}
+                elif kind == "baseline":
+                    got[kind] = _run_worker(["realm", model, *common], python=args.baseline)
                 else:
                     got[kind] = _run_worker([kind, model, *common])
-            rounds.append({"realm_jax": got["realm"], "llama_cpp": got["llama"]})
-        rows.append({"model": model, **_summary(rounds), "rounds": rounds})
+            rounds.append({"realm_jax": got["realm"], "llama_cpp": got["llama"], "baseline": got.get("baseline")})
+        row = {"model": model, **_summary(rounds), "rounds": rounds}
+        if args.baseline:
+            row["baseline"] = _summary(rounds, peer="baseline")
+        rows.append(row)
 
     print(f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, llama.cpp threads {args.threads}, "
           f"median of {args.runs} per round, {args.rounds} rounds; {platform.processor() or platform.machine()}")
@@ -175,6 +186,20 @@ def main() -> None:
         print(f"| {r['model']} | {args.policy} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
               f"| {ratio('prefill_tps')} | {o['decode_tps']:.1f} | {p.get('decode_tps', float('nan')):.1f} "
               f"| {ratio('decode_tps')} | {o['peak_rss_mib']:.0f} | {p.get('peak_rss_mib', float('nan')):.0f} |")
+    if args.baseline:
+        print(f"\nagainst the baseline ({args.baseline}), same rounds")
+        print("| model | baseline prefill tok/s | ratio (rounds) | baseline decode tok/s | ratio (rounds) |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            b = r["baseline"]
+            if "error" in b["baseline"] or "error" in b["realm_jax"]:
+                print(f"| {r['model']} | error: {b['baseline'].get('error') or b['realm_jax'].get('error')} |")
+                continue
+            cells = []
+            for key in ("prefill_tps", "decode_tps"):
+                lo, mid, hi = b["ratios"][key]
+                cells += [f"{b['baseline'][key]:.1f}", f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"]
+            print(f"| {r['model']} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,13 +1,13 @@
 """Fused dequant-matmul kernels against their peers on the same device, in one run.
 
 For each format, weight shape (N, K) and number of rows M it times:
-  pallas[BACKEND]  the fused kernel (pallas_kernels; on CPU the TPU kernel in interpret mode, which is a
-                   correctness tool, not a speed: its column is reported but means nothing there)
-  xla              realm_jax.ops.qmatmul(impl="xla"): dequantize with jnp, then a dot
-  native           (CPU) realm_jax.native's FFI kernel on the planes as stored, at every M (the runtime
-                   uses it up to native.MAX_ROWS rows)
-  native_gemm      (CPU with AVX512_BF16, M > native.MAX_ROWS) the weight as load() keeps it for prefill:
-                   bf16 panels, multiplied by realm_jax.native's bf16 gemm
+  BACKEND          each backend of the linear-layer registry (`realm_jax.linear`) that runs on this
+                   platform and supports the format, on the weight as `load` prepares it under the bf16
+                   policy (native on CPU: the kernel on the planes up to native.MAX_ROWS rows, the bf16
+                   gemm on panels past it; triton and mosaic_gpu on a GPU; mosaic_tpu on a TPU, and on a
+                   CPU in interpret mode, which is a correctness tool, not a speed: its column is reported
+                   but means nothing there)
+  xla              the XLA reference on the weight as stored: dequantize with jnp, then a dot
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
 quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time) and % of the dense
@@ -40,18 +40,17 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pallas_kernels  # noqa: E402
-from realm_jax import native  # noqa: E402
+from realm_jax import linear, native  # noqa: E402
 from realm_jax.bench import git_revision, write_report  # noqa: E402
-from realm_jax.ops import qmatmul  # noqa: E402
-from realm_jax.quant import QTensor, dequantize, get_format  # noqa: E402
+from realm_jax.precision import Policy  # noqa: E402
+from realm_jax.quant import FORMATS, QTensor, dequantize, get_format  # noqa: E402
 
 # (N, K): square 4096, the projections of an 8B llama (q/o, k/v, gate/up, down).
 FULL_SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 FULL_M = [1, 8, 16, 128, 512, 2048]
 SMALL_SHAPES = [(1024, 1024), (1024, 4096)]
 SMALL_M = [1, 16, 128]
-FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
+DEFAULT_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
 CACHE_BYTES = 64 << 20
 
 
@@ -96,13 +95,15 @@ def copy_bandwidth(nbytes: int, reps: int, runs: int) -> float:
 
 
 def backends_for(platform_name: str) -> list[str]:
-    if platform_name == "gpu":
-        return [b for b in pallas_kernels.BACKENDS if b != "tpu"]
-    return ["tpu"]  # the TPU kernel, on CPU in interpret mode
+    """The registry's backends compiled for this platform (native where it builds), and on a CPU the
+    platform's Pallas kernels in interpret mode."""
+    names = [b.name for b in linear.BACKENDS.values() if b.name != linear.REFERENCE
+             and platform_name in b.platforms and (b.name != "native" or native.available())]
+    return names + ([linear.resolve("pallas", platform_name)] if platform_name == "cpu" else [])
 
 
-def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
-    native_ok = jax.default_backend() == "cpu" and native.available()
+def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
+    plat = jax.default_backend()
     w0 = random_weight(fmt, n, k, key)
     wbytes = weight_bytes(w0)
     copies = max(1, min(8, -(-CACHE_BYTES // wbytes)))
@@ -110,28 +111,20 @@ def bench_shape(fmt, n, k, ms, *, backends, interpret, reps, runs, key):
     # The dense peer: the weight dequantized to bf16 beforehand, through the same dot the XLA path uses
     # (weight on the left for few rows: XLA:CPU's one-row x @ W^T converts W to f32 on every call).
     dense = [QTensor("BF16", (n, k), {"w": dequantize(w, jnp.bfloat16)}) for w in ws]
+    policy = Policy.of("bf16")
+    prepared = {b: [linear.prepare(w, policy, impl=b) for w in ws] for b in backends
+                if linear.choose(fmt, (n, k), b).backend == b}
+    matmul = jax.jit(functools.partial(linear.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16))
     rows = []
     for m in ms:
         x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
-        impls = {
-            "xla": (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="xla")), [(x, w) for w in ws]),
-            "dense_bf16": (jax.jit(functools.partial(qmatmul, impl="xla")), [(x, d) for d in dense]),
-        }
-        if native_ok:
-            impls["native"] = (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16, impl="native")),
-                               [(x, w) for w in ws])
-            if m > native.MAX_ROWS and native.gemm_available():
-                panels = [native.NativeWeight(w, panels=native.pack_panels(d.planes["w"])) for w, d in zip(ws, dense)]
-                impls["native_gemm"] = (jax.jit(functools.partial(qmatmul, compute_dtype=jnp.bfloat16)),
-                                        [(x, w) for w in panels])
-        for b in backends:
-            fn = jax.jit(functools.partial(pallas_kernels.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
-                                           backend=b, interpret=interpret))
-            impls[f"pallas[{b}]"] = (fn, [(x, w) for w in ws])
+        impls = {"xla": (matmul, [(x, w) for w in ws]), "dense_bf16": (matmul, [(x, d) for d in dense])}
+        impls |= {b: (matmul, [(x, w) for w in weights]) for b, weights in prepared.items()}
         for name, (fn, args) in impls.items():
             seconds = time_call(fn, args, reps, runs)
+            interpret = name in prepared and plat not in linear.BACKENDS[name].platforms
             rows.append({"format": fmt, "m": m, "n": n, "k": k, "impl": name, "us": seconds * 1e6,
-                         "weight_bytes": wbytes, "interpret": interpret and name.startswith("pallas")})
+                         "weight_bytes": wbytes, "interpret": interpret})
     return rows
 
 
@@ -161,7 +154,7 @@ def markdown(rows, meta) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="the full shape set (default on GPU/TPU)")
-    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     ap.add_argument("--m", help="rows of x, comma-separated (default: the set for the device)")
     ap.add_argument("--reps", type=int, default=None, help="calls per timed batch")
     ap.add_argument("--runs", type=int, default=5, help="timed batches (the median is reported)")
@@ -176,9 +169,10 @@ def main(argv=None) -> int:
     if args.m:
         ms = [int(v) for v in args.m.split(",")]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    quantized = [name for name, f in FORMATS.items() if f.block_size > 1]
     for fmt in formats:
-        if fmt not in pallas_kernels.QUANTIZED_FORMATS:
-            ap.error(f"--formats: {fmt!r} has no fused kernel; choose from {', '.join(pallas_kernels.QUANTIZED_FORMATS)}")
+        if fmt not in quantized:
+            ap.error(f"--formats: {fmt!r} is not a quantized format; choose from {', '.join(quantized)}")
     reps = args.reps or (3 if interpret else 20)
     copy_bps = copy_bandwidth((256 if interpret else 1024) << 20, reps, args.runs)
     meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__, "commit": git_revision(ROOT),
@@ -189,7 +183,7 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     for fmt in formats:
         for n, k in shapes:
-            rows += bench_shape(fmt, n, k, ms, backends=backends_for(plat), interpret=interpret, reps=reps,
+            rows += bench_shape(fmt, n, k, ms, backends=backends_for(plat), reps=reps,
                                 runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
             print(f"  {fmt} {n}x{k} done", flush=True)
     add_ratios(rows, copy_bps)

@@ -39,12 +39,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.extend import core as jex_core
 
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
-from realm_jax.ops import qmatmul
 from realm_jax.quant import QTensor, dequantize_tile, get_format
 
-__all__ = ["FORMATS", "MosaicGpuTiling", "gemm", "gemv", "reference", "tiling_for"]
+__all__ = ["MosaicGpuTiling", "gemm", "gemv", "tiling_for"]
 
-FORMATS = ("Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _THREADS = 128  # one warpgroup
@@ -277,9 +275,8 @@ def _check(name: str, x, w, compute_dtype, out_dtype):
     if not isinstance(w, QTensor):
         raise QTensorError(f"{name}: w must be a QTensor, got {type(w).__name__}")
     w.check(f"{name}: w")
-    if w.fmt not in FORMATS:
-        raise UnsupportedFormatError(f"{name}: format {w.fmt} has no Mosaic GPU kernel; supported: "
-                                     f"{', '.join(FORMATS)} (dense weights go to a plain dot)")
+    if w.format.block_size == 1:
+        raise UnsupportedFormatError(f"{name}: {w.fmt} weights are dense: a plain dot multiplies them")
     x = jnp.asarray(x)
     if w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ShapeMismatchError(f"{name}: x.shape={x.shape} must be [M, K] with K={w.shape[-1]} of "
@@ -359,7 +356,8 @@ def gemv(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
 
     Args:
       x: [M, K] float32, float16 or bfloat16.
-      w: a 2-D QTensor (N, K) in one of `FORMATS`.
+      w: a 2-D QTensor (N, K) in a quantized format (its backend declares which:
+        `realm_jax.linear.pallas.KERNEL_FORMATS`).
       compute_dtype: the dtype the weight is dequantized to and x is cast to (default x.dtype); products
         and sums are f32.
       out_dtype: the dtype of y (default x.dtype).
@@ -468,8 +466,3 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
         raise ValueError(f"gemm: {tiling} needs {smem} bytes of shared memory for {w.fmt}; an H100/H200 "
                          f"CTA has {_SMEM_BYTES}")
     return _gemm(x, w, compute_dtype, out_dtype, tiling, _interpret(interpret))
-
-
-def reference(x, w: QTensor, *, compute_dtype=None, out_dtype=None) -> jax.Array:
-    """The XLA path (dequantize, then an f32-accumulated dot) that both kernels are tested against."""
-    return qmatmul(x, w, compute_dtype=compute_dtype, out_dtype=out_dtype)

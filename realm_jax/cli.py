@@ -57,7 +57,54 @@ def _file_type_name(file_type: Any) -> str | None:
         return None if file_type is None else f"unknown ({file_type})"
 
 
-def inspect_report(path: str) -> dict[str, Any]:
+def _tensor_roles(metadata: dict[str, Any], infos: dict[str, Any], path: str) -> dict[str, str]:
+    """What the model does with each tensor (`models.tensor_roles`); for a file realm-jax cannot run, each
+    2-D tensor but the embedding table counts as a linear layer."""
+    from realm_jax.errors import RealmError
+    from realm_jax.models import config_from_gguf, tensor_roles
+    from realm_jax.quant import FORMATS, QTensor
+
+    known = {name: QTensor(info.type_name, info.shape, {}) for name, info in infos.items()
+             if info.type_name in FORMATS}
+    try:
+        return tensor_roles(config_from_gguf(metadata, known, path))
+    except (RealmError, KeyError, TypeError, ValueError):
+        return {name: "embed" if name == "token_embd.weight" else "linear" if len(info.shape) == 2 else "vector"
+                for name, info in infos.items()}
+
+
+def _linear_layers(metadata: dict[str, Any], infos: dict[str, Any], path: str, impl: str,
+                   precision: str | None) -> dict[str, Any]:
+    """Which linear-layer backend serves each weight of the file on this machine under `impl` and the
+    precision policy (the device's automatic one by default), and why where it is not the preferred one."""
+    import jax
+
+    from realm_jax import linear
+    from realm_jax.precision import resolve_policy
+    from realm_jax.quant import FORMATS
+
+    platform = jax.default_backend()
+    preferred, policy = linear.resolve(impl, platform), resolve_policy(precision)
+    roles = _tensor_roles(metadata, infos, path)
+    tensors, plans = [], {}
+    for name, info in infos.items():
+        role = roles.get(name, "unused")
+        row = {"name": name, "type": info.type_name, "shape": list(info.shape), "role": role}
+        if role in ("linear", "output"):
+            if info.type_name not in FORMATS:
+                row |= {"backend": None, "serves": None, "reason": f"type {info.type_name} is not supported"}
+            else:
+                key = (info.type_name, info.shape, role)
+                if key not in plans:
+                    plans[key] = linear.plan(info.type_name, info.shape, policy, impl=preferred,
+                                             many_rows=role == "linear")
+                choice, serves = plans[key]
+                row |= {"backend": choice.backend, "serves": serves, "reason": choice.reason}
+        tensors.append(row)
+    return {"platform": platform, "impl": impl, "preferred": preferred, "policy": str(policy), "tensors": tensors}
+
+
+def inspect_report(path: str, *, impl: str = "auto", precision: str | None = None) -> dict[str, Any]:
     """What `realm-jax inspect` shows, as a JSON-ready dict. Reads the header only."""
     from realm_jax.gguf import open_gguf
     from realm_jax.quant import FORMATS
@@ -87,10 +134,29 @@ def inspect_report(path: str) -> dict[str, Any]:
             "tensor_types": rows,
             "totals": {"tensors": len(f.tensors), "elements": elements, "bytes": nbytes,
                        "bits_per_weight": round(8 * nbytes / elements, 4) if elements else 0.0},
+            "linear_layers": _linear_layers(dict(f.metadata), f.tensors, str(f.path), impl, precision),
         }
 
 
-def _print_inspect(report: dict[str, Any]) -> None:
+def _print_linear_layers(layers: dict[str, Any], every_tensor: bool) -> None:
+    print(f"\nlinear layers on {layers['platform']} (impl {layers['impl']}: {layers['preferred']} preferred; "
+          f"policy {layers['policy']})")
+    served = [t for t in layers["tensors"] if t["role"] in ("linear", "output")]
+    if every_tensor:
+        for t in served:
+            why = f"  ({t['reason']})" if t["reason"] else ""
+            print(f"  {t['name']:<32}{t['type']:<6}{str(t['shape']):<16}{t['serves'] or '-'}{why}")
+        return
+    groups: dict[tuple, int] = {}
+    for t in served:
+        key = (t["role"], t["type"], t["serves"] or "-", t["reason"] or "")
+        groups[key] = groups.get(key, 0) + 1
+    print(f"  {'count':>5}  {'role':<7}{'type':<7}served by")
+    for (role, fmt, serves, reason), count in groups.items():
+        print(f"  {count:>5}  {role:<7}{fmt:<7}{serves}" + (f"  ({reason})" if reason else ""))
+
+
+def _print_inspect(report: dict[str, Any], every_tensor: bool = False) -> None:
     print(f"file          {report['file']}")
     print(f"gguf version  {report['gguf_version']}")
     print(f"architecture  {report['architecture']}")
@@ -114,6 +180,7 @@ def _print_inspect(report: dict[str, Any]) -> None:
     for r in report["tensor_types"]:
         print(f"  {r['type']:<6}{r['count']:>7}{r['elements']:>14,}{r['bytes'] / 2**20:>10.2f}"
               f"{r['bits_per_weight']:>9.3f}  {'yes' if r['supported'] else 'no'}")
+    _print_linear_layers(report["linear_layers"], every_tensor)
     if "memory" in report:
         m = report["memory"]
         print(f"\nmemory under precision {m['policy']}")
@@ -128,16 +195,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         from realm_jax.assets import default_model_path
 
         args.file = str(default_model_path())
-    report = inspect_report(args.file)
+    report = inspect_report(args.file, impl=args.impl, precision=args.precision)
     if args.precision is not None:
         from realm_jax.runtime import memory_plan
 
-        report["memory"] = memory_plan(args.file, args.precision)
+        report["memory"] = memory_plan(args.file, args.precision, args.impl)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)
         print()
     else:
-        _print_inspect(report)
+        _print_inspect(report, args.tensors)
     return 0
 
 
@@ -365,10 +432,18 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
     p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
                    "params=..,compute=..,kv=.. (default: auto for the device)")
-    p.add_argument("--impl", choices=("auto", "pallas", "xla", "native"), default="auto",
-                   help="linear layers: the fused Pallas kernels on quantized weights, XLA on weights converted "
-                        "at load, or the native CPU matmul on the weights as stored (decode) and XLA (prefill) "
-                        "(default auto: pallas on GPU/TPU; on CPU native where it builds, else xla)")
+    _add_impl_option(p)
+
+
+def _add_impl_option(p: argparse.ArgumentParser) -> None:
+    from realm_jax.linear import IMPLS
+
+    p.add_argument("--impl", choices=IMPLS, default="auto",
+                   help="the linear layers' backend: xla (the reference: weights converted at load), native (the "
+                        "CPU kernels on the weights as stored), the Pallas kernels on quantized weights (pallas: "
+                        "the platform's; triton, mosaic_gpu, mosaic_tpu) (default auto: pallas on GPU/TPU; on CPU "
+                        "native where it builds, else xla); a weight the backend cannot take runs on xla (inspect "
+                        "says which)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -415,6 +490,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON for machines")
     p.add_argument("--precision", default=None, help="also report the bytes loading with this precision "
                    "policy allocates (params, KV cache): f32, bf16, f16, auto, or params=..,compute=..,kv=..")
+    _add_impl_option(p)
+    p.add_argument("--tensors", action="store_true", help="list the backend of every linear layer, not a summary")
     p.set_defaults(func=_cmd_inspect)
     p = sub.add_parser("launch", help="run generate over several processes (hosts) with one mesh spanning them",
                        usage="realm-jax launch (--processes N | --hosts A,B,... | --process-id I --num-processes N "

@@ -23,15 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from realm_jax import linear
 from realm_jax.errors import ContextLengthError, MetadataError, SamplingError, ShardingError, TokenIdError
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
-from realm_jax.ops import resolve_impl
 from realm_jax.precision import Policy, resolve_policy
-from realm_jax import native
-from realm_jax.native import NativeWeight
-from realm_jax.quant import QTensor, to_dense
+from realm_jax.quant import QTensor
 from realm_jax.sampling import SamplingConfig, sample, step_keys
 from realm_jax.tokenizer import Tokenizer
 
@@ -45,46 +43,6 @@ _STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _linear_weights(policy: Policy, impl: str):
-    """How a linear layer's weight is kept on the device. For the fused kernels ("pallas"): quantized, as
-    stored. For the XLA path, which would dequantize every weight on every call: dense in the policy's
-    params dtype, converted once at load. For "native" (CPU): a `NativeWeight` holding the planes as stored
-    for the decode kernel and, for prefill, bf16 panels for the native gemm (params and compute bf16, a CPU
-    with AVX512_BF16) or else a dense copy for XLA's dot. Weights stored dense (F32/F16/BF16) take the
-    params dtype either way."""
-    dtype = policy.params
-    panels = impl == "native" and dtype == policy.compute == jnp.bfloat16 and native.gemm_available()
-
-    def convert(qt: QTensor):
-        if impl == "pallas" and qt.format.block_size > 1:
-            return qt
-        dense = to_dense(qt, dtype)
-        if impl == "native" and native.supports(qt):
-            # Decode multiplies the weights exactly as stored (rounding them to a 16-bit params dtype in the
-            # kernel, as the dense copy is, measured 1.4-2x the kernel's time); the prefill copy holds them
-            # in `dtype`, so a batch of more than native.MAX_ROWS rows sees them rounded.
-            packed = qt if qt.format.block_size > 1 else dense
-            if panels:
-                return NativeWeight(packed, panels=native.pack_panels(dense.planes["w"].reshape(qt.shape)))
-            return NativeWeight(packed, dense if qt.format.block_size > 1 else None)
-        return dense
-
-    return convert
-
-
-def _output_weight(policy: Policy, impl: str):
-    """The output projection's weight: as `_linear_weights`, but for "native" without the prefill copy (a
-    prefill multiplies only its last positions by it; `Model.logits` runs the kernel on every row)."""
-    linear = _linear_weights(policy, impl)
-
-    def convert(qt: QTensor):
-        if impl == "native" and native.supports(qt) and qt.format.block_size > 1:
-            return NativeWeight(qt)
-        return linear(qt)
-
-    return convert
 
 
 def _layer_stack(pipeline):
@@ -156,9 +114,9 @@ class Model:
     axis is > 1, `pipeline` (a `realm_jax.distributed.pipeline.Pipeline`) runs the layers over the stages."""
 
     def __init__(self, path: pathlib.Path, metadata: dict[str, Any], config: ModelConfig, params: dict[str, Any],
-                 tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None, impl: str = "xla"):
+                 tokenizer: Tokenizer, policy: Policy, mesh: Mesh | None = None, impl: str = linear.REFERENCE):
         self.mesh = mesh
-        self.impl = impl  # "pallas" (weights quantized, fused kernels) or "xla" (weights dense)
+        self.impl = impl  # the linear layers' preferred backend (`realm_jax.linear.resolve`)
         self.pipeline = None
         if mesh is not None and int(dict(mesh.shape).get("stage", 1)) > 1:
             from realm_jax.distributed.pipeline import Pipeline
@@ -466,10 +424,11 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         s pipeline stages, each layer over m devices (tensor parallelism), batches over d (data parallelism).
       split_by: how the layers are cut into the mesh's stages: "bytes" (each stage's params as equal as a
         contiguous split allows) or "layers" (equal layer counts); see `distributed.create_model_shards`.
-      impl: how linear layers run: "pallas" keeps the weights quantized on the device and multiplies with
-        the fused dequant-matmul kernels (on CPU in interpret mode: slow, for checks); "xla" converts them
-        to the policy's dtype at load and uses XLA's dot; "auto" (default): "pallas" on GPU and TPU,
-        "xla" on CPU.
+      impl: the user's choice of linear-layer backend, one of `realm_jax.linear.IMPLS`: "auto" (default)
+        takes the platform's best (`realm_jax.linear.resolve`); a backend's name asks for it. Each weight
+        is prepared for that backend at load, or for the XLA reference where the backend does not support
+        its format or shape (`realm-jax inspect` says which serves each tensor; the
+        "realm_jax.linear" logger says so at debug level).
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
     Returns:
@@ -486,7 +445,7 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     policy = resolve_policy(policy, device)
-    impl = resolve_impl(impl, device.platform, devices=1 if mesh is None else mesh.size)
+    impl = linear.resolve(impl, device.platform, devices=1 if mesh is None else mesh.size)
     progress = sys.stderr.isatty() if progress is None else progress
     metadata, tensors = read_gguf(path, progress=progress)
     config = config_from_gguf(metadata, tensors, str(path))
@@ -499,14 +458,18 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
 
 
 def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy, *,
-                 fuse: bool = True, impl: str = "xla", last_apart: bool = False) -> dict[str, Any]:
-    """The params pytree the jitted forward takes: linear weights quantized (impl "pallas") or in the
-    policy's dense dtype ("xla"), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
+                 fuse: bool = True, impl: str = linear.REFERENCE, last_apart: bool = False) -> dict[str, Any]:
+    """The params pytree the jitted forward takes: linear weights prepared for the backend `impl` prefers
+    (`realm_jax.linear.prepare`), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
     them by heads), layers stacked into scan runs, the last layer in a run of its own with `last_apart`
     (a prefill then runs most of it on the last positions alone: `transformer.run_layers`; a pipeline's
     stages do not). Traceable (see `memory_plan`)."""
-    params = params_from_tensors(config, tensors, source, linear=_linear_weights(policy, impl),
-                                 output=_output_weight(policy, impl))
+
+    def prepare(many_rows: bool):
+        return lambda qt, name: linear.prepare(qt, policy, impl=impl, many_rows=many_rows, what=f"{source}: {name}")
+
+    # The output projection: a prefill multiplies only its last positions by it (`Model.logits`, every row).
+    params = params_from_tensors(config, tensors, source, linear=prepare(True), output=prepare(False))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
     params["layers"] = stack_layers(layers, last_apart=last_apart)
     return params
@@ -514,15 +477,11 @@ def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, 
 
 def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy,
                    device: jax.Device | None = None, mesh=None, *, split_by: str = "bytes",
-                   impl: str = "xla") -> dict[str, Any]:
+                   impl: str = linear.REFERENCE) -> dict[str, Any]:
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
     layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
-        host = build_params(config, tensors, source, policy, impl=impl, last_apart=True)
-        params = jax.device_put(host, device)
-        if isinstance(host["output"], NativeWeight) and host["output"].packed is host["embed"]:
-            params["output"] = NativeWeight(params["embed"])  # tied: one copy of the table on the device
-        return params
+        return _put_once(build_params(config, tensors, source, policy, impl=impl, last_apart=True), device)
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 
@@ -537,6 +496,20 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     return shard_params(params, config, mesh, source)
 
 
+def _unique_leaves(tree) -> list[Any]:
+    """The leaves of `tree`, each array once however often the tree holds it (a tied output projection
+    prepared on the embedding table's own planes)."""
+    return list({id(leaf): leaf for leaf in jax.tree.leaves(tree)}.values())
+
+
+def _put_once(tree, device):
+    """`jax.device_put(tree, device)` that puts an array the tree holds twice on the device once."""
+    leaves, treedef = jax.tree.flatten(tree)
+    unique = _unique_leaves(leaves)
+    placed = dict(zip(map(id, unique), jax.device_put(unique, device)))
+    return treedef.unflatten([placed[id(leaf)] for leaf in leaves])
+
+
 def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, impl: str = "auto") -> dict[str, Any]:
     """Bytes `load(path, policy=policy)` allocates for the params, and the KV cache's bytes per token and at
     the full context, from the file's header alone (the params' shapes come from `jax.eval_shape` of the
@@ -544,7 +517,7 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     from realm_jax.gguf import open_gguf
     from realm_jax.quant import format_for_ggml_type
 
-    policy, impl = resolve_policy(policy), resolve_impl(impl)
+    policy, impl = resolve_policy(policy), linear.resolve(impl)
     with open_gguf(path) as f:
         metadata = dict(f.metadata)
         tensors = {}
@@ -554,11 +527,9 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
             planes = {p.name: jax.ShapeDtypeStruct((*info.shape[:-1], n_blocks * p.count), p.dtype) for p in fmt.planes}
             tensors[name] = QTensor(fmt.name, info.shape, planes)
     config = config_from_gguf(metadata, tensors, str(path))
-    shapes = jax.eval_shape(lambda t: build_params(config, t, str(path), policy, impl=impl), tensors)
-    params = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))
-    if config.tied_embeddings and isinstance(shapes["output"], NativeWeight):
-        # load() shares the embedding table's planes with the output projection's kernel
-        params -= sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes["output"].packed))
+    # Arrays the params hold twice (a tied output on the table's planes) count once, as load() places them.
+    shapes = jax.eval_shape(lambda t: _unique_leaves(build_params(config, t, str(path), policy, impl=impl)), tensors)
+    params = sum(leaf.size * leaf.dtype.itemsize for leaf in shapes)
     kv_token = config.n_layers * config.n_kv_heads * (config.head_dim + config.v_head_dim) * policy.kv.itemsize
     return {"policy": str(policy), "impl": impl, "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
             "context_length": config.context_length, "kv_bytes_full_context": int(kv_token * config.context_length)}

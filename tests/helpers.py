@@ -20,6 +20,30 @@ def matmul_tolerance(dtype, k: int, x_rms: float, w_rms: float) -> float:
     return TOL[jnp.dtype(dtype)] * math.sqrt(k) * x_rms * w_rms
 
 
+def rms(a) -> float:
+    a = np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)
+    return float(np.sqrt(np.mean(np.square(a)))) if a.size else 0.0
+
+
+def assert_matmul_close(y, x, w, *, compute_dtype, out_dtype, reference=None) -> None:
+    """y (= x @ w^T computed in `compute_dtype`, f32 accumulation, rounded to `out_dtype`) against float64
+    x @ w^T of the values given (w: the dequantized weight [N, K]), within the one tolerance table. The
+    output dtype and shape are asserted first. `reference`: the float64 product, where the caller has it."""
+    assert y.dtype == jnp.dtype(out_dtype), f"dtype {y.dtype}, expected {jnp.dtype(out_dtype)}"
+    k = x.shape[-1]
+    xs = np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64).reshape(-1, k)
+    ws = np.asarray(jnp.asarray(w).astype(jnp.float32), np.float64)
+    assert y.shape == (*x.shape[:-1], ws.shape[0]), f"shape {y.shape}, expected {(*x.shape[:-1], ws.shape[0])}"
+    want = xs @ ws.T if reference is None else np.asarray(reference, np.float64).reshape(xs.shape[0], -1)
+    if not want.size:
+        return
+    tol = matmul_tolerance(compute_dtype, k, rms(xs), rms(ws))
+    if jnp.dtype(out_dtype) != jnp.float32:  # the result is rounded to out_dtype at the end
+        tol += float(np.max(np.abs(want))) * float(jnp.finfo(out_dtype).eps)
+    err = float(np.max(np.abs(np.asarray(jnp.asarray(y).astype(jnp.float32), np.float64).reshape(want.shape) - want)))
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
 def random_blocks(fmt: str, n_rows: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """Random GGUF bytes (n_rows, n_blocks * type_size) whose float fields hold small finite values."""
     f = get_format(fmt)

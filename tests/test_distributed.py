@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
             except realm_jax.RealmError as e:
                 rows[tp] = {"error": type(e).__name__ + ": " + str(e)}
                 continue
-            wq = m.params["layers"][0].params["wq"].planes["w"]
+            wq = m.params["layers"][0].params["wq"].qt.planes["w"]
             rows[tp] = {"max_diff": float(np.abs(m.logits(ids) - want).max()), "scale": float(np.abs(want).max()),
                         "greedy_same": m.generate_ids([ids], max_new_tokens=12) == greedy,
                         "wq_shard_rows": int(wq.addressable_shards[0].data.shape[1]),

@@ -1,5 +1,6 @@
-"""The native CPU matmul (realm_jax.native): every format, both builds (AVX-512 and portable), against a
-float64 matmul of gguf-style dequantized weights; its place in qmatmul and load; its failure modes."""
+"""The native CPU matmul kernel (realm_jax.native): every format, both builds (AVX-512 and portable), against a
+float64 matmul of gguf-style dequantized weights; its build and failure modes. (The native backend of the
+linear layer, which chooses between this kernel, the gemm and XLA's dot: tests/test_linear_native.py.)"""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ import pytest
 
 import realm_jax
 from realm_jax import native
-from realm_jax.errors import NativeBuildError, ShapeMismatchError, ShardingError
-from realm_jax.native import NativeWeight
-from realm_jax.ops import resolve_impl
+from realm_jax.errors import ShapeMismatchError
 from realm_jax.quant import dequantize, to_dense
-from helpers import matmul_tolerance, random_qtensor
+from helpers import assert_matmul_close, matmul_tolerance, random_qtensor, rms
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native matmul unavailable: {native.reason()}")
 
@@ -27,28 +26,13 @@ FORMATS = list(native.FORMAT_IDS)
 N = 37  # rows: not a multiple of the 16-row chunks the threads take
 
 
-def rms(a) -> float:
-    return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
-
-
-def reference(x, w, compute_dtype):
-    """float64 x (rounded to the compute dtype, as the kernel rounds it) @ dequant(w)^T."""
-    xr = np.asarray(jnp.asarray(x).astype(compute_dtype).astype(jnp.float32), np.float64)
-    return xr @ np.asarray(dequantize(w), np.float64).T
-
-
 def check(x, w, compute_dtype=jnp.float32, out_dtype=jnp.float32, portable=False):
     y = jax.jit(lambda x, w: native.matmul(x, w, compute_dtype=compute_dtype, out_dtype=out_dtype,
                                            portable=portable))(x, w)
-    assert y.dtype == jnp.dtype(out_dtype) and y.shape == (*x.shape[:-1], w.shape[0])
-    want = reference(x, w, compute_dtype)
     # The products are exact in f32 whatever the compute dtype: only f32 accumulation (and the final
-    # rounding to out_dtype) separates the kernel from the float64 reference.
-    tol = matmul_tolerance(jnp.float32, w.shape[1], rms(x), rms(dequantize(w)))
-    if jnp.dtype(out_dtype) != jnp.float32:
-        tol += float(np.max(np.abs(want))) * float(jnp.finfo(out_dtype).eps)
-    err = float(np.max(np.abs(np.asarray(y, np.float64) - want)))
-    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+    # rounding to out_dtype) separates the kernel from float64 on x rounded to the compute dtype.
+    assert_matmul_close(y, jnp.asarray(x).astype(compute_dtype), dequantize(w), compute_dtype=jnp.float32,
+                        out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
@@ -124,32 +108,6 @@ def test_layer_of_a_stack_read_in_place(fmt, rng):
         native.matmul(x, ws[0], layer=0)  # unstacked planes given a layer index
 
 
-@pytest.mark.parametrize("rows", [1, native.MAX_ROWS, native.MAX_ROWS + 1, 40])
-def test_qmatmul_native_weight(rows, rng):
-    """A NativeWeight: the kernel up to MAX_ROWS rows, XLA's dot on the dense copy past it; both within
-    the compute dtype's tolerance of the reference."""
-    qt = random_qtensor("Q4_K", N, 512, rng)
-    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16))
-    x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.float32)
-    y = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))(x, w)
-    want = np.asarray(x, np.float64) @ np.asarray(dequantize(qt), np.float64).T
-    tol = matmul_tolerance(jnp.bfloat16, 512, rms(x), rms(dequantize(qt)))
-    assert float(np.max(np.abs(np.asarray(y) - want))) <= tol
-    text = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16)).lower(x, w).as_text()
-    assert ("realm_qmatmul" in text) == (rows <= native.MAX_ROWS)
-
-
-def test_resolve_impl():
-    assert resolve_impl("auto", "cpu") == "native"
-    assert resolve_impl("auto", "cpu", devices=8) == "xla"  # a custom call cannot be split over a mesh
-    assert resolve_impl("auto", "gpu") == "pallas"
-    assert resolve_impl("native", "cpu") == "native"
-    with pytest.raises(NativeBuildError, match="one CPU device, not on gpu"):
-        resolve_impl("native", "gpu")
-    with pytest.raises(ShardingError, match="not on a mesh of 2"):
-        resolve_impl("native", "cpu", devices=2)
-
-
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
@@ -160,11 +118,11 @@ def test_turned_off_or_unbuildable(tmp_path):
     code = """
         import realm_jax
         from realm_jax import native
-        from realm_jax.ops import resolve_impl
-        print("auto:", resolve_impl("auto", "cpu"), resolve_impl("auto", "cpu"))
+        from realm_jax.linear import resolve
+        print("auto:", resolve("auto", "cpu"), resolve("auto", "cpu"))
         print("attempts:", native._outcome.cache_info().misses)  # a failed build is not retried
         try:
-            resolve_impl("native", "cpu")
+            resolve("native", "cpu")
         except realm_jax.errors.NativeBuildError as e:
             print("error:", str(e).splitlines()[0])
     """
@@ -173,25 +131,6 @@ def test_turned_off_or_unbuildable(tmp_path):
     broken = _run(code, CXX="false", REALM_JAX_CACHE=str(tmp_path))
     assert "auto: xla xla" in broken.stdout and "building qmatmul.cc and gemm.cc failed (false -O3" in broken.stdout, broken.stderr
     assert "attempts: 1" in broken.stdout, broken.stdout
-
-
-def test_load_native_matches_xla(smollm2_path):
-    """The real model through the native path: the weights as stored plus a dense copy for prefill, the
-    tied output projection sharing the embedding's planes; logits and greedy text as on the XLA path."""
-    a = realm_jax.load(smollm2_path, impl="native")
-    b = realm_jax.load(smollm2_path, impl="xla")
-    assert a.impl == "native" and b.impl == "xla"
-    assert isinstance(a.params["output"], NativeWeight) and a.params["output"].dense is None
-    assert a.params["output"].packed.planes["qs"] is a.params["embed"].planes["qs"]
-    layer = a.params["layers"][0].params
-    assert isinstance(layer["wqkv"], NativeWeight) and layer["wqkv"].fmt == "Q4_1"
-    ids = a.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
-    la, lb = a.logits(ids), b.logits(ids)
-    assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
-    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
-    assert "realm_qmatmul" in a.compiled_text("decode")
-    prompt = "The capital of France is"
-    assert a.generate(prompt, max_new_tokens=8) == b.generate(prompt, max_new_tokens=8)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
@@ -217,15 +156,3 @@ def test_weights_rounded_to_the_params_dtype(fmt, weight_dtype, portable, rng):
     assert np.array_equal(np.isfinite(y), finite)
     tol = matmul_tolerance(jnp.float32, 256, rms(x), rms(wr[np.isfinite(wr)]))
     assert float(np.max(np.abs(y[finite] - want[finite]))) <= tol
-
-
-def test_batch_size_does_not_change_the_math(rng):
-    """A NativeWeight whose dtype is its dense copy's: few rows (the kernel, rounding each weight to bf16)
-    and many rows (XLA's dot on the bf16 copy) multiply the same values."""
-    qt = random_qtensor("Q4_K", N, 512, rng)
-    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16), dtype="bfloat16")
-    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
-    f = jax.jit(lambda x, w: realm_jax.qmatmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
-    few, many = np.asarray(f(x, w))[0], np.asarray(f(jnp.tile(x, (native.MAX_ROWS + 1, 1)), w))[0]
-    tol = matmul_tolerance(jnp.float32, 512, rms(x), rms(dequantize(qt)))
-    assert float(np.max(np.abs(few - many))) <= tol

@@ -61,10 +61,10 @@ SCRIPT = textwrap.dedent("""
             m = realm_jax.load(path, policy="f32", mesh=mesh(data, stage, model), progress=False)
             row = compare(m, ids, want, greedy)
             runs = m.params["layers"]
-            wq = runs[0].params["wq"].planes["w"]
+            wq = runs[0].params["wq"].qt.planes["w"]
             row["layer_ids"] = [run.layer_ids for run in runs]
             row["wq_global_slots"], row["wq_shard_slots"] = wq.shape[0], wq.addressable_shards[0].data.shape[0]
-            row["output_shard_rows"] = m.params["output"].planes["w"].addressable_shards[0].data.shape[0]
+            row["output_shard_rows"] = m.params["output"].qt.planes["w"].addressable_shards[0].data.shape[0]
             cache = m._new_cache(m.batch_multiple, 64)
             row["cache_global_slots"] = cache.k.shape[0]
             row["cache_shard_slots"] = cache.k.addressable_shards[0].data.shape[0]

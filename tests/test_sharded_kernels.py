@@ -61,7 +61,7 @@ SCRIPT = textwrap.dedent("""
         n = int(np.prod(list(shape.values()) or [1]))
         mesh = make_mesh(devices=jax.devices()[:n], **shape) if shape else None
         m = realm_jax.load(dst, policy="f32", impl=impl, mesh=mesh, progress=False)
-        row = {"impl": m.impl, "mesh": shape, "max_diff": float(np.abs(m.logits(ids) - want).max()),
+        row = {"impl": impl, "backend": m.impl, "mesh": shape, "max_diff": float(np.abs(m.logits(ids) - want).max()),
                "scale": float(np.abs(want).max()), "greedy_same": m.generate_ids([ids], max_new_tokens=4) == greedy,
                "quantized": sorted({type(v).__name__ + ":" + getattr(v, "fmt", "")
                                     for v in m.params["layers"][0].params.values()})}
@@ -96,9 +96,12 @@ def test_logits_and_greedy_match_single_device(results, impl):
 
 
 def test_pallas_keeps_weights_quantized_and_xla_dense(results):
-    assert all("QTensor:F32" not in r["quantized"] and "QTensor:Q4_K" in r["quantized"]
+    """On a CPU "pallas" is the TPU kernels in interpret mode: weights as stored; "xla": dense f32."""
+    assert all(r["backend"] == "mosaic_tpu" for r in runs(results, "pallas"))
+    assert all("XlaWeight:F32" not in r["quantized"] and "PallasWeight:Q4_K" in r["quantized"]
                for r in runs(results, "pallas"))
-    assert all(r["quantized"] == ["QTensor:F32"] or "QTensor:Q4_K" not in r["quantized"] for r in runs(results, "xla"))
+    assert all("XlaWeight:F32" in r["quantized"] and not any(q.startswith("PallasWeight") for q in r["quantized"])
+               for r in runs(results, "xla"))
 
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])

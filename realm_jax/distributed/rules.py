@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from realm_jax import linear
 from realm_jax.distributed.pipeline import StageRun
 from realm_jax.errors import ShardingError
 from realm_jax.models.config import ModelConfig
@@ -67,7 +68,10 @@ def _spec(axes: tuple[str | None, ...], rules: dict[str, str | None], stacked: b
 
 
 def _place(value: Any, spec: PartitionSpec, mesh: Mesh, what: str):
-    """Put an array, or each plane of a QTensor, on the mesh with `spec` over its logical axes."""
+    """Put an array, each plane of a QTensor, or the QTensors of a prepared linear weight on the mesh with
+    `spec` over its logical axes."""
+    if isinstance(value, linear.Prepared):
+        return linear.place(value, lambda qt: _place(qt, spec, mesh, what))
     if isinstance(value, QTensor):
         # Planes share the logical rows; their last axis counts blocks: splitting it splits whole blocks.
         fmt = value.format

@@ -18,13 +18,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from realm_jax import linear
 from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
-from realm_jax.native import NativeWeight
-from realm_jax.quant import QTensor, concat_rows, dequantize
+from realm_jax.quant import QTensor, dequantize
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "fuse_projections", "params_from_tensors"]
+__all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "fuse_projections", "params_from_tensors",
+           "tensor_roles"]
 
 _MODULES = {arch: module for module in (llama, gemma3) for arch in module.ARCHITECTURES}
 ARCHITECTURES = tuple(_MODULES)
@@ -70,21 +71,34 @@ def _expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def tensor_roles(config: ModelConfig) -> dict[str, str]:
+    """What the forward pass does with each tensor of a file of `config`: "linear" (a weight it multiplies
+    by), "output" (the output projection: a prefill multiplies only its last positions by it; the
+    embedding table when the embeddings are tied), "embed" (rows gathered) or "vector" (norms, biases)."""
+    roles = {"token_embd.weight": "embed", "output_norm.weight": "vector",
+             "token_embd.weight" if config.tied_embeddings else "output.weight": "output"}
+    for i in range(config.n_layers):
+        for key, shape in _expected_shapes(config).items():
+            roles[f"blk.{i}.{_LAYER_TENSORS[key]}"] = "vector" if len(shape) == 1 else "linear"
+    return roles
+
+
 def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source: str,
-                        linear: Callable[[QTensor], Any] = lambda qt: qt,
-                        output: Callable[[QTensor], Any] | None = None) -> dict[str, Any]:
+                        linear: Callable[[QTensor, str], Any] = lambda qt, name: qt,
+                        output: Callable[[QTensor, str], Any] | None = None) -> dict[str, Any]:
     """The params pytree of `config` from a file's tensors, every shape checked.
 
     Args:
-      linear: applied to each matrix the forward pass multiplies by (e.g. to convert its format); the
-        embedding table stays as stored, norm and bias vectors become f32 arrays. Traceable: under
-        `jax.eval_shape` it gives the params' shapes and dtypes without computing them.
+      linear: applied to each matrix the forward pass multiplies by, with its tensor name (e.g. to
+        prepare it for a linear-layer backend); the embedding table stays as stored, norm and bias vectors
+        become f32 arrays. Traceable: under `jax.eval_shape` it gives the params' shapes and dtypes
+        without computing them.
       output: the same for the output projection (default: `linear`).
     """
 
     used = set(_IGNORED)
 
-    def take(name: str, shape: tuple[int, ...], convert: Callable[[QTensor], Any] = linear):
+    def take(name: str, shape: tuple[int, ...], convert: Callable[[QTensor, str], Any] = linear):
         used.add(name)
         if name not in tensors:
             raise MissingTensorError(f"{source}: tensor {name!r} is missing (architecture {config.arch})")
@@ -92,10 +106,10 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
         if qt.shape != shape:
             raise TensorShapeError(f"{source}: tensor {name!r} has shape {qt.shape}, expected {shape} "
                                    f"for {config.arch} with this metadata")
-        return dequantize(qt) if len(shape) == 1 else convert(qt)
+        return dequantize(qt) if len(shape) == 1 else convert(qt, name)
 
     v, d = config.vocab_size, config.d_model
-    params: dict[str, Any] = {"embed": take("token_embd.weight", (v, d), convert=lambda qt: qt),
+    params: dict[str, Any] = {"embed": take("token_embd.weight", (v, d), convert=lambda qt, name: qt),
                               "final_norm": take("output_norm.weight", (d,)),
                               "output": take("token_embd.weight" if config.tied_embeddings else "output.weight",
                                              (v, d), convert=output or linear)}
@@ -110,15 +124,17 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
 
 
 def fuse_projections(layer: dict[str, Any]) -> dict[str, Any]:
-    """Merge wq|wk|wv into "wqkv" and w_gate|w_up into "w_gateup" where their formats agree: one matmul
-    instead of three (two) reads the same bytes with fewer dispatches and better tiles."""
+    """Merge wq|wk|wv into "wqkv" and w_gate|w_up into "w_gateup" where their backends can fuse them (the
+    same backend and format): one matmul instead of three (two) reads the same bytes with fewer dispatches
+    and better tiles."""
     layer = dict(layer)
     groups = (("wqkv", ("wq", "wk", "wv"), ("bq", "bk", "bv")), ("w_gateup", ("w_gate", "w_up"), ()))
     for fused, names, biases in groups:
-        ws = [layer[n] for n in names]
-        if len({(type(w), w.fmt) for w in ws}) == 1:
-            concat = NativeWeight.concat_rows if isinstance(ws[0], NativeWeight) else concat_rows
-            layer[fused] = concat([layer.pop(n) for n in names])
+        weight = linear.concat([layer[n] for n in names])
+        if weight is not None:
+            for n in names:
+                del layer[n]
+            layer[fused] = weight
             if biases and all(b in layer for b in biases):
                 layer["b" + fused[1:]] = jnp.concatenate([layer.pop(b) for b in biases])
     return layer

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from realm_jax import ops
+from realm_jax import linear, ops
 from realm_jax.models.config import ModelConfig
-from realm_jax.native import NativeWeight
 from realm_jax.precision import Policy
 
 
@@ -94,20 +93,20 @@ def _to(x, dtype):
     return x.astype(dtype)
 
 
-def _linear(x, w, dtype, bias=None, *, impl: str = "auto"):
-    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream stays f32); `impl` picks
-    qmatmul's path (the fused kernels or XLA)."""
-    y = ops.qmatmul(_to(x, dtype), w, out_dtype=jnp.float32, impl=impl)
+def _linear(x, w, dtype, bias=None):
+    """x @ w^T with x cast to the compute dtype, f32 out (the residual stream stays f32), by the backend
+    that prepared w at load."""
+    y = linear.matmul(_to(x, dtype), w, out_dtype=jnp.float32)
     return y if bias is None else y + bias
 
 
-def _projections(config: ModelConfig, p: dict[str, Any], h, dtype, impl: str):
+def _projections(config: ModelConfig, p: dict[str, Any], h, dtype):
     """q [B, T, N*H], k [B, T, K*H], v [B, T, K*Hv] from separate or fused ("wqkv") weights."""
     if "wqkv" in p:
-        qkv = _linear(h, p["wqkv"], dtype, p.get("bqkv"), impl=impl)
+        qkv = _linear(h, p["wqkv"], dtype, p.get("bqkv"))
         nq, nk = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
         return qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
-    return tuple(_linear(h, p[w], dtype, p.get(b), impl=impl) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
+    return tuple(_linear(h, p[w], dtype, p.get(b)) for w, b in (("wq", "bq"), ("wk", "bk"), ("wv", "bv")))
 
 
 def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache, layer, inv_freq, local, *,
@@ -122,7 +121,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     eps, dtype = config.norm_eps, policy.compute
     norm = functools.partial(ops.rms_norm, eps=eps, dtype=policy.norm)
     h = norm(x, p["attn_norm"])
-    q, k, v = _projections(config, p, h, dtype, impl)
+    q, k, v = _projections(config, p, h, dtype)
     q = q.reshape(b, t, config.n_heads, config.head_dim)
     k = k.reshape(b, t, config.n_kv_heads, config.head_dim)
     v = v.reshape(b, t, config.n_kv_heads, config.v_head_dim)
@@ -151,19 +150,19 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
         q, x, positions, t = pick(q), pick(x), pick(positions), 1
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
                          scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores,
-                         impl=impl)
-    o = _linear(attn.reshape(b, t, -1), p["wo"], dtype, impl=impl)
+                         products=linear.products(impl))
+    o = _linear(attn.reshape(b, t, -1), p["wo"], dtype)
     if config.post_norms:
         o = norm(o, p["post_attn_norm"])
     x = x + o
 
     h = norm(x, p["ffn_norm"])
     if "w_gateup" in p:
-        hidden = ops.glu(_to(h, dtype), p["w_gateup"], config.activation, impl=impl)
+        hidden = linear.glu(_to(h, dtype), p["w_gateup"], config.activation)
     else:
-        gate, up = _linear(h, p["w_gate"], dtype, impl=impl), _linear(h, p["w_up"], dtype, impl=impl)
-        hidden = ops.gated(gate, up, config.activation)
-    down = _linear(hidden, p["w_down"], dtype, impl=impl)
+        gate, up = _linear(h, p["w_gate"], dtype), _linear(h, p["w_up"], dtype)
+        hidden = linear.gated(gate, up, config.activation)
+    down = _linear(hidden, p["w_down"], dtype)
     if config.post_norms:
         down = norm(down, p["post_ffn_norm"])
     return x + down, cache
@@ -191,7 +190,7 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
         ids = jnp.maximum(layer_ids, 0)
         freq, is_local = jnp.asarray(inv_freq)[ids], jnp.asarray(local)[ids]
 
-    scanned, in_place = _split_in_place(params)
+    scanned, in_place = linear.split_stacked(params)
     which = np.zeros(len(slots), np.int32) if rope is None else rope[1][np.asarray(layer_ids)]
 
     def body(carry, xs):
@@ -222,33 +221,6 @@ def rope_sets(config: ModelConfig, positions):
     return tables, np.asarray(which, np.int32).reshape(-1)
 
 
-def _split_in_place(params):
-    """A stacked run's params split for `lax.scan`: what the scan slices per layer, and a function that
-    puts one layer back together. The planes and bf16 panels of `NativeWeight`s stay whole: the native
-    kernels read layer i of the stack where it lies (XLA would copy each layer's weight out on every step:
-    2.6 ms of a 12 ms gemma3 decode step, 5.7 ms of its 128-token prefill); their dense copies (prefill's
-    where there are no panels) are sliced as usual, and a dense-stored weight goes both ways (whole for
-    the kernel, sliced for the dot; XLA drops the slice nothing reads).
-    """
-    is_native = lambda v: isinstance(v, NativeWeight)  # noqa: E731
-    leaves, treedef = jax.tree.flatten(params, is_leaf=is_native)
-    whole = [(v.packed, v.panels) if is_native(v) else None for v in leaves]
-
-    def sliced(v):
-        if not is_native(v):
-            return v
-        dense = v.dense if v.dense is not None or v.packed.format.block_size > 1 or v.panels is not None \
-            else v.packed
-        return NativeWeight(None, dense, dtype=v.dtype)
-
-    def in_place(layer_params, index):
-        parts = jax.tree.flatten(layer_params, is_leaf=is_native)[0]
-        return treedef.unflatten([NativeWeight(w[0], v.dense, w[1], index, v.dtype) if w is not None else v
-                                  for w, v in zip(whole, parts)])
-
-    return treedef.unflatten([sliced(v) for v in leaves]), in_place
-
-
 def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: KVCache, *, policy: Policy,
                kv_len: int, impl: str = "auto", last=None):
     """The layer stack on one device group: each `LayerRun` scanned in turn; layer i uses cache slot i.
@@ -261,7 +233,7 @@ def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: K
     for i, run in enumerate(runs):
         ids = np.arange(run.first, run.first + run.count)
         if last is not None and i == len(runs) - 1 and run.count == 1:
-            scanned, in_place = _split_in_place(run.params)
+            scanned, in_place = linear.split_stacked(run.params)
             params = in_place(jax.tree.map(lambda a: a[0], scanned), jnp.int32(0))
             inv_freq, local = _layer_constants(config)
             tables = tuple(t[rope[1][run.first]] for t in rope[0])
@@ -290,7 +262,9 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
       layer_stack: runs params["layers"]: `layer_stack(config, params["layers"], x, positions, cache,
         policy=, kv_len=, impl=) -> (x, cache)`; `run_layers` by default, a pipeline's schedule over a mesh's
         stages.
-      impl: every linear layer's `ops.qmatmul` path: "auto", "pallas" or "xla".
+      impl: the backend the weights were prepared for (`realm_jax.linear.resolve`): attention's prefill
+        products run on it where it has them (`realm_jax.linear.products`). Each linear layer runs on the
+        backend that prepared its weight.
 
     Returns:
       (logits float32 [B, T, V] or [B, V] with `last`, the updated cache).
@@ -307,4 +281,4 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
-    return _linear(x, params["output"], policy.compute, impl=impl).astype(policy.output), cache
+    return _linear(x, params["output"], policy.compute).astype(policy.output), cache

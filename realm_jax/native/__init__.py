@@ -14,15 +14,17 @@ copied out of the stack; the gemm runs at ~860).
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
 compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul`` and
-``realm_gemm_bf16``.
-``REALM_JAX_NATIVE=0`` turns it off; `available()` then says False and `reason()` why, and impl "auto"
-stays on the XLA path. Asking for impl "native" where it cannot be built raises `NativeBuildError`.
+``realm_gemm_bf16``. ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
+why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
+`NativeBuildError`.
+
+The weights these kernels read, and the choice between them by rows of x, belong to the linear layer's
+native backend (`realm_jax.linear.native`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import os
@@ -36,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.errors import NativeBuildError, QTensorError, ShapeMismatchError
-from realm_jax.quant import QTensor, concat_rows
+from realm_jax.errors import NativeBuildError, ShapeMismatchError
+from realm_jax.quant import QTensor
 
-__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "NativeWeight", "available", "build", "gemm", "gemm_available", "matmul",
+__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "gemm", "gemm_available", "matmul",
            "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
@@ -59,75 +61,6 @@ PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
 # on the 2-core AVX-512 CPU (4096 x 4096 Q4_K / Q6_K / Q8_0, bf16): native 0.3-0.7 ms at 1 row, ~1.8 at 8
 # (even with the dot), 3.4-3.8 at 16 against the dot's ~2.1 (the kernel is bound by its FMAs from ~4 rows).
 MAX_ROWS = 8
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "panels", "layer"],
-                   meta_fields=["dtype"])
-@dataclasses.dataclass(frozen=True)
-class NativeWeight:
-    """A linear layer's weight for impl "native" (one CPU device).
-
-    Attributes:
-      packed: the weight the native kernel reads for up to MAX_ROWS rows of x (decode): the planes as
-        stored in the file, or the policy's dense dtype for weights stored dense.
-      dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None
-        where `panels` serves them, where only few rows are ever multiplied at speed (the output
-        projection: a prefill needs only the last position's logits), or where `packed` is dense already.
-      panels: the same weight in bf16 laid out for `gemm` (`pack_panels`), which multiplies more than
-        MAX_ROWS rows when the policy's params and compute dtypes are both bf16; or None.
-      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes and
-        `panels` are then the whole stack [L, ...] and the kernels read layer `layer` where it lies,
-        instead of XLA copying each layer's weight out on every step (`models.transformer.scan_layers`).
-      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
-        what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
-        "float16", the values a dense copy in that dtype holds (qmatmul(impl="native") on a QTensor uses
-        its compute dtype, as its XLA path dequantizes to it).
-    """
-
-    packed: QTensor
-    dense: QTensor | None = None
-    panels: jax.Array | None = None
-    layer: jax.Array | None = None
-    dtype: str = "float32"
-
-    @property
-    def fmt(self) -> str:
-        return self.packed.fmt
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.packed.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.packed.ndim
-
-    @property
-    def nbytes(self) -> int:
-        extra = [v.nbytes for v in (self.dense, self.panels) if v is not None]
-        return self.packed.nbytes + sum(extra)
-
-    @staticmethod
-    def concat_rows(ws) -> NativeWeight:
-        """Weights of one format stacked along their rows (fused q|k|v, gate|up)."""
-        ws = list(ws)
-        if any(not isinstance(w, NativeWeight) for w in ws) or len({(w.dense is None, w.panels is None) for w in ws}) != 1:
-            raise QTensorError(f"NativeWeight.concat_rows: needs NativeWeights alike, got {ws}")
-        if len({w.dtype for w in ws}) != 1:
-            raise QTensorError(f"NativeWeight.concat_rows: needs one params dtype, got {ws}")
-        dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
-        panels = None
-        if ws[0].panels is not None:
-            if all(w.shape[0] % PANEL == 0 for w in ws[:-1]):  # whole panels: they simply follow each other
-                panels = jnp.concatenate([w.panels for w in ws])
-            else:
-                panels = pack_panels(jnp.concatenate([unpack_panels(w.panels, w.shape[0]) for w in ws]))
-        return NativeWeight(concat_rows([w.packed for w in ws]), dense, panels, dtype=ws[0].dtype)
-
-    def __repr__(self) -> str:
-        stacked = "" if self.layer is None else ", one layer of a stack"
-        return (f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}, "
-                f"panels={self.panels is not None}{stacked})")
 
 
 def _compiler() -> str:

@@ -1,0 +1,60 @@
+"""The linear layer: y = x @ dequant(w)^T for every weight of a model, by one registry of backends.
+
+    xla          the reference: dequantize with jnp, then XLA's dot (every format, every platform)
+    native       realm_jax.native's C++ kernels on one CPU device (decode on the planes as stored; prefill
+                 on bf16 panels or a dense copy)
+    triton       the Pallas Triton kernels (GPU)
+    mosaic_gpu   the Pallas Mosaic GPU kernels (Hopper)
+    mosaic_tpu   the Pallas Mosaic TPU kernels (TPU)
+
+Each backend lives in its own module and declares what it supports (formats of the table, platforms,
+rows); `api.choose` picks one per weight, once, at load (`prepare`), routing a weight its preferred
+backend cannot take to the reference with the reason; the model then calls `matmul` and `glu` on the
+prepared weights and never names a backend. `qmatmul` multiplies a QTensor as stored (no load-time
+layout), for one-off products and checks.
+"""
+
+from realm_jax.linear.api import (
+    BACKENDS,
+    IMPLS,
+    REFERENCE,
+    Choice,
+    backend_of,
+    choose,
+    concat,
+    describe,
+    glu,
+    matmul,
+    place,
+    plan,
+    prepare,
+    products,
+    qmatmul,
+    resolve,
+    split_stacked,
+)
+from realm_jax.linear.base import ACTIVATIONS, Backend, Prepared, gated
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "IMPLS",
+    "REFERENCE",
+    "Backend",
+    "Choice",
+    "Prepared",
+    "backend_of",
+    "choose",
+    "concat",
+    "describe",
+    "gated",
+    "glu",
+    "matmul",
+    "place",
+    "plan",
+    "prepare",
+    "products",
+    "qmatmul",
+    "resolve",
+    "split_stacked",
+]

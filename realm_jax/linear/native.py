@@ -1,0 +1,198 @@
+"""The native CPU backend: `realm_jax.native`'s C++ kernels (XLA FFI custom calls) on one CPU device.
+
+Decode (up to `realm_jax.native.MAX_ROWS` rows of x) runs the native matmul on the weight's planes as
+stored in the file. More rows (prefill) run the native bf16 gemm on panels laid out at load, where the
+policy's params and compute dtypes are both bf16 and the CPU has AVX512_BF16, else XLA's dot on a dense
+copy in the params dtype. Inside a scan over stacked layers the kernels read layer i of the stack where
+it lies (`stacked` / `unstack`): XLA would copy each layer's weight out on every step (2.6 ms of a 12 ms
+gemma3 decode step, 5.7 ms of its 128-token prefill).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from realm_jax import native as kernels
+from realm_jax.errors import QTensorError, ShardingError
+from realm_jax.linear.base import Backend, Prepared, xla_matmul
+from realm_jax.precision import Policy
+from realm_jax.quant import Format, QTensor, concat_rows, to_dense
+
+__all__ = ["NATIVE", "Native", "NativeWeight"]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "panels", "layer"],
+                   meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class NativeWeight(Prepared):
+    """A linear layer's weight for the native backend.
+
+    Attributes:
+      packed: what the native matmul reads for up to MAX_ROWS rows of x (decode): the planes as stored in
+        the file, or the policy's dense dtype for weights stored dense. None in the sliced half of a
+        stacked weight (`Native.stacked`).
+      dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None where
+        `panels` serves them, where only few rows are ever multiplied at speed (the output projection: a
+        prefill needs only the last position's logits), or where `packed` is dense already.
+      panels: the same weight in bf16 laid out for the native gemm (`realm_jax.native.pack_panels`), which
+        multiplies more than MAX_ROWS rows when the policy's params and compute dtypes are both bf16; or None.
+      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes and
+        `panels` are then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
+      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
+        what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
+        "float16", the values a dense copy in that dtype holds (`qmatmul(impl="native")` on a QTensor
+        uses its compute dtype, as the XLA path dequantizes to it).
+    """
+
+    backend: ClassVar[str] = "native"
+    packed: QTensor | None
+    dense: QTensor | None = None
+    panels: jax.Array | None = None
+    layer: jax.Array | None = None
+    dtype: str = "float32"
+
+    @property
+    def fmt(self) -> str:
+        return (self.packed or self.dense).fmt
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.packed or self.dense).shape
+
+    def __repr__(self) -> str:
+        stacked = "" if self.layer is None else ", one layer of a stack"
+        return (f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}, "
+                f"panels={self.panels is not None}{stacked})")
+
+
+def _gemm_rows(w: NativeWeight, compute_dtype, m: int) -> bool:
+    """Whether m rows go to the native bf16 gemm: panels, a bf16 compute dtype and more rows than the
+    decode kernel takes."""
+    return w.panels is not None and jnp.dtype(compute_dtype) == jnp.bfloat16 and m > kernels.MAX_ROWS
+
+
+class Native(Backend):
+    name = "native"
+    platforms = ("cpu",)
+    formats = frozenset(kernels.FORMAT_IDS)  # the formats qmatmul.cc implements
+    max_rows = kernels.MAX_ROWS
+
+    def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
+        reason = super().unsupported(fmt, shape)
+        if reason is None and shape[-1] % 32:
+            reason = f"native: K={shape[-1]} is not a multiple of 32"
+        return reason
+
+    def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> NativeWeight:
+        # Decode multiplies the weights exactly as stored (rounding them to a 16-bit params dtype in the
+        # kernel, as the dense copy is, measured 1.4-2x the kernel's time); the prefill copy holds them in
+        # the params dtype, so a batch of more than MAX_ROWS rows sees them rounded.
+        quantized = qt.format.block_size > 1
+        if not many_rows and quantized:
+            return NativeWeight(qt)
+        dense = to_dense(qt, policy.params)
+        packed = qt if quantized else dense
+        if not many_rows:
+            return NativeWeight(packed)
+        if policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available():
+            return NativeWeight(packed, panels=kernels.pack_panels(dense.planes["w"].reshape(qt.shape)))
+        return NativeWeight(packed, dense if quantized else None)
+
+    def view(self, qt: QTensor, compute_dtype) -> NativeWeight:
+        return NativeWeight(qt, dtype=jnp.dtype(compute_dtype).name)
+
+    def matmul(self, x, w: NativeWeight, *, compute_dtype, out_dtype) -> jax.Array:
+        platform = jax.default_backend()
+        if platform != "cpu":
+            raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
+        m = x.shape[0]
+        if _gemm_rows(w, compute_dtype, m):
+            return kernels.gemm(x, w.panels, w.shape[0], out_dtype=out_dtype, layer=w.layer)
+        if m > kernels.MAX_ROWS:
+            dense_stored = w.packed.format.block_size == 1 and w.layer is None
+            big = w.dense if w.dense is not None else w.packed if dense_stored else None
+            if big is not None:
+                return xla_matmul(x, big, compute_dtype, out_dtype)
+        return kernels.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, weight_dtype=w.dtype,
+                              layer=w.layer)
+
+    def glu(self, x, w: NativeWeight, activation: str, *, compute_dtype) -> jax.Array:
+        # The gemm applies the activation in its epilogue and hands back bf16: the down projection's input
+        # in the bf16 compute dtype, without a pass over the f32 [M, 2F] product.
+        if _gemm_rows(w, compute_dtype, x.shape[0]) and w.shape[0] % (2 * kernels.PANEL) == 0 \
+                and activation in kernels.GLU_ACTS and jax.default_backend() == "cpu":
+            return kernels.gemm(x, w.panels, w.shape[0], out_dtype=jnp.float32, layer=w.layer, glu=activation)
+        return super().glu(x, w, activation, compute_dtype=compute_dtype)
+
+    def concat(self, ws: list[NativeWeight]) -> NativeWeight | None:
+        if len({(w.fmt, w.dtype, w.dense is None, w.panels is None) for w in ws}) != 1:
+            return None
+        if any(w.layer is not None or w.packed is None for w in ws):
+            raise QTensorError(f"native: cannot fuse weights read from a stack of layers: {ws}")
+        dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
+        panels = None
+        if ws[0].panels is not None:
+            if all(w.shape[0] % kernels.PANEL == 0 for w in ws[:-1]):  # whole panels: they simply follow
+                panels = jnp.concatenate([w.panels for w in ws])
+            else:
+                panels = kernels.pack_panels(jnp.concatenate([kernels.unpack_panels(w.panels, w.shape[0])
+                                                              for w in ws]))
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense, panels, dtype=ws[0].dtype)
+
+    def stacked(self, w: NativeWeight) -> tuple[NativeWeight, Any]:
+        # The planes and panels stay whole (the kernels read layer i in place); the dense copy (prefill's
+        # where there are no panels) is sliced as usual, and a dense-stored weight goes both ways (whole
+        # for the kernel, sliced for the dot; XLA drops the slice nothing reads).
+        dense = w.dense
+        if dense is None and w.packed.format.block_size == 1 and w.panels is None:
+            dense = w.packed
+        return NativeWeight(None, dense, dtype=w.dtype), (w.packed, w.panels)
+
+    def unstack(self, sliced: NativeWeight, whole: Any, index: jax.Array) -> NativeWeight:
+        packed, panels = whole
+        return NativeWeight(packed, sliced.dense, panels, index, sliced.dtype)
+
+    def place(self, w, put):
+        raise ShardingError(f"native: {w} runs on one CPU device and cannot be split over a mesh")
+
+    def describe(self, w: NativeWeight | None = None) -> str:
+        decode = f"native (1-{kernels.MAX_ROWS} rows)"
+        if w is None:
+            return decode
+        if w.panels is not None:
+            return f"{decode}, native gemm (more, bf16 panels)"
+        if w.dense is not None:
+            return f"{decode}, xla (more, dense {w.dense.fmt} copy)"
+        return decode if w.packed.format.block_size > 1 else f"{decode}, xla (more)"
+
+    def products(self, rows, k, v, scores_dtype):
+        """Attention's two products on the native bf16 gemm, for a prefill (`realm_jax.ops.attention`'s
+        `products`): where rows [B, K, M, H] has more than MAX_ROWS rows per kv head, bf16 inputs, f32
+        scores, even head and key lengths and at most _ATTENTION_BLOCKS batch x kv-head blocks, a
+        function (a [B, K, M, J], w [B, N, K, J]) -> a @ w^T [B, K, M, N] f32, w packed per block (a
+        transpose of a few hundred KB); else None."""
+        if jax.default_backend() != "cpu":
+            return None
+        b, kv, m, h = rows.shape
+        if m <= kernels.MAX_ROWS or b * kv > _ATTENTION_BLOCKS or jnp.dtype(scores_dtype) != jnp.float32 \
+                or any(a.dtype != jnp.bfloat16 for a in (rows, k, v)) or h % 2 or k.shape[1] % 2 \
+                or not kernels.gemm_available():
+            return None
+
+        def product(a, w):
+            n = w.shape[1]
+            out = [[kernels.gemm(a[i, j], kernels.pack_panels(w[i, :, j]), n, out_dtype=jnp.float32)
+                    for j in range(kv)] for i in range(b)]
+            return jnp.stack([jnp.stack(r) for r in out])
+
+        return product
+
+
+_ATTENTION_BLOCKS = 8  # batch x kv heads up to which the native products are unrolled
+
+NATIVE = Native()

@@ -1,0 +1,106 @@
+"""What the three Pallas backends (`triton`, `mosaic_gpu`, `mosaic_tpu`) share: the weight they prepare,
+the formats their kernels implement, and running a kernel per shard of a weight split over a mesh.
+
+The kernels (`pallas_kernels`) keep the weight quantized in device memory and dequantize a tile at a time
+with the format's tile function; on a CPU they run in interpret mode (for checks: slowly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from realm_jax.errors import ShardingError
+from realm_jax.linear.base import Backend, QTensorWeight
+from realm_jax.precision import Policy
+from realm_jax.quant import Format, QTensor
+
+__all__ = ["KERNEL_FORMATS", "PallasBackend", "PallasWeight"]
+
+# The formats the Pallas kernels implement (each kernel calls the format's tile function). A format of the
+# table that is not here is multiplied by the XLA reference on GPU and TPU (`realm_jax.linear.api`).
+KERNEL_FORMATS = frozenset({"Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["qt"], meta_fields=["backend"])
+@dataclasses.dataclass(frozen=True, repr=False)
+class PallasWeight(QTensorWeight):
+    """A Pallas backend's weight: the QTensor as stored (its `axes` set once placed on a mesh)."""
+
+    backend: str
+
+
+@functools.partial(jax.jit, static_argnames=("kernels", "compute_dtype", "out_dtype", "interpret"))
+def _tiled(x, w: QTensor, kernels: str, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+    """x [M, K] @ dequant(w)^T by the kernel module `pallas_kernels.<kernels>` ("tpu" or "triton"), with the
+    tiles of `pallas_kernels.tiling.choose_tiling`."""
+    import pallas_kernels.tpu
+    import pallas_kernels.triton
+    from pallas_kernels.tiling import choose_tiling
+
+    module = {"tpu": pallas_kernels.tpu, "triton": pallas_kernels.triton}[kernels]
+    tiling = choose_tiling(kernels, w.fmt, x.shape[0], w.shape[0], x.shape[1])
+    return module.matmul(x, w, tiling=tiling, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)
+
+
+class PallasBackend(Backend):
+    """A Pallas kernel family; subclasses set `name` and `platforms`, and `kernels` (the module of
+    `pallas_kernels` whose `matmul` they run) or their own `kernel`."""
+
+    interprets = True
+    formats = KERNEL_FORMATS
+    kernels: str
+
+    def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
+        if fmt.block_size == 1:
+            return f"{self.name}: {fmt.name} is stored dense (XLA's dot multiplies it)"
+        return super().unsupported(fmt, shape)
+
+    def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> PallasWeight:
+        return PallasWeight(qt, self.name)
+
+    def view(self, qt: QTensor, compute_dtype) -> PallasWeight:
+        return PallasWeight(qt, self.name)
+
+    def describe(self, w=None) -> str:
+        return f"{self.name} (interpret mode)" if jax.default_backend() == "cpu" else self.name
+
+    def kernel(self, x: jax.Array, w: QTensor, *, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+        """x [M, K] @ dequant(w)^T -> [M, N] with this backend's kernels."""
+        return _tiled(x, w, self.kernels, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), interpret)
+
+    def matmul(self, x, w: PallasWeight, *, compute_dtype, out_dtype) -> jax.Array:
+        interpret = jax.default_backend() == "cpu"
+        if w.qt.axes is not None:
+            return self._per_shard(x, w.qt, compute_dtype, out_dtype, interpret)
+        return self.kernel(x, w.qt, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)
+
+    def _per_shard(self, x, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+        """The kernel per shard of a weight split over mesh axes (w.axes): XLA cannot partition a kernel, so
+        each device multiplies its own blocks inside shard_map. Rows split (column-parallel): each device
+        computes its slice of the outputs. Columns split (row-parallel): x arrives split the same way and the
+        partial products are summed with one psum (Megatron's all-reduce). Needs the mesh in context
+        (`jax.set_mesh`), as `realm_jax.load` arranges."""
+        mesh = jax.sharding.get_abstract_mesh()
+        rows_axis, cols_axis = w.axes
+        missing = [a for a in w.axes if a is not None and a not in mesh.axis_names]
+        if missing:
+            raise ShardingError(f"qmatmul: w={w} is split over mesh axes {missing}, which the mesh in context "
+                                f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
+        n_rows = w.shape[0] // (mesh.shape[rows_axis] if rows_axis else 1)
+        n_cols = w.shape[1] // (mesh.shape[cols_axis] if cols_axis else 1)
+
+        def local(x, planes):
+            y = self.kernel(x, QTensor(w.fmt, (n_rows, n_cols), planes), compute_dtype=compute_dtype,
+                            out_dtype=jnp.float32 if cols_axis else out_dtype, interpret=interpret)
+            return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
+
+        split = PartitionSpec(rows_axis, cols_axis)
+        return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(None, cols_axis), {k: split for k in w.planes}),
+                             out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
+                             check_vma=False)(x, w.planes)

@@ -1,0 +1,130 @@
+"""The native CPU backend (`realm_jax.linear.native`): the shared cases, and what only it does: a
+second layout for prefill (bf16 panels for the gemm, or a dense copy for XLA's dot) past MAX_ROWS rows,
+the gated activation in the gemm's epilogue, attention's prefill products, the tied output projection on
+the embedding table's own planes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import realm_jax
+from realm_jax import linear, native
+from realm_jax.linear.native import NativeWeight
+from realm_jax.precision import Policy
+from realm_jax.quant import dequantize, to_dense
+from helpers import assert_matmul_close, random_qtensor
+from linear_base import BF16, F32, LinearTests
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
+needs_gemm = pytest.mark.skipif(not native.available() or not native.gemm_available(),
+                                reason="this CPU has no AVX512_BF16: load() keeps a dense copy instead of panels")
+MAX = native.MAX_ROWS
+
+
+class TestNative(LinearTests):
+    BACKEND = "native"
+    ROWS = (1, 3, MAX, MAX + 1, 40)  # the kernel up to MAX_ROWS rows (decode), the gemm or XLA's dot past it
+    N = 37  # not a multiple of the 16-row chunks the threads take nor of the 64-row panels
+
+
+@pytest.mark.parametrize("params,layout", [("bf16", "panels"), ("f32", "dense")])
+def test_prefill_layout_follows_the_policy(params, layout, rng):
+    """bf16 params and compute: panels for the gemm (where the CPU has AVX512_BF16), no dense copy; else a
+    dense copy in the params dtype. The output projection keeps the planes only."""
+    qt = random_qtensor("Q4_K", 100, 256, rng)
+    w = linear.prepare(qt, Policy.of(params), impl="native")
+    if layout == "panels" and not native.gemm_available():
+        layout = "dense"
+    assert (w.panels is not None, w.dense is not None) == (layout == "panels", layout == "dense")
+    out = linear.prepare(qt, Policy.of(params), impl="native", many_rows=False)
+    assert out.packed is qt and out.dense is None and out.panels is None
+    x = jnp.asarray(rng.standard_normal((MAX + 1, 256)), jnp.float32)
+    text = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=Policy.of(params).compute)).lower(x, w).as_text()
+    assert ("realm_gemm_bf16" in text) == (layout == "panels")
+    assert "realm_qmatmul" not in text
+    assert "realm_qmatmul" in jax.jit(linear.matmul).lower(x[:MAX], w).as_text()
+
+
+def test_batch_size_does_not_change_the_math(rng):
+    """A NativeWeight whose dtype is its dense copy's: few rows (the kernel, rounding each weight to bf16)
+    and many rows (XLA's dot on the bf16 copy) multiply the same values."""
+    qt = random_qtensor("Q4_K", 37, 512, rng)
+    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16), dtype="bfloat16")
+    x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
+    f = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    few, many = f(x, w), f(jnp.tile(x, (MAX + 1, 1)), w)[:1]
+    assert_matmul_close(few, x, dequantize(qt), compute_dtype=F32, out_dtype=F32, reference=many)
+
+
+@needs_gemm
+@pytest.mark.parametrize("sizes", [(128, 64, 64), (100, 30, 70)], ids=["whole-panels", "partial-panels"])
+def test_fused_panels(sizes, rng):
+    """Fused q|k|v: panels concatenate as they are when the parts fill whole panels, else are repacked."""
+    qts = [random_qtensor("Q8_0", n, 64, rng) for n in sizes]
+    fused = linear.concat([linear.prepare(q, Policy.of("bf16"), impl="native") for q in qts])
+    want = jnp.concatenate([dequantize(q, jnp.bfloat16) for q in qts])
+    np.testing.assert_array_equal(np.asarray(native.unpack_panels(fused.panels, sum(sizes))), np.asarray(want))
+    assert fused.shape == (sum(sizes), 64)
+
+
+@needs_gemm
+@pytest.mark.parametrize("activation", list(native.GLU_ACTS))
+def test_glu_in_the_gemm_epilogue(activation, rng):
+    """linear.glu past MAX_ROWS rows on panels runs the activation in the gemm's epilogue (bf16 out) and
+    gives the XLA path's hidden activations to bf16 rounding."""
+    qt = random_qtensor("Q4_K", 256, 256, rng)
+    w = linear.prepare(qt, Policy.of("bf16"), impl="native")
+    x = jnp.asarray(rng.standard_normal((24, 256)), jnp.bfloat16)
+    fast = jax.jit(lambda x, w: linear.glu(x, w, activation))
+    assert "realm_gemm_glu_bf16" in fast.lower(x, w).as_text()
+    slow = linear.glu(x, to_dense(qt, jnp.bfloat16), activation)
+    a, b = np.asarray(fast(x, w), np.float64), np.asarray(slow, np.float64)
+    np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * float(np.max(np.abs(b))) * 0.05)
+
+
+@needs_gemm
+@pytest.mark.parametrize("kv,window", [(1, 0), (2, 5)])
+def test_attention_products_on_the_gemm(kv, window, rng):
+    """ops.attention with the native backend's products runs prefill's two products on the gemm (keys and
+    values packed per batch row and kv head) and agrees with XLA's dots; decode-sized queries stay on XLA."""
+    from realm_jax import ops
+
+    b, t, n, h, s = 2, 12, 4, 32, 16
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for shape in
+               ((b, t, n, h), (b, s, kv, h), (b, s, kv, h)))
+    pos = jnp.asarray(np.tile(np.arange(t), (b, 1)) + np.array([[0], [4]]), jnp.int32)
+    f = jax.jit(lambda q, k, v, p, impl: ops.attention(q, k, v, p, scale=0.2, window=window, local=True,
+                                                       products=linear.products(impl)), static_argnames="impl")
+    assert linear.products("xla") is None
+    assert "realm_gemm_bf16" in f.lower(q, k, v, pos, impl="native").as_text()
+    assert "realm_gemm_bf16" not in f.lower(q[:, :1], k, v, pos[:, :1], impl="native").as_text()
+    many = jnp.tile(q[:, :1], (1, 1, 4, 1))  # one query, 16 heads a kv head: a decode step stays on XLA
+    assert "realm_gemm_bf16" not in f.lower(many, k, v, pos[:, :1], impl="native").as_text()
+    a = np.asarray(f(q, k, v, pos, impl="native"), np.float32)
+    want = np.asarray(f(q, k, v, pos, impl="xla"), np.float32)
+    np.testing.assert_allclose(a, want, rtol=0.02, atol=0.02)
+
+
+def test_load_native_matches_xla(smollm2_path):
+    """The real model through the native backend: the weights as stored plus a prefill layout, the tied
+    output projection on the embedding table's own planes (one copy on the device); logits and greedy text
+    as on the XLA path."""
+    a = realm_jax.load(smollm2_path, impl="native")
+    b = realm_jax.load(smollm2_path, impl="xla")
+    assert a.impl == "native" and b.impl == "xla"
+    assert isinstance(a.params["output"], NativeWeight) and a.params["output"].dense is None
+    assert a.params["output"].packed.planes["qs"] is a.params["embed"].planes["qs"]
+    layer = a.params["layers"][0].params
+    assert isinstance(layer["wqkv"], NativeWeight) and layer["wqkv"].fmt == "Q4_1"
+    ids = a.tokenizer.encode("The quick brown fox jumps over the lazy dog because")
+    la, lb = a.logits(ids), b.logits(ids)
+    assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
+    assert "realm_qmatmul" in a.compiled_text("decode")
+    if native.gemm_available() and a.policy.params == a.policy.compute == BF16:
+        assert "realm_gemm_bf16" in a.compiled_text("prefill", prompt_tokens=16)
+    prompt = "The capital of France is"
+    assert a.generate(prompt, max_new_tokens=8) == b.generate(prompt, max_new_tokens=8)
