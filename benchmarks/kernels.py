@@ -15,10 +15,15 @@ bf16 rate at the same shape.
 
     python benchmarks/kernels.py                 # CPU: small shapes; GPU/TPU: the full set
     python benchmarks/kernels.py --full --formats Q4_K,Q8_0 --m 1,512 --json out.json --markdown out.md
+    python benchmarks/kernels.py --impls triton --shapes 4096x4096,14336x4096 --m 1,8,16   # decode only
 
-Timing: a warm-up call, then `--reps` calls dispatched back to back and one sync, median of `--runs` such
-batches. Weights rotate through enough copies to exceed a 64 MiB last-level cache, so decode rows measure
-device memory, not cache.
+Timing. On a GPU: device time, not dispatch: one jitted call multiplies x by every copy of the weight
+(copies totalling at least 256 MiB, several times the L2 cache, so each is read from device memory), the
+CUPTI profiler (`jax.experimental.mosaic.gpu.profiler.measure`) sums the kernels it launched, and the time
+per product is that sum over the copies, median of `--runs` calls (where CUPTI is not there, the wall time
+of that call after a warm-up, which adds only the executable's own launch gaps). The copy bandwidth is
+measured the same way. On a CPU: a warm-up call, then `--reps` calls dispatched back to back and one sync,
+median of `--runs` such batches, weights rotating through copies that exceed a 64 MiB last-level cache.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ FULL_M = [1, 8, 16, 128, 512, 2048]
 SMALL_SHAPES = [(1024, 1024), (1024, 4096)]
 SMALL_M = [1, 16, 128]
 DEFAULT_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
-CACHE_BYTES = 64 << 20
+CACHE_BYTES = 64 << 20  # CPU: the copies of a weight exceed this last-level cache
+GPU_BYTES = 256 << 20  # GPU: and this (several times an H100/H200's 50-60 MB L2)
 
 
 def random_weight(fmt: str, n: int, k: int, key) -> QTensor:
@@ -87,10 +93,38 @@ def time_call(fn, args_list, reps: int, runs: int) -> float:
     return statistics.median(samples)
 
 
+def device_seconds(fn, args_list, runs: int) -> float:
+    """GPU: seconds of device work per fn(*args), args from args_list (distinct weights, more bytes than the
+    L2 cache), all in one jitted call; CUPTI's kernel times where it is there (median over `runs` calls),
+    else the call's wall time after a warm-up."""
+    many = jax.jit(lambda argss: [fn(*a) for a in argss])
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        try:
+            _, times = profiler.measure(many, aggregate=True, iterations=runs)(args_list)
+        except TypeError:  # older jax: one measurement a call, and a `mode`
+            times = [profiler.measure(many, mode="cupti")(args_list)[1] for _ in range(runs)]
+        times = times if isinstance(times, list) else [times]
+        if all(t is not None for t in times):
+            return statistics.median(times) / 1e3 / len(args_list)
+    except (ImportError, RuntimeError) as e:
+        print(f"  (CUPTI unavailable: {e}; timing the whole call)", file=sys.stderr)
+    jax.block_until_ready(many(args_list))
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(many(args_list))
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) / len(args_list)
+
+
 def copy_bandwidth(nbytes: int, reps: int, runs: int) -> float:
     """Bytes per second of a device copy (bytes read + bytes written)."""
     x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
     fn = jax.jit(lambda a: -a)
+    if jax.default_backend() == "gpu":
+        return 2 * nbytes / device_seconds(fn, [(x,)], runs)
     return 2 * nbytes / time_call(fn, [(x,)], reps, runs)
 
 
@@ -106,7 +140,8 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
     plat = jax.default_backend()
     w0 = random_weight(fmt, n, k, key)
     wbytes = weight_bytes(w0)
-    copies = max(1, min(8, -(-CACHE_BYTES // wbytes)))
+    gpu = plat == "gpu"
+    copies = max(1, min(16 if gpu else 8, -(-(GPU_BYTES if gpu else CACHE_BYTES) // wbytes)))
     ws = [w0] + [random_weight(fmt, n, k, jax.random.fold_in(key, 1000 + i)) for i in range(copies - 1)]
     # The dense peer: the weight dequantized to bf16 beforehand, through the same dot the XLA path uses
     # (weight on the left for few rows: XLA:CPU's one-row x @ W^T converts W to f32 on every call).
@@ -121,7 +156,7 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
         impls = {"xla": (matmul, [(x, w) for w in ws]), "dense_bf16": (matmul, [(x, d) for d in dense])}
         impls |= {b: (matmul, [(x, w) for w in weights]) for b, weights in prepared.items()}
         for name, (fn, args) in impls.items():
-            seconds = time_call(fn, args, reps, runs)
+            seconds = device_seconds(fn, args, runs) if gpu else time_call(fn, args, reps, runs)
             interpret = name in prepared and plat not in linear.BACKENDS[name].platforms
             rows.append({"format": fmt, "m": m, "n": n, "k": k, "impl": name, "us": seconds * 1e6,
                          "weight_bytes": wbytes, "interpret": interpret})
@@ -146,7 +181,8 @@ def markdown(rows, meta) -> str:
     for r in rows:
         impl = r["impl"] + (" (interpret)" if r["interpret"] else "")
         lines.append(f"| {r['format']} | {r['m']} | {r['n']} | {r['k']} | {impl} | {r['us']:.1f} | "
-                     f"{r['weight_gbps']:.1f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.3f} | {r['pct_dense_bf16']:.1f} |")
+                     f"{r['weight_gbps']:.1f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.3f} | "
+                     f"{r['pct_dense_bf16']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the full shape set (default on GPU/TPU)")
     ap.add_argument("--formats", default=",".join(DEFAULT_FORMATS))
     ap.add_argument("--m", help="rows of x, comma-separated (default: the set for the device)")
+    ap.add_argument("--shapes", help="weight shapes NxK, comma-separated (default: the set for the device)")
+    ap.add_argument("--impls", help="backends to time, comma-separated (default: every one for the platform); "
+                                    "the xla and dense_bf16 peers are always timed")
     ap.add_argument("--reps", type=int, default=None, help="calls per timed batch")
     ap.add_argument("--runs", type=int, default=5, help="timed batches (the median is reported)")
     ap.add_argument("--json", type=pathlib.Path, help="write every row and the run's metadata here")
@@ -166,8 +205,21 @@ def main(argv=None) -> int:
     interpret = plat == "cpu"
     full = args.full or not interpret
     shapes, ms = (FULL_SHAPES, FULL_M) if full else (SMALL_SHAPES, SMALL_M)
-    if args.m:
-        ms = [int(v) for v in args.m.split(",")]
+    try:
+        ms = [int(v) for v in args.m.split(",")] if args.m else ms
+        if args.shapes:
+            shapes = [tuple(int(d) for d in v.lower().split("x")) for v in args.shapes.split(",")]
+    except ValueError:
+        ap.error(f"--m takes integers and --shapes NxK pairs, got --m {args.m!r} --shapes {args.shapes!r}")
+    if any(m < 1 for m in ms) or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        ap.error("--m and --shapes take positive sizes")
+    backends = backends_for(plat)
+    if args.impls:
+        wanted = [v.strip() for v in args.impls.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in backends]
+        if unknown:
+            ap.error(f"--impls: {', '.join(unknown)} not among this platform's backends ({', '.join(backends)})")
+        backends = wanted
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     quantized = [name for name, f in FORMATS.items() if f.block_size > 1]
     for fmt in formats:
@@ -175,7 +227,8 @@ def main(argv=None) -> int:
             ap.error(f"--formats: {fmt!r} is not a quantized format; choose from {', '.join(quantized)}")
     reps = args.reps or (3 if interpret else 20)
     copy_bps = copy_bandwidth((256 if interpret else 1024) << 20, reps, args.runs)
-    meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__, "commit": git_revision(ROOT),
+    meta = {"device": jax.devices()[0].device_kind, "platform": plat, "jax": jax.__version__,
+            "commit": git_revision(ROOT),
             "date": datetime.date.today().isoformat(), "host": platform.node(), "copy_gbps": copy_bps / 1e9,
             "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{meta['device']}: copy {copy_bps / 1e9:.1f} GB/s", flush=True)
@@ -183,7 +236,7 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     for fmt in formats:
         for n, k in shapes:
-            rows += bench_shape(fmt, n, k, ms, backends=backends_for(plat), reps=reps,
+            rows += bench_shape(fmt, n, k, ms, backends=backends, reps=reps,
                                 runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
             print(f"  {fmt} {n}x{k} done", flush=True)
     add_ratios(rows, copy_bps)

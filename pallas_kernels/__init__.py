@@ -1,20 +1,23 @@
 """Fused dequant-matmul kernels in Pallas: y = x @ dequant(w)^T with w kept quantized in device memory.
 
-One kernel body per backend, each calling the format's tile function from `realm_jax.quant` (one
-definition of the math), and two families chosen by the number of rows of x: decode (M <= DECODE_ROWS,
-a GEMV that streams the weight once) and prefill (a GEMM on the tensor cores / MXU):
+Kernel families chosen by the number of rows of x: decode (up to 16 rows, a GEMV that streams the weight
+once) and prefill (a GEMM on the tensor cores / MXU):
 
-    tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`, both families on one body)
-    triton       the Pallas Triton GPU backend (`pallas_kernels.triton.matmul`)
-    mosaic_gpu   Mosaic GPU for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu.gemv` / `gemm`)
+    decode       the Pallas Triton GPU decode GEMV (`pallas_kernels.decode.gemv`) on the weight in its lane
+                 layout (`pallas_kernels.decode_layout`, made at load), activations quantized to int16 per
+                 32 values, integer dot products (dp2a) on the packed codes
+    tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
+                 format's tile function from `realm_jax.quant`
+    mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu.gemm`),
+                 evaluating the format's tile function row by row
 
-Tiles come from one heuristic (`pallas_kernels.tiling.choose_tiling`). On a CPU the kernels run in
-interpret mode, which is how the test suite checks them against the XLA reference.
+Tiles come from one heuristic per kernel family. On a CPU the kernels run in interpret mode, which is how
+the test suite checks them against the XLA reference.
 
 The kernels are the bodies of the linear layer's Pallas backends (`realm_jax.linear.triton`,
-`mosaic_gpu`, `mosaic_tpu`), which declare the formats they serve, validate the inputs and run a kernel
-per shard on a mesh: use `realm_jax.linear` (or `realm_jax.qmatmul(x, w, impl=...)`) rather than the
-kernels directly. This package imports `realm_jax.quant` for the format math (and `realm_jax.errors`),
+`mosaic_gpu`, `mosaic_tpu`), which declare the formats they serve, lay out and validate the inputs and run
+a kernel per shard on a mesh: use `realm_jax.linear` (or `realm_jax.qmatmul(x, w, impl=...)`) rather than
+the kernels directly. This package imports `realm_jax.quant` for the format math (and `realm_jax.errors`),
 nothing above it.
 """
 
@@ -22,10 +25,10 @@ from __future__ import annotations
 
 import warnings
 
-from pallas_kernels.tiling import DECODE_ROWS, TpuTiling, TritonTiling, choose_tiling
+from pallas_kernels.tiling import DECODE_ROWS, TpuTiling, choose_tiling
 
-__all__ = ["DECODE_ROWS", "TpuTiling", "TritonTiling", "choose_tiling"]
+__all__ = ["DECODE_ROWS", "TpuTiling", "choose_tiling"]
 
 # Lowering a Triton kernel warns that the backend is deprecated, once per kernel; realm-jax knows (see
-# pallas_kernels.triton) and does not repeat it to its users.
+# pallas_kernels.decode) and does not repeat it to its users.
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)

@@ -1,12 +1,10 @@
-"""Fused dequant-matmul kernels for Hopper through Mosaic GPU (`plgpu.kernel` + `plgpu.emit_pipeline`).
+"""The prefill kernel for Hopper through Mosaic GPU (`plgpu.kernel` + `plgpu.emit_pipeline`).
 
-y = x @ dequant(w)^T with f32 accumulation, for every quantized format of `realm_jax.quant`. Two kernels:
-
-- `gemv` (decode, memory-bound): each weight byte is read once; the tile is dequantized in registers and
-  multiplied into f32 accumulators [block_n, M] with FMAs (no tensor cores). It also takes any M (the grid
-  tiles M by 16), which is how `gemm` runs compute_dtype=float32.
-- `gemm` (prefill): the dequantized tile is staged in shared memory and fed to `plgpu.wgmma` (f16/bf16,
-  f32 accumulator [block_m, block_n]).
+`gemm`: y = x @ dequant(w)^T for every quantized format of `realm_jax.quant`, f16/bf16 operands on the
+tensor cores (`plgpu.wgmma`) with an f32 accumulator [block_m, block_n]; the dequantized tile is staged in
+shared memory. (Decode, up to 16 rows, is the Triton GEMV of `pallas_kernels.decode`. The FMA GEMV this
+module had for decode was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us
+against 127-140 at M=1 (FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
 
 Shapes: M rows of x, N rows of w (outputs), K the contraction; bs a format's block size.
 
@@ -20,8 +18,7 @@ act on the element grid at trace time; only the arithmetic is emitted, on vector
 transposed to K-major ([K/bs*count, N], `_kmajor`) so that one element of a block is a contiguous
 row of shared memory.
 
-Layouts: `_Layouts` holds a tiled register layout for [block_n, m] (thread t owns rows of the tile and all
-m columns), its reduction to rows (one weight row per thread) and to columns (x, replicated).
+Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128).
 """
 
 from __future__ import annotations
@@ -41,13 +38,12 @@ from jax.extend import core as jex_core
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, dequantize_tile, get_format
 
-__all__ = ["MosaicGpuTiling", "gemm", "gemv", "tiling_for"]
+__all__ = ["MosaicGpuTiling", "gemm", "tiling_for"]
 
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _THREADS = 128  # one warpgroup
 _MAX_BLOCK_DIM = 256  # TMA: at most 256 elements per block dimension
-_GEMV_M = 16  # rows of x per gemv CTA: the f32 accumulators [block_n, m] live in registers
 _STAGE_ROWS = 64  # rows of the dequantized tile staged at a time on their way into the wgmma operand
 _SMEM_BYTES = 232_448  # per CTA on H100/H200
 _LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
@@ -61,16 +57,13 @@ class MosaicGpuTiling:
       block_n: weight rows per CTA: 128 or 256 (one or two rows per thread).
       block_k: elements of K per pipeline step: a multiple of the block size; the planes' blocks of
         K/bs*count rows must stay within 256 (Q8_K and Q8_0: 256 at most).
-      block_m: rows of x per CTA in `gemm` (64 or 128, the wgmma M); unused by `gemv`.
-      splits: `gemv` splits K over this many CTAs and sums their partial results (decode has few
-        rows of N per SM otherwise); unused by `gemm`.
+      block_m: rows of x per CTA (64 or 128, the wgmma M).
       max_concurrent_steps: pipeline depth (buffers in flight per input).
     """
 
     block_n: int = 128
     block_k: int = 256
     block_m: int = 64
-    splits: int = 1
     max_concurrent_steps: int = 2
 
     def check(self, fmt: str) -> None:
@@ -86,25 +79,16 @@ class MosaicGpuTiling:
         if rows > _MAX_BLOCK_DIM:
             raise ValueError(f"MosaicGpuTiling: {self.block_k=} gives {fmt} plane blocks of {rows} rows; "
                              f"at most {_MAX_BLOCK_DIM} fit a TMA copy")
-        if self.splits < 1 or self.max_concurrent_steps < 1:
-            raise ValueError(f"MosaicGpuTiling: {self.splits=} and {self.max_concurrent_steps=} must be >= 1")
+        if self.max_concurrent_steps < 1:
+            raise ValueError(f"MosaicGpuTiling: {self.max_concurrent_steps=} must be >= 1")
 
 
-def tiling_for(fmt: str, m: int, n: int, k: int, *, kernel: str = "gemv") -> MosaicGpuTiling:
-    """The one heuristic: the tiling of `kernel` ("gemv" or "gemm") for x [m, k] @ w (n, k)^T."""
+def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
+    """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T. block_m=64 is one wgmma M per
+    warpgroup (128 overflows shared memory with block_k=256)."""
     f = get_format(fmt)
     per_256 = max(p.count for p in f.planes) * 256 // f.block_size
-    block_k = 256 if per_256 <= _MAX_BLOCK_DIM else 128
-    if kernel == "gemm":
-        # block_m=64: one wgmma M per warpgroup; 128 overflows shared memory with block_k=256.
-        return MosaicGpuTiling(block_n=128, block_k=block_k, block_m=64)
-    n_tiles = -(-n // 128)
-    steps = -(-k // block_k)
-    # Enough CTAs to cover the H100/H200's 132 SMs about twice: split K while each split keeps >= 2 steps.
-    splits = 1
-    while n_tiles * splits * 2 <= 264 and steps // (splits * 2) >= 2:
-        splits *= 2
-    return MosaicGpuTiling(block_n=128, block_k=block_k, splits=splits)
+    return MosaicGpuTiling(block_n=128, block_k=256 if per_256 <= _MAX_BLOCK_DIM else 128, block_m=64)
 
 
 # --- the jaxpr of dequantize_tile, evaluated with one [block_n] vector per element ----------------
@@ -237,14 +221,14 @@ def _tiled(layout: mgpu_fa.TiledLayout):
 
 
 @functools.lru_cache(maxsize=None)
-def _layouts(block_n: int, m: int):
-    """(acc [block_n, m], rows [block_n], cols [m]): thread t of warp w owns rows
-    w*block_n/4 + t*r .. +r (r = block_n/128) of the tile and all m columns; cols is replicated."""
+def _row_layout(block_n: int):
+    """[block_n]: thread t of warp w owns rows w*block_n/4 + t*r .. +r (r = block_n/128) of the tile (the
+    rows of a tiled [block_n, 8] layout)."""
     r = block_n // _THREADS
-    tiling = mgpu_fa.Tiling(((block_n, m), (block_n // 4, m), (r, m), (1, 1)))
+    tiling = mgpu_fa.Tiling(((block_n, 8), (block_n // 4, 8), (r, 8), (1, 1)))
     acc = mgpu_fa.TiledLayout(tiling, warp_dims=(-8,), lane_dims=(-6,), vector_dim=-1,
                               _check_canonical=False).canonicalize()
-    return _tiled(acc), _tiled(acc.reduce((1,))), _tiled(acc.reduce((0,)))
+    return _tiled(acc.reduce((1,)))
 
 
 def _load_rows(ref, layout) -> np.ndarray:
@@ -295,91 +279,13 @@ def _interpret(interpret):
     return interpret or None
 
 
-# --- decode: FMA GEMV ---------------------------------------------------------------------------
-def _gemv_kernel(xt_gmem, *refs, fmt, t: MosaicGpuTiling, m_blk: int, steps: int, dtype):
-    *plane_gmem, out_gmem = refs
-    f = get_format(fmt)
-    names = [p.name for p in f.planes]
-    ni, mi, si = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("s")
-    acc_layout, row_layout, col_layout = _layouts(t.block_n, m_blk)
-
-    def step(_, xt_smem, *refs):
-        *plane_smem, acc = refs
-        planes = {n: _load_rows(r, row_layout) for n, r in zip(names, plane_smem)}
-        with jax.named_scope("dequant"):
-            w = _rowwise(fmt, planes, dtype, t.block_n)  # [block_k] vectors [block_n] in `dtype`
-        shape = (t.block_n, m_blk)
-        for k in range(t.block_k):
-            wk = plgpu.layout_cast(lax.broadcast_in_dim(w[k].astype(jnp.float32), shape, (0,)), acc_layout)
-            xk = plgpu.load(xt_smem.at[k], layout=col_layout, optimized=False).astype(jnp.float32)
-            xk = plgpu.layout_cast(lax.broadcast_in_dim(xk, shape, (1,)), acc_layout)
-            acc = acc + wk * xk
-        return acc
-
-    k_rows = {p.name: t.block_k // f.block_size * p.count for p in f.planes}
-    in_specs = [plgpu.BlockSpec((t.block_k, m_blk), lambda k: (k, 0))]
-    in_specs += [plgpu.BlockSpec((k_rows[n], t.block_n), lambda k: (k, 0)) for n in names]
-    init = plgpu.layout_cast(jnp.zeros((t.block_n, m_blk), jnp.float32), acc_layout)
-    cols = pl.ds(ni * t.block_n, t.block_n)
-    acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, init_carry=init,
-                              max_concurrent_steps=t.max_concurrent_steps)(
-        xt_gmem.at[pl.ds(si * steps * t.block_k, steps * t.block_k), pl.ds(mi * m_blk, m_blk)],
-        *[g.at[pl.ds(si * steps * k_rows[n], steps * k_rows[n]), cols] for n, g in zip(names, plane_gmem)])
-    # acc's columns are registers of each thread: select one (in-thread) to store a row of y.
-    col = plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, (t.block_n, m_blk), 1), acc_layout)
-    for m in range(m_blk):
-        out_gmem[si, mi * m_blk + m, cols] = jnp.sum(jnp.where(col == m, acc, 0.0), axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "tiling", "interpret"))
-def _gemv(x, w, compute_dtype, out_dtype, tiling, interpret):
-    t = tiling
-    (m, k), n = x.shape, w.shape[0]
-    m_blk = min(_GEMV_M, _round_up(m, 16 // compute_dtype.itemsize))  # TMA: rows of x^T of 16 bytes
-    m_pad, n_pad = _round_up(m, m_blk), _round_up(n, t.block_n)
-    k_pad = _round_up(k, t.block_k * t.splits)
-    steps = k_pad // (t.block_k * t.splits)
-    xt = jnp.pad(x.astype(compute_dtype).T, ((0, k_pad - k), (0, m_pad - m)))
-    planes = _kmajor(w, n_pad, k_pad)
-    kernel = functools.partial(_gemv_kernel, fmt=w.fmt, t=t, m_blk=m_blk, steps=steps, dtype=compute_dtype)
-    partial = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((t.splits, m_pad, n_pad), jnp.float32),
-        grid=(n_pad // t.block_n, m_pad // m_blk, t.splits), grid_names=("n", "m", "s"),
-        compiler_params=_LANE, interpret=_interpret(interpret),
-    )(xt, *(planes[p.name] for p in w.format.planes))
-    return jnp.sum(partial, axis=0)[:m, :n].astype(out_dtype)
-
-
-def gemv(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpuTiling | None = None,
-         interpret=False) -> jax.Array:
-    """Decode matmul y = x @ dequant(w)^T on FMAs, f32 accumulation (any M; made for M <= 16).
-
-    Args:
-      x: [M, K] float32, float16 or bfloat16.
-      w: a 2-D QTensor (N, K) in a quantized format (its backend declares which:
-        `realm_jax.linear.pallas.KERNEL_FORMATS`).
-      compute_dtype: the dtype the weight is dequantized to and x is cast to (default x.dtype); products
-        and sums are f32.
-      out_dtype: the dtype of y (default x.dtype).
-      tiling: a `MosaicGpuTiling`; `tiling_for(..., kernel="gemv")` by default.
-      interpret: True (or a `plgpu.InterpretGPUParams`) runs the Mosaic GPU interpreter (CPU).
-
-    Returns:
-      [M, N] in out_dtype.
-    """
-    x, compute_dtype, out_dtype = _check("gemv", x, w, compute_dtype, out_dtype)
-    tiling = tiling or tiling_for(w.fmt, *x.shape[:1], *w.shape, kernel="gemv")
-    tiling.check(w.fmt)
-    return _gemv(x, w, compute_dtype, out_dtype, tiling, _interpret(interpret))
-
-
 # --- prefill: dequantize to shared memory, then wgmma --------------------------------------------
 def _gemm_kernel(x_gmem, *refs, fmt, t: MosaicGpuTiling, steps: int, dtype):
     *plane_gmem, out_gmem, w_smem, stage_smem = refs
     f = get_format(fmt)
     names = [p.name for p in f.planes]
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
-    _, row_layout, _ = _layouts(t.block_n, 8)
+    row_layout = _row_layout(t.block_n)
 
     def step(_, x_smem, *refs):
         *plane_smem, acc = refs
@@ -450,15 +356,25 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
          interpret=False) -> jax.Array:
     """Prefill matmul y = x @ dequant(w)^T on the tensor cores (wgmma), f32 accumulation.
 
-    compute_dtype float16 or bfloat16 runs wgmma. float32 runs `gemv`'s FMA kernel (exact f32 products):
-    Hopper's wgmma takes f32 only as tf32 (10-bit mantissa), which is not an f32 matmul.
+    Args:
+      x: [M, K] float32, float16 or bfloat16.
+      w: a 2-D QTensor (N, K) in a quantized format (its backend declares which:
+        `realm_jax.linear.pallas.KERNEL_FORMATS`).
+      compute_dtype: float16 or bfloat16 (default x.dtype), the dtype the weight is dequantized to and x
+        is cast to; products and sums are f32. Hopper's wgmma takes f32 only as tf32 (a 10-bit mantissa,
+        not an f32 matmul): the backend sends f32 compute to the XLA path.
+      out_dtype: the dtype of y (default x.dtype).
+      tiling: a `MosaicGpuTiling`; `tiling_for` by default.
+      interpret: True (or a `plgpu.InterpretGPUParams`) runs the Mosaic GPU interpreter (CPU).
 
-    Args and returns as `gemv`; the tiling defaults to `tiling_for(..., kernel="gemm")`.
+    Returns:
+      [M, N] in out_dtype.
     """
     x, compute_dtype, out_dtype = _check("gemm", x, w, compute_dtype, out_dtype)
     if compute_dtype not in _WGMMA_DTYPES:
-        return gemv(x, w, compute_dtype=compute_dtype, out_dtype=out_dtype, tiling=tiling, interpret=interpret)
-    tiling = tiling or tiling_for(w.fmt, *x.shape[:1], *w.shape, kernel="gemm")
+        raise DTypeError(f"gemm: compute_dtype={compute_dtype} must be float16 or bfloat16 (wgmma); f32 "
+                         f"compute is the XLA path's")
+    tiling = tiling or tiling_for(w.fmt, *x.shape[:1], *w.shape)
     tiling.check(w.fmt)
     if tiling.block_k % _STAGE_ROWS:
         raise ValueError(f"gemm: {tiling.block_k=} must be a multiple of {_STAGE_ROWS} (the staging rows)")

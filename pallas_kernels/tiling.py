@@ -3,12 +3,12 @@
 Legend: M rows of x, N rows of the weight (outputs), K the contraction; every block covers whole
 quantization blocks along K.
 
-Backend tile rules the heuristic satisfies (checked by lowering in tests/test_kernels.py):
+Backend tile rules the heuristic satisfies (checked by lowering in tests/test_linear_mosaic_tpu.py):
 - TPU (Mosaic): the last two dims of every block are divisible by (8, 128) or equal the array's. Planes
   whose per-tile width is not a multiple of 128 (the per-block scales) travel as whole rows instead (see
   `pallas_kernels.layout`), so block_k only has to divide K.
-- Triton: every block and every value in the kernel has a power-of-2 size: block_m, block_n and block_k
-  are powers of two, and so is each plane's per-tile width (block_k / block_size * count).
+(The Triton decode kernel tiles itself: `pallas_kernels.decode.tiling_for`; Mosaic GPU's tile rules live
+with its kernels: `pallas_kernels.mosaic_gpu.tiling_for`.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 from realm_jax.errors import ShapeMismatchError
 from realm_jax.quant import get_format
 
-__all__ = ["DECODE_ROWS", "TpuTiling", "TritonTiling", "choose_tiling", "round_up"]
+__all__ = ["DECODE_ROWS", "TpuTiling", "choose_tiling", "round_up"]
 
 # Up to this many rows of x the decode (GEMV) family runs; above it, the prefill (GEMM) family.
 DECODE_ROWS = 16
@@ -31,17 +31,6 @@ class TpuTiling:
     block_m: int
     block_n: int
     block_k: int
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class TritonTiling:
-    """Grid (M / block_m, N / block_n); a loop over K in steps of block_k inside the kernel."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
 
 
 def round_up(n: int, m: int) -> int:
@@ -57,12 +46,12 @@ def _largest_dividing(k: int, candidates) -> int | None:
 
 
 def choose_tiling(backend: str, fmt: str, m: int, n: int, k: int):
-    """The tiling for a matmul of x [m, k] with a (n, k) weight in `fmt` on `backend` ("tpu", "triton" or
-    "mosaic_gpu", whose kernels' tile rules live with them: `mosaic_gpu.tiling_for`).
+    """The tiling for a matmul of x [m, k] with a (n, k) weight in `fmt` on `backend` ("tpu", or
+    "mosaic_gpu", whose prefill kernel's tile rules live with it: `mosaic_gpu.tiling_for`).
 
     Decode (m <= DECODE_ROWS) keeps every row of x in one block, so each weight byte is read once; prefill
     tiles M too. K tiles of 2048 (TPU) amortize the per-step overhead over ~1 MiB of Q4_K weight per 256
-    rows; on Triton, 256-wide K tiles keep a dequantized [64, 256] f32 tile within the registers of 4 warps.
+    rows.
     """
     f = get_format(fmt)
     if k % f.block_size:
@@ -74,16 +63,8 @@ def choose_tiling(backend: str, fmt: str, m: int, n: int, k: int):
         # Multiples of 256 keep every 2-D plane tile lane-aligned; a K with none of them runs in one tile.
         block_k = _largest_dividing(k, (2048, 1024, 512, 256)) or k
         return TpuTiling(block_m=block_m, block_n=block_n, block_k=block_k)
-    if backend == "triton":
-        block_m = _pow2_at_least(m) if decode else (64 if m >= 64 else max(16, _pow2_at_least(m)))
-        # The smallest power of two per tile is one block of the format: its scales come one per tile.
-        block_k = _largest_dividing(k, tuple(c for c in (256, 128, 64, 32) if c >= f.block_size))
-        if block_k is None:
-            raise ShapeMismatchError(f"choose_tiling: K={k} has no power-of-2 tile that holds whole {fmt} blocks")
-        return TritonTiling(block_m=block_m, block_n=64, block_k=block_k, num_warps=4,
-                            num_stages=2 if decode else 3)
     if backend == "mosaic_gpu":
         from pallas_kernels.mosaic_gpu import tiling_for
 
-        return tiling_for(fmt, m, n, k, kernel="gemv" if decode else "gemm")
-    raise ValueError(f"choose_tiling: backend={backend!r} must be 'tpu', 'triton' or 'mosaic_gpu'")
+        return tiling_for(fmt, m, n, k)
+    raise ValueError(f"choose_tiling: backend={backend!r} must be 'tpu' or 'mosaic_gpu'")

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# The GPU/TPU checks, in one call on a lent device machine (no network there; jax comes with the machine):
-#   1. the compiled kernels against the reference (the shared cases' `test_compiled_on_device` of every
-#      backend that runs here, tests/test_linear_*.py), 2. the kernel benchmark, written under $OUT
-#      (default ./device-out).
+# The GPU checks, in one call on a lent device machine (no network there; jax comes with the machine),
+# within ~8 minutes, each step bounded and writing under $OUT (default ./device-out) as it goes:
+#   1. the compiled decode kernels against the reference (test_linear_triton.py's compiled cases, a
+#      pairwise handful) and the synthetic models decoding on them against llama.cpp's recorded logits
+#      (both files, every position), ~2.5 min at most;
+#   2. the decode kernel table: device time (CUPTI) of the Triton GEMV against XLA's dequantize+dot and the
+#      dense bf16 dot, M = 1, 8, 16, at the acceptance's formats and 8B shapes, with the copy bandwidth
+#      measured in the same run (kernels.md), ~2.5 min at most;
+#   3. the 8B-shaped Q4_K_M model end to end, kernels against dense bf16 weights (gpu_8b.json), ~3 min.
 # Set-up here first: `make device-wheels` fetches the pure-Python dependencies the machine lacks into .whl/,
-# which the device tool carries (carry=[".whl"]). Usage there: bash scripts/device_checks.sh [benchmark args]
+# which the device tool carries (carry=[".whl"]). Usage there: bash scripts/device_checks.sh
+# A step that runs past its bound is cut (its log says so) and the next one starts.
 set -uo pipefail
 OUT=${OUT:-device-out}
 mkdir -p "$OUT"
@@ -14,12 +20,27 @@ if [ -d .whl ]; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1
-python3 -c "import jax; print(jax.__version__, jax.devices())"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv 2>/dev/null
-timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_linear_*.py -k "compiled_on_device" \
-  2>&1 | tee "$OUT/tests.log" | tail -25
-python3 benchmarks/kernels.py --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" "$@" > "$OUT/bench.log" 2>&1
-status=$?
-tail -60 "$OUT/bench.log"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+status=0
+step() {  # step NAME SECONDS COMMAND...: run it bounded, its output in $OUT/NAME.log, the tail shown
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  [ $rc -eq 124 ] && echo "(cut after ${limit} s)" >> "$OUT/$name.log"
+  echo "== $name: exit $rc in $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+  tail -25 "$OUT/$name.log"
+  [ $rc -ne 0 ] && status=1
+  return 0
+}
+python3 -c "import jax; print(jax.__version__, jax.devices())" | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv 2>/dev/null | tee -a "$OUT/env.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton.py \
+  -k "compiled_on_device or agrees_with_llama_cpp" --durations=10
+step kernels 150 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q5_K,Q5_0,Q8_0,Q4_0 \
+  --shapes 4096x4096,14336x4096,4096x14336 --m 1,8,16 --runs 3 --json "$OUT/kernels.json" --markdown "$OUT/kernels.md"
+step gpu_8b 180 python3 benchmarks/gpu_8b.py --impls auto,xla --prompt-tokens 128 --decode-tokens 64 --runs 2 \
+  --json "$OUT/gpu_8b.json"
 exit $status

@@ -1,6 +1,6 @@
-"""The Mosaic GPU backend (`realm_jax.linear.mosaic_gpu`, kernels in `pallas_kernels.mosaic_gpu`): the shared
-cases in the Mosaic GPU interpreter on CPU, lowering for CUDA (an abstract H100) at real shapes, races,
-and its tilings.
+"""The Mosaic GPU backend (`realm_jax.linear.mosaic_gpu`, its prefill GEMM in `pallas_kernels.mosaic_gpu`;
+up to 16 rows and f32 compute, the XLA reference): the shared cases in the Mosaic GPU interpreter on CPU,
+lowering for CUDA (an abstract H100) at real shapes, races, and its tilings.
 
 The interpreter runs about 0.1 s per pipeline step, so the cases keep K to one or two pipeline steps and
 the rows to the edge between the two kernels; N is never a multiple of the 128-row tile.
@@ -18,12 +18,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import DECODE_ROWS, mosaic_gpu
-from pallas_kernels.mosaic_gpu import MosaicGpuTiling, gemm, gemv, tiling_for
+from pallas_kernels.mosaic_gpu import MosaicGpuTiling, gemm, tiling_for
 from realm_jax.errors import DTypeError, UnsupportedFormatError
 from realm_jax.linear.pallas import KERNEL_FORMATS
 from realm_jax.quant import dequantize, quantize
 from helpers import assert_matmul_close, random_qtensor
-from linear_base import BF16, F16, LinearTests, LoweringTests
+from linear_base import BF16, LinearTests, LoweringTests
 
 _H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
                                                                    num_cores=132, platform="gpu"))
@@ -31,7 +31,7 @@ _H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="N
 
 class TestMosaicGpuInterpret(LinearTests):
     BACKEND = "mosaic_gpu"
-    ROWS = (1, DECODE_ROWS, DECODE_ROWS + 1)  # the FMA GEMV up to DECODE_ROWS rows, wgmma past it
+    ROWS = (DECODE_ROWS, DECODE_ROWS + 1)  # the reference up to DECODE_ROWS rows, wgmma past it
     K_BLOCKS = (1, 2)
     N = 130  # two 128-row tiles, the second ragged
 
@@ -39,7 +39,7 @@ class TestMosaicGpuInterpret(LinearTests):
 class TestMosaicGpuLowering(LoweringTests):
     BACKEND = "mosaic_gpu"
     CUSTOM_CALLS = ("mosaic_gpu_v2",)
-    ROWS = (1, DECODE_ROWS + 1)  # one per kernel (1-3 s a lowering); more GEMV rows below
+    ROWS = (1, DECODE_ROWS + 1, 512)  # the reference, then the GEMM (1-3 s a lowering)
     SHAPES = ((4096, 4096), (4096, 14336))
 
     def lower(self, fn, x, w) -> str:
@@ -47,38 +47,29 @@ class TestMosaicGpuLowering(LoweringTests):
             return jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("kernel", ["gemv", "gemm"])
-def test_no_races(kernel, rng):
-    """The staging of the dequantized tile (gemm) and the pipelined reads are race-free (the detector raises)."""
-    m = 64 if kernel == "gemm" else 3
-    w, x = random_qtensor("Q4_K", 130, 512, rng), jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
-    y = {"gemv": gemv, "gemm": gemm}[kernel](x, w, compute_dtype=BF16, out_dtype=jnp.float32,
-                                             interpret=plgpu.InterpretGPUParams(detect_races=True))
+def test_no_races(rng):
+    """The staging of the dequantized tile and the pipelined reads are race-free (the detector raises)."""
+    w, x = random_qtensor("Q4_K", 130, 512, rng), jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
+    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32,
+             interpret=plgpu.InterpretGPUParams(detect_races=True))
     assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
 
 
-def test_gemv_on_a_real_quantization_with_an_explicit_tiling():
-    """Weights quantized by realm-jax (not random bytes), two 128-row tiles and K split over two CTAs."""
+def test_gemm_on_a_real_quantization_with_an_explicit_tiling():
+    """Weights quantized by realm-jax (not random bytes), two 256-row tiles, the second ragged."""
     rng = np.random.default_rng(3)
-    w = quantize(jnp.asarray(rng.standard_normal((200, 512)) * 0.05, jnp.float32), "Q5_1")
-    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
-    y = gemv(x, w, tiling=MosaicGpuTiling(block_n=256, splits=2), interpret=True)
+    w = quantize(jnp.asarray(rng.standard_normal((300, 512)) * 0.05, jnp.float32), "Q5_1")
+    x = jnp.asarray(rng.standard_normal((20, 512)), jnp.bfloat16)
+    y = gemm(x, w, tiling=MosaicGpuTiling(block_n=256, block_k=128, block_m=64), interpret=True)
     assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=BF16)
 
 
 @pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))
 def test_heuristic_tilings_are_valid(fmt):
-    for kernel in ("gemv", "gemm"):
-        for m, n, k in ((1, 4096, 4096), (16, 14336, 4096), (512, 4096, 14336), (1, 100, 256)):
-            t = tiling_for(fmt, m, n, k, kernel=kernel)
-            t.check(fmt)
-            if kernel == "gemm":
-                assert mosaic_gpu._gemm_smem_bytes(fmt, t, BF16) <= mosaic_gpu._SMEM_BYTES
-
-
-def test_heuristic_fills_the_gpu_at_decode():
-    t = tiling_for("Q4_K", 1, 4096, 4096, kernel="gemv")
-    assert 4096 // t.block_n * t.splits >= 132
+    for m, n, k in ((17, 4096, 4096), (512, 4096, 14336), (64, 100, 256)):
+        t = tiling_for(fmt, m, n, k)
+        t.check(fmt)
+        assert mosaic_gpu._gemm_smem_bytes(fmt, t, BF16) <= mosaic_gpu._SMEM_BYTES
 
 
 def test_bad_tilings_raise():
@@ -100,19 +91,12 @@ def test_bad_tilings_raise():
 def test_unsupported_inputs_raise():
     dense = quantize(jnp.ones((128, 256)), "F16")
     with pytest.raises(UnsupportedFormatError, match="F16"):
-        gemv(jnp.ones((1, 256)), dense)
+        gemm(jnp.ones((64, 256)), dense)
     w = random_qtensor("Q4_0", 128, 256, np.random.default_rng(0))
     with pytest.raises(DTypeError, match="compute_dtype"):
-        gemv(jnp.ones((1, 256)), w, compute_dtype=jnp.int8)
-
-
-@pytest.mark.parametrize("m", [8, 16])
-def test_gemv_lowers_for_cuda_at_more_rows(m):
-    w = random_qtensor("Q4_K", 4096, 4096, np.random.default_rng(0))
-    with use_abstract_mesh(_H100):
-        text = jax.jit(lambda x, w: gemv(x, w, compute_dtype=F16)).trace(
-            jax.ShapeDtypeStruct((m, 4096), F16), w).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+        gemm(jnp.ones((64, 256)), w, compute_dtype=jnp.int8)
+    with pytest.raises(DTypeError, match="wgmma"):
+        gemm(jnp.ones((64, 256)), w, compute_dtype=jnp.float32)
 
 
 def test_tiling_is_hashable_and_frozen():

@@ -68,21 +68,10 @@ def _spec(axes: tuple[str | None, ...], rules: dict[str, str | None], stacked: b
 
 
 def _place(value: Any, spec: PartitionSpec, mesh: Mesh, what: str):
-    """Put an array, each plane of a QTensor, or the QTensors of a prepared linear weight on the mesh with
-    `spec` over its logical axes."""
-    if isinstance(value, linear.Prepared):
-        return linear.place(value, lambda qt: _place(qt, spec, mesh, what))
-    if isinstance(value, QTensor):
-        # Planes share the logical rows; their last axis counts blocks: splitting it splits whole blocks.
-        fmt = value.format
-        blocks = value.shape[-1] // fmt.block_size
-        split = spec[-1]
-        if split is not None and blocks % int(mesh.shape[split]):
-            raise ShardingError(f"{what}: {blocks} blocks of {fmt.name} per row cannot be split over {split}="
-                                f"{mesh.shape[split]} in whole blocks")
-        axes = (spec[-2], spec[-1]) if len(spec) >= 2 and (spec[-2] or spec[-1]) else None
-        return QTensor(value.fmt, value.shape, {k: jax.device_put(p, NamedSharding(mesh, spec))
-                                                for k, p in value.planes.items()}, axes)
+    """Put an array, a QTensor (its planes split on whole blocks) or a prepared linear weight (as its
+    backend lays it out) on the mesh with `spec` over its logical axes."""
+    if isinstance(value, (QTensor, linear.Prepared)):
+        return linear.place(value, spec, mesh, what)
     return jax.device_put(value, NamedSharding(mesh, spec))
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.errors import DTypeError, NativeBuildError, QTensorError, ShapeMismatchError, ShardingError
-from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight
+from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight, place_qtensor
 from realm_jax.linear.mosaic_gpu import MOSAIC_GPU
 from realm_jax.linear.mosaic_tpu import MOSAIC_TPU
 from realm_jax.linear.native import NATIVE
@@ -217,9 +217,12 @@ def concat(ws: list[Prepared]) -> Prepared | None:
     return backend_of(ws[0]).concat(list(ws))
 
 
-def place(w: Prepared, put: Callable[[QTensor], QTensor]) -> Prepared:
-    """w placed on a mesh, `put` placing each QTensor it holds (the sharding rules)."""
-    return backend_of(w).place(w, put)
+def place(w, spec, mesh, what: str):
+    """A QTensor or a prepared weight on `mesh`, split by `spec` (a PartitionSpec over its logical axes:
+    [layers,] rows, cols) as its backend lays it out; an impossible split is a ShardingError naming `what`."""
+    if isinstance(w, QTensor):
+        return place_qtensor(w, spec, mesh, what)
+    return backend_of(w).place(w, spec, mesh, what)
 
 
 def _is_prepared(v) -> bool:

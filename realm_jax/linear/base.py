@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from realm_jax.errors import ShardingError
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor, concat_rows, dequantize_tile, to_dense
 
-__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated", "xla_matmul"]
+__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated", "place_qtensor",
+           "xla_matmul"]
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -80,6 +81,11 @@ class Backend:
             return f"{self.name}: no kernel for {fmt.name} (it has {', '.join(sorted(self.formats))})"
         return None
 
+    def kernel_rows(self, m: int, compute_dtype) -> bool:
+        """Whether m rows of x under `compute_dtype` run this backend's own kernels (else the XLA reference
+        on its weight: e.g. a decode kernel past its rows)."""
+        return True
+
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> Prepared:
         """qt in this backend's device layout, made once at load. `many_rows`: the weight must also serve
         more than `max_rows` rows at speed (False for the output projection, which a prefill multiplies
@@ -116,15 +122,30 @@ class Backend:
         """One layer's weight inside the scan, from `stacked`'s two parts and the layer's index."""
         return sliced
 
-    def place(self, w: Prepared, put: Callable[[QTensor], QTensor]) -> Prepared:
-        """w with `put` (the sharding rules' placement of a QTensor on a mesh) applied to its QTensor."""
+    def place(self, w: Prepared, spec: PartitionSpec, mesh: Mesh, what: str) -> Prepared:
+        """w on `mesh`, split by `spec` over its logical axes ([layers,] rows, cols; the sharding rules')."""
         if not isinstance(w, QTensorWeight):
-            raise ShardingError(f"{self.name}: {w} cannot be placed on a mesh")
-        return dataclasses.replace(w, qt=put(w.qt))
+            raise ShardingError(f"{what}: the {self.name} backend's {w} cannot be placed on a mesh")
+        return dataclasses.replace(w, qt=place_qtensor(w.qt, spec, mesh, what))
 
     def describe(self, w: Prepared | None = None) -> str:
         """How this backend serves a weight (its row families), for `realm-jax inspect` and the load log."""
         return self.name
+
+
+def place_qtensor(qt: QTensor, spec: PartitionSpec, mesh: Mesh, what: str) -> QTensor:
+    """Each plane of qt on `mesh` with `spec` over its logical axes; the planes share the logical rows and
+    their last axis counts blocks, so splitting it splits whole blocks (or is an error). The QTensor
+    records the mesh axes its (rows, cols) are split over (`QTensor.axes`) for kernels run per shard."""
+    fmt = qt.format
+    blocks = qt.shape[-1] // fmt.block_size
+    split = spec[-1] if len(spec) else None
+    if split is not None and blocks % int(mesh.shape[split]):
+        raise ShardingError(f"{what}: {blocks} blocks of {fmt.name} per row cannot be split over {split}="
+                            f"{mesh.shape[split]} in whole blocks")
+    axes = (spec[-2], spec[-1]) if len(spec) >= 2 and (spec[-2] or spec[-1]) else None
+    return QTensor(qt.fmt, qt.shape, {k: jax.device_put(p, NamedSharding(mesh, spec)) for k, p in qt.planes.items()},
+                   axes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,15 +4,32 @@ checks the kernels against the reference."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+
 from realm_jax.linear.pallas import PallasBackend
+from realm_jax.quant import QTensor
 
 __all__ = ["MOSAIC_TPU", "MosaicTpu"]
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "interpret"))
+def _matmul(x, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+    from pallas_kernels import tpu
+    from pallas_kernels.tiling import choose_tiling
+
+    tiling = choose_tiling("tpu", w.fmt, x.shape[0], w.shape[0], x.shape[1])
+    return tpu.matmul(x, w, tiling=tiling, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)
 
 
 class MosaicTpu(PallasBackend):
     name = "mosaic_tpu"
     platforms = ("tpu",)
-    kernels = "tpu"
+
+    def kernel(self, x, w, *, compute_dtype, out_dtype, interpret):
+        return _matmul(x, w, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), interpret)
 
 
 MOSAIC_TPU = MosaicTpu()

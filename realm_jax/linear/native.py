@@ -157,8 +157,8 @@ class Native(Backend):
         packed, panels = whole
         return NativeWeight(packed, sliced.dense, panels, index, sliced.dtype)
 
-    def place(self, w, put):
-        raise ShardingError(f"native: {w} runs on one CPU device and cannot be split over a mesh")
+    def place(self, w, spec, mesh, what):
+        raise ShardingError(f"{what}: the native backend's {w} runs on one CPU device, not on a mesh")
 
     def describe(self, w: NativeWeight | None = None) -> str:
         decode = f"native (1-{kernels.MAX_ROWS} rows)"

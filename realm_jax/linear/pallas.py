@@ -1,5 +1,6 @@
-"""What the three Pallas backends (`triton`, `mosaic_gpu`, `mosaic_tpu`) share: the weight they prepare,
-the formats their kernels implement, and running a kernel per shard of a weight split over a mesh.
+"""What the Pallas backends on the weight as stored (`mosaic_gpu`, `mosaic_tpu`) share: the weight they
+prepare (the QTensor itself), the formats their kernels implement, and running a kernel per shard of a weight
+split over a mesh. (The `triton` backend lays its weights out for its own kernels: `realm_jax.linear.triton`.)
 
 The kernels (`pallas_kernels`) keep the weight quantized in device memory and dequantize a tile at a time
 with the format's tile function; on a CPU they run in interpret mode (for checks: slowly).
@@ -35,26 +36,12 @@ class PallasWeight(QTensorWeight):
     backend: str
 
 
-@functools.partial(jax.jit, static_argnames=("kernels", "compute_dtype", "out_dtype", "interpret"))
-def _tiled(x, w: QTensor, kernels: str, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
-    """x [M, K] @ dequant(w)^T by the kernel module `pallas_kernels.<kernels>` ("tpu" or "triton"), with the
-    tiles of `pallas_kernels.tiling.choose_tiling`."""
-    import pallas_kernels.tpu
-    import pallas_kernels.triton
-    from pallas_kernels.tiling import choose_tiling
-
-    module = {"tpu": pallas_kernels.tpu, "triton": pallas_kernels.triton}[kernels]
-    tiling = choose_tiling(kernels, w.fmt, x.shape[0], w.shape[0], x.shape[1])
-    return module.matmul(x, w, tiling=tiling, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)
-
-
 class PallasBackend(Backend):
-    """A Pallas kernel family; subclasses set `name` and `platforms`, and `kernels` (the module of
-    `pallas_kernels` whose `matmul` they run) or their own `kernel`."""
+    """A Pallas kernel family on QTensors as stored; subclasses set `name` and `platforms` and implement
+    `kernel`."""
 
     interprets = True
     formats = KERNEL_FORMATS
-    kernels: str
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
         if fmt.block_size == 1:
@@ -72,10 +59,10 @@ class PallasBackend(Backend):
 
     def kernel(self, x: jax.Array, w: QTensor, *, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
         """x [M, K] @ dequant(w)^T -> [M, N] with this backend's kernels."""
-        return _tiled(x, w, self.kernels, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), interpret)
+        raise NotImplementedError
 
-    def matmul(self, x, w: PallasWeight, *, compute_dtype, out_dtype) -> jax.Array:
-        interpret = jax.default_backend() == "cpu"
+    def matmul(self, x, w: PallasWeight, *, compute_dtype, out_dtype, interpret: bool | None = None) -> jax.Array:
+        interpret = jax.default_backend() == "cpu" if interpret is None else interpret
         if w.qt.axes is not None:
             return self._per_shard(x, w.qt, compute_dtype, out_dtype, interpret)
         return self.kernel(x, w.qt, compute_dtype=compute_dtype, out_dtype=out_dtype, interpret=interpret)

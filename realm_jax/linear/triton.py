@@ -1,18 +1,187 @@
-"""The Pallas Triton backend (GPU): `pallas_kernels.triton`'s decode GEMV and prefill GEMM, tiled by
-`pallas_kernels.tiling.choose_tiling`. JAX has deprecated the Pallas Triton lowering (Mosaic GPU is the
-maintained one); every lowering warns so, and `pallas_kernels` filters that one warning."""
+"""The Pallas Triton backend (GPU): the decode GEMV of `pallas_kernels.decode` on the weight in its lane
+layout (`pallas_kernels.decode_layout`, made once at load), with the activations quantized to int16 per 32
+values and integer dot products (`dp2a`), for up to 16 rows of x under a 16-bit compute dtype (the int16
+activations err less than a bf16 product). More rows (prefill) and f32 compute go to the XLA reference,
+which dequantizes from the lanes (XLA fuses the layout's inverse into its dequantization). JAX has
+deprecated the Pallas Triton lowering (Mosaic GPU is the maintained one); every lowering warns so, and
+`pallas_kernels` filters that one warning.
+
+Inside a scan over stacked layers the kernel reads layer i of the stack where it lies (`stacked` /
+`unstack`), so no step copies a layer's planes out.
+"""
 
 from __future__ import annotations
 
-from realm_jax.linear.pallas import PallasBackend
+import dataclasses
+import functools
+from typing import Any, ClassVar
 
-__all__ = ["TRITON", "Triton"]
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, from_lanes, quantize_x, to_lanes
+from realm_jax.errors import ShardingError
+from realm_jax.linear.base import Backend, Prepared, xla_matmul
+from realm_jax.precision import Policy
+from realm_jax.quant import Format, QTensor
+
+__all__ = ["DECODE_ROWS", "TRITON", "LanesWeight", "Triton"]
+
+DECODE_ROWS = 16  # rows of x the decode GEMV takes (pallas_kernels.decode.MAX_ROWS)
+_KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-class Triton(PallasBackend):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["lanes", "layer"],
+                   meta_fields=["fmt", "shape", "axes"])
+@dataclasses.dataclass(frozen=True)
+class LanesWeight(Prepared):
+    """The Triton backend's weight: its lane planes (N padded to a multiple of 128 rows).
+
+    Attributes:
+      lanes: plane name -> [K / unit, P, N'] or [K / unit, N'] (`decode_layout`); with `layer`, stacks [L, ...].
+      fmt, shape: the format and the logical (N, K).
+      layer: None, or inside a scan over stacked layers the traced index of the layer (`Triton.unstack`).
+      axes: the mesh axes its (rows, K) are split over once placed on a mesh, or None.
+    """
+
+    backend: ClassVar[str] = "triton"
+    lanes: dict[str, jax.Array]
+    fmt: str
+    shape: tuple[int, int]
+    layer: jax.Array | None = None
+    axes: tuple[str | None, str | None] | None = None
+
+    def __repr__(self) -> str:
+        return f"LanesWeight({self.fmt}, shape={self.shape}" + (", one layer of a stack)" if self.layer is not None
+                                                                 else ")")
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def decode(x: jax.Array, w: LanesWeight, *, interpret: bool) -> jax.Array:
+    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV: [M, N'] (padded rows)."""
+    from pallas_kernels import decode
+
+    xw, dx, sx = quantize_x(x, w.fmt)
+    part = decode.gemv(xw, dx, sx, w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
+    return jnp.sum(part, axis=0)[: x.shape[0]]
+
+
+class Triton(Backend):
     name = "triton"
     platforms = ("gpu",)
-    kernels = "triton"
+    interprets = True
+    formats = frozenset(LAYOUTS)  # the formats pallas_kernels.decode implements
+    max_rows = DECODE_ROWS
+
+    def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
+        if fmt.block_size == 1:
+            return f"{self.name}: {fmt.name} is stored dense (XLA's dot multiplies it)"
+        return super().unsupported(fmt, shape)
+
+    def kernel_rows(self, m: int, compute_dtype) -> bool:
+        """Whether m rows of x under `compute_dtype` go to the decode GEMV (else the reference)."""
+        return m <= DECODE_ROWS and jnp.dtype(compute_dtype) in _KERNEL_COMPUTE
+
+    def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> LanesWeight:
+        return LanesWeight(to_lanes(qt), qt.fmt, tuple(qt.shape))
+
+    def view(self, qt: QTensor, compute_dtype) -> LanesWeight:
+        return LanesWeight(to_lanes(qt), qt.fmt, tuple(qt.shape))
+
+    def matmul(self, x, w: LanesWeight, *, compute_dtype, out_dtype, interpret: bool | None = None) -> jax.Array:
+        if w.axes is not None:
+            return self._per_shard(x, w, compute_dtype, out_dtype, _interpret(interpret))
+        n = w.shape[0]
+        if self.kernel_rows(x.shape[0], compute_dtype):
+            return decode(x, w, interpret=_interpret(interpret))[:, :n].astype(out_dtype)
+        lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
+        return xla_matmul(x, from_lanes(w.fmt, w.shape, lanes), compute_dtype, out_dtype)
+
+    def concat(self, ws: list[LanesWeight]) -> LanesWeight | None:
+        if len({(w.fmt, w.shape[1]) for w in ws}) != 1 or any(w.layer is not None or w.axes for w in ws):
+            return None
+        n = sum(w.shape[0] for w in ws)
+
+        def join(*planes):  # the parts' real rows side by side, then one padding at the end
+            a = jnp.concatenate([p[..., : w.shape[0]] for p, w in zip(planes, ws)], axis=-1)
+            return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, -n % ROW_ALIGN)])
+
+        lanes = {name: join(*(w.lanes[name] for w in ws)) for name in ws[0].lanes}
+        return LanesWeight(lanes, ws[0].fmt, (n, ws[0].shape[1]))
+
+    def stacked(self, w: LanesWeight) -> tuple[LanesWeight, Any]:
+        return dataclasses.replace(w, lanes={}), w.lanes
+
+    def unstack(self, sliced: LanesWeight, whole: Any, index: jax.Array) -> LanesWeight:
+        return dataclasses.replace(sliced, lanes=whole, layer=index)
+
+    def place(self, w: LanesWeight, spec: PartitionSpec, mesh, what: str) -> LanesWeight:
+        """Rows split over spec[-2], each shard's rows padded to whole 128-row tiles of their own (the
+        lanes' last axis becomes shards x padded rows), K over spec[-1] in whole units."""
+        lead, rows, cols = tuple(spec)[:-2], spec[-2], spec[-1]
+        n = w.shape[0]
+        units = w.shape[1] // LAYOUTS[w.fmt].unit
+        lanes = w.lanes
+        if rows is not None:
+            shards = mesh.shape[rows]
+            if n % shards:
+                raise ShardingError(f"{what}: {n} rows cannot be split over {rows}={shards}")
+            local = n // shards
+            pad = -local % ROW_ALIGN
+
+            def per_shard(a):
+                a = a[..., :n].reshape(*a.shape[:-1], shards, local)
+                a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+                return a.reshape(*a.shape[:-2], shards * (local + pad))
+
+            lanes = {k: per_shard(a) for k, a in lanes.items()}
+        if cols is not None and units % mesh.shape[cols]:
+            raise ShardingError(f"{what}: {units} units of {w.fmt} along K cannot be split over "
+                                f"{cols}={mesh.shape[cols]}")
+
+        def put(a):
+            a_spec = PartitionSpec(*lead, cols, *([None] * (a.ndim - len(lead) - 2)), rows)
+            return jax.device_put(a, NamedSharding(mesh, a_spec))
+
+        axes = (rows, cols) if rows or cols else None
+        return dataclasses.replace(w, lanes={k: put(a) for k, a in lanes.items()}, axes=axes)
+
+    def _per_shard(self, x, w: LanesWeight, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
+        """The kernel per shard inside shard_map (XLA cannot partition a kernel): rows split, each device
+        computes its slice of the outputs; K split, partial products summed with one psum."""
+        mesh = jax.sharding.get_abstract_mesh()
+        rows_axis, cols_axis = w.axes
+        missing = [a for a in w.axes if a is not None and a not in mesh.axis_names]
+        if missing:
+            raise ShardingError(f"qmatmul: {w} is split over mesh axes {missing}, which the mesh in context "
+                                f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
+        n_local = w.shape[0] // (mesh.shape[rows_axis] if rows_axis else 1)
+        k_local = w.shape[1] // (mesh.shape[cols_axis] if cols_axis else 1)
+
+        def local(x, lanes):
+            part = LanesWeight(lanes, w.fmt, (n_local, k_local), w.layer)
+            y = self.matmul(x, part, compute_dtype=compute_dtype, out_dtype=jnp.float32 if cols_axis else out_dtype,
+                            interpret=interpret)
+            return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
+
+        def lane_spec(a):  # [L?, units, P?, rows]
+            stacked = w.layer is not None
+            has_p = a.ndim - stacked == 3
+            return PartitionSpec(*([None] if stacked else []), cols_axis, *([None] if has_p else []), rows_axis)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(None, cols_axis),
+                                                         {k: lane_spec(a) for k, a in w.lanes.items()}),
+                             out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
+                             check_vma=False)(x, w.lanes)
+
+    def describe(self, w: LanesWeight | None = None) -> str:
+        mode = " (interpret mode)" if jax.default_backend() == "cpu" else ""
+        return f"triton decode GEMV{mode} (1-{DECODE_ROWS} rows, 16-bit compute), xla (more)"
 
 
 TRITON = Triton()

@@ -1,0 +1,336 @@
+"""The shape of each GPU decode kernel, without a GPU: what it compiles to, at an 8B llama's layer shapes.
+
+For every format and rows of x it lowers the linear layer's GPU backends for an abstract H100 (the whole
+path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` calls them) and reports:
+
+- Triton (`triton` backend, `pallas_kernels.decode`): the Triton IR compiled to a cubin by pip's `triton`
+  (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers, spills) and
+  `cuobjdump -sass`: machine instructions per weight element in the K loop (or, where a program makes one
+  step and the loop is unrolled away, in the whole program), 128-bit loads, barriers, shuffles and
+  shared-memory traffic; the programs in the grid against the 132 SMs.
+- Mosaic GPU (`mosaic_gpu` backend, the prefill GEMM; decode is Triton's): its PTX is made only on the
+  device, so the lowered MLIR operations per K step (the ops in the pipeline's loop body) at 512 rows,
+  against the committed baseline (`kernel_report_baseline.json`, `--write-baseline`), which may only go
+  down; the programs in the grid.
+- Both: from `jax.make_jaxpr` of the backend's matmul, any array of at least a weight's size made per call
+  outside the kernels (a transpose, a pad or a copy of the weight).
+
+    python scripts/kernel_report.py [--formats Q4_K,Q6_K] [--rows 1,4,16] [--json out.json] [--markdown out.md]
+                                    [--write-baseline]
+
+At full issue an H200 executes about 5 instructions per weight element while streaming Q4_K at 3.7 TB/s
+(FACTS.md); a decode GEMV at the bandwidth limit needs about 1-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the triton the GPU machine has
+
+from realm_jax import linear  # noqa: E402
+from realm_jax.precision import Policy  # noqa: E402
+from realm_jax.quant import QTensor, get_format  # noqa: E402
+
+SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # q/o, k/v, gate/up, down of an 8B llama
+ROWS = (1, 4, 16)
+PREFILL_ROWS = 512  # the Mosaic GPU GEMM's rows in the report
+BASELINE = ROOT / "scripts" / "kernel_report_baseline.json"  # Mosaic GPU MLIR ops per K step: only goes down
+SMS = 132
+H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=SMS,
+                                                                 platform="gpu"))
+BF16 = jnp.dtype(jnp.bfloat16)
+_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def abstract_weight(backend: str, fmt: str, n: int, k: int):
+    """The backend's prepared weight for an (n, k) weight of `fmt`, as shapes only."""
+    f = get_format(fmt)
+    planes = {p.name: jax.ShapeDtypeStruct((n, k // f.block_size * p.count), p.dtype) for p in f.planes}
+    return jax.eval_shape(lambda qt: linear.BACKENDS[backend].prepare(qt, Policy.of("bf16")),
+                          QTensor(fmt, (n, k), planes))
+
+
+def _matmul(backend: str):
+    be = linear.BACKENDS[backend]
+    return lambda x, w: be.matmul(x, w, compute_dtype=BF16, out_dtype=BF16, interpret=False)
+
+
+def weight_copies(backend: str, fmt: str, m: int, n: int, k: int) -> list[str]:
+    """Equations outside the kernels whose result holds at least as many bytes as the weight's largest
+    plane: a per-call copy of the weight (e.g. a transpose to another layout)."""
+    w = abstract_weight(backend, fmt, n, k)
+    biggest = max(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(w))
+    jaxpr = jax.make_jaxpr(_matmul(backend))(jax.ShapeDtypeStruct((m, k), BF16), w)
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            if eqn.primitive.name == "pallas_call":
+                continue
+            for v in eqn.outvars:
+                aval = v.aval
+                if hasattr(aval, "shape") and aval.size * aval.dtype.itemsize >= biggest:
+                    found.append(f"{eqn.primitive.name} -> {aval.dtype}{list(aval.shape)}")
+            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+                walk(sub)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", None)
+                if inner is not None and hasattr(inner, "eqns"):
+                    walk(inner)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+# --- Triton: Triton IR -> cubin -> SASS ----------------------------------------------------------------
+def capture_triton(fn, *args) -> list[dict]:
+    """The Triton modules `fn(*args)` lowers to for an abstract H100: [{ttir, grid, num_warps, num_stages}]."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    got, orig = [], reg.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*a, **kw):
+        result = orig(*a, **kw)
+        got.append((result.module.operation.get_asm(), tuple(result.grid)))
+        return result
+
+    reg.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with use_abstract_mesh(H100):
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    warps = [int(v) for v in re.findall(r"num_warps = (\d+) : i32", text)]
+    stages = [int(v) for v in re.findall(r"num_stages = (\d+) : i32", text)]
+    return [{"ttir": ttir, "grid": grid, "num_warps": w, "num_stages": s}
+            for (ttir, grid), w, s in zip(got, warps, stages)]
+
+
+def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
+    """Registers, spills and SASS of a captured Triton module, compiled for sm_90 by pip's triton."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    src = workdir / "kernel.ttir"
+    src.write_text(kernel["ttir"])
+    start = time.perf_counter()
+    compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]})
+    seconds = time.perf_counter() - start
+    (workdir / "kernel.ptx").write_text(compiled.asm["ptx"])
+    (workdir / "kernel.cubin").write_bytes(compiled.asm["cubin"])
+    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
+    info = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(workdir / "kernel.ptx"), "-o", "/dev/null"],
+                          capture_output=True, text=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = [int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups()]
+    sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(workdir / "kernel.cubin")],
+                          capture_output=True, text=True).stdout
+    return {"registers": regs, "spill_bytes": sum(spills), "sass": sass, "compile_s": seconds}
+
+
+def sass_body(sass: str) -> tuple[str, list[str]]:
+    """The instructions one K step executes: the largest loop (a backward branch), or the whole program
+    where the loop was unrolled away (one step per program)."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _INS.findall(sass)]
+    loops = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+            if len(body) > 8:
+                loops.append(body)
+    if loops:
+        return "loop", max(loops, key=len)
+    return "program", [o for _, o, _ in ins]
+
+
+def _sass_cost(kernel: dict, workdir: pathlib.Path, weights_per_step: int, weights_per_program: int) -> dict:
+    compiled = compile_triton(kernel, workdir)
+    scope, body = sass_body(compiled["sass"])
+    threads = 32 * kernel["num_warps"]
+    ops = collections.Counter(op.split(".")[0] for op in body)
+    weights = weights_per_step if scope == "loop" else weights_per_program
+    return {"registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"], "scope": scope,
+            "compile_s": compiled["compile_s"],
+            "per_weight": len(body) * threads / weights, "ops": ops,
+            "ldg128": sum(op.startswith("LDG.E.128") for op in body) * threads / weights}
+
+
+def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The Triton decode kernel as the backend runs it (its grid, registers, spills, and the instructions per
+    weight of a whole program, prologue and epilogue included), and the instructions per weight of its K
+    loop, from the same kernel tiled with fewer K splits (so that a program makes several steps)."""
+    from pallas_kernels import decode
+    from pallas_kernels.decode_layout import LAYOUTS, quantize_x
+
+    lay = LAYOUTS[fmt]
+    units = k // lay.unit
+    w = abstract_weight("triton", fmt, n, k)
+    (kernel,) = capture_triton(_matmul("triton"), jax.ShapeDtypeStruct((m, k), BF16), w)
+    t = decode.tiling_for(fmt, m, n, k)
+    per_unit = t.rows * lay.unit // t.parts
+    program = _sass_cost(kernel, workdir, per_unit * t.units, per_unit * units // t.splits)
+    # ~4 steps a program (the K splits a unit count divides into), or all the units in one program
+    fewer = [d for d in decode._pow2_divisors(units // t.units) if d <= t.splits // 4]
+    looped = dataclasses.replace(t, splits=max(fewer, default=1))
+    x = jax.ShapeDtypeStruct((m, k), BF16)
+    (loop_kernel,) = capture_triton(
+        lambda x, w: decode.gemv(*quantize_x(x, fmt), w.lanes, fmt=fmt, tiling=looped), x, w)
+    loop = _sass_cost(loop_kernel, workdir, per_unit * t.units, per_unit * units // looped.splits)
+    grid = kernel["grid"]
+    programs = grid[0] * grid[1] * (grid[2] if len(grid) > 2 else 1)
+    chunks = programs // (n // t.rows * t.splits * t.parts)  # each chunk of rows of x reads the weight again
+    return {
+        "kernel": "triton", "format": fmt, "m": m, "n": n, "k": k, "programs": programs,
+        "registers": program["registers"], "spill_bytes": program["spill_bytes"],
+        "compile_s": round(program["compile_s"], 2),  # TTIR to cubin here (the device's own compile differs)
+        "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
+        # the cost of all M rows: every chunk of rows of x is a program of its own
+        "instructions_per_weight": round(loop["per_weight"] * chunks, 3) if loop["scope"] == "loop" else None,
+        "program_instructions_per_weight": round(program["per_weight"] * chunks, 3),
+        "rows_per_program": min(1 << max(m - 1, 0).bit_length(), decode.chunk_rows(fmt)),
+        "ldg128_per_weight": round(loop["ldg128"], 4),
+        "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
+        "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
+        "weight_copies": weight_copies("triton", fmt, m, n, k),
+    }
+
+
+# --- Mosaic GPU: MLIR operations per K step -------------------------------------------------------------
+def capture_mosaic(fn, *args) -> list[str]:
+    from jax._src.pallas.mosaic_gpu import lowering
+
+    got, orig = [], lowering.lower_jaxpr_to_module
+
+    def capture(*a, **kw):
+        result = orig(*a, **kw)
+        got.append(str(result.module))
+        return result
+
+    lowering.lower_jaxpr_to_module = capture
+    try:
+        with use_abstract_mesh(H100):
+            jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_module = orig
+    return got
+
+
+def _loop_bodies(mlir: str) -> list[int]:
+    """The op count of every scf.for body in a module's text (nested bodies counted in their parent)."""
+    counts, stack = [], []
+    for line in mlir.splitlines():
+        s = line.strip()
+        if stack and re.match(r"^(%[\w#:, ]+ = )?[\w.]+[ (<{\"]", s) and not s.startswith("}"):
+            stack[-1] += 1
+        if re.search(r"\bscf\.for\b", s) and s.endswith("{"):
+            stack.append(0)
+        elif s.startswith("}") and stack and re.match(r"^\}(\s|$)", s):
+            counts.append(stack.pop())
+    return counts
+
+
+def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
+    """The Mosaic GPU prefill GEMM (the `mosaic_gpu` backend past the decode rows): MLIR ops per K step."""
+    from pallas_kernels.mosaic_gpu import tiling_for
+
+    w = abstract_weight("mosaic_gpu", fmt, n, k)
+    modules = capture_mosaic(_matmul("mosaic_gpu"), jax.ShapeDtypeStruct((m, k), BF16), w)
+    t = tiling_for(fmt, m, n, k)
+    bodies = [c for mod in modules for c in _loop_bodies(mod)]
+    per_step = max(bodies) if bodies else 0
+    return {"kernel": "mosaic_gpu", "format": fmt, "m": m, "n": n, "k": k,
+            "programs": -(-n // t.block_n) * -(-m // t.block_m),
+            "mlir_ops_per_k_step": per_step, "mlir_ops_per_weight": round(per_step / (t.block_n * t.block_k), 4),
+            "weight_copies": weight_copies("mosaic_gpu", fmt, m, n, k)}
+
+
+def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
+    """The Triton decode GEMV for every format, rows of x and shape; the Mosaic GPU GEMM at PREFILL_ROWS
+    rows and the first shape."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in formats:
+            for m in rows:
+                for n, k in shapes:
+                    if linear.choose(fmt, (n, k), "triton").backend == "triton":
+                        out.append(triton_row(fmt, m, n, k, pathlib.Path(tmp)))
+                print(f"  {fmt} M={m} done", file=sys.stderr, flush=True)
+            if mosaic and linear.choose(fmt, shapes[0], "mosaic_gpu").backend == "mosaic_gpu":
+                out.append(mosaic_row(fmt, PREFILL_ROWS, *shapes[0]))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| kernel | format | M | N x K | programs | regs | spill B | instr / weight: K loop (program) | "
+             "LDG.128 / weight | bar / shfl / smem | compile s | MLIR ops / K step | weight copies per call |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        copies = "; ".join(r["weight_copies"]) or "none"
+        if r["kernel"] == "triton":
+            lines.append(f"| triton | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | "
+                         f"{r['registers']} | {r['spill_bytes']} | {r['instructions_per_weight']} "
+                         f"({r['program_instructions_per_weight']}) | {r['ldg128_per_weight']} | {r['barriers']} / "
+                         f"{r['shuffles']} / {r['shared']} | {r['compile_s']} | - | {copies} |")
+        else:
+            lines.append(f"| mosaic_gpu | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | - | - | - | "
+                         f"- | - | - | {r['mlir_ops_per_k_step']} | {copies} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from pallas_kernels.decode_layout import LAYOUTS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", default=",".join(LAYOUTS))
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows of x (M), comma-separated")
+    ap.add_argument("--json", type=pathlib.Path)
+    ap.add_argument("--markdown", type=pathlib.Path)
+    ap.add_argument("--write-baseline", action="store_true", help=f"record the Mosaic GPU ops in {BASELINE.name}")
+    args = ap.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        ap.error("needs pip's triton (no GPU needed): pip install triton==3.9.0")
+    rows = report([f for f in args.formats.split(",") if f], [int(v) for v in args.rows.split(",")])
+    table = markdown(rows)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.markdown:
+        args.markdown.write_text(table)
+    mosaic = {f"{r['format']} {r['m']}x{r['n']}x{r['k']}": r["mlir_ops_per_k_step"] for r in rows
+              if r["kernel"] == "mosaic_gpu"}
+    if args.write_baseline:
+        old = json.loads(BASELINE.read_text()) if BASELINE.exists() else {}
+        BASELINE.write_text(json.dumps(old | mosaic, indent=1, sort_keys=True) + "\n")
+    elif BASELINE.exists():
+        base = json.loads(BASELINE.read_text())
+        worse = {key: (ops, base[key]) for key, ops in mosaic.items() if key in base and ops > base[key]}
+        if worse:
+            print(f"Mosaic GPU MLIR ops per K step above the baseline: {worse}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

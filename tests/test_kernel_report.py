@@ -1,0 +1,51 @@
+"""scripts/kernel_report.py's checks of the GPU kernels' shape, without a GPU: every decode GEMV's grid
+fills an H100/H200 and its wrapper copies no weight (from the lowering alone); the Triton GEMV's K loop
+compiles to at most 2 instructions a weight with no spills (needs pip's triton, the `kernel-report`
+extra); the Mosaic GPU GEMM's MLIR ops per K step stay at or below the committed baseline."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from pallas_kernels.decode_layout import LAYOUTS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("kernel_report", ROOT / "scripts" / "kernel_report.py")
+kernel_report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_report)
+
+# Each format once, the 8B shapes in turn (one lowering each, ~1 s); two formats at 16 rows of x.
+CASES = [(fmt, 1, kernel_report.SHAPES[i % len(kernel_report.SHAPES)]) for i, fmt in enumerate(sorted(LAYOUTS))]
+CASES += [("Q4_K", 16, (1024, 4096)), ("Q6_K", 16, (14336, 4096))]
+
+
+@pytest.mark.parametrize("fmt,m,shape", CASES, ids=[f"{f}-m{m}-{n}x{k}" for f, m, (n, k) in CASES])
+def test_decode_grid_fills_the_gpu_and_copies_no_weight(fmt, m, shape):
+    import jax
+
+    n, k = shape
+    w = kernel_report.abstract_weight("triton", fmt, n, k)
+    (kernel,) = kernel_report.capture_triton(kernel_report._matmul("triton"),
+                                             jax.ShapeDtypeStruct((m, k), kernel_report.BF16), w)
+    programs = kernel["grid"][0] * kernel["grid"][1] * kernel["grid"][2]
+    assert programs >= 2 * kernel_report.SMS, (fmt, m, shape, kernel["grid"])
+    assert kernel_report.weight_copies("triton", fmt, m, n, k) == []
+
+
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_decode_loop_instructions_and_spills(fmt, tmp_path):
+    pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
+    row = kernel_report.triton_row(fmt, 1, 4096, 4096, tmp_path)
+    assert row["instructions_per_weight"] is not None and row["instructions_per_weight"] <= 2.0, row
+    assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
+
+
+def test_mosaic_gemm_ops_per_k_step_do_not_grow():
+    base = json.loads(kernel_report.BASELINE.read_text())
+    row = kernel_report.mosaic_row("Q4_K", kernel_report.PREFILL_ROWS, 4096, 4096)
+    key = f"Q4_K {row['m']}x{row['n']}x{row['k']}"
+    assert row["mlir_ops_per_k_step"] > 0 and row["mlir_ops_per_k_step"] <= base[key], (row, base[key])
