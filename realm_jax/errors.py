@@ -22,6 +22,7 @@ __all__ = [
     "DuplicateTensorError",
     "MisalignedTensorError",
     "ResourceLimitError",
+    "FileChangedError",
     "UnsupportedFormatError",
     "QTensorError",
     "ShapeMismatchError",
@@ -33,6 +34,11 @@ __all__ = [
     "ContextLengthError",
     "SamplingError",
     "ChatTemplateError",
+    "TemplateBudgetError",
+    "TextInputError",
+    "NonFiniteLogitsError",
+    "ArgumentError",
+    "MemoryBudgetError",
     "TokenIdError",
     "MeshError",
     "ShardingError",
@@ -100,7 +106,12 @@ class MisalignedTensorError(GGUFError):
 
 
 class ResourceLimitError(GGUFError):
-    """A count or size in the header is too large to honour (it would exhaust memory)."""
+    """A count or size in the header (or a token of the vocabulary) is too large to honour: it would exceed
+    what the file can hold or the reader's memory budget, or no real vocabulary has one so large."""
+
+
+class FileChangedError(GGUFError):
+    """The file was truncated, rewritten or replaced after it was opened (found before its tensors are read)."""
 
 
 # --- quantized tensors and ops ----------------------------------------------------------------
@@ -151,8 +162,32 @@ class ChatTemplateError(RealmError):
     """The file's chat template rejected the messages (its raise_exception), e.g. roles out of order."""
 
 
+class TemplateBudgetError(MetadataError):
+    """A chat template exceeded its budget while rendering: output size, memory (any intermediate string or
+    list) or wall-clock time. The message names the template's source and the limit."""
+
+
+class TextInputError(RealmError, ValueError):
+    """Text from outside (a prompt, a message, a stop string, a command-line argument, a line of input) is
+    not a valid Unicode string (a lone surrogate, an undecodable byte) or is longer than anything that fits."""
+
+
+class NonFiniteLogitsError(RealmError):
+    """The model produced NaN or infinite logits during generation; the message names the step and the row."""
+
+
 class TokenIdError(RealmError, IndexError):
     """A token id outside the vocabulary (or not an int)."""
+
+
+# --- the command line and the machine ---------------------------------------------------------
+class ArgumentError(RealmError, ValueError):
+    """A command-line option (or API argument) is empty, out of range or contradicts another; it is named."""
+
+
+class MemoryBudgetError(RealmError):
+    """What was asked for (a batch, a prompt length, processes) needs more memory than the machine has; found
+    before anything is allocated. The message gives both figures."""
 
 
 # --- distributed ------------------------------------------------------------------------------

@@ -1,0 +1,72 @@
+"""Text from outside, checked once where it enters: the Python API, the command line, chat input and, later,
+the server all call `check_text` (and `check_messages` for chat messages) before anything else sees it.
+
+Only valid Unicode strings pass. Python hands undecodable bytes through as lone surrogates (argv and
+`surrogateescape` streams turn the byte 0xff into U+DCFF); the tokenizer and every encoder after it would
+fail on them deep inside, so they end here in a `TextInputError` that names the argument and the position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from realm_jax.errors import ChatTemplateError, TextInputError
+
+__all__ = ["check_messages", "check_text", "decode_line"]
+
+
+def check_text(value: Any, what: str, *, max_chars: int | None = None) -> str:
+    """`value` if it is a str of valid Unicode text of at most `max_chars` characters.
+
+    Args:
+      value: the text.
+      what: what error messages call it ("prompt", "--stop", "stdin line 3").
+      max_chars: the most characters that can be of use (None: no bound).
+
+    Raises:
+      TextInputError: not a str, a lone surrogate (an undecodable byte), or too long.
+    """
+    if not isinstance(value, str):
+        raise TextInputError(f"{what} must be a str, got {type(value).__name__}")
+    if max_chars is not None and len(value) > max_chars:
+        raise TextInputError(f"{what} has {len(value)} characters, more than the {max_chars} that can be used")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            code = ord(value[e.start])
+            if 0xDC80 <= code <= 0xDCFF:  # how surrogateescape carries an undecodable byte
+                cause = f"the byte {code - 0xDC00:#04x}, which is not UTF-8,"
+            else:
+                cause = f"a lone surrogate U+{code:04X}"
+            raise TextInputError(f"{what} is not valid Unicode text: it holds {cause} at character "
+                                 f"{e.start}") from None
+    return value
+
+
+def check_messages(messages: Any, what: str = "messages") -> list[dict[str, str]]:
+    """Chat messages as plain dicts, each role and content checked by `check_text`.
+
+    Raises:
+      ChatTemplateError: `messages` is not a list of {"role": str, "content": str} mappings.
+      TextInputError: a role or content is not valid Unicode text.
+    """
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ChatTemplateError(f'{what} must be a list of {{"role": str, "content": str}} dicts, got '
+                                f"{messages!r:.80}")
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        for key in ("role", "content"):
+            check_text(m[key], f"{what}[{i}][{key!r}]")
+        out.append(m)
+    return out
+
+
+def decode_line(raw: bytes, what: str, *, max_chars: int | None = None) -> str:
+    """One line of input bytes (chat stdin) as checked text: UTF-8, else a `TextInputError` naming the byte."""
+    return check_text(raw.decode("utf-8", errors="surrogateescape"), what, max_chars=max_chars)
