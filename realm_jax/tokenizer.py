@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import ChatTemplateError, MetadataError, TokenIdError
+from realm_jax.errors import ChatTemplateError, MetadataError, ResourceLimitError, TokenIdError
 
 __all__ = ["Tokenizer"]
 
@@ -60,6 +60,13 @@ _ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL  # rendered only when special pieces
 _ATTR_SPLIT = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN  # split out of the text before the BPE
 
 _SPACE = "\u2581"  # SentencePiece's visible space
+
+# Bounds no real vocabulary comes near (gemma3 has 262,144 tokens; the longest tokens of the tested models
+# have 31 and 81 characters: runs of newlines, tabs, '#'), so a hostile file cannot make the tokenizer's
+# tables (~1 KB a token while they are built) or the time to build them grow without end.
+MAX_VOCAB = 1 << 19
+MAX_TOKEN_CHARS = 1024
+MAX_MERGES = 1 << 20  # BPE merges, the file's or a SentencePiece vocabulary's splits (gemma3: 514,847)
 
 # --- pre-tokenizers of gpt2-style vocabularies (llama_vocab::impl::load and llm_tokenizer_bpe) -----------
 # llama.cpp's own spellings of the regexes; its custom matchers for the GPT-2 and Llama-3 patterns include
@@ -448,11 +455,19 @@ def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
     n = len(texts)
     if n == 0:
         raise MetadataError(f"{source}: tokenizer.ggml.tokens is empty")
+    if n > MAX_VOCAB:
+        raise ResourceLimitError(f"{source}: tokenizer.ggml.tokens has {n} tokens, more than the {MAX_VOCAB} "
+                                 "realm-jax builds a tokenizer for (real vocabularies have at most 262,144)")
     texts = list(texts)
     ids_of: dict[str, int] = {}
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise MetadataError(f"{source}: tokenizer.ggml.tokens[{i}] is a {type(t).__name__}, not a string")
+        if len(t) > MAX_TOKEN_CHARS:
+            raise ResourceLimitError(
+                f"{source}: tokenizer.ggml.tokens[{i}] ({t[:16]!r}...) has {len(t)} characters, more than the "
+                f"{MAX_TOKEN_CHARS} realm-jax accepts (no real vocabulary has tokens near that long)"
+            )
         if not t:
             t = texts[i] = f"[EMPTY_{i}]"  # llama.cpp's name for an empty token
         if ids_of.setdefault(t, i) != i:
@@ -510,6 +525,9 @@ def _is_byte_token(t: str) -> bool:
 
 def _parse_merges(raw: list, ids_of: Mapping[str, int], source: str) -> list[tuple[str, str]]:
     """The file's merges as pairs in rank order; a repeated pair keeps its first rank, as in llama.cpp."""
+    if len(raw) > MAX_MERGES:
+        raise ResourceLimitError(f"{source}: tokenizer.ggml.merges has {len(raw)} merges, more than the "
+                                 f"{MAX_MERGES} realm-jax builds a tokenizer from")
     seen: set[tuple[str, str]] = set()
     merges = []
     for i, m in enumerate(raw):
@@ -670,20 +688,60 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
     two splits of one token rank by the length of the left part. No such tie changed a result on the real
     vocabularies (tens of thousands of random texts compared with llama.cpp, runs of repeated pieces
     included).
+
+    The splits are found in time linear in the vocabulary's characters (after sorting it): a token splits
+    at k when its prefix of length k and its suffix of the rest are both tokens, and `_affix_parents` chains
+    each token to the tokens that are its prefixes (and, on the reversed texts, its suffixes). Slicing every
+    token at every k instead costs the square of its length: minutes for one hostile 1 MiB token.
     """
-    ids_of = {t: i for i, t in enumerate(vocab.texts)}
+    texts = vocab.texts
+    lengths = [len(t) for t in texts]
+    prefix = _affix_parents(texts)
+    suffix = _affix_parents([t[::-1] for t in texts])
     left, right, result = [], [], []
-    for t, i in ids_of.items():
-        for k in range(1, len(t)):
-            a, b = t[:k], t[k:]
-            if a in ids_of and b in ids_of:
+    for i, (p, j) in enumerate(zip(prefix, suffix)):
+        if p < 0 or j < 0:
+            continue
+        starts = {}  # length -> id of the token that is this token's prefix of that length
+        while p >= 0:
+            starts[lengths[p]] = p
+            p = prefix[p]
+        n = lengths[i]
+        while j >= 0:
+            a = starts.get(n - lengths[j])
+            if a is not None:
                 left.append(a)
-                right.append(b)
+                right.append(j)
                 result.append(i)
+            j = suffix[j]
+        if len(result) > MAX_MERGES:
+            raise ResourceLimitError(
+                f"{vocab.source}: the tokens of tokenizer.ggml.tokens split into more than {MAX_MERGES} pairs of "
+                f"tokens (at token {i}, {texts[i][:16]!r}...), the merges realm-jax builds a tokenizer from"
+            )
     result_ids = np.asarray(result, np.int64)
-    left_len = np.fromiter((len(a) for a in left), np.int64, len(left))
+    left_len = np.asarray(lengths, np.int64)[np.asarray(left, np.int64)]
     order = np.lexsort((left_len, result_ids, -vocab.scores[result_ids].astype(np.float64)))
-    return [(left[j], right[j]) for j in order.tolist()]
+    return [(texts[left[j]], texts[right[j]]) for j in order.tolist()]
+
+
+def _affix_parents(texts: Sequence[str]) -> list[int]:
+    """For each text, the id of the longest other text that is a prefix of it (-1: none).
+
+    In sorted order the texts that start with p follow p in one run, so a stack of the texts that are
+    prefixes of the one before holds exactly the prefixes of the next once those that are not are popped.
+    Each text is pushed and popped once: linear in the characters compared.
+    """
+    parent = [-1] * len(texts)
+    stack: list[int] = []
+    for i in sorted(range(len(texts)), key=texts.__getitem__):
+        t = texts[i]
+        while stack and not t.startswith(texts[stack[-1]]):
+            stack.pop()
+        if stack:
+            parent[i] = stack[-1]
+        stack.append(i)
+    return parent
 
 
 def _build_hf_tokenizer(vocab: _Vocab):

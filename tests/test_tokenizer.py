@@ -14,6 +14,7 @@ import json
 import pathlib
 import random
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -311,6 +312,54 @@ def test_bad_spm_metadata_names_the_key():
     small["tokenizer.ggml.tokens"] = small["tokenizer.ggml.tokens"][:11]
     with pytest.raises(MetadataError, match=r"tokenizer\.ggml\.add_bos_token"):
         Tokenizer.from_metadata(small)
+
+
+def _splits_by_slicing(texts: list[str]) -> set[tuple[str, str]]:
+    """Every split of every token into two tokens, by the definition (quadratic in a token's length)."""
+    vocab = set(texts)
+    return {(t[:k], t[k:]) for t in texts for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab}
+
+
+def test_spm_splits_are_found_in_linear_time():
+    """The splits of nested runs (a, aa, aaa, ...), shared prefixes and suffixes are those of the definition,
+    in the scores' order; a 1 MiB token (the length bound aside) takes well under the minutes slicing took."""
+    from realm_jax.tokenizer import _load_vocab, _spm_merges
+
+    rng = random.Random(4)
+    extra = ["a" * k for k in range(1, 40)] + ["".join(rng.choice("abc▁") for _ in range(rng.randrange(1, 9)))
+                                                  for _ in range(400)]
+    md = tiny_spm()
+    tokens = list(dict.fromkeys(md["tokenizer.ggml.tokens"] + extra))
+    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": np.array([2, 3, 3] + [6] * 256 +
+               [1] * (len(tokens) - 259), np.int32), "tokenizer.ggml.scores": -np.arange(len(tokens), dtype=np.float32)})
+    vocab = _load_vocab(md, "t.gguf")
+    merges = _spm_merges(vocab)
+    assert set(merges) == _splits_by_slicing(vocab.texts) and len(merges) == len(set(merges))
+    ids = {t: i for i, t in enumerate(vocab.texts)}
+    assert [ids[a + b] for a, b in merges] == sorted((ids[a + b] for a, b in merges))  # scores fall with the id
+
+    half = "ab" * (1 << 18)  # 512 KiB: the 1 MiB token splits into two of it
+    vocab.texts += [half, half + half]
+    vocab.scores = np.append(vocab.scores, np.float32([1, 2]))
+    start = time.perf_counter()
+    merges = _spm_merges(vocab)
+    assert time.perf_counter() - start < 5
+    assert merges[0] == (half, half) and len(merges) == len(set(merges))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda tokens: tokens.append("x" * (1 << 20)), r"tokenizer\.ggml\.tokens\[259\].*1048576 characters"),
+    (lambda tokens: tokens.extend(f"t{i}" for i in range(1 << 19)), r"tokenizer\.ggml\.tokens has 524547 tokens"),
+])
+def test_vocabularies_past_the_bounds_are_refused_at_once(change, match):
+    from realm_jax.errors import ResourceLimitError
+
+    md = tiny_gpt2()
+    change(md["tokenizer.ggml.tokens"])
+    start = time.perf_counter()
+    with pytest.raises(ResourceLimitError, match=match) as info:
+        Tokenizer.from_metadata(md, source="big.gguf")
+    assert "big.gguf" in str(info.value) and time.perf_counter() - start < 2
 
 
 def test_from_gguf_names_a_missing_file(tmp_path):
