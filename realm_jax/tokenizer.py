@@ -24,8 +24,6 @@ llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced her
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import ChatTemplateError, MetadataError, ResourceLimitError, TokenIdError
+from realm_jax.chat_template import DEFAULT_BUDGET, TemplateBudget, render
+from realm_jax.errors import MetadataError, ResourceLimitError, TokenIdError
+from realm_jax.inputs import check_messages, check_text
 
 __all__ = ["Tokenizer"]
 
@@ -188,8 +188,9 @@ class Tokenizer:
 
     Build it with `from_gguf` or `from_metadata`. Attributes: ``bos_id`` / ``eos_id`` (None when the file
     has none), ``stop_ids`` (alias ``eot_ids``: every end-of-generation token, as llama.cpp's
-    ``llama_vocab_is_eog`` reports), ``vocab_size``, ``add_bos`` / ``add_eos`` (what the file asks for) and
-    ``chat_template`` (the file's Jinja template, or None).
+    ``llama_vocab_is_eog`` reports), ``vocab_size``, ``add_bos`` / ``add_eos`` (what the file asks for),
+    ``max_token_chars`` (the longest token's characters) and ``chat_template`` (the file's Jinja template, or
+    None).
     """
 
     def __init__(self, vocab: _Vocab, chat_template: str | None):
@@ -207,9 +208,9 @@ class Tokenizer:
         self.add_eos = vocab.add_eos
         self.chat_template = chat_template
         self._pieces = [_piece(vocab, i) for i in range(self.vocab_size)]
+        self.max_token_chars = max(map(len, vocab.texts))
         self._hf = _build_hf_tokenizer(vocab)
         self._hf_lock = threading.Lock()  # encode_special_tokens is state on the shared HF object
-        self._template = None
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -262,9 +263,14 @@ class Tokenizer:
 
         Returns:
           The ids.
+
+        Raises:
+          TextInputError: `text` is not a str of valid Unicode text (a lone surrogate, for instance).
         """
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._encode(check_text(text, "text"), add_bos, parse_special)
+
+    def _encode(self, text: str, add_bos: bool | None, parse_special: bool) -> list[int]:
+        # `encode` for text checked already (Model.generate checks its prompts once, where they enter).
         ids: list[int] = []
         if add_bos or (add_bos is None and self.add_bos):
             if self.bos_id is None:
@@ -353,46 +359,51 @@ class Tokenizer:
 
     # --- chat templates -------------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        template: str | None = None, template_source: str = "the chat template",
+        budget: TemplateBudget = DEFAULT_BUDGET,
     ) -> str:
-        """Render the file's chat template (``tokenizer.chat_template``) for ``messages``.
+        """Render the file's chat template (``tokenizer.chat_template``), or `template`, for ``messages``.
 
-        The template comes from the file, so it runs in Jinja's immutable sandbox: no attribute starting
-        with an underscore, no mutation of the arguments, bounded ranges and string repetition.
+        The template is a program from the file (or the user): it renders in Jinja's immutable sandbox (no
+        attribute starting with an underscore, no mutation of the arguments), in a worker process, under
+        `budget` (output characters, memory, seconds: `realm_jax.chat_template`).
 
         Args:
           messages: ``[{"role": "user", "content": "..."}, ...]``.
           add_generation_prompt: end with the opening of the assistant's turn.
+          template: a Jinja chat template to use instead of the file's.
+          template_source: what error messages call `template` (e.g. the path it was read from).
+          budget: the render's limits.
 
         Returns:
           The prompt text; encode it with ``parse_special=True`` (its BOS, if any, is in the text).
 
         Raises:
-          MetadataError: the file has no chat template, or the template does not compile or breaks the
-            sandbox's rules.
+          MetadataError: the file has no chat template (and none is given), or the template does not
+            compile, breaks the sandbox's rules or fails; TemplateBudgetError (a subclass) when it is over
+            budget.
           ChatTemplateError: the messages are not a list of {"role": str, "content": str} dicts, or the
             template rejected them (its ``raise_exception``).
+          TextInputError: a role or content is not valid Unicode text, or all of it exceeds the budget.
         """
-        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence) or not all(
-            isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise ChatTemplateError(f'messages must be a list of {{"role": str, "content": str}} dicts, got {messages!r:.80}')
-        if self.chat_template is None:
+        messages = check_messages(messages)
+        if template is not None:
+            template, what = check_text(template, template_source), template_source
+        elif self.chat_template is None:
             raise MetadataError(
                 f"{self.source}: the file has no chat template (tokenizer.chat_template is absent); "
-                "format the prompt yourself"
+                "format the prompt yourself or give a template"
             )
-        if self._template is None:
-            self._template = _compile_template(self.chat_template, self.source)
-        return _render_template(
-            self._template,
-            self.source,
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
+        else:
+            template, what = self.chat_template, f"{self.source}: tokenizer.chat_template"
+        context = dict(
+            messages=messages,
+            add_generation_prompt=bool(add_generation_prompt),
             bos_token=self._texts[self.bos_id] if self.bos_id is not None else "",
             eos_token=self._texts[self.eos_id] if self.eos_id is not None else "",
         )
+        return render(template, what, context, budget)
 
     def __repr__(self) -> str:
         kind = self._vocab.model if self._vocab.pre is None else f"gpt2/{self._vocab.pre_name}"
@@ -783,85 +794,3 @@ def _build_hf_tokenizer(vocab: _Vocab):
     hf.add_special_tokens(added(_ATTR_SPECIAL))
     hf.add_tokens(added(ATTR_USER_DEFINED, exclude=_ATTR_SPECIAL))
     return hf
-
-
-# --- chat templates ---------------------------------------------------------------------------------------
-_MAX_REPEAT = 1 << 20  # the longest string or list a template may build with `*`
-
-
-class _TemplateRaised(Exception):
-    """The template called raise_exception (it rejects the messages)."""
-
-
-def _sandbox():
-    """Jinja's immutable sandbox set up as Hugging Face and llama.cpp render chat templates."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        # The stock sandbox bounds range() but not repetition: "x" * 10**12 would exhaust memory.
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "*":
-                for seq, k in ((left, right), (right, left)):
-                    if not (isinstance(seq, str | list | tuple) and isinstance(k, int)):
-                        continue
-                    if len(seq) * k > _MAX_REPEAT:
-                        raise SecurityError(f"repetition to {len(seq) * k} items exceeds {_MAX_REPEAT}")
-            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
-                raise SecurityError(f"exponent {right} is too large")
-            return super().call_binop(context, operator, left, right)
-
-        def unsafe_undefined(self, obj, attribute):
-            # The stock sandbox returns an Undefined that renders as "": refuse loudly instead.
-            raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__} is unsafe")
-
-    class GenerationTag(jinja2.ext.Extension):
-        # Hugging Face's {% generation %} marks assistant text for training masks; rendering ignores it.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            parser.stream.skip(1)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message: str) -> None:
-        raise _TemplateRaised(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.datetime.now().strftime(fmt)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    return env
-
-
-def _compile_template(source_text: str, source: str):
-    import jinja2
-
-    try:
-        return _sandbox().from_string(source_text)
-    except jinja2.TemplateError as e:
-        raise MetadataError(f"{source}: tokenizer.chat_template does not compile: {e}") from e
-
-
-def _render_template(template, source: str, **context) -> str:
-    import jinja2
-    from jinja2.exceptions import SecurityError
-
-    try:
-        return template.render(**context)
-    except SecurityError as e:
-        raise MetadataError(f"{source}: tokenizer.chat_template breaks the sandbox's rules: {e}") from e
-    except _TemplateRaised as e:
-        raise ChatTemplateError(f"{source}: the chat template rejects these messages: {e}") from e
-    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:
-        raise MetadataError(f"{source}: tokenizer.chat_template fails to render: {type(e).__name__}: {e}") from e

@@ -402,6 +402,44 @@ def test_template_errors():
         tok.apply_chat_template([{"role": "system", "content": "x"}])
 
 
+@pytest.mark.parametrize("template, error, match", [
+    ("{{ 'x' | center(3 * 10**9) }}", "TemplateBudgetError", "memory budget of 64 MiB"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "TemplateBudgetError", "memory budget"),
+    ("{% for i in range(200) %}{{ 'x' * 1000 }}{% endfor %}", "TemplateBudgetError", "output budget"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "TemplateBudgetError",
+     "time budget: still rendering after 0.5 s"),
+    ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "MetadataError", "does not compile: RecursionError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "MetadataError", "fails to render: RecursionError"),
+])
+def test_templates_render_under_a_budget(template, error, match):
+    """Over budget in output, memory or time, or too deep to compile: one error naming the file, and the
+    worker that renders templates serves the next one."""
+    from realm_jax import errors
+    from realm_jax.chat_template import TemplateBudget
+
+    tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.chat_template": template}), source="evil.gguf")
+    budget = TemplateBudget(max_chars=100_000, memory_bytes=64 << 20, seconds=0.5)
+    with pytest.raises(getattr(errors, error), match=match) as info:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], budget=budget)
+    assert str(info.value).startswith("evil.gguf: tokenizer.chat_template")
+    own = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], template=own, budget=budget) == "<hi>"
+
+
+def test_text_that_is_not_unicode_is_refused():
+    from realm_jax.errors import TextInputError
+
+    tok = Tokenizer.from_metadata(tiny_gpt2())
+    undecodable = b"caf\xe9".decode("utf-8", errors="surrogateescape")
+    with pytest.raises(TextInputError, match=r"text is not valid Unicode text: .*byte 0xe9.* at character 3"):
+        tok.encode(undecodable)
+    with pytest.raises(TextInputError, match="must be a str"):
+        tok.encode(b"bytes")
+    with pytest.raises(TextInputError, match=r"messages\[1\]\['content'\].*U\+D800"):
+        tok.apply_chat_template([{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}])
+
+
 def test_template_globals():
     template = "{{ bos_token }}|{{ eos_token }}|{{ messages | tojson }}|{{ strftime_now('%Y') | length }}|" \
         "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}" \
