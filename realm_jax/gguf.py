@@ -4,7 +4,12 @@ The header is parsed here rather than with gguf-py's ``GGUFReader``, which build
 vocabulary string and takes seconds on a 262k-token vocabulary; this parser opens the same file in a
 fraction of a second. Every field read from the file is checked before it is used, so a damaged or hostile
 file ends in one `realm_jax.errors.GGUFError` subclass per cause, never in a big allocation, a long loop or
-a stray ``struct.error``.
+a stray ``struct.error``. Counts and lengths are checked against what the file's bytes can hold and against
+a memory budget (`MEMORY_BUDGET`: what the parsed header may take as Python objects) before anything is
+allocated: a sparse file can claim gigabytes that take no room on disk. The file stays open while it is
+mapped, and `GGUFFile.tensor_bytes` checks that it is still the file that was parsed (same inode, size and
+modification time) before it hands out a view: touching the map of a file truncated since would kill the
+process with SIGBUS.
 
 Layout (GGUF v2 and v3, little-endian; v2 only lacks v3's big-endian variant):
 ``magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv | n_kv x (string key, u32 type, value)
@@ -27,6 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from realm_jax.errors import (
     DuplicateTensorError,
+    FileChangedError,
     MetadataError,
     MisalignedTensorError,
     MissingFileError,
@@ -41,7 +47,7 @@ from realm_jax.errors import (
     UnsupportedVersionError,
 )
 
-__all__ = ["GGML_TYPES", "GGUFFile", "TensorInfo", "open_gguf"]
+__all__ = ["GGML_TYPES", "MEMORY_BUDGET", "GGUFFile", "TensorInfo", "open_gguf"]
 
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
@@ -67,6 +73,16 @@ _VALUE_TYPE_NAMES = {
 _MIN_VALUE_SIZE = {t: d.itemsize for t, d in _SCALAR_DTYPES.items()} | {_STRING: 8, _ARRAY: 12}
 _MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, a one-byte value
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
+
+# What the parsed header may take in memory. gemma3's (a 262,144-token vocabulary) takes ~25 MB; a file that
+# claims more is refused before the allocation. The costs are CPython's, rounded up: a str object is ~50
+# bytes plus its characters, and a list slot 8; a metadata entry or tensor info adds a dict slot, a key or
+# name and the objects of its value.
+MEMORY_BUDGET = 512 << 20
+_STR_COST = 64
+_ARRAY_COST = 128
+_KV_COST = 256
+_TENSOR_INFO_COST = 512
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -101,6 +117,7 @@ class GGUFFile:
         metadata: dict[str, Any],
         tensors: dict[str, TensorInfo],
         mapping: mmap.mmap,
+        fd: int,
     ):
         self.path = path
         self.version = version
@@ -110,6 +127,8 @@ class GGUFFile:
         self.tensors = tensors
         self._mmap: mmap.mmap | None = mapping
         self._bytes: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8)
+        self._fd: int | None = fd
+        self._identity = _identity(os.fstat(fd))
 
     @property
     def architecture(self) -> str | None:
@@ -122,18 +141,44 @@ class GGUFFile:
             name: a key of `tensors`.
 
         Returns:
-            A read-only uint8 view of the mapped file, shape ``(nbytes,)``. It stays valid after `close`.
+            A read-only uint8 view of the mapped file, shape ``(nbytes,)``. It stays valid after `close`, as
+            long as the file is not truncated (which no mapping survives).
+
+        Raises:
+            FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
         if self._bytes is None:
             raise ValueError(f"{self.path}: the GGUF file is closed")
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
+        self._check_unchanged(f"tensor {name!r}")
         return self._bytes[info.offset : info.offset + info.nbytes]
+
+    def _check_unchanged(self, what: str) -> None:
+        # Before any page of the map is touched: reading a page past a truncated end raises SIGBUS.
+        now = _identity(os.fstat(self._fd))
+        try:
+            at_path = _identity(os.stat(self.path))[:2]
+        except OSError:
+            at_path = None
+        if now != self._identity or at_path != self._identity[:2]:
+            dev, ino, size, mtime = self._identity
+            if at_path != (dev, ino):
+                change = "replaced or removed (the path names another file now)"
+            elif now[2] != size:
+                change = f"truncated or extended ({size} bytes when opened, {now[2]} now)"
+            else:
+                change = "rewritten (its modification time changed)"
+            raise FileChangedError(f"{self.path}: the file was {change} after it was opened; {what} is not "
+                                   "read from it. Open it again.")
 
     def close(self) -> None:
         """Release the file mapping; views returned by `tensor_bytes` keep their pages alive until freed."""
         self._bytes = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
         if self._mmap is not None:
             mapping, self._mmap = self._mmap, None
             try:
@@ -176,23 +221,33 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     if not path.is_file():
         raise MissingFileError(f"{path}: not a regular file")
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise TruncatedFileError(f"{path}: the file is empty (0 bytes)")
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
+    mapping = None
     try:
-        parsed = _Parser(path, mapping, size).parse()
-    except BaseException:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise TruncatedFileError(f"{path}: the file is empty (0 bytes)")
         try:
-            mapping.close()
-        except BufferError:
-            # A frame in the traceback still holds a view; the map goes when the traceback does.
-            pass
+            mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
+        parsed = _Parser(path, mapping, size).parse()
+        return GGUFFile(path, *parsed, mapping=mapping, fd=fd)
+    except BaseException:
+        os.close(fd)
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                # A frame in the traceback still holds a view; the map goes when the traceback does.
+                pass
         raise
-    return GGUFFile(path, *parsed, mapping=mapping)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class _Parser:
@@ -203,6 +258,16 @@ class _Parser:
         self.buf = buf
         self.size = size
         self.pos = 0
+        self.budget = MEMORY_BUDGET  # bytes the parsed header may still take
+
+    def _charge(self, what: str, nbytes: int) -> None:
+        """Take `nbytes` from the memory budget before they are allocated."""
+        if nbytes > self.budget:
+            raise ResourceLimitError(
+                f"{self.path}: {what} would take ~{nbytes:,} bytes of memory, more than the reader's budget "
+                f"allows ({self.budget:,} of {MEMORY_BUDGET:,} bytes left)"
+            )
+        self.budget -= nbytes
 
     def parse(self) -> tuple[int, int, int, dict[str, Any], dict[str, TensorInfo]]:
         version, n_tensors, n_kv = self._header()
@@ -248,6 +313,7 @@ class _Parser:
         n = self._u64(f"length of {what}")
         pos = self.pos
         self._check_span(what, pos, n)
+        self._charge(what, _STR_COST + n)
         self.pos = pos + n
         try:
             return self.buf[pos : pos + n].decode("utf-8")
@@ -287,6 +353,8 @@ class _Parser:
                 f"{self.path}: header claims {n_kv=} metadata entries and {n_tensors=} tensors, more than "
                 f"the {room} bytes after the header can hold (or the file is truncated)"
             )
+        self._charge(f"the header's {n_kv=} metadata entries and {n_tensors=} tensor infos",
+                     n_kv * _KV_COST + n_tensors * _TENSOR_INFO_COST)
         return version, n_tensors, n_kv
 
     def _metadata(self, n_kv: int) -> tuple[dict[str, Any], int]:
@@ -351,6 +419,8 @@ class _Parser:
         pos = self.pos
         self._check_span(what, pos, count * min_size)
         dtype = _SCALAR_DTYPES.get(etype)
+        # Each element as a numpy item, or as a Python object (its own strings' characters come on top).
+        self._charge(what, _ARRAY_COST + count * (_STR_COST if dtype is None else dtype.itemsize))
         if dtype is not None:
             self.pos = pos + count * dtype.itemsize
             # A copy, so the map can be closed while the metadata lives on (and no view of it is left
@@ -368,8 +438,11 @@ class _Parser:
         return [self._array(key, depth + 1) for _ in range(count)]
 
     def _str_array(self, count: int, key: str) -> list[str]:
-        # The hot loop of a 262k-token vocabulary: locals only, one bounds check per string.
+        # The hot loop of a 262k-token vocabulary: locals only, one bounds check per string. The objects
+        # were charged to the budget by the caller; the characters must fit in it too, so no string may
+        # end past `end`: the file's end or, nearer, where the budget runs out.
         buf, size, pos = self.buf, self.size, self.pos
+        start, end = pos, min(self.size, pos + self.budget)
         unpack = _U64.unpack_from
         out: list[str] = []
         append = out.append
@@ -379,8 +452,9 @@ class _Parser:
                     raise self._truncated(f"length of string #{len(out)} of metadata key {key!r}", pos, 8)
                 n = unpack(buf, pos)[0]
                 pos += 8
-                if pos + n > size:
+                if pos + n > end:  # past the file's end, or past the budget: either raises
                     self._check_span(f"string #{len(out)} of metadata key {key!r}", pos, n)
+                    self._charge(f"the strings #0..{len(out)} of metadata key {key!r}", pos + n - start)
                 append(buf[pos : pos + n].decode("utf-8"))
                 pos += n
         except UnicodeDecodeError as e:
@@ -388,6 +462,7 @@ class _Parser:
                 f"{self.path}: string #{len(out)} of metadata key {key!r} (offset {pos}) is not valid UTF-8 "
                 f"({e.reason})"
             ) from None
+        self._charge(f"the strings of metadata key {key!r}", pos - start)
         self.pos = pos
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 
@@ -423,3 +424,59 @@ def test_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr("realm_jax.gguf.mmap.mmap", refuse)
     with pytest.raises(errors.UnreadableFileError, match="locked.gguf.*Permission denied"):
         open_gguf(path)
+
+
+# --- memory, not only the file: a sparse file claims gigabytes that take no room on disk --------------
+def _sparse(path, head: bytes, size: int, at: dict[int, bytes] | None = None):
+    """A file of `size` bytes that holds `head`, and `at`'s bytes at their offsets, and zeros that take no
+    room on disk."""
+    with open(path, "wb") as f:
+        f.write(head)
+        for offset, data in (at or {}).items():
+            f.seek(offset)
+            f.write(data)
+        f.truncate(size)
+    return path
+
+
+# An array of two strings: 1 MiB, then 512 MiB (together past the budget).
+_TWO_STRINGS = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _kv("a", V.ARRAY, struct.pack("<IQQ", V.STRING, 2, 1 << 20))
+
+
+@pytest.mark.parametrize("head, size, at, needle", [
+    (_array(V.UINT8, 3 << 30), 4 << 30, None, "array of 3221225472 UINT8 of metadata key 'a'"),
+    (_array(V.STRING, 100 << 20), 1 << 30, None, "array of 104857600 STRING of metadata key 'a'"),
+    (_file([_kv("s", V.STRING, struct.pack("<Q", 2 << 30))]), 3 << 30, None, "value of metadata key 's'"),
+    (_TWO_STRINGS, 1 << 30, {len(_TWO_STRINGS) + (1 << 20): struct.pack("<Q", 1 << 29)},
+     "strings #0..1 of metadata key 'a'"),
+    (_file(n_tensors=8 << 20), 1 << 30, None, "n_tensors=8388608"),
+])
+def test_counts_past_the_memory_budget_are_refused_before_allocation(tmp_path, head, size, at, needle):
+    """Counts the file's bytes could hold (a sparse file of a few KB on disk) but memory could not."""
+    path = _sparse(tmp_path / "sparse.gguf", head, size, at)
+    start = time.perf_counter()
+    message = _raises(path, errors.ResourceLimitError, needle, "budget")
+    assert time.perf_counter() - start < 5, message
+
+
+def _two_tensor_file(write):
+    tis = [_ti("a", (8,), Q.F32, 0), _ti("b", (8,), Q.F32, 32)]
+    return write(_file(tis=tis, data=np.arange(16, dtype=np.float32).tobytes()))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda p: os.truncate(p, p.stat().st_size - 32), "truncated or extended"),
+    (lambda p: (p.with_name("new.gguf").write_bytes(p.read_bytes()), os.replace(p.with_name("new.gguf"), p)),
+     "replaced or removed"),
+    (lambda p: os.utime(p, ns=(0, p.stat().st_mtime_ns + 10**9)), "rewritten"),
+    (os.remove, "replaced or removed"),
+])
+def test_a_file_changed_after_opening_is_not_read(write, change, needle):
+    """Checked before the map is touched: a page past a truncated end would kill the process (SIGBUS)."""
+    path = _two_tensor_file(write)
+    with open_gguf(path) as gf:
+        assert gf.tensor_bytes("a").view(np.float32).tolist() == list(range(8))
+        change(path)
+        with pytest.raises(errors.FileChangedError, match=needle) as info:
+            gf.tensor_bytes("b")
+        assert "case.gguf" in str(info.value) and "'b'" in str(info.value)
