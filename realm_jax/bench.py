@@ -11,16 +11,21 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import SamplingError
+from realm_jax.errors import ContextLengthError, SamplingError
 
 __all__ = ["check_sizes", "git_revision", "measure", "write_report"]
 
 
+MAX_RUNS = 1000  # timed runs: more measure nothing new, and each one is a full prefill and decode
+
+
 def check_sizes(**sizes: int) -> None:
-    """SamplingError unless every size is an int >= 1 (named as given)."""
+    """SamplingError unless every size is an int >= 1 (named as given), and `runs` at most `MAX_RUNS`."""
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SamplingError(f"{name}={value!r} must be an int >= 1")
+    if sizes.get("runs", 1) > MAX_RUNS:
+        raise SamplingError(f"runs={sizes['runs']} must be at most {MAX_RUNS}")
 
 
 def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: int = 1, runs: int = 3) -> dict[str, Any]:
@@ -39,6 +44,12 @@ def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: 
     from realm_jax.sampling import SamplingConfig
 
     check_sizes(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, batch=batch, runs=runs)
+    context = model.config.context_length
+    if prompt_tokens + decode_tokens + 1 > context:
+        raise ContextLengthError(f"prompt_tokens={prompt_tokens} + decode_tokens={decode_tokens} + 1 exceed the "
+                                 f"model's context of {context} tokens")
+    model._check_fits(f"a benchmark of {batch} x ({prompt_tokens} + {decode_tokens}) tokens", batch=batch,
+                      prompt_tokens=prompt_tokens, cache_tokens=prompt_tokens + decode_tokens + 1)
     ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (batch, prompt_tokens)).tolist()
 
     def once() -> tuple[float, float]:

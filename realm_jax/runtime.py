@@ -24,7 +24,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from realm_jax import linear
-from realm_jax.errors import ContextLengthError, MetadataError, SamplingError, ShardingError, TokenIdError
+from realm_jax.errors import (ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError, ShardingError,
+                              TokenIdError)
+from realm_jax.inputs import check_text
+from realm_jax.preflight import check_fits, step_bytes
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
 from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
@@ -39,6 +42,8 @@ _PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: fewer shapes to
 _CACHE_BUCKET = 256
 _STREAM_CHUNK = 1  # tokens per dispatch while streaming
 _STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
+_LOGITS_CHUNK = 512  # Model.logits runs a prompt through the model this many tokens at a time,
+_LOGITS_ROWS = 128  # or this many where it returns rows: their logits [rows, V] are the chunk's largest array
 
 
 def _round_up(n: int, m: int) -> int:
@@ -60,13 +65,34 @@ def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Pol
                    kv_len=t, layer_stack=_layer_stack(pipeline), impl=impl)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "policy", "kv_len", "all_rows", "pipeline", "impl"),
+                   donate_argnames=("cache",))
+def _prefill_chunk(params, tokens, start, keep, cache, *, config: ModelConfig, policy: Policy, kv_len: int,
+                   all_rows: bool, pipeline=None, impl: str = "auto"):
+    """Tokens [B, C] of a prompt at positions start..start+C into the cache, attending over its first kv_len
+    positions: the logits of every row [B, C, V] (all_rows), or of row keep [B] of each [B, V]."""
+    b, c = tokens.shape
+    positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+    return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_rows else keep,
+                   kv_len=kv_len, layer_stack=_layer_stack(pipeline), impl=impl)
+
+
+def _first_nonfinite(logits, live):
+    """The first row of logits [B, V] among the `live` ones [B] that holds a NaN or an infinity, else -1."""
+    bad = live & ~jnp.all(jnp.isfinite(logits), axis=-1)
+    return jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("sampling",))
 def _sample_first(logits, seeds, recent, scalars, stop_ids, n, *, sampling: SamplingConfig):
     """The first sampled token of each row after prefill, whether the row is done (a stop id, or a padding
-    row past the n real ones) and the recent-token ring with it: one dispatch (eager ops cost ~5 ms here)."""
-    first = sample(logits.astype(jnp.float32), step_keys(seeds, 0), recent, sampling, scalars)
-    done = jnp.isin(first, stop_ids) | (jnp.arange(first.shape[0]) >= n)  # padding rows start done
-    return first, done, _push(recent, first)
+    row past the n real ones), the recent-token ring with it and the first real row whose logits are not
+    finite (-1: none): one dispatch (eager ops cost ~5 ms here)."""
+    logits = logits.astype(jnp.float32)
+    first = sample(logits, step_keys(seeds, 0), recent, sampling, scalars)
+    real = jnp.arange(first.shape[0]) < n
+    done = jnp.isin(first, stop_ids) | ~real  # padding rows start done
+    return first, done, _push(recent, first), _first_nonfinite(logits, real)
 
 
 def _push(recent, tokens):
@@ -80,33 +106,36 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
             config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int, pipeline=None,
             impl: str = "auto"):
     """Up to `limit` (<= n_steps, traced) decode steps. token [B] (sampled, not yet fed) at positions pos [B];
-    done [B]. n_steps is a bucket: generations of different lengths share one compilation.
+    done [B]. n_steps is a bucket: generations of different lengths share one compilation. The loop stops at
+    the first step whose logits hold a NaN or an infinity in a row not done.
 
-    Returns (new tokens [B, n_steps] with -1 after a sequence is done or past `limit`, and the updated
-    state)."""
+    Returns (new tokens [B, n_steps] with -1 after a sequence is done or past `limit`, the updated state, and
+    (step, row) of the first non-finite logits, (-1, -1) if none)."""
     b = token.shape[0]
 
     def cond(state):
-        step, *_, done_, _ = state
-        return (step < limit) & ~jnp.all(done_)
+        step, *_, done_, _, bad_ = state
+        return (step < limit) & ~jnp.all(done_) & (bad_[0] < 0)
 
     def body(state):
-        step, out, cache_, token_, pos_, recent_, done_, key_ = state
+        step, out, cache_, token_, pos_, recent_, done_, key_, bad_ = state
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline), impl=impl)
         logits = logits.astype(jnp.float32)
+        row = _first_nonfinite(logits, ~done_)
+        bad_ = jnp.where(row >= 0, jnp.stack([step0 + step, row]), bad_)
         nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
         advance = ~done_
         done_ = done_ | jnp.isin(nxt, stop_ids)
         recent_ = jnp.where(advance[:, None], _push(recent_, nxt), recent_)
-        return step + 1, out, cache_, jnp.where(advance, nxt, token_), pos_ + advance, recent_, done_, key_
+        return step + 1, out, cache_, jnp.where(advance, nxt, token_), pos_ + advance, recent_, done_, key_, bad_
 
     out = jnp.full((b, n_steps), -1, jnp.int32)
-    state = (jnp.int32(0), out, cache, token, pos, recent, done, key)
-    _, out, cache, token, pos, recent, done, _ = jax.lax.while_loop(cond, body, state)
-    return out, cache, token, pos, recent, done
+    state = (jnp.int32(0), out, cache, token, pos, recent, done, key, jnp.full((2,), -1, jnp.int32))
+    _, out, cache, token, pos, recent, done, _, bad = jax.lax.while_loop(cond, body, state)
+    return out, cache, token, pos, recent, done, bad
 
 
 class Model:
@@ -135,18 +164,58 @@ class Model:
                 f"vocab={c.vocab_size}, policy={self.policy})")
 
     # --- teacher-forced logits --------------------------------------------------------------------
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Logits of every position of `ids` in one batched prefill: float32 [len(ids), V]."""
+    def logits(self, ids: Sequence[int], positions: Sequence[int] | None = None) -> np.ndarray:
+        """Teacher-forced logits of `ids`: float32 [len(ids), V], or [len(positions), V] for those positions.
+
+        The prompt goes through the model in chunks over one KV cache, and only the rows asked for are
+        computed and leave the device: memory grows with the rows returned (and the cache), not with the
+        prompt times the vocabulary. Each row is the one a single prefill of the whole prompt gives.
+
+        Args:
+          ids: the token ids.
+          positions: indices into `ids` (negative ones count from the end), in any order, repeats allowed;
+            None: every position.
+        """
         ids = self._check_ids(ids)
+        rows = self._check_positions(positions, len(ids))
         t = _round_up(len(ids), _PROMPT_BUCKET)
+        big, small = min(t, _LOGITS_CHUNK), min(t, _LOGITS_ROWS)
         b = self.batch_multiple  # the data axis needs a row per shard: the extra rows repeat this one
         tokens = np.zeros((b, t), np.int32)
         tokens[:, : len(ids)] = ids
+        self._check_fits(f"the logits of {len(rows)} of {len(ids)} positions", batch=b, prompt_tokens=big,
+                         cache_tokens=t, logits_rows=small + len(rows))
         cache = self._new_cache(b, t)
-        with self.mesh_context():
-            logits, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), cache, config=self.config,
-                                 policy=self.policy, all_logits=True, pipeline=self.pipeline, impl=self.impl)
-        return np.asarray(logits[0, : len(ids)], np.float32)
+        out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        static = dict(config=self.config, policy=self.policy, kv_len=t, pipeline=self.pipeline, impl=self.impl)
+        done = 0  # positions before this one are in the cache and their rows in `out`
+        while done < t:
+            # A stretch with no row asked for goes through in a big chunk that computes one row's logits;
+            # rows asked for come from small chunks that compute them all, each row as one prefill does.
+            all_rows = bool(np.any((rows >= done) & (rows < done + big)))
+            c = small if all_rows else big
+            start = min(done, t - c)  # the last chunk ends at t: it may go over positions done before
+            with self.mesh_context():
+                logits, cache = _prefill_chunk(self.params, tokens[:, start : start + c], np.int32(start),
+                                               np.zeros((b,), np.int32), cache, all_rows=all_rows, **static)
+            wanted = np.flatnonzero((rows >= done) & (rows < start + c))
+            if len(wanted):
+                out[wanted] = np.asarray(logits[0])[rows[wanted] - start]
+            done = start + c
+        return out
+
+    def _check_positions(self, positions, n: int) -> np.ndarray:
+        if positions is None:
+            return np.arange(n)
+        if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+            raise TokenIdError(f"positions must be a sequence of ints, got {type(positions).__name__}")
+        positions = list(positions)
+        if not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in positions):
+            raise TokenIdError(f"positions must hold ints, got {[type(p).__name__ for p in positions[:3]]}...")
+        bad = [int(p) for p in positions if not -n <= p < n]
+        if bad:
+            raise TokenIdError(f"positions {bad[:5]} are outside the {n} tokens of the prompt")
+        return np.asarray(positions, np.int64) % n
 
     def compiled_text(self, step: str, *, batch: int = 1, prompt_tokens: int = 16) -> str:
         """The compiled HLO text of one jitted step for `batch` prompts of `prompt_tokens` tokens: "prefill"
@@ -173,9 +242,20 @@ class Model:
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
+    def max_prompt_chars(self) -> int:
+        """The most characters a prompt can have and fit in the context: a token covers at most the longest
+        token's characters. Longer text is refused before it is tokenized."""
+        return self.config.context_length * self.tokenizer.max_token_chars
+
+    @property
     def batch_multiple(self) -> int:
         """Batches are padded to a multiple of this: the size of the mesh's data axis (1 without a mesh)."""
         return 1 if self.mesh is None else int(dict(self.mesh.shape).get("data", 1))
+
+    def _check_fits(self, what: str, **shape: int) -> None:
+        """MemoryBudgetError, before anything is allocated, if a step of this shape cannot fit in memory."""
+        devices = None if self.mesh is None else self.mesh.devices.flat
+        check_fits(f"{self.path.name}: {what}", step_bytes(token_sizes(self.config, self.policy), **shape), devices)
 
     def _new_cache(self, batch: int, length: int) -> KVCache:
         layers = None if self.pipeline is None else self.pipeline.cache_layers(self.params["layers"])
@@ -260,7 +340,17 @@ class Model:
             raise SamplingError(f"stop={stop!r} must be a list of non-empty strings")
         if stream and not single:
             raise SamplingError("stream=True takes one prompt, not a list")
-        ids = [self.tokenizer.encode(p, add_bos=add_bos) for p in prompts]
+        for i, p in enumerate(prompts):
+            what = "prompt" if single else f"prompt[{i}]"
+            check_text(p, what)
+            if len(p) > self.max_prompt_chars:  # before tokenizing it: a long text takes long to tokenize
+                raise ContextLengthError(
+                    f"{what} has {len(p)} characters, so at least {len(p) // self.tokenizer.max_token_chars} "
+                    f"tokens (no token is longer than {self.tokenizer.max_token_chars} characters): more than the "
+                    f"model's context of {self.config.context_length} tokens")
+        for i, text in enumerate(stop):
+            check_text(text, f"stop[{i}]")
+        ids = [self.tokenizer._encode(p, add_bos, True) for p in prompts]
         chunk = _STREAM_CHUNK if stream else (_STOP_CHUNK if stop else None)
         texts = _TextCollector(self.tokenizer, len(prompts), tuple(stop))
         # Started here, not inside the generator, so bad arguments raise at the call, stream or not.
@@ -310,18 +400,31 @@ class _Generation:
             tokens[i, : len(p)] = p
             tail = p[-sampling.penalty_last_n :]
             recent[i, recent.shape[1] - len(tail) :] = tail
-        cache = model._new_cache(b, _round_up(t + max_new_tokens, _CACHE_BUCKET))
+        length = _round_up(t + max_new_tokens, _CACHE_BUCKET)
+        model._check_fits(f"a generation of {b} prompt(s) of {longest} tokens and {max_new_tokens} new tokens",
+                          batch=b, prompt_tokens=t, cache_tokens=length)
+        cache = model._new_cache(b, length)
         with model.mesh_context():
             logits, self.cache = _prefill(model.params, tokens, lengths, cache, config=config, policy=policy,
                                           all_logits=False, pipeline=model.pipeline, impl=model.impl)
         # Prompt i samples with seed + i: a batch gives each prompt what it would get alone with that seed.
         self.key = jnp.asarray((seed + np.arange(b)) % 2**32, jnp.uint32)
         self.stop_ids = jnp.asarray(stop_ids or [-2], jnp.int32)  # -2 matches nothing
-        first, self.done, self.recent = _sample_first(logits, self.key, recent, sampling.scalars, self.stop_ids,
-                                                      self.n, sampling=sampling.static)
+        first, self.done, self.recent, bad = _sample_first(logits, self.key, recent, sampling.scalars,
+                                                           self.stop_ids, self.n, sampling=sampling.static)
         self.token, self.pos = first, jnp.asarray(lengths)
-        self.first = np.asarray(first)[: self.n, None]
+        first, bad = jax.device_get((first, bad))
+        self._check_finite(0, int(bad))
+        self.first = first[: self.n, None]
         self.produced, self.max_new_tokens = 1, max_new_tokens
+
+    def _check_finite(self, step: int, row: int) -> None:
+        if row >= 0:
+            m = self.model
+            raise NonFiniteLogitsError(
+                f"{m.path}: the logits of generation step {step} (new token {step + 1}) of prompt {row} hold "
+                f"NaN or infinite values; the generation stops there. The file's weights or the precision "
+                f"policy ({m.policy}) produce them")
 
     @property
     def remaining(self) -> int:
@@ -354,9 +457,11 @@ class _Generation:
         """Run up to n more decode steps in one dispatch: new tokens [B, n], -1 after a sequence ends."""
         args, static = self._decode_args(n)
         with self.model.mesh_context():
-            out, self.cache, self.token, self.pos, self.recent, self.done = _decode(*args, **static)
+            out, self.cache, self.token, self.pos, self.recent, self.done, bad = _decode(*args, **static)
+        out, (step, row) = jax.device_get((out, bad))
+        self._check_finite(int(step), int(row))
         self.produced += n
-        return np.asarray(out)[: self.n, :n]
+        return out[: self.n, :n]
 
 
 class _TextCollector:
@@ -511,9 +616,9 @@ def _put_once(tree, device):
 
 
 def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, impl: str = "auto") -> dict[str, Any]:
-    """Bytes `load(path, policy=policy)` allocates for the params, and the KV cache's bytes per token and at
-    the full context, from the file's header alone (the params' shapes come from `jax.eval_shape` of the
-    very function that builds them)."""
+    """Bytes `load(path, policy=policy)` allocates for the params, the KV cache's bytes per token and at the
+    full context, and the other per-token sizes of `token_sizes`, from the file's header alone (the params'
+    shapes come from `jax.eval_shape` of the very function that builds them)."""
     from realm_jax.gguf import open_gguf
     from realm_jax.quant import format_for_ggml_type
 
@@ -530,6 +635,19 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     # Arrays the params hold twice (a tied output on the table's planes) count once, as load() places them.
     shapes = jax.eval_shape(lambda t: _unique_leaves(build_params(config, t, str(path), policy, impl=impl)), tensors)
     params = sum(leaf.size * leaf.dtype.itemsize for leaf in shapes)
-    kv_token = config.n_layers * config.n_kv_heads * (config.head_dim + config.v_head_dim) * policy.kv.itemsize
-    return {"policy": str(policy), "impl": impl, "params_bytes": int(params), "kv_bytes_per_token": int(kv_token),
-            "context_length": config.context_length, "kv_bytes_full_context": int(kv_token * config.context_length)}
+    sizes = token_sizes(config, policy)
+    return {"policy": str(policy), "impl": impl, "params_bytes": int(params), **sizes,
+            "context_length": config.context_length,
+            "kv_bytes_full_context": sizes["kv_bytes_per_token"] * config.context_length}
+
+
+def token_sizes(config: ModelConfig, policy: Policy) -> dict[str, int]:
+    """What one token costs: bytes of the KV cache, and of a prefill's live activations (the f32 residual
+    and its norm, q/k/v, the attention output, the FFN's gate, up and hidden in the compute dtype); and the
+    head count and vocabulary that size the attention scores and the logits (`preflight.step_bytes`)."""
+    c, compute = config, jnp.dtype(policy.compute).itemsize
+    kv = c.n_layers * c.n_kv_heads * (c.head_dim + c.v_head_dim) * jnp.dtype(policy.kv).itemsize
+    act = 8 * c.d_model + compute * (c.n_heads * (c.head_dim + c.v_head_dim) + 2 * c.n_kv_heads * c.head_dim
+                                     + 3 * c.ffn_dim)
+    return {"kv_bytes_per_token": int(kv), "prefill_bytes_per_token": int(act), "n_heads": c.n_heads,
+            "vocab_size": c.vocab_size}

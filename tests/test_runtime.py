@@ -171,3 +171,68 @@ def test_greedy_pick_is_argmax(row):
     logits = jnp.asarray([row, row[::-1]], jnp.float32)
     np.testing.assert_array_equal(np.asarray(first_argmax(logits)), np.asarray(jnp.argmax(logits, axis=-1)))
     assert first_argmax(logits).dtype == jnp.int32
+
+
+# --- logits in chunks, only the rows asked for --------------------------------------------------------------
+def _synthetic_path():
+    from realm_jax.reference import reference_dir
+
+    return reference_dir().parent / "synthetic" / "llama-k-q8_0.gguf"
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return realm_jax.load(_synthetic_path(), policy="f32", progress=False)
+
+
+def test_logits_in_chunks_are_one_prefills_rows(synthetic):
+    """700 tokens go through in chunks: a big one that computes no row asked for, small ones for the rows
+    asked for, the last one overlapping the one before. Every row, and any rows asked for in any order, are
+    bit for bit those of one prefill of the whole prompt."""
+    from realm_jax.runtime import _PROMPT_BUCKET, _prefill, _round_up
+
+    m = synthetic
+    ids = np.random.default_rng(3).integers(1, m.config.vocab_size, 700).tolist()
+    t = _round_up(len(ids), _PROMPT_BUCKET)
+    tokens = np.zeros((1, t), np.int32)
+    tokens[0, : len(ids)] = ids
+    whole, _ = _prefill(m.params, tokens, np.array([len(ids)], np.int32), m._new_cache(1, t), config=m.config,
+                        policy=m.policy, all_logits=True, impl=m.impl)
+    whole = np.asarray(whole[0, : len(ids)])
+    np.testing.assert_array_equal(m.logits(ids), whole)
+    rows = [699, 600, -1, 600]
+    got = m.logits(ids, positions=rows)
+    assert got.dtype == np.float32 and got.shape == (4, m.config.vocab_size)
+    np.testing.assert_array_equal(got, whole[rows])
+    with pytest.raises(TokenIdError, match=r"positions \[700\]"):
+        m.logits(ids, positions=[700])
+
+
+# --- non-finite logits stop a generation, naming the step ---------------------------------------------------
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def poisoned(synthetic, tmp_path_factory):
+    """The synthetic model with a NaN in the final norm (every logit NaN), and with a NaN row in the
+    embedding of the token it generates first after PROMPT (the logits of the step that feeds it are NaN)."""
+    metadata, tensors = realm_jax.read_gguf(_synthetic_path())
+    metadata = {k: v for k, v in metadata.items() if k != "general.architecture"}
+    first = synthetic.generate_ids([synthetic.tokenizer.encode(PROMPT)], max_new_tokens=1)[0][0]
+    out = {}
+    for name, tensor, row in (("norm", "output_norm.weight", 0), ("embd", "token_embd.weight", first)):
+        w = np.array(realm_jax.dequantize(tensors[tensor]), np.float32)
+        w[row] = np.nan
+        file = tmp_path_factory.mktemp(name) / f"{name}.gguf"
+        realm_jax.write_gguf(file, {**tensors, tensor: realm_jax.quantize(w, "F32")}, arch="llama", metadata=metadata)
+        out[name] = realm_jax.load(file, policy="f32", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("name, step", [("norm", 0), ("embd", 1)])
+def test_non_finite_logits_stop_the_generation(poisoned, name, step):
+    from realm_jax.errors import NonFiniteLogitsError
+
+    message = rf"{name}\.gguf: the logits of generation step {step} \(new token {step + 1}\) of prompt 0"
+    with pytest.raises(NonFiniteLogitsError, match=message):
+        poisoned[name].generate(PROMPT, max_new_tokens=8)
