@@ -330,8 +330,9 @@ def test_spm_splits_are_found_in_linear_time():
                                                   for _ in range(400)]
     md = tiny_spm()
     tokens = list(dict.fromkeys(md["tokenizer.ggml.tokens"] + extra))
-    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": np.array([2, 3, 3] + [6] * 256 +
-               [1] * (len(tokens) - 259), np.int32), "tokenizer.ggml.scores": -np.arange(len(tokens), dtype=np.float32)})
+    types = np.array([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259), np.int32)
+    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+               "tokenizer.ggml.scores": -np.arange(len(tokens), dtype=np.float32)})
     vocab = _load_vocab(md, "t.gguf")
     merges = _spm_merges(vocab)
     assert set(merges) == _splits_by_slicing(vocab.texts) and len(merges) == len(set(merges))
