@@ -29,8 +29,9 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[
       logical shape (..., rows, cols). Move a QTensor to a device with `jax.device_put`.
 
     Raises:
-      GGUFError subclasses for a bad file; UnsupportedFormatError for a tensor type realm-jax cannot
-      compute with (the message names the file and the tensor).
+      GGUFError subclasses for a bad file (FileChangedError for one truncated, rewritten or replaced while it
+      is read); UnsupportedFormatError for a tensor type realm-jax cannot compute with (the message names the
+      file and the tensor).
     """
     from tqdm.auto import tqdm
 
@@ -42,7 +43,7 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[
             for name, info in f.tensors.items():
                 what = f"{f.path}: tensor {name!r}"
                 fmt = format_for_ggml_type(info.ggml_type, what=what)
-                tensors[name] = repack(f.tensor_bytes(name), fmt.name, info.shape, what=what)
+                tensors[name] = repack(f.read_tensor(name), fmt.name, info.shape, what=what)
                 bar.update(info.nbytes)
         return dict(f.metadata), tensors
 

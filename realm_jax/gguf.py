@@ -7,9 +7,10 @@ file ends in one `realm_jax.errors.GGUFError` subclass per cause, never in a big
 a stray ``struct.error``. Counts and lengths are checked against what the file's bytes can hold and against
 a memory budget (`MEMORY_BUDGET`: what the parsed header may take as Python objects) before anything is
 allocated: a sparse file can claim gigabytes that take no room on disk. The file stays open while it is
-mapped, and `GGUFFile.tensor_bytes` checks that it is still the file that was parsed (same inode, size and
-modification time) before it hands out a view: touching the map of a file truncated since would kill the
-process with SIGBUS.
+mapped: `GGUFFile.read_tensor` (what `read_gguf` uses) reads a tensor with pread, checking before and after
+that it is still the file that was parsed (same inode, size and modification time), so a file that changes
+under it is an error, never a SIGBUS (which touching the map of a truncated file raises); `tensor_bytes`
+makes the same check before it hands out a view of the map.
 
 Layout (GGUF v2 and v3, little-endian; v2 only lacks v3's big-endian variant):
 ``magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv | n_kv x (string key, u32 type, value)
@@ -147,13 +148,45 @@ class GGUFFile:
         Raises:
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
+        info = self._unchanged_info(name)
+        return self._bytes[info.offset : info.offset + info.nbytes]
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """A copy of one tensor's raw bytes, read with pread rather than through the map.
+
+        A file truncated while a view of the map is read kills the process (SIGBUS); a read call returns
+        short instead, so a file that changes before or during the read is an error here, never a signal.
+        `read_gguf` reads every tensor this way, at the speed of the map.
+
+        Returns:
+            A writable uint8 array, shape ``(nbytes,)``.
+
+        Raises:
+            FileChangedError: the file was truncated, rewritten or replaced since it was opened.
+        """
+        info = self._unchanged_info(name)
+        out = np.empty(info.nbytes, np.uint8)
+        done = 0
+        while done < info.nbytes:  # one call reads at most ~2 GiB
+            n = os.preadv(self._fd, [out[done:]], info.offset + done)
+            if n == 0:
+                break
+            done += n
+        self._check_unchanged(f"tensor {name!r}")  # a rewrite during the read would mix old and new bytes
+        if done < info.nbytes:
+            raise FileChangedError(f"{self.path}: the file ended at byte {info.offset + done} while tensor {name!r} "
+                                   f"was read ({info.nbytes} bytes from {info.offset}); it changed after it was opened")
+        return out
+
+    def _unchanged_info(self, name: str) -> TensorInfo:
+        """The info of tensor `name` of this open file, once the file is checked to be the one parsed."""
         if self._bytes is None:
             raise ValueError(f"{self.path}: the GGUF file is closed")
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         self._check_unchanged(f"tensor {name!r}")
-        return self._bytes[info.offset : info.offset + info.nbytes]
+        return info
 
     def _check_unchanged(self, what: str) -> None:
         # Before any page of the map is touched: reading a page past a truncated end raises SIGBUS.

@@ -476,7 +476,9 @@ def test_a_file_changed_after_opening_is_not_read(write, change, needle):
     path = _two_tensor_file(write)
     with open_gguf(path) as gf:
         assert gf.tensor_bytes("a").view(np.float32).tolist() == list(range(8))
+        assert gf.read_tensor("a").view(np.float32).tolist() == list(range(8))
         change(path)
-        with pytest.raises(errors.FileChangedError, match=needle) as info:
-            gf.tensor_bytes("b")
-        assert "case.gguf" in str(info.value) and "'b'" in str(info.value)
+        for read in (gf.tensor_bytes, gf.read_tensor):
+            with pytest.raises(errors.FileChangedError, match=needle) as info:
+                read("b")
+            assert "case.gguf" in str(info.value) and "'b'" in str(info.value)
