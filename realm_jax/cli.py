@@ -1,7 +1,7 @@
 """The `realm-jax` command line.
 
     realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
-    realm-jax chat [--model FILE] [--system TEXT]                   chat on stdin with an instruct model
+    realm-jax chat [--model FILE] [--system TEXT] [--chat-template F]  chat on stdin with an instruct model
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
     realm-jax bench [--model FILE] [--mesh ...] [--json]            prefill and decode tokens/s
     realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
@@ -12,25 +12,30 @@
 
 `generate --mesh model=2,data=2` (or `--strategy tensor`) splits the model over the devices; under launch
 the mesh spans every process, and process 0 prints the text. The default model is the embedded gemma3-270m
-Q4_K_M. Errors end in a one-line message on stderr and exit status 2; a launch that loses a process stops
+Q4_K_M. Sizes are checked against the model's header and the machine's free memory before the model loads.
+Errors end in a one-line message on stderr and exit status 2; a launch that loses a process stops
 all of them and names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import CoordinatorError, PeerError, RealmError
+from realm_jax.errors import ArgumentError, ContextLengthError, CoordinatorError, PeerError, RealmError
+from realm_jax.inputs import check_text, decode_line
 
 __all__ = ["main"]
 
+_MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates have a few KB
 _ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
               "attention.head_count", "attention.head_count_kv", "attention.key_length",
               "attention.sliding_window", "rope.freq_base", "vocab_size")
@@ -191,6 +196,7 @@ def _print_inspect(report: dict[str, Any], every_tensor: bool = False) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    _check_path(args.file, "FILE")
     if args.file is None:
         from realm_jax.assets import default_model_path
 
@@ -209,20 +215,76 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
+    """The sampling options and the texts of generate and chat, before anything loads."""
     from realm_jax.errors import SamplingError
     from realm_jax.sampling import SamplingConfig
 
     SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise SamplingError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
+    if not 0 <= args.seed < 2**32:
+        raise SamplingError(f"--seed={args.seed} must be in [0, 2**32)")
+    texts = [("PROMPT", getattr(args, "prompt", None)), ("--system", getattr(args, "system", None))]
+    for name, text in [*texts, *(("--stop", s) for s in args.stop)]:
+        if text is not None:
+            check_text(text, name)
+    if any(not s for s in args.stop):
+        raise SamplingError("--stop must not be empty")
+
+
+def _check_bench(args: argparse.Namespace) -> None:
+    from realm_jax.bench import check_sizes
+
+    check_sizes(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, runs=args.runs,
+                **({} if args.batch is None else {"batch": args.batch}))
+
+
+def _check_path(path: str | None, name: str = "--model") -> None:
+    if path is not None and not path.strip():
+        raise ArgumentError(f"{name} is empty: give a GGUF file, or leave it out for the default model")
+
+
+def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_tokens: int,
+               processes: int = 1) -> None:
+    """The sizes a command asks for against the model's header and the machine, before the model loads:
+    ContextLengthError when they do not fit the context, SamplingError for a top-k past the vocabulary,
+    MemoryBudgetError when the params, KV cache and activations need more memory than is free."""
+    from realm_jax.assets import default_model_path
+    from realm_jax.errors import ContextLengthError, SamplingError
+    from realm_jax.preflight import check_fits, step_bytes
+    from realm_jax.runtime import memory_plan
+
+    path = args.model or default_model_path()
+    plan = memory_plan(path, args.precision, args.impl)
+    context = plan["context_length"]
+    if prompt_tokens + new_tokens > context:
+        raise ContextLengthError(f"{path}: {prompt_tokens} prompt token(s) and {new_tokens} new ones exceed the "
+                                 f"model's context of {context} tokens")
+    top_k = getattr(args, "top_k", None)
+    if top_k is not None and top_k > plan["vocab_size"]:
+        raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
+    need = step_bytes(plan, batch=batch, prompt_tokens=prompt_tokens, cache_tokens=prompt_tokens + new_tokens)
+    # One process holds the params; each of several reads every tensor of the file before its share is placed.
+    held = plan["params_bytes"] if processes == 1 else processes * os.path.getsize(path)
+    check_fits(f"{path}: {processes} process(es) with {batch} x ({prompt_tokens} + {new_tokens}) tokens",
+               held + need)
+
+
+def _command_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The batch and token counts a generate or bench command asks for (`_preflight`'s sizes)."""
+    if args.command == "bench":
+        return dict(batch=args.batch or 1, prompt_tokens=args.prompt_tokens, new_tokens=args.decode_tokens + 1)
+    return dict(batch=1, prompt_tokens=1, new_tokens=args.max_new_tokens)
 
 
 def _load(args: argparse.Namespace, mesh=None, progress: bool = True):
     from realm_jax.assets import default_model_path
     from realm_jax.runtime import load
 
+    _check_path(args.model)
+    # A progress bar only on a terminal: piped, stderr holds the one-line error and nothing else.
     return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, impl=args.impl,
-                progress=progress)
+                progress=progress and sys.stderr.isatty())
 
 
 def _distributed_config(args: argparse.Namespace, **processes):
@@ -254,6 +316,9 @@ def _load_on_mesh(args: argparse.Namespace, progress: bool):
 
 def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
     _check_sampling(args)
+    _check_path(args.model)
+    # The prompt's tokens are known once it is tokenized (Model.generate checks them then): one stands in.
+    _preflight(args, batch=1, prompt_tokens=1, new_tokens=args.max_new_tokens)
     model = _load_on_mesh(args, progress)
     pieces = model.generate(args.prompt, stream=True, **_sampling_kwargs(args))
     sys.stdout.write(args.prompt)
@@ -269,10 +334,12 @@ def _cmd_generate(args: argparse.Namespace, *, progress: bool = True, after_firs
 
 def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_piece=None) -> int:
     del after_first_piece  # a launch's fault hook fires in generate only
-    from realm_jax.bench import check_sizes, measure
+    from realm_jax.bench import measure
 
-    check_sizes(prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=args.batch or 1,
-                runs=args.runs)  # before the model loads
+    # Before the model loads: the sizes, then against the model's context and the machine's memory.
+    _check_bench(args)
+    _check_path(args.model)
+    _preflight(args, batch=args.batch or 1, prompt_tokens=args.prompt_tokens, new_tokens=args.decode_tokens + 1)
     model = _load_on_mesh(args, progress)
     batch = args.batch or model.batch_multiple
     speed = measure(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=batch,
@@ -296,8 +363,8 @@ def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Names
     if command[0] not in ("generate", "bench"):
         raise CoordinatorError(f"launch runs generate or bench on every process; got {command[0]!r}")
     gen = _parser().parse_args(command)
-    if command[0] == "generate":
-        _check_sampling(gen)
+    _check_sampling(gen) if command[0] == "generate" else _check_bench(gen)
+    _check_path(gen.model)
     if _distributed_config(gen) is None:
         raise CoordinatorError(f"launch needs {command[0]} --mesh (e.g. model=4) or --strategy: the mesh that spans "
                                "the processes")
@@ -321,11 +388,14 @@ def _cmd_launch(args: argparse.Namespace) -> int:
                                f"worker under Slurm, Open MPI or Kubernetes); got {' and '.join(modes) or 'none'}")
     if args.port is not None and args.hosts is None:
         raise CoordinatorError("--port goes with --hosts (the other modes choose the port or are given it)")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CoordinatorError(f"--port={args.port} must be in 1..65535")
     if args.processes is not None:
         options = dataclasses.replace(options, cpu_devices=options.cpu_devices or 1)  # one host: CPU devices
         if args.processes < 1:
             raise CoordinatorError(f"--processes={args.processes} must be >= 1")
         coordinator.plan_mesh(_distributed_config(gen), args.processes, options.cpu_devices)
+        _preflight(gen, processes=args.processes, **_command_sizes(gen))
         launch.run_local(args.processes, command, options)
         return 0
     if args.hosts is not None:
@@ -389,26 +459,55 @@ def _who(coord, config) -> str:
     return process_name(coord.rank, coord.world_size)
 
 
+def _read_template(path: str) -> str:
+    """The text of a --chat-template file (at most `_MAX_TEMPLATE_BYTES`)."""
+    from realm_jax.errors import MissingFileError, UnreadableFileError
+
+    _check_path(path, "--chat-template")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_TEMPLATE_BYTES + 1)
+    except FileNotFoundError:
+        raise MissingFileError(f"--chat-template {path}: no such file") from None
+    except OSError as e:
+        raise UnreadableFileError(f"--chat-template {path}: cannot be read: {e.strerror or e}") from None
+    if len(raw) > _MAX_TEMPLATE_BYTES:
+        raise ArgumentError(f"--chat-template {path} is larger than {_MAX_TEMPLATE_BYTES} bytes")
+    return decode_line(raw, f"--chat-template {path}")
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     _check_sampling(args)  # bad arguments fail before the model loads
+    template = None if args.chat_template is None else _read_template(args.chat_template)
+    _check_path(args.model)
+    _preflight(args, batch=1, prompt_tokens=1, new_tokens=args.max_new_tokens)
     model = _load(args)
-    if model.tokenizer.chat_template is None:
+    if model.tokenizer.chat_template is None and template is None:
         from realm_jax.errors import MetadataError
 
         raise MetadataError(f"{model.path}: the file has no chat template (tokenizer.chat_template); "
-                            "chat needs an instruct model such as SmolLM2-135M-Instruct")
+                            "chat needs an instruct model such as SmolLM2-135M-Instruct, or --chat-template FILE")
+    source = f"--chat-template {args.chat_template}"
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
-    while True:
+    # A line longer than this cannot fit in the context (`Model.max_prompt_chars`, 4 bytes a character at
+    # most): it is refused without reading the rest of it into memory.
+    limit = 4 * model.max_prompt_chars + 1
+    for number in itertools.count(1):
         if interactive:
             print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline(limit)
+        if not raw:
             return 0
+        if len(raw) == limit and not raw.endswith(b"\n"):
+            raise ContextLengthError(f"stdin line {number} is longer than {limit - 1} bytes: it cannot fit in the "
+                                     f"model's context of {model.config.context_length} tokens")
+        line = decode_line(raw, f"stdin line {number}").rstrip("\n")
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        messages.append({"role": "user", "content": line})
+        prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, template=template,
+                                                     template_source=source)
         reply = []
         if interactive:
             print("assistant> ", end="", flush=True)
@@ -483,6 +582,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("chat", help="chat with an instruct model, one user message per stdin line")
     p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template to use instead "
+                   "of the file's (rendered in the same sandbox, under the same budget)")
     _add_model_options(p, max_new_tokens=256)
     p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("inspect", help="show a GGUF file's architecture, metadata and tensor types")

@@ -106,6 +106,8 @@ class Policy:
             if not sep or key not in _FIELDS:
                 raise DTypeError(f"precision: {part.strip()!r} in {text!r} is not field=dtype with field one "
                                  f"of {', '.join(_FIELDS)}")
+            if key in fields:
+                raise DTypeError(f"precision: {key} is given twice in {text!r}")
             fields[key] = _dtype(value.strip(), key)
         compute = fields.get("compute", jnp.float32)
         return cls(**{"params": compute, "kv": compute} | fields)

@@ -134,7 +134,7 @@ TP2 = [*GENERATE, "--mesh", "model=2"]
     (["--processes", "2", "--", "inspect", MODEL], "launch runs generate or bench on every process; got 'inspect'"),
     (["--processes", "2", "--", *GENERATE], "launch needs generate --mesh (e.g. model=4) or --strategy"),
     (["--processes", "0", "--", *TP2], "--processes=0 must be >= 1"),
-    (["--processes", "2", "--cpu-devices", "0", "--", *TP2], "cpu_devices=0 must be an int >= 1"),
+    (["--processes", "2", "--cpu-devices", "0", "--", *TP2], "cpu_devices=0 must be an int in [1, 1024]"),
     (["--processes", "2", "--init-timeout", "0", "--", *TP2], "init_timeout=0.0 must be"),
     (["--processes", "2", "--port", "9", "--", *TP2], "--port goes with --hosts"),
     (["--processes", "2", "--cpu-devices", "2", "--", *GENERATE, "--mesh", "model=3"],
