@@ -212,27 +212,20 @@ def test_logits_in_chunks_are_one_prefills_rows(synthetic):
 PROMPT = "Once upon a time"
 
 
-@pytest.fixture(scope="module")
-def poisoned(synthetic, tmp_path_factory):
-    """The synthetic model with a NaN in the final norm (every logit NaN), and with a NaN row in the
-    embedding of the token it generates first after PROMPT (the logits of the step that feeds it are NaN)."""
+def test_non_finite_logits_stop_the_generation(synthetic, tmp_path):
+    """A NaN row in the embedding of the token the model generates first after PROMPT: the decode step that
+    feeds it has NaN logits, and the loop stops there with an error naming the step (tests/test_hostile.py
+    has NaN logits at the prompt, step 0)."""
+    from realm_jax.errors import NonFiniteLogitsError
+
     metadata, tensors = realm_jax.read_gguf(_synthetic_path())
     metadata = {k: v for k, v in metadata.items() if k != "general.architecture"}
     first = synthetic.generate_ids([synthetic.tokenizer.encode(PROMPT)], max_new_tokens=1)[0][0]
-    out = {}
-    for name, tensor, row in (("norm", "output_norm.weight", 0), ("embd", "token_embd.weight", first)):
-        w = np.array(realm_jax.dequantize(tensors[tensor]), np.float32)
-        w[row] = np.nan
-        file = tmp_path_factory.mktemp(name) / f"{name}.gguf"
-        realm_jax.write_gguf(file, {**tensors, tensor: realm_jax.quantize(w, "F32")}, arch="llama", metadata=metadata)
-        out[name] = realm_jax.load(file, policy="f32", progress=False)
-    return out
-
-
-@pytest.mark.parametrize("name, step", [("norm", 0), ("embd", 1)])
-def test_non_finite_logits_stop_the_generation(poisoned, name, step):
-    from realm_jax.errors import NonFiniteLogitsError
-
-    message = rf"{name}\.gguf: the logits of generation step {step} \(new token {step + 1}\) of prompt 0"
-    with pytest.raises(NonFiniteLogitsError, match=message):
-        poisoned[name].generate(PROMPT, max_new_tokens=8)
+    w = np.array(realm_jax.dequantize(tensors["token_embd.weight"]), np.float32)
+    w[first] = np.nan
+    path = realm_jax.write_gguf(tmp_path / "embd.gguf", {**tensors, "token_embd.weight": realm_jax.quantize(w, "F32")},
+                                arch="llama", metadata=metadata)
+    model = realm_jax.load(path, policy="f32", progress=False)
+    with pytest.raises(NonFiniteLogitsError, match=r"embd\.gguf: the logits of generation step 1 \(new token 2\) "
+                                                   r"of prompt 0"):
+        model.generate(PROMPT, max_new_tokens=8)
