@@ -66,6 +66,7 @@ _SPACE = "\u2581"  # SentencePiece's visible space
 # tables (~1 KB a token while they are built) or the time to build them grow without end.
 MAX_VOCAB = 1 << 19
 MAX_TOKEN_CHARS = 1024
+MAX_VOCAB_CHARS = 1 << 24  # all tokens' characters together (gemma3: 1,476,602)
 MAX_MERGES = 1 << 20  # BPE merges, the file's or a SentencePiece vocabulary's splits (gemma3: 514,847)
 
 # --- pre-tokenizers of gpt2-style vocabularies (llama_vocab::impl::load and llm_tokenizer_bpe) -----------
@@ -470,6 +471,10 @@ def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
         raise ResourceLimitError(f"{source}: tokenizer.ggml.tokens has {n} tokens, more than the {MAX_VOCAB} "
                                  "realm-jax builds a tokenizer for (real vocabularies have at most 262,144)")
     texts = list(texts)
+    chars = sum(len(t) for t in texts if isinstance(t, str))
+    if chars > MAX_VOCAB_CHARS:
+        raise ResourceLimitError(f"{source}: tokenizer.ggml.tokens has {chars} characters in all, more than the "
+                                 f"{MAX_VOCAB_CHARS} realm-jax builds a tokenizer from")
     ids_of: dict[str, int] = {}
     for i, t in enumerate(texts):
         if not isinstance(t, str):

@@ -351,6 +351,7 @@ def test_spm_splits_are_found_in_linear_time():
 @pytest.mark.parametrize("change, match", [
     (lambda tokens: tokens.append("x" * (1 << 20)), r"tokenizer\.ggml\.tokens\[259\].*1048576 characters"),
     (lambda tokens: tokens.extend(f"t{i}" for i in range(1 << 19)), r"tokenizer\.ggml\.tokens has 524547 tokens"),
+    (lambda tokens: tokens.extend(f"{i:06}" * 170 for i in range(17000)), r"tokens has 17\d+ characters in all"),
 ])
 def test_vocabularies_past_the_bounds_are_refused_at_once(change, match):
     from realm_jax.errors import ResourceLimitError
