@@ -36,6 +36,7 @@ from realm_jax.inputs import check_text, decode_line
 __all__ = ["main"]
 
 _MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates have a few KB
+_PROCESS_BYTES = 192 << 20  # RSS of a process once JAX's CPU backend is up, before it loads anything
 _ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
               "attention.head_count", "attention.head_count_kv", "attention.key_length",
               "attention.sliding_window", "rope.freq_base", "vocab_size")
@@ -264,8 +265,11 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     if top_k is not None and top_k > plan["vocab_size"]:
         raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
     need = step_bytes(plan, batch=batch, prompt_tokens=prompt_tokens, cache_tokens=prompt_tokens + new_tokens)
-    # One process holds the params; each of several reads every tensor of the file before its share is placed.
-    held = plan["params_bytes"] if processes == 1 else processes * os.path.getsize(path)
+    # One process holds the params; each of several also reads every tensor of the file before its share is
+    # placed, and holds a JAX runtime of its own.
+    held = plan["params_bytes"]
+    if processes > 1:
+        held += processes * (os.path.getsize(path) + _PROCESS_BYTES)
     check_fits(f"{path}: {processes} process(es) with {batch} x ({prompt_tokens} + {new_tokens}) tokens",
                held + need)
 
