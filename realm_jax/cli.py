@@ -36,7 +36,9 @@ from realm_jax.inputs import check_text, decode_line
 __all__ = ["main"]
 
 _MAX_TEMPLATE_BYTES = 1 << 20  # real chat templates have a few KB
-_PROCESS_BYTES = 192 << 20  # RSS of a process once JAX's CPU backend is up, before it loads anything
+# A process's RSS beyond its arrays: JAX's runtime and a compilation. Measured: gemma3 in one process 1,257 MiB
+# after load against 700 MiB of params and file; SmolLM2 over 3 processes 1,286 MiB each against 665.
+_PROCESS_BYTES = 512 << 20
 _ARCH_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
               "attention.head_count", "attention.head_count_kv", "attention.key_length",
               "attention.sliding_window", "rope.freq_base", "vocab_size")
@@ -246,17 +248,25 @@ def _check_path(path: str | None, name: str = "--model") -> None:
 
 
 def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_tokens: int,
-               processes: int = 1) -> None:
+               processes: int = 1, devices: int | None = None) -> None:
     """The sizes a command asks for against the model's header and the machine, before the model loads:
     ContextLengthError when they do not fit the context, SamplingError for a top-k past the vocabulary,
-    MemoryBudgetError when the params, KV cache and activations need more memory than is free."""
+    MemoryBudgetError when the params, KV cache and activations need more memory than is free. `devices`:
+    how many the params spread over (default: the command's mesh, if any)."""
+    import jax
+
+    from realm_jax import linear
     from realm_jax.assets import default_model_path
     from realm_jax.errors import ContextLengthError, SamplingError
     from realm_jax.preflight import check_fits, step_bytes
     from realm_jax.runtime import memory_plan
 
     path = args.model or default_model_path()
-    plan = memory_plan(path, args.precision, args.impl)
+    if devices is None:
+        devices = 1 if getattr(args, "mesh", None) is None and getattr(args, "strategy", None) is None \
+            else jax.device_count()
+    # The backend a mesh gets (the XLA path on CPU) decides the params' bytes: dense where it converts them.
+    plan = memory_plan(path, args.precision, linear.resolve(args.impl, jax.default_backend(), devices=devices))
     context = plan["context_length"]
     if prompt_tokens + new_tokens > context:
         raise ContextLengthError(f"{path}: {prompt_tokens} prompt token(s) and {new_tokens} new ones exceed the "
@@ -265,11 +275,10 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     if top_k is not None and top_k > plan["vocab_size"]:
         raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
     need = step_bytes(plan, batch=batch, prompt_tokens=prompt_tokens, cache_tokens=prompt_tokens + new_tokens)
-    # One process holds the params; each of several also reads every tensor of the file before its share is
-    # placed, and holds a JAX runtime of its own.
-    held = plan["params_bytes"]
-    if processes > 1:
-        held += processes * (os.path.getsize(path) + _PROCESS_BYTES)
+    # Each process holds a JAX runtime and a compilation, reads every tensor of the file and holds the params;
+    # on a mesh it builds all of them before its share is placed on its devices.
+    params = plan["params_bytes"] * (2 if devices > 1 else 1)
+    held = processes * (params + os.path.getsize(path) + _PROCESS_BYTES)
     check_fits(f"{path}: {processes} process(es) with {batch} x ({prompt_tokens} + {new_tokens}) tokens",
                held + need)
 
@@ -399,7 +408,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         if args.processes < 1:
             raise CoordinatorError(f"--processes={args.processes} must be >= 1")
         coordinator.plan_mesh(_distributed_config(gen), args.processes, options.cpu_devices)
-        _preflight(gen, processes=args.processes, **_command_sizes(gen))
+        _preflight(gen, processes=args.processes, devices=args.processes * options.cpu_devices, **_command_sizes(gen))
         launch.run_local(args.processes, command, options)
         return 0
     if args.hosts is not None:
