@@ -30,7 +30,7 @@ from realm_jax.inputs import check_text
 from realm_jax.preflight import check_fits, step_bytes
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
-from realm_jax.models.transformer import KVCache, forward, init_cache, run_layers, stack_layers
+from realm_jax.models.transformer import KVCache, forward, init_cache, project, run_layers, stack_layers
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor
 from realm_jax.sampling import SamplingConfig, sample, step_keys
@@ -42,8 +42,7 @@ _PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: fewer shapes to
 _CACHE_BUCKET = 256
 _STREAM_CHUNK = 1  # tokens per dispatch while streaming
 _STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
-_LOGITS_CHUNK = 512  # Model.logits runs a prompt through the model this many tokens at a time,
-_LOGITS_ROWS = 128  # or this many where it returns rows: their logits [rows, V] are the chunk's largest array
+_LOGITS_ROWS = 128  # Model.logits projects this many rows to logits at a time: [rows, V] at once, not [T, V]
 
 
 def _round_up(n: int, m: int) -> int:
@@ -55,26 +54,20 @@ def _layer_stack(pipeline):
     return run_layers if pipeline is None else pipeline.run_layers
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits", "pipeline", "impl"),
+@functools.partial(jax.jit, static_argnames=("config", "policy", "all_logits", "pipeline", "impl", "logits"),
                    donate_argnames=("cache",))
 def _prefill(params, tokens, lengths, cache, *, config: ModelConfig, policy: Policy, all_logits: bool, pipeline=None,
-             impl: str = "auto"):
+             impl: str = "auto", logits: bool = True):
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_logits else lengths - 1,
-                   kv_len=t, layer_stack=_layer_stack(pipeline), impl=impl)
+                   kv_len=t, layer_stack=_layer_stack(pipeline), impl=impl, logits=logits)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "policy", "kv_len", "all_rows", "pipeline", "impl"),
-                   donate_argnames=("cache",))
-def _prefill_chunk(params, tokens, start, keep, cache, *, config: ModelConfig, policy: Policy, kv_len: int,
-                   all_rows: bool, pipeline=None, impl: str = "auto"):
-    """Tokens [B, C] of a prompt at positions start..start+C into the cache, attending over its first kv_len
-    positions: the logits of every row [B, C, V] (all_rows), or of row keep [B] of each [B, V]."""
-    b, c = tokens.shape
-    positions = start + jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-    return forward(config, params, tokens, positions, cache, policy=policy, last=None if all_rows else keep,
-                   kv_len=kv_len, layer_stack=_layer_stack(pipeline), impl=impl)
+@functools.partial(jax.jit, static_argnames=("policy",))
+def _project(params, x, rows, *, policy: Policy):
+    """Logits [R, V] of rows [R] of the final-normed x [T, D]."""
+    return project(params, x[rows], policy)
 
 
 def _first_nonfinite(logits, live):
@@ -167,9 +160,9 @@ class Model:
     def logits(self, ids: Sequence[int], positions: Sequence[int] | None = None) -> np.ndarray:
         """Teacher-forced logits of `ids`: float32 [len(ids), V], or [len(positions), V] for those positions.
 
-        The prompt goes through the model in chunks over one KV cache, and only the rows asked for are
-        computed and leave the device: memory grows with the rows returned (and the cache), not with the
-        prompt times the vocabulary. Each row is the one a single prefill of the whole prompt gives.
+        One prefill of the whole prompt gives its final-normed rows ([T, D], the prefill `generate` runs),
+        and only the rows asked for are projected to logits, `_LOGITS_ROWS` at a time: memory grows with the
+        rows returned, not with the prompt times the vocabulary. The values are one prefill's, bit for bit.
 
         Args:
           ids: the token ids.
@@ -179,29 +172,22 @@ class Model:
         ids = self._check_ids(ids)
         rows = self._check_positions(positions, len(ids))
         t = _round_up(len(ids), _PROMPT_BUCKET)
-        big, small = min(t, _LOGITS_CHUNK), min(t, _LOGITS_ROWS)
         b = self.batch_multiple  # the data axis needs a row per shard: the extra rows repeat this one
+        self._check_fits(f"the logits of {len(rows)} of {len(ids)} positions", batch=b, prompt_tokens=t,
+                         cache_tokens=t, logits_rows=_LOGITS_ROWS + len(rows))
         tokens = np.zeros((b, t), np.int32)
         tokens[:, : len(ids)] = ids
-        self._check_fits(f"the logits of {len(rows)} of {len(ids)} positions", batch=b, prompt_tokens=big,
-                         cache_tokens=t, logits_rows=small + len(rows))
-        cache = self._new_cache(b, t)
+        with self.mesh_context():
+            x, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), self._new_cache(b, t),
+                            config=self.config, policy=self.policy, all_logits=True, pipeline=self.pipeline,
+                            impl=self.impl, logits=False)
         out = np.empty((len(rows), self.config.vocab_size), np.float32)
-        static = dict(config=self.config, policy=self.policy, kv_len=t, pipeline=self.pipeline, impl=self.impl)
-        done = 0  # positions before this one are in the cache and their rows in `out`
-        while done < t:
-            # A stretch with no row asked for goes through in a big chunk that computes one row's logits;
-            # rows asked for come from small chunks that compute them all, each row as one prefill does.
-            all_rows = bool(np.any((rows >= done) & (rows < done + big)))
-            c = small if all_rows else big
-            start = min(done, t - c)  # the last chunk ends at t: it may go over positions done before
+        for start in range(0, len(rows), _LOGITS_ROWS):
+            chunk = rows[start : start + _LOGITS_ROWS]
+            padded = np.pad(chunk, (0, _LOGITS_ROWS - len(chunk)), mode="edge")  # one compiled shape
             with self.mesh_context():
-                logits, cache = _prefill_chunk(self.params, tokens[:, start : start + c], np.int32(start),
-                                               np.zeros((b,), np.int32), cache, all_rows=all_rows, **static)
-            wanted = np.flatnonzero((rows >= done) & (rows < start + c))
-            if len(wanted):
-                out[wanted] = np.asarray(logits[0])[rows[wanted] - start]
-            done = start + c
+                logits = _project(self.params, x[0], padded.astype(np.int32), policy=self.policy)
+            out[start : start + len(chunk)] = np.asarray(logits[: len(chunk)], np.float32)
         return out
 
     def _check_positions(self, positions, n: int) -> np.ndarray:

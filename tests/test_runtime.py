@@ -173,7 +173,7 @@ def test_greedy_pick_is_argmax(row):
     assert first_argmax(logits).dtype == jnp.int32
 
 
-# --- logits in chunks, only the rows asked for --------------------------------------------------------------
+# --- logits of the rows asked for, projected in chunks ---------------------------------------------------
 def _synthetic_path():
     from realm_jax.reference import reference_dir
 
@@ -186,9 +186,8 @@ def synthetic():
 
 
 def test_logits_in_chunks_are_one_prefills_rows(synthetic):
-    """700 tokens go through in chunks: a big one that computes no row asked for, small ones for the rows
-    asked for, the last one overlapping the one before. Every row, and any rows asked for in any order, are
-    bit for bit those of one prefill of the whole prompt."""
+    """Every row of 700 tokens (projected 128 rows at a time, the last chunk padded), and any rows asked for
+    in any order, are bit for bit those of one prefill of the whole prompt."""
     from realm_jax.runtime import _PROMPT_BUCKET, _prefill, _round_up
 
     m = synthetic

@@ -247,7 +247,7 @@ def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: K
 
 def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cache: KVCache, *, policy: Policy,
             last: jax.Array | None = None, kv_len: int | None = None, layer_stack: Callable = run_layers,
-            impl: str = "auto"):
+            impl: str = "auto", logits: bool = True):
     """Run tokens [B, T] at positions [B, T] through the model, updating the cache.
 
     Args:
@@ -265,9 +265,12 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
       impl: the backend the weights were prepared for (`realm_jax.linear.resolve`): attention's prefill
         products run on it where it has them (`realm_jax.linear.products`). Each linear layer runs on the
         backend that prepared its weight.
+      logits: False returns the final-normed rows instead, for `project` to turn into logits a few at a
+        time (`Model.logits`: [T, V] logits of a long prompt need not exist at once).
 
     Returns:
-      (logits float32 [B, T, V] or [B, V] with `last`, the updated cache).
+      (logits float32 [B, T, V] or [B, V] with `last` (or the final-normed rows [B, T, D] / [B, D] without
+      `logits`), the updated cache).
     """
     kv_len = cache.length if kv_len is None else kv_len
     x = ops.embed(tokens, params["embed"], dtype=jnp.float32)
@@ -281,4 +284,9 @@ def forward(config: ModelConfig, params: dict[str, Any], tokens, positions, cach
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
     x = ops.rms_norm(x, params["final_norm"], config.norm_eps, dtype=policy.norm)
-    return _linear(x, params["output"], policy.compute).astype(policy.output), cache
+    return (project(params, x, policy) if logits else x), cache
+
+
+def project(params: dict[str, Any], x, policy: Policy):
+    """The output projection of final-normed rows x [..., D]: logits [..., V] in `policy.output`."""
+    return _linear(x, params["output"], policy.compute).astype(policy.output)
