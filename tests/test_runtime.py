@@ -173,7 +173,7 @@ def test_greedy_pick_is_argmax(row):
     assert first_argmax(logits).dtype == jnp.int32
 
 
-# --- logits of the rows asked for, projected in chunks ---------------------------------------------------
+# --- logits of the rows asked for, projected in chunks ------------------------------------------------------
 def _synthetic_path():
     from realm_jax.reference import reference_dir
 
