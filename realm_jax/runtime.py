@@ -178,15 +178,15 @@ class Model:
         tokens = np.zeros((b, t), np.int32)
         tokens[:, : len(ids)] = ids
         with self.mesh_context():
-            x, _ = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), self._new_cache(b, t),
-                            config=self.config, policy=self.policy, all_logits=True, pipeline=self.pipeline,
-                            impl=self.impl, logits=False)
+            x = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), self._new_cache(b, t),
+                         config=self.config, policy=self.policy, all_logits=True, pipeline=self.pipeline,
+                         impl=self.impl, logits=False)[0][0]  # the cache is not needed after
         out = np.empty((len(rows), self.config.vocab_size), np.float32)
         for start in range(0, len(rows), _LOGITS_ROWS):
             chunk = rows[start : start + _LOGITS_ROWS]
             padded = np.pad(chunk, (0, _LOGITS_ROWS - len(chunk)), mode="edge")  # one compiled shape
             with self.mesh_context():
-                logits = _project(self.params, x[0], padded.astype(np.int32), policy=self.policy)
+                logits = _project(self.params, x, padded.astype(np.int32), policy=self.policy)
             out[start : start + len(chunk)] = np.asarray(logits[: len(chunk)], np.float32)
         return out
 
