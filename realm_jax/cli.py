@@ -263,8 +263,8 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
 
     path = args.model or default_model_path()
     if devices is None:
-        devices = 1 if getattr(args, "mesh", None) is None and getattr(args, "strategy", None) is None \
-            else jax.device_count()
+        on_mesh = getattr(args, "mesh", None) is not None or getattr(args, "strategy", None) is not None
+        devices = jax.device_count() if on_mesh else 1
     # The backend a mesh gets (the XLA path on CPU) decides the params' bytes: dense where it converts them.
     plan = memory_plan(path, args.precision, linear.resolve(args.impl, jax.default_backend(), devices=devices))
     context = plan["context_length"]
@@ -376,7 +376,10 @@ def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Names
     if command[0] not in ("generate", "bench"):
         raise CoordinatorError(f"launch runs generate or bench on every process; got {command[0]!r}")
     gen = _parser().parse_args(command)
-    _check_sampling(gen) if command[0] == "generate" else _check_bench(gen)
+    if command[0] == "generate":
+        _check_sampling(gen)
+    else:
+        _check_bench(gen)
     _check_path(gen.model)
     if _distributed_config(gen) is None:
         raise CoordinatorError(f"launch needs {command[0]} --mesh (e.g. model=4) or --strategy: the mesh that spans "
