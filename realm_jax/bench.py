@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.errors import ContextLengthError, SamplingError
+from realm_jax.inputs import shown
 
 __all__ = ["check_sizes", "git_revision", "measure", "write_report"]
 
@@ -23,7 +24,7 @@ def check_sizes(**sizes: int) -> None:
     """SamplingError unless every size is an int >= 1 (named as given), and `runs` at most `MAX_RUNS`."""
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SamplingError(f"{name}={value!r} must be an int >= 1")
+            raise SamplingError(f"{name}={shown(value)} must be an int >= 1")
     if sizes.get("runs", 1) > MAX_RUNS:
         raise SamplingError(f"runs={sizes['runs']} must be at most {MAX_RUNS}")
 

@@ -70,15 +70,16 @@ def render(template: str, what: str, context: dict[str, Any], budget: TemplateBu
       ChatTemplateError: its raise_exception rejected the messages.
       TextInputError: the context is larger than the output budget.
     """
+    try:
+        request = json.dumps({"template": template, "context": context, "max_chars": budget.max_chars,
+                              "memory_bytes": budget.memory_bytes})
+    except (TypeError, ValueError, RecursionError) as e:  # not JSON, a cycle, or nested past the stack
+        raise ChatTemplateError(f"{what}: the messages hold a value that is not plain JSON data: "
+                                f"{type(e).__name__}: {e}") from None
     size = _text_size(context)
     if size > budget.max_chars:
         raise TextInputError(f"the messages for {what} hold {size} characters, more than its output budget of "
                              f"{budget.max_chars}")
-    try:
-        request = json.dumps({"template": template, "context": context, "max_chars": budget.max_chars,
-                              "memory_bytes": budget.memory_bytes})
-    except (TypeError, ValueError) as e:
-        raise ChatTemplateError(f"{what}: the messages hold a value that is not plain JSON data: {e}") from None
     reply = _POOL.ask(request.encode() + b"\n", budget, what)
     if "text" in reply:
         return reply["text"]
@@ -98,14 +99,17 @@ def render(template: str, what: str, context: dict[str, Any], budget: TemplateBu
 
 
 def _text_size(value: Any) -> int:
-    """Characters of all the strings in a JSON-like value."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_text_size(k) + _text_size(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return sum(map(_text_size, value))
-    return 0
+    """Characters of all the strings in a JSON value (one without cycles: json.dumps took it)."""
+    total, stack = 0, [value]
+    while stack:  # not recursive: nesting as deep as json.dumps allows would overflow a recursion
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, (list, tuple)):
+            stack += v
+    return total
 
 
 class _Worker:

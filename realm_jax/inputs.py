@@ -8,12 +8,29 @@ fail on them deep inside, so they end here in a `TextInputError` that names the 
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from realm_jax.errors import ChatTemplateError, TextInputError
 
-__all__ = ["check_messages", "check_text", "decode_line"]
+__all__ = ["check_messages", "check_text", "decode_line", "shown"]
+
+
+class _Shown(reprlib.Repr):
+    # A huge int has no repr (Python refuses to print more than 4,300 digits) and would raise instead.
+    def repr_int(self, x, level):
+        return super().repr_int(x, level) if x.bit_length() <= 4096 else f"<int of {x.bit_length()} bits>"
+
+
+_SHOWN = _Shown()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message shows it: a short repr whatever it is (a huge int, a long or deeply nested
+    list, a string of gigabytes); a plain repr can recurse, raise, or take as much memory as the value."""
+    return _SHOWN.repr(value)
 
 
 def check_text(value: Any, what: str, *, max_chars: int | None = None) -> str:
@@ -57,7 +74,7 @@ def check_messages(messages: Any, what: str = "messages") -> list[dict[str, str]
         for m in messages
     ):
         raise ChatTemplateError(f'{what} must be a list of {{"role": str, "content": str}} dicts, got '
-                                f"{messages!r:.80}")
+                                f"{shown(messages)}")
     out = []
     for i, m in enumerate(messages):
         m = dict(m)

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from realm_jax import linear
 from realm_jax.errors import (ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError, ShardingError,
                               TokenIdError)
-from realm_jax.inputs import check_text
+from realm_jax.inputs import check_text, shown
 from realm_jax.preflight import check_fits, step_bytes
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
@@ -200,7 +200,7 @@ class Model:
             raise TokenIdError(f"positions must hold ints, got {[type(p).__name__ for p in positions[:3]]}...")
         bad = [int(p) for p in positions if not -n <= p < n]
         if bad:
-            raise TokenIdError(f"positions {bad[:5]} are outside the {n} tokens of the prompt")
+            raise TokenIdError(f"positions {shown(bad[:5])} are outside the {n} tokens of the prompt")
         return np.asarray(positions, np.int64) % n
 
     def compiled_text(self, step: str, *, batch: int = 1, prompt_tokens: int = 16) -> str:
@@ -263,7 +263,8 @@ class Model:
             raise SamplingError(f"{what} is empty: at least one token is needed")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
         if bad:
-            raise TokenIdError(f"{what}: token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise TokenIdError(f"{what}: token ids {shown(bad[:5])} are outside the vocabulary "
+                               f"[0, {self.config.vocab_size})")
         if len(ids) > self.config.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the model's context of "
                                      f"{self.config.context_length} tokens")
@@ -277,7 +278,7 @@ class Model:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             raise SamplingError("prompts must be a list of token-id lists")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-            raise SamplingError(f"seed={seed!r} must be an int in [0, 2**32)")
+            raise SamplingError(f"seed={shown(seed)} must be an int in [0, 2**32)")
         stop_ids = sorted(self.tokenizer.stop_ids) if stop_ids is None else self._check_ids(stop_ids, what="stop_ids",
                                                                                             allow_empty=True)
         return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, int(seed), stop_ids)
@@ -323,7 +324,7 @@ class Model:
         stop = () if stop is None else stop
         if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or \
                 not all(isinstance(s, str) and s for s in stop):
-            raise SamplingError(f"stop={stop!r} must be a list of non-empty strings")
+            raise SamplingError(f"stop={shown(stop)} must be a list of non-empty strings")
         if stream and not single:
             raise SamplingError("stream=True takes one prompt, not a list")
         for i, p in enumerate(prompts):
@@ -364,14 +365,14 @@ class _Generation:
     def __init__(self, model: Model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  seed: int, stop_ids: list[int]):
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+            raise SamplingError(f"max_new_tokens={shown(max_new_tokens)} must be an int >= 1")
         if not prompts:
             raise SamplingError("no prompts given")
         config, policy = model.config, model.policy
         longest = max(len(p) for p in prompts)
         if longest + max_new_tokens > config.context_length:
             raise ContextLengthError(
-                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"a prompt of {longest} tokens plus max_new_tokens={shown(max_new_tokens)} exceeds the model's context "
                 f"of {config.context_length} tokens")
         self.model, self.sampling = model, sampling
         # Data parallelism splits the batch over the mesh's data axis: pad it with copies of the first prompt

@@ -13,8 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.errors import SamplingError
+from realm_jax.inputs import shown
 
 __all__ = ["SamplingConfig", "first_argmax", "sample", "step_keys"]
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int past the largest float
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,17 +41,17 @@ class SamplingConfig:
 
     def __post_init__(self):
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise SamplingError(f"temperature={t!r} must be a finite number >= 0 (0 is greedy)")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not _finite(t) or t < 0:
+            raise SamplingError(f"temperature={shown(t)} must be a finite number >= 0 (0 is greedy)")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise SamplingError(f"top_k={k!r} must be None or an int >= 1")
+            raise SamplingError(f"top_k={shown(k)} must be None or an int >= 1")
         if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
-            raise SamplingError(f"top_p={p!r} must be None or a number in (0, 1]")
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not math.isfinite(r) or r <= 0:
-            raise SamplingError(f"repetition_penalty={r!r} must be a finite number > 0")
+            raise SamplingError(f"top_p={shown(p)} must be None or a number in (0, 1]")
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not _finite(r) or r <= 0:
+            raise SamplingError(f"repetition_penalty={shown(r)} must be a finite number > 0")
         n = self.penalty_last_n
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_PENALTY_LAST_N:
-            raise SamplingError(f"penalty_last_n={n!r} must be an int in [1, {_MAX_PENALTY_LAST_N}]")
+            raise SamplingError(f"penalty_last_n={shown(n)} must be an int in [1, {_MAX_PENALTY_LAST_N}]")
         if p is not None and p >= 1.0:
             object.__setattr__(self, "top_p", None)  # keeps every token: skip the sort
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from realm_jax.chat_template import DEFAULT_BUDGET, TemplateBudget, render
 from realm_jax.errors import MetadataError, ResourceLimitError, TokenIdError
-from realm_jax.inputs import check_messages, check_text
+from realm_jax.inputs import check_messages, check_text, shown
 
 __all__ = ["Tokenizer"]
 
@@ -356,7 +356,7 @@ class Tokenizer:
 
     def _check_id(self, id: int) -> None:
         if isinstance(id, bool) or not isinstance(id, (int, np.integer)) or not 0 <= id < self.vocab_size:
-            raise TokenIdError(f"token {id=} is not an id of the vocabulary [0, {self.vocab_size})")
+            raise TokenIdError(f"token id={shown(id)} is not an id of the vocabulary [0, {self.vocab_size})")
 
     # --- chat templates -------------------------------------------------------------------------------
     def apply_chat_template(
@@ -446,7 +446,7 @@ def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
         pre_key = pre_name or "default"  # llama.cpp warns and uses "default" when the key is absent
         if pre_key not in _BPE_PRE:
             raise MetadataError(
-                f"{source}: tokenizer.ggml.pre = {pre_name!r} is not a pre-tokenizer realm-jax implements "
+                f"{source}: tokenizer.ggml.pre = {shown(pre_name)} is not a pre-tokenizer realm-jax implements "
                 f"(supported: {sorted(_BPE_PRE)})"
             )
         pre = _BPE_PRE[pre_key]
@@ -458,7 +458,7 @@ def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
         add_bos, add_space_prefix, clean_spaces = True, True, False
     else:
         raise MetadataError(
-            f"{source}: tokenizer.ggml.model = {model!r} is not a tokenizer realm-jax implements "
+            f"{source}: tokenizer.ggml.model = {shown(model)} is not a tokenizer realm-jax implements "
             "(supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)"
         )
     add_space_prefix = _get(metadata, "tokenizer.ggml.add_space_prefix", bool, source, add_space_prefix)
@@ -551,14 +551,14 @@ def _parse_merges(raw: list, ids_of: Mapping[str, int], source: str) -> list[tup
             raise MetadataError(f"{source}: tokenizer.ggml.merges[{i}] is a {type(m).__name__}, not a string")
         pos = m.find(" ", 1)
         if pos < 0:
-            raise MetadataError(f"{source}: tokenizer.ggml.merges[{i}] = {m!r} is not two tokens and a space")
+            raise MetadataError(f"{source}: tokenizer.ggml.merges[{i}] = {shown(m)} is not two tokens and a space")
         pair = (m[:pos], m[pos + 1 :])
         # A merge that makes a non-token would send llama.cpp into its per-byte fallback, which the BPE
         # here does not have; converted files never contain one.
         for part in (*pair, pair[0] + pair[1]):
             if part not in ids_of:
                 raise MetadataError(
-                    f"{source}: tokenizer.ggml.merges[{i}] = {m!r} uses or makes {part!r}, not a token"
+                    f"{source}: tokenizer.ggml.merges[{i}] = {shown(m)} uses or makes {shown(part)}, not a token"
                 )
         if pair not in seen:
             seen.add(pair)
@@ -577,8 +577,8 @@ def _check_unsupported_attributes(metadata: Mapping[str, Any], source: str) -> N
         or any(s in name for s in ("phi-3", "phi3", "modern-bert"))
     ):
         raise MetadataError(
-            f"{source}: llama.cpp strips spaces around some tokens of this model (general.name = {name!r}, "
-            f"tokenizer.ggml.pre = {pre!r}); realm-jax does not implement those per-token rules"
+            f"{source}: llama.cpp strips spaces around some tokens of this model (general.name = {shown(name)}, "
+            f"tokenizer.ggml.pre = {shown(pre)}); realm-jax does not implement those per-token rules"
         )
 
 

@@ -429,6 +429,24 @@ def test_templates_render_under_a_budget(template, error, match):
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], template=own, budget=budget) == "<hi>"
 
 
+def test_error_messages_show_any_value_briefly():
+    """A huge int has no repr, a deep list's overflows the stack, a long string's takes its size: the value an
+    error names is shown short whatever it is."""
+    from realm_jax.inputs import shown
+    from realm_jax.sampling import SamplingConfig
+    from realm_jax.errors import SamplingError
+
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert shown(10**5000) == "<int of 16610 bits>" and shown([1, 2**5000]) == "[1, <int of 5001 bits>]"
+    assert len(shown("x" * 10**7)) < 80 and shown(deep).startswith("[[[[")
+    with pytest.raises(SamplingError, match=r"temperature=<int of \d+ bits>"):
+        SamplingConfig(temperature=-(10**5000))
+    with pytest.raises(ChatTemplateError, match=r"got \[\[\[\["):
+        Tokenizer.from_metadata(tiny_gpt2()).apply_chat_template(deep)
+
+
 def test_text_that_is_not_unicode_is_refused():
     from realm_jax.errors import TextInputError
 
