@@ -72,6 +72,8 @@ _VALUE_TYPE_NAMES = {
 }  # fmt: skip
 # The fewest bytes one element of each type can occupy: a bound on how many elements a file can hold.
 _MIN_VALUE_SIZE = {t: d.itemsize for t, d in _SCALAR_DTYPES.items()} | {_STRING: 8, _ARRAY: 12}
+_MAX_KEY_BYTES = 65535  # the GGUF spec's longest metadata key
+_MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) less its NUL: llama.cpp refuses longer tensor names
 _MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, a one-byte value
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 
@@ -342,10 +344,13 @@ class _Parser:
         self.pos = pos + 8
         return _U64.unpack_from(self.buf, pos)[0]
 
-    def _str(self, what: str) -> str:
+    def _str(self, what: str, max_bytes: int | None = None) -> str:
         n = self._u64(f"length of {what}")
         pos = self.pos
         self._check_span(what, pos, n)
+        if max_bytes is not None and n > max_bytes:
+            raise MetadataError(f"{self.path}: {what} (offset {pos}) is {n} bytes long, more than the {max_bytes} "
+                                "GGUF allows")
         self._charge(what, _STR_COST + n)
         self.pos = pos + n
         try:
@@ -395,7 +400,7 @@ class _Parser:
         alignment = _DEFAULT_ALIGNMENT
         for i in range(n_kv):
             key_pos = self.pos
-            key = self._str(f"metadata key #{i}")
+            key = self._str(f"metadata key #{i}", max_bytes=_MAX_KEY_BYTES)
             if key in metadata:
                 raise MetadataError(f"{self.path}: metadata key {key!r} (offset {key_pos}) appears twice")
             vtype = self._u32(f"value type of metadata key {key!r}")
@@ -503,7 +508,7 @@ class _Parser:
         infos = []
         names: set[str] = set()
         for i in range(n_tensors):
-            name = self._str(f"name of tensor #{i}")
+            name = self._str(f"name of tensor #{i}", max_bytes=_MAX_NAME_BYTES)
             if name in names:
                 raise DuplicateTensorError(
                     f"{self.path}: tensor {name!r} appears twice (second is tensor #{i})"

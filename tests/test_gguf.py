@@ -482,3 +482,13 @@ def test_a_file_changed_after_opening_is_not_read(write, change, needle):
             with pytest.raises(errors.FileChangedError, match=needle) as info:
                 read("b")
             assert "case.gguf" in str(info.value) and "'b'" in str(info.value)
+
+
+def test_keys_and_names_longer_than_gguf_allows(write):
+    """Keys of more than 65,535 bytes (the spec's limit) and tensor names of 64 or more (ggml's, which
+    llama.cpp enforces): error messages name them, so they must stay short."""
+    _raises(write(_file([_kv("k" * 65536, V.UINT8, b"\x01")])), errors.MetadataError, "metadata key #0", "65536 bytes")
+    _raises(write(_file(tis=[_ti("t" * 64, (8,), Q.F32, 0)], data=bytes(32))), errors.MetadataError,
+            "name of tensor #0", "64 bytes")
+    with open_gguf(write(_file(tis=[_ti("t" * 63, (8,), Q.F32, 0)], data=bytes(32)))) as gf:
+        assert list(gf.tensors) == ["t" * 63]

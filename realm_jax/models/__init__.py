@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from realm_jax import linear
 from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
+from realm_jax.inputs import shown
 from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
 from realm_jax.quant import QTensor, dequantize
@@ -49,7 +50,7 @@ def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, QTensor], sour
     arch = metadata.get("general.architecture")
     if arch not in _MODULES:
         raise UnsupportedArchitectureError(
-            f"{source}: architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+            f"{source}: architecture {shown(arch)} is not supported; supported: {', '.join(ARCHITECTURES)}")
     try:
         return _MODULES[arch].config_from_metadata(metadata, tensors, source)
     except MetadataError as e:

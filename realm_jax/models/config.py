@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.errors import MetadataError
+from realm_jax.inputs import shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def get(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], defau
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise MetadataError(f"{source}: metadata key {key!r} must be {getattr(kind, '__name__', kind)}, "
-                            f"got {type(value).__name__} {value!r}")
+                            f"got {type(value).__name__} {shown(value)}")
     if kind is int and value <= 0 and not key.endswith("sliding_window"):
         raise MetadataError(f"{source}: metadata key {key!r} must be positive, got {value}")
     if kind is float and not (math.isfinite(value) and value > 0):
