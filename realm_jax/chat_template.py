@@ -118,23 +118,32 @@ class _Worker:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-I", str(_WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.overran = False
         if self.read(time.monotonic() + _START_S, 1 << 10) != {"ready": True}:
             self.close()
             raise MetadataError(f"the chat-template worker ({sys.executable} {_WORKER}) did not start")
 
     def read(self, deadline: float, limit: int) -> dict | None:
-        """The next reply, or None when the worker died, timed out or overran `limit` bytes."""
+        """The next reply, or None when the worker died, timed out or overran `limit` bytes (`overran`)."""
         fd = self.proc.stdout.fileno()
-        while b"\n" not in self.buffer:
+        end = self.buffer.find(b"\n")
+        while end < 0:  # a reply can be ~100 MB: the buffer grows in place and only new bytes are searched
+            if len(self.buffer) > limit:
+                self.overran = True
+                return None
             left = deadline - time.monotonic()
-            if left <= 0 or len(self.buffer) > limit or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return None
+            end = chunk.find(b"\n")
+            if end >= 0:
+                end += len(self.buffer)
             self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
+        line = self.buffer[:end]
+        del self.buffer[:end + 1]
         return json.loads(line)
 
     def close(self) -> None:
@@ -176,13 +185,14 @@ class _Pool:
                 reply = worker.read(start + budget.seconds, 12 * budget.max_chars + (1 << 16))
             if reply is not None and reply.get("error") != "memory":
                 return reply
-            # Timed out, died, or ran out of its memory budget: a fresh worker serves the next render.
+            # Timed out, died, overran or ran out of its memory budget: a fresh worker serves the next render.
             self.worker = None
-            alive = worker.proc.poll() is None
             worker.close()
             if reply is not None:
                 return reply
-            if alive:
+            if worker.overran:  # the worker cuts its output at max_chars: a longer reply is not one it sent whole
+                raise MetadataError(f"{what} fails to render: the sandbox's worker sent more than its output budget")
+            if time.monotonic() - start >= budget.seconds:
                 raise TemplateBudgetError(f"{what} exceeds the sandbox's time budget: still rendering after "
                                           f"{budget.seconds:g} s (stopped)")
             cause = _describe(worker.proc.returncode)
