@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from realm_jax.errors import ChatTemplateError, MetadataError, TemplateBudgetError, TextInputError
+from realm_jax.inputs import check_text
 
 __all__ = ["DEFAULT_BUDGET", "TemplateBudget", "render"]
 
@@ -62,10 +63,11 @@ def render(template: str, what: str, context: dict[str, Any], budget: TemplateBu
       budget: the limits.
 
     Returns:
-      The rendered text (possibly with lone surrogates a template wrote: check it before encoding).
+      The rendered text, valid Unicode.
 
     Raises:
-      MetadataError: the template does not compile, breaks the sandbox's rules or fails while rendering.
+      MetadataError: the template does not compile, breaks the sandbox's rules, fails while rendering or
+        writes a lone surrogate (text no encoder takes).
       TemplateBudgetError: it needs more output, memory or time than `budget` allows.
       ChatTemplateError: its raise_exception rejected the messages.
       TextInputError: the context is larger than the output budget.
@@ -82,7 +84,10 @@ def render(template: str, what: str, context: dict[str, Any], budget: TemplateBu
                              f"{budget.max_chars}")
     reply = _POOL.ask(request.encode() + b"\n", budget, what)
     if "text" in reply:
-        return reply["text"]
+        try:  # here, where the template can be named: later the text would be blamed on the prompt
+            return check_text(reply["text"], f"{what}'s output")
+        except TextInputError as e:
+            raise MetadataError(str(e)) from None
     kind, message = reply["error"], reply["message"]
     if kind == "raised":
         raise ChatTemplateError(f"{what}: the chat template rejects these messages: {message}")

@@ -413,6 +413,7 @@ def test_template_errors():
      "time budget: still rendering after 0.5 s"),
     ("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}", "MetadataError", "does not compile: RecursionError"),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "MetadataError", "fails to render: RecursionError"),
+    ("{{ '\\udcff' }}", "MetadataError", "output is not valid Unicode text"),  # not blamed on the prompt later
 ])
 def test_templates_render_under_a_budget(template, error, match):
     """Over budget in output, memory or time, or too deep to compile: one error naming the file, and the
