@@ -68,6 +68,10 @@ MAX_VOCAB = 1 << 19
 MAX_TOKEN_CHARS = 1024
 MAX_VOCAB_CHARS = 1 << 24  # all tokens' characters together (gemma3: 1,476,602)
 MAX_MERGES = 1 << 20  # BPE merges, the file's or a SentencePiece vocabulary's splits (gemma3: 514,847)
+# The merges' characters together (gemma3's splits: 3,116,930): the tokenizers library takes every merge as a
+# pair of strings. 2,046 runs of one 4-byte character, 2 to 1,024 long (a 4 MB file), pass the bounds above
+# and split into 1,047,552 pairs of 716M characters: 3 GB while the tokenizer was built.
+MAX_MERGE_CHARS = 1 << 25
 
 # --- pre-tokenizers of gpt2-style vocabularies (llama_vocab::impl::load and llm_tokenizer_bpe) -----------
 # llama.cpp's own spellings of the regexes; its custom matchers for the GPT-2 and Llama-3 patterns include
@@ -544,6 +548,10 @@ def _parse_merges(raw: list, ids_of: Mapping[str, int], source: str) -> list[tup
     if len(raw) > MAX_MERGES:
         raise ResourceLimitError(f"{source}: tokenizer.ggml.merges has {len(raw)} merges, more than the "
                                  f"{MAX_MERGES} realm-jax builds a tokenizer from")
+    chars = sum(len(m) - 1 for m in raw if isinstance(m, str))
+    if chars > MAX_MERGE_CHARS:
+        raise ResourceLimitError(f"{source}: tokenizer.ggml.merges has {chars} characters in all, more than the "
+                                 f"{MAX_MERGE_CHARS} realm-jax builds a tokenizer from")
     seen: set[tuple[str, str]] = set()
     merges = []
     for i, m in enumerate(raw):
@@ -715,6 +723,7 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
     prefix = _affix_parents(texts)
     suffix = _affix_parents([t[::-1] for t in texts])
     left, right, result = [], [], []
+    chars = 0  # of the pairs: each pair of token i has its characters
     for i, (p, j) in enumerate(zip(prefix, suffix)):
         if p < 0 or j < 0:
             continue
@@ -722,7 +731,7 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
         while p >= 0:
             starts[lengths[p]] = p
             p = prefix[p]
-        n = lengths[i]
+        n, pairs = lengths[i], len(result)
         while j >= 0:
             a = starts.get(n - lengths[j])
             if a is not None:
@@ -730,10 +739,13 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
                 right.append(j)
                 result.append(i)
             j = suffix[j]
-        if len(result) > MAX_MERGES:
+        chars += (len(result) - pairs) * n
+        if len(result) > MAX_MERGES or chars > MAX_MERGE_CHARS:
             raise ResourceLimitError(
-                f"{vocab.source}: the tokens of tokenizer.ggml.tokens split into more than {MAX_MERGES} pairs of "
-                f"tokens (at token {i}, {texts[i][:16]!r}...), the merges realm-jax builds a tokenizer from"
+                f"{vocab.source}: the tokens of tokenizer.ggml.tokens split into more than "
+                + (f"{MAX_MERGES} pairs of tokens" if len(result) > MAX_MERGES else
+                   f"{MAX_MERGE_CHARS} characters of pairs of tokens")
+                + f" (at token {i}, {texts[i][:16]!r}...), the merges realm-jax builds a tokenizer from"
             )
     result_ids = np.asarray(result, np.int64)
     left_len = np.asarray(lengths, np.int64)[np.asarray(left, np.int64)]

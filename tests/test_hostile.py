@@ -13,6 +13,7 @@ forks the cases from one interpreter that has imported realm_jax.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -190,14 +191,17 @@ def _strings(key: str, texts: list[str]) -> bytes:
 
 
 def _vocab_cases():
-    """Token lists past each bound: a token of 1-2 MiB, 525k-560k tokens, runs whose splits pass 2^20."""
+    """Token lists past each bound: a token of 1-2 MiB, 525k-560k tokens, splits past 2^20 (every string of
+    a and b up to 16-17 long) or splits' characters past 2^25 (runs of one 4-byte character)."""
     rng = np.random.default_rng(SEED + 1)
     base = [f"<0x{b:02X}>" for b in range(256)] + list("abc")
     return {
         "huge_token": (base + ["x" * int(rng.integers(1 << 20, 1 << 21))], "tokens[259]"),
         "too_many_tokens": (base + [f"t{i}" for i in range(int(rng.integers(525_000, 560_000)))], "tokens has 5"),
-        "too_many_splits": (base + [c * k for c in "abc" for k in range(2, int(rng.integers(900, 1025)))],
-                            "more than 1048576 pairs"),
+        "too_many_splits": (base + ["".join(p) for k in range(2, int(rng.integers(17, 19)))
+                                    for p in itertools.product("ab", repeat=k)], "more than 1048576 pairs"),
+        "too_long_splits": (base + ["\U0001F600" * k for k in range(1, int(rng.integers(600, 1025)))],
+                            "more than 33554432 characters of pairs"),
     }
 
 

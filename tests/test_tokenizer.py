@@ -348,16 +348,17 @@ def test_spm_splits_are_found_in_linear_time():
     assert merges[0] == (half, half) and len(merges) == len(set(merges))
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda tokens: tokens.append("x" * (1 << 20)), r"tokenizer\.ggml\.tokens\[259\].*1048576 characters"),
-    (lambda tokens: tokens.extend(f"t{i}" for i in range(1 << 19)), r"tokenizer\.ggml\.tokens has 524547 tokens"),
-    (lambda tokens: tokens.extend(f"{i:06}" * 170 for i in range(17000)), r"tokens has 17\d+ characters in all"),
+@pytest.mark.parametrize("key, more, match", [
+    ("tokens", ["x" * (1 << 20)], r"tokenizer\.ggml\.tokens\[259\].*1048576 characters"),
+    ("tokens", [f"t{i}" for i in range(1 << 19)], r"tokenizer\.ggml\.tokens has 524547 tokens"),
+    ("tokens", [f"{i:06}" * 170 for i in range(17000)], r"tokens has 17\d+ characters in all"),
+    ("merges", ["x " + "y" * 1022] * 33000, r"merges has 3\d+ characters in all"),
 ])
-def test_vocabularies_past_the_bounds_are_refused_at_once(change, match):
+def test_vocabularies_past_the_bounds_are_refused_at_once(key, more, match):
     from realm_jax.errors import ResourceLimitError
 
     md = tiny_gpt2()
-    change(md["tokenizer.ggml.tokens"])
+    md[f"tokenizer.ggml.{key}"] = list(md[f"tokenizer.ggml.{key}"]) + more
     start = time.perf_counter()
     with pytest.raises(ResourceLimitError, match=match) as info:
         Tokenizer.from_metadata(md, source="big.gguf")
