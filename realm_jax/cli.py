@@ -530,7 +530,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         # A template that writes its BOS must not get a second one from the tokenizer.
         bos = model.tokenizer.bos_id
         has_bos = bos is not None and prompt.startswith(model.tokenizer.token_text(bos))
-        for piece in model.generate(prompt, stream=True, add_bos=False if has_bos else None, **_sampling_kwargs(args)):
+        try:
+            pieces = model.generate(prompt, stream=True, add_bos=False if has_bos else None, **_sampling_kwargs(args))
+        except ContextLengthError as e:  # the conversation outgrew the context: say where in the input
+            raise ContextLengthError(f"stdin line {number}: the conversation so far does not fit: {e}") from None
+        for piece in pieces:
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -314,6 +314,7 @@ def test_hostile_command_lines(runner, files, case):
 @pytest.mark.parametrize("stdin, needle", [
     (os.fsdecode(b"bad \xc3\x28 line\n"), "stdin line 1 is not valid Unicode text: it holds the byte 0xc3"),
     ("x" * (5 << 20) + "\n", "stdin line 1 is longer than"),
+    ("a b " * 4000 + "\n", "stdin line 1: the conversation so far does not fit"),
 ])
 def test_hostile_chat_input(runner, files, stdin, needle):
     result = runner.run(argv=["chat", "--model", str(files["evil"]), "--chat-template", str(files["own"]),
