@@ -38,12 +38,15 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[
     with open_gguf(path) as f:
         tensors = {}
         total = sum(t.nbytes for t in f.tensors.values())
+        # One buffer for every tensor's bytes (repack copies them into planes): fresh pages for each would
+        # make the read ~20% slower than the map's (gemma3: 0.59 against 0.47 s; 0.50 with the buffer).
+        buffer = np.empty(max((t.nbytes for t in f.tensors.values()), default=0), np.uint8)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=not progress,
                   file=sys.stderr) as bar:
             for name, info in f.tensors.items():
                 what = f"{f.path}: tensor {name!r}"
                 fmt = format_for_ggml_type(info.ggml_type, what=what)
-                tensors[name] = repack(f.read_tensor(name), fmt.name, info.shape, what=what)
+                tensors[name] = repack(f.read_tensor(name, out=buffer), fmt.name, info.shape, what=what)
                 bar.update(info.nbytes)
         return dict(f.metadata), tensors
 

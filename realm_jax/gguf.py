@@ -154,21 +154,33 @@ class GGUFFile:
         info = self._unchanged_info(name)
         return self._bytes[info.offset : info.offset + info.nbytes]
 
-    def read_tensor(self, name: str) -> np.ndarray:
+    def read_tensor(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """A copy of one tensor's raw bytes, read with pread rather than through the map.
 
         A file truncated while a view of the map is read kills the process (SIGBUS); a read call returns
         short instead, so a file that changes before or during the read is an error here, never a signal.
-        `read_gguf` reads every tensor this way, at the speed of the map.
+        `read_gguf` reads every tensor this way into one buffer, at the speed of the map.
+
+        Args:
+            name: a key of `tensors`.
+            out: a writable contiguous uint8 buffer of at least the tensor's bytes to read into (reused from
+                tensor to tensor, it saves faulting in fresh pages: a tenth of the read time); None: a new one.
 
         Returns:
-            A writable uint8 array, shape ``(nbytes,)``.
+            A writable uint8 array, shape ``(nbytes,)``: the start of `out` when given.
 
         Raises:
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
         info = self._unchanged_info(name)
-        out = np.empty(info.nbytes, np.uint8)
+        if out is None:
+            out = np.empty(info.nbytes, np.uint8)
+        elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable \
+                or out.size < info.nbytes:
+            raise ValueError(f"out must be a writable contiguous 1-D uint8 array of at least {info.nbytes} bytes "
+                             f"for tensor {name!r}, got {out.dtype}{list(out.shape)}")
+        else:
+            out = out[: info.nbytes]
         done = 0
         while done < info.nbytes:  # one call reads at most ~2 GiB
             n = os.preadv(self._fd, [out[done:]], info.offset + done)

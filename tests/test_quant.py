@@ -70,6 +70,7 @@ def test_random_bytes_dequantize_bit_exact_and_roundtrip(fmt, n_blocks, rng):
         blocks[..., :4] = (rng.standard_normal((7, n_blocks, 1)) * 1e-3).astype("<f4").view(np.uint8)
     qt = repack(raw, fmt, (7, n_blocks * f.block_size))
     assert np.array_equal(unpack(qt), raw)
+    assert not any(np.shares_memory(p, raw) for p in qt.planes.values())  # read_gguf reuses its buffer
     ref = reference(raw, fmt)
     got = dequantize(qt)
     assert got.shape == (7, n_blocks * f.block_size)

@@ -35,9 +35,10 @@ def _split_fields(fields: tuple[Field, ...], blocks: np.ndarray) -> dict[str, np
     out, offset = {}, 0
     lead = blocks.shape[:-2]
     for f in fields:
-        raw = np.ascontiguousarray(blocks[..., offset : offset + f.nbytes])
-        # '<' dtypes: GGUF is little-endian whatever the host is.
-        out[f.name] = raw.view(np.dtype(f.dtype).newbyteorder("<")).astype(f.dtype).reshape(*lead, -1)
+        # One copy, whatever the field: planes never share memory with `blocks` (a reader reuses its buffer).
+        raw = np.array(blocks[..., offset : offset + f.nbytes], order="C")
+        # '<' dtypes: GGUF is little-endian whatever the host is (on a little-endian one, no second copy).
+        out[f.name] = raw.view(np.dtype(f.dtype).newbyteorder("<")).astype(f.dtype, copy=False).reshape(*lead, -1)
         offset += f.nbytes
     return out
 

@@ -26,6 +26,9 @@ def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "te
       fmt: the GGUF type name.
       shape: the logical shape (..., rows, cols).
       what: how to name the tensor in errors (e.g. "model.gguf: blk.0.attn_q.weight").
+
+    Returns:
+      A QTensor whose planes are new arrays, never views of `raw` (a reader may reuse its buffer).
     """
     f = get_format(fmt)
     shape = tuple(int(d) for d in shape)
