@@ -477,6 +477,9 @@ def test_a_file_changed_after_opening_is_not_read(write, change, needle):
     with open_gguf(path) as gf:
         assert gf.tensor_bytes("a").view(np.float32).tolist() == list(range(8))
         assert gf.read_tensor("a").view(np.float32).tolist() == list(range(8))
+        assert gf.read_tensor("a", out=np.zeros(40, np.uint8)).view(np.float32).tolist() == list(range(8))
+        with pytest.raises(ValueError, match="at least 32 bytes"):
+            gf.read_tensor("a", out=np.zeros(31, np.uint8))
         change(path)
         for read in (gf.tensor_bytes, gf.read_tensor):
             with pytest.raises(errors.FileChangedError, match=needle) as info:
