@@ -211,7 +211,7 @@ class GGUFFile:
         except OSError:
             at_path = None
         if now != self._identity or at_path != self._identity[:2]:
-            dev, ino, size, mtime = self._identity
+            dev, ino, size, _ = self._identity
             if at_path != (dev, ino):
                 change = "replaced or removed (the path names another file now)"
             elif now[2] != size:

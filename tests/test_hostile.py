@@ -21,7 +21,6 @@ import select
 import struct
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

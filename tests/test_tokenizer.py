@@ -434,9 +434,9 @@ def test_templates_render_under_a_budget(template, error, match):
 def test_error_messages_show_any_value_briefly():
     """A huge int has no repr, a deep list's overflows the stack, a long string's takes its size: the value an
     error names is shown short whatever it is."""
+    from realm_jax.errors import SamplingError
     from realm_jax.inputs import shown
     from realm_jax.sampling import SamplingConfig
-    from realm_jax.errors import SamplingError
 
     deep = []
     for _ in range(100_000):
