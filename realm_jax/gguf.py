@@ -6,11 +6,12 @@ fraction of a second. Every field read from the file is checked before it is use
 file ends in one `realm_jax.errors.GGUFError` subclass per cause, never in a big allocation, a long loop or
 a stray ``struct.error``. Counts and lengths are checked against what the file's bytes can hold and against
 a memory budget (`MEMORY_BUDGET`: what the parsed header may take as Python objects) before anything is
-allocated: a sparse file can claim gigabytes that take no room on disk. The file stays open while it is
-mapped: `GGUFFile.read_tensor` (what `read_gguf` uses) reads a tensor with pread, checking before and after
-that it is still the file that was parsed (same inode, size and modification time), so a file that changes
-under it is an error, never a SIGBUS (which touching the map of a truncated file raises); `tensor_bytes`
-makes the same check before it hands out a view of the map.
+allocated: a sparse file can claim gigabytes that take no room on disk. The header is read with pread, a
+window at a time, and the file stays open while it is mapped: `GGUFFile.read_tensor` (what `read_gguf`
+uses) reads a tensor with pread, checking before and after that it is still the file that was opened (same
+inode, size and modification time as before the header was read), so a file that changes under the reader
+is an error, never a SIGBUS (which touching the map of a truncated file raises); `tensor_bytes` makes the
+same check before it hands out a view of the map.
 
 Layout (GGUF v2 and v3, little-endian; v2 only lacks v3's big-endian variant):
 ``magic "GGUF" | u32 version | u64 n_tensors | u64 n_kv | n_kv x (string key, u32 type, value)
@@ -83,6 +84,7 @@ _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, 
 # on top), rounded to 8 by the allocator, and a list slot 8 (measured: 6.9M one-character CJK strings take
 # 83.6 bytes each); a metadata entry or tensor info adds a dict slot, a key or name and its value's objects.
 MEMORY_BUDGET = 512 << 20
+_WINDOW = 1 << 18  # bytes of the header read at once (gemma3's 6 MB in 24 reads: as fast as the map was)
 _STR_COST = 80
 _ARRAY_COST = 128
 _KV_COST = 256
@@ -122,6 +124,7 @@ class GGUFFile:
         tensors: dict[str, TensorInfo],
         mapping: mmap.mmap,
         fd: int,
+        identity: tuple[int, int, int, int],
     ):
         self.path = path
         self.version = version
@@ -132,7 +135,7 @@ class GGUFFile:
         self._mmap: mmap.mmap | None = mapping
         self._bytes: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8)
         self._fd: int | None = fd
-        self._identity = _identity(os.fstat(fd))
+        self._identity = identity  # taken before the header was read: a change during the parse shows too
 
     @property
     def architecture(self) -> str | None:
@@ -274,15 +277,16 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
     mapping = None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         if size == 0:
             raise TruncatedFileError(f"{path}: the file is empty (0 bytes)")
         try:
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
-        parsed = _Parser(path, mapping, size).parse()
-        return GGUFFile(path, *parsed, mapping=mapping, fd=fd)
+        parsed = _Parser(path, fd, size).parse()
+        return GGUFFile(path, *parsed, mapping=mapping, fd=fd, identity=_identity(st))
     except BaseException:
         os.close(fd)
         if mapping is not None:
@@ -299,14 +303,53 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
 
 
 class _Parser:
-    # Reads the header from the map, checking every length and count against the bytes that remain.
+    # Reads the header with pread, a window of it at a time, checking every length and count against the
+    # bytes that remain. Not through the map: a file truncated while the header is parsed (a 262k-token
+    # vocabulary takes ~0.2 s) would raise SIGBUS there; a read returns short instead.
 
-    def __init__(self, path: pathlib.Path, buf: mmap.mmap, size: int):
+    def __init__(self, path: pathlib.Path, fd: int, size: int):
         self.path = path
-        self.buf = buf
+        self.fd = fd
         self.size = size
         self.pos = 0
+        self.buf = b""  # the file's bytes [base, base + len(buf))
+        self.base = 0
         self.budget = MEMORY_BUDGET  # bytes the parsed header may still take
+
+    def _read(self, start: int, n: int) -> bytes:
+        """The file's `n` bytes from `start` (within the size it had when opened)."""
+        data = os.pread(self.fd, n, start)
+        if len(data) < n:  # one call reads at most ~2 GiB, or the file is shorter now
+            out = bytearray(n)
+            out[: len(data)] = data
+            self._read_into(memoryview(out)[len(data) :], start + len(data))
+            data = bytes(out)
+        return data
+
+    def _read_into(self, out, start: int) -> None:
+        """Fill the writable buffer `out` with the file's bytes from `start`."""
+        view, done = memoryview(out).cast("B"), 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], start + done)
+            if n == 0:
+                raise FileChangedError(
+                    f"{self.path}: the file ended at byte {start + done} while its header was read "
+                    f"({self.size} bytes when opened); it changed after it was opened"
+                )
+            done += n
+
+    def _window(self, start: int, end: int) -> tuple[bytes, int, int]:
+        """Read the window [start, max(end, start + _WINDOW)) (end <= size: checked by the caller); the
+        parse only moves forward, so the bytes before `start` are done with."""
+        self.buf = self._read(start, min(self.size, max(end, start + _WINDOW)) - start)
+        self.base = start
+        return self.buf, start, start + len(self.buf)
+
+    def _at(self, pos: int, n: int) -> int:
+        """The offset in `buf` of the file's bytes [pos, pos + n), which lie in the file (checked)."""
+        if pos < self.base or pos + n > self.base + len(self.buf):
+            self._window(pos, pos + n)
+        return pos - self.base
 
     def _charge(self, what: str, nbytes: int) -> None:
         """Take `nbytes` from the memory budget before they are allocated."""
@@ -348,14 +391,16 @@ class _Parser:
         if pos + 4 > self.size:
             raise self._truncated(what, pos, 4)
         self.pos = pos + 4
-        return _U32.unpack_from(self.buf, pos)[0]
+        at = self._at(pos, 4)  # first: it may read a new window into self.buf
+        return _U32.unpack_from(self.buf, at)[0]
 
     def _u64(self, what: str) -> int:
         pos = self.pos
         if pos + 8 > self.size:
             raise self._truncated(what, pos, 8)
         self.pos = pos + 8
-        return _U64.unpack_from(self.buf, pos)[0]
+        at = self._at(pos, 8)
+        return _U64.unpack_from(self.buf, at)[0]
 
     def _str(self, what: str, max_bytes: int | None = None) -> str:
         n = self._u64(f"length of {what}")
@@ -366,8 +411,9 @@ class _Parser:
                                 "GGUF allows")
         self._charge(what, _STR_COST + n)
         self.pos = pos + n
+        at = self._at(pos, n)
         try:
-            return self.buf[pos : pos + n].decode("utf-8")
+            return self.buf[at : at + n].decode("utf-8")
         except UnicodeDecodeError as e:
             raise MetadataError(
                 f"{self.path}: {what} at offset {pos} is not valid UTF-8 ({e.reason})"
@@ -375,7 +421,8 @@ class _Parser:
 
     # --- sections -------------------------------------------------------------------------------
     def _header(self) -> tuple[int, int, int]:
-        head = self.buf[: _HEADER.size]
+        at = self._at(0, min(self.size, _HEADER.size))
+        head = self.buf[at : at + _HEADER.size]
         if head[:4] != _MAGIC[: len(head)]:
             raise NotGGUFError(
                 f"{self.path}: not a GGUF file (starts with {head[:4]!r}, expected {_MAGIC!r})"
@@ -439,7 +486,8 @@ class _Parser:
             if pos + st.size > self.size:
                 raise self._truncated(f"value of metadata key {key!r}", pos, st.size)
             self.pos = pos + st.size
-            value = st.unpack_from(self.buf, pos)[0]
+            at = self._at(pos, st.size)
+            value = st.unpack_from(self.buf, at)[0]
             if vtype == _BOOL:
                 if value > 1:
                     raise MetadataError(f"{self.path}: metadata key {key!r}: bool byte {value} is not 0 or 1")
@@ -473,11 +521,16 @@ class _Parser:
         # Each element as a numpy item, or as a Python object (its own strings' characters come on top).
         self._charge(what, _ARRAY_COST + count * (_STR_COST if dtype is None else dtype.itemsize))
         if dtype is not None:
-            self.pos = pos + count * dtype.itemsize
-            # A copy, so the map can be closed while the metadata lives on (and no view of it is left
-            # in a traceback).
+            nbytes = count * dtype.itemsize
+            self.pos = pos + nbytes
             native = dtype.newbyteorder("=")
-            arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=pos).astype(native)
+            if nbytes > _WINDOW:  # read straight into the array, not into a window first
+                arr = np.empty(count, dtype)
+                self._read_into(arr.view(np.uint8), pos)
+                arr = arr.astype(native, copy=False)
+            else:
+                at = self._at(pos, nbytes)
+                arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=at).astype(native)
             if etype == _BOOL:
                 if count and arr.max() > 1:
                     raise MetadataError(f"{self.path}: {what}: a bool byte is not 0 or 1")
@@ -489,30 +542,45 @@ class _Parser:
         return [self._array(key, depth + 1) for _ in range(count)]
 
     def _str_array(self, count: int, key: str) -> list[str]:
-        # The hot loop of a 262k-token vocabulary: locals only, one bounds check per string. The objects
-        # were charged to the budget by the caller; the characters must fit in it too, so no string may
-        # end past `end`: the file's end or, nearer, where the budget runs out.
-        buf, size, pos = self.buf, self.size, self.pos
-        start, end = pos, min(self.size, pos + self.budget)
+        # The hot loop of a 262k-token vocabulary: locals only, offsets in the window, one bounds check per
+        # string. The objects were charged to the budget by the caller; the characters must fit in it too,
+        # so no string may end past `limit`, where the budget runs out. Past `end` (the window's end, or
+        # nearer the limit) a string is a new window, or past the file's end or the budget: an error.
+        size, start = self.size, self.pos
+        limit = start + self.budget
+        buf, base = self.buf, self.base
+        if start < base or start > base + len(buf):
+            buf, base, _ = self._window(start, start)
+        off = start - base
+        have, end = len(buf), min(len(buf), limit - base)
         unpack = _U64.unpack_from
         out: list[str] = []
         append = out.append
         try:
             for _ in range(count):
-                if pos + 8 > size:
-                    raise self._truncated(f"length of string #{len(out)} of metadata key {key!r}", pos, 8)
-                n = unpack(buf, pos)[0]
-                pos += 8
-                if pos + n > end:  # past the file's end, or past the budget: either raises
-                    self._check_span(f"string #{len(out)} of metadata key {key!r}", pos, n)
-                    self._charge(f"the strings #0..{len(out)} of metadata key {key!r}", pos + n - start)
-                append(buf[pos : pos + n].decode("utf-8"))
-                pos += n
+                if off + 8 > have:
+                    pos = base + off
+                    if pos + 8 > size:
+                        raise self._truncated(f"length of string #{len(out)} of metadata key {key!r}", pos, 8)
+                    buf, base, _ = self._window(pos, pos + 8)
+                    off, have, end = 0, len(buf), min(len(buf), limit - base)
+                n = unpack(buf, off)[0]
+                off += 8
+                if off + n > end:
+                    pos = base + off
+                    if pos + n > limit or pos + n > size:  # past the budget or the file's end: raises
+                        self._check_span(f"string #{len(out)} of metadata key {key!r}", pos, n)
+                        self._charge(f"the strings #0..{len(out)} of metadata key {key!r}", pos + n - start)
+                    buf, base, _ = self._window(pos, pos + n)
+                    off, have, end = 0, len(buf), min(len(buf), limit - base)
+                append(buf[off : off + n].decode("utf-8"))
+                off += n
         except UnicodeDecodeError as e:
             raise MetadataError(
-                f"{self.path}: string #{len(out)} of metadata key {key!r} (offset {pos}) is not valid UTF-8 "
-                f"({e.reason})"
+                f"{self.path}: string #{len(out)} of metadata key {key!r} (offset {base + off}) is not valid "
+                f"UTF-8 ({e.reason})"
             ) from None
+        pos = base + off
         self._charge(f"the strings of metadata key {key!r}", pos - start)
         self.pos = pos
         return out

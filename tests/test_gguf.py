@@ -487,6 +487,33 @@ def test_a_file_changed_after_opening_is_not_read(write, change, needle):
             assert "case.gguf" in str(info.value) and "'b'" in str(info.value)
 
 
+def test_the_header_is_read_a_window_at_a_time(write, monkeypatch):
+    """With pread, never through the map: any window gives the same parse (here 64 bytes: strings, arrays
+    and numbers straddle windows, a longer array is read on its own), and a file cut while its header is
+    read is a FileChangedError, not the SIGBUS a page of the map past the new end raises."""
+    from realm_jax import gguf as reader
+
+    words = [f"w{i}" * (i % 7) for i in range(300)]
+    kvs = [ARCH, _kv("a.words", V.ARRAY, struct.pack("<IQ", V.STRING, len(words)) + b"".join(map(_s, words))),
+           _kv("a.nums", V.ARRAY, struct.pack("<IQ", V.FLOAT32, 100) + np.arange(100, dtype="<f4").tobytes()),
+           _kv("a.n", V.UINT64, struct.pack("<Q", 7))]
+    path = write(_file(kvs, tis=[F32_ROW], data=np.arange(8, dtype=np.float32).tobytes()))
+    monkeypatch.setattr(reader, "_WINDOW", 64)
+    with open_gguf(path) as gf:
+        assert gf.metadata["a.words"] == words
+        assert_matches_reader(gf, gguf.GGUFReader(path))
+    real, calls = os.pread, []
+
+    def cut(fd, n, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            os.truncate(path, 200)
+        return real(fd, n, offset)
+
+    monkeypatch.setattr(reader.os, "pread", cut)
+    _raises(path, errors.FileChangedError, "ended at byte 200 while its header was read", "changed after")
+
+
 def test_keys_and_names_longer_than_gguf_allows(write):
     """Keys of more than 65,535 bytes (the spec's limit) and tensor names of 64 or more (ggml's, which
     llama.cpp enforces): error messages name them, so they must stay short."""
