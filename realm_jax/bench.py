@@ -26,7 +26,7 @@ def check_sizes(**sizes: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SamplingError(f"{name}={shown(value)} must be an int >= 1")
     if sizes.get("runs", 1) > MAX_RUNS:
-        raise SamplingError(f"runs={sizes['runs']} must be at most {MAX_RUNS}")
+        raise SamplingError(f"runs={shown(sizes['runs'])} must be at most {MAX_RUNS}")
 
 
 def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: int = 1, runs: int = 3) -> dict[str, Any]:
@@ -47,9 +47,9 @@ def measure(model, *, prompt_tokens: int = 128, decode_tokens: int = 64, batch: 
     check_sizes(prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, batch=batch, runs=runs)
     context = model.config.context_length
     if prompt_tokens + decode_tokens + 1 > context:
-        raise ContextLengthError(f"prompt_tokens={prompt_tokens} + decode_tokens={decode_tokens} + 1 exceed the "
-                                 f"model's context of {context} tokens")
-    model._check_fits(f"a benchmark of {batch} x ({prompt_tokens} + {decode_tokens}) tokens", batch=batch,
+        raise ContextLengthError(f"prompt_tokens={shown(prompt_tokens)} + decode_tokens={shown(decode_tokens)} + 1 "
+                                 f"exceed the model's context of {context} tokens")
+    model._check_fits(f"a benchmark of {shown(batch)} x ({prompt_tokens} + {decode_tokens}) tokens", batch=batch,
                       prompt_tokens=prompt_tokens, cache_tokens=prompt_tokens + decode_tokens + 1)
     ids = np.random.default_rng(0).integers(1, model.config.vocab_size, (batch, prompt_tokens)).tolist()
 

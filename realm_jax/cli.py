@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.errors import ArgumentError, ContextLengthError, CoordinatorError, PeerError, RealmError
-from realm_jax.inputs import check_text, decode_line
+from realm_jax.inputs import check_text, decode_line, shown
 
 __all__ = ["main"]
 
@@ -279,7 +279,7 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     # on a mesh it builds all of them before its share is placed on its devices.
     params = plan["params_bytes"] * (2 if devices > 1 else 1)
     held = processes * (params + os.path.getsize(path) + _PROCESS_BYTES)
-    check_fits(f"{path}: {processes} process(es) with {batch} x ({prompt_tokens} + {new_tokens}) tokens",
+    check_fits(f"{path}: {shown(processes)} process(es) with {shown(batch)} x ({prompt_tokens} + {new_tokens}) tokens",
                held + need)
 
 

@@ -63,6 +63,8 @@ def check_fits(what: str, need: int, devices: Sequence | None = None, *, free: i
 
 
 def _gib(n: int) -> str:
+    if n >= 1 << 100:  # a size no machine nears (a hostile --batch): too large for a float or for its digits
+        return f"2**{n.bit_length() - 1} bytes"
     return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
 
 

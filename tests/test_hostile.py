@@ -280,6 +280,7 @@ def _cli_cases():
         "empty_model_bench": (["bench", "--model", " "], "--model is empty"),
         "batch_zero": (["bench", "--batch", "0"], "batch=0"),
         "batch_huge": (["bench", "--batch", big, "--prompt-tokens", "8", "--decode-tokens", "1"], "GiB"),
+        "batch_past_a_float": (["bench", "--batch", big * 40], "needs at least 2**"),
         "prompt_tokens_huge": (["bench", "--prompt-tokens", big], "context"),
         "decode_tokens_huge": (["bench", "--decode-tokens", big], "context"),
         "runs_huge": (["bench", "--runs", big], "runs="),
