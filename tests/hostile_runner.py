@@ -1,8 +1,8 @@
 """Runs the hostile-input cases of tests/test_hostile.py, each in a process of its own under limits.
 
 Started once by the test module (``python tests/hostile_runner.py``), it imports realm_jax (and so numpy and
-jax, without starting a JAX backend) and then forks one child per case, so a case costs its own work, not a
-fresh interpreter's second of imports. The child caps its address space (RLIMIT_AS) and core dumps, points
+jax, without starting a JAX backend) and test_tokenizer, and then forks one child per case, so a case costs
+its own work, not a fresh interpreter's second of imports. The child caps its address space (RLIMIT_AS) and core dumps, points
 its stdin/stdout/stderr at files, and runs the command line's `main(argv)` as ``realm-jax`` would (an
 escaping exception prints its traceback and exits 1) or a snippet of Python. The runner waits for it with a
 timeout (then kills it) and reports its exit status, signal, wall time, peak RSS and output.
@@ -24,6 +24,7 @@ import time
 import traceback
 
 import realm_jax  # noqa: F401  (imported once here; every child inherits it)
+import test_tokenizer  # noqa: F401  (the template cases build tokenizers with its tiny_gpt2: 0.2 s a case)
 
 
 def _vm_size() -> int:
