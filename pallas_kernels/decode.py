@@ -96,8 +96,8 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> DecodeTiling:
 def rows_per_thread(fmt: str) -> int:
     """Weight rows per thread: four (one 16-byte load of a plane word), or eight where the work per unit
     that does not depend on the rows (the activations' loads and their addresses) is too much of the loop
-    spread over four: Q5_K and Q6_K, whose codes take more instructions to assemble (kernel_report: 2.05-2.4
-    instructions a weight at four rows, 1.9-2.0 at eight, with 244-254 registers and no spills)."""
+    spread over four: Q5_K and Q6_K, whose codes take more instructions to assemble (kernel_report, with
+    the groups unrolled: 2.05-2.4 instructions a weight at four rows, 1.9-2.0 at eight, no spills)."""
     return 8 if fmt in ("Q5_K", "Q6_K") else 4
 
 
@@ -274,10 +274,13 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
                 out.append(accs[m] + d * scaled + (dm * offsets if dm is not None else 0.0))
             return tuple(out)
 
-        if t.parts == 1:
-            return multiply(tuple(range(4)) if LAYOUTS[fmt].unit == 256 else (0,), accs)
-        per = 4 // t.parts  # this program's groups of the unit's activation blocks: the same code, other words
-        return multiply(tuple(part * per + j for j in range(per)), accs)
+        if LAYOUTS[fmt].unit == 32:
+            return multiply((0,), accs)
+        # This program's groups of the unit's activation blocks (all four, or its part), one at a time in a
+        # loop: the same code on other words. Unrolled, the kernel's Triton IR grows 4x and its compile time
+        # ~15x (Q4_K: 29 s of CPU against 2 s; Q6_K: 47 against 3), for ~0.1-0.3 fewer instructions a weight.
+        per = 4 // t.parts
+        return lax.fori_loop(0, per, lambda j, accs: multiply((part * per + j,), accs), accs)
 
     acc = lax.fori_loop(0, steps, body, tuple(jnp.zeros((t.units, 1, bn), jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):  # the one reduction over the units

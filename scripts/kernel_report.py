@@ -5,7 +5,7 @@ path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` 
 
 - Triton (`triton` backend, `pallas_kernels.decode`): the Triton IR compiled to a cubin by pip's `triton`
   (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers, spills) and
-  `cuobjdump -sass`: machine instructions per weight element in the K loop (or, where a program makes one
+  `cuobjdump -sass`: the CPU seconds of that compile, machine instructions per weight element in the K loop (or, where a program makes one
   step and the loop is unrolled away, in the whole program), 128-bit loads, barriers, shuffles and
   shared-memory traffic; the programs in the grid against the 132 SMs.
 - Mosaic GPU (`mosaic_gpu` backend, the prefill GEMM; decode is Triton's): its PTX is made only on the
@@ -31,10 +31,10 @@ import json
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -131,10 +131,12 @@ def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     src = workdir / "kernel.ttir"
     src.write_text(kernel["ttir"])
-    start = time.perf_counter()
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=workdir)  # compile it, not a cached copy
+    start = resource.getrusage(resource.RUSAGE_SELF)
     compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": kernel["num_warps"], "num_stages": kernel["num_stages"]})
-    seconds = time.perf_counter() - start
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime  # CPU: this machine may be shared
     (workdir / "kernel.ptx").write_text(compiled.asm["ptx"])
     (workdir / "kernel.cubin").write_bytes(compiled.asm["cubin"])
     ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
@@ -147,30 +149,45 @@ def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     return {"registers": regs, "spill_bytes": sum(spills), "sass": sass, "compile_s": seconds}
 
 
-def sass_body(sass: str) -> tuple[str, list[str]]:
-    """The instructions one K step executes: the largest loop (a backward branch), or the whole program
-    where the loop was unrolled away (one step per program)."""
+def sass_body(sass: str, trips: int = 1) -> tuple[str, list[str]]:
+    """The instructions one K step executes: the outermost loop (a backward branch), or the whole program
+    where the K loop was unrolled away (one step per program); a loop inside it (the loop over a unit's
+    groups of activation blocks, `trips` times) counted `trips` times."""
     ins = [(int(a, 16), op, rest) for a, op, rest in _INS.findall(sass)]
-    loops = []
-    for addr, op, rest in ins:
+    spans = []  # (first, last) instruction index of each loop
+    for i, (addr, op, rest) in enumerate(ins):
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:
-            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
-            if len(body) > 8:
-                loops.append(body)
-    if loops:
-        return "loop", max(loops, key=len)
-    return "program", [o for _, o, _ in ins]
+            first = next(j for j, (a, _, _) in enumerate(ins) if a >= int(target.group(1), 16))
+            if i - first > 8:
+                spans.append((first, i))
+
+    def inside(a, b):
+        return a != b and b[0] <= a[0] and a[1] <= b[1]
+
+    outer = [sp for sp in spans if not any(inside(sp, o) for o in spans)]
+    nested = [sp for sp in spans if any(inside(sp, o) for o in spans)]
+    if nested or (outer and trips == 1):  # the step loop, with any loop inside it
+        step = max(outer, key=lambda sp: sp[1] - sp[0])
+        inner = [sp for sp in nested if inside(sp, step)]
+        scope, (lo, hi) = "loop", step
+    else:  # one step a program: the whole program, its loop (over the groups) counted `trips` times
+        scope, (lo, hi), inner = "program", (0, len(ins) - 1), outer
+    ops = [op for _, op, _ in ins[lo : hi + 1]]
+    for a, b in inner:
+        ops += [op for _, op, _ in ins[a : b + 1]] * (trips - 1)
+    return scope, ops
 
 
-def _sass_cost(kernel: dict, workdir: pathlib.Path, weights_per_step: int, weights_per_program: int) -> dict:
+def _sass_cost(kernel: dict, workdir: pathlib.Path, weights_per_step: int, weights_per_program: int,
+               trips: int) -> dict:
     compiled = compile_triton(kernel, workdir)
-    scope, body = sass_body(compiled["sass"])
+    scope, body = sass_body(compiled["sass"], trips)
     threads = 32 * kernel["num_warps"]
     ops = collections.Counter(op.split(".")[0] for op in body)
     weights = weights_per_step if scope == "loop" else weights_per_program
     return {"registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"], "scope": scope,
-            "compile_s": compiled["compile_s"],
+            "compile_s": compiled["compile_s"], "dp2a": ops["IDP"] * threads / weights,
             "per_weight": len(body) * threads / weights, "ops": ops,
             "ldg128": sum(op.startswith("LDG.E.128") for op in body) * threads / weights}
 
@@ -188,26 +205,32 @@ def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     (kernel,) = capture_triton(_matmul("triton"), jax.ShapeDtypeStruct((m, k), BF16), w)
     t = decode.tiling_for(fmt, m, n, k)
     per_unit = t.rows * lay.unit // t.parts
-    program = _sass_cost(kernel, workdir, per_unit * t.units, per_unit * units // t.splits)
+    trips = 4 // t.parts if lay.unit == 256 else 1  # the kernel's loop over a unit's groups
+    program = _sass_cost(kernel, workdir, per_unit * t.units, per_unit * units // t.splits, trips)
     # ~4 steps a program (the K splits a unit count divides into), or all the units in one program
     fewer = [d for d in decode._pow2_divisors(units // t.units) if d <= t.splits // 4]
     looped = dataclasses.replace(t, splits=max(fewer, default=1))
     x = jax.ShapeDtypeStruct((m, k), BF16)
     (loop_kernel,) = capture_triton(
         lambda x, w: decode.gemv(*quantize_x(x, fmt), w.lanes, fmt=fmt, tiling=looped), x, w)
-    loop = _sass_cost(loop_kernel, workdir, per_unit * t.units, per_unit * units // looped.splits)
+    loop = _sass_cost(loop_kernel, workdir, per_unit * t.units, per_unit * units // looped.splits, trips)
+    rows_x = min(1 << max(m - 1, 0).bit_length(), decode.chunk_rows(fmt))
+    for cost in (program, loop):  # two dp2a per code word of four weights, for each row of x: else miscounted
+        if abs(cost["dp2a"] - 0.5 * rows_x) > 0.01:
+            raise RuntimeError(f"{fmt} M={m} {n}x{k}: {cost['dp2a']:.3f} dp2a a weight counted in the "
+                               f"{cost['scope']}, not {0.5 * rows_x}: the loop structure was misread")
     grid = kernel["grid"]
     programs = grid[0] * grid[1] * (grid[2] if len(grid) > 2 else 1)
     chunks = programs // (n // t.rows * t.splits * t.parts)  # each chunk of rows of x reads the weight again
     return {
         "kernel": "triton", "format": fmt, "m": m, "n": n, "k": k, "programs": programs,
         "registers": program["registers"], "spill_bytes": program["spill_bytes"],
-        "compile_s": round(program["compile_s"], 2),  # TTIR to cubin here (the device's own compile differs)
+        "compile_s": round(program["compile_s"], 2),  # CPU s, TTIR to cubin here (the device's compile differs)
         "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
         # the cost of all M rows: every chunk of rows of x is a program of its own
         "instructions_per_weight": round(loop["per_weight"] * chunks, 3) if loop["scope"] == "loop" else None,
         "program_instructions_per_weight": round(program["per_weight"] * chunks, 3),
-        "rows_per_program": min(1 << max(m - 1, 0).bit_length(), decode.chunk_rows(fmt)),
+        "rows_per_program": rows_x,
         "ldg128_per_weight": round(loop["ldg128"], 4),
         "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
         "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
