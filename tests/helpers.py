@@ -44,8 +44,22 @@ def assert_matmul_close(y, x, w, *, compute_dtype, out_dtype, reference=None) ->
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
 
 
+def _small_scales(fmt: str, raw: np.ndarray, rng: np.random.Generator) -> None:
+    """Scales that are not float fields, set in place to small finite values: MXFP4's exponent byte, IQ1_M's
+    f16 scale spread over the top nibbles of its four scale words, F64's doubles."""
+    lead = raw.shape[:-1]
+    if fmt == "MXFP4":
+        raw[..., 0] = rng.integers(119, 127, size=lead)  # 2^-9 .. 2^-2
+    elif fmt == "IQ1_M":
+        d = (np.abs(rng.standard_normal(lead)) * 0.02 + 1e-3).astype(np.float16).view(np.uint16)
+        for i in range(4):  # word i's bits 15..12 hold d's bits 4i+3..4i
+            raw[..., 49 + 2 * i] = (raw[..., 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 0xF) << 4).astype(np.uint8)
+    elif fmt == "F64":
+        raw[...] = rng.standard_normal(lead).astype("<f8")[..., None].view(np.uint8)
+
+
 def random_blocks(fmt: str, n_rows: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random GGUF bytes (n_rows, n_blocks * type_size) whose float fields hold small finite values."""
+    """Random GGUF bytes (n_rows, n_blocks * type_size) whose scales hold small finite values."""
     f = get_format(fmt)
     raw = rng.integers(0, 256, size=(n_rows, n_blocks, f.type_size), dtype=np.uint8)
     offset = 0
@@ -56,6 +70,7 @@ def random_blocks(fmt: str, n_rows: int, n_blocks: int, rng: np.random.Generator
             values = (rng.standard_normal((n_rows, n_blocks, field.count)) * scale).astype(dt)
             raw[..., offset : offset + field.nbytes] = values.view(np.uint8).reshape(n_rows, n_blocks, -1)
         offset += field.nbytes
+    _small_scales(fmt, raw, rng)
     return raw.reshape(n_rows, -1)
 
 

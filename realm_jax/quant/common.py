@@ -1,9 +1,10 @@
-"""Small jnp helpers shared by the format modules: exact arithmetic on XLA and nibble/bit unpacking."""
+"""Small helpers shared by the format modules: exact arithmetic on XLA, nibble/bit unpacking, codebooks."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -56,3 +57,12 @@ def round_away(x: jax.Array) -> jax.Array:
     a = jnp.abs(x)
     floored = jnp.floor(a)
     return jnp.sign(x) * (floored + jnp.floor(2 * (a - floored)))
+
+
+def codebook(hex_codes: str, values: tuple[int, ...], bits: int, per: int, dtype) -> np.ndarray:
+    """An i-quant lattice codebook from its compact form: `hex_codes` holds one little-endian uint16 a
+    point, its `per` coordinates `bits` bits each (coordinate 0 in the low bits) as indices into `values`.
+    Returns [points, per] in `dtype`."""
+    codes = np.frombuffer(bytes.fromhex(hex_codes), "<u2").astype(np.uint32)
+    idx = (codes[:, None] >> (bits * np.arange(per, dtype=np.uint32))) & ((1 << bits) - 1)
+    return np.asarray(values, dtype)[idx]

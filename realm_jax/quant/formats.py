@@ -56,8 +56,8 @@ def unpack(qt: QTensor) -> np.ndarray:
 
 
 def _check_packable(qt: QTensor) -> None:
-    for name in ("scales", "mins"):
-        if int(np.max(np.asarray(qt.planes[name]), initial=0)) > 63:
+    for name in ("scales", "mins"):  # the unpacked 6-bit values of the formats that pack them
+        if name in qt.planes and int(np.max(np.asarray(qt.planes[name]), initial=0)) > 63:
             raise QTensorError(f"{qt}: plane {name!r} holds values above 63, which do not fit in 6 bits")
 
 

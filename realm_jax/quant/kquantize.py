@@ -65,14 +65,14 @@ def _seq_first_max(v, key):
     return best, val
 
 
-def _weighted_error(w, scale, lq, mn, x):
-    """sum_i w_i * (scale * l_i + min - x_i)^2 in C's order."""
+def _weighted_error(w, scale, lq, mn, x, use_mad: bool = False):
+    """sum_i w_i * (scale * l_i + min - x_i)^2 in C's order (use_mad: |...| instead of the square)."""
     diff = (rounded(scale[..., None] * lq) + mn[..., None]) - x
-    return _seq_sum(rounded(w * (diff * diff)))
+    return _seq_sum(rounded(w * (jnp.abs(diff) if use_mad else diff * diff)))
 
 
-def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants (use_mad=false) on rows x [M, n] with weights w: (scale [M], min [M], L int32 [M, n]).
+def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool = False):
+    """make_qkx2_quants on rows x [M, n] with weights w: (scale [M], min [M], L int32 [M, n]).
 
     `min` is returned as C's `the_min`, i.e. the negated offset (>= 0 for data with negative values).
     """
@@ -86,7 +86,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     iscale = _F32(nmax) / (mx - mn)
     scale = _recip(iscale)
     lq = jnp.clip(_nearest_int(iscale[..., None] * (x - mn[..., None])), 0, nmax)
-    best = _weighted_error(w, scale, lq.astype(jnp.float32), mn, x)
+    best = _weighted_error(w, scale, lq.astype(jnp.float32), mn, x, use_mad)
 
     def step(carry, num):
         # As in C, a step that wins moves `min`, which later steps measure from.
@@ -102,7 +102,7 @@ def _make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
         clamp = this_min > 0
         this_scale = jnp.where(clamp, sum_xl / sum_l2, this_scale)
         this_min = jnp.where(clamp, _F32(0), this_min)
-        err = _weighted_error(w, this_scale, lf, this_min, x)
+        err = _weighted_error(w, this_scale, lf, this_min, x, use_mad)
         take = (det > 0) & (err < best)
         return (jnp.where(take, err, best), jnp.where(take, this_scale, scale),
                 jnp.where(take, this_min, mn_best), jnp.where(take[..., None], la, lq)), None

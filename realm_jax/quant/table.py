@@ -3,13 +3,13 @@
 It is the only list of formats: the repack, dequantize and quantize functions, the GGUF reader, the
 linear layer's backends (each declares in its own module which of these formats its kernels implement)
 and `realm-jax inspect` all read it. A format is added by defining it in its family's module (`floats`,
-`legacy`, `kquants`), which this table collects.
+`legacy`, `kquants`, ...), which this table collects from `_FAMILIES`.
 """
 
 from __future__ import annotations
 
 from realm_jax.errors import UnsupportedFormatError
-from realm_jax.quant import floats, kquants, legacy
+from realm_jax.quant import floats, iq1, iq2, iq3, iq4, kquants, kquants_low, legacy, mxfp, plain, ternary
 from realm_jax.quant.block import Format
 
 __all__ = ["FORMATS", "format_for_ggml_type", "get_format", "register"]
@@ -27,7 +27,8 @@ def register(fmt: Format) -> Format:
     return fmt
 
 
-for _fmt in floats.FORMATS + legacy.FORMATS + kquants.FORMATS:
+_FAMILIES = (floats, plain, legacy, kquants, kquants_low, iq4, mxfp, ternary, iq1, iq2, iq3)
+for _fmt in (f for family in _FAMILIES for f in family.FORMATS):
     register(_fmt)
 
 
