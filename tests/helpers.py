@@ -46,7 +46,8 @@ def assert_matmul_close(y, x, w, *, compute_dtype, out_dtype, reference=None) ->
 
 def _small_scales(fmt: str, raw: np.ndarray, rng: np.random.Generator) -> None:
     """Scales that are not float fields, set in place to small finite values: MXFP4's exponent byte, IQ1_M's
-    f16 scale spread over the top nibbles of its four scale words, F64's doubles."""
+    f16 scale spread over the top nibbles of its four scale words; F64's doubles, and I32/I64 integers within
+    f16's range (a weight a 16-bit params dtype can hold)."""
     lead = raw.shape[:-1]
     if fmt == "MXFP4":
         raw[..., 0] = rng.integers(119, 127, size=lead)  # 2^-9 .. 2^-2
@@ -56,6 +57,9 @@ def _small_scales(fmt: str, raw: np.ndarray, rng: np.random.Generator) -> None:
             raw[..., 49 + 2 * i] = (raw[..., 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 0xF) << 4).astype(np.uint8)
     elif fmt == "F64":
         raw[...] = rng.standard_normal(lead).astype("<f8")[..., None].view(np.uint8)
+    elif fmt in ("I32", "I64"):
+        values = rng.integers(-(2**15), 2**15, size=lead).astype(f"<i{raw.shape[-1]}")
+        raw[...] = values[..., None].view(np.uint8)
 
 
 def random_blocks(fmt: str, n_rows: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:

@@ -19,6 +19,7 @@ from realm_jax import native
 from realm_jax.errors import ShapeMismatchError
 from realm_jax.quant import dequantize, to_dense
 from helpers import assert_matmul_close, matmul_tolerance, random_qtensor, rms
+from linear_base import pairwise
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native matmul unavailable: {native.reason()}")
 
@@ -35,9 +36,14 @@ def check(x, w, compute_dtype=jnp.float32, out_dtype=jnp.float32, portable=False
                         out_dtype=out_dtype)
 
 
-@pytest.mark.parametrize("portable", [False, True], ids=["vector", "portable"])
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 4, 9])
+# Every format with every row count (the kernel's 1-4 row blocks and a remainder), each in both builds:
+# pairwise, not the full product.
+CASES = [(r["fmt"], r["m"], r["portable"]) for r in pairwise({"fmt": FORMATS, "m": [1, 3, 4, 9],
+                                                               "portable": [False, True]})]
+
+
+@pytest.mark.parametrize("fmt,m,portable", CASES,
+                         ids=[f"{f}-m{m}-{'portable' if p else 'vector'}" for f, m, p in CASES])
 def test_every_format_matches_reference(fmt, m, portable, rng):
     k = 512 if m % 2 else 256
     w = random_qtensor(fmt, N, k, rng)

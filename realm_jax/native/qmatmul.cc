@@ -17,45 +17,21 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(REALM_PORTABLE)
-#include <immintrin.h>
-#define REALM_AVX512 1
-#endif
-
+#include "iquants.h"
+#include "kquants_low.h"
+#include "lut4.h"
 #include "numeric.h"
+#include "planes.h"
+#include "plain.h"
 #include "pool.h"
+#include "ternary.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Format ids, as realm_jax/native/__init__.py passes them.
-enum Fmt : int64_t {
-  kF32 = 0, kF16 = 1, kBF16 = 2,
-  kQ4_0 = 10, kQ4_1 = 11, kQ5_0 = 12, kQ5_1 = 13, kQ8_0 = 14,
-  kQ4_K = 20, kQ5_K = 21, kQ6_K = 22, kQ8_K = 23,
-};
-
-constexpr int kMaxPlanes = 6;
-
-using realm::bf16_to_f32;
-using realm::bits_to_f32;
-using realm::round_bf16;
-
-inline float f16_to_f32(uint16_t h) {
-  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (man << 13));
-  if (exp != 0) return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
-  if (man == 0) return bits_to_f32(sign);
-  int e = 113;  // subnormal: shift the mantissa up to its leading one
-  while (!(man & 0x400u)) { man <<= 1; --e; }
-  return bits_to_f32(sign | (static_cast<uint32_t>(e) << 23) | ((man & 0x3ffu) << 13));
-}
-
-inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
-inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
-inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 * i)); }
+using namespace realm;  // NOLINT: the format ids, Row, the loads and the per-format Dequant hooks
 
 // The dequantized weight rounded to the params dtype the policy holds weights in (round-to-nearest-even,
 // as XLA's convert), so that this kernel and XLA's dot on the dense copy multiply the same values.
@@ -78,16 +54,13 @@ inline float round_f16(float f) {
   return bits_to_f32(sign | ((a + 0xfffu + lsb) & ~0x1fffu));
 }
 
-// One row of W: each plane's bytes for that row.
-struct Row {
-  const uint8_t* p[kMaxPlanes];
-};
-
 // Scalar dequantization of group g (32 elements; for F32/F16/BF16 the elements 32g..32g+31) into out.
 // The formulas are those of realm_jax.quant's tile functions (kquants.py / legacy.py).
 template <Fmt F>
 inline void group_scalar(const Row& r, int64_t g, float* out) {
-  if constexpr (F == kF32) {
+  if constexpr (Dequant<F>::kDefined) {
+    Dequant<F>::scalar(r, g, out);
+  } else if constexpr (F == kF32) {
     std::memcpy(out, r.p[0] + 128 * g, 128);
   } else if constexpr (F == kF16 || F == kBF16) {
     for (int i = 0; i < 32; ++i) {
@@ -140,10 +113,6 @@ inline void group_scalar(const Row& r, int64_t g, float* out) {
 }
 
 #ifdef REALM_AVX512
-inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
-inline __m512i lo16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m512i lo16s(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m512 set1(float v) { return _mm512_set1_ps(v); }
 
 template <int R>
 inline __m512 round_vec(__m512 w) {
@@ -177,7 +146,9 @@ inline __m512i q5_high(uint32_t qh, int base) {
 template <Fmt F>
 inline void prepare(const Row& r, int64_t b, float* s, float* o) {
   auto h = [](const uint8_t* p, int64_t i) { return _cvtsh_ss(u16(p + 2 * i)); };
-  if constexpr (F == kQ4_0 || F == kQ5_0) {
+  if constexpr (Dequant<F>::kDefined) {
+    Dequant<F>::prepare(r, b, s, o);
+  } else if constexpr (F == kQ4_0 || F == kQ5_0) {
     s[0] = h(r.p[0], b);
     o[0] = -(F == kQ5_0 ? 16.0f : 8.0f) * s[0];
   } else if constexpr (F == kQ4_1 || F == kQ5_1) {
@@ -205,6 +176,7 @@ inline void prepare(const Row& r, int64_t b, float* s, float* o) {
 
 template <Fmt F>
 constexpr int64_t groups_per_block() {
+  if constexpr (Dequant<F>::kDefined) return Dequant<F>::kGroups;
   return F == kQ4_K || F == kQ5_K || F == kQ6_K || F == kQ8_K ? 8 : 1;
 }
 
@@ -215,7 +187,9 @@ inline void group_avx512(const Row& r, int64_t b, int64_t j, const float* s, con
                          __m512& w1) {
   const __m512i nib = _mm512_set1_epi32(0xf);
   const int64_t g = b * groups_per_block<F>() + j;
-  if constexpr (F == kF32) {
+  if constexpr (Dequant<F>::kDefined) {
+    Dequant<F>::group(r, b, j, s, o, w0, w1);
+  } else if constexpr (F == kF32) {
     w0 = _mm512_loadu_ps(r.p[0] + 128 * g);
     w1 = _mm512_loadu_ps(r.p[0] + 128 * g + 64);
   } else if constexpr (F == kF16) {
@@ -398,6 +372,26 @@ const Spec kSpecs[] = {
     {kQ5_K, 256, 6, {2, 2, 8, 8, 32, 128}, run<kQ5_K>},
     {kQ6_K, 256, 4, {128, 64, 16, 2}, run<kQ6_K>},
     {kQ8_K, 256, 3, {4, 256, 32}, run<kQ8_K>},
+    {kI8, 1, 1, {1}, run<kI8>},
+    {kI16, 1, 1, {2}, run<kI16>},
+    {kI32, 1, 1, {4}, run<kI32>},
+    {kI64, 1, 1, {8}, run<kI64>},
+    {kF64, 1, 1, {8}, run<kF64>},
+    {kQ2_K, 256, 4, {16, 64, 2, 2}, run<kQ2_K>},
+    {kQ3_K, 256, 4, {32, 64, 16, 2}, run<kQ3_K>},
+    {kIQ4_NL, 32, 2, {2, 16}, run<kIQ4_NL>},
+    {kIQ4_XS, 256, 3, {2, 8, 128}, run<kIQ4_XS>},
+    {kMXFP4, 32, 2, {1, 16}, run<kMXFP4>},
+    {kNVFP4, 64, 2, {4, 32}, run<kNVFP4>},
+    {kTQ1_0, 256, 3, {48, 4, 2}, run<kTQ1_0>},
+    {kTQ2_0, 256, 2, {64, 2}, run<kTQ2_0>},
+    {kIQ1_S, 256, 3, {2, 32, 16}, run<kIQ1_S>},
+    {kIQ1_M, 256, 3, {32, 16, 8}, run<kIQ1_M>},
+    {kIQ2_XXS, 256, 2, {2, 64}, run<kIQ2_XXS>},
+    {kIQ2_XS, 256, 3, {2, 64, 8}, run<kIQ2_XS>},
+    {kIQ2_S, 256, 5, {2, 32, 32, 8, 8}, run<kIQ2_S>},
+    {kIQ3_XXS, 256, 3, {2, 64, 32}, run<kIQ3_XXS>},
+    {kIQ3_S, 256, 5, {2, 64, 8, 32, 4}, run<kIQ3_S>},
 };
 
 using LayerIndex = ffi::Buffer<ffi::S32, 0>;

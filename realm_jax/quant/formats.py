@@ -69,7 +69,7 @@ def dequantize_tile(fmt: str, planes, *, dtype=jnp.float32, exact: bool = False)
     """
     f = get_format(fmt)
     with jax.named_scope("dequant"):
-        if f.block_size == 1 and not exact:  # F32/F16/BF16: one cast, not a round trip through f32
+        if f.block_size == 1 and f.planes[0].count == 1 and not exact:  # a plain array: one cast, not two
             return jnp.asarray(planes["w"]).astype(dtype)
         return f.tile(planes, exact=exact).astype(dtype)
 

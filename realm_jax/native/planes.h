@@ -1,0 +1,77 @@
+// realm-jax native matmul: what every format's dequantization shares: the format ids, a row of W's planes,
+// the f16 and little-endian loads, and the per-format hooks (`Dequant<F>`) that the family headers
+// (kquants_low.h, lut4.h, ternary.h, iquants.h, plain.h) specialize.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(REALM_PORTABLE)
+#include <immintrin.h>
+#define REALM_AVX512 1
+#endif
+
+#include "numeric.h"
+
+namespace realm {
+
+// Format ids, as realm_jax/native/__init__.py passes them (FORMAT_IDS).
+enum Fmt : int64_t {
+  kF32 = 0, kF16 = 1, kBF16 = 2, kI8 = 3, kI16 = 4, kI32 = 5, kI64 = 6, kF64 = 7,
+  kQ4_0 = 10, kQ4_1 = 11, kQ5_0 = 12, kQ5_1 = 13, kQ8_0 = 14,
+  kQ4_K = 20, kQ5_K = 21, kQ6_K = 22, kQ8_K = 23, kQ2_K = 24, kQ3_K = 25,
+  kIQ4_NL = 30, kIQ4_XS = 31, kMXFP4 = 32, kNVFP4 = 33,
+  kTQ1_0 = 40, kTQ2_0 = 41,
+  kIQ1_S = 50, kIQ1_M = 51, kIQ2_XXS = 52, kIQ2_XS = 53, kIQ2_S = 54, kIQ3_XXS = 55, kIQ3_S = 56,
+};
+
+constexpr int kMaxPlanes = 6;
+
+// One row of W: each plane's bytes for that row.
+struct Row {
+  const uint8_t* p[kMaxPlanes];
+};
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+  if (exp != 0) return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+  if (man == 0) return bits_to_f32(sign);
+  int e = 113;  // subnormal: shift the mantissa up to its leading one
+  while (!(man & 0x400u)) { man <<= 1; --e; }
+  return bits_to_f32(sign | (static_cast<uint32_t>(e) << 23) | ((man & 0x3ffu) << 13));
+}
+
+inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
+inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 * i)); }
+
+// A format a family header implements specializes Dequant<F> with:
+//   static constexpr int64_t kBlock, kGroups;  elements per block, groups of 32 per block (kBlock / 32, or 1
+//                                              for the plain types, whose "block" is one element)
+//   static void scalar(const Row&, int64_t g, float* out);  group g (32 elements) into out
+// and, on the AVX-512 path,
+//   static void prepare(const Row&, int64_t b, float* s, float* o);  block b's per-group factors (16 each)
+//   static void group(const Row&, int64_t b, int64_t j, const float* s, const float* o, __m512& w0, __m512& w1);
+// The formulas are those of the format's tile function in realm_jax.quant.
+template <Fmt F>
+struct Dequant {
+  static constexpr bool kDefined = false;
+};
+
+#ifdef REALM_AVX512
+inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
+inline __m512i lo16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512i lo16s(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512 set1(float v) { return _mm512_set1_ps(v); }
+// Lane i of a 16-float table at the low 4 bits of each 32-bit lane of idx.
+inline __m512 lut16(__m512i idx, __m512 table) { return _mm512_permutexvar_ps(idx, table); }
+// w negated in the lanes whose bit is set in mask (a flip of the sign bit, exact).
+inline __m512 negate_where(__m512 w, __mmask16 mask) {
+  const __m512i v = _mm512_castps_si512(w);
+  return _mm512_castsi512_ps(_mm512_mask_xor_epi32(v, mask, v, _mm512_set1_epi32(static_cast<int>(0x80000000u))));
+}
+#endif
+
+}  // namespace realm
