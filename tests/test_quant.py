@@ -117,6 +117,65 @@ def test_special_scales_bit_exact(fmt, rng):
     assert not np.asarray(dequantize(qt))[0, -f.block_size:].any()
 
 
+def _bit_exact_with_nans(got, ref):
+    got, ref = np.asarray(got), np.asarray(ref)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert_bit_identical(np.where(np.isnan(ref), 0, got), np.where(np.isnan(ref), 0, ref))
+
+
+@pytest.mark.parametrize("fmt,offset,count", [("MXFP4", 0, 1), ("NVFP4", 0, 4)])
+def test_every_scale_byte(fmt, offset, count, rng):
+    """Every value of MXFP4's E8M0 exponent (subnormal scales at 0 and 1, products past f32's range at 255) and
+    of NVFP4's E4M3 scale bytes (0x7F reads as 0, bit 7 is ignored)."""
+    f = get_format(fmt)
+    raw = rng.integers(0, 256, size=(256 // count, f.type_size), dtype=np.uint8)
+    raw[:, offset : offset + count] = np.arange(256, dtype=np.uint8).reshape(-1, count)
+    qt = repack(raw.reshape(1, -1), fmt, (1, raw.shape[0] * f.block_size))
+    _bit_exact_with_nans(dequantize(qt), reference(raw.reshape(1, -1), fmt))
+
+
+def test_iq1_m_scale_across_nibbles(rng):
+    """IQ1_M's f16 scale, spread over the top nibbles of its four scale words: zero, subnormal, extreme, Inf
+    and NaN patterns."""
+    d = np.concatenate([SPECIAL_F16, np.array([0x7C00, 0xFC00, 0x7E01, 0x3555], np.uint16)])
+    raw = rng.integers(0, 256, size=(d.size, 56), dtype=np.uint8)
+    for i in range(4):  # word i (bytes 48 + 2i, 49 + 2i): bits 15..12 hold d's bits 4i+3..4i
+        raw[:, 49 + 2 * i] = (raw[:, 49 + 2 * i] & 0x0F) | (((d >> (4 * i)) & 0xF) << 4).astype(np.uint8)
+    qt = repack(raw.reshape(1, -1), "IQ1_M", (1, d.size * 256))
+    assert np.array_equal(unpack(qt), raw.reshape(1, -1))
+    _bit_exact_with_nans(dequantize(qt), reference(raw.reshape(1, -1), "IQ1_M"))
+
+
+_I64_EDGES = [0, 1, -1, 2**24, 2**24 + 1, 2**24 + 3, -(2**24) - 1, 2**25 + 2, 2**25 + 6, 2**53 + 1, 2**62 + 2**38,
+              2**62 + 2**38 + 1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**31, 2**32 - 1, 2**32, 2**32 + 2**8 + 1,
+              -(2**40) - 2**16 - 1, 12345678901234567]
+_F64_EDGES = [0.0, -0.0, 1.0, 1 + 2**-24, 1 + 2**-23 + 2**-24, 1 + 2**-24 + 2**-50, 3.4028234663852886e38,
+              3.4028235677973366e38, 3.402823669209385e38, 1e39, -1e300, 2.0**-126, 2.0**-127 * 3, 2.0**-149,
+              2.0**-150, 2.0**-150 * 1.0000001, 2.0**-151, 1.5 * 2.0**-149, 2.5 * 2.0**-149, 5e-324, -1e-310,
+              float("inf"), float("-inf"), 0.1, -2.0 / 3]
+
+
+@pytest.mark.parametrize("fmt", ["I64", "F64", "I32"])
+def test_plain_types_round_as_numpy(fmt, rng):
+    """Nearest-even rounding at the 24-bit edge, overflow, f32 subnormals and halfway cases, the extremes, and
+    (F64) NaN payloads, as numpy's astype(np.float32)."""
+    dtype = {"I64": "<i8", "F64": "<f8", "I32": "<i4"}[fmt]
+    if fmt == "F64":
+        nans = np.array([0x7FF0000000000001, 0x7FF8000000000000, 0xFFF4000012345678, 0x7FFFFFFFFFFFFFFF],
+                        np.uint64).view("<f8")
+        values = np.concatenate([np.array(_F64_EDGES, "<f8"), nans, rng.standard_normal(64) * 1e20])
+    elif fmt == "I64":
+        values = np.concatenate([np.array(_I64_EDGES, "<i8"), rng.integers(-(2**63), 2**63 - 1, 64, "<i8")])
+    else:
+        values = np.concatenate([np.array([2**31 - 1, -(2**31), 2**24 + 1, 16777217 * 3], "<i4"),
+                                 rng.integers(-(2**31), 2**31 - 1, 64, "<i4")])
+    raw = values.astype(dtype).view(np.uint8).reshape(1, -1)
+    qt = repack(raw, fmt, (1, values.size))
+    assert np.array_equal(unpack(qt), raw)
+    got, ref = np.asarray(dequantize(qt)), reference(raw, fmt)
+    assert_bit_identical(got, ref)  # NaN payloads included
+
+
 @pytest.mark.parametrize("fmt", ["F16", "BF16"])
 def test_every_16bit_pattern(fmt):
     """All 65,536 patterns widen exactly to f32, NaN payloads included (as gguf-py)."""
