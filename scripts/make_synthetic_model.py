@@ -1,11 +1,17 @@
 """Write the small synthetic llama-architecture GGUF models the test suite compares against llama.cpp.
 
-A seeded random llama model (D=256, 4 layers, 4 query heads and 2 KV heads of 64, F=768, V=1024, untied
-output, context 1024) is written as an F32 GGUF with gguf-py into a temporary folder, then quantized by
-llama.cpp (``llama_cpp.llama_model_quantize``) into
-``tests/data/synthetic/llama-k-{q4_k_m,q5_k_m,q6_k,q8_0}.gguf``. Every 2-D weight has a row length that is a
-multiple of 256, so llama.cpp stores true k-quants rather than its Q5_0/Q5_1/Q8_0 fallbacks (real small
-models are mostly fallbacks).
+A seeded random llama model (D=256, 4 query heads and 2 KV heads of 64, V=1024, untied output, context 1024;
+size "k": 4 layers, F=768; size "s": 2 layers, F=512, for the files of the lower-bit types, to keep the test
+data small) is written as an F32 GGUF with gguf-py into a temporary folder, then quantized by llama.cpp
+(``llama_cpp.llama_model_quantize``, no importance matrix) into ``tests/data/synthetic/<name>.gguf`` for each
+of `VARIANTS`. Every 2-D weight has a row length that is a multiple of 256, so llama.cpp stores true k-quants
+and i-quants rather than its fallbacks (real small models are mostly fallbacks).
+
+llama.cpp writes IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ3_XXS only with an importance matrix. For them
+`RANDOM` files are written with gguf-py directly: the layers' matrices take these types in turn, each made of
+random valid blocks (random codebook points, signs and sub-block scales) whose f16 super-block scale gives the
+block the RMS of the F32 weights it replaces; the embedding and output matrices are Q8_0 (gguf-py's quantizer,
+bit-exact with llama.cpp's). llama.cpp evaluates them like any other file.
 
 The tokenizer is a SentencePiece-style ("llama") vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then
 765 pieces: the printable ASCII characters, the space marker U+2581, and byte-pair merges learned on the
@@ -20,12 +26,14 @@ The attention scales make the predictions depend strongly on the context and its
 
 The output is deterministic: rerunning writes the same bytes.
 
-Run: ``.venv/bin/python scripts/make_synthetic_model.py`` (needs llama-cpp-python: ``make llama``).
+Run: ``.venv/bin/python scripts/make_synthetic_model.py [NAME ...]`` (all files, or the ones named; needs
+llama-cpp-python: ``make llama``).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import logging
 import pathlib
@@ -41,11 +49,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "tests" / "data" / "synthetic"
 
 D_MODEL = 256
-N_LAYERS = 4
 N_HEADS = 4
 N_KV_HEADS = 2
 HEAD_DIM = D_MODEL // N_HEADS
-FFN = 768
 VOCAB = 1024
 CONTEXT = 1024  # the synthetic vocabulary turns the long reference prompt into ~760 tokens
 ROPE_BASE = 10000.0
@@ -58,15 +64,34 @@ EMBED_STD = 1.0
 QK_STD = 0.077
 VO_STD = 0.06
 FFN_STD = 1.0 / np.sqrt(D_MODEL)
-DOWN_STD = 1.2 / np.sqrt(FFN)
+DOWN_GAIN = 1.2  # ffn_down's std is DOWN_GAIN / sqrt(F)
 OUTPUT_STD = 0.30
 
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    n_layers: int
+    ffn: int
+
+
+SIZES = {"k": Size(n_layers=4, ffn=768), "s": Size(n_layers=2, ffn=512)}
+
+# file name -> (size, llama.cpp's file type)
 VARIANTS = {
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
-    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
-    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "llama-k-q4_k_m": ("k", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    "llama-k-q5_k_m": ("k", "LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+    "llama-k-q6_k": ("k", "LLAMA_FTYPE_MOSTLY_Q6_K"),
+    "llama-k-q8_0": ("k", "LLAMA_FTYPE_MOSTLY_Q8_0"),
+    "llama-s-q2_k": ("s", "LLAMA_FTYPE_MOSTLY_Q2_K"),
+    "llama-s-q3_k_s": ("s", "LLAMA_FTYPE_MOSTLY_Q3_K_S"),
+    "llama-s-q3_k_m": ("s", "LLAMA_FTYPE_MOSTLY_Q3_K_M"),
+    "llama-s-iq4_nl": ("s", "LLAMA_FTYPE_MOSTLY_IQ4_NL"),
+    "llama-s-iq4_xs": ("s", "LLAMA_FTYPE_MOSTLY_IQ4_XS"),
+    "llama-s-iq3_s": ("s", "LLAMA_FTYPE_MOSTLY_IQ3_S"),
+    "llama-s-tq2_0": ("s", "LLAMA_FTYPE_MOSTLY_TQ2_0"),
 }
+# file name -> (size, the types the layers' matrices take in turn), written with random valid blocks
+RANDOM = {"llama-s-iq-random": ("s", ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS"))}
 
 SPACE = "\u2581"  # SentencePiece's visible space
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6
@@ -199,7 +224,7 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+def weights(rng: np.random.Generator, size: Size) -> dict[str, np.ndarray]:
     """GGUF tensor name -> f32 array in GGUF's row-major (out_features, in_features) layout.
 
     Random q/k weights need no RoPE permutation: llama.cpp reads them in its "normal" (adjacent pairs)
@@ -215,7 +240,7 @@ def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     kv_dim = N_KV_HEADS * HEAD_DIM
     vo_std = VO_STD * 16 / np.sqrt(D_MODEL)
     w = {"token_embd.weight": normal((VOCAB, D_MODEL), EMBED_STD)}
-    for i in range(N_LAYERS):
+    for i in range(size.n_layers):
         p = f"blk.{i}."
         w[p + "attn_norm.weight"] = norm_weight()
         w[p + "attn_q.weight"] = normal((D_MODEL, D_MODEL), QK_STD)
@@ -223,9 +248,9 @@ def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
         w[p + "attn_v.weight"] = normal((kv_dim, D_MODEL), vo_std)
         w[p + "attn_output.weight"] = normal((D_MODEL, D_MODEL), vo_std)
         w[p + "ffn_norm.weight"] = norm_weight()
-        w[p + "ffn_gate.weight"] = normal((FFN, D_MODEL), FFN_STD)
-        w[p + "ffn_up.weight"] = normal((FFN, D_MODEL), FFN_STD)
-        w[p + "ffn_down.weight"] = normal((D_MODEL, FFN), DOWN_STD)
+        w[p + "ffn_gate.weight"] = normal((size.ffn, D_MODEL), FFN_STD)
+        w[p + "ffn_up.weight"] = normal((size.ffn, D_MODEL), FFN_STD)
+        w[p + "ffn_down.weight"] = normal((D_MODEL, size.ffn), DOWN_GAIN / np.sqrt(size.ffn))
     w["output_norm.weight"] = norm_weight()
     # Log-normal row norms: a few tokens are likely everywhere, which widens the top-1 margins.
     row_scale = np.exp(0.35 * rng.standard_normal((VOCAB, 1))).astype(np.float32)
@@ -233,15 +258,39 @@ def weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return w
 
 
-def write_source(path: pathlib.Path) -> None:
+def _random_blocks(fmt: str, w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random valid `fmt` blocks for the rows of w [N, K]: GGUF bytes [N, K/256 * type_size] whose f16
+    super-block scale d gives each block the RMS of w's block it stands for."""
+    qtype = gguf.GGMLQuantizationType[fmt]
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(w.shape[0], w.shape[1] // block, type_size), dtype=np.uint8)
+
+    def set_d(d: np.ndarray) -> None:
+        bits = d.astype(np.float16).view(np.uint16)
+        if fmt == "IQ1_M":  # d's nibbles are the top nibbles of the four scale words at bytes 48..55
+            for i in range(4):
+                raw[..., 49 + 2 * i] = (raw[..., 49 + 2 * i] & 0x0F) | (((bits >> (4 * i)) & 0xF) << 4).astype(np.uint8)
+        else:  # d is the first field
+            raw[..., :2] = bits[..., None].view(np.uint8)
+
+    set_d(np.ones(raw.shape[:2]))
+    unit = gguf.quants.dequantize(raw.reshape(w.shape[0], -1), qtype).reshape(*raw.shape[:2], block)
+    target = np.sqrt(np.mean(np.square(w.reshape(*raw.shape[:2], block)), axis=-1))
+    set_d(target / np.sqrt(np.mean(np.square(unit), axis=-1)))
+    return raw.reshape(w.shape[0], -1)
+
+
+def write_source(path: pathlib.Path, size: Size, random_types: tuple[str, ...] = ()) -> None:
+    """The F32 model of `size`; with `random_types`, its layers' matrices as random blocks of those types
+    in turn (and Q8_0 embedding and output matrices) instead."""
     tokens, scores, types = vocabulary()
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_name("realm-jax synthetic llama")
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_file_type(int(gguf.LlamaFileType.GUESSED if random_types else gguf.LlamaFileType.ALL_F32))
     writer.add_context_length(CONTEXT)
     writer.add_embedding_length(D_MODEL)
-    writer.add_block_count(N_LAYERS)
-    writer.add_feed_forward_length(FFN)
+    writer.add_block_count(size.n_layers)
+    writer.add_feed_forward_length(size.ffn)
     writer.add_head_count(N_HEADS)
     writer.add_head_count_kv(N_KV_HEADS)
     writer.add_layer_norm_rms_eps(RMS_EPS)
@@ -258,8 +307,19 @@ def write_source(path: pathlib.Path) -> None:
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(True)
-    for name, array in weights(np.random.default_rng(SEED)).items():
-        writer.add_tensor(name, array)
+    rng = np.random.default_rng(SEED)
+    turn = 0
+    for name, array in weights(rng, size).items():
+        if random_types and name.startswith("blk.") and array.ndim == 2:
+            fmt = random_types[turn % len(random_types)]
+            turn += 1
+            qtype = gguf.GGMLQuantizationType[fmt]
+            writer.add_tensor(name, _random_blocks(fmt, array, rng), raw_dtype=qtype)  # bytes [N, row bytes]
+        elif random_types and array.ndim == 2:
+            q8 = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -296,14 +356,27 @@ def describe(path: pathlib.Path) -> str:
     return line + "".join(f"\n    {n} {t}" for n, t in others.items())
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
+    names = names or [*VARIANTS, *RANDOM]
+    unknown = [n for n in names if n not in VARIANTS and n not in RANDOM]
+    if unknown:
+        raise SystemExit(f"unknown model names {unknown}; known: {', '.join([*VARIANTS, *RANDOM])}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp) / "llama-f32.gguf"
-        write_source(src)
-        for variant, ftype_name in VARIANTS.items():
-            dst = OUT_DIR / f"llama-k-{variant}.gguf"
-            quantize(src, dst, ftype_name)
+        sources: dict[str, pathlib.Path] = {}
+        for name in names:
+            dst = OUT_DIR / f"{name}.gguf"
+            if name in RANDOM:
+                size, random_types = RANDOM[name]
+                tmp_dst = dst.with_suffix(".tmp")
+                write_source(tmp_dst, SIZES[size], random_types)
+                tmp_dst.replace(dst)
+            else:
+                size, ftype_name = VARIANTS[name]
+                if size not in sources:
+                    sources[size] = pathlib.Path(tmp) / f"llama-{size}-f32.gguf"
+                    write_source(sources[size], SIZES[size])
+                quantize(sources[size], dst, ftype_name)
             print(describe(dst))
     total = sum(p.stat().st_size for p in OUT_DIR.glob("*.gguf"))
     print(f"total {total / 2**20:.2f} MiB in {OUT_DIR.relative_to(REPO)}")
@@ -311,4 +384,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Record llama.cpp's logits and greedy continuations as reference data for the default test suite.
 
-For each model (the two real models and the four synthetic k-quant files written by
+For each model (the two real models and the synthetic files written by
 ``scripts/make_synthetic_model.py``) and each prompt in `PROMPTS`, llama.cpp (llama-cpp-python, CPU,
 2 threads) tokenizes the text (BOS as the file asks, special tokens not parsed), evaluates all positions
 teacher-forced in one batch, and then decodes `GREEDY_STEPS` tokens greedily (argmax, which is what
@@ -32,8 +32,8 @@ By the log-sum inequality this is a lower bound of the full-vocabulary KL, tight
 little mass (``max_rest_mass`` per prompt in the manifest: a few percent on the synthetic models, up to
 about half on gemma3's flat 262k-token tail). `realm_jax.reference` implements it.
 
-Run: ``.venv/bin/python scripts/record_llama_logits.py`` (needs llama-cpp-python: ``make llama``; about
-a minute on 2 cores).
+Run: ``.venv/bin/python scripts/record_llama_logits.py [MODEL ...]`` (every model, or the ones named, which
+are merged into the existing manifest; needs llama-cpp-python: ``make llama``; about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ N_CTX = 1024  # fits the longest prompt (~760 tokens with the synthetic vocabula
 TBT_PROMPTS = 2  # the shortest prompts are also evaluated token by token
 
 REAL_MODELS = ["gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"]
-SYNTHETIC_MODELS = ["llama-k-q4_k_m", "llama-k-q5_k_m", "llama-k-q6_k", "llama-k-q8_0"]
+SYNTHETIC_MODELS = ["llama-k-q4_k_m", "llama-k-q5_k_m", "llama-k-q6_k", "llama-k-q8_0", "llama-s-q2_k",
+                    "llama-s-q3_k_s", "llama-s-q3_k_m", "llama-s-iq4_nl", "llama-s-iq4_xs", "llama-s-iq3_s",
+                    "llama-s-tq2_0", "llama-s-iq-random"]
 
 PROMPTS = [
     "The capital of France is Paris, and",
@@ -254,9 +256,14 @@ def build_info() -> dict:
     }
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
+    """Record every model, or (with names) only those, keeping the other models' entries of the manifest;
+    a model recorded alone carries its own date and llama.cpp build in the manifest."""
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    unknown = [n for n in names if n not in REAL_MODELS + SYNTHETIC_MODELS]
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(REAL_MODELS + SYNTHETIC_MODELS)}")
     manifest = {
         "command": "python scripts/make_synthetic_model.py && python scripts/record_llama_logits.py",
         "date": datetime.date.today().isoformat(),
@@ -269,8 +276,16 @@ def main() -> int:
         "prompts": PROMPTS,
         "models": {},
     }
-    for name in REAL_MODELS + SYNTHETIC_MODELS:
+    path = OUT_DIR / "manifest.json"
+    if names and path.is_file():
+        previous = json.loads(path.read_text())
+        if previous["prompts"] != PROMPTS or previous["settings"] != manifest["settings"]:
+            raise SystemExit(f"{path} was recorded with other prompts or settings: record every model")
+        manifest = previous
+    for name in names or REAL_MODELS + SYNTHETIC_MODELS:
         arrays, summary = record_model(name)
+        if names:
+            summary = {"date": datetime.date.today().isoformat(), "llama_cpp": build_info(), **summary}
         save_npz(OUT_DIR / f"{name}.npz", arrays)
         manifest["models"][name] = summary
         key = "batched_vs_token_by_token"
@@ -283,7 +298,7 @@ def main() -> int:
                         f"KL mean {n['kl_mean']:.1e} max {n['kl_max']:.1e} "
                         f"max margin of a flip {n['max_margin_of_disagreement']:.3f}" for n in noise)
         )  # fmt: skip
-    (OUT_DIR / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in sorted(OUT_DIR.iterdir())}
     synthetic = sum(p.stat().st_size for p in SYNTHETIC_DIR.glob("*.gguf"))
     print(f"{OUT_DIR.relative_to(REPO)}: {sum(sizes.values()) / 2**20:.2f} MiB "
@@ -293,4 +308,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
