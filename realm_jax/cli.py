@@ -153,15 +153,15 @@ def _print_linear_layers(layers: dict[str, Any], every_tensor: bool) -> None:
     if every_tensor:
         for t in served:
             why = f"  ({t['reason']})" if t["reason"] else ""
-            print(f"  {t['name']:<32}{t['type']:<6}{str(t['shape']):<16}{t['serves'] or '-'}{why}")
+            print(f"  {t['name']:<32}{t['type']:<8}{str(t['shape']):<16}{t['serves'] or '-'}{why}")
         return
     groups: dict[tuple, int] = {}
     for t in served:
         key = (t["role"], t["type"], t["serves"] or "-", t["reason"] or "")
         groups[key] = groups.get(key, 0) + 1
-    print(f"  {'count':>5}  {'role':<7}{'type':<7}served by")
+    print(f"  {'count':>5}  {'role':<7}{'type':<8}served by")
     for (role, fmt, serves, reason), count in groups.items():
-        print(f"  {count:>5}  {role:<7}{fmt:<7}{serves}" + (f"  ({reason})" if reason else ""))
+        print(f"  {count:>5}  {role:<7}{fmt:<8}{serves}" + (f"  ({reason})" if reason else ""))
 
 
 def _print_inspect(report: dict[str, Any], every_tensor: bool = False) -> None:
@@ -184,9 +184,9 @@ def _print_inspect(report: dict[str, Any], every_tensor: bool = False) -> None:
     t = report["totals"]
     print(f"\ntensors ({t['tensors']}, {t['elements'] / 1e6:.1f} M weights, {t['bytes'] / 2**20:.1f} MiB, "
           f"{t['bits_per_weight']:.2f} bits/weight)")
-    print(f"  {'type':<6}{'count':>7}{'weights':>14}{'MiB':>10}{'bits/w':>9}  supported")
+    print(f"  {'type':<8}{'count':>7}{'weights':>14}{'MiB':>10}{'bits/w':>9}  supported")
     for r in report["tensor_types"]:
-        print(f"  {r['type']:<6}{r['count']:>7}{r['elements']:>14,}{r['bytes'] / 2**20:>10.2f}"
+        print(f"  {r['type']:<8}{r['count']:>7}{r['elements']:>14,}{r['bytes'] / 2**20:>10.2f}"
               f"{r['bits_per_weight']:>9.3f}  {'yes' if r['supported'] else 'no'}")
     _print_linear_layers(report["linear_layers"], every_tensor)
     if "memory" in report:

@@ -637,7 +637,8 @@ class _Parser:
             start = data_offset + offset
             if start + nbytes > self.size:
                 raise TensorOutOfBoundsError(
-                    f"{self.path}: tensor {name!r} spans bytes [{start}, {start + nbytes}), past the end of "
+                    f"{self.path}: tensor {name!r} of type {GGML_TYPES[type_id][0]} spans bytes [{start}, "
+                    f"{start + nbytes}), past the end of "
                     f"the file ({self.size} bytes; data section starts at {data_offset})"
                 )
             tensors[name] = TensorInfo(name, shape, type_id, GGML_TYPES[type_id][0], start, nbytes)
