@@ -42,17 +42,17 @@ def test_q8_k_weights_quantized_written_read_and_used(tmp_path, rng):
 
 
 def test_unsupported_tensor_type_names_file_and_tensor(tmp_path):
-    path = tmp_path / "q2k.gguf"
+    path = tmp_path / "q1_0.gguf"  # Q1_0: a type gguf-py knows and realm-jax does not read
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((2, 84), np.uint8), raw_shape=(2, 84),
-                      raw_dtype=gguf.GGMLQuantizationType.Q2_K)
+    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((2, 18), np.uint8), raw_shape=(2, 18),
+                      raw_dtype=gguf.GGMLQuantizationType.Q1_0)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(UnsupportedFormatError, match=r"q2k\.gguf.*blk\.0\.ffn_up\.weight.*Q2_K"):
+    with pytest.raises(UnsupportedFormatError, match=r"q1_0\.gguf.*blk\.0\.ffn_up\.weight.*Q1_0"):
         realm_jax.read_gguf(path)
     # The header alone still opens: inspect works on files realm-jax cannot compute with.
     with realm_jax.open_gguf(path) as f:
-        assert f.tensors["blk.0.ffn_up.weight"].type_name == "Q2_K"
+        assert f.tensors["blk.0.ffn_up.weight"].type_name == "Q1_0"
 
 
 def test_unknown_model_name():

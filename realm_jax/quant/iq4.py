@@ -19,8 +19,8 @@ IQ4_XS's `scales` plane holds the 8 six-bit values unpacked (uint8 0..63); every
 The quantizer is llama.cpp's `quantize_iq4_nl` / `quantize_iq4_xs` without an importance matrix (ggml-quants.c
 of llama-cpp-python 0.3.36, `quantize_row_iq4_nl_impl` with ntry=7: what `llama_model_quantize` writes, and
 `quantize_row_iq4_xs_ref`), with `realm_jax.quant.kquantize`'s conventions for bit-exactness and its known
-difference (XLA on CPU flushes subnormal floats to zero). (`quantize_row_iq4_nl_ref` is a cruder variant,
-ntry=-1, that no model file is written with.)
+difference (XLA on CPU flushes subnormal floats to zero: rows of N(0, 1e-15) values differ, as for Q2_K and
+Q3_K). (`quantize_row_iq4_nl_ref` is a cruder variant, ntry=-1, that no model file is written with.)
 """
 
 from __future__ import annotations

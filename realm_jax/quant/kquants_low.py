@@ -26,7 +26,8 @@ The quantizers follow `quantize_row_q2_K_ref` / `quantize_row_q3_K_ref` of ggml-
 vendored by llama-cpp-python 0.3.36; what `llama_model_quantize` writes without an importance matrix) with
 the conventions of `realm_jax.quant.kquantize` (C's summation order, products rounded before adds, true
 divisions, nearest_int bit for bit, first-winner ties), including its known difference: XLA on CPU flushes
-subnormal floats to zero, libggml does not.
+subnormal floats to zero, libggml does not (measured: rows of N(0, 1e-15) values, whose products of three
+values are subnormal, differ; rows of N(0, s) for s from 3e-4 to 1e6 match).
 """
 
 from __future__ import annotations
