@@ -6,8 +6,6 @@ use them against libggml's own."""
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import pathlib
 import re
 
 import gguf.quants as gq
@@ -18,6 +16,7 @@ from gguf import GGMLQuantizationType
 from realm_jax import native
 from realm_jax.quant import FORMATS, dequantize, iq1, iq2, iq3, iq4, mxfp, repack
 from helpers import random_blocks
+from test_kquantize import _libggml_base
 
 CODEBOOKS = {"IQ2_XXS": iq2.GRID_XXS, "IQ2_XS": iq2.GRID_XS, "IQ2_S": iq2.GRID_S, "IQ3_XXS": iq3.GRID_XXS,
              "IQ3_S": iq3.GRID_S, "IQ1_S": iq1.GRID, "IQ1_M": iq1.GRID}
@@ -62,15 +61,6 @@ def test_generated_header_holds_the_modules_tables():
 # --- gguf-py against libggml (optional) --------------------------------------------------------------------
 NEW = ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4", "NVFP4", "TQ1_0", "TQ2_0", "IQ1_S", "IQ1_M", "IQ2_XXS",
        "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S"]
-
-
-def _libggml_base() -> ctypes.CDLL:
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'realm-jax[llama]'")
-    pkg = pathlib.Path(importlib.util.find_spec("llama_cpp").origin).parent
-    libs = sorted(pkg.glob("lib/libggml-base.*"))
-    if not libs:
-        pytest.skip(f"no libggml-base shared library under {pkg / 'lib'}")
-    return ctypes.CDLL(str(libs[0]))
 
 
 @pytest.mark.parametrize("fmt", NEW)

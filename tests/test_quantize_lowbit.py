@@ -13,8 +13,7 @@ import pytest
 
 from realm_jax.errors import DTypeError, ShapeMismatchError
 from realm_jax.quant import FORMATS, dequantize, quantize, unpack
-from test_codebooks import _libggml_base
-from test_kquantize import EDGE, _varied_data
+from test_kquantize import EDGE, _libggml_base, _varied_data
 
 QUANTIZED = ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
 # libggml's entry points for a whole tensor without an importance matrix: what llama_model_quantize calls,

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from realm_jax.errors import DTypeError, ShapeMismatchError
 from realm_jax.quant.block import Field, Format, Packing
 from realm_jax.quant.common import rounded, split_nibbles, true_div
-from realm_jax.quant.kquantize import _F32, _GROUP_MAX_EPS, _nearest_int, _seq_first_max, _seq_sum
+from realm_jax.quant.kquantize import _F32, _GROUP_MAX_EPS, _nearest_int, _seq_first_max, _seq_sum, _superblocks
 
 F16, U8, U16 = np.dtype(np.float16), np.dtype(np.uint8), np.dtype(np.uint16)
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
@@ -143,14 +142,6 @@ def _codes(xb, scale):
     return idx[..., :16] | (idx[..., 16:] << 4)
 
 
-def _rows(x, fmt: str, block: int):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise DTypeError(f"{x.dtype=}: {fmt} quantizes floating-point input only ({x.shape=})")
-    if x.ndim == 0 or x.shape[-1] % block:
-        raise ShapeMismatchError(f"{x.shape=}: the last dim must be a multiple of {block} for {fmt}")
-    return x.astype(jnp.float32).reshape(-1, 32), x.shape
-
-
 @jax.jit
 def quantize_iq4_nl(x):
     """Quantize to IQ4_NL as llama.cpp's quantize_iq4_nl without an importance matrix.
@@ -160,7 +151,7 @@ def quantize_iq4_nl(x):
     Returns:
       planes: d float16 [..., K/32]; qs uint8 [..., K/2].
     """
-    xb, shape = _rows(x, "IQ4_NL", 32)
+    xb, shape = _superblocks(x, "IQ4_NL", 32)
     scale, amax = _block_scales(xb)
     # An all-zero block: C leaves the codes of the search untouched, then rewrites them from id = 0 (code 8).
     qs = _codes(xb, _inverse(scale))
@@ -178,7 +169,7 @@ def quantize_iq4_xs(x):
       planes: d float16 [..., K/256]; scales uint8 [..., K/32] (6-bit values, s - 32 the signed scale);
       qs uint8 [..., K/2].
     """
-    xb, shape = _rows(x, "IQ4_XS", QK_K)
+    xb, shape = _superblocks(x, "IQ4_XS", QK_K, 32)
     scales, _ = _block_scales(xb)
     scales = scales.reshape(-1, 8)
     _, max_scale = _seq_first_max(scales, jnp.abs(scales))

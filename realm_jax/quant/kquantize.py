@@ -145,13 +145,14 @@ def _make_qx_quants_rmse1(x, nmax: int):
     return jnp.where(zero, _F32(0), scale), jnp.where(zero[..., None], 0, lq)
 
 
-def _superblocks(x, fmt: str):
-    """Validate x [..., K] and return it as f32 super-blocks [N, 256], with its shape."""
+def _superblocks(x, fmt: str, block: int = QK_K, width: int | None = None):
+    """Validate x [..., K] (K a multiple of `block`) and return it as f32 rows [N, width or block] (super-blocks,
+    or their sub-blocks), with its shape."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise DTypeError(f"{x.dtype=}: {fmt} quantizes floating-point input only ({x.shape=})")
-    if x.ndim == 0 or x.shape[-1] % QK_K:
-        raise ShapeMismatchError(f"{x.shape=}: the last dim must be a multiple of {QK_K} for {fmt}")
-    return x.astype(jnp.float32).reshape(-1, QK_K), x.shape
+    if x.ndim == 0 or x.shape[-1] % block:
+        raise ShapeMismatchError(f"{x.shape=}: the last dim must be a multiple of {block} for {fmt}")
+    return x.astype(jnp.float32).reshape(-1, width or block), x.shape
 
 
 def _planes(shape, **planes):

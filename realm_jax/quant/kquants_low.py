@@ -45,7 +45,7 @@ from realm_jax.quant.kquantize import (
 )
 
 F16, U8 = np.dtype(np.float16), np.dtype(np.uint8)
-_SHIFTS = jnp.arange(0, 8, 2, dtype=jnp.uint8)[:, None]  # [4, 1]: the four 2-bit codes of a byte
+_SHIFTS = np.arange(0, 8, 2, dtype=np.uint8)[:, None]  # [4, 1]: the four 2-bit codes of a byte (numpy: no backend at import)
 
 
 def _codes(qs: jax.Array) -> jax.Array:

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from realm_jax.errors import DTypeError, ShapeMismatchError
 from realm_jax.quant.block import Field, Format
 from realm_jax.quant.common import split_nibbles
+from realm_jax.quant.kquantize import _superblocks
 
 U8 = np.dtype(np.uint8)
 E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int8)  # doubled E2M1 values
@@ -142,12 +142,7 @@ def quantize_mxfp4(x):
     Returns:
       planes: e uint8 [..., K/32]; qs uint8 [..., K/2].
     """
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise DTypeError(f"{x.dtype=}: MXFP4 quantizes floating-point input only ({x.shape=})")
-    if x.ndim == 0 or x.shape[-1] % 32:
-        raise ShapeMismatchError(f"{x.shape=}: the last dim must be a multiple of 32 for MXFP4")
-    shape = x.shape
-    xb = x.astype(jnp.float32).reshape(-1, 32)
+    xb, shape = _superblocks(x, "MXFP4", 32)
     # amax as C finds it (`if (amax < fabsf(v))`: NaNs never win), compared as bits so that subnormals count.
     mag = lax.bitcast_convert_type(xb, jnp.int32) & 0x7FFFFFFF
     amax = jnp.max(jnp.where(mag > 0x7F800000, 0, mag), axis=-1)
