@@ -22,8 +22,12 @@ struct LatticeGroup {
   float delta[4] = {0, 0, 0, 0};
 };
 
-inline void points8(LatticeGroup& g, int k, const uint8_t (*grid)[8], int index) { std::memcpy(g.mag + 8 * k, grid[index], 8); }
-inline void points4(LatticeGroup& g, int k, const uint8_t (*grid)[4], int index) { std::memcpy(g.mag + 4 * k, grid[index], 4); }
+inline void points8(LatticeGroup& g, int k, const uint8_t (*grid)[8], int index) {
+  std::memcpy(g.mag + 8 * k, grid[index], 8);
+}
+inline void points4(LatticeGroup& g, int k, const uint8_t (*grid)[4], int index) {
+  std::memcpy(g.mag + 4 * k, grid[index], 4);
+}
 inline float half_scale(float d, uint32_t s, float factor) { return d * (0.5f + static_cast<float>(s)) * factor; }
 
 // Group j of super-block b, per format.

@@ -64,8 +64,8 @@ struct Dequant<kIQ4_XS> {
   }
 #ifdef REALM_AVX512
   static void prepare(const Row& r, int64_t b, float* s, float*) {
-    const __m256 sc = _mm256_cvtepi32_ps(_mm256_sub_epi32(
-        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p[1] + 8 * b))), _mm256_set1_epi32(32)));
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p[1] + 8 * b));
+    const __m256 sc = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), _mm256_set1_epi32(32)));
     _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(f16_at(r.p[0], b)), sc));
   }
   static void group(const Row& r, int64_t b, int64_t j, const float* s, const float*, __m512& w0, __m512& w1) {

@@ -37,7 +37,8 @@ struct PlainDequant {
       return _mm512_cvtepi32_ps(_mm512_loadu_si512(p));
     } else if constexpr (F == kF64) {
       const __m256 lo = _mm512_cvtpd_ps(_mm512_loadu_pd(p)), hi = _mm512_cvtpd_ps(_mm512_loadu_pd(p + 64));
-      return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+      const __m512d wide = _mm512_castps_pd(_mm512_castps256_ps512(lo));
+      return _mm512_castpd_ps(_mm512_insertf64x4(wide, _mm256_castps_pd(hi), 1));
     } else {
       alignas(64) float v[16];
       for (int i = 0; i < 16; ++i) v[i] = value(p + 8 * i);

@@ -1,8 +1,9 @@
 """Quantized tensors: GGUF block formats as struct-of-arrays `QTensor` pytrees.
 
-One module per format family (`floats`, `legacy`, `kquants`) holds the block layout with its bit diagram,
-the lossless repack to planes and back, the per-tile dequantization that the XLA path and the Pallas
-kernels share, and the quantizer. `table` collects them: the format table every other part reads.
+One module per format family (`floats`, `plain`, `legacy`, `kquants`, `kquants_low`, `iq1`..`iq4`, `mxfp`,
+`ternary`) holds the block layout with its bit diagram, the lossless repack to planes and back, the per-tile
+dequantization that the XLA path and the Pallas kernels share, and the quantizer where realm-jax writes the
+format. `table` collects them: the format table every other part reads.
 `block` describes a format (`Format`), `qtensor` holds a tensor's planes (`QTensor`), `formats` the
 operations every format shares.
 """

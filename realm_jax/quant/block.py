@@ -75,7 +75,7 @@ class Format:
         ``tile(planes, exact=True)`` evaluates every product and sum in the order gguf-py does, without FMA
         contraction (bit-exact); ``exact=False`` leaves the compiler free to fuse (kernels, matmuls).
       quantize: x float32 [..., cols] -> planes (jnp), or None where realm-jax cannot produce the format.
-      packing: set where the planes differ from the fields (Q4_K/Q5_K unpack their 12-byte 6-bit scales).
+      packing: set where the planes differ from the fields (Q4_K/Q5_K/Q3_K/IQ4_XS unpack their 6-bit scales).
     """
 
     name: str

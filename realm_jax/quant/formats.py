@@ -105,7 +105,9 @@ def quantize(x, fmt: str) -> QTensor:
     """A dense array (..., cols) -> a `QTensor` in format `fmt` with jax planes (runs on any device).
 
     Bit-exact with `gguf.quants.quantize` for F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0; llama.cpp's
-    reference quantizers (`quantize_row_*_ref`) for Q4_K, Q5_K, Q6_K and Q8_K. Values are taken as f32.
+    reference quantizers (`quantize_row_*_ref`) for Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_XS and MXFP4, and
+    its `quantize_iq4_nl` without an importance matrix for IQ4_NL. The other formats are read only
+    (UnsupportedFormatError). Values are taken as f32.
     """
     f = get_format(fmt)
     if f.quantize is None:
