@@ -4,6 +4,7 @@
     realm-jax chat [--model FILE] [--system TEXT] [--chat-template F]  chat on stdin with an instruct model
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
     realm-jax bench [--model FILE] [--mesh ...] [--json]            prefill and decode tokens/s
+    realm-jax quantize IN.gguf OUT.gguf --type TYPE                 requantize with llama.cpp's mixture of TYPE
     realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
                                                                     one generate (or bench) over N processes
     realm-jax launch --hosts A,B,... [--port P] -- generate ...     print the command for each host of a cluster
@@ -214,6 +215,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print()
     else:
         _print_inspect(report, args.tensors)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from realm_jax.requantize import quantize_gguf
+
+    report = quantize_gguf(args.input, args.output, args.type, progress=True)
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(report["types"].items(), key=lambda kv: -kv[1]))
+    print(f"{report['file']}: {report['file_type']}, {report['bytes_in'] / 2**20:.1f} MiB -> "
+          f"{report['bytes_out'] / 2**20:.1f} MiB of tensors ({types})")
     return 0
 
 
@@ -614,6 +625,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_impl_option(p)
     p.add_argument("--tensors", action="store_true", help="list the backend of every linear layer, not a summary")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("quantize", help="requantize a GGUF file with llama.cpp's per-tensor mixture of a file type")
+    p.add_argument("input", help="the GGUF file to read (F32, F16, BF16 or quantized tensors)")
+    p.add_argument("output", help="the GGUF file to write")
+    p.add_argument("--type", required=True, help="a llama.cpp file type (Q4_K_M, Q5_K_S, Q6_K, Q8_0, Q3_K_M, Q2_K, "
+                   "IQ4_XS, ...) or a single tensor type (Q4_K, ...) for every quantizable tensor")
+    p.set_defaults(func=_cmd_quantize)
     p = sub.add_parser("launch", help="run generate over several processes (hosts) with one mesh spanning them",
                        usage="realm-jax launch (--processes N | --hosts A,B,... | --process-id I --num-processes N "
                              "--coordinator HOST:PORT | --cluster) [options] -- generate PROMPT [generate options]")
