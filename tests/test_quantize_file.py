@@ -4,7 +4,8 @@ Without llama-cpp-python: a synthetic F32 llama model (scripts/make_synthetic_mo
 the command line, its tensors against gguf-py's quantizer and its metadata against the source's; the errors.
 With it: the type of every tensor against llama.cpp's own choice (`llama_quant_compute_types`, no quantizing)
 for every file type on model shapes that reach each rule, and whole files byte for byte against
-`llama_model_quantize` of the same source, which llama.cpp then loads and runs.
+`llama_model_quantize` of the same source (the F32 model, and a file of i-quants requantized), which llama.cpp
+then loads and runs.
 """
 
 from __future__ import annotations
@@ -29,17 +30,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NEEDS_LLAMA = "llama-cpp-python not installed: pip install 'realm-jax[llama]'"
 
 
-def _synthetic():
+@pytest.fixture(scope="module")
+def synthetic():
     spec = importlib.util.spec_from_file_location("make_synthetic_model", ROOT / "scripts" / "make_synthetic_model.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    return _synthetic()
 
 
 @pytest.fixture(scope="module")
@@ -218,13 +215,24 @@ FILES = [("Q4_K_M", "Q4_K_M", False), ("Q6_K", "Q6_K", False), ("Q8_0", "Q8_0", 
 
 
 @pytest.mark.parametrize(("type_name", "ftype", "pure"), FILES, ids=[f[0] for f in FILES])
-def test_file_equals_llama_cpps_quantize(f32_model, synthetic, tmp_path, type_name, ftype, pure):
+def test_file_equals_llama_cpps_quantize(f32_model, tmp_path, type_name, ftype, pure):
+    _assert_same_as_llama_cpp(f32_model, tmp_path, type_name, ftype, pure)
+
+
+def test_requantized_file_equals_llama_cpps(tmp_path):
+    """From a file of IQ1_S..IQ3_XXS and Q8_0 tensors (llama.cpp's --allow-requantize)."""
+    _assert_same_as_llama_cpp(ROOT / "tests" / "data" / "synthetic" / "llama-s-iq-random.gguf", tmp_path, "Q4_K_M",
+                              "Q4_K_M", False)
+
+
+def _assert_same_as_llama_cpp(src, tmp_path, type_name, ftype, pure):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    quantize_gguf(f32_model, ours, type_name)
+    quantize_gguf(src, ours, type_name)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 2, pure
-    assert llama_cpp.llama_model_quantize(str(f32_model).encode(), str(theirs).encode(), params) == 0
+    params.allow_requantize = True
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), params) == 0
     with realm_jax.open_gguf(ours) as a, realm_jax.open_gguf(theirs) as b:
         assert {n: t.type_name for n, t in a.tensors.items()} == {n: t.type_name for n, t in b.tensors.items()}
         differ = [n for n in a.tensors if not np.array_equal(a.tensor_bytes(n), b.tensor_bytes(n))]
