@@ -23,14 +23,19 @@ inline void nibbles_scalar(const uint8_t* qs, const T* table, float s, float* ou
   }
 }
 
-#ifdef REALM_AVX512
-template <typename T>
-inline __m512 table16(const T* t) {
+// The code tables as floats, constant: a loop that reads them loads them once.
+struct Table16 {
   alignas(64) float v[16];
-  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(t[i]);
-  return _mm512_load_ps(v);
+};
+template <typename T>
+constexpr Table16 floats16(const T (&t)[16]) {
+  Table16 out{};
+  for (int i = 0; i < 16; ++i) out.v[i] = static_cast<float>(t[i]);
+  return out;
 }
+inline constexpr Table16 kIq4Floats = floats16(tables::kIq4Values), kE2M1Floats = floats16(tables::kE2M1);
 
+#ifdef REALM_AVX512
 inline void nibbles_avx512(const uint8_t* qs, __m512 table, __m512 s0, __m512 s1, __m512& w0, __m512& w1) {
   const __m512i v = lo16(qs);
   w0 = _mm512_mul_ps(lut16(_mm512_and_si512(v, _mm512_set1_epi32(0xf)), table), s0);
@@ -48,7 +53,7 @@ struct Dequant<kIQ4_NL> {
 #ifdef REALM_AVX512
   static void prepare(const Row& r, int64_t b, float* s, float*) { s[0] = f16_at(r.p[0], b); }
   static void group(const Row& r, int64_t b, int64_t, const float* s, const float*, __m512& w0, __m512& w1) {
-    static const __m512 table = table16(tables::kIq4Values);
+    const __m512 table = _mm512_load_ps(kIq4Floats.v);
     nibbles_avx512(r.p[1] + 16 * b, table, set1(s[0]), set1(s[0]), w0, w1);
   }
 #endif
@@ -69,7 +74,7 @@ struct Dequant<kIQ4_XS> {
     _mm256_storeu_ps(s, _mm256_mul_ps(_mm256_set1_ps(f16_at(r.p[0], b)), sc));
   }
   static void group(const Row& r, int64_t b, int64_t j, const float* s, const float*, __m512& w0, __m512& w1) {
-    static const __m512 table = table16(tables::kIq4Values);
+    const __m512 table = _mm512_load_ps(kIq4Floats.v);
     nibbles_avx512(r.p[2] + 128 * b + 16 * j, table, set1(s[j]), set1(s[j]), w0, w1);
   }
 #endif
@@ -85,7 +90,7 @@ struct Dequant<kMXFP4> {
 #ifdef REALM_AVX512
   static void prepare(const Row& r, int64_t b, float* s, float*) { s[0] = e8m0_half(r.p[0][b]); }
   static void group(const Row& r, int64_t b, int64_t, const float* s, const float*, __m512& w0, __m512& w1) {
-    static const __m512 table = table16(tables::kE2M1);
+    const __m512 table = _mm512_load_ps(kE2M1Floats.v);
     nibbles_avx512(r.p[1] + 16 * b, table, set1(s[0]), set1(s[0]), w0, w1);
   }
 #endif
@@ -112,7 +117,7 @@ struct Dequant<kNVFP4> {
     for (int i = 0; i < 4; ++i) s[i] = tables::kUe4m3[r.p[0][4 * b + i]];
   }
   static void group(const Row& r, int64_t b, int64_t j, const float* s, const float*, __m512& w0, __m512& w1) {
-    static const __m512 table = table16(tables::kE2M1);
+    const __m512 table = _mm512_load_ps(kE2M1Floats.v);
     const __m512i shift = _mm512_set_epi32(4, 4, 4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 0, 0, 0, 0);
     auto sub = [&](int64_t k) {  // the 16 elements of sub-block k: bytes 0..7 low nibbles, then high nibbles
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.p[1] + 32 * b + 8 * k));

@@ -45,7 +45,12 @@ inline float f16_to_f32(uint16_t h) {
 inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
 inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+#ifdef REALM_AVX512
+// F16C's conversion (exact, as f16_to_f32): the scales of every block are read in the inner loops.
+inline float f16_at(const uint8_t* p, int64_t i) { return _cvtsh_ss(u16(p + 2 * i)); }
+#else
 inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 * i)); }
+#endif
 
 // A format a family header implements specializes Dequant<F> with:
 //   static constexpr int64_t kBlock, kGroups;  elements per block, groups of 32 per block (kBlock / 32, or 1
