@@ -1,8 +1,9 @@
 """Decode speed per weight byte of a model in each lower-bit format against Q4_K, on this machine's default impl.
 
 A synthetic llama (scripts/make_synthetic_model.py's weights at a larger size: D 2048, 16 heads / 4 KV heads of
-128, F 5632, --layers, V 1024) is written as F32, then `realm-jax quantize --type FMT` (one tensor type on every
-matrix, llama.cpp's --pure) writes it in each format; `realm_jax.bench.measure` times greedy decode on each,
+128, F 5632, --layers, V 1024) is written as F32, then `realm-jax quantize --type FMT` writes it in each format:
+llama.cpp's mixture where FMT is a file type (a Q2_K file has Q3_K attn_v, attn_output and ffn_down and a Q6_K
+output; an IQ4_XS file a Q6_K output), one tensor type on every matrix otherwise (Q4_K, llama.cpp's --pure); `realm_jax.bench.measure` times greedy decode on each,
 rounds interleaved. A decode step reads every matrix once, so tokens/s x matrix bytes is the weight bytes
 streamed per second; the table gives it relative to Q4_K's.
 
