@@ -5,6 +5,7 @@ where llama-cpp-python is installed)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import gguf
 import jax.numpy as jnp
@@ -24,8 +25,7 @@ LIBGGML = {"Q2_K": "quantize_q2_K", "Q3_K": "quantize_q3_K", "IQ4_NL": "quantize
 # Largest |error| of a dequantized element as a fraction of its block's max |x| on the edge-case data (measured
 # 0.284, 0.143, 0.125, 0.084, 0.248).
 MAX_ERR = {"Q2_K": 0.3, "Q3_K": 0.15, "IQ4_NL": 0.13, "IQ4_XS": 0.09, "MXFP4": 0.25}
-# RMS error of quantize -> dequantize on np.random.default_rng(0).standard_normal((2, 5, 512)) f32 (f64 mean; the
-# edge cases' shape, so that one compilation serves both tests): (this module's quantizers, libggml's on the
+# RMS error of quantize -> dequantize on np.random.default_rng(0).standard_normal((10, 512)) f32 (f64 mean): (this module's quantizers, libggml's on the
 # same data dequantized by gguf-py), measured once on x86-64 (llama-cpp-python 0.3.36). They are equal because
 # the bytes are.
 RMS = {"Q2_K": (0.29015738063075663, 0.29015738063075663), "Q3_K": (0.15036907291788665, 0.15036907291788665),
@@ -38,17 +38,34 @@ def roundtrip(fmt: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unpack(qt), np.asarray(dequantize(qt))
 
 
-EDGE_X = np.stack(list(EDGE.values())).reshape(2, 5, 512)  # leading dims, as a stack of layers has
+EDGE_X = np.stack(list(EDGE.values())).reshape(-1, 512)
+RMS_X = np.random.default_rng(0).standard_normal((10, 512)).astype(np.float32)
+VARIED_X = _varied_data()  # [96, 4096]
+ROWS = (len(EDGE_X), len(RMS_X), VARIED_X.size // 512)  # rows of 512 of each, in the stack below
+
+
+@functools.cache
+def stacked(fmt: str):
+    """The three tests' data in one quantization (one compilation a format): the edge cases, the RMS data and
+    the varied rows as rows of 512, stacked [4, 197, 512] (leading dims, as a stack of layers has). Returns
+    (the QTensor, its bytes and its dequantized values as rows of 512, split into the three parts)."""
+    x = np.concatenate([EDGE_X, RMS_X, VARIED_X.reshape(-1, 512)]).reshape(4, -1, 512)
+    qt = quantize(jnp.asarray(x), fmt)
+    f = FORMATS[fmt]
+    raw = unpack(qt).reshape(-1, 512 // f.block_size * f.type_size)
+    y = np.asarray(dequantize(qt)).reshape(-1, 512)
+    cuts = np.cumsum(ROWS)[:-1]
+    return qt, np.split(raw, cuts), np.split(y, cuts)
 
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_edge_cases_and_planes(fmt):
     f = FORMATS[fmt]
-    qt = quantize(jnp.asarray(EDGE_X), fmt)
-    assert qt.shape == EDGE_X.shape
+    qt, _, (y, _, _) = stacked(fmt)
+    assert qt.shape == (4, sum(ROWS) // 4, 512)
     qt.check()  # every plane of the format, in its dtype and shape
-    assert unpack(qt).shape == (2, 5, 512 // f.block_size * f.type_size)
-    x, y = EDGE_X.reshape(len(EDGE), -1), np.asarray(dequantize(qt)).reshape(len(EDGE), -1)
+    assert unpack(qt).shape == (*qt.shape[:2], 512 // f.block_size * f.type_size)
+    x, y = EDGE_X.reshape(len(EDGE), -1), y.reshape(len(EDGE), -1)
     for i, case in enumerate(EDGE):
         assert np.all(np.isfinite(y[i])), (fmt, case)
         if case == "tiny" and fmt != "MXFP4":  # the f16 scale underflows to 0, as in llama.cpp
@@ -66,9 +83,8 @@ def test_edge_cases_and_planes(fmt):
 
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_rms_error_matches_llama_cpp(fmt):
-    x = np.random.default_rng(0).standard_normal(EDGE_X.shape).astype(np.float32)
-    _, y = roundtrip(fmt, x)
-    rms = float(np.sqrt(np.mean((y - x) ** 2, dtype=np.float64)))
+    _, _, (_, y, _) = stacked(fmt)
+    rms = float(np.sqrt(np.mean((y - RMS_X) ** 2, dtype=np.float64)))
     ours, llama = RMS[fmt]
     assert rms == pytest.approx(ours, rel=1e-6)
     assert rms <= 1.02 * llama
@@ -95,10 +111,11 @@ def test_bit_exact_with_libggml(fmt):
     """Normal, heavy-tailed, scaled, sparse, constant, zero and huge rows: every block as libggml writes it.
     The rows of N(0, 1e-15) values are the known difference (XLA:CPU flushes the subnormal products of three
     such values to zero, libggml does not): there only the dequantized magnitudes are checked."""
-    x = _varied_data()
+    x = VARIED_X
     tiny = np.zeros(x.shape[0], bool)
     tiny[68:72] = True  # _varied_data's n(4) * 1e-15 rows
-    ours, y = roundtrip(fmt, x)
+    _, (_, _, ours), (_, _, y) = stacked(fmt)
+    ours, y = ours.reshape(x.shape[0], -1), y.reshape(x.shape)
     ref = _llama_bytes(fmt, x)
     bad = _differing_blocks(fmt, ours[~tiny], ref[~tiny])
     assert bad.size == 0, f"{fmt}: {bad.size} blocks differ, first {bad[:8]}"
