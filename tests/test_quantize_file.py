@@ -47,6 +47,20 @@ def f32_model(tmp_path_factory, synthetic):
     return path
 
 
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """quantize_gguf's output for (source, --type), written once for the tests that read it."""
+    out_dir, done = tmp_path_factory.mktemp("ours"), {}
+
+    def get(src, type_name):
+        if (src, type_name) not in done:
+            done[src, type_name] = out_dir / f"{pathlib.Path(src).stem}-{type_name}.gguf"
+            quantize_gguf(src, done[src, type_name], type_name)
+        return done[src, type_name]
+
+    return get
+
+
 # --- without llama.cpp ---------------------------------------------------------------------------------------
 def test_command_writes_q8_0_with_the_metadata(f32_model, tmp_path, capsys):
     out = tmp_path / "q8_0.gguf"
@@ -215,20 +229,19 @@ FILES = [("Q4_K_M", "Q4_K_M", False), ("Q6_K", "Q6_K", False), ("Q8_0", "Q8_0", 
 
 
 @pytest.mark.parametrize(("type_name", "ftype", "pure"), FILES, ids=[f[0] for f in FILES])
-def test_file_equals_llama_cpps_quantize(f32_model, tmp_path, type_name, ftype, pure):
-    _assert_same_as_llama_cpp(f32_model, tmp_path, type_name, ftype, pure)
+def test_file_equals_llama_cpps_quantize(f32_model, ours, tmp_path, type_name, ftype, pure):
+    _assert_same_as_llama_cpp(f32_model, ours(f32_model, type_name), tmp_path, ftype, pure)
 
 
-def test_requantized_file_equals_llama_cpps(tmp_path):
+def test_requantized_file_equals_llama_cpps(ours, tmp_path):
     """From a file of IQ1_S..IQ3_XXS and Q8_0 tensors (llama.cpp's --allow-requantize)."""
-    _assert_same_as_llama_cpp(ROOT / "tests" / "data" / "synthetic" / "llama-s-iq-random.gguf", tmp_path, "Q4_K_M",
-                              "Q4_K_M", False)
+    src = ROOT / "tests" / "data" / "synthetic" / "llama-s-iq-random.gguf"
+    _assert_same_as_llama_cpp(src, ours(src, "Q4_K_M"), tmp_path, "Q4_K_M", False)
 
 
-def _assert_same_as_llama_cpp(src, tmp_path, type_name, ftype, pure):
+def _assert_same_as_llama_cpp(src, ours, tmp_path, ftype, pure):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
-    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
-    quantize_gguf(src, ours, type_name)
+    theirs = tmp_path / "theirs.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 2, pure
     params.allow_requantize = True
@@ -240,10 +253,9 @@ def _assert_same_as_llama_cpp(src, tmp_path, type_name, ftype, pure):
     assert ours.read_bytes() == theirs.read_bytes()  # metadata and layout too
 
 
-def test_llama_cpp_runs_the_output(f32_model, tmp_path):
+def test_llama_cpp_runs_the_output(f32_model, ours):
     llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
-    path = quantize_gguf(f32_model, tmp_path / "q4_k_m.gguf", "Q4_K_M")["file"]
-    llm = llama_cpp.Llama(path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(ours(f32_model, "Q4_K_M")), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
     ids = llm.tokenize(b"Once upon a time, there was a little girl", add_bos=True)
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)])
