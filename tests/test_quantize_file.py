@@ -230,17 +230,20 @@ FILES = [("Q4_K_M", "Q4_K_M", False), ("Q6_K", "Q6_K", False), ("Q8_0", "Q8_0", 
 
 @pytest.mark.parametrize(("type_name", "ftype", "pure"), FILES, ids=[f[0] for f in FILES])
 def test_file_equals_llama_cpps_quantize(f32_model, ours, tmp_path, type_name, ftype, pure):
+    pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
     _assert_same_as_llama_cpp(f32_model, ours(f32_model, type_name), tmp_path, ftype, pure)
 
 
 def test_requantized_file_equals_llama_cpps(ours, tmp_path):
     """From a file of IQ1_S..IQ3_XXS and Q8_0 tensors (llama.cpp's --allow-requantize)."""
+    pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
     src = ROOT / "tests" / "data" / "synthetic" / "llama-s-iq-random.gguf"
     _assert_same_as_llama_cpp(src, ours(src, "Q4_K_M"), tmp_path, "Q4_K_M", False)
 
 
 def _assert_same_as_llama_cpp(src, ours, tmp_path, ftype, pure):
-    llama_cpp = pytest.importorskip("llama_cpp", reason=NEEDS_LLAMA)
+    import llama_cpp
+
     theirs = tmp_path / "theirs.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.pure = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), 2, pure
