@@ -180,11 +180,13 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             total = sum(f.tensors[n].nbytes for n in types)
+            # Each tensor read with pread into one buffer (as read_gguf does): a file cut under a map is a SIGBUS.
+            buffer = np.empty(max((t.nbytes for t in f.tensors.values()), default=0), np.uint8)
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {src.name} to {tgt.name}",
                       disable=not progress, file=sys.stderr) as bar:
                 for name, t in types.items():
                     info = f.tensors[name]
-                    raw = f.tensor_bytes(name)
+                    raw = f.read_tensor(name, out=buffer)
                     if t == info.type_name:  # copied as it is
                         data = raw
                         bar.update(info.nbytes)

@@ -83,6 +83,13 @@ def test_command_writes_q8_0_with_the_metadata(f32_model, tmp_path, capsys):
             assert np.array_equal(unpack(qt), expected), name
 
 
+def test_command_checks_its_paths(f32_model, tmp_path, capsys):
+    for argv, match in [([str(f32_model), str(f32_model)], "is IN"), ([" ", "x.gguf"], "IN is empty"),
+                        ([str(f32_model), str(tmp_path / "no" / "x.gguf")], "does not exist")]:
+        assert main(["quantize", *argv, "--type", "Q8_0"]) == 2
+        assert match in capsys.readouterr().err
+
+
 def test_errors_name_the_file_tensor_and_type(f32_model, tmp_path):
     out = tmp_path / "out.gguf"
     with pytest.raises(UnsupportedFormatError, match=r"llama-s-f32\.gguf: tensor 'blk\.0\.attn_k\.weight' gets type "
