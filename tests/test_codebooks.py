@@ -35,7 +35,7 @@ def test_codebook_is_gguf_pys(fmt):
 
 def test_sign_and_code_tables_are_gguf_pys():
     np.testing.assert_array_equal(iq2.KSIGNS, np.frombuffer(gq.IQ2_XXS.ksigns, np.uint8))
-    assert all(bin(int(s)).count("1") % 2 == 0 for s in iq2.KSIGNS)  # an even number of minus signs
+    assert all(int(s).bit_count() % 2 == 0 for s in iq2.KSIGNS)  # an even number of minus signs
     np.testing.assert_array_equal(iq4.KVALUES, np.array(gq.IQ4_NL.kvalues, np.int8))
     np.testing.assert_array_equal(mxfp.E2M1, np.array(gq.MXFP4.kvalues, np.int8))
     np.testing.assert_array_equal(mxfp.E2M1, np.array(gq.NVFP4.kvalues, np.int8))
@@ -44,7 +44,7 @@ def test_sign_and_code_tables_are_gguf_pys():
 
 
 def _c_table(text: str, name: str) -> np.ndarray:
-    body = re.search(rf"\b{name}\[[^=]*= \{{(.*?)\}};", text, re.S).group(1)
+    body = re.search(rf"\b{name}\[[^=]*= \{{(.*?)\}};", text, re.DOTALL).group(1)
     return np.array([float(v.rstrip("f")) for v in re.findall(r"-?[\d.]+(?:e-?\d+)?f?", body)])
 
 

@@ -36,7 +36,7 @@ from realm_jax.quant.common import codebook
 F16, U8, U16, U32 = (np.dtype(t) for t in (np.float16, np.uint8, np.uint16, np.uint32))
 QK_K = 256
 MAGNITUDES = (8, 25, 43)
-KSIGNS = np.array([i | (bin(i).count("1") & 1) << 7 for i in range(128)], np.uint8)
+KSIGNS = np.array([i | (i.bit_count() & 1) << 7 for i in range(128)], np.uint8)
 
 _GRID_XXS = (
     "00000200050008000a00110014002000220028002a00410044005000580061006400800082008a00a200010104011001"

@@ -152,7 +152,7 @@ def quantize_iq4_nl(x):
       planes: d float16 [..., K/32]; qs uint8 [..., K/2].
     """
     xb, shape = _superblocks(x, "IQ4_NL", 32)
-    scale, amax = _block_scales(xb)
+    scale, _ = _block_scales(xb)
     # An all-zero block: C leaves the codes of the search untouched, then rewrites them from id = 0 (code 8).
     qs = _codes(xb, _inverse(scale))
     n = shape[-1] // 32
