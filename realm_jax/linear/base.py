@@ -26,8 +26,8 @@ from realm_jax.errors import ShardingError
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor, concat_rows, dequantize_tile, to_dense
 
-__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated", "place_qtensor",
-           "xla_matmul"]
+__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated", "local_shape",
+           "place_qtensor", "xla_matmul"]
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -131,6 +131,17 @@ class Backend:
     def describe(self, w: Prepared | None = None) -> str:
         """How this backend serves a weight (its row families), for `realm-jax inspect` and the load log."""
         return self.name
+
+
+def local_shape(shape: tuple[int, int], axes: tuple[str | None, str | None], what) -> tuple[int, int]:
+    """The (rows, cols) of one shard of a weight of logical `shape` split over the mesh `axes` (rows, cols)
+    of the mesh in context, for a kernel run per shard inside shard_map (XLA cannot partition a kernel)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    missing = [a for a in axes if a is not None and a not in mesh.axis_names]
+    if missing:
+        raise ShardingError(f"qmatmul: {what} is split over mesh axes {missing}, which the mesh in context "
+                            f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
+    return tuple(d // (mesh.shape[a] if a else 1) for d, a in zip(shape, axes))
 
 
 def place_qtensor(qt: QTensor, spec: PartitionSpec, mesh: Mesh, what: str) -> QTensor:

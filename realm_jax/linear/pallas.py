@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec
 
-from realm_jax.errors import ShardingError
-from realm_jax.linear.base import Backend, QTensorWeight
+from realm_jax.linear.base import Backend, QTensorWeight, local_shape
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor
 
@@ -73,14 +72,8 @@ class PallasBackend(Backend):
         computes its slice of the outputs. Columns split (row-parallel): x arrives split the same way and the
         partial products are summed with one psum (Megatron's all-reduce). Needs the mesh in context
         (`jax.set_mesh`), as `realm_jax.load` arranges."""
-        mesh = jax.sharding.get_abstract_mesh()
         rows_axis, cols_axis = w.axes
-        missing = [a for a in w.axes if a is not None and a not in mesh.axis_names]
-        if missing:
-            raise ShardingError(f"qmatmul: w={w} is split over mesh axes {missing}, which the mesh in context "
-                                f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
-        n_rows = w.shape[0] // (mesh.shape[rows_axis] if rows_axis else 1)
-        n_cols = w.shape[1] // (mesh.shape[cols_axis] if cols_axis else 1)
+        n_rows, n_cols = local_shape(w.shape, w.axes, f"w={w}")
 
         def local(x, planes):
             y = self.kernel(x, QTensor(w.fmt, (n_rows, n_cols), planes), compute_dtype=compute_dtype,
@@ -88,6 +81,7 @@ class PallasBackend(Backend):
             return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
 
         split = PartitionSpec(rows_axis, cols_axis)
-        return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(None, cols_axis), {k: split for k in w.planes}),
+        return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                             in_specs=(PartitionSpec(None, cols_axis), {k: split for k in w.planes}),
                              out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
                              check_vma=False)(x, w.planes)

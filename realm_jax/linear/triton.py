@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, from_lanes, quantize_x, to_lanes
 from realm_jax.errors import ShardingError
-from realm_jax.linear.base import Backend, Prepared, xla_matmul
+from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor
 
@@ -154,14 +154,8 @@ class Triton(Backend):
     def _per_shard(self, x, w: LanesWeight, compute_dtype, out_dtype, interpret: bool) -> jax.Array:
         """The kernel per shard inside shard_map (XLA cannot partition a kernel): rows split, each device
         computes its slice of the outputs; K split, partial products summed with one psum."""
-        mesh = jax.sharding.get_abstract_mesh()
         rows_axis, cols_axis = w.axes
-        missing = [a for a in w.axes if a is not None and a not in mesh.axis_names]
-        if missing:
-            raise ShardingError(f"qmatmul: {w} is split over mesh axes {missing}, which the mesh in context "
-                                f"({dict(mesh.shape) or 'none'}) lacks: call it under jax.set_mesh(mesh)")
-        n_local = w.shape[0] // (mesh.shape[rows_axis] if rows_axis else 1)
-        k_local = w.shape[1] // (mesh.shape[cols_axis] if cols_axis else 1)
+        n_local, k_local = local_shape(w.shape, w.axes, w)
 
         def local(x, lanes):
             part = LanesWeight(lanes, w.fmt, (n_local, k_local), w.layer)
@@ -174,8 +168,8 @@ class Triton(Backend):
             has_p = a.ndim - stacked == 3
             return PartitionSpec(*([None] if stacked else []), cols_axis, *([None] if has_p else []), rows_axis)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(None, cols_axis),
-                                                         {k: lane_spec(a) for k, a in w.lanes.items()}),
+        return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                             in_specs=(PartitionSpec(None, cols_axis), {k: lane_spec(a) for k, a in w.lanes.items()}),
                              out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
                              check_vma=False)(x, w.lanes)
 
