@@ -99,34 +99,35 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
             config: ModelConfig, policy: Policy, sampling: SamplingConfig, n_steps: int, pipeline=None,
             impl: str = "auto"):
     """Up to `limit` (<= n_steps, traced) decode steps. token [B] (sampled, not yet fed) at positions pos [B];
-    done [B]. n_steps is a bucket: generations of different lengths share one compilation. The loop stops at
-    the first step whose logits hold a NaN or an infinity in a row not done.
+    done [B]. n_steps is a bucket: generations of different lengths share one compilation. A row whose logits
+    hold a NaN or an infinity is done from that step (each row checks its own: under data parallelism no
+    step gathers anything for it).
 
     Returns (new tokens [B, n_steps] with -1 after a sequence is done or past `limit`, the updated state, and
-    (step, row) of the first non-finite logits, (-1, -1) if none)."""
+    bad [B]: the step at which each row's logits were first not finite, -1 if never)."""
     b = token.shape[0]
 
     def cond(state):
-        step, *_, done_, _, bad_ = state
-        return (step < limit) & ~jnp.all(done_) & (bad_[0] < 0)
+        step, *_, done_, _, _ = state
+        return (step < limit) & ~jnp.all(done_)
 
     def body(state):
         step, out, cache_, token_, pos_, recent_, done_, key_, bad_ = state
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline), impl=impl)
         logits = logits.astype(jnp.float32)
-        row = _first_nonfinite(logits, ~done_)
-        bad_ = jnp.where(row >= 0, jnp.stack([step0 + step, row]), bad_)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        bad_ = jnp.where((bad_ < 0) & ~done_ & ~finite, step0 + step, bad_)
         nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
         advance = ~done_
-        done_ = done_ | jnp.isin(nxt, stop_ids)
+        done_ = done_ | jnp.isin(nxt, stop_ids) | (bad_ >= 0)
         recent_ = jnp.where(advance[:, None], _push(recent_, nxt), recent_)
         return step + 1, out, cache_, jnp.where(advance, nxt, token_), pos_ + advance, recent_, done_, key_, bad_
 
     out = jnp.full((b, n_steps), -1, jnp.int32)
-    state = (jnp.int32(0), out, cache, token, pos, recent, done, key, jnp.full((2,), -1, jnp.int32))
+    state = (jnp.int32(0), out, cache, token, pos, recent, done, key, jnp.full((b,), -1, jnp.int32))
     _, out, cache, token, pos, recent, done, _, bad = jax.lax.while_loop(cond, body, state)
     return out, cache, token, pos, recent, done, bad
 
@@ -445,8 +446,11 @@ class _Generation:
         args, static = self._decode_args(n)
         with self.model.mesh_context():
             out, self.cache, self.token, self.pos, self.recent, self.done, bad = _decode(*args, **static)
-        out, (step, row) = jax.device_get((out, bad))
-        self._check_finite(int(step), int(row))
+        out, bad = jax.device_get((out, bad))
+        rows = np.flatnonzero(bad[: self.n] >= 0)
+        if rows.size:  # the first step that went wrong, and its first row
+            row = rows[np.argmin(bad[rows])]
+            self._check_finite(int(bad[row]), int(row))
         self.produced += n
         return out[: self.n, :n]
 
