@@ -70,22 +70,24 @@ def _project(params, x, rows, *, policy: Policy):
     return project(params, x[rows], policy)
 
 
-def _first_nonfinite(logits, live):
-    """The first row of logits [B, V] among the `live` ones [B] that holds a NaN or an infinity, else -1."""
-    bad = live & ~jnp.all(jnp.isfinite(logits), axis=-1)
-    return jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
+def _mark_nonfinite(bad, logits, live, step):
+    """bad [B] (the step each row's logits were first not finite, -1 if never) with `step` set for the `live`
+    rows [B] of logits [B, V] that hold a NaN or an infinity now: each row its own (no cross-row reduction,
+    so nothing is gathered over a data axis)."""
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    return jnp.where((bad < 0) & live & ~finite, step, bad).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
 def _sample_first(logits, seeds, recent, scalars, stop_ids, n, *, sampling: SamplingConfig):
     """The first sampled token of each row after prefill, whether the row is done (a stop id, or a padding
-    row past the n real ones), the recent-token ring with it and the first real row whose logits are not
-    finite (-1: none): one dispatch (eager ops cost ~5 ms here)."""
+    row past the n real ones), the recent-token ring with it and `_mark_nonfinite`'s flags at step 0: one
+    dispatch (eager ops cost ~5 ms here)."""
     logits = logits.astype(jnp.float32)
     first = sample(logits, step_keys(seeds, 0), recent, sampling, scalars)
     real = jnp.arange(first.shape[0]) < n
     done = jnp.isin(first, stop_ids) | ~real  # padding rows start done
-    return first, done, _push(recent, first), _first_nonfinite(logits, real)
+    return first, done, _push(recent, first), _mark_nonfinite(jnp.full(real.shape, -1), logits, real, 0)
 
 
 def _push(recent, tokens):
@@ -116,8 +118,7 @@ def _decode(params, cache: KVCache, token, pos, done, recent, key, step0, stop_i
         logits, cache_ = forward(config, params, token_[:, None], pos_[:, None], cache_, policy=policy,
                                  last=jnp.zeros((b,), jnp.int32), layer_stack=_layer_stack(pipeline), impl=impl)
         logits = logits.astype(jnp.float32)
-        finite = jnp.all(jnp.isfinite(logits), axis=-1)
-        bad_ = jnp.where((bad_ < 0) & ~done_ & ~finite, step0 + step, bad_)
+        bad_ = _mark_nonfinite(bad_, logits, ~done_, step0 + step)
         nxt = sample(logits, step_keys(key_, step0 + step), recent_, sampling, scalars)
         nxt = jnp.where(done_, -1, nxt)
         out = out.at[:, step].set(nxt)
@@ -402,12 +403,16 @@ class _Generation:
                                                            self.stop_ids, self.n, sampling=sampling.static)
         self.token, self.pos = first, jnp.asarray(lengths)
         first, bad = jax.device_get((first, bad))
-        self._check_finite(0, int(bad))
+        self._check_finite(bad)
         self.first = first[: self.n, None]
         self.produced, self.max_new_tokens = 1, max_new_tokens
 
-    def _check_finite(self, step: int, row: int) -> None:
-        if row >= 0:
+    def _check_finite(self, bad: np.ndarray) -> None:
+        """Raise for the first step, and its first row, whose logits were not finite (`_mark_nonfinite`)."""
+        rows = np.flatnonzero(bad[: self.n] >= 0)
+        if rows.size:
+            row = int(rows[np.argmin(bad[rows])])
+            step = int(bad[row])
             m = self.model
             raise NonFiniteLogitsError(
                 f"{m.path}: the logits of generation step {step} (new token {step + 1}) of prompt {row} hold "
@@ -447,10 +452,7 @@ class _Generation:
         with self.model.mesh_context():
             out, self.cache, self.token, self.pos, self.recent, self.done, bad = _decode(*args, **static)
         out, bad = jax.device_get((out, bad))
-        rows = np.flatnonzero(bad[: self.n] >= 0)
-        if rows.size:  # the first step that went wrong, and its first row
-            row = rows[np.argmin(bad[rows])]
-            self._check_finite(int(bad[row]), int(row))
+        self._check_finite(bad)
         self.produced += n
         return out[: self.n, :n]
 
