@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, Layout
+from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, X_MAX, Layout
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 
 __all__ = ["MAX_ROWS", "DecodeTiling", "gemv", "tiling_for"]
@@ -96,9 +96,10 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> DecodeTiling:
 def rows_per_thread(fmt: str) -> int:
     """Weight rows per thread: four (one 16-byte load of a plane word), or eight where the work per unit
     that does not depend on the rows (the activations' loads and their addresses) is too much of the loop
-    spread over four: Q5_K and Q6_K, whose codes take more instructions to assemble (kernel_report, with
-    the groups unrolled: 2.05-2.4 instructions a weight at four rows, 1.9-2.0 at eight, no spills)."""
-    return 8 if fmt in ("Q5_K", "Q6_K") else 4
+    spread over four: the formats with a fifth or sixth bit, whose codes take more instructions to assemble
+    (kernel_report at M = 1: Q5_0/Q5_1 1.95-2.08 instructions a weight at four rows, 1.77-1.86 at eight;
+    Q5_K/Q6_K 1.91-1.99 at eight, 2.12-2.16 where N = 1024 leaves too few programs for eight; no spills)."""
+    return 8 if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4
 
 
 def chunk_rows(fmt: str) -> int:
@@ -149,7 +150,7 @@ def _u32(v: int):
     return jnp.uint32(v)
 
 
-def _nibbles(word, high: bool):
+def _nibbles(word, high: int):
     return ((word >> 4) if high else word) & _u32(LO)
 
 
@@ -190,13 +191,12 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
         if fmt == "Q8_K":
             for s in (2 * g, 2 * g + 1):
                 chains.append(_Chain(s, [([(get("q", 8 * s + w), w) for w in range(8)], None, None)]))
-        elif fmt == "Q6_K":  # group g: activation blocks 4h + t and 4h + t + 2 (h, t = divmod(g, 2)) share the
-            hh, t = g // 2, g % 2  # ql words 16h + 8t + w, in their low and high nibbles
-            words = [get("q", 16 * hh + 8 * t + w) for w in range(8)]
+        elif fmt == "Q6_K":  # group g: ql words 8g + w, in their low and high nibbles, meet activation blocks
+            words = [get("q", 8 * g + w) for w in range(8)]  # 2g and 2g + 1 (the layout's block order)
             for high in (0, 1):
-                s = 4 * hh + t + 2 * high
+                s = 2 * g + high
                 h = [get("h", 2 * s), get("h", 2 * s + 1)]
-                codes = [(_nibbles(words[w], bool(high)) | _sixth(h[w // 4], w), w) for w in range(8)]
+                codes = [(_nibbles(words[w], high) | _sixth(h[w // 4], w), w) for w in range(8)]
                 # two 16-element sub-blocks of four code words; codes q of 6 bits stand for q - 32: their dot
                 # product less 32 x the activations' sum
                 parts = [(codes[4 * i : 4 * i + 4], get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i))
@@ -211,7 +211,7 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
                     codes = [(word & _u32(HI if high else LO), w) for w, word in enumerate(words)]
                 else:
                     h = get("h", s)
-                    codes = [(_nibbles(word, bool(high)) | _fifth(h, w), w) for w, word in enumerate(words)]
+                    codes = [(_nibbles(word, high) | _fifth(h, w), w) for w, word in enumerate(words)]
                 chains.append(_Chain(s, [(codes, sc, None)], 1 / 16 if fmt == "Q4_K" and high else 1.0, [(s, mn)]))
     if fmt == "Q8_K":
         return d, None, chains, True
@@ -219,6 +219,12 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
         return d, None, chains, False
     return d, -get("dmin").astype(jnp.float32), chains, False
 
+
+# Formats whose sub-block dot products times their integer scales fit in an int32 (a sub-block of n codes
+# c, activations |x| <= 32767, scales |s| <= S: n * max|c| * 32767 * S < 2^31): Q5_K 32 x 31 x 63, Q6_K 16 x
+# 32 x 128 (codes less 32). Q4_K's high nibbles, kept in place (16x), would overflow.
+_INT_SCALES = ("Q5_K", "Q6_K")
+assert all(n * c * X_MAX * sc < 2**31 for n, c, sc in ((32, 31, 63), (16, 32, 128)))
 
 _FORMATS: dict[str, Callable] = {f: functools.partial(_legacy if LAYOUTS[f].unit == 32 else _kquant, f)
                                  for f in LAYOUTS}
@@ -253,18 +259,21 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
                     s = chain.block
                     dot = None
                     for codes, scale, bias in chain.parts:
-                        piece = None
+                        piece = jnp.zeros(codes[0][0].shape, jnp.int32)
+                        if bias is not None:  # the chain starts from it: one product per row of x, not per row
+                            factor, sums = bias
+                            bias_x = factor * sx_ref[pl.ds(m0 + m, 1), units, pl.ds(sums, 1)][0][..., None]
+                            piece = jnp.broadcast_to(bias_x, piece.shape)
                         for code, w in codes:  # one chain through the sub-block's code words, two dp2a each
                             for high in (0, 1):
                                 xw = xw_ref[high, pl.ds(m0 + m, 1), units, pl.ds(8 * s + w, 1)][0][..., None]
-                                zero = jnp.zeros(code.shape, jnp.int32) if piece is None else piece
-                                piece = _dp2a(jnp.broadcast_to(xw, code.shape), code, zero, high=bool(high),
+                                piece = _dp2a(jnp.broadcast_to(xw, code.shape), code, piece, high=bool(high),
                                               signed=signed, interpret=interpret)
-                        if bias is not None:
-                            factor, sums = bias
-                            piece = piece + factor * sx_ref[pl.ds(m0 + m, 1), units, pl.ds(sums, 1)][0][..., None]
+                        if scale is not None and fmt in _INT_SCALES:  # exact in int32: one multiply
+                            piece = piece * scale
                         piece = piece.astype(jnp.float32)  # [units, 1, rows]
-                        piece = piece if scale is None else piece * scale.astype(jnp.float32)
+                        if scale is not None and fmt not in _INT_SCALES:
+                            piece = piece * scale.astype(jnp.float32)
                         dot = piece if dot is None else dot + piece
                     dx = dx_ref[pl.ds(m0 + m, 1), units, pl.ds(s, 1)][0][..., None]  # [units, 1, 1]
                     scaled = scaled + (dx * chain.shift if chain.shift != 1.0 else dx) * dot

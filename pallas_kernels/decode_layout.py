@@ -20,9 +20,11 @@ code word (`H` planes below); nothing else is changed, so the layout holds exact
     Q4_K         q [ns, 32, N]: word 8c + w of chunk c holds sub-block 2c in its low nibbles and 2c + 1 in
                  its high nibbles (activation word w of each); sc, mn [ns, 8, N]; d, dmin [ns, 1, N].
     Q5_K         as Q4_K, plus H [ns, 8, N] per sub-block, arranged as Q5_0's.
-    Q6_K         q [ns, 32, N] words of ql; H [ns, 16, N]: two words per 32-element sub-block s, word
+    Q6_K         q [ns, 32, N] words of ql; H [ns, 16, N]: two words per 32-element block s, word
                  2s + (w >= 4) holding the two high bits of code j of code word w at bits 8j + 2(w % 4);
-                 sc [ns, 16, N] int8 scales of the 16-element sub-blocks; d [ns, 1, N].
+                 sc [ns, 16, N] int8 scales of the 16-element sub-blocks; d [ns, 1, N]. H, sc and the
+                 activations take the blocks in `Layout.order`: position 2g + high is the block word
+                 group g holds in its low (high = 0) or high nibbles.
     Q8_K         q [ns, 64, N] words of qs (signed bytes); d [ns, 1, N] (f32).
 
 nb = K / 32 blocks, ns = K / 256 super-blocks. N is padded to a multiple of `ROW_ALIGN` with zero rows.
@@ -52,12 +54,15 @@ class Layout:
     """A format's lane layout: `unit` elements of K per plane row, `planes` name -> words per unit, and
     `sums`: the activations are summed per this many elements (16 or 32); `int_sums`: the sums are of the
     quantized activations (int32, as llama.cpp's Q6_K dot product subtracts 32 from the codes), else of
-    the activations themselves (f32)."""
+    the activations themselves (f32); `order`: the unit's blocks of 32 in the order the kernel takes them
+    (position i holds the file's block order[i]; None: the file's order), for the activations and for
+    every plane kept per block."""
 
     unit: int
     planes: dict[str, int]
     sums: int = 32
     int_sums: bool = False
+    order: tuple[int, ...] | None = None
 
     @property
     def x_blocks(self) -> int:
@@ -72,7 +77,10 @@ LAYOUTS = {
     "Q8_0": Layout(32, {"q": 8, "d": 1}),
     "Q4_K": Layout(256, {"q": 32, "sc": 8, "mn": 8, "d": 1, "dmin": 1}),
     "Q5_K": Layout(256, {"q": 32, "h": 8, "sc": 8, "mn": 8, "d": 1, "dmin": 1}),
-    "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True),
+    # Q6_K: word group g (ql words 8g..8g+7) holds blocks 4(g // 2) + g % 2 (low nibbles) and that + 2
+    # (high nibbles); taken as blocks 2g and 2g + 1, every index the kernel computes from g is affine in g.
+    "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True,
+                   order=(0, 2, 1, 3, 4, 6, 5, 7)),
     "Q8_K": Layout(256, {"q": 64, "d": 1}),
 }
 
@@ -176,8 +184,10 @@ def to_lanes(w: QTensor) -> dict[str, jax.Array]:
         if w.fmt == "Q5_K":
             out["h"] = _lanes(_spread5(_q5k_bits(p["qh"])).reshape(p["qh"].shape[0], -1), units)
     elif w.fmt == "Q6_K":
-        out["h"] = _lanes(_spread6(_q6k_bits(p["qh"])).reshape(p["qh"].shape[0], -1), units)
-        out["sc"] = _lanes(p["scales"], units)
+        order = list(lay.order)
+        out["h"] = _lanes(_spread6(_q6k_bits(p["qh"]))[:, :, order].reshape(p["qh"].shape[0], -1), units)
+        out["sc"] = _lanes(p["scales"].reshape(p["scales"].shape[0], units, 8, 2)[:, :, order].reshape(
+            p["scales"].shape[0], -1), units)
     return out
 
 
@@ -204,11 +214,12 @@ def from_lanes(fmt: str, shape: tuple[int, int], lanes: dict[str, jax.Array]) ->
             planes["qh"] = jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8)[:, None], axis=-2,
                                    dtype=jnp.uint8).reshape(n, -1)
     elif fmt == "Q6_K":
-        bits = _gather6(p["h"].reshape(n, -1, 8, 2))  # [N, ns, 8, 32]: x-block 4h + t
+        back = list(np.argsort(LAYOUTS[fmt].order))  # the file's block order
+        bits = _gather6(p["h"].reshape(n, -1, 8, 2)[:, :, back])  # [N, ns, 8, 32]: x-block 4h + t
         bits = bits.reshape(n, -1, 2, 4, 32)
         shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]
         planes["qh"] = jnp.sum(bits << shifts, axis=-2, dtype=jnp.uint8).reshape(n, -1)
-        planes["scales"] = p["sc"]
+        planes["scales"] = p["sc"].reshape(n, -1, 8, 2)[:, :, back].reshape(n, -1)
     elif fmt == "Q8_K":
         qs = planes["qs"].reshape(n, -1, 16)
         planes["bsums"] = jnp.sum(qs.astype(jnp.int16), axis=-1, dtype=jnp.int16).reshape(n, -1)
@@ -236,6 +247,8 @@ def quantize_x(x: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array]
     lay = _layout(fmt)
     m, k = x.shape
     x = x.astype(jnp.float32).reshape(m, k // 32, 32)
+    if lay.order is not None:  # the blocks of each unit in the kernel's order
+        x = x.reshape(m, k // lay.unit, lay.x_blocks, 32)[:, :, list(lay.order)].reshape(m, k // 32, 32)
     d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / X_MAX
     q = round_away(x / jnp.where(d == 0, 1, d)).astype(jnp.int16)
     units = k // lay.unit
