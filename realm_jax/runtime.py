@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from realm_jax import linear
+from realm_jax import compile_cache, linear
 from realm_jax.errors import (ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError, ShardingError,
                               TokenIdError)
 from realm_jax.inputs import check_text, shown
@@ -529,9 +529,14 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         "realm_jax.linear" logger says so at debug level).
       progress: show a progress bar while loading (default: when stderr is a terminal).
 
+    Compiled executables are kept on disk (`realm_jax.compile_cache`: ``$REALM_JAX_CACHE/xla``; set
+    ``REALM_JAX_COMPILE_CACHE=0`` to turn that off), so a later process with the same model, policy, mesh
+    and shapes compiles nothing.
+
     Returns:
       A `Model`.
     """
+    compile_cache.enable()  # a later process with the same model and shapes compiles nothing
     if mesh is not None:
         from realm_jax.distributed import mesh_shape
 

@@ -1,0 +1,92 @@
+"""JAX's persistent compilation cache, on by default under the realm-jax cache directory.
+
+A second `realm-jax generate` (or `realm_jax.load` in a new process) with the same model, policy, mesh and
+shapes then loads its executables from disk instead of compiling them: on the CPU the default model's
+first token comes ~2-3x sooner (BENCHMARKS.md), and on a GPU it skips the kernels' compile.
+
+- Where: ``$REALM_JAX_COMPILE_CACHE`` if set to a path; else ``$REALM_JAX_CACHE/xla`` (default
+  ``~/.cache/realm-jax/xla``). ``REALM_JAX_COMPILE_CACHE=0`` (or ``off``, ``false``, ``no``) turns it off.
+- What: every executable, however fast it compiled (JAX's default keeps only those that took 1 s or more,
+  which leaves out most of a small model's), up to `MAX_BYTES` on disk, least recently used first out
+  (where the `filelock` package JAX's eviction needs is installed; without it the cache is unbounded).
+- A cache directory set by the user (``jax.config.update("jax_compilation_cache_dir", ...)`` or
+  ``JAX_COMPILATION_CACHE_DIR``) is kept as it is.
+- A directory that cannot be created or written gives one warning and a run without the cache; an entry
+  that cannot be read (corrupt, truncated) gives JAX's warning and is compiled again. Never an error.
+
+The cache is trusted code: like JAX's, it must not be writable by anyone you do not trust (JAX's
+`set_cache_dir` says why). It is created with mode 0700.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import tempfile
+import threading
+import warnings
+
+import jax
+
+from realm_jax.assets import cache_root
+
+__all__ = ["MAX_BYTES", "enable", "location"]
+
+MAX_BYTES = 4 << 30  # the cache's size on disk: least recently used entries are removed past it
+_OFF = ("0", "off", "false", "no")
+_lock = threading.Lock()
+_done: pathlib.Path | None | bool = False  # False: not tried yet; None: off; a path: on
+
+
+def location() -> pathlib.Path | None:
+    """Where realm-jax keeps compiled executables, or None when ``$REALM_JAX_COMPILE_CACHE`` turns it off."""
+    value = os.environ.get("REALM_JAX_COMPILE_CACHE", "").strip()
+    if value.lower() in _OFF:
+        return None
+    return pathlib.Path(value).expanduser() if value else cache_root() / "xla"
+
+
+def _writable(path: pathlib.Path) -> str | None:
+    """Why `path` cannot hold the cache, or None."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if not path.is_dir():
+        return "not a directory"
+    return None
+
+
+def enable() -> pathlib.Path | None:
+    """Turn JAX's persistent compilation cache on at `location()` (once a process; later calls return the
+    first answer). Returns the directory in use: the user's own where one was set, None where the cache is
+    off or its directory unusable (with a warning)."""
+    global _done
+    with _lock:
+        if _done is not False:
+            return _done
+        _done = _enable()
+        return _done
+
+
+def _enable() -> pathlib.Path | None:
+    own = jax.config.jax_compilation_cache_dir
+    if own:  # the user's cache, with the user's settings
+        return pathlib.Path(own)
+    path = location()
+    if path is None:
+        return None
+    why = _writable(path)
+    if why is not None:
+        warnings.warn(f"realm-jax: the compilation cache {path} cannot be used ({why}); compiling without it "
+                      f"(set REALM_JAX_COMPILE_CACHE to another directory, or to 0 to turn it off)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs it (else: unbounded)
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    return path

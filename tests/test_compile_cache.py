@@ -1,0 +1,113 @@
+"""The persistent compilation cache (`realm_jax.compile_cache`): a second process with the same model and
+shapes compiles nothing and gives the same tokens; a corrupt cache or an unusable directory gives a warning
+and a working run. Each run is a process of its own (the cache is a process-wide JAX setting)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import jax
+import pytest
+
+from realm_jax import compile_cache
+
+MODEL = pathlib.Path(__file__).parent / "data" / "synthetic" / "llama-s-q2_k.gguf"
+
+# Counts JAX's persistent-cache events (not jax_log_compiles, which logs cache hits too) around a load and
+# a short greedy generation of the synthetic model.
+PROBE = r"""
+import json, sys, warnings
+from jax._src import monitoring
+
+counts = {"misses": 0, "hits": 0}
+
+
+def listen(event, **kwargs):
+    if event == "/jax/compilation_cache/cache_misses":
+        counts["misses"] += 1
+    elif event == "/jax/compilation_cache/cache_hits":
+        counts["hits"] += 1
+
+
+monitoring.register_event_listener(listen)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import realm_jax
+
+    model = realm_jax.load(sys.argv[1])
+    ids = model.generate_ids([model.tokenizer.encode("Once upon a time")], max_new_tokens=6)
+print(json.dumps({**counts, "ids": ids, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def _run(cache: str) -> dict:
+    env = {**os.environ, "REALM_JAX_COMPILE_CACHE": cache}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-c", PROBE, str(MODEL)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_compiles_nothing_and_a_corrupt_cache_recompiles(tmp_path):
+    cache = tmp_path / "xla"
+    cold = _run(str(cache))
+    assert cold["misses"] > 0 and cold["hits"] == 0, cold
+    entries = [p for p in cache.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert entries, "nothing was written to the cache"
+
+    warm = _run(str(cache))
+    assert warm["misses"] == 0, f"{warm['misses']} executables compiled again"
+    assert warm["hits"] == cold["misses"]
+    assert warm["ids"] == cold["ids"]
+
+    for p in entries:  # every entry corrupt: JAX warns, compiles again, and the run is the same
+        p.write_bytes(b"not an executable" * 3)
+    broken = _run(str(cache))
+    assert broken["ids"] == cold["ids"]
+    assert broken["misses"] + broken["hits"] == cold["misses"]
+    assert any("persistent compilation cache" in w for w in broken["warnings"]), broken["warnings"]
+
+
+@pytest.fixture
+def no_cache_dir():
+    """This process's JAX without a cache directory for the test (another test's `load` may have set one;
+    nothing compiles in between, so the cache JAX already opened is not affected)."""
+    before = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_an_unusable_directory_warns_and_leaves_jax_alone(tmp_path, monkeypatch, no_cache_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("REALM_JAX_COMPILE_CACHE", str(blocker / "xla"))  # under a regular file: no mkdir
+    with pytest.warns(RuntimeWarning, match="cannot be used"):
+        assert compile_cache._enable() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
+def test_off_and_the_users_own_directory(tmp_path, monkeypatch, no_cache_dir):
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("REALM_JAX_COMPILE_CACHE", off)
+        assert compile_cache.location() is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert compile_cache._enable() is None
+    monkeypatch.setenv("REALM_JAX_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert compile_cache.location() == tmp_path / "mine"
+    monkeypatch.delenv("REALM_JAX_COMPILE_CACHE")
+    monkeypatch.setenv("REALM_JAX_CACHE", str(tmp_path / "root"))
+    assert compile_cache.location() == tmp_path / "root" / "xla"
+    own = str(tmp_path / "users")
+    jax.config.update("jax_compilation_cache_dir", own)
+    assert compile_cache._enable() == pathlib.Path(own)  # the user's own, untouched
+    assert not (tmp_path / "root" / "xla").exists()
