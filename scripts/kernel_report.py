@@ -3,11 +3,13 @@
 For every format and rows of x it lowers the linear layer's GPU backends for an abstract H100 (the whole
 path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` calls them) and reports:
 
-- Triton (`triton` backend, `pallas_kernels.decode`): the Triton IR compiled to a cubin by pip's `triton`
-  (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers, spills) and
-  `cuobjdump -sass`: the CPU seconds of that compile, machine instructions per weight element in the K loop (or, where a program makes one
-  step and the loop is unrolled away, in the whole program), 128-bit loads, barriers, shuffles and
-  shared-memory traffic; the programs in the grid against the 132 SMs.
+- Triton (`triton` backend: `pallas_kernels.decode`, the GEMV, up to GEMV_ROWS rows of x, and
+  `pallas_kernels.decode_mma`, the tensor-core GEMM, past them): the Triton IR compiled to a cubin by pip's
+  `triton` (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers,
+  spills) and `cuobjdump -sass`: the CPU seconds of that compile, machine instructions per weight element
+  in the K loop (or, where a program makes one step and the loop is unrolled away, in the whole program),
+  128-bit loads, barriers, shuffles and shared-memory traffic; the programs in the grid against the 132
+  SMs.
 - Mosaic GPU (`mosaic_gpu` backend, the prefill GEMM; decode is Triton's): its PTX is made only on the
   device, so the lowered MLIR operations per K step (the ops in the pipeline's loop body) at 512 rows,
   against the committed baseline (`kernel_report_baseline.json`, `--write-baseline`), which may only go
@@ -239,6 +241,51 @@ def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
 
 
 # --- Mosaic GPU: MLIR operations per K step -------------------------------------------------------------
+def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The Triton tensor-core decode GEMM (`pallas_kernels.decode_mma`, more than GEMV_ROWS rows of x) as the
+    backend runs it, and the instructions per weight of its K loop (one chunk of K a step, whatever the
+    rows of x: the cost is the dequantization's), from the same kernel with fewer K splits where the
+    backend's tiling leaves one chunk a program."""
+    from pallas_kernels import decode_mma
+
+    w = abstract_weight("triton", fmt, n, k)
+    x = jax.ShapeDtypeStruct((m, k), BF16)
+    (kernel,) = capture_triton(_matmul("triton"), x, w)
+    t = decode_mma.tiling_for(fmt, n, k)
+    chunk = decode_mma.chunk_size(fmt, k)
+    chunks = k // chunk
+    program = _sass_cost(kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // t.splits, 1)
+    looped = dataclasses.replace(t, splits=max(1, t.splits // 4) if chunks // t.splits < 2 else t.splits)
+    (loop_kernel,) = capture_triton(
+        lambda x, w: decode_mma.gemm(x, w.lanes, fmt=fmt, tiling=looped), x, w)
+    loop = _sass_cost(loop_kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // looped.splits, 1)
+    hmma = loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # MACs: m16n8k16, one a warp
+    if loop["scope"] != "loop" or hmma != decode_mma.MMA_ROWS * t.rows * chunk:
+        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['ops']['HMMA']} HMMA counted in the {loop['scope']}, not "
+                           f"one [16, {chunk}] x [{chunk}, {t.rows}] product a step: the loop was misread")
+    grid = kernel["grid"]
+    return {
+        "kernel": "triton_mma", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
+        "registers": program["registers"], "spill_bytes": program["spill_bytes"],
+        "compile_s": round(program["compile_s"], 2),
+        "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
+        "instructions_per_weight": round(loop["per_weight"], 3),
+        "program_instructions_per_weight": round(program["per_weight"], 3),
+        "rows_per_program": decode_mma.MMA_ROWS,
+        "ldg128_per_weight": round(loop["ldg128"], 4),
+        "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
+        "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
+        "weight_copies": weight_copies("triton", fmt, m, n, k),
+    }
+
+
+def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The decode kernel the Triton backend runs for m rows of x: the GEMV or the tensor-core GEMM."""
+    from realm_jax.linear.triton import GEMV_ROWS
+
+    return (triton_row if m <= GEMV_ROWS else mma_row)(fmt, m, n, k, workdir)
+
+
 def capture_mosaic(fn, *args) -> list[str]:
     from jax._src.pallas.mosaic_gpu import lowering
 
@@ -288,15 +335,15 @@ def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
 
 
 def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
-    """The Triton decode GEMV for every format, rows of x and shape; the Mosaic GPU GEMM at PREFILL_ROWS
-    rows and the first shape."""
+    """The Triton decode kernels for every format, rows of x and shape (the GEMV, or the tensor-core GEMM
+    past GEMV_ROWS rows); the Mosaic GPU GEMM at PREFILL_ROWS rows and the first shape."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
             for m in rows:
                 for n, k in shapes:
                     if linear.choose(fmt, (n, k), "triton").backend == "triton":
-                        out.append(triton_row(fmt, m, n, k, pathlib.Path(tmp)))
+                        out.append(decode_row(fmt, m, n, k, pathlib.Path(tmp)))
                 print(f"  {fmt} M={m} done", file=sys.stderr, flush=True)
             if mosaic and linear.choose(fmt, shapes[0], "mosaic_gpu").backend == "mosaic_gpu":
                 out.append(mosaic_row(fmt, PREFILL_ROWS, *shapes[0]))
@@ -309,8 +356,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         copies = "; ".join(r["weight_copies"]) or "none"
-        if r["kernel"] == "triton":
-            lines.append(f"| triton | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | "
+        if r["kernel"] in ("triton", "triton_mma"):
+            lines.append(f"| {r['kernel']} | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | "
                          f"{r['registers']} | {r['spill_bytes']} | {r['instructions_per_weight']} "
                          f"({r['program_instructions_per_weight']}) | {r['ldg128_per_weight']} | {r['barriers']} / "
                          f"{r['shuffles']} / {r['shared']} | {r['compile_s']} | - | {copies} |")

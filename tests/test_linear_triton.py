@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from pallas_kernels import decode
+from pallas_kernels import decode, decode_mma
 from pallas_kernels.decode_layout import LAYOUTS, from_lanes, quantize_x, to_lanes
 from realm_jax.errors import ShapeMismatchError
+from realm_jax.linear.triton import GEMV_ROWS
 from realm_jax.quant import dequantize, quantize
 from helpers import random_qtensor
 from linear_base import LinearTests, LoweringTests
@@ -27,7 +28,8 @@ H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NV
 
 class TestTriton(LinearTests):
     BACKEND = "triton"
-    ROWS = (1, 3, decode.MAX_ROWS, decode.MAX_ROWS + 1, 64)  # the GEMV up to 16 rows, the reference past it
+    # the GEMV up to GEMV_ROWS, the tensor-core GEMM up to 16 rows, the reference past them
+    ROWS = (1, GEMV_ROWS, GEMV_ROWS + 1, decode.MAX_ROWS, decode.MAX_ROWS + 1)
 
 
 class TestTritonLowering(LoweringTests):
@@ -79,6 +81,35 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
                 assert n % t.rows == 0 and units % (t.splits * t.units) == 0 and 4 % t.parts == 0, t
                 chunks = max(1, (1 << (m - 1).bit_length()) // decode.chunk_rows(fmt))
                 assert chunks * n // t.rows * t.splits * t.parts >= 2 * 132, (fmt, m, n, k, t)
+
+
+def test_mma_tiling_fills_the_gpu_at_the_8b_shapes():
+    """The tensor-core decode GEMM gives every SM at least two programs at an 8B llama's shapes, and its K
+    splits divide the chunks."""
+    for fmt in LAYOUTS:
+        for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+            t = decode_mma.tiling_for(fmt, n, k)
+            chunks = k // decode_mma.chunk_size(fmt, k)
+            assert n % t.rows == 0 and chunks % t.splits == 0, (fmt, n, k, t)
+            assert n // t.rows * t.splits >= 2 * 132, (fmt, n, k, t)
+
+
+@pytest.mark.parametrize("fmt,m", [("Q5_K", 5), ("Q4_0", 16)])
+def test_mma_reads_a_layer_of_a_stack_in_place(fmt, m, rng):
+    """With `layer`, the tensor-core GEMM multiplies that layer of stacked lanes, as it multiplies the
+    layer's own lanes (the same program on the same bytes: equal results); K of an odd number of blocks
+    takes 32-element chunks."""
+    k = 256 if fmt == "Q5_K" else 96
+    ws = [random_qtensor(fmt, 130, k, rng) for _ in range(3)]
+    stack = jax.tree.map(lambda *a: jnp.stack(a), *[to_lanes(w) for w in ws])
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    for i, w in enumerate(ws):
+        one = decode_mma.gemm(x, to_lanes(w), fmt=fmt, interpret=True)
+        both = decode_mma.gemm(x, stack, fmt=fmt, layer=jnp.int32(i), interpret=True)
+        np.testing.assert_array_equal(np.asarray(both), np.asarray(one))
+        y = np.asarray(one.sum(0))[:m, :130]
+        want = np.asarray(x, np.float64) @ np.asarray(dequantize(w), np.float64).T
+        np.testing.assert_allclose(y, want, rtol=0, atol=2e-2 * np.abs(want).max())  # bf16 weights and x
 
 
 @pytest.mark.parametrize("n", [300, 500])

@@ -1,8 +1,14 @@
-"""The Pallas Triton backend (GPU): the decode GEMV of `pallas_kernels.decode` on the weight in its lane
-layout (`pallas_kernels.decode_layout`, made once at load), with the activations quantized to int16 per 32
-values and integer dot products (`dp2a`), for up to 16 rows of x under a 16-bit compute dtype (the int16
-activations err less than a bf16 product). More rows (prefill) and f32 compute go to the XLA reference,
-which dequantizes from the lanes (XLA fuses the layout's inverse into its dequantization). JAX has
+"""The Pallas Triton backend (GPU): two decode kernels on the weight in its lane layout
+(`pallas_kernels.decode_layout`, made once at load), for up to 16 rows of x under a 16-bit compute dtype:
+
+- up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
+  32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
+  instruction a weight for each row of x;
+- more: the tensor-core GEMM of `pallas_kernels.decode_mma`, which dequantizes each weight once (to the
+  compute dtype, as the reference rounds it) whatever the rows, and multiplies all of them by `mma`.
+
+More rows (prefill) and f32 compute go to the XLA reference, which dequantizes from the lanes (XLA fuses
+the layout's inverse into its dequantization). JAX has
 deprecated the Pallas Triton lowering (Mosaic GPU is the maintained one); every lowering warns so, and
 `pallas_kernels` filters that one warning.
 
@@ -29,7 +35,12 @@ from realm_jax.quant import Format, QTensor
 
 __all__ = ["DECODE_ROWS", "TRITON", "LanesWeight", "Triton"]
 
-DECODE_ROWS = 16  # rows of x the decode GEMV takes (pallas_kernels.decode.MAX_ROWS)
+DECODE_ROWS = 16  # rows of x the decode kernels take (pallas_kernels.decode.MAX_ROWS)
+# Rows of x up to which the GEMV runs, the tensor-core GEMM past them: the GEMV's instructions a weight
+# grow with the rows (scripts/kernel_report.py, 4096x4096, H100: Q4_K 1.5 at one row, ~5 at four, ~10 at
+# eight; the rows padded to a power of two), the GEMM's do not (Q4_K 9.0, Q8_0 7.8, Q6_K 11.3 at 1-16
+# rows). A heuristic from instruction counts: no GPU has timed either kernel yet.
+GEMV_ROWS = 4
 _KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -62,12 +73,18 @@ def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
-def decode(x: jax.Array, w: LanesWeight, *, interpret: bool) -> jax.Array:
-    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV: [M, N'] (padded rows)."""
-    from pallas_kernels import decode
+def decode(x: jax.Array, w: LanesWeight, *, compute_dtype, interpret: bool) -> jax.Array:
+    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV (M <= GEMV_ROWS) or the
+    tensor-core GEMM: [M, N'] (padded rows)."""
+    if x.shape[0] <= GEMV_ROWS:
+        from pallas_kernels import decode
 
-    xw, dx, sx = quantize_x(x, w.fmt)
-    part = decode.gemv(xw, dx, sx, w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
+        part = decode.gemv(*quantize_x(x, w.fmt), w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
+    else:
+        from pallas_kernels import decode_mma
+
+        part = decode_mma.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, compute_dtype=compute_dtype,
+                               interpret=interpret)
     return jnp.sum(part, axis=0)[: x.shape[0]]
 
 
@@ -98,7 +115,7 @@ class Triton(Backend):
             return self._per_shard(x, w, compute_dtype, out_dtype, _interpret(interpret))
         n = w.shape[0]
         if self.kernel_rows(x.shape[0], compute_dtype):
-            return decode(x, w, interpret=_interpret(interpret))[:, :n].astype(out_dtype)
+            return decode(x, w, compute_dtype=compute_dtype, interpret=_interpret(interpret))[:, :n].astype(out_dtype)
         lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
         return xla_matmul(x, from_lanes(w.fmt, w.shape, lanes), compute_dtype, out_dtype)
 
@@ -175,7 +192,8 @@ class Triton(Backend):
 
     def describe(self, w: LanesWeight | None = None) -> str:
         mode = " (interpret mode)" if jax.default_backend() == "cpu" else ""
-        return f"triton decode GEMV{mode} (1-{DECODE_ROWS} rows, 16-bit compute), xla (more)"
+        return (f"triton decode GEMV{mode} (1-{GEMV_ROWS} rows, 16-bit compute), tensor-core GEMM "
+                f"({GEMV_ROWS + 1}-{DECODE_ROWS}), xla (more)")
 
 
 TRITON = Triton()

@@ -1,0 +1,261 @@
+"""The decode GEMM on the tensor cores (Pallas Triton): y = x @ dequant(w)^T for a few rows of x (up to 16,
+padded to 16), reading the same lane layout as the decode GEMV (`pallas_kernels.decode_layout`: no second
+copy of the weight).
+
+Why a second decode kernel: the GEMV (`pallas_kernels.decode`) multiplies every row of x by the codes with
+`dp2a`, half an instruction a weight for each row, so at 8 or 16 rows it issues 5-20 instructions a weight
+and cannot stream the weight at the memory's rate (an H200 issues ~5-6 a weight at its bandwidth). Here
+each weight is dequantized once, in registers, whatever the rows of x, and the tensor cores multiply it by
+all of them: `mma` on bf16 (or f16) tiles.
+
+A program owns `rows` consecutive weight rows and a contiguous range of K (split where the rows alone give
+too few programs); it walks its units a chunk of 64 elements at a time: the chunk's code words are
+unpacked with shifts and masks into a [64, rows] tile (the sub-block scales and offsets applied in f32,
+then rounded to the compute dtype, as XLA's reference path rounds its dequantized weight), and one
+[16, 64] x [64, rows] product joins the f32 accumulator. The elements of a chunk come out in the order the
+words hold them, not in K's order: x's columns are permuted to match (`permute_x`, a gather over x's
+few rows) instead of moving weight bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN
+from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
+
+__all__ = ["MMA_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
+
+MMA_ROWS = 16  # rows of x a program multiplies (fewer are padded)
+CHUNK = 64  # elements of K dequantized at a time
+_SMS = 132
+LO = 0x0F
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MmaTiling:
+    """rows: weight rows per program (64 or 128); splits: programs along K; num_warps: warps a program."""
+
+    rows: int
+    splits: int
+    num_warps: int = 4
+
+
+def chunk_size(fmt: str, k: int) -> int:
+    """Elements of K dequantized at a time: CHUNK, or one 32-element block where K holds an odd number."""
+    return CHUNK if k % CHUNK == 0 else LAYOUTS[fmt].unit
+
+
+def _chunks_per_unit(fmt: str, chunk: int) -> int:
+    return max(1, LAYOUTS[fmt].unit // chunk)
+
+
+def _units_per_chunk(fmt: str, chunk: int) -> int:
+    return max(1, chunk // LAYOUTS[fmt].unit)
+
+
+def tiling_for(fmt: str, n: int, k: int) -> MmaTiling:
+    """128 weight rows a program (64 where N would give fewer than two programs an SM), then the fewest K
+    splits (a power of two dividing the chunks) that give every SM at least two programs."""
+    chunks = k // chunk_size(fmt, k)
+    options = [MmaTiling(rows=rows, splits=s) for rows in (128, 64) if n % rows == 0
+               for s in (1 << i for i in range(chunks.bit_length())) if chunks % s == 0]
+    enough = [t for t in options if n // t.rows * t.splits >= 2 * _SMS]
+    if enough:
+        return min(enough, key=lambda t: (n // t.rows * t.splits, -t.rows))
+    return max(options, key=lambda t: (n // t.rows * t.splits, t.rows))
+
+
+# --- the order of a chunk's elements ------------------------------------------------------------------
+def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
+    """The element of the unit each position of a dequantized chunk holds, for each chunk of a unit: int
+    [chunks per unit, chunk] (for the 32-element formats: [1, chunk] over the chunk's one or two units)."""
+    units = chunk // 32
+    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # (unit, word p, byte j, nibble h) -> 32u + 4p + j + 16h
+        u, p, j, h = np.meshgrid(np.arange(units), np.arange(4), np.arange(4), np.arange(2), indexing="ij")
+        return (32 * u + 4 * p + j + 16 * h).reshape(1, chunk)
+    if fmt == "Q8_0":  # (unit, word p, byte b) -> 32u + 4p + b
+        return np.arange(chunk).reshape(1, chunk)
+    if fmt == "Q8_K":  # chunk c: words 16c..16c+15, byte b -> 4p + b
+        return np.arange(256).reshape(4, CHUNK)
+    if fmt in ("Q4_K", "Q5_K"):  # chunk c: (nibble h, word w, byte j) -> 64c + 32h + 4w + j
+        c, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
+        return (64 * c + 32 * h + 4 * w + j).reshape(4, CHUNK)
+    if fmt == "Q6_K":  # chunk g: (nibble h, word w, byte j); block 2g + h of the layout's order
+        order = np.asarray(LAYOUTS[fmt].order)
+        g, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
+        return (32 * order[2 * g + h] + 4 * w + j).reshape(4, CHUNK)
+    raise UnsupportedFormatError(f"decode mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+
+
+def permute_x(x: jax.Array, fmt: str, dtype) -> jax.Array:
+    """x [M, K] -> [MMA_ROWS, K] in `dtype`, rows padded with zeros and each chunk's columns in the order
+    the kernel dequantizes the weight's elements (`_chunk_order`)."""
+    m, k = x.shape
+    chunk = chunk_size(fmt, k)
+    order = _chunk_order(fmt, chunk)
+    span = LAYOUTS[fmt].unit * _units_per_chunk(fmt, chunk)  # elements of K one row of `order` indexes into
+    idx = (np.arange(k // span)[:, None] * span + order.reshape(-1)[None, :]).reshape(-1)
+    x = jnp.pad(x.astype(dtype), ((0, MMA_ROWS - m), (0, 0)))
+    return x[:, idx]
+
+
+# --- each format: a chunk's dequantized elements [CHUNK, rows] in `_chunk_order` ------------------------
+def _exact(codes, offset: int = 0) -> jax.Array:
+    """float32 of the unsigned codes (< 2^23) less `offset`, without a conversion instruction (a quarter of
+    the tensor cores' issue rate on Hopper: one a weight would halve the kernel's speed): the codes become
+    the mantissa of 2^23 + code, from which an exact subtraction takes 2^23 + offset."""
+    f = lax.bitcast_convert_type(codes | jnp.uint32(0x4B000000), jnp.float32)
+    return f - jnp.float32(8388608.0 + offset)
+
+
+def _signed_bytes(words, shift) -> jax.Array:
+    """The signed bytes at bit `shift` of uint32 words as float32 (their two's complement, flipped to
+    0..255 and less 128)."""
+    return _exact(((words >> shift) & 0xFF) ^ jnp.uint32(0x80), 128)
+
+
+def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
+    """Index along `dim` of a `shape` tile, made in the kernel (a constant array would be a captured input)."""
+    return lax.broadcasted_iota(dtype, shape, dim)
+
+
+def _legacy(fmt: str, get, part, rows: int) -> jax.Array:
+    """The chunk's one or two 32-element units: dims (unit, word, byte, nibble) or (unit, word, byte)."""
+    d = get("d", None).astype(jnp.float32)[:, :, None, None, :] if fmt != "Q8_0" else None
+    q = get("q", None)  # [2, P, rows] uint32
+    if fmt == "Q8_0":
+        codes = _signed_bytes(q[:, :, None, :], 8 * _iota((1, 1, 4, 1), 2))  # [2, 8, 4, rows]
+        w = codes * get("d", None).astype(jnp.float32)[:, :, None, :]
+        return w.reshape(-1, rows)
+    dims = (1, 1, 4, 2, 1)  # (unit, word p, byte j, nibble h, rows)
+    codes = (q[:, :, None, None, :] >> (8 * _iota(dims, 2) + 4 * _iota(dims, 3))) & LO
+    if fmt in ("Q5_0", "Q5_1"):  # the fifth bit of element 4p + j + 16h: H bit 8j + p + 4(1 - h)
+        dims = (1, 4, 4, 2, 1)
+        pos = 8 * _iota(dims, 2) + _iota(dims, 1) + 4 * (1 - _iota(dims, 3))
+        codes = codes | (((get("h", None)[:, :, None, None, :] >> pos) & 1) << 4)
+    if fmt in ("Q4_0", "Q5_0"):
+        w = d * _exact(codes, 8 if fmt == "Q4_0" else 16)
+    else:
+        w = d * _exact(codes) + get("m", None).astype(jnp.float32)[:, :, None, None, :]
+    return w.reshape(-1, rows)
+
+
+def _kquant(fmt: str, get, c, rows: int) -> jax.Array:
+    """Chunk c (traced) of a 256-element unit."""
+    d = get("d", None).astype(jnp.float32)  # [1, 1, rows]
+    if fmt == "Q8_K":
+        q = get("q", (16 * c, 16))[0]  # [16, rows]
+        codes = _signed_bytes(q[:, None, :], 8 * _iota((1, 4, 1), 1))
+        return (codes * d).reshape(CHUNK, rows)
+    q = get("q", (8 * c, 8))[0]  # [8 words, rows]
+    dims = (2, 1, 4, 1)  # (nibble h, word w, byte j, rows)
+    codes = (q[None, :, None, :] >> (4 * _iota(dims, 0) + 8 * _iota(dims, 2))) & LO  # [2 h, 8 w, 4 j, rows]
+    if fmt == "Q6_K":  # block s = 2c + h; H words 2s + (w >= 4), code j of word w at bits 8j + 2(w % 4)
+        hw = get("h", (4 * c, 4))[0].reshape(2, 2, 1, 1, rows)  # [h, w // 4, 1, 1, rows]
+        dims = (1, 1, 4, 4, 1)  # (h, w // 4, w % 4, j, rows)
+        pos = 8 * _iota(dims, 3) + 2 * _iota(dims, 2)
+        codes = codes.reshape(2, 2, 4, 4, rows) | (((hw >> pos) & 3) << 4)  # [h, w // 4, w % 4, j, rows]
+        sc = get("sc", (4 * c, 4))[0].astype(jnp.float32).reshape(2, 2, 1, 1, rows)  # sub-block 2s + w // 4
+        w = (d[0] * sc) * _exact(codes, 32)
+        return w.reshape(CHUNK, rows)
+    sc = get("sc", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]  # sub-block 2c + h: [2, 1, 1, rows]
+    mn = get("mn", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]
+    if fmt == "Q5_K":  # the fifth bit of code j of word w: H bit 8j + 4 + w (w < 4) or 8j + w - 4
+        dims = (1, 8, 4, 1)  # (h, word w, byte j, rows)
+        w_, j_ = _iota(dims, 1), _iota(dims, 2)
+        pos = jnp.where(w_ < 4, 8 * j_ + 4 + w_, 8 * j_ + w_ - 4)
+        hw = get("h", (2 * c, 2))[0][:, None, None, :]
+        codes = codes | (((hw >> pos) & 1) << 4)
+    dmin = get("dmin", None).astype(jnp.float32)[0]
+    w = (d[0] * sc) * _exact(codes) - dmin * mn
+    return w.reshape(CHUNK, rows)
+
+
+_FORMATS = {f: functools.partial(_legacy if LAYOUTS[f].unit == 32 else _kquant, f) for f in LAYOUTS}
+
+
+# --- the kernel ---------------------------------------------------------------------------------------
+def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, chunks: int, stacked: bool,
+            dtype):
+    layer_ref, x_ref, *plane_refs, o_ref = refs if stacked else (None, *refs)
+    planes = dict(zip(names, plane_refs))
+    r0 = pl.program_id(0) * t.rows
+    c0 = pl.program_id(1) * chunks  # this program's first chunk
+    lead = (layer_ref[0],) if stacked else ()
+    per_unit, units_per = _chunks_per_unit(fmt, chunk), _units_per_chunk(fmt, chunk)
+
+    def body(i, acc):
+        index = c0 + i
+        unit = index // per_unit if per_unit > 1 else index * units_per
+        part = index % per_unit
+
+        def get(name, words):
+            """Plane `name` for the chunk's unit(s) and the program's rows: words (start, count) of one
+            unit [1, count, rows], or all its words (None) of each unit [units_per, P, rows]."""
+            p = LAYOUTS[fmt].planes[name]
+            index = pl.ds(0, p) if words is None else pl.ds(words[0], words[1])
+            return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
+
+        w = _FORMATS[fmt](get, part, t.rows).astype(dtype)  # [chunk, rows]
+        x = x_ref[:, pl.ds(index * chunk, chunk)]  # [16, chunk]
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, chunks, body, jnp.zeros((MMA_ROWS, t.rows), jnp.float32))
+    o_ref[0] = acc
+
+
+def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=jnp.bfloat16,
+         tiling: MmaTiling | None = None, interpret: bool = False) -> jax.Array:
+    """x [M, K] (M <= MMA_ROWS) @ dequant(w)^T as partial products [splits, MMA_ROWS, N'] f32 (their sum
+    over axis 0, cut to [M, N], is the product; N' the lanes' padded rows).
+
+    Args:
+      x: the activations [M, K].
+      lanes: the weight's lane planes (`decode_layout.to_lanes`); with `layer`, stacks of them [L, ...].
+      fmt: the weight's format.
+      layer: None, or an int32 scalar: the layer of the stacked lanes to multiply, read in place.
+      compute_dtype: bf16 or f16: the dtype the weight is rounded to and x is multiplied in.
+      tiling: overrides `tiling_for`.
+      interpret: Pallas interpret mode (CPU).
+    """
+    if fmt not in _FORMATS:
+        raise UnsupportedFormatError(f"decode mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+    m, k = x.shape
+    stacked = layer is not None
+    q = lanes["q"]
+    n = q.shape[-1]
+    unit = LAYOUTS[fmt].unit
+    if m > MMA_ROWS or n % ROW_ALIGN or q.shape[stacked] * unit != k:
+        raise ShapeMismatchError(f"decode mma: x {x.shape} against {fmt} lanes "
+                                 f"{ {key: v.shape for key, v in lanes.items()} }; at most {MMA_ROWS} rows of x")
+    t = tiling or tiling_for(fmt, n, k)
+    chunk = chunk_size(fmt, k)
+    total = k // chunk
+    if n % t.rows or total % t.splits:
+        raise ShapeMismatchError(f"decode mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
+    dtype = jnp.dtype(compute_dtype)
+    names = tuple(LAYOUTS[fmt].planes)
+    args = (permute_x(x, fmt, dtype), *(lanes[name] for name in names))
+    if stacked:
+        args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
+    kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, chunk=chunk, chunks=total // t.splits,
+                               stacked=stacked, dtype=dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(n // t.rows, t.splits),
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=pl.BlockSpec((1, MMA_ROWS, t.rows), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((t.splits, MMA_ROWS, n), jnp.float32),
+        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=2),
+        interpret=interpret,
+        name=f"decode_mma_{fmt.lower()}",
+    )(*args)
