@@ -109,18 +109,37 @@ def permute_x(x: jax.Array, fmt: str, dtype) -> jax.Array:
 
 
 # --- each format: a chunk's dequantized elements [CHUNK, rows] in `_chunk_order` ------------------------
-def _exact(codes, offset: int = 0) -> jax.Array:
-    """float32 of the unsigned codes (< 2^23) less `offset`, without a conversion instruction (a quarter of
-    the tensor cores' issue rate on Hopper: one a weight would halve the kernel's speed): the codes become
-    the mantissa of 2^23 + code, from which an exact subtraction takes 2^23 + offset."""
-    f = lax.bitcast_convert_type(codes | jnp.uint32(0x4B000000), jnp.float32)
+MAGIC = 0x4B000000  # the bits of float32 2^23: OR a code below 2^23 into them and the float is 2^23 + code
+
+
+def _mask_or(a, mask: int, c, interpret: bool):
+    """(a & mask) | c of uint32 a and c, as int32 bits, in one `lop3` (the compiler makes a bit-field
+    extract and an OR of it)."""
+    a, c = jnp.broadcast_arrays(a, c)
+    if interpret:
+        return lax.bitcast_convert_type((a & jnp.uint32(mask)) | c, jnp.int32)
+    [out] = pltriton.elementwise_inline_asm(  # Triton's IR has no unsigned result type: int32 bits
+        f"lop3.b32 $0, $1, {mask:#x}, $2, 0xEA;", args=[a, c], constraints="=r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return out
+
+
+def _exact(a, mask: int, high=None, offset: int = 0, *, interpret: bool) -> jax.Array:
+    """float32 of the unsigned codes (a & mask) | high (high: None or bits above the mask's, the fifth and
+    sixth bits), less `offset`, without a conversion instruction (a quarter of the tensor cores' issue rate
+    on Hopper: one a weight would halve the kernel's speed): the codes become the mantissa of 2^23 + code,
+    from which an exact subtraction takes 2^23 + offset."""
+    bits = jnp.uint32(MAGIC) if high is None else high | jnp.uint32(MAGIC)
+    f = lax.bitcast_convert_type(_mask_or(a, mask, bits, interpret), jnp.float32)
     return f - jnp.float32(8388608.0 + offset)
 
 
 def _signed_bytes(words, shift) -> jax.Array:
-    """The signed bytes at bit `shift` of uint32 words as float32 (their two's complement, flipped to
-    0..255 and less 128)."""
-    return _exact(((words >> shift) & 0xFF) ^ jnp.uint32(0x80), 128)
+    """The signed bytes at bit `shift` of uint32 words as float32: their two's complement flipped to 0..255
+    in the mantissa of 2^23 (as `_exact`; here the compiler's byte extraction beats one lop3: 7.6 against
+    8.6 instructions a weight for Q8_0/Q8_K)."""
+    bits = (((words >> shift) & 0xFF) ^ jnp.uint32(0x80)) | jnp.uint32(MAGIC)
+    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388608.0 + 128)
 
 
 def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
@@ -128,7 +147,7 @@ def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
     return lax.broadcasted_iota(dtype, shape, dim)
 
 
-def _legacy(fmt: str, get, part, rows: int) -> jax.Array:
+def _legacy(fmt: str, get, part, rows: int, *, interpret: bool) -> jax.Array:
     """The chunk's one or two 32-element units: dims (unit, word, byte, nibble) or (unit, word, byte)."""
     d = get("d", None).astype(jnp.float32)[:, :, None, None, :] if fmt != "Q8_0" else None
     q = get("q", None)  # [2, P, rows] uint32
@@ -137,19 +156,20 @@ def _legacy(fmt: str, get, part, rows: int) -> jax.Array:
         w = codes * get("d", None).astype(jnp.float32)[:, :, None, :]
         return w.reshape(-1, rows)
     dims = (1, 1, 4, 2, 1)  # (unit, word p, byte j, nibble h, rows)
-    codes = (q[:, :, None, None, :] >> (8 * _iota(dims, 2) + 4 * _iota(dims, 3))) & LO
+    nibbles = q[:, :, None, None, :] >> (8 * _iota(dims, 2) + 4 * _iota(dims, 3))
+    high = None
     if fmt in ("Q5_0", "Q5_1"):  # the fifth bit of element 4p + j + 16h: H bit 8j + p + 4(1 - h)
         dims = (1, 4, 4, 2, 1)
         pos = 8 * _iota(dims, 2) + _iota(dims, 1) + 4 * (1 - _iota(dims, 3))
-        codes = codes | (((get("h", None)[:, :, None, None, :] >> pos) & 1) << 4)
+        high = (get("h", None)[:, :, None, None, :] >> pos << 4) & jnp.uint32(0x10)
     if fmt in ("Q4_0", "Q5_0"):
-        w = d * _exact(codes, 8 if fmt == "Q4_0" else 16)
+        w = d * _exact(nibbles, LO, high, 8 if fmt == "Q4_0" else 16, interpret=interpret)
     else:
-        w = d * _exact(codes) + get("m", None).astype(jnp.float32)[:, :, None, None, :]
+        w = d * _exact(nibbles, LO, high, interpret=interpret) + get("m", None).astype(jnp.float32)[:, :, None, None, :]
     return w.reshape(-1, rows)
 
 
-def _kquant(fmt: str, get, c, rows: int) -> jax.Array:
+def _kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
     """Chunk c (traced) of a 256-element unit."""
     d = get("d", None).astype(jnp.float32)  # [1, 1, rows]
     if fmt == "Q8_K":
@@ -158,14 +178,14 @@ def _kquant(fmt: str, get, c, rows: int) -> jax.Array:
         return (codes * d).reshape(CHUNK, rows)
     q = get("q", (8 * c, 8))[0]  # [8 words, rows]
     dims = (2, 1, 4, 1)  # (nibble h, word w, byte j, rows)
-    codes = (q[None, :, None, :] >> (4 * _iota(dims, 0) + 8 * _iota(dims, 2))) & LO  # [2 h, 8 w, 4 j, rows]
+    nibbles = q[None, :, None, :] >> (4 * _iota(dims, 0) + 8 * _iota(dims, 2))  # [2 h, 8 w, 4 j, rows]
     if fmt == "Q6_K":  # block s = 2c + h; H words 2s + (w >= 4), code j of word w at bits 8j + 2(w % 4)
         hw = get("h", (4 * c, 4))[0].reshape(2, 2, 1, 1, rows)  # [h, w // 4, 1, 1, rows]
         dims = (1, 1, 4, 4, 1)  # (h, w // 4, w % 4, j, rows)
         pos = 8 * _iota(dims, 3) + 2 * _iota(dims, 2)
-        codes = codes.reshape(2, 2, 4, 4, rows) | (((hw >> pos) & 3) << 4)  # [h, w // 4, w % 4, j, rows]
+        high = (hw >> pos << 4) & jnp.uint32(0x30)  # [h, w // 4, w % 4, j, rows]
         sc = get("sc", (4 * c, 4))[0].astype(jnp.float32).reshape(2, 2, 1, 1, rows)  # sub-block 2s + w // 4
-        w = (d[0] * sc) * _exact(codes, 32)
+        w = (d[0] * sc) * _exact(nibbles.reshape(2, 2, 4, 4, rows), LO, high, 32, interpret=interpret)
         return w.reshape(CHUNK, rows)
     sc = get("sc", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]  # sub-block 2c + h: [2, 1, 1, rows]
     mn = get("mn", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]
@@ -174,9 +194,11 @@ def _kquant(fmt: str, get, c, rows: int) -> jax.Array:
         w_, j_ = _iota(dims, 1), _iota(dims, 2)
         pos = jnp.where(w_ < 4, 8 * j_ + 4 + w_, 8 * j_ + w_ - 4)
         hw = get("h", (2 * c, 2))[0][:, None, None, :]
-        codes = codes | (((hw >> pos) & 1) << 4)
+        high = (hw >> pos << 4) & jnp.uint32(0x10)
+    else:
+        high = None
     dmin = get("dmin", None).astype(jnp.float32)[0]
-    w = (d[0] * sc) * _exact(codes) - dmin * mn
+    w = (d[0] * sc) * _exact(nibbles, LO, high, interpret=interpret) - dmin * mn
     return w.reshape(CHUNK, rows)
 
 
@@ -185,7 +207,7 @@ _FORMATS = {f: functools.partial(_legacy if LAYOUTS[f].unit == 32 else _kquant, 
 
 # --- the kernel ---------------------------------------------------------------------------------------
 def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, chunks: int, stacked: bool,
-            dtype):
+            dtype, interpret: bool):
     layer_ref, x_ref, *plane_refs, o_ref = refs if stacked else (None, *refs)
     planes = dict(zip(names, plane_refs))
     r0 = pl.program_id(0) * t.rows
@@ -205,7 +227,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
             index = pl.ds(0, p) if words is None else pl.ds(words[0], words[1])
             return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
 
-        w = _FORMATS[fmt](get, part, t.rows).astype(dtype)  # [chunk, rows]
+        w = _FORMATS[fmt](get, part, t.rows, interpret=interpret).astype(dtype)  # [chunk, rows]
         x = x_ref[:, pl.ds(index * chunk, chunk)]  # [16, chunk]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -248,7 +270,7 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, chunk=chunk, chunks=total // t.splits,
-                               stacked=stacked, dtype=dtype)
+                               stacked=stacked, dtype=dtype, interpret=interpret)
     return pl.pallas_call(
         kernel,
         grid=(n // t.rows, t.splits),

@@ -48,8 +48,8 @@ def test_decode_loop_instructions_and_spills(fmt, bound, tmp_path):
 
 
 # The tensor-core decode GEMM (more than GEMV_ROWS rows of x): its cost a weight does not grow with the rows
-# (one dequantization for all of them); today's figures at 4096x4096 are 7.6-11.9, and these guard them.
-@pytest.mark.parametrize("fmt,bound", [("Q4_K", 9.5), ("Q6_K", 12.0)])
+# (one dequantization for all of them); today's figures at 4096x4096 are 7.4-11.5, and these guard them.
+@pytest.mark.parametrize("fmt,bound", [("Q4_K", 8.5), ("Q6_K", 10.5)])
 def test_mma_loop_instructions_and_spills(fmt, bound, tmp_path):
     pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
     row = kernel_report.mma_row(fmt, 16, 4096, 4096, tmp_path)
