@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, X_MAX, Layout
+from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, ROW_ALIGN, X_MAX, Layout
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 
 __all__ = ["MAX_ROWS", "DecodeTiling", "gemv", "tiling_for"]
@@ -227,7 +227,7 @@ _INT_SCALES = ("Q5_K", "Q6_K")
 assert all(n * c * X_MAX * sc < 2**31 for n, c, sc in ((32, 31, 63), (16, 32, 128)))
 
 _FORMATS: dict[str, Callable] = {f: functools.partial(_legacy if LAYOUTS[f].unit == 32 else _kquant, f)
-                                 for f in LAYOUTS}
+                                 for f in GEMV_FORMATS}
 
 
 # --- the kernel ---------------------------------------------------------------------------------------

@@ -26,6 +26,10 @@ code word (`H` planes below); nothing else is changed, so the layout holds exact
                  activations take the blocks in `Layout.order`: position 2g + high is the block word
                  group g holds in its low (high = 0) or high nibbles.
     Q8_K         q [ns, 64, N] words of qs (signed bytes); d [ns, 1, N] (f32).
+    Q2_K         q [ns, 16, N] words of qs; sc [ns, 16, N] the scale bytes as stored (min << 4 | scale);
+                 d, dmin [ns, 1, N].
+    Q3_K         q [ns, 16, N] words of qs; H [ns, 8, N] words of hmask; sc [ns, 16, N] the six-bit scales
+                 unpacked (realm_jax.quant's plane); d [ns, 1, N].
 
 nb = K / 32 blocks, ns = K / 256 super-blocks. N is padded to a multiple of `ROW_ALIGN` with zero rows.
 """
@@ -43,7 +47,7 @@ from realm_jax.errors import UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 from realm_jax.quant.common import round_away
 
-__all__ = ["LAYOUTS", "ROW_ALIGN", "Layout", "from_lanes", "quantize_x", "to_lanes"]
+__all__ = ["GEMV_FORMATS", "LAYOUTS", "ROW_ALIGN", "Layout", "from_lanes", "quantize_x", "to_lanes"]
 
 ROW_ALIGN = 128  # rows are padded to a multiple of this (the smallest tile of rows)
 U32 = jnp.uint32
@@ -82,7 +86,11 @@ LAYOUTS = {
     "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True,
                    order=(0, 2, 1, 3, 4, 6, 5, 7)),
     "Q8_K": Layout(256, {"q": 64, "d": 1}),
+    # Only the tensor-core GEMM (`pallas_kernels.decode_mma`) reads these: no quantize_x, no GEMV.
+    "Q2_K": Layout(256, {"q": 16, "sc": 16, "d": 1, "dmin": 1}),
+    "Q3_K": Layout(256, {"q": 16, "h": 8, "sc": 16, "d": 1}),
 }
+GEMV_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q8_K")  # pallas_kernels.decode
 
 
 def _layout(fmt: str) -> Layout:
@@ -183,6 +191,10 @@ def to_lanes(w: QTensor) -> dict[str, jax.Array]:
         out["sc"], out["mn"] = _lanes(p["scales"], units), _lanes(p["mins"], units)
         if w.fmt == "Q5_K":
             out["h"] = _lanes(_spread5(_q5k_bits(p["qh"])).reshape(p["qh"].shape[0], -1), units)
+    elif w.fmt in ("Q2_K", "Q3_K"):
+        out["sc"] = _lanes(p["scales"], units)
+        if w.fmt == "Q3_K":
+            out["h"] = _lanes(_words(p["hmask"]), units)
     elif w.fmt == "Q6_K":
         order = list(lay.order)
         out["h"] = _lanes(_spread6(_q6k_bits(p["qh"]))[:, :, order].reshape(p["qh"].shape[0], -1), units)
@@ -220,6 +232,10 @@ def from_lanes(fmt: str, shape: tuple[int, int], lanes: dict[str, jax.Array]) ->
         shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]
         planes["qh"] = jnp.sum(bits << shifts, axis=-2, dtype=jnp.uint8).reshape(n, -1)
         planes["scales"] = p["sc"].reshape(n, -1, 8, 2)[:, :, back].reshape(n, -1)
+    elif fmt in ("Q2_K", "Q3_K"):
+        planes["scales"] = p["sc"]
+        if fmt == "Q3_K":
+            planes["hmask"] = _bytes(p["h"])
     elif fmt == "Q8_K":
         qs = planes["qs"].reshape(n, -1, 16)
         planes["bsums"] = jnp.sum(qs.astype(jnp.int16), axis=-1, dtype=jnp.int16).reshape(n, -1)

@@ -89,6 +89,9 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
     if fmt in ("Q4_K", "Q5_K"):  # chunk c: (nibble h, word w, byte j) -> 64c + 32h + 4w + j
         c, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
         return (64 * c + 32 * h + 4 * w + j).reshape(4, CHUNK)
+    if fmt in ("Q2_K", "Q3_K"):  # chunk c: (field k2, word w, byte b) -> 128(c // 2) + 32k + 4w + b,
+        c, k2, w, b = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
+        return (128 * (c // 2) + 32 * (2 * (c % 2) + k2) + 4 * w + b).reshape(4, CHUNK)  # k = 2(c % 2) + k2
     if fmt == "Q6_K":  # chunk g: (nibble h, word w, byte j); block 2g + h of the layout's order
         order = np.asarray(LAYOUTS[fmt].order)
         g, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
@@ -169,8 +172,32 @@ def _legacy(fmt: str, get, part, rows: int, *, interpret: bool) -> jax.Array:
     return w.reshape(-1, rows)
 
 
+def _low_kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
+    """Q2_K, Q3_K: chunk c (traced) of a 256-element unit: qs words 8(c // 2) + w hold, in their 2-bit fields
+    k = 2(c % 2) + k2 (k2 = 0, 1), elements 128(c // 2) + 32k + 4w + b (byte b); dims (k2, w // 4, w % 4, b)
+    with sub-block 8(c // 2) + 2k + w // 4 = 4c + 2 k2 + w // 4: scale words 4c..4c+3."""
+    d = get("d", None).astype(jnp.float32)[0]  # [1, rows]
+    q = get("q", (8 * (c // 2), 8))[0].reshape(1, 2, 4, 1, rows)  # (-, w // 4, w % 4, -, rows)
+    dims = (2, 1, 1, 4, 1)
+    field = 2 * (c % 2) + _iota(dims, 0)  # k
+    fields = q >> (8 * _iota(dims, 3) + 2 * field)  # bits 8b + 2k
+    sc = get("sc", (4 * c, 4))[0].reshape(2, 2, 1, 1, rows)  # sub-block 4c + 2 k2 + w // 4
+    if fmt == "Q2_K":  # x = (d * scale) * q - dmin * min; scales[s] = min << 4 | scale
+        scale, low = (sc & 0xF).astype(jnp.float32), (sc >> 4).astype(jnp.float32)
+        dmin = get("dmin", None).astype(jnp.float32)[0]
+        w = (d * scale) * _exact(fields, 3, interpret=interpret) - dmin * low
+    else:  # Q3_K: q = code - 4 (1 - h), h = bit 4(c // 2) + k of hmask byte 4w + b
+        h = get("h", None)[0].reshape(1, 2, 4, 1, rows)  # hmask words w
+        high = ((h >> (8 * _iota(dims, 3) + 4 * (c // 2) + field)) << 2) & jnp.uint32(4)  # h as bit 2
+        scale = sc.astype(jnp.float32) - 32.0
+        w = (d * scale) * _exact(fields, 3, high, 4, interpret=interpret)
+    return w.reshape(CHUNK, rows)
+
+
 def _kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
     """Chunk c (traced) of a 256-element unit."""
+    if fmt in ("Q2_K", "Q3_K"):
+        return _low_kquant(fmt, get, c, rows, interpret=interpret)
     d = get("d", None).astype(jnp.float32)  # [1, 1, rows]
     if fmt == "Q8_K":
         q = get("q", (16 * c, 16))[0]  # [16, rows]

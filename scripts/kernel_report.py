@@ -281,9 +281,10 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
 
 def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     """The decode kernel the Triton backend runs for m rows of x: the GEMV or the tensor-core GEMM."""
+    from pallas_kernels.decode_layout import GEMV_FORMATS
     from realm_jax.linear.triton import GEMV_ROWS
 
-    return (triton_row if m <= GEMV_ROWS else mma_row)(fmt, m, n, k, workdir)
+    return (triton_row if m <= GEMV_ROWS and fmt in GEMV_FORMATS else mma_row)(fmt, m, n, k, workdir)
 
 
 def capture_mosaic(fn, *args) -> list[str]:

@@ -53,11 +53,14 @@ def test_inspect_names_every_type(capsys):
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic_gpu", "mosaic_tpu"])
 def test_pallas_backends_route_new_formats_to_the_reference(backend, capsys):
-    """No Pallas kernel for the new formats yet: on GPU and TPU they are multiplied by the XLA reference, with
-    the reason in `plan` (what inspect and the load log show)."""
+    """The new formats a Pallas backend has no kernel for (all but Q2_K/Q3_K, which the Triton backend's
+    tensor-core decode GEMM serves) are multiplied by the XLA reference on GPU and TPU, with the reason in
+    `plan` (what inspect and the load log show)."""
     policy = realm_jax.Policy.of("bf16")
+    served = linear.BACKENDS[backend].formats
+    assert (backend == "triton") == ({"Q2_K", "Q3_K"} <= served)
     for fmt, f in FORMATS.items():
-        if f.block_size == 1 or fmt in KERNEL_FORMATS:
+        if f.block_size == 1 or fmt in KERNEL_FORMATS or fmt in served:
             continue
         choice, serves = linear.plan(fmt, (4096, 4096), policy, impl=backend)
         assert choice.backend == "xla" and choice.reason.startswith(f"{backend}: no kernel for {fmt}"), fmt

@@ -4,8 +4,9 @@
 - up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
   32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
   instruction a weight for each row of x;
-- more: the tensor-core GEMM of `pallas_kernels.decode_mma`, which dequantizes each weight once (to the
-  compute dtype, as the reference rounds it) whatever the rows, and multiplies all of them by `mma`.
+- more (and every row count for Q2_K and Q3_K, which have no GEMV): the tensor-core GEMM of
+  `pallas_kernels.decode_mma`, which dequantizes each weight once (to the compute dtype, as the reference
+  rounds it) whatever the rows, and multiplies all of them by `mma`.
 
 More rows (prefill) and f32 compute go to the XLA reference, which dequantizes from the lanes (XLA fuses
 the layout's inverse into its dequantization). JAX has
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, from_lanes, quantize_x, to_lanes
+from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, ROW_ALIGN, from_lanes, quantize_x, to_lanes
 from realm_jax.errors import ShardingError
 from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
@@ -74,9 +75,9 @@ def _interpret(interpret: bool | None) -> bool:
 
 
 def decode(x: jax.Array, w: LanesWeight, *, compute_dtype, interpret: bool) -> jax.Array:
-    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV (M <= GEMV_ROWS) or the
-    tensor-core GEMM: [M, N'] (padded rows)."""
-    if x.shape[0] <= GEMV_ROWS:
+    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV (M <= GEMV_ROWS, the formats it
+    implements) or the tensor-core GEMM: [M, N'] (padded rows)."""
+    if x.shape[0] <= GEMV_ROWS and w.fmt in GEMV_FORMATS:
         from pallas_kernels import decode
 
         part = decode.gemv(*quantize_x(x, w.fmt), w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
@@ -92,7 +93,7 @@ class Triton(Backend):
     name = "triton"
     platforms = ("gpu",)
     interprets = True
-    formats = frozenset(LAYOUTS)  # the formats pallas_kernels.decode implements
+    formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS) and Q2_K/Q3_K (GEMM only)
     max_rows = DECODE_ROWS
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
