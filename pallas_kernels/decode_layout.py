@@ -30,6 +30,9 @@ code word (`H` planes below); nothing else is changed, so the layout holds exact
                  d, dmin [ns, 1, N].
     Q3_K         q [ns, 16, N] words of qs; H [ns, 8, N] words of hmask; sc [ns, 16, N] the six-bit scales
                  unpacked (realm_jax.quant's plane); d [ns, 1, N].
+    IQ4_NL       as Q4_0 (codes index the format's table of 16 int8 values).
+    IQ4_XS       q [ns, 32, N] words of qs (sub-block s: words 4s..4s+3, as IQ4_NL's block); sc [ns, 8, N] the
+                 six-bit scales unpacked; d [ns, 1, N].
 
 nb = K / 32 blocks, ns = K / 256 super-blocks. N is padded to a multiple of `ROW_ALIGN` with zero rows.
 """
@@ -86,9 +89,11 @@ LAYOUTS = {
     "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True,
                    order=(0, 2, 1, 3, 4, 6, 5, 7)),
     "Q8_K": Layout(256, {"q": 64, "d": 1}),
-    # Only the tensor-core GEMM (`pallas_kernels.decode_mma`) reads these: no quantize_x, no GEMV.
+    # Only the tensor-core GEMM (`pallas_kernels.decode_mma`) reads the following: no quantize_x, no GEMV.
     "Q2_K": Layout(256, {"q": 16, "sc": 16, "d": 1, "dmin": 1}),
     "Q3_K": Layout(256, {"q": 16, "h": 8, "sc": 16, "d": 1}),
+    "IQ4_NL": Layout(32, {"q": 4, "d": 1}),
+    "IQ4_XS": Layout(256, {"q": 32, "sc": 8, "d": 1}),
 }
 GEMV_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q8_K")  # pallas_kernels.decode
 
@@ -191,7 +196,7 @@ def to_lanes(w: QTensor) -> dict[str, jax.Array]:
         out["sc"], out["mn"] = _lanes(p["scales"], units), _lanes(p["mins"], units)
         if w.fmt == "Q5_K":
             out["h"] = _lanes(_spread5(_q5k_bits(p["qh"])).reshape(p["qh"].shape[0], -1), units)
-    elif w.fmt in ("Q2_K", "Q3_K"):
+    elif w.fmt in ("Q2_K", "Q3_K", "IQ4_XS"):
         out["sc"] = _lanes(p["scales"], units)
         if w.fmt == "Q3_K":
             out["h"] = _lanes(_words(p["hmask"]), units)
@@ -232,7 +237,7 @@ def from_lanes(fmt: str, shape: tuple[int, int], lanes: dict[str, jax.Array]) ->
         shifts = (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]
         planes["qh"] = jnp.sum(bits << shifts, axis=-2, dtype=jnp.uint8).reshape(n, -1)
         planes["scales"] = p["sc"].reshape(n, -1, 8, 2)[:, :, back].reshape(n, -1)
-    elif fmt in ("Q2_K", "Q3_K"):
+    elif fmt in ("Q2_K", "Q3_K", "IQ4_XS"):
         planes["scales"] = p["sc"]
         if fmt == "Q3_K":
             planes["hmask"] = _bytes(p["h"])

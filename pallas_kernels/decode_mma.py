@@ -79,7 +79,7 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
     """The element of the unit each position of a dequantized chunk holds, for each chunk of a unit: int
     [chunks per unit, chunk] (for the 32-element formats: [1, chunk] over the chunk's one or two units)."""
     units = chunk // 32
-    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # (unit, word p, byte j, nibble h) -> 32u + 4p + j + 16h
+    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"):  # (unit, word p, byte j, nibble h) -> 32u + 4p + j + 16h
         u, p, j, h = np.meshgrid(np.arange(units), np.arange(4), np.arange(4), np.arange(2), indexing="ij")
         return (32 * u + 4 * p + j + 16 * h).reshape(1, chunk)
     if fmt == "Q8_0":  # (unit, word p, byte b) -> 32u + 4p + b
@@ -89,6 +89,9 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
     if fmt in ("Q4_K", "Q5_K"):  # chunk c: (nibble h, word w, byte j) -> 64c + 32h + 4w + j
         c, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
         return (64 * c + 32 * h + 4 * w + j).reshape(4, CHUNK)
+    if fmt == "IQ4_XS":  # chunk c: (sub-block u, word p, byte j, nibble h) -> 64c + 32u + 4p + j + 16h
+        c, u, p, j, h = np.meshgrid(*(np.arange(n) for n in (4, 2, 4, 4, 2)), indexing="ij")
+        return (64 * c + 32 * u + 4 * p + j + 16 * h).reshape(4, CHUNK)
     if fmt in ("Q2_K", "Q3_K"):  # chunk c: (field k2, word w, byte b) -> 128(c // 2) + 32k + 4w + b,
         c, k2, w, b = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
         return (128 * (c // 2) + 32 * (2 * (c % 2) + k2) + 4 * w + b).reshape(4, CHUNK)  # k = 2(c % 2) + k2
@@ -229,13 +232,44 @@ def _kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
     return w.reshape(CHUNK, rows)
 
 
-_FORMATS = {f: functools.partial(_legacy if LAYOUTS[f].unit == 32 else _kquant, f) for f in LAYOUTS}
+def _iq4(fmt: str, get, part, rows: int, *, interpret: bool, lookup) -> jax.Array:
+    """IQ4_NL (the chunk's one or two blocks) and IQ4_XS (chunk `part`: sub-blocks 2 part, 2 part + 1): the
+    codes index the format's table (`lookup`, a gather from the 16 values in global memory, cached)."""
+    dims = (1, 1, 4, 2, 1)  # (block, word p, byte j, nibble h, rows)
+    shift = 8 * _iota(dims, 2) + 4 * _iota(dims, 3)
+    if fmt == "IQ4_NL":
+        q = get("q", None)[:, :, None, None, :]  # [units, 4, 1, 1, rows]
+        scale = get("d", None).astype(jnp.float32)[:, :, None, None, :]
+    else:
+        q = get("q", (8 * part, 8))[0].reshape(2, 4, 1, 1, rows)
+        sc = get("sc", (2 * part, 2))[0].astype(jnp.float32).reshape(2, 1, 1, 1, rows)
+        scale = get("d", None).astype(jnp.float32)[0] * (sc - 32.0)
+    codes = ((q >> shift) & LO).astype(jnp.int32)
+    return (scale * lookup(codes)).reshape(-1, rows)
+
+
+# The formats whose codes index a table of values: the table, a kernel input.
+_TABLES = {"IQ4_NL": "iq4", "IQ4_XS": "iq4"}
+
+
+def _table(fmt: str) -> jax.Array:
+    from realm_jax.quant.iq4 import KVALUES
+
+    return jnp.asarray({"iq4": KVALUES}[_TABLES[fmt]], jnp.float32)
+
+
+_FORMATS = {f: functools.partial(_iq4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
+            for f in LAYOUTS}
 
 
 # --- the kernel ---------------------------------------------------------------------------------------
 def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, chunks: int, stacked: bool,
             dtype, interpret: bool):
     layer_ref, x_ref, *plane_refs, o_ref = refs if stacked else (None, *refs)
+    extra = {}
+    if fmt in _TABLES:
+        *plane_refs, table_ref = plane_refs
+        extra["lookup"] = lambda codes: table_ref[codes]
     planes = dict(zip(names, plane_refs))
     r0 = pl.program_id(0) * t.rows
     c0 = pl.program_id(1) * chunks  # this program's first chunk
@@ -254,7 +288,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
             index = pl.ds(0, p) if words is None else pl.ds(words[0], words[1])
             return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
 
-        w = _FORMATS[fmt](get, part, t.rows, interpret=interpret).astype(dtype)  # [chunk, rows]
+        w = _FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
         x = x_ref[:, pl.ds(index * chunk, chunk)]  # [16, chunk]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
@@ -293,7 +327,7 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
         raise ShapeMismatchError(f"decode mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
     dtype = jnp.dtype(compute_dtype)
     names = tuple(LAYOUTS[fmt].planes)
-    args = (permute_x(x, fmt, dtype), *(lanes[name] for name in names))
+    args = (permute_x(x, fmt, dtype), *(lanes[name] for name in names), *([_table(fmt)] if fmt in _TABLES else []))
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, chunk=chunk, chunks=total // t.splits,

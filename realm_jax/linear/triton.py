@@ -4,7 +4,7 @@
 - up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
   32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
   instruction a weight for each row of x;
-- more (and every row count for Q2_K and Q3_K, which have no GEMV): the tensor-core GEMM of
+- more (and every row count for Q2_K, Q3_K, IQ4_NL and IQ4_XS, which have no GEMV): the tensor-core GEMM of
   `pallas_kernels.decode_mma`, which dequantizes each weight once (to the compute dtype, as the reference
   rounds it) whatever the rows, and multiplies all of them by `mma`.
 
@@ -93,7 +93,7 @@ class Triton(Backend):
     name = "triton"
     platforms = ("gpu",)
     interprets = True
-    formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS) and Q2_K/Q3_K (GEMM only)
+    formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS), the others GEMM only
     max_rows = DECODE_ROWS
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
