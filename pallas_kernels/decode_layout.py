@@ -31,6 +31,7 @@ code word (`H` planes below); nothing else is changed, so the layout holds exact
     Q3_K         q [ns, 16, N] words of qs; H [ns, 8, N] words of hmask; sc [ns, 16, N] the six-bit scales
                  unpacked (realm_jax.quant's plane); d [ns, 1, N].
     IQ4_NL       as Q4_0 (codes index the format's table of 16 int8 values).
+    MXFP4        as IQ4_NL, with e [nb, 1, N] (the E8M0 scale byte) for d.
     IQ4_XS       q [ns, 32, N] words of qs (sub-block s: words 4s..4s+3, as IQ4_NL's block); sc [ns, 8, N] the
                  six-bit scales unpacked; d [ns, 1, N].
 
@@ -94,6 +95,7 @@ LAYOUTS = {
     "Q3_K": Layout(256, {"q": 16, "h": 8, "sc": 16, "d": 1}),
     "IQ4_NL": Layout(32, {"q": 4, "d": 1}),
     "IQ4_XS": Layout(256, {"q": 32, "sc": 8, "d": 1}),
+    "MXFP4": Layout(32, {"q": 4, "e": 1}),
 }
 GEMV_FORMATS = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q8_K")  # pallas_kernels.decode
 
@@ -187,7 +189,7 @@ def to_lanes(w: QTensor) -> dict[str, jax.Array]:
     p = {name: jnp.pad(v, ((0, -n % ROW_ALIGN), (0, 0))) for name, v in p.items()}
     units = k // lay.unit
     out = {"q": _lanes(_words(p["ql"] if w.fmt == "Q6_K" else p["qs"]), units)}
-    for name in ("d", "m", "dmin"):
+    for name in ("d", "m", "dmin", "e"):
         if name in lay.planes:
             out[name] = _lanes(p[name], units)
     if w.fmt in ("Q5_0", "Q5_1"):
@@ -220,7 +222,7 @@ def from_lanes(fmt: str, shape: tuple[int, int], lanes: dict[str, jax.Array]) ->
         planes["ql"] = _bytes(q)
     else:
         planes["qs"] = _bytes(q, jnp.int8 if fmt in ("Q8_0", "Q8_K") else jnp.uint8)
-    planes |= {name: p[name] for name in ("d", "m", "dmin") if name in p}
+    planes |= {name: p[name] for name in ("d", "m", "dmin", "e") if name in p}
     if fmt in ("Q5_0", "Q5_1"):
         bits = _gather5(p["h"]).astype(U32)  # [N, nb, 32]
         planes["qh"] = jnp.sum(bits << jnp.arange(32, dtype=U32), axis=-1, dtype=U32)

@@ -31,6 +31,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
+from realm_jax.quant.iq4 import KVALUES
+from realm_jax.quant.mxfp import E2M1, e8m0_half
 
 __all__ = ["MMA_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
 
@@ -79,7 +81,8 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
     """The element of the unit each position of a dequantized chunk holds, for each chunk of a unit: int
     [chunks per unit, chunk] (for the 32-element formats: [1, chunk] over the chunk's one or two units)."""
     units = chunk // 32
-    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"):  # (unit, word p, byte j, nibble h) -> 32u + 4p + j + 16h
+    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4"):  # (unit, word p, byte j, nibble h) ->
+        # 32u + 4p + j + 16h
         u, p, j, h = np.meshgrid(np.arange(units), np.arange(4), np.arange(4), np.arange(2), indexing="ij")
         return (32 * u + 4 * p + j + 16 * h).reshape(1, chunk)
     if fmt == "Q8_0":  # (unit, word p, byte b) -> 32u + 4p + b
@@ -232,14 +235,18 @@ def _kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
     return w.reshape(CHUNK, rows)
 
 
-def _iq4(fmt: str, get, part, rows: int, *, interpret: bool, lookup) -> jax.Array:
-    """IQ4_NL (the chunk's one or two blocks) and IQ4_XS (chunk `part`: sub-blocks 2 part, 2 part + 1): the
-    codes index the format's table (`lookup`, a gather from the 16 values in global memory, cached)."""
+def _table4(fmt: str, get, part, rows: int, *, interpret: bool, lookup) -> jax.Array:
+    """IQ4_NL and MXFP4 (the chunk's one or two blocks), IQ4_XS (chunk `part`: sub-blocks 2 part and
+    2 part + 1): the codes index the format's table (`lookup`, a gather from its 16 values in global memory,
+    cached)."""
     dims = (1, 1, 4, 2, 1)  # (block, word p, byte j, nibble h, rows)
     shift = 8 * _iota(dims, 2) + 4 * _iota(dims, 3)
-    if fmt == "IQ4_NL":
+    if fmt in ("IQ4_NL", "MXFP4"):
         q = get("q", None)[:, :, None, None, :]  # [units, 4, 1, 1, rows]
-        scale = get("d", None).astype(jnp.float32)[:, :, None, None, :]
+        if fmt == "MXFP4":  # 2^(e - 128): the table holds the E2M1 values doubled
+            scale = e8m0_half(get("e", None))[:, :, None, None, :]
+        else:
+            scale = get("d", None).astype(jnp.float32)[:, :, None, None, :]
     else:
         q = get("q", (8 * part, 8))[0].reshape(2, 4, 1, 1, rows)
         sc = get("sc", (2 * part, 2))[0].astype(jnp.float32).reshape(2, 1, 1, 1, rows)
@@ -249,16 +256,14 @@ def _iq4(fmt: str, get, part, rows: int, *, interpret: bool, lookup) -> jax.Arra
 
 
 # The formats whose codes index a table of values: the table, a kernel input.
-_TABLES = {"IQ4_NL": "iq4", "IQ4_XS": "iq4"}
+_TABLES = {"IQ4_NL": KVALUES, "IQ4_XS": KVALUES, "MXFP4": E2M1}
 
 
 def _table(fmt: str) -> jax.Array:
-    from realm_jax.quant.iq4 import KVALUES
-
-    return jnp.asarray({"iq4": KVALUES}[_TABLES[fmt]], jnp.float32)
+    return jnp.asarray(_TABLES[fmt], jnp.float32)
 
 
-_FORMATS = {f: functools.partial(_iq4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
+_FORMATS = {f: functools.partial(_table4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
             for f in LAYOUTS}
 
 

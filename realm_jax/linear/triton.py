@@ -4,9 +4,9 @@
 - up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
   32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
   instruction a weight for each row of x;
-- more (and every row count for Q2_K, Q3_K, IQ4_NL and IQ4_XS, which have no GEMV): the tensor-core GEMM of
-  `pallas_kernels.decode_mma`, which dequantizes each weight once (to the compute dtype, as the reference
-  rounds it) whatever the rows, and multiplies all of them by `mma`.
+- more (and every row count for Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4, which have no GEMV): the
+  tensor-core GEMM of `pallas_kernels.decode_mma`, which dequantizes each weight once (to the compute
+  dtype, as the reference rounds it) whatever the rows, and multiplies all of them by `mma`.
 
 More rows (prefill) and f32 compute go to the XLA reference, which dequantizes from the lanes (XLA fuses
 the layout's inverse into its dequantization). JAX has
