@@ -6,8 +6,8 @@ once) and prefill (a GEMM on the tensor cores / MXU):
     decode       the Pallas Triton GPU decode GEMV (`pallas_kernels.decode.gemv`) on the weight in its lane
                  layout (`pallas_kernels.decode_layout`, made at load), activations quantized to int16 per
                  32 values, integer dot products (dp2a) on the packed codes: a few rows of x
-    decode_mma   the Pallas Triton GPU decode GEMM on the tensor cores (`pallas_kernels.decode_mma.gemm`) on
-                 the same lanes: each weight dequantized once in registers for up to 16 rows of x (mma)
+    decode_mma   the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.decode_mma.gemm`) on the
+                 same lanes: each weight dequantized once in registers for up to 64 rows of x (mma, wgmma)
     tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
                  format's tile function from `realm_jax.quant`
     mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu.gemm`),

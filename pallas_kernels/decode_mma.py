@@ -1,6 +1,6 @@
-"""The decode GEMM on the tensor cores (Pallas Triton): y = x @ dequant(w)^T for a few rows of x (up to 16,
-padded to 16), reading the same lane layout as the decode GEMV (`pallas_kernels.decode_layout`: no second
-copy of the weight).
+"""The decode GEMM on the tensor cores (Pallas Triton): y = x @ dequant(w)^T for a few rows of x (up to 64,
+padded to 16, 32 or 64), reading the same lane layout as the decode GEMV (`pallas_kernels.decode_layout`:
+no second copy of the weight).
 
 Why a second decode kernel: the GEMV (`pallas_kernels.decode`) multiplies every row of x by the codes with
 `dp2a`, half an instruction a weight for each row, so at 8 or 16 rows it issues 5-20 instructions a weight
@@ -12,7 +12,8 @@ A program owns `rows` consecutive weight rows and a contiguous range of K (split
 too few programs); it walks its units a chunk of 64 elements at a time: the chunk's code words are
 unpacked with shifts and masks into a [64, rows] tile (the sub-block scales and offsets applied in f32,
 then rounded to the compute dtype, as XLA's reference path rounds its dequantized weight), and one
-[16, 64] x [64, rows] product joins the f32 accumulator. The elements of a chunk come out in the order the
+[x_rows, 64] x [64, rows] product joins the f32 accumulator (`mma.sync` at 16 and 32 rows of x, `wgmma` at
+64: Triton's choice). The elements of a chunk come out in the order the
 words hold them, not in K's order: x's columns are permuted to match (`permute_x`, a gather over x's
 few rows) instead of moving weight bits.
 """
@@ -34,9 +35,10 @@ from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.iq4 import KVALUES
 from realm_jax.quant.mxfp import E2M1, e8m0_half
 
-__all__ = ["MMA_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
+__all__ = ["MAX_ROWS", "MMA_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
 
-MMA_ROWS = 16  # rows of x a program multiplies (fewer are padded)
+MMA_ROWS = 16  # the fewest rows of x a program multiplies (fewer are padded): one mma's rows
+MAX_ROWS = 64  # the most rows of x the kernel takes (a program multiplies them all: one dequantization)
 CHUNK = 64  # elements of K dequantized at a time
 _SMS = 132
 LO = 0x0F
@@ -44,11 +46,18 @@ LO = 0x0F
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MmaTiling:
-    """rows: weight rows per program (64 or 128); splits: programs along K; num_warps: warps a program."""
+    """rows: weight rows per program (64 or 128); splits: programs along K; x_rows: rows of x a program
+    multiplies (16, 32 or 64: M padded to a power of two); num_warps: warps a program."""
 
     rows: int
     splits: int
+    x_rows: int = MMA_ROWS
     num_warps: int = 4
+
+
+def x_rows_for(m: int) -> int:
+    """Rows of x padded to the program's tile: a power of two from MMA_ROWS to MAX_ROWS."""
+    return max(MMA_ROWS, 1 << max(m - 1, 0).bit_length())
 
 
 def chunk_size(fmt: str, k: int) -> int:
@@ -64,11 +73,13 @@ def _units_per_chunk(fmt: str, chunk: int) -> int:
     return max(1, chunk // LAYOUTS[fmt].unit)
 
 
-def tiling_for(fmt: str, n: int, k: int) -> MmaTiling:
+def tiling_for(fmt: str, n: int, k: int, m: int = MMA_ROWS) -> MmaTiling:
     """128 weight rows a program (64 where N would give fewer than two programs an SM), then the fewest K
-    splits (a power of two dividing the chunks) that give every SM at least two programs."""
+    splits (a power of two dividing the chunks) that give every SM at least two programs; all m rows of x
+    in each program."""
     chunks = k // chunk_size(fmt, k)
-    options = [MmaTiling(rows=rows, splits=s) for rows in (128, 64) if n % rows == 0
+    x_rows = x_rows_for(m)
+    options = [MmaTiling(rows=rows, splits=s, x_rows=x_rows) for rows in (128, 64) if n % rows == 0
                for s in (1 << i for i in range(chunks.bit_length())) if chunks % s == 0]
     enough = [t for t in options if n // t.rows * t.splits >= 2 * _SMS]
     if enough:
@@ -106,14 +117,14 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
 
 
 def permute_x(x: jax.Array, fmt: str, dtype) -> jax.Array:
-    """x [M, K] -> [MMA_ROWS, K] in `dtype`, rows padded with zeros and each chunk's columns in the order
-    the kernel dequantizes the weight's elements (`_chunk_order`)."""
+    """x [M, K] -> [x_rows_for(M), K] in `dtype`, rows padded with zeros and each chunk's columns in the
+    order the kernel dequantizes the weight's elements (`_chunk_order`)."""
     m, k = x.shape
     chunk = chunk_size(fmt, k)
     order = _chunk_order(fmt, chunk)
     span = LAYOUTS[fmt].unit * _units_per_chunk(fmt, chunk)  # elements of K one row of `order` indexes into
     idx = (np.arange(k // span)[:, None] * span + order.reshape(-1)[None, :]).reshape(-1)
-    x = jnp.pad(x.astype(dtype), ((0, MMA_ROWS - m), (0, 0)))
+    x = jnp.pad(x.astype(dtype), ((0, x_rows_for(m) - m), (0, 0)))
     return x[:, idx]
 
 
@@ -294,17 +305,17 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
             return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
 
         w = _FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
-        x = x_ref[:, pl.ds(index * chunk, chunk)]  # [16, chunk]
+        x = x_ref[:, pl.ds(index * chunk, chunk)]  # [x_rows, chunk]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    acc = lax.fori_loop(0, chunks, body, jnp.zeros((MMA_ROWS, t.rows), jnp.float32))
+    acc = lax.fori_loop(0, chunks, body, jnp.zeros((t.x_rows, t.rows), jnp.float32))
     o_ref[0] = acc
 
 
 def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=jnp.bfloat16,
          tiling: MmaTiling | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (M <= MMA_ROWS) @ dequant(w)^T as partial products [splits, MMA_ROWS, N'] f32 (their sum
-    over axis 0, cut to [M, N], is the product; N' the lanes' padded rows).
+    """x [M, K] (M <= MAX_ROWS) @ dequant(w)^T as partial products [splits, M', N'] f32 (their sum over
+    axis 0, cut to [M, N], is the product; M' = x_rows_for(M), N' the lanes' padded rows).
 
     Args:
       x: the activations [M, K].
@@ -322,13 +333,13 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
     q = lanes["q"]
     n = q.shape[-1]
     unit = LAYOUTS[fmt].unit
-    if m > MMA_ROWS or n % ROW_ALIGN or q.shape[stacked] * unit != k:
+    if m > MAX_ROWS or n % ROW_ALIGN or q.shape[stacked] * unit != k:
         raise ShapeMismatchError(f"decode mma: x {x.shape} against {fmt} lanes "
-                                 f"{ {key: v.shape for key, v in lanes.items()} }; at most {MMA_ROWS} rows of x")
-    t = tiling or tiling_for(fmt, n, k)
+                                 f"{ {key: v.shape for key, v in lanes.items()} }; at most {MAX_ROWS} rows of x")
+    t = tiling or tiling_for(fmt, n, k, m)
     chunk = chunk_size(fmt, k)
     total = k // chunk
-    if n % t.rows or total % t.splits:
+    if n % t.rows or total % t.splits or t.x_rows != x_rows_for(m):
         raise ShapeMismatchError(f"decode mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
     dtype = jnp.dtype(compute_dtype)
     names = tuple(LAYOUTS[fmt].planes)
@@ -341,8 +352,8 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
         kernel,
         grid=(n // t.rows, t.splits),
         in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.BlockSpec((1, MMA_ROWS, t.rows), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, MMA_ROWS, n), jnp.float32),
+        out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
+        out_shape=jax.ShapeDtypeStruct((t.splits, t.x_rows, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=2),
         interpret=interpret,
         name=f"decode_mma_{fmt.lower()}",

@@ -58,7 +58,7 @@ SMS = 132
 H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=SMS,
                                                                  platform="gpu"))
 BF16 = jnp.dtype(jnp.bfloat16)
-_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 
 
 def abstract_weight(backend: str, fmt: str, n: int, k: int):
@@ -188,7 +188,10 @@ def _sass_cost(kernel: dict, workdir: pathlib.Path, weights_per_step: int, weigh
     threads = 32 * kernel["num_warps"]
     ops = collections.Counter(op.split(".")[0] for op in body)
     weights = weights_per_step if scope == "loop" else weights_per_program
+    shapes = [re.search(r"\.(\d+)x(\d+)x(\d+)", op) for op in body if op.startswith("HGMMA")]
+    wgmma_macs = sum(int(g[1]) * int(g[2]) * int(g[3]) for g in shapes if g)  # one a warpgroup (4 warps)
     return {"registers": compiled["registers"], "spill_bytes": compiled["spill_bytes"], "scope": scope,
+            "wgmma_macs": wgmma_macs,
             "compile_s": compiled["compile_s"], "dp2a": ops["IDP"] * threads / weights,
             "per_weight": len(body) * threads / weights, "ops": ops,
             "ldg128": sum(op.startswith("LDG.E.128") for op in body) * threads / weights}
@@ -242,7 +245,7 @@ def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
 
 # --- Mosaic GPU: MLIR operations per K step -------------------------------------------------------------
 def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
-    """The Triton tensor-core decode GEMM (`pallas_kernels.decode_mma`, more than GEMV_ROWS rows of x) as the
+    """The Triton tensor-core GEMM (`pallas_kernels.decode_mma`, more than GEMV_ROWS rows of x) as the
     backend runs it, and the instructions per weight of its K loop (one chunk of K a step, whatever the
     rows of x: the cost is the dequantization's), from the same kernel with fewer K splits where the
     backend's tiling leaves one chunk a program."""
@@ -251,7 +254,7 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     w = abstract_weight("triton", fmt, n, k)
     x = jax.ShapeDtypeStruct((m, k), BF16)
     (kernel,) = capture_triton(_matmul("triton"), x, w)
-    t = decode_mma.tiling_for(fmt, n, k)
+    t = decode_mma.tiling_for(fmt, n, k, m)
     chunk = decode_mma.chunk_size(fmt, k)
     chunks = k // chunk
     program = _sass_cost(kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // t.splits, 1)
@@ -259,10 +262,11 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     (loop_kernel,) = capture_triton(
         lambda x, w: decode_mma.gemm(x, w.lanes, fmt=fmt, tiling=looped), x, w)
     loop = _sass_cost(loop_kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // looped.splits, 1)
-    hmma = loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # MACs: m16n8k16, one a warp
-    if loop["scope"] != "loop" or hmma != decode_mma.MMA_ROWS * t.rows * chunk:
+    hmma = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # MACs: m16n8k16, one a warp
+            + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)  # wgmma (64 rows of x): one a warpgroup
+    if loop["scope"] != "loop" or hmma != t.x_rows * t.rows * chunk:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['ops']['HMMA']} HMMA counted in the {loop['scope']}, not "
-                           f"one [16, {chunk}] x [{chunk}, {t.rows}] product a step: the loop was misread")
+                           f"one [{t.x_rows}, {chunk}] x [{chunk}, {t.rows}] product a step: the loop was misread")
     grid = kernel["grid"]
     return {
         "kernel": "triton_mma", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
@@ -271,7 +275,7 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
         "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
         "instructions_per_weight": round(loop["per_weight"], 3),
         "program_instructions_per_weight": round(program["per_weight"], 3),
-        "rows_per_program": decode_mma.MMA_ROWS,
+        "rows_per_program": t.x_rows,
         "ldg128_per_weight": round(loop["ldg128"], 4),
         "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
         "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),

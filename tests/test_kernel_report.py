@@ -47,12 +47,12 @@ def test_decode_loop_instructions_and_spills(fmt, bound, tmp_path):
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
 
 
-# The tensor-core decode GEMM (more than GEMV_ROWS rows of x): its cost a weight does not grow with the rows
+# The tensor-core GEMM (5-64 rows of x): its cost a weight barely grows with the rows
 # (one dequantization for all of them); today's figures at 4096x4096 are 7.4-11.5, and these guard them.
-@pytest.mark.parametrize("fmt,bound", [("Q4_K", 8.5), ("Q6_K", 10.5)])
-def test_mma_loop_instructions_and_spills(fmt, bound, tmp_path):
+@pytest.mark.parametrize("fmt,m,bound", [("Q4_K", 16, 8.5), ("Q6_K", 64, 10.5)])
+def test_mma_loop_instructions_and_spills(fmt, m, bound, tmp_path):
     pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
-    row = kernel_report.mma_row(fmt, 16, 4096, 4096, tmp_path)
+    row = kernel_report.mma_row(fmt, m, 4096, 4096, tmp_path)
     assert row["programs"] >= 2 * kernel_report.SMS, row
     assert row["instructions_per_weight"] <= bound, row
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row

@@ -17,7 +17,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 from pallas_kernels import decode, decode_mma
 from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, from_lanes, quantize_x, to_lanes
 from realm_jax.errors import ShapeMismatchError
-from realm_jax.linear.triton import GEMV_ROWS
+from realm_jax.linear.triton import DECODE_ROWS, GEMV_ROWS
 from realm_jax.quant import dequantize, quantize
 from helpers import random_qtensor
 from linear_base import LinearTests, LoweringTests
@@ -28,8 +28,8 @@ H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NV
 
 class TestTriton(LinearTests):
     BACKEND = "triton"
-    # the GEMV up to GEMV_ROWS, the tensor-core GEMM up to 16 rows, the reference past them
-    ROWS = (1, GEMV_ROWS, GEMV_ROWS + 1, decode.MAX_ROWS, decode.MAX_ROWS + 1)
+    # the GEMV up to GEMV_ROWS, the tensor-core GEMM up to DECODE_ROWS (64), the reference past them
+    ROWS = (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, DECODE_ROWS + 1)
 
 
 class TestTritonLowering(LoweringTests):
@@ -95,7 +95,7 @@ def test_mma_tiling_fills_the_gpu_at_the_8b_shapes():
             assert n // t.rows * t.splits >= 2 * 132, (fmt, n, k, t)
 
 
-@pytest.mark.parametrize("fmt,m", [("Q5_K", 5), ("Q4_0", 16)])
+@pytest.mark.parametrize("fmt,m", [("Q5_K", 5), ("Q4_0", 33)])
 def test_mma_reads_a_layer_of_a_stack_in_place(fmt, m, rng):
     """With `layer`, the tensor-core GEMM multiplies that layer of stacked lanes, as it multiplies the
     layer's own lanes (the same program on the same bytes: equal results); K of an odd number of blocks

@@ -1,5 +1,6 @@
-"""The Pallas Triton backend (GPU): two decode kernels on the weight in its lane layout
-(`pallas_kernels.decode_layout`, made once at load), for up to 16 rows of x under a 16-bit compute dtype:
+"""The Pallas Triton backend (GPU): two kernels on the weight in its lane layout
+(`pallas_kernels.decode_layout`, made once at load), for up to 64 rows of x under a 16-bit compute dtype
+(decode, and the server batches and prompt chunks between decode and prefill):
 
 - up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
   32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
@@ -9,7 +10,9 @@
   dtype, as the reference rounds it) whatever the rows, and multiplies all of them by `mma`.
 
 More rows (prefill) and f32 compute go to the XLA reference, which dequantizes from the lanes (XLA fuses
-the layout's inverse into its dequantization). JAX has
+the layout's inverse into its dequantization): per call it writes and reads back a dense copy of the weight,
+~4.5 bytes a weight against the kernels' 0.3-1.1, which is what the GEMM wins by up to 64 rows (by
+instruction counts: no GPU has timed it yet; past 64 rows the dense product's speed takes over). JAX has
 deprecated the Pallas Triton lowering (Mosaic GPU is the maintained one); every lowering warns so, and
 `pallas_kernels` filters that one warning.
 
@@ -36,7 +39,7 @@ from realm_jax.quant import Format, QTensor
 
 __all__ = ["DECODE_ROWS", "TRITON", "LanesWeight", "Triton"]
 
-DECODE_ROWS = 16  # rows of x the decode kernels take (pallas_kernels.decode.MAX_ROWS)
+DECODE_ROWS = 64  # rows of x the kernels take (pallas_kernels.decode_mma.MAX_ROWS)
 # Rows of x up to which the GEMV runs, the tensor-core GEMM past them: the GEMV's instructions a weight
 # grow with the rows (scripts/kernel_report.py, 4096x4096, H100: Q4_K 1.5 at one row, ~5 at four, ~10 at
 # eight; the rows padded to a power of two), the GEMM's do not (Q4_K 9.0, Q8_0 7.8, Q6_K 11.3 at 1-16
@@ -75,7 +78,7 @@ def _interpret(interpret: bool | None) -> bool:
 
 
 def decode(x: jax.Array, w: LanesWeight, *, compute_dtype, interpret: bool) -> jax.Array:
-    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the decode GEMV (M <= GEMV_ROWS, the formats it
+    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the GEMV (M <= GEMV_ROWS, the formats it
     implements) or the tensor-core GEMM: [M, N'] (padded rows)."""
     if x.shape[0] <= GEMV_ROWS and w.fmt in GEMV_FORMATS:
         from pallas_kernels import decode
