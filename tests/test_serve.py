@@ -110,7 +110,7 @@ def _greedy_ids(client, prompt, n, **kw):
 
 def test_completions_match_generate_for_16_concurrent_requests(gemma, model):
     client = _client(gemma)
-    lengths = [2 + (5 * i) % 9 for i in range(16)]  # 2..10 tokens: rows join and leave mid-batch
+    lengths = [2 + (5 * i) % 7 for i in range(16)]  # 2..8 tokens: rows join and leave mid-batch
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda i: _greedy_ids(client, PROMPTS[i], lengths[i]), range(16)))
     tok = model.tokenizer
@@ -161,8 +161,10 @@ def test_sampling_stop_strings_and_utf8(gemma):
         b = client.completions.create(**kw, extra_body={"top_k": 40}).choices[0].text
         [f.result() for f in others]
     assert a == b
-    assert client.completions.create(**{**kw, "seed": 8}).choices[0].text != \
-        client.completions.create(**{**kw, "seed": 9}).choices[0].text
+    # No top_k, top_p 0.95: a row whose kept set the fast path's 64 candidates may not hold (the full sort).
+    wide = {**kw, "max_tokens": 4, "temperature": 1.5}
+    assert client.completions.create(**{**wide, "seed": 8}).choices[0].text != \
+        client.completions.create(**{**wide, "seed": 9}).choices[0].text
     greedy = client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0)
     assert greedy.choices[0].text.startswith(", there was a little girl")
     cut = client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0,
@@ -178,13 +180,15 @@ def test_a_prompt_longer_than_a_chunk_matches_generate_until_a_near_tie(gemma, m
     prompt = " ".join(PROMPTS)  # ~100 tokens: two prefill chunks of 64
     ids = model.tokenizer.encode(prompt)
     assert len(ids) > 64
-    want = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
+    want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
     got = _greedy_ids(_client(gemma), prompt, 12).choices[0].logprobs.tokens
-    logits = model.logits(ids + want, positions=range(len(ids) - 1, len(ids) + len(want) - 1))
-    top2 = np.sort(logits, axis=-1)[:, -2:]
-    near = np.flatnonzero(top2[:, 1] - top2[:, 0] < 0.05)
-    n = int(near[0]) if near.size else len(want)
-    assert got[:n] == [model.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in want[:n]]
+    want = [model.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in want_ids]
+    if got != want[: len(got)]:  # allowed from generate's first near tie on: find it
+        logits = model.logits(ids + want_ids, positions=range(len(ids) - 1, len(ids) + len(want) - 1))
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        near = np.flatnonzero(top2[:, 1] - top2[:, 0] < 0.05)
+        n = int(near[0]) if near.size else len(want)
+        assert got[:n] == want[:n]
 
 
 def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):

@@ -22,7 +22,7 @@ def add_parser(sub, add_load_options, add_mesh_options) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-context", type=int, default=None, help="the most tokens (prompt + completion) of a "
-                   "sequence: each slot's KV cache (default: the model's context, at most 4096)")
+                   "sequence: each slot's KV cache (default: the model's context, at most 2048)")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot; more get 429")
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per engine step (a "
                    "multiple of 64): a long prompt does not stall the others' decoding for its whole length")

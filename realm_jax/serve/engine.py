@@ -181,7 +181,8 @@ class Engine:
       model: the model (`realm_jax.load`).
       slots: sequences decoded together.
       max_context: the most tokens (prompt + generated) a sequence may hold; the KV cache's length
-        (default: the model's context, at most 4096).
+        (default: the model's context, at most 2048: a decode step's time grows with the cache's length
+        even where attention reads less of it, through the cache update).
       queue_size: requests that may wait for a slot; one more is refused (`QueueFullError`).
       prefill_chunk: prompt tokens prefilled per engine step (a multiple of 64).
       batch_invariant: a row's arithmetic independent of the other rows (module docstring).
@@ -197,7 +198,7 @@ class Engine:
         if prefill_chunk % _PROMPT_BUCKET:
             raise SamplingError(f"{prefill_chunk=} must be a multiple of {_PROMPT_BUCKET}")
         context = model.config.context_length
-        max_context = min(context, 4096) if max_context is None else max_context
+        max_context = min(context, 2048) if max_context is None else max_context
         if isinstance(max_context, bool) or not isinstance(max_context, int) or not 2 <= max_context <= context:
             raise ContextLengthError(f"max_context={shown(max_context)} must be an int in [2, {context}] (the "
                                      f"model's context)")
@@ -345,10 +346,18 @@ class Engine:
             self._queue = collections.deque(r for r in self._queue if not r.cancelled.is_set())
 
     def _prefill_step(self) -> None:
-        """One chunk of the oldest admitted request's prompt; after its last, its first token."""
+        """One chunk of the oldest admitted request's prompt; after its last, its first token. A failure
+        here is that request's alone."""
         if not self._prefilling:
             return
         request = self._prefilling[0]
+        try:
+            self._prefill(request)
+        except Exception as e:
+            log.exception("request %d: prefill failed", request.id)
+            self._fail(request, f"the prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill(self, request: Request) -> None:
         m, n, chunk = self.model, len(request.prompt), self.prefill_chunk
         b = m.batch_multiple
         with m.mesh_context():
@@ -416,33 +425,41 @@ class Engine:
                           pad([r.seed for r in requests], np.uint32), pad([r.generated for r in requests], np.int32),
                           sampled=any(p.temperature > 0 for p in ps), top_n=top_n)
         out = jax.device_get(out)
-        tokens, finite = out[0], out[1]
         for i, r in enumerate(requests):
-            if not finite[i]:
-                self._fail(r, f"{self.model.path.name}: the logits of new token {r.generated + 1} hold NaN or "
-                              f"infinite values (the file's weights or the precision policy {self.model.policy})")
-                continue
-            tok = int(tokens[i])
-            r.last = tok
-            r.generated += 1
-            piece = r.text.add(np.array([[tok]]))[0]
-            stop_token = tok in self.model.tokenizer.stop_ids
-            if stop_token:
-                r.generated -= 1  # the end-of-generation token is not part of the completion
-                if piece:  # text held back for a stop string that did not come
-                    self._emit(r, Event("token", text=piece))
-            elif r.params.logprobs is not None:
-                k = r.params.logprobs
-                top = tuple((int(t), float(v)) for t, v in zip(out[4][i][:k], out[3][i][:k]))
-                self._emit(r, Event("token", text=piece, token=tok, logprob=float(out[2][i]), top=top))
-            else:
-                self._emit(r, Event("token", text=piece, token=tok))
-            if r.text.stopped[0]:
-                self._finish(r, "stop")
-            elif r.generated >= r.params.max_tokens:
-                self._finish(r, "length")
-            elif r.cancelled.is_set():
-                self._release(r)
+            try:
+                self._advance(r, out, i)
+            except Exception as e:  # this request's text or sink: it fails alone
+                log.exception("request %d failed", r.id)
+                self._fail(r, f"{type(e).__name__}: {e}")
+
+    def _advance(self, r: Request, out, i: int) -> None:
+        """Row i of `sample_rows`' output `out` is request r's next token: stream it; finish or fail r."""
+        tokens, finite = out[0], out[1]
+        if not finite[i]:
+            self._fail(r, f"{self.model.path.name}: the logits of new token {r.generated + 1} hold NaN or "
+                          f"infinite values (the file's weights or the precision policy {self.model.policy})")
+            return
+        tok = int(tokens[i])
+        r.last = tok
+        r.generated += 1
+        piece = r.text.add(np.array([[tok]]))[0]
+        stop_token = tok in self.model.tokenizer.stop_ids
+        if stop_token:
+            r.generated -= 1  # the end-of-generation token is not part of the completion
+            if piece:  # text held back for a stop string that did not come
+                self._emit(r, Event("token", text=piece))
+        elif r.params.logprobs is not None:
+            k = r.params.logprobs
+            top = tuple((int(t), float(v)) for t, v in zip(out[4][i][:k], out[3][i][:k]))
+            self._emit(r, Event("token", text=piece, token=tok, logprob=float(out[2][i]), top=top))
+        else:
+            self._emit(r, Event("token", text=piece, token=tok))
+        if r.text.stopped[0]:
+            self._finish(r, "stop")
+        elif r.generated >= r.params.max_tokens:
+            self._finish(r, "length")
+        elif r.cancelled.is_set():
+            self._release(r)
 
 
 def complete(engine: Engine, prompt: Sequence[int], params: RequestParams, timeout: float = 600.0) -> dict[str, Any]:
