@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, slots=args.slots, max_context=args.max_context, queue_size=args.queue_size,
                     prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).start()
     try:
-        # Compile the prefill, the decode step (twice: a fresh cache, then one a step returned) and the greedy
-        # sampler before the first client comes.
-        complete(engine, model.tokenizer.encode("Hello"), RequestParams(max_tokens=3, temperature=0.0))
+        # Compile the prefill, the decode step and the greedy sampler before the first client comes.
+        complete(engine, model.tokenizer.encode("Hello"), RequestParams(max_tokens=2, temperature=0.0))
         app = create_app(engine, name=model.path.stem, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                          chat_template=template, template_source=f"--chat-template {args.chat_template}")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -210,8 +210,8 @@ class Engine:
         self.slots = slots
         self.batch_invariant = batch_invariant
         length = _round_up(max_context, _CACHE_BUCKET)
-        self._caches = [model._new_cache(group, length) for _ in range(self.n_groups)]
-        self._scratch = model._new_cache(model.batch_multiple, length)
+        self._caches = [self._committed(model._new_cache(group, length)) for _ in range(self.n_groups)]
+        self._scratch = self._committed(model._new_cache(model.batch_multiple, length))
         self._static = dict(config=model.config, policy=model.policy, impl=model.impl, pipeline=model.pipeline)
         b = self.n_groups * group
         self._pos = np.zeros(b, np.int32)
@@ -222,6 +222,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run
+
+    def _committed(self, cache: KVCache) -> KVCache:
+        # A fresh jnp.zeros array is uncommitted, a jitted step's output committed: jit would compile the
+        # decode step once for each. Committed from the start, it compiles once.
+        return cache if self.model.mesh is not None else jax.device_put(cache, jax.devices()[0])
 
     # --- the public side (any thread) ---------------------------------------------------------------
     def start(self) -> Engine:
