@@ -209,9 +209,7 @@ class Engine:
         self.group, self.n_groups = group, -(-slots // group)
         self.slots = slots
         self.batch_invariant = batch_invariant
-        length = _round_up(max_context, _CACHE_BUCKET)
-        self._caches = [self._committed(model._new_cache(group, length)) for _ in range(self.n_groups)]
-        self._scratch = self._committed(model._new_cache(model.batch_multiple, length))
+        self._new_caches()
         self._static = dict(config=model.config, policy=model.policy, impl=model.impl, pipeline=model.pipeline)
         b = self.n_groups * group
         self._pos = np.zeros(b, np.int32)
@@ -223,10 +221,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run
 
-    def _committed(self, cache: KVCache) -> KVCache:
-        # A fresh jnp.zeros array is uncommitted, a jitted step's output committed: jit would compile the
-        # decode step once for each. Committed from the start, it compiles once.
-        return cache if self.model.mesh is not None else jax.device_put(cache, jax.devices()[0])
+    def _new_caches(self) -> None:
+        """Zero caches for every group and the prefill's scratch. A fresh jnp.zeros array is uncommitted and
+        a jitted step's output committed: jit would compile the decode step once for each, so they are
+        committed from the start."""
+        m, length = self.model, _round_up(self.max_context, _CACHE_BUCKET)
+        commit = (lambda c: c) if m.mesh is not None else (lambda c: jax.device_put(c, jax.devices()[0]))  # noqa: E731
+        self._caches = [commit(m._new_cache(self.group, length)) for _ in range(self.n_groups)]
+        self._scratch = commit(m._new_cache(m.batch_multiple, length))
 
     # --- the public side (any thread) ---------------------------------------------------------------
     def start(self) -> Engine:
@@ -294,6 +296,7 @@ class Engine:
             except Exception as e:  # a device or engine failure: fail every request in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
+                self._new_caches()  # a failed step may have consumed (donated) the caches it was given
         self._fail_all("the server is shutting down")
 
     def _admit(self) -> None:
