@@ -6,7 +6,7 @@ For 1, 4 and 16 concurrent clients (--clients), each client sends --requests gre
 the time to first token (TTFT) and the inter-token time (p50 and p99). `--ttft-under-load` also measures
 the TTFT of a short request on an idle server and while a long one decodes (the continuous-batching figure).
 
-    python benchmarks/serve.py [--model FILE] [--clients 1,4,16] [--json out.json]
+    python benchmarks/serve.py [--model FILE] [--clients 1,4,16] [--llama-python VENV/bin/python] [--json out.json]
 
 Only 127.0.0.1 is used; each server is a subprocess on a free port, killed at the end.
 """
@@ -129,6 +129,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--ttft-under-load", action="store_true")
+    p.add_argument("--llama-python", default=sys.executable, help="the Python whose llama-cpp-python[server] "
+                   "runs llama.cpp's server (default: this one; a separate venv keeps the peer out of the project's)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     from realm_jax.assets import default_model_path
@@ -147,18 +149,21 @@ def main() -> int:
         if args.ttft_under_load:
             result["ttft_under_load"] = ttft_under_load(base, "realm-jax")
         out["servers"]["realm-jax"] = result
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError as e:
-        out["servers"]["llama.cpp"] = {"skipped": f"llama-cpp-python[server] is not installed ({e}); "
-                                                  "pip install 'llama-cpp-python[server]' (compiles llama.cpp)"}
+    probe = subprocess.run([args.llama_python, "-c", "import llama_cpp.server; print(llama_cpp.__version__)"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
+        out["servers"]["llama.cpp"] = {"skipped": f"llama-cpp-python[server] is not importable by {args.llama_python} "
+                                                  f"({reason}); pip install 'llama-cpp-python[server]' (compiles "
+                                                  "llama.cpp), or --llama-python a venv that has it"}
     else:
+        # llama-cpp-python's server decodes one sequence at a time: concurrent clients queue.
         port = free_port()
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--host",
+        command = [args.llama_python, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--host",
                    "127.0.0.1", "--n_ctx", "1024"]
         with server(command, port) as base:
-            out["servers"]["llama.cpp"] = {"levels": [run_level(base, path, c, args.requests, args.max_tokens)
-                                                      for c in levels]}
+            out["servers"]["llama.cpp"] = {"version": probe.stdout.strip(), "levels": [
+                run_level(base, path, c, args.requests, args.max_tokens) for c in levels]}
     for name, result in out["servers"].items():
         if "skipped" in result:
             print(f"{name}: skipped: {result['skipped']}")
