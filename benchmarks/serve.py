@@ -104,14 +104,14 @@ def run_level(base: str, model: str, clients: int, requests: int, max_tokens: in
             "itl_p99_ms": 1e3 * np.percentile(gaps, 99)}
 
 
-def ttft_under_load(base: str, model: str, repeats: int = 5) -> dict:
+def ttft_under_load(base: str, model: str, repeats: int = 9) -> dict:
     """The TTFT of a short request on an idle server, and while one long request decodes."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base, api_key="none", timeout=600, max_retries=0)
     idle = [one(client, model, "The capital of France is", 4)["ttft"] for _ in range(repeats)]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        long = pool.submit(one, client, model, "Once upon a time", 400)
+        long = pool.submit(one, client, model, "Once upon a time", 480)
         time.sleep(1.0)  # the long one is decoding
         busy = [one(client, model, "The capital of France is", 4)["ttft"] for _ in range(repeats)]
         if long.done():
