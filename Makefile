@@ -1,11 +1,11 @@
 # realm-jax: `make run` (set up, then the main job) and `make test` (set up, then the test suite).
 # Set-up creates .venv with a Python >= 3.12 found on this machine (scripts/find_python.sh) and installs
-# the package with its test, notebook and default-model extras; it reruns only when pyproject.toml changes.
+# the package with its test, notebook, server and default-model extras; it reruns only when pyproject.toml changes.
 
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := dev,model,notebooks
+EXTRAS := dev,model,notebooks,serve
 
 .PHONY: setup run test test-all llama bench device-wheels clean
 

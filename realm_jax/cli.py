@@ -5,6 +5,7 @@
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
     realm-jax bench [--model FILE] [--mesh ...] [--json]            prefill and decode tokens/s
     realm-jax quantize IN.gguf OUT.gguf --type TYPE                 requantize with llama.cpp's mixture of TYPE
+    realm-jax serve [--model FILE] [--port 8000] [--slots N] ...    an OpenAI-compatible server (127.0.0.1)
     realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
                                                                     one generate (or bench) over N processes
     realm-jax launch --hosts A,B,... [--port P] -- generate ...     print the command for each host of a cluster
@@ -641,6 +642,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True, help="a llama.cpp file type (Q4_K_M, Q5_K_S, Q6_K, Q8_0, Q3_K_M, Q2_K, "
                    "IQ4_XS, ...) or a single tensor type (Q4_K, ...) for every quantizable tensor")
     p.set_defaults(func=_cmd_quantize)
+    from realm_jax.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub, _add_load_options, _add_mesh_options)
     p = sub.add_parser("launch", help="run generate over several processes (hosts) with one mesh spanning them",
                        usage="realm-jax launch (--processes N | --hosts A,B,... | --process-id I --num-processes N "
                              "--coordinator HOST:PORT | --cluster) [options] -- generate PROMPT [generate options]")

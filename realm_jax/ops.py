@@ -13,7 +13,7 @@ from jax import lax
 
 from realm_jax.quant import QTensor, dequantize_tile
 
-__all__ = ["attention", "embed", "rms_norm", "rope", "rope_tables"]
+__all__ = ["attention", "embed", "rms_norm", "rope", "rope_tables", "row_sum"]
 
 
 def embed(ids: jax.Array, table: QTensor, dtype=jnp.float32) -> jax.Array:
@@ -23,11 +23,29 @@ def embed(ids: jax.Array, table: QTensor, dtype=jnp.float32) -> jax.Array:
     return dequantize_tile(table.fmt, planes, dtype=dtype)
 
 
+def row_sum(x: jax.Array) -> jax.Array:
+    """The sum over the last axis [..., n] -> [..., 1], by pairwise halving (zero-padded to a power of two):
+    elementwise adds only, so a row's sum does not depend on how many other rows the array holds. XLA:CPU's
+    reduce does not promise that: it vectorizes a [R, n] reduction differently as R grows (a decode step's
+    norms and softmax then gave a row other bits in a batch of 8 than alone), and the server's rows must
+    get the same answer whoever shares their step (`realm_jax.serve`)."""
+    n = x.shape[-1]
+    width = 1 << max(n - 1, 0).bit_length()
+    if width != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - n)])
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, dtype=jnp.float32) -> jax.Array:
     """x / rms(x) * weight over the last axis, computed in `dtype` (f32 by default: a sum of squares in
-    bf16 loses the small terms, in f16 it overflows) and returned in x.dtype."""
+    bf16 loses the small terms, in f16 it overflows) and returned in x.dtype. The sum of squares is
+    `row_sum`'s: a row's norm does not depend on its batch."""
     xf = x.astype(dtype)
-    y = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + jnp.asarray(eps, dtype))
+    mean = row_sum(xf * xf) / jnp.asarray(xf.shape[-1], dtype)
+    y = xf * lax.rsqrt(mean + jnp.asarray(eps, dtype))
     return (y * weight.astype(dtype)).astype(x.dtype)
 
 
@@ -110,7 +128,11 @@ def _attend(q, k, v, query_pos, scale, window, local, scores_dtype, products=Non
     else:
         scores = jnp.einsum("BKMH,BSKH->BKMS", rows, k, preferred_element_type=scores_dtype) * scale
     scores = jnp.where(mask[:, None], scores, jnp.finfo(scores_dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    if t == 1:  # decode: a row's softmax must not depend on the batch (`row_sum`)
+        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        probs = e / row_sum(e)
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
     if dot:
         out = dot(probs.astype(v.dtype), v.swapaxes(1, 3))  # [B, K, M, S] against v^T [B, Hv, K, S]
     else:

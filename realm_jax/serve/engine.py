@@ -1,0 +1,492 @@
+"""The serving engine: continuous batching over a fixed set of sequence slots.
+
+One thread owns the model and runs a loop of steps. Each step admits queued requests into free slots,
+runs one prefill chunk of one admitted request (so a long prompt does not stall the others' decoding for
+its whole length), then one decode step of every live slot. A request joins the decode batch after its
+last prefill chunk and leaves it when it finishes or is cancelled, freeing its slot for the next one.
+
+The slots are split into groups of `group` rows, each with its own KV cache [L, group, S, K, H]. A decode
+step runs one compiled forward per group that holds a live slot (the same compiled function for every
+group and every mix of live slots: a free row computes a throwaway token). By default `group` is the
+most rows the linear layers' backend multiplies as stored (`realm_jax.native.MAX_ROWS` on CPU): a row's
+arithmetic is then the same whether it shares its step with 0 or 15 others, and its greedy tokens are
+`Model.generate`'s (`batch_invariant=False` puts all slots in one group: faster past that many rows on
+CPU, where more rows take the bf16 gemm, but a row's answer then depends on the batch).
+
+A prompt of at most `prefill_chunk` tokens is prefilled exactly as `generate` prefills it (one
+`runtime._prefill` of the prompt padded to 64); a longer one runs in chunks of `prefill_chunk` tokens
+into a scratch cache. The scratch is then copied into the request's slot.
+
+Legend: B slots, G rows per group, S cache length (max_context), V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from realm_jax import linear
+from realm_jax.errors import ContextLengthError, RealmError, SamplingError
+from realm_jax.inputs import shown
+from realm_jax.models.transformer import KVCache, forward
+from realm_jax.runtime import _PROMPT_BUCKET, Model, _layer_stack, _prefill, _round_up, _TextCollector
+from realm_jax.serve.sampling import TOP_LOGPROBS, sample_rows
+
+__all__ = ["Engine", "EngineStoppedError", "Event", "QueueFullError", "Request", "RequestParams", "complete"]
+
+log = logging.getLogger("realm_jax.serve")
+
+_CACHE_BUCKET = 256
+
+
+class QueueFullError(RealmError):
+    """Every slot is busy and the queue of waiting requests is full (HTTP 429)."""
+
+
+class EngineStoppedError(RealmError):
+    """The engine has stopped (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestParams:
+    """One request's generation settings (checked by `check`).
+
+    temperature 0 is greedy; top_k 0 and top_p 1 disable them; seed None draws a random one; stop: strings
+    that end the text (not included); logprobs: None, or how many top log-probabilities to return per
+    token (0..5; the chosen token's own is always returned then)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+
+    def check(self, vocab_size: int) -> RequestParams:
+        t, k, p, s, n = self.temperature, self.top_k, self.top_p, self.seed, self.max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SamplingError(f"max_tokens={shown(n)} must be an int >= 1")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1e6:
+            raise SamplingError(f"temperature={shown(t)} must be a number in [0, 1e6] (0 is greedy)")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= vocab_size:
+            raise SamplingError(f"top_k={shown(k)} must be an int in [0, {vocab_size}] (0 disables it)")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise SamplingError(f"top_p={shown(p)} must be a number in (0, 1]")
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32):
+            raise SamplingError(f"seed={shown(s)} must be an int in [0, 2**32)")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= TOP_LOGPROBS):
+            raise SamplingError(f"logprobs={shown(self.logprobs)} must be an int in [0, {TOP_LOGPROBS}]")
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise SamplingError(f"stop={shown(self.stop)} must hold non-empty strings")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What the engine tells a request's sink, from the engine's thread.
+
+    kind "token": `text` (possibly empty: held back for a stop string, or an incomplete UTF-8 character)
+    for `token`, with `logprob` and `top` ([(token id, logprob)]) when asked. kind "done": `finish_reason`
+    ("stop" or "length") and the counts. kind "error": `message` (the request failed; the engine goes on).
+    """
+
+    kind: str
+    text: str = ""
+    token: int = -1
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    message: str = ""
+
+
+class Request:
+    """A submitted request: `cancel()` it from any thread; its events go to `sink`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], params: RequestParams, sink: Callable[[Event], None], tokenizer):
+        self.id = next(Request._ids)
+        self.prompt, self.params, self.sink = prompt, params, sink
+        self.seed = secrets.randbits(32) if params.seed is None else params.seed
+        self.text = _TextCollector(tokenizer, 1, params.stop)
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens prefilled so far
+        self.generated = 0  # tokens sampled so far
+        self.last = -1  # the last sampled token, fed at the next decode step
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "impl", "pipeline", "kv_len"),
+                   donate_argnames=("cache",))
+def _decode_group(params, cache: KVCache, token, pos, *, config, policy, impl, pipeline=None, kv_len: int):
+    """One decode step of a group: token [G] at positions pos [G] (all < kv_len) -> logits [G, V] f32, the
+    cache. Attention reads the cache's first kv_len positions (a bucket: few compilations)."""
+    logits, cache = forward(config, params, token[:, None], pos[:, None], cache, policy=policy,
+                            last=jnp.zeros(token.shape, jnp.int32), kv_len=kv_len, layer_stack=_layer_stack(pipeline),
+                            impl=impl)
+    return logits.astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "policy", "impl", "pipeline"), donate_argnames=("cache",))
+def _prefill_chunk(params, cache: KVCache, tokens, start, last, *, config, policy, impl, pipeline=None):
+    """Prompt tokens [1, C] at positions start + [0, C) into a cache that holds the positions before
+    them; the logits [1, V] of the chunk's row `last`."""
+    positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    logits, cache = forward(config, params, tokens, positions, cache, policy=policy, last=last[None],
+                            layer_stack=_layer_stack(pipeline), impl=impl)
+    return logits.astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache: KVCache, scratch: KVCache, row):
+    """The scratch cache's one sequence [L, 1, S, ...] into row `row` of a group's cache."""
+    put = lambda c, s: jax.lax.dynamic_update_slice_in_dim(c, s[:, :1], row, axis=1)  # noqa: E731
+    return KVCache(put(cache.k, scratch.k), put(cache.v, scratch.v))
+
+
+def _group_rows(impl: str) -> int:
+    """Rows per group: the native CPU matmul reads a weight once per 4 rows of x (qmatmul.cc's row block),
+    so a group of 4 costs about one row's weight traffic (a group of 8, two passes) while more rows of a
+    busy server run as more groups; other backends: their `max_rows` (the most rows they multiply as
+    stored), or 8."""
+    if impl == "native":
+        return 4
+    return linear.BACKENDS[impl].max_rows or 8
+
+
+class Engine:
+    """Continuous batching over `slots` sequence slots of a loaded `Model`.
+
+    Args:
+      model: the model (`realm_jax.load`).
+      slots: sequences decoded together.
+      max_context: the most tokens (prompt + generated) a sequence may hold; the KV cache's length
+        (default: the model's context, at most 2048: a decode step's time grows with the cache's length
+        even where attention reads less of it, through the cache update).
+      queue_size: requests that may wait for a slot; one more is refused (`QueueFullError`).
+      prefill_chunk: prompt tokens prefilled per engine step (a multiple of 64).
+      batch_invariant: a row's arithmetic independent of the other rows (module docstring).
+      group: rows per group with batch_invariant (default `_group_rows`).
+    """
+
+    def __init__(self, model: Model, *, slots: int = 8, max_context: int | None = None, queue_size: int = 64,
+                 prefill_chunk: int = 256, batch_invariant: bool = True, group: int | None = None):
+        for name, value, low in (("slots", slots, 1), ("queue_size", queue_size, 0),
+                                 ("prefill_chunk", prefill_chunk, 64)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SamplingError(f"{name}={shown(value)} must be an int >= {low}")
+        if prefill_chunk % _PROMPT_BUCKET:
+            raise SamplingError(f"{prefill_chunk=} must be a multiple of {_PROMPT_BUCKET}")
+        context = model.config.context_length
+        max_context = min(context, 2048) if max_context is None else max_context
+        if isinstance(max_context, bool) or not isinstance(max_context, int) or not 2 <= max_context <= context:
+            raise ContextLengthError(f"max_context={shown(max_context)} must be an int in [2, {context}] (the "
+                                     f"model's context)")
+        self.model, self.max_context, self.queue_size = model, max_context, queue_size
+        self.prefill_chunk = prefill_chunk
+        group = min(slots, group or _group_rows(model.impl)) if batch_invariant else slots
+        group += -group % model.batch_multiple  # a data axis needs a row per shard
+        self.group, self.n_groups = group, -(-slots // group)
+        self.slots = slots
+        self.batch_invariant = batch_invariant
+        self._new_caches()
+        self._static = dict(config=model.config, policy=model.policy, impl=model.impl, pipeline=model.pipeline)
+        b = self.n_groups * group
+        self._pos = np.zeros(b, np.int32)
+        self._owner: list[Request | None] = [None] * b
+        self._queue: collections.deque[Request] = collections.deque()
+        self._prefilling: collections.deque[Request] = collections.deque()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run
+
+    def _new_caches(self) -> None:
+        """Zero caches for every group and the prefill's scratch. A fresh jnp.zeros array is uncommitted and
+        a jitted step's output committed: jit would compile the decode step once for each, so they are
+        committed from the start."""
+        m, length = self.model, _round_up(self.max_context, _CACHE_BUCKET)
+        commit = (lambda c: c) if m.mesh is not None else (lambda c: jax.device_put(c, jax.devices()[0]))  # noqa: E731
+        self._caches = [commit(m._new_cache(self.group, length)) for _ in range(self.n_groups)]
+        self._scratch = commit(m._new_cache(m.batch_multiple, length))
+
+    # --- the public side (any thread) ---------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="realm-jax-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt: Sequence[int], params: RequestParams, sink: Callable[[Event], None]) -> Request:
+        """Queue a token-id prompt; its events go to `sink` (called on the engine's thread: keep it short).
+
+        Raises:
+          ContextLengthError: the prompt and max_tokens do not fit in max_context.
+          QueueFullError: the queue is full.
+          EngineStoppedError: the engine has stopped.
+        """
+        prompt = self.model._check_ids(prompt)
+        params = params.check(self.model.config.vocab_size)
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ContextLengthError(f"the prompt's {len(prompt)} tokens plus max_tokens={params.max_tokens} exceed "
+                                     f"the server's context of {self.max_context} tokens")
+        request = Request(prompt, params, sink, self.model.tokenizer)
+        with self._lock:
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise EngineStoppedError("the engine is not running")
+            free = sum(r is None for r in self._owner[: self.slots])  # the engine admits into these soon
+            if len(self._queue) >= self.queue_size + free:
+                raise QueueFullError(f"all {self.slots} slots are busy and {len(self._queue)} requests are queued "
+                                     f"(the queue holds {self.queue_size}): retry later")
+            self._queue.append(request)
+            self._lock.notify_all()
+        return request
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            busy = sum(r is not None for r in self._owner[: self.slots])
+            return {"slots": self.slots, "busy": busy, "free": self.slots - busy, "queued": len(self._queue),
+                    "queue_size": self.queue_size, "group": self.group, "batch_invariant": self.batch_invariant,
+                    "max_context": self.max_context, "decode_steps": self.steps,
+                    "running": self._thread is not None and self._thread.is_alive()}
+
+    # --- the engine's thread ------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        # The lowest free slot: few clients then keep to the first group and its one forward a step.
+        return next((i for i in range(self.slots) if self._owner[i] is None), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._queue and not self._prefilling and not any(self._owner):
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            try:
+                self._drop_cancelled()
+                self._prefill_step()
+                self._decode_step()
+            except Exception as e:  # a device or engine failure: fail every request in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+                self._new_caches()  # a failed step may have consumed (donated) the caches it was given
+        self._fail_all("the server is shutting down")
+
+    def _admit(self) -> None:
+        while self._queue:
+            slot = self._free_slot()
+            if slot is None:
+                return
+            request = self._queue.popleft()
+            if request.cancelled.is_set():
+                continue
+            request.slot = slot
+            self._owner[slot] = request
+            self._prefilling.append(request)
+
+    def _release(self, request: Request) -> None:
+        with self._lock:
+            if request.slot is not None and self._owner[request.slot] is request:
+                self._owner[request.slot] = None
+                self._pos[request.slot] = 0
+            if request in self._prefilling:
+                self._prefilling.remove(request)
+            request.slot = None
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self._release(request)
+        tail = request.text.flush()[0]
+        if tail:
+            self._emit(request, Event("token", text=tail))
+        self._emit(request, Event("done", finish_reason=reason, prompt_tokens=len(request.prompt),
+                                  completion_tokens=request.generated))
+
+    def _fail(self, request: Request, message: str) -> None:
+        self._release(request)
+        self._emit(request, Event("error", message=message))
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            requests = [r for r in self._owner if r is not None] + list(self._queue)
+            self._queue.clear()
+        for r in requests:
+            self._fail(r, message)
+
+    @staticmethod
+    def _emit(request: Request, event: Event) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a sink's failure is its request's, never the engine's
+            log.exception("request %d: its sink failed", request.id)
+            request.cancel()
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._owner if r is not None and r.cancelled.is_set()]:
+            self._release(request)
+        with self._lock:
+            self._queue = collections.deque(r for r in self._queue if not r.cancelled.is_set())
+
+    def _prefill_step(self) -> None:
+        """One chunk of the oldest admitted request's prompt; after its last, its first token. A failure
+        here is that request's alone."""
+        if not self._prefilling:
+            return
+        request = self._prefilling[0]
+        try:
+            self._prefill(request)
+        except Exception as e:
+            log.exception("request %d: prefill failed", request.id)
+            self._fail(request, f"the prefill failed: {type(e).__name__}: {e}")
+
+    def _prefill(self, request: Request) -> None:
+        m, n, chunk = self.model, len(request.prompt), self.prefill_chunk
+        b = m.batch_multiple
+        with m.mesh_context():
+            if n <= chunk:  # as `generate` prefills it
+                t = _round_up(n, _PROMPT_BUCKET)
+                tokens = np.zeros((b, t), np.int32)
+                tokens[:, :n] = request.prompt
+                logits, self._scratch = _prefill(m.params, tokens, np.full((b,), n, np.int32), self._scratch,
+                                                 all_logits=False, **self._static)
+                request.prefilled = n
+            else:
+                start = request.prefilled
+                part = request.prompt[start : start + chunk]
+                tokens = np.zeros((b, chunk), np.int32)
+                tokens[:, : len(part)] = part
+                logits, self._scratch = _prefill_chunk(m.params, self._scratch, tokens, np.int32(start),
+                                                       np.full((b,), len(part) - 1, np.int32), **self._static)
+                request.prefilled = start + len(part)
+            if request.prefilled < n:
+                return
+            self._prefilling.popleft()
+            slot = request.slot
+            g, row = divmod(slot, self.group)
+            self._caches[g] = _insert(self._caches[g], self._scratch, np.int32(row))
+        self._pos[slot] = n
+        self._sample([request], logits[:1])
+
+    def _decode_step(self) -> None:
+        live = [r for r in self._owner if r is not None and r.prefilled == len(r.prompt) and r.generated]
+        if not live:
+            return
+        groups = sorted({r.slot // self.group for r in live})
+        token = np.zeros(len(self._owner), np.int32)
+        for r in live:
+            token[r.slot] = r.last
+        logits = []
+        m = self.model
+        with m.mesh_context():
+            for g in groups:
+                rows = slice(g * self.group, (g + 1) * self.group)
+                # A copy: on CPU a jitted call may read a numpy argument in place, after the += below.
+                pos = self._pos[rows].copy()
+                kv_len = min(_round_up(int(pos.max()) + 1, _CACHE_BUCKET), self._caches[g].length)
+                out, self._caches[g] = _decode_group(m.params, self._caches[g], token[rows], pos, kv_len=kv_len,
+                                                     **self._static)
+                logits.append(out)
+        for r in live:
+            self._pos[r.slot] += 1
+        self.steps += 1
+        by_group = {g: [r for r in live if r.slot // self.group == g] for g in groups}
+        for g, out in zip(groups, logits):
+            rows = by_group[g]
+            self._sample(rows, out[np.array([r.slot - g * self.group for r in rows])])
+
+    def _sample(self, requests: list[Request], logits) -> None:
+        """Sample each request's next token from its logits row; stream it; finish or fail it."""
+        n = len(requests)
+        b = max(8, 1 << (n - 1).bit_length())  # a few compiled sizes
+        pad = lambda values, dtype: np.pad(np.asarray(values, dtype), (0, b - n))  # noqa: E731
+        ps = [r.params for r in requests]
+        logits = jnp.pad(logits, ((0, b - n), (0, 0)))
+        top_n = TOP_LOGPROBS if any(p.logprobs is not None for p in ps) else 0
+        out = sample_rows(logits, pad([p.temperature for p in ps], np.float32), pad([p.top_k for p in ps], np.int32),
+                          pad([p.top_p for p in ps], np.float32) + (np.arange(b) >= n),  # padding: 1
+                          pad([r.seed for r in requests], np.uint32), pad([r.generated for r in requests], np.int32),
+                          sampled=any(p.temperature > 0 for p in ps), top_n=top_n)
+        out = jax.device_get(out)
+        for i, r in enumerate(requests):
+            try:
+                self._advance(r, out, i)
+            except Exception as e:  # this request's text or sink: it fails alone
+                log.exception("request %d failed", r.id)
+                self._fail(r, f"{type(e).__name__}: {e}")
+
+    def _advance(self, r: Request, out, i: int) -> None:
+        """Row i of `sample_rows`' output `out` is request r's next token: stream it; finish or fail r."""
+        tokens, finite = out[0], out[1]
+        if not finite[i]:
+            self._fail(r, f"{self.model.path.name}: the logits of new token {r.generated + 1} hold NaN or "
+                          f"infinite values (the file's weights or the precision policy {self.model.policy})")
+            return
+        tok = int(tokens[i])
+        r.last = tok
+        r.generated += 1
+        piece = r.text.add(np.array([[tok]]))[0]
+        stop_token = tok in self.model.tokenizer.stop_ids
+        if stop_token:
+            r.generated -= 1  # the end-of-generation token is not part of the completion
+            if piece:  # text held back for a stop string that did not come
+                self._emit(r, Event("token", text=piece))
+        elif r.params.logprobs is not None:
+            k = r.params.logprobs
+            top = tuple((int(t), float(v)) for t, v in zip(out[4][i][:k], out[3][i][:k]))
+            self._emit(r, Event("token", text=piece, token=tok, logprob=float(out[2][i]), top=top))
+        else:
+            self._emit(r, Event("token", text=piece, token=tok))
+        if r.text.stopped[0]:
+            self._finish(r, "stop")
+        elif r.generated >= r.params.max_tokens:
+            self._finish(r, "length")
+        elif r.cancelled.is_set():
+            self._release(r)
+
+
+def complete(engine: Engine, prompt: Sequence[int], params: RequestParams, timeout: float = 600.0) -> dict[str, Any]:
+    """Submit a token-id prompt and wait for it: {"text", "tokens", "finish_reason", "logprobs"} (a blocking
+    convenience for scripts and tests; the server streams events instead)."""
+    done = threading.Event()
+    events: list[Event] = []
+
+    def sink(event: Event) -> None:
+        events.append(event)
+        if event.kind != "token":
+            done.set()
+
+    request = engine.submit(prompt, params, sink)
+    if not done.wait(timeout):
+        request.cancel()
+        raise TimeoutError(f"request {request.id} did not finish in {timeout} s")
+    if events[-1].kind == "error":
+        raise RealmError(events[-1].message)
+    tokens = [e.token for e in events if e.kind == "token" and e.token >= 0]
+    return {"text": "".join(e.text for e in events), "tokens": tokens, "finish_reason": events[-1].finish_reason,
+            "logprobs": [e.logprob for e in events if e.kind == "token" and e.token >= 0]}

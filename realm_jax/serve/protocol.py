@@ -1,0 +1,170 @@
+"""The OpenAI request bodies the server takes, checked field by field.
+
+Known fields with a wrong type or value are an `ApiError` (HTTP 400, OpenAI's error JSON, naming the
+field); fields realm-jax does not implement (presence_penalty, user, tools, ...) are ignored, as
+OpenAI-compatible servers do. Text goes through `realm_jax.inputs.check_text` like every other input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from realm_jax.inputs import check_text, shown
+
+__all__ = ["ApiError", "Body", "parse_body"]
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: HTTP `status`, error `type`, the `param` at fault and a `code`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    """A checked request: `prompt` (completions: text, or token ids) or `messages` (chat)."""
+
+    prompt: str | list[int] | None
+    messages: list[dict[str, str]] | None
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(key, f"must be a number, got {shown(v)}")
+    if v < low or v > high or (low_open and v == low):
+        raise _bad(key, f"{shown(v)} must be in {'(' if low_open else '['}{low}, {high}]")
+    return float(v)
+
+
+def _int(body: dict, key: str, low: int, high: int) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(key, f"must be an integer, got {shown(v)}")
+    if not low <= v <= high:
+        raise _bad(key, f"{shown(v)} must be in [{low}, {high}]")
+    return v
+
+
+def _text(value: Any, param: str) -> str:
+    try:
+        return check_text(value, param)
+    except Exception as e:  # TextInputError: not a str, or not valid Unicode
+        raise _bad(param, str(e)) from None
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _bad("messages", "must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _bad(f"messages[{i}]", f"must be an object, got {shown(m)}")
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise _bad(f"messages[{i}].role", f"must be a non-empty string, got {shown(role)}")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):  # content parts: only text parts are understood
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise _bad(f"messages[{i}].content[{j}]", 'must be {"type": "text", "text": str}: realm-jax '
+                               "serves text models")
+                parts.append(part["text"])
+            content = "".join(parts)
+        out.append({"role": _text(role, f"messages[{i}].role"), "content": _text(content, f"messages[{i}].content")})
+    return out
+
+
+def _prompt(value: Any, vocab_size: int) -> str | list[int]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]  # a batch of one
+    if isinstance(value, str):
+        return _text(value, "prompt")
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        bad = [t for t in value if not 0 <= t < vocab_size]
+        if bad:
+            raise _bad("prompt", f"token ids {shown(bad[:5])} are outside the vocabulary [0, {vocab_size})")
+        return value
+    if isinstance(value, list) and len(value) > 1:
+        raise _bad("prompt", "takes one prompt (a string or a list of token ids): batches of prompts are not served")
+    raise _bad("prompt", f"must be a string or a non-empty list of token ids, got {shown(value)}")
+
+
+def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
+    """The checked fields of a /v1/completions (`chat` False) or /v1/chat/completions body."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # malformed JSON, bad UTF-8, nesting past the stack
+        raise ApiError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", f"must be a string, got {shown(model)}")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise _bad("n", f"{shown(n)}: only n=1 is served")
+    for key in ("stream", "echo"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise _bad(key, f"must be a boolean, got {shown(body[key])}")
+    if body.get("echo"):
+        raise _bad("echo", "echo=true is not served")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise _bad("stream_options", f'must be {{"include_usage": bool}}, got {shown(options)}')
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOP}, got {shown(body.get('stop'))}")
+    stop = tuple(_text(s, f"stop[{i}]") for i, s in enumerate(stop))
+    max_tokens = _int(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens", 1, 2**31)
+    logprobs = None
+    if not chat:  # chat's logprobs/top_logprobs are not served: ignored like other unimplemented fields
+        logprobs = _int(body, "logprobs", 0, 5)
+    return Body(
+        prompt=None if chat else _prompt(body.get("prompt"), vocab_size),
+        messages=_messages(body.get("messages")) if chat else None,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_int(body, "top_k", 0, vocab_size) or 0,
+        seed=None if body.get("seed") is None else _int(body, "seed", -(2**63), 2**64 - 1) % 2**32,
+        stop=stop,
+        stream=bool(body.get("stream", False)),
+        include_usage=bool((options or {}).get("include_usage", False)),
+        logprobs=logprobs,
+    )

@@ -1,0 +1,279 @@
+"""The OpenAI-compatible HTTP API over an `Engine` (Starlette on uvicorn: the `serve` extra).
+
+POST /v1/completions and /v1/chat/completions (streamed as server-sent events in OpenAI's chunk format,
+ending with `data: [DONE]`, or not), GET /v1/models, GET /health (slots busy and free, the queue). Every
+error is OpenAI's JSON error object with a 4xx status for the client's mistakes (malformed JSON, wrong
+types, a prompt over the context: 400; a missing or wrong API key: 401; a body over the limit: 413; the
+queue full: 429) and 503 while the engine is down; a failure inside one request fails that request alone.
+A client that disconnects cancels its sequence and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from realm_jax.errors import (ChatTemplateError, ContextLengthError, MetadataError, SamplingError,
+                              TextInputError, TokenIdError)
+from realm_jax.serve.engine import Engine, EngineStoppedError, Event, QueueFullError, RequestParams
+from realm_jax.serve.protocol import ApiError, Body, parse_body
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("realm_jax.serve")
+
+_CLIENT_ERRORS = (ChatTemplateError, ContextLengthError, MetadataError, SamplingError, TextInputError, TokenIdError)
+
+
+def _error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _api_error(e: Exception) -> ApiError:
+    """The ApiError of an exception raised while a request is checked, tokenized or queued."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, QueueFullError):
+        return ApiError(429, str(e), type="rate_limit_error", code="queue_full")
+    if isinstance(e, EngineStoppedError):
+        return ApiError(503, str(e), type="server_error", code="engine_stopped")
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, str(e), code="context_length_exceeded")
+    if isinstance(e, _CLIENT_ERRORS):
+        return ApiError(400, str(e))
+    log.exception("request failed")
+    return ApiError(500, f"internal error: {type(e).__name__}", type="server_error")
+
+
+class _Api:
+    def __init__(self, engine: Engine, name: str, *, api_key: str | None, max_body_bytes: int,
+                 chat_template: str | None, template_source: str):
+        self.engine, self.model, self.name = engine, engine.model, name
+        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.chat_template, self.template_source = chat_template, template_source
+        self.created = int(time.time())
+
+    # --- plumbing -----------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY", type="authentication_error",
+                           code="invalid_api_key")
+
+    async def _read(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes", code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise ApiError(413, f"the request body is larger than {self.max_body_bytes} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _tokenize(self, body: Body) -> list[int]:
+        """The prompt's token ids (in a worker thread: tokenizing and the template's sandbox take time)."""
+        tok, model = self.model.tokenizer, self.model
+        if body.messages is None:
+            if isinstance(body.prompt, list):
+                return body.prompt
+            text, add_bos = body.prompt, None
+        else:
+            text = tok.apply_chat_template(body.messages, add_generation_prompt=True, template=self.chat_template,
+                                           template_source=self.template_source)
+            bos = tok.bos_id  # a template that writes its BOS must not get a second one
+            add_bos = False if bos is not None and text.startswith(tok.token_text(bos)) else None
+        if len(text) > model.max_prompt_chars:  # before tokenizing: a long text takes long to tokenize
+            raise ContextLengthError(f"the prompt has {len(text)} characters: more tokens than the server's context "
+                                     f"of {self.engine.max_context}")
+        return tok.encode(text, add_bos=add_bos)
+
+    def _params(self, body: Body, n_prompt: int) -> RequestParams:
+        room = self.engine.max_context - n_prompt
+        if room < 1:
+            raise ContextLengthError(f"the prompt's {n_prompt} tokens leave no room in the server's context of "
+                                     f"{self.engine.max_context} tokens")
+        if body.max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
+            max_tokens = min(room, 16) if body.messages is None else room
+        else:
+            max_tokens = body.max_tokens
+        return RequestParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                             seed=body.seed, stop=body.stop, logprobs=body.logprobs)
+
+    # --- endpoints ----------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        stats = self.engine.stats()
+        return JSONResponse({"status": "ok" if stats["running"] else "error", **stats},
+                            status_code=200 if stats["running"] else 503)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return _error(e)
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                                          "owned_by": "realm-jax"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def _complete(self, request: Request, *, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            self._authorize(request)
+            body = parse_body(await self._read(request), chat=chat, vocab_size=self.model.config.vocab_size)
+            prompt = await run_in_threadpool(self._tokenize, body)
+            job = self.engine.submit(prompt, self._params(body, len(prompt)), sink)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as e:  # noqa: BLE001 - every failure becomes its request's JSON error
+            return _error(_api_error(e))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(self._stream(request, job, events, rid, chat, len(prompt), body),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            done, pieces = await self._collect(request, job, events)
+        except ClientDisconnect:
+            job.cancel()
+            return Response(status_code=499)
+        if done.kind == "error":
+            return _error(ApiError(500, done.message, type="server_error"))
+        text = "".join(e.text for e in pieces)
+        usage = _usage(done)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": done.finish_reason}
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                                 "model": self.name, "choices": [choice], "usage": usage})
+        choice = {"index": 0, "text": text, "logprobs": self._logprobs(pieces, body),
+                  "finish_reason": done.finish_reason}
+        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name,
+                             "choices": [choice], "usage": usage})
+
+    async def _collect(self, request: Request, job, events: asyncio.Queue) -> tuple[Event, list[Event]]:
+        """Wait for the request's events; a client that goes away cancels it (ClientDisconnect)."""
+        pieces: list[Event] = []
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientDisconnect() from None
+                continue
+            if event.kind == "token":
+                pieces.append(event)
+            else:
+                return event, pieces
+
+    def _logprobs(self, pieces: list[Event], body: Body) -> dict[str, Any] | None:
+        if body.logprobs is None:
+            return None
+        piece = lambda t: self.model.tokenizer.token_to_piece(t).decode("utf-8", errors="replace")  # noqa: E731
+        tokens = [e for e in pieces if e.token >= 0]
+        offsets, at = [], 0
+        for e in pieces:
+            if e.token >= 0:
+                offsets.append(at)
+            at += len(e.text)
+        return {"tokens": [piece(e.token) for e in tokens], "token_logprobs": [e.logprob for e in tokens],
+                "top_logprobs": [{piece(t): v for t, v in e.top} for e in tokens] if body.logprobs else None,
+                "text_offset": offsets}
+
+    async def _stream(self, request: Request, job, events: asyncio.Queue, rid: str, chat: bool, n_prompt: int,
+                      body: Body):
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
+            out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
+            if usage is not None:
+                out["usage"] = usage
+            return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
+
+        try:
+            if chat:
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if event.kind == "token":
+                    if not event.text and (chat or body.logprobs is None):
+                        continue
+                    if chat:
+                        yield chunk({"index": 0, "delta": {"content": event.text}, "logprobs": None,
+                                     "finish_reason": None})
+                    else:
+                        yield chunk({"index": 0, "text": event.text, "logprobs": self._logprobs([event], body),
+                                     "finish_reason": None})
+                    continue
+                if event.kind == "error":
+                    err = ApiError(500, event.message, type="server_error").body()
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+                usage = _usage(event)
+                last = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason,
+                        **({"delta": {}} if chat else {"text": ""})}
+                yield chunk(last, usage)
+                if body.include_usage:  # OpenAI's usage-only chunk
+                    out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [],
+                           "usage": usage}
+                    yield f"data: {json.dumps(out)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        finally:  # done, or the client went away (the response task is cancelled): free the slot
+            job.cancel()
+
+
+def _usage(done: Event) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def create_app(engine: Engine, *, name: str, api_key: str | None = None, max_body_bytes: int = 4 << 20,
+               chat_template: str | None = None, template_source: str = "--chat-template") -> Starlette:
+    """The ASGI app serving `engine` (started by the caller) as model `name`."""
+    api = _Api(engine, name, api_key=api_key, max_body_bytes=max_body_bytes, chat_template=chat_template,
+               template_source=template_source)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(_api_error(exc))
+
+    routes = [Route("/health", api.health, methods=["GET"]), Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat, methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})

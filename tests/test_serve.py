@@ -1,0 +1,280 @@
+"""`realm-jax serve` end to end: a real server process on 127.0.0.1 (a free port; killed at the end) spoken to
+with the official openai client and plain HTTP. One server per model for the whole module.
+
+Checked: completions and chat, streamed and not, on the default model (with a chat template given by
+--chat-template: the file has none) and on SmolLM2 (its own template); 16 concurrent greedy requests of
+different lengths each get `Model.generate`'s tokens; a request's log-probabilities are bit for bit the
+same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
+that span tokens; a prompt longer than a prefill chunk matches generate until a near tie; a cancelled
+stream frees its slot (/health); a full queue answers 429; malformed bodies, wrong types, over-long
+prompts and bad keys are 4xx with OpenAI's error JSON and leave the server serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+import realm_jax  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KEY = "test-key-17"
+PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "1, 2, 3, 4,", "Water boils at",
+           "My favourite colour is", "The quick brown fox", "In 1492,", "Dear Sir or Madam,", "Photosynthesis is",
+           "import numpy as np\n", "The three laws of robotics are", "Q: What is 2+2?\nA:", "Paris, London and",
+           "She opened the door and", "A haiku about the sea:"]
+# A gemma-style chat template for the default model, whose file has none.
+GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+                  "'user' }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _started(path, *args):
+    """A server process starting on a free port (not waited for: see `_ready`); killed at the end."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "serve", "--model", str(path), "--port", str(port),
+                             *args], stdout=subprocess.DEVNULL, stderr=log, env=env)
+    proc.log = log
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait(30)
+        log.close()
+
+
+def _ready(started, timeout: float = 300.0) -> str:
+    proc, base = started
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            proc.log.seek(0)
+            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.log.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def servers(gemma3_path, smollm2_path, tmp_path_factory):
+    """Both servers, started together (they load and compile while the test process loads its model)."""
+    template = tmp_path_factory.mktemp("serve") / "gemma.jinja"
+    template.write_text(GEMMA_TEMPLATE)
+    with contextlib.ExitStack() as stack:
+        yield {"gemma": stack.enter_context(_started(
+                   gemma3_path, "--slots", "16", "--queue-size", "2", "--max-context", "512", "--prefill-chunk", "64",
+                   "--api-key", KEY, "--chat-template", str(template), "--max-body-bytes", "65536")),
+               "smollm": stack.enter_context(_started(smollm2_path, "--slots", "4", "--max-context", "512"))}
+
+
+@pytest.fixture(scope="module")
+def model(servers, gemma3_path):
+    return realm_jax.load(gemma3_path, progress=False)  # the policy the server picks: the device's own
+
+
+@pytest.fixture(scope="module")
+def gemma(servers, model):
+    return _ready(servers["gemma"])
+
+
+@pytest.fixture(scope="module")
+def smollm(servers, model):
+    return _ready(servers["smollm"])
+
+
+def _client(base, key=KEY):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, timeout=300, max_retries=0)
+
+
+def _health(base):
+    return httpx.get(f"{base}/health", timeout=10).json()
+
+
+def _greedy_ids(client, prompt, n, **kw):
+    r = client.completions.create(model="m", prompt=prompt, max_tokens=n, temperature=0, logprobs=0, **kw)
+    return r
+
+
+def test_completions_match_generate_for_16_concurrent_requests(gemma, model):
+    client = _client(gemma)
+    lengths = [2 + (5 * i) % 7 for i in range(16)]  # 2..8 tokens: rows join and leave mid-batch
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: _greedy_ids(client, PROMPTS[i], lengths[i]), range(16)))
+    tok = model.tokenizer
+    for i, r in enumerate(got):
+        want = model.generate_ids([tok.encode(PROMPTS[i])], max_new_tokens=max(lengths), stop_ids=[])[0]
+        n = r.usage.completion_tokens
+        assert r.usage.prompt_tokens == len(tok.encode(PROMPTS[i]))
+        assert r.choices[0].logprobs.tokens == [tok.token_to_piece(t).decode("utf-8", "replace") for t in want[:n]]
+        assert n == lengths[i] or want[n] in tok.stop_ids
+        assert r.choices[0].text == tok.decode(want[:n])
+        assert r.choices[0].finish_reason == ("length" if n == lengths[i] else "stop")
+    assert _health(gemma)["busy"] == 0
+
+
+def test_a_requests_numbers_do_not_depend_on_who_else_is_served(gemma):
+    client = _client(gemma)
+    alone = _greedy_ids(client, PROMPTS[0], 10).choices[0].logprobs.token_logprobs
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        crowd = list(pool.map(lambda i: _greedy_ids(client, PROMPTS[i], 10 if i == 0 else 14), range(16)))
+    assert crowd[0].choices[0].logprobs.token_logprobs == alone  # float32 values, bit for bit
+
+
+def test_streaming_completion_and_chat(gemma, smollm):
+    client = _client(gemma)
+    full = client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 12
+    for base, c in ((gemma, client), (smollm, _client(smollm, "unused"))):
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        reply = c.chat.completions.create(model="m", messages=messages, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content
+        assert reply.usage.completion_tokens <= 16 and reply.usage.prompt_tokens > 5
+        streamed = c.chat.completions.create(model="m", messages=messages, max_tokens=16, temperature=0, stream=True)
+        deltas = [ch.choices[0].delta for ch in streamed]
+        assert deltas[0].role == "assistant"
+        assert "".join(d.content or "" for d in deltas) == reply.choices[0].message.content
+    assert "Paris" in reply.choices[0].message.content  # SmolLM2 knows
+
+
+def test_sampling_stop_strings_and_utf8(gemma):
+    client = _client(gemma)
+    kw = dict(model="m", prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
+    a = client.completions.create(**kw, extra_body={"top_k": 40}).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(_greedy_ids, client, p, 6) for p in PROMPTS[1:4]]
+        b = client.completions.create(**kw, extra_body={"top_k": 40}).choices[0].text
+        [f.result() for f in others]
+    assert a == b
+    # No top_k, top_p 0.95: a row whose kept set the fast path's 64 candidates may not hold (the full sort).
+    wide = {**kw, "max_tokens": 3, "temperature": 1.5}
+    assert client.completions.create(**{**wide, "seed": 8}).choices[0].text != \
+        client.completions.create(**{**wide, "seed": 9}).choices[0].text
+    greedy = client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert greedy.choices[0].text.startswith(", there was a little girl")
+    cut = client.completions.create(model="m", prompt="Once upon a time", max_tokens=12, temperature=0,
+                                    stop=["re was a l"])  # spans " there", " was", " a", " little"
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (", the", "stop")
+    stream = client.completions.create(model="m", prompt="用中文写一首关于月亮的诗：", max_tokens=24, temperature=0,
+                                       stream=True)
+    pieces = [c.choices[0].text for c in stream if c.choices]
+    assert all("\ufffd" not in p for p in pieces) and any(ord(ch) > 0x2E80 for ch in "".join(pieces))
+
+
+def test_a_prompt_longer_than_a_chunk_matches_generate_until_a_near_tie(gemma, model):
+    prompt = " ".join(PROMPTS)  # ~100 tokens: two prefill chunks of 64
+    ids = model.tokenizer.encode(prompt)
+    assert len(ids) > 64
+    want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
+    got = _greedy_ids(_client(gemma), prompt, 12).choices[0].logprobs.tokens
+    want = [model.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in want_ids]
+    if got != want[: len(got)]:  # allowed from generate's first near tie on: find it
+        logits = model.logits(ids + want_ids, positions=range(len(ids) - 1, len(ids) + len(want) - 1))
+        top2 = np.sort(logits, axis=-1)[:, -2:]
+        near = np.flatnonzero(top2[:, 1] - top2[:, 0] < 0.05)
+        n = int(near[0]) if near.size else len(want)
+        assert got[:n] == want[:n]
+
+
+def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{gemma}/v1/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)
+            assert _health(gemma)["busy"] == 1
+    deadline = time.monotonic() + 20  # 400 tokens take far longer: the disconnect ended it
+    while _health(gemma)["busy"]:
+        assert time.monotonic() < deadline, _health(gemma)
+        time.sleep(0.1)
+    # 16 slots and a queue of 2: the 19th waiting request is refused.
+    streams = []
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(httpx.Client(timeout=60))
+        for _ in range(18):
+            s = stack.enter_context(http.stream("POST", f"{gemma}/v1/completions", json=body, headers=headers))
+            streams.append(s)
+        refused = http.post(f"{gemma}/v1/completions", json={**body, "stream": False}, headers=headers)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    deadline = time.monotonic() + 30
+    while (h := _health(gemma))["busy"] or h["queued"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (json.dumps({"prompt": "hi", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+    (json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+    (json.dumps({"prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
+    (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": [1, 10**9]}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "hi", "max_tokens": 10**6}).encode(), 400, None),
+    (json.dumps({"prompt": "word " * 600, "max_tokens": 1}).encode(), 400, None),
+    (json.dumps({"prompt": "x" * 70000}).encode(), 413, None),
+    ('{"prompt": "\\ud800"}'.encode(), 400, "prompt"),
+])
+def test_bad_requests_are_4xx_and_the_server_goes_on(gemma, body, status, param):
+    r = httpx.post(f"{gemma}/v1/completions", content=body, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert _health(gemma)["running"]
+
+
+def test_api_key_models_unknown_fields_and_routes(gemma):
+    ok = httpx.post(f"{gemma}/v1/completions", json={"prompt": "hi", "max_tokens": 1, "unknown_field": [1],
+                                                     "presence_penalty": 0.5, "user": "x"},
+                    headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
+    assert httpx.get(f"{gemma}/v1/models", timeout=10).status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        _client(gemma, "wrong").completions.create(model="m", prompt="hi", max_tokens=1)
+    models = _client(gemma).models.list()
+    assert [m.id for m in models.data] == ["gemma-3-270m-q4_k_m"]
+    r = httpx.get(f"{gemma}/v1/nothing", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    bad_chat = httpx.post(f"{gemma}/v1/chat/completions", json={"messages": [{"role": "user"}], "max_tokens": 1},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert bad_chat.status_code == 200  # a missing content is empty text
+    bad_chat = httpx.post(f"{gemma}/v1/chat/completions", json={"messages": "hi"},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
