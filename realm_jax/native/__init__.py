@@ -44,12 +44,12 @@ from realm_jax.errors import NativeBuildError, ShapeMismatchError
 from realm_jax.quant import QTensor
 
 __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "gemm", "gemm_available", "matmul",
-           "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
+           "pack_panels", "qgemm", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc")  # one library; both include pool.h and numeric.h
 # qmatmul.cc's per-family headers; realm_tables.h (the codebooks) is generated from realm_jax.quant at build.
-_HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
+_HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "dequant.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
                                      "iquants.h", "plain.h"))
 # The format ids planes.h's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "I8": 3, "I16": 4, "I32": 5, "I64": 6, "F64": 7,
@@ -61,6 +61,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
 _GEMM_TARGET = {False: "realm_gemm_bf16", True: "realm_gemm_bf16_portable"}
 _GLU_TARGET = {False: "realm_gemm_glu_bf16", True: "realm_gemm_glu_bf16_portable"}
+_QGEMM_TARGET = {False: "realm_gemm_q", True: "realm_gemm_q_portable"}
 GLU_ACTS = {"silu": 1, "gelu_tanh": 2}  # gemm.cc's Act: the gated FFN activations its epilogue applies
 PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
 # Up to this many rows of x the native kernel runs; past it the gemm on panels (or XLA's dot on a dense copy,
@@ -169,12 +170,13 @@ def _outcome(portable: bool) -> ctypes.CDLL | NativeBuildError:
         return e
     try:
         lib = ctypes.CDLL(str(path))
-        handler, gemm, glu = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16
+        handler, gemm, glu, qgemm = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16, lib.RealmGemmQ
     except (OSError, AttributeError) as e:
         return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
     jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
     jax.ffi.register_ffi_target(_GEMM_TARGET[portable], jax.ffi.pycapsule(gemm), platform="cpu")
     jax.ffi.register_ffi_target(_GLU_TARGET[portable], jax.ffi.pycapsule(glu), platform="cpu")
+    jax.ffi.register_ffi_target(_QGEMM_TARGET[portable], jax.ffi.pycapsule(qgemm), platform="cpu")
     return lib
 
 
@@ -210,6 +212,18 @@ def supports(w) -> bool:
 _ROUND = {"float32": 0, "bfloat16": 1, "float16": 2}  # qmatmul.cc's Round
 
 
+def _checked(w, layer, what: str):
+    """w's planes checked (one layer's, when `layer` reads one of a stack), and w supported."""
+    if layer is None:
+        w.check(f"{what}: w")
+    else:  # the planes of one layer must be right; the stack's depth is checked by the kernel
+        QTensor(w.fmt, w.shape, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in w.planes.items()}
+                ).check(f"{what}: w (one layer of a stack)")
+    if not supports(w):
+        raise ShapeMismatchError(f"{what}: {w} is not supported (a 2-D weight of "
+                                 f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
+
+
 def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=None, layer=None,
            portable: bool = False) -> jax.Array:
     """y = x @ dequant(w)^T on CPU with f32 accumulation, reading w's planes as they are.
@@ -229,14 +243,7 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     Returns:
       [..., N] in out_dtype. Call it under `jax.jit` on the CPU backend.
     """
-    if layer is None:
-        w.check("realm_jax.native.matmul: w")
-    else:  # the planes of one layer must be right; the stack's depth is checked by the kernel
-        QTensor(w.fmt, w.shape, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in w.planes.items()}
-                ).check("realm_jax.native.matmul: w (one layer of a stack)")
-    if not supports(w):
-        raise ShapeMismatchError(f"realm_jax.native.matmul: {w} is not supported (a 2-D weight of "
-                                 f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
+    _checked(w, layer, "realm_jax.native.matmul")
     if x.shape[-1] != w.shape[1]:
         raise ShapeMismatchError(f"realm_jax.native.matmul: x.shape={x.shape} must end in K={w.shape[1]}")
     _load(portable)
@@ -317,3 +324,37 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
         out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16)
         y = jax.ffi.ffi_call(_GLU_TARGET[portable], out)(rows, index, panels, act=np.int64(GLU_ACTS[glu]))
     return y.reshape(*x.shape[:-1], n).astype(out_dtype)
+
+
+def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None, portable: bool = False) -> jax.Array:
+    """y = x @ W^T for many rows of x (prefill), with W read from its planes as stored: `gemm`'s bf16
+    product with f32 accumulation, each panel of 64 of W's rows dequantized (and rounded to bf16, as
+    `pack_panels` of the dense bf16 weight holds it) into a buffer of the thread that multiplies it, so
+    that no bf16 copy of the weight exists. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
+
+    Args:
+      x: [..., K] float array (rounded to bf16).
+      w: a 2-D `QTensor` (N, K) that `supports` accepts; with `layer`, planes of a stack [L, ...] of which
+        layer `layer` (an int32 scalar, traced or not) is read in place.
+      out_dtype, glu, portable: as `gemm`'s (`glu`: W is gate|up, N/2 a multiple of PANEL).
+
+    Returns:
+      [..., N] (or [..., N/2] with `glu`) in out_dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    _checked(w, layer, "realm_jax.native.qgemm")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ShapeMismatchError(f"realm_jax.native.qgemm: x.shape={x.shape} must end in K={k}")
+    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
+        raise ShapeMismatchError(f"realm_jax.native.qgemm: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
+                                 f"halves of a multiple of {PANEL} rows, got n={n}")
+    _load(portable)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    rows = x.reshape(-1, k).astype(jnp.bfloat16)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    planes = [w.planes[p.name] for p in w.format.planes]
+    width, dtype = (n, jnp.float32) if glu is None else (n // 2, jnp.bfloat16)
+    out = jax.ShapeDtypeStruct((rows.shape[0], width), dtype)
+    y = jax.ffi.ffi_call(_QGEMM_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
+                                                      act=np.int64(0 if glu is None else GLU_ACTS[glu]))
+    return y.reshape(*x.shape[:-1], width).astype(out_dtype)
