@@ -22,6 +22,7 @@ from jax import lax
 from realm_jax import linear, ops
 from realm_jax.models.config import ModelConfig
 from realm_jax.precision import Policy
+from realm_jax.quant.formats import adjacent_view
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -70,10 +71,17 @@ def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False) -> l
         j = i + 1
         while j < end and jax.tree_util.tree_structure(layers[j]) == treedef:
             j += 1
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers[i:j])
+        stacked = jax.tree.map(_stack, *layers[i:j])
         runs.append(LayerRun(i, j - i, stacked))
         i = j
     return runs
+
+
+def _stack(*xs):
+    """jnp.stack, or the memory the layers' arrays already lie in, in order (`checkpoint.read_gguf` places
+    them so): a view, not a second copy of the weights."""
+    view = adjacent_view(xs, stack=True)
+    return view if view is not None else jnp.stack(xs)
 
 
 jax.tree_util.register_dataclass(LayerRun, data_fields=["params"], meta_fields=["first", "count"])
