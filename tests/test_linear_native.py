@@ -128,7 +128,10 @@ def test_load_native_matches_xla(smollm2_path):
     la, lb = a.logits(ids), b.logits(ids)
     assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
     assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
-    assert "realm_qmatmul" in a.compiled_text("decode")
+    decode = a.compiled_text("decode")
+    assert "realm_qmatmul" in decode
+    if a.policy.compute == a.policy.kv:  # attention over the stacked cache in place, no copy of a layer's
+        assert "realm_decode_attention" in decode
     if native.gemm_available() and a.policy.params == a.policy.compute == BF16:
         assert "realm_gemm_q" in a.compiled_text("prefill", prompt_tokens=16)
         assert layer["wqkv"].gemm and layer["wqkv"].dense is None  # one copy of each weight: the planes

@@ -185,6 +185,17 @@ class Native(Backend):
         return product
 
 
+    def decode_attention(self, q, k_cache, v_cache, scores_dtype):
+        """Attention for a decode step (at most MAX_ROWS queries per sequence) on the stacked cache read in
+        place (`realm_jax.native.decode_attention`), where the scores are f32 and the cache holds the
+        queries' dtype, bf16 or f32 (XLA's path would round the cache to it); else None."""
+        if jax.default_backend() != "cpu" or q.shape[1] > kernels.MAX_ROWS or jnp.dtype(scores_dtype) != jnp.float32 \
+                or not k_cache.dtype == v_cache.dtype == q.dtype or q.dtype not in (jnp.bfloat16, jnp.float32) \
+                or not kernels.available():
+            return None
+        return kernels.decode_attention
+
+
 _ATTENTION_BLOCKS = 8  # batch x kv heads up to which the native products are unrolled
 
 NATIVE = Native()
