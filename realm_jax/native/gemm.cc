@@ -223,13 +223,36 @@ inline void transpose16(__m512i (&r)[16]) {
   }
 }
 
+// 16 rows of a panel (`live` of them real, the rest zero; all 16 with kFull, which leaves the compiler no
+// row checks to branch on): each row's group of 32 weights is 16 pairs, one vector; a 16 x 16 transpose
+// makes them 16 pairs x 16 rows, the panel's order, stored from out on.
+template <Fmt F, bool kFull>
+void fill16(const Row (&rows)[16], int64_t live, int64_t blocks, uint32_t* out) {
+  constexpr int64_t per = groups_per_block<F>();
+  alignas(64) float s[16][16], o[16][16];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < (kFull ? 16 : live); ++i) prepare<F>(rows[i], b, s[i], o[i]);
+    for (int64_t j = 0; j < per; ++j) {
+      __m512i v[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        if (kFull || i < live) {
+          __m512 w0, w1;
+          group_avx512<F>(rows[i], b, j, s[i], o[i], w0, w1);
+          v[i] = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
+        } else {
+          v[i] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(v);
+      uint32_t* dst = out + (b * per + j) * 16 * kPanel;
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * kPanel, v[c]);
+    }
+  }
+}
+
 template <Fmt F>
 void fill_panel(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* out) {
-  constexpr int64_t per = groups_per_block<F>();
-  const int64_t blocks = k / 32 / per;
-  alignas(64) float s[16][16], o[16][16];
-  // 16 rows at a time: each row's group of 32 weights is 16 pairs, one vector; a 16 x 16 transpose makes
-  // them 16 pairs x 16 rows, the panel's order.
+  const int64_t blocks = k / 32 / groups_per_block<F>();
   for (int64_t r0 = 0; r0 < kPanel; r0 += 16) {
     const int64_t live = std::clamp<int64_t>(n - n0 - r0, 0, 16);
     if (live == 0) {
@@ -238,23 +261,10 @@ void fill_panel(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* out
     }
     Row rows[16];
     for (int64_t i = 0; i < live; ++i) rows[i] = w.row(n0 + r0 + i);
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t i = 0; i < live; ++i) prepare<F>(rows[i], b, s[i], o[i]);
-      for (int64_t j = 0; j < per; ++j) {
-        __m512i v[16];
-        for (int64_t i = 0; i < 16; ++i) {
-          if (i < live) {
-            __m512 w0, w1;
-            group_avx512<F>(rows[i], b, j, s[i], o[i], w0, w1);
-            v[i] = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
-          } else {
-            v[i] = _mm512_setzero_si512();
-          }
-        }
-        transpose16(v);
-        uint32_t* dst = out + (b * per + j) * 16 * kPanel + r0;
-        for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * kPanel, v[c]);
-      }
+    if (live == 16) {
+      fill16<F, true>(rows, live, blocks, out + r0);
+    } else {
+      fill16<F, false>(rows, live, blocks, out + r0);
     }
   }
 }
