@@ -7,9 +7,13 @@ With --rounds R the two runtimes alternate R times per model (first one, then th
 swapped each round), because this kind of machine drifts by 10-20% within minutes: each figure is the
 median over the rounds, and the ratio is the median of the rounds' own ratios (their range is shown).
 
-    python benchmarks/e2e.py [--models gemma3-270m-q4_k_m smollm2-135m-instruct-q4_1] [--policy f32]
+    python benchmarks/e2e.py [--models gemma3-270m-q4_k_m smollm2-135m-instruct-q4_1] [--policy auto]
                              [--threads 2] [--runs 5] [--rounds 3] [--json out.json]
                              [--baseline OTHER/.venv/bin/python]
+
+The table names the CPU (model and the vector extensions the kernels use) and a memory bound: JAX's own
+floor (the peak RSS of a process that imports jax and runs one tiny jitted function, measured in the same
+run) plus 1.2x the file's size, or 1.5x llama.cpp's peak RSS, whichever is larger.
 
 Without llama-cpp-python installed, the llama.cpp columns say so and only realm-jax is measured.
 `--baseline PYTHON` also measures realm-jax as another interpreter imports it (e.g. the venv of a checkout
@@ -41,6 +45,30 @@ def _prompt_ids(vocab_size: int) -> list[int]:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_floor() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))
+    return {"peak_rss_mib": _peak_rss_mib()}
+
+
+def cpu_description() -> str:
+    """The CPU's model name and which of the vector extensions the native kernels use it has."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    used = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile")
+    return f"{name} ({' '.join(f for f in used if f in flags) or 'none of ' + ', '.join(used)})"
 
 
 def worker_realm(model: str, policy: str, runs: int) -> dict:
@@ -119,7 +147,7 @@ def _summary(rounds: list[dict], peer: str = "llama_cpp") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--policy", default="f32", help="realm-jax precision policy (e.g. f32, bf16, auto)")
+    parser.add_argument("--policy", default="auto", help="realm-jax precision policy (e.g. auto, f32, bf16)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the two runtimes per model")
@@ -131,7 +159,7 @@ def main() -> None:
     if args.worker:
         kind, model = args.worker[0], args.worker[1]
         result = worker_realm(model, args.policy, args.runs) if kind == "realm" else \
-            worker_llama(model, args.threads, args.runs)
+            worker_floor() if kind == "floor" else worker_llama(model, args.threads, args.runs)
         print(json.dumps(result))
         return
 
@@ -146,6 +174,7 @@ def main() -> None:
     if args.runs < 1 or args.rounds < 1:
         parser.error("--runs and --rounds must be at least 1")
     rows = []
+    floor = _run_worker(["floor", "-"]).get("peak_rss_mib", float("nan"))
     for model in args.models:
         common = ["--runs", str(args.runs), "--policy", args.policy, "--threads", str(args.threads)]
         rounds = []
@@ -161,16 +190,20 @@ def main() -> None:
                 else:
                     got[kind] = _run_worker([kind, model, *common])
             rounds.append({"realm_jax": got["realm"], "llama_cpp": got["llama"], "baseline": got.get("baseline")})
-        row = {"model": model, **_summary(rounds), "rounds": rounds}
+        from realm_jax import assets
+
+        size = assets.model_path(model).stat().st_size / 2**20
+        row = {"model": model, **_summary(rounds), "rounds": rounds, "file_mib": size, "floor_mib": floor}
         if args.baseline:
             row["baseline"] = _summary(rounds, peer="baseline")
         rows.append(row)
 
     print(f"prompt {PROMPT_TOKENS} tokens, decode {DECODE_TOKENS} tokens, llama.cpp threads {args.threads}, "
-          f"median of {args.runs} per round, {args.rounds} rounds; {platform.processor() or platform.machine()}")
+          f"median of {args.runs} per round, {args.rounds} rounds; {cpu_description()}; JAX floor {floor:.0f} MiB")
     print("| model | policy | realm-jax prefill tok/s | llama.cpp prefill tok/s | ratio (rounds) | realm-jax decode "
-          "tok/s | llama.cpp decode tok/s | ratio (rounds) | realm-jax peak RSS MiB | llama.cpp peak RSS MiB |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "tok/s | llama.cpp decode tok/s | ratio (rounds) | realm-jax peak RSS MiB | llama.cpp peak RSS MiB | "
+          "bound MiB (file MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o, p = r["realm_jax"], r["llama_cpp"]
         if "error" in o:
@@ -185,7 +218,8 @@ def main() -> None:
 
         print(f"| {r['model']} | {args.policy} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
               f"| {ratio('prefill_tps')} | {o['decode_tps']:.1f} | {p.get('decode_tps', float('nan')):.1f} "
-              f"| {ratio('decode_tps')} | {o['peak_rss_mib']:.0f} | {p.get('peak_rss_mib', float('nan')):.0f} |")
+              f"| {ratio('decode_tps')} | {o['peak_rss_mib']:.0f} | {p.get('peak_rss_mib', float('nan')):.0f} "
+              f"| {max(1.5 * p.get('peak_rss_mib', 0.0), floor + 1.2 * r['file_mib']):.0f} ({r['file_mib']:.0f}) |")
     if args.baseline:
         print(f"\nagainst the baseline ({args.baseline}), same rounds")
         print("| model | baseline prefill tok/s | ratio (rounds) | baseline decode tok/s | ratio (rounds) |")

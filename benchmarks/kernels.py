@@ -4,7 +4,7 @@ For each format, weight shape (N, K) and number of rows M it times:
   BACKEND          each backend of the linear-layer registry (`realm_jax.linear`) that runs on this
                    platform and supports the format, on the weight as `load` prepares it under the bf16
                    policy (native on CPU: the kernel on the planes up to native.MAX_ROWS rows, the bf16
-                   gemm on panels past it; triton and mosaic_gpu on a GPU; mosaic_tpu on a TPU, and on a
+                   gemm on the planes past it; triton and mosaic_gpu on a GPU; mosaic_tpu on a TPU, and on a
                    CPU in interpret mode, which is a correctness tool, not a speed: its column is reported
                    but means nothing there)
   xla              the XLA reference on the weight as stored: dequantize with jnp, then a dot

@@ -14,10 +14,38 @@ import numpy as np
 from realm_jax.errors import ContextLengthError, SamplingError
 from realm_jax.inputs import shown
 
-__all__ = ["check_sizes", "git_revision", "measure", "write_report"]
+__all__ = ["check_sizes", "git_revision", "measure", "memory_parts", "rss_mib", "write_report"]
 
 
 MAX_RUNS = 1000  # timed runs: more measure nothing new, and each one is a full prefill and decode
+
+
+def rss_mib() -> tuple[float, float]:
+    """This process's resident memory now and its peak so far, in MiB (Linux: /proc and getrusage)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    return now, max(now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # the high-water mark lags
+
+
+def memory_parts(model, *, floor_mib: float, loaded_mib: float, prompt_tokens: int, decode_tokens: int,
+                 batch: int = 1) -> dict[str, float]:
+    """Where a `measure` run's peak resident memory went, in MiB: `floor_mib` (RSS of the process with JAX
+    initialized, before the model loads), `loaded_mib` (RSS once `load` returned). Parts: the JAX floor; the
+    weights (the params' arrays, each once); the tokenizer, metadata and what loading left behind (RSS after
+    load less the floor and the weights); the KV cache of the generation `measure` runs (sized to the
+    requested prompt and new tokens, as `Model.start` allocates it); and the rest of the peak: XLA's compiled
+    programs, the compiler's heap and the runtime's buffers (activations, logits)."""
+    from realm_jax.runtime import _CACHE_BUCKET, _PROMPT_BUCKET, _round_up, _unique_leaves, token_sizes
+
+    weights = sum(leaf.nbytes for leaf in _unique_leaves(model.params)) / 2**20
+    length = _round_up(_round_up(prompt_tokens, _PROMPT_BUCKET) + decode_tokens + 1, _CACHE_BUCKET)
+    kv = token_sizes(model.config, model.policy)["kv_bytes_per_token"] * length * batch / 2**20
+    now, peak = rss_mib()
+    return {"peak_rss": peak, "rss_now": now, "jax_floor": floor_mib, "weights": weights,
+            "tokenizer_metadata_and_load": loaded_mib - floor_mib - weights, "kv_cache": kv,
+            "kv_cache_tokens": length * batch, "compiled_programs_and_buffers": peak - loaded_mib - kv}
 
 
 def check_sizes(**sizes: int) -> None:

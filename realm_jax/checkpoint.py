@@ -36,19 +36,111 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[
     from tqdm.auto import tqdm
 
     with open_gguf(path) as f:
-        tensors = {}
+        formats = {name: format_for_ggml_type(info.ggml_type, what=f"{f.path}: tensor {name!r}")
+                   for name, info in f.tensors.items()}
+        places = _places(f.tensors, formats)
         total = sum(t.nbytes for t in f.tensors.values())
-        # One buffer for every tensor's bytes (repack copies them into planes): fresh pages for each would
-        # make the read ~20% slower than the map's (gemma3: 0.59 against 0.47 s; 0.50 with the buffer).
-        buffer = np.empty(max((t.nbytes for t in f.tensors.values()), default=0), np.uint8)
+        # Tensors are read a few MiB of rows at a time through one small buffer (fresh pages for each would
+        # make the read ~20% slower than the map's) and repacked into their place in `places`' buffers.
+        def row_bytes(t):
+            return t.nbytes // max(1, int(np.prod(t.shape[:-1], dtype=np.int64)))
+
+        largest = max((t.nbytes for t in f.tensors.values()), default=0)
+        buffer = np.empty(max(min(largest, _CHUNK), max(map(row_bytes, f.tensors.values()), default=0)), np.uint8)
+        tensors = {}
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {f.path.name}", disable=not progress,
                   file=sys.stderr) as bar:
             for name, info in f.tensors.items():
                 what = f"{f.path}: tensor {name!r}"
-                fmt = format_for_ggml_type(info.ggml_type, what=what)
-                tensors[name] = repack(f.read_tensor(name, out=buffer), fmt.name, info.shape, what=what)
-                bar.update(info.nbytes)
+                fmt = formats[name]
+                planes = places[name]
+                rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+                flat = {k: v.reshape(rows, -1) for k, v in planes.items()}
+                step = max(1, len(buffer) // max(row_bytes(info), 1))
+                for r0 in range(0, rows, step):
+                    r1 = min(rows, r0 + step)
+                    raw = f.read_tensor_rows(name, r0, r1, out=buffer)
+                    part = repack(raw, fmt.name, (r1 - r0, info.shape[-1]), what=what).planes
+                    for k, v in flat.items():
+                        v[r0:r1] = part[k]
+                    bar.update(raw.size)
+                tensors[name] = QTensor(fmt.name, info.shape, planes)
         return dict(f.metadata), tensors
+
+
+_CHUNK = 16 << 20  # bytes of a tensor read at a time
+_ALIGN = 64  # XLA:CPU takes a numpy array this aligned without a copy (jax.device_put aliases it)
+# Per-layer tensors that `models.fuse_projections` joins by rows, in its order: placed side by side, their
+# join is a view, not a copy.
+_FUSED = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
+
+
+def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _places(infos, formats) -> dict[str, dict[str, np.ndarray]]:
+    """Where each tensor's planes go: views into buffers laid out so that the model's params need no copy.
+    The tensors of consecutive layers with the same name, type and shape share one buffer per plane
+    [layers, ...], each layer's a view of its slot (`transformer.stack_layers` takes the buffer as it is),
+    and q|k|v and gate|up of one format and width sit side by side within a slot (so does their fused
+    weight, `quant.concat_rows`). Every buffer starts 64-byte aligned, so that `jax.device_put` on CPU
+    aliases it (no second copy of the weights at load). Other tensors get buffers of their own."""
+    by_layer: dict[int, dict[str, str]] = {}
+    for name in infos:
+        parts = name.split(".", 2)
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+            by_layer.setdefault(int(parts[1]), {})[parts[2]] = name
+    groups: dict[int, list[tuple[str, ...]]] = {}  # layer -> its tensors' suffixes, grouped
+    for i, names in by_layer.items():
+        left = dict(names)
+        out = []
+        for fused in _FUSED:
+            if all(n in left for n in fused):
+                kinds = {(infos[left[n]].ggml_type, infos[left[n]].shape[1:], len(infos[left[n]].shape)) for n in fused}
+                if len(kinds) == 1 and len(infos[left[fused[0]]].shape) == 2:
+                    out.append(fused)
+                    for n in fused:
+                        del left[n]
+        out.extend((n,) for n in left)
+        groups[i] = out
+
+    def signature(i: int, group: tuple[str, ...]):
+        return tuple((infos[by_layer[i][n]].ggml_type, infos[by_layer[i][n]].shape) for n in group)
+
+    places: dict[str, dict[str, np.ndarray]] = {}
+    done = set()
+    for i in sorted(groups):
+        for group in groups[i]:
+            if (i, group) in done:
+                continue
+            sig, run = signature(i, group), [i]
+            while run[-1] + 1 in groups and group in groups[run[-1] + 1] and signature(run[-1] + 1, group) == sig:
+                run.append(run[-1] + 1)
+            first = infos[by_layer[i][group[0]]]
+            fmt = formats[first.name]
+            lead, n_blocks = first.shape[:-1], first.shape[-1] // fmt.block_size
+            rows = [infos[by_layer[i][n]].shape[0] if len(group) > 1 else None for n in group]
+            for plane in fmt.planes:
+                shape = (sum(rows), n_blocks * plane.count) if len(group) > 1 else (*lead, n_blocks * plane.count)
+                buf = _aligned((len(run), *shape), plane.dtype)
+                for slot, layer in enumerate(run):
+                    r0 = 0
+                    for n, r in zip(group, rows):
+                        view = buf[slot] if r is None else buf[slot, r0:r0 + r]
+                        places.setdefault(by_layer[layer][n], {})[plane.name] = view
+                        r0 += r or 0
+            done.update((layer, group) for layer in run)
+    for name, info in infos.items():
+        if name not in places:
+            fmt = formats[name]
+            n_blocks = info.shape[-1] // fmt.block_size
+            places[name] = {p.name: _aligned((*info.shape[:-1], n_blocks * p.count), p.dtype) for p in fmt.planes}
+    return places
 
 
 def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch: str = "realm-jax",

@@ -3,7 +3,7 @@
     realm-jax generate PROMPT [--model FILE] [sampling options]   stream a continuation
     realm-jax chat [--model FILE] [--system TEXT] [--chat-template F]  chat on stdin with an instruct model
     realm-jax inspect [FILE] [--json] [--precision P]               architecture, metadata, tensors per type
-    realm-jax bench [--model FILE] [--mesh ...] [--json]            prefill and decode tokens/s
+    realm-jax bench [--model FILE] [--mesh ...] [--json] [--memory] prefill and decode tokens/s (and memory)
     realm-jax quantize IN.gguf OUT.gguf --type TYPE                 requantize with llama.cpp's mixture of TYPE
     realm-jax serve [--model FILE] [--port 8000] [--slots N] ...    an OpenAI-compatible server (127.0.0.1)
     realm-jax launch --processes N [--cpu-devices K] -- generate PROMPT --mesh model=M,data=D ...
@@ -375,10 +375,24 @@ def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_p
     _check_bench(args)
     _check_path(args.model)
     _preflight(args, batch=args.batch or 1, prompt_tokens=args.prompt_tokens, new_tokens=args.decode_tokens + 1)
+    if args.memory:
+        import jax
+        import jax.numpy as jnp
+
+        from realm_jax.bench import rss_mib
+
+        jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(4)))  # JAX's own floor, before the model
+        floor = rss_mib()[0]
     model = _load_on_mesh(args, progress)
+    loaded = rss_mib()[0] if args.memory else None
     batch = args.batch or model.batch_multiple
     speed = measure(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, batch=batch,
                     runs=args.runs)
+    if args.memory:
+        from realm_jax.bench import memory_parts
+
+        speed["memory_mib"] = memory_parts(model, floor_mib=floor, loaded_mib=loaded, prompt_tokens=args.prompt_tokens,
+                                           decode_tokens=args.decode_tokens, batch=batch)
     speed |= {"model": str(model.path), "policy": str(model.policy), "impl": model.impl,
               "mesh": None if model.mesh is None else dict(model.mesh.shape), "devices": 1 if model.mesh is None else model.mesh.devices.size}
     if args.json:
@@ -387,6 +401,12 @@ def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_p
         print(f"{model.path.name}: prefill {speed['prefill_tps']:.1f} tok/s ({batch} x {args.prompt_tokens} tokens), "
               f"decode {speed['decode_tps']:.1f} tok/s ({batch} x {args.decode_tokens} tokens); policy {speed['policy']}, "
               f"impl {speed['impl']}, mesh {speed['mesh'] or 'none'}, median of {args.runs}")
+        if args.memory:
+            m = speed["memory_mib"]
+            print(f"peak RSS {m['peak_rss']:.0f} MiB: JAX floor {m['jax_floor']:.0f}, weights {m['weights']:.0f}, "
+                  f"tokenizer/metadata/load {m['tokenizer_metadata_and_load']:.0f}, KV cache {m['kv_cache']:.1f} "
+                  f"({m['kv_cache_tokens']} token slots), compiled programs and buffers "
+                  f"{m['compiled_programs_and_buffers']:.0f}")
     return 0
 
 
@@ -621,6 +641,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="prompts per run (default: 1, or the data axis)")
     p.add_argument("--runs", type=int, default=3, help="timed runs after a warm-up (the median is reported)")
     p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p.add_argument("--memory", action="store_true", help="also report the peak resident memory and its parts "
+                   "(JAX's floor, weights, tokenizer and metadata, KV cache, compiled programs and buffers)")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("chat", help="chat with an instruct model, one user message per stdin line")
     p.add_argument("--system", default=None, help="a system message")

@@ -175,7 +175,11 @@ class GGUFFile:
         Raises:
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
-        info = self._unchanged_info(name)
+        return self._read(self._unchanged_info(name), out)
+
+    def _read(self, info: TensorInfo, out: np.ndarray | None) -> np.ndarray:
+        """info.nbytes bytes from info.offset, as `read_tensor` describes."""
+        name = info.name
         if out is None:
             out = np.empty(info.nbytes, np.uint8)
         elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable \
@@ -195,6 +199,17 @@ class GGUFFile:
             raise FileChangedError(f"{self.path}: the file ended at byte {info.offset + done} while tensor {name!r} "
                                    f"was read ({info.nbytes} bytes from {info.offset}); it changed after it was opened")
         return out
+
+    def read_tensor_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """`read_tensor` of rows [start, stop) of the tensor (its shape flattened to (rows, cols)): uint8
+        ``((stop - start) * row bytes,)``, the start of `out` when given."""
+        info = self._unchanged_info(name)
+        rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"rows [{start}, {stop}) are outside tensor {name!r}'s {rows} rows")
+        row_bytes = info.nbytes // max(rows, 1)
+        part = dataclasses.replace(info, offset=info.offset + start * row_bytes, nbytes=(stop - start) * row_bytes)
+        return self._read(part, out)
 
     def _unchanged_info(self, name: str) -> TensorInfo:
         """The info of tensor `name` of this open file, once the file is checked to be the one parsed."""

@@ -84,3 +84,43 @@ def test_metadata_read_back_can_be_written_again(tmp_path, rng):
         realm_jax.write_gguf(tmp_path / "c.gguf", {"w": q}, arch="gemma3", metadata=read)
     with pytest.raises(MetadataError, match="unsupported type"):
         realm_jax.write_gguf(tmp_path / "d.gguf", {"w": q}, metadata={"t.empty": []})
+
+
+def test_layers_placed_for_fusing_and_stacking(tmp_path, rng, monkeypatch):
+    """read_gguf places q|k|v and gate|up of one format side by side and consecutive layers' tensors one
+    after another, 64-byte aligned: the fused weights and the stacked layers are views, not copies, and the
+    values are the file's (read a few rows at a time). A layer whose type differs starts a buffer of its own."""
+    from realm_jax import checkpoint
+    from realm_jax.models.transformer import _stack
+    from realm_jax.quant import concat_rows
+
+    monkeypatch.setattr(checkpoint, "_CHUNK", 1000)  # several reads per tensor
+    kinds = {"attn_q.weight": ("Q4_K", 64), "attn_k.weight": ("Q4_K", 32), "attn_v.weight": ("Q4_K", 32),
+             "ffn_gate.weight": ("Q8_0", 96), "ffn_up.weight": ("Q8_0", 96), "attn_norm.weight": ("F32", 1)}
+    tensors = {}
+    for i in range(3):
+        for name, (fmt, rows) in kinds.items():
+            fmt = "Q5_0" if (i, name) == (2, "ffn_up.weight") else fmt
+            qt = random_qtensor(fmt, rows, 256, rng)
+            tensors[f"blk.{i}.{name}"] = realm_jax.QTensor(fmt, (256,), {"w": qt.planes["w"][0]}) if fmt == "F32" else qt
+    tensors["token_embd.weight"] = random_qtensor("Q6_K", 10, 256, rng)
+    _, back = realm_jax.read_gguf(realm_jax.write_gguf(tmp_path / "layers.gguf", tensors))
+    for name, qt in tensors.items():
+        assert back[name].shape == qt.shape and np.array_equal(unpack(back[name]), unpack(qt)), name
+        assert all(p.ctypes.data % 64 == 0 for p in back[name].planes.values()) or name.startswith("blk.") \
+            and not name.startswith("blk.0.")
+    qkv = [[back[f"blk.{i}.attn_{x}.weight"] for x in "qkv"] for i in range(3)]
+    fused = [concat_rows(parts) for parts in qkv]
+    for parts, f in zip(qkv, fused):
+        assert np.shares_memory(f.planes["qs"], parts[0].planes["qs"])
+        assert np.array_equal(unpack(f), np.concatenate([unpack(p) for p in parts]))
+    stacked = _stack(*[f.planes["qs"] for f in fused])
+    assert isinstance(stacked, np.ndarray) and stacked.ctypes.data == fused[0].planes["qs"].ctypes.data
+    np.testing.assert_array_equal(stacked, np.stack([f.planes["qs"] for f in fused]))
+    norms = _stack(*[back[f"blk.{i}.attn_norm.weight"].planes["w"] for i in range(3)])
+    assert isinstance(norms, np.ndarray) and norms.shape == (3, 256)
+    gateup = [concat_rows([back[f"blk.{i}.ffn_gate.weight"], back[f"blk.{i}.ffn_up.weight"]]) for i in range(2)]
+    assert isinstance(_stack(*[g.planes["qs"] for g in gateup]), np.ndarray)
+    # Layer 2's gate and up differ in format: not fused, and its gate is not in layers 0-1's buffer.
+    assert not np.shares_memory(back["blk.2.ffn_gate.weight"].planes["qs"], gateup[0].planes["qs"])
+    assert not isinstance(_stack(*[back[f"blk.{i}.ffn_gate.weight"].planes["qs"] for i in (1, 2)]), np.ndarray)

@@ -79,11 +79,18 @@ def test_bench_reports_tokens_per_second():
     from realm_jax.reference import reference_dir
 
     model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
-    proc = _cli("bench", "--model", model, "--prompt-tokens", "32", "--decode-tokens", "8", "--runs", "1", "--json")
+    proc = _cli("bench", "--model", model, "--prompt-tokens", "32", "--decode-tokens", "8", "--runs", "1", "--json",
+                "--memory")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["prefill_tps"] > 0 and report["decode_tps"] > 0 and report["impl"] == ("native" if native.available() else "xla")
     assert (report["batch"], report["prompt_tokens"], report["decode_tokens"], report["mesh"]) == (1, 32, 8, None)
+    # --memory: the peak and its parts; the KV cache sized to the 64 + 9 tokens asked for (one bucket of 256),
+    # not the model's context.
+    m = report["memory_mib"]
+    parts = ("jax_floor", "weights", "tokenizer_metadata_and_load", "kv_cache", "compiled_programs_and_buffers")
+    assert m["kv_cache_tokens"] == 256 and m["weights"] > 0
+    assert abs(sum(m[p] for p in parts) - m["peak_rss"]) < 1e-6 and m["peak_rss"] >= m["rss_now"] > m["jax_floor"]
     bad = _cli("bench", "--model", model, "--decode-tokens", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "realm-jax: error: decode_tokens=0 must be an int >= 1"
 

@@ -1,5 +1,5 @@
 """The native CPU backend (`realm_jax.linear.native`): the shared cases, and what only it does: a
-second layout for prefill (bf16 panels for the gemm, or a dense copy for XLA's dot) past MAX_ROWS rows,
+second path for prefill past MAX_ROWS rows (the bf16 gemm on the same planes, or XLA's dot on a dense copy),
 the gated activation in the gemm's epilogue, attention's prefill products, the tied output projection on
 the embedding table's own planes."""
 
@@ -20,7 +20,7 @@ from linear_base import BF16, F32, LinearTests
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
 needs_gemm = pytest.mark.skipif(not native.available() or not native.gemm_available(),
-                                reason="this CPU has no AVX512_BF16: load() keeps a dense copy instead of panels")
+                                reason="this CPU has no AVX512_BF16: load() keeps a dense copy for prefill")
 MAX = native.MAX_ROWS
 
 
@@ -30,20 +30,21 @@ class TestNative(LinearTests):
     N = 37  # not a multiple of the 16-row chunks the threads take nor of the 64-row panels
 
 
-@pytest.mark.parametrize("params,layout", [("bf16", "panels"), ("f32", "dense")])
+@pytest.mark.parametrize("params,layout", [("bf16", "gemm"), ("f32", "dense")])
 def test_prefill_layout_follows_the_policy(params, layout, rng):
-    """bf16 params and compute: panels for the gemm (where the CPU has AVX512_BF16), no dense copy; else a
-    dense copy in the params dtype. The output projection keeps the planes only."""
+    """bf16 params and compute: the gemm on the planes as stored (where the CPU has AVX512_BF16), no
+    second copy; else a dense copy in the params dtype. The output projection keeps the planes only."""
     qt = random_qtensor("Q4_K", 100, 256, rng)
     w = linear.prepare(qt, Policy.of(params), impl="native")
-    if layout == "panels" and not native.gemm_available():
+    if layout == "gemm" and not native.gemm_available():
         layout = "dense"
-    assert (w.panels is not None, w.dense is not None) == (layout == "panels", layout == "dense")
+    assert w.packed is qt
+    assert (w.gemm, w.dense is not None) == (layout == "gemm", layout == "dense")
     out = linear.prepare(qt, Policy.of(params), impl="native", many_rows=False)
-    assert out.packed is qt and out.dense is None and out.panels is None
+    assert out.packed is qt and out.dense is None and not out.gemm
     x = jnp.asarray(rng.standard_normal((MAX + 1, 256)), jnp.float32)
     text = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=Policy.of(params).compute)).lower(x, w).as_text()
-    assert ("realm_gemm_bf16" in text) == (layout == "panels")
+    assert ("realm_gemm_q" in text) == (layout == "gemm")
     assert "realm_qmatmul" not in text
     assert "realm_qmatmul" in jax.jit(linear.matmul).lower(x[:MAX], w).as_text()
 
@@ -61,25 +62,29 @@ def test_batch_size_does_not_change_the_math(rng):
 
 @needs_gemm
 @pytest.mark.parametrize("sizes", [(128, 64, 64), (100, 30, 70)], ids=["whole-panels", "partial-panels"])
-def test_fused_panels(sizes, rng):
-    """Fused q|k|v: panels concatenate as they are when the parts fill whole panels, else are repacked."""
+def test_fused_gemm(sizes, rng):
+    """Fused q|k|v: one weight of the parts' planes, whose gemm gives each part's own product, whether or
+    not the parts fill whole panels of 64 rows."""
     qts = [random_qtensor("Q8_0", n, 64, rng) for n in sizes]
-    fused = linear.concat([linear.prepare(q, Policy.of("bf16"), impl="native") for q in qts])
-    want = jnp.concatenate([dequantize(q, jnp.bfloat16) for q in qts])
-    np.testing.assert_array_equal(np.asarray(native.unpack_panels(fused.panels, sum(sizes))), np.asarray(want))
-    assert fused.shape == (sum(sizes), 64)
+    parts = [linear.prepare(q, Policy.of("bf16"), impl="native") for q in qts]
+    fused = linear.concat(parts)
+    assert fused.gemm and fused.dense is None and fused.shape == (sum(sizes), 64)
+    x = jnp.asarray(rng.standard_normal((MAX + 3, 64)), jnp.bfloat16)
+    f = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32))
+    want = jnp.concatenate([f(x, w) for w in parts], axis=-1)
+    np.testing.assert_array_equal(np.asarray(f(x, fused)), np.asarray(want))
 
 
 @needs_gemm
 @pytest.mark.parametrize("activation", list(native.GLU_ACTS))
 def test_glu_in_the_gemm_epilogue(activation, rng):
-    """linear.glu past MAX_ROWS rows on panels runs the activation in the gemm's epilogue (bf16 out) and
+    """linear.glu past MAX_ROWS rows on the gemm runs the activation in the gemm's epilogue (bf16 out) and
     gives the XLA path's hidden activations to bf16 rounding."""
     qt = random_qtensor("Q4_K", 256, 256, rng)
     w = linear.prepare(qt, Policy.of("bf16"), impl="native")
     x = jnp.asarray(rng.standard_normal((24, 256)), jnp.bfloat16)
     fast = jax.jit(lambda x, w: linear.glu(x, w, activation))
-    assert "realm_gemm_glu_bf16" in fast.lower(x, w).as_text()
+    assert "realm_gemm_q" in fast.lower(x, w).as_text()
     slow = linear.glu(x, to_dense(qt, jnp.bfloat16), activation)
     a, b = np.asarray(fast(x, w), np.float64), np.asarray(slow, np.float64)
     np.testing.assert_allclose(a, b, rtol=2**-7, atol=2**-7 * float(np.max(np.abs(b))) * 0.05)
@@ -123,8 +128,12 @@ def test_load_native_matches_xla(smollm2_path):
     la, lb = a.logits(ids), b.logits(ids)
     assert np.max(np.abs(la - lb)) < 0.05 * np.max(np.abs(lb))
     assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.9
-    assert "realm_qmatmul" in a.compiled_text("decode")
+    decode = a.compiled_text("decode")
+    assert "realm_qmatmul" in decode
+    if a.policy.compute == a.policy.kv:  # attention over the stacked cache in place, no copy of a layer's
+        assert "realm_decode_attention" in decode
     if native.gemm_available() and a.policy.params == a.policy.compute == BF16:
-        assert "realm_gemm_bf16" in a.compiled_text("prefill", prompt_tokens=16)
+        assert "realm_gemm_q" in a.compiled_text("prefill", prompt_tokens=16)
+        assert layer["wqkv"].gemm and layer["wqkv"].dense is None  # one copy of each weight: the planes
     prompt = "The capital of France is"
     assert a.generate(prompt, max_new_tokens=8) == b.generate(prompt, max_new_tokens=8)

@@ -135,7 +135,7 @@ def test_turned_off_or_unbuildable(tmp_path):
     off = _run(code, REALM_JAX_NATIVE="0")
     assert "auto: xla xla" in off.stdout and "turned off by REALM_JAX_NATIVE=0" in off.stdout, off.stderr
     broken = _run(code, CXX="false", REALM_JAX_CACHE=str(tmp_path))
-    assert "auto: xla xla" in broken.stdout and "building qmatmul.cc and gemm.cc failed (false -O3" in broken.stdout, broken.stderr
+    assert "auto: xla xla" in broken.stdout and "building qmatmul.cc, gemm.cc, attention.cc failed (false -O3" in broken.stdout, broken.stderr
     assert "attempts: 1" in broken.stdout, broken.stdout
 
 
@@ -162,3 +162,34 @@ def test_weights_rounded_to_the_params_dtype(fmt, weight_dtype, portable, rng):
     assert np.array_equal(np.isfinite(y), finite)
     tol = matmul_tolerance(jnp.float32, 256, rms(x), rms(wr[np.isfinite(wr)]))
     assert float(np.max(np.abs(y[finite] - want[finite]))) <= tol
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "f16c", "bmi2"} <= native.cpu_flags(), reason="this CPU has no AVX2")
+def test_forced_variants_run(tmp_path):
+    """REALM_JAX_NATIVE_VARIANT=avx2 (or portable) makes every native kernel the model runs come from that
+    build, on any machine that can execute it: the decode matmul and attention of a model on it agree with
+    the XLA path; an unknown variant is a clear error, and "auto" stays on XLA."""
+    code = """
+        import jax, jax.numpy as jnp, numpy as np
+        import realm_jax
+        from realm_jax import native
+        from realm_jax.quant import quantize, dequantize
+        w = quantize(np.random.default_rng(0).standard_normal((40, 256)).astype(np.float32), "Q4_K")
+        x = jnp.asarray(np.random.default_rng(1).standard_normal((3, 256)), jnp.float32)
+        f = jax.jit(native.matmul)
+        print("target:", "realm_qmatmul_avx2" in f.lower(x, w).as_text(), native.vector_path())
+        err = float(jnp.max(jnp.abs(f(x, w) - x @ dequantize(w).T)))
+        print("matmul ok:", err < 1e-3)
+        k = jnp.asarray(np.random.default_rng(2).standard_normal((2, 1, 8, 2, 32)), jnp.float32)
+        q = jnp.asarray(np.random.default_rng(3).standard_normal((1, 1, 4, 32)), jnp.float32)
+        pos = jnp.full((1, 1), 5, jnp.int32)
+        got = native.decode_attention(q, k, k, 1, pos, False, scale=0.2, kv_len=8)
+        want = realm_jax.ops.attention(q, k[1], k[1], pos, scale=0.2)
+        print("attention ok:", float(jnp.max(jnp.abs(got - want))) < 1e-5)
+    """
+    out = _run(code, REALM_JAX_NATIVE_VARIANT="avx2")
+    assert "target: True False" in out.stdout and "matmul ok: True" in out.stdout, out.stdout + out.stderr
+    assert "attention ok: True" in out.stdout, out.stdout + out.stderr
+    bad = _run("from realm_jax import native, linear; print(native.available(), native.reason()); "
+               "print(linear.resolve('auto', 'cpu'))", REALM_JAX_NATIVE_VARIANT="sse9")
+    assert "False" in bad.stdout and "must be one of" in bad.stdout and "xla" in bad.stdout, bad.stdout + bad.stderr

@@ -1,8 +1,10 @@
-"""realm_jax.native's bf16 gemm (gemm.cc): prefill's matmul on CPU, on weights packed in panels of 64 rows.
+"""realm_jax.native's bf16 gemm (gemm.cc): prefill's matmul on CPU, on weights packed in panels of 64 rows
+(`gemm`), or on a weight's quantized planes dequantized one panel at a time (`qgemm`).
 
 Checked against a float64 matmul of the bf16-rounded operands, in the AVX512_BF16 build (where the CPU has
 it) and the portable scalar build, for row counts around the 6-row tiles and weights whose row count is
-not a multiple of the 64-row panels."""
+not a multiple of the 64-row panels; `qgemm` against `gemm` on the dense bf16 weight, bit for bit, in
+every format."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import pytest
 
 from realm_jax import native
 from realm_jax.errors import ShapeMismatchError
-from helpers import assert_matmul_close, matmul_tolerance, rms
+from realm_jax.quant import to_dense
+from helpers import assert_matmul_close, matmul_tolerance, random_qtensor, rms
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
 
@@ -141,3 +144,58 @@ def test_glu_needs_whole_panels_and_a_known_activation(rng):
     call = jax.ffi.ffi_call("realm_gemm_glu_bf16", jax.ShapeDtypeStruct((9, 128), jnp.bfloat16))
     with pytest.raises(Exception, match="unknown activation"):
         jax.block_until_ready(call(jnp.zeros((9, 64), jnp.bfloat16), jnp.int32(0), p, act=np.int64(9)))
+
+
+def panels_of(qt):
+    """pack_panels of the weight rounded to bf16 as a dense bf16 copy holds it."""
+    return native.pack_panels(to_dense(qt, jnp.bfloat16).planes["w"].reshape(qt.shape))
+
+
+QGEMM_BUILDS = [(fmt, False) for fmt in native.FORMAT_IDS] + [(fmt, True) for fmt in ("Q4_1", "Q4_K", "IQ2_XS", "F16")]
+
+
+@pytest.mark.parametrize("fmt,portable", QGEMM_BUILDS, ids=[f"{f}-{'portable' if p else 'vector'}" for f, p in QGEMM_BUILDS])
+def test_qgemm_equals_gemm_on_the_bf16_weight(fmt, portable, rng):
+    """Every format's planes, dequantized a panel at a time inside the gemm, give the product of the
+    weight's bf16 copy (the same rounding, the same sums), for a partial last panel and a partial tile."""
+    qt = random_qtensor(fmt, 70, 256, rng)
+    x = jnp.asarray(rng.standard_normal((13, 256)), jnp.float32)
+    got = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, portable=portable))(x, qt)
+    want = jax.jit(lambda x, p: native.gemm(x, p, 70, out_dtype=jnp.float32, portable=portable))(x, panels_of(qt))
+    assert got.dtype == jnp.float32 and got.shape == (13, 70)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("activation", list(native.GLU_ACTS))
+def test_qgemm_glu_and_a_layer_of_a_stack(activation, portable, rng):
+    """The gate|up epilogue and layer i of stacked planes, read in place, as `gemm` on that layer's panels."""
+    qts = [random_qtensor("Q4_K", 256, 512, rng) for _ in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
+    x = jnp.asarray(rng.standard_normal((20, 512)), jnp.float32)
+    f = jax.jit(lambda x, w, i: native.qgemm(x, w, layer=i, glu=activation, portable=portable))
+    for i, qt in enumerate(qts):
+        want = native.gemm(x, panels_of(qt), 256, glu=activation, portable=portable)
+        got = f(x, stacked, jnp.int32(i))
+        assert got.shape == (20, 128)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_qgemm_bad_operands_are_clear_errors(rng):
+    qt = random_qtensor("Q4_K", 192, 256, rng)
+    with pytest.raises(ShapeMismatchError, match="must end in K=256"):
+        native.qgemm(jnp.zeros((9, 128)), qt)
+    with pytest.raises(ShapeMismatchError, match="multiple of 64"):
+        native.qgemm(jnp.zeros((9, 256)), qt, glu="silu")  # halves of 96 rows
+    planes = [qt.planes[p.name] for p in qt.format.planes]
+    call = jax.ffi.ffi_call("realm_gemm_q", jax.ShapeDtypeStruct((9, 192), jnp.float32))
+    x = jnp.zeros((9, 256), jnp.bfloat16)
+    fmt = np.int64(native.FORMAT_IDS["Q4_K"])
+    with pytest.raises(Exception, match="wrong number of planes"):
+        jax.block_until_ready(call(x, jnp.int32(0), *planes[:-1], fmt=fmt, act=np.int64(0)))
+    with pytest.raises(Exception, match="layer index is outside"):
+        jax.block_until_ready(call(x, jnp.int32(1), *planes, fmt=fmt, act=np.int64(0)))
+    with pytest.raises(Exception, match="unknown format"):
+        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=np.int64(99), act=np.int64(0)))
+    with pytest.raises(Exception, match="with an activation bf16"):
+        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(1)))

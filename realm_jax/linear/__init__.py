@@ -2,7 +2,7 @@
 
     xla          the reference: dequantize with jnp, then XLA's dot (every format, every platform)
     native       realm_jax.native's C++ kernels on one CPU device (decode on the planes as stored; prefill
-                 on bf16 panels or a dense copy)
+                 on the same planes dequantized a panel at a time, or a dense copy)
     triton       the Pallas Triton kernels (GPU)
     mosaic_gpu   the Pallas Mosaic GPU kernels (Hopper)
     mosaic_tpu   the Pallas Mosaic TPU kernels (TPU)
@@ -22,6 +22,7 @@ from realm_jax.linear.api import (
     backend_of,
     choose,
     concat,
+    decode_attention,
     describe,
     glu,
     matmul,
@@ -46,6 +47,7 @@ __all__ = [
     "backend_of",
     "choose",
     "concat",
+    "decode_attention",
     "describe",
     "gated",
     "glu",

@@ -27,7 +27,7 @@ from realm_jax.precision import Policy
 from realm_jax.quant import QTensor, concat_rows, get_format
 
 __all__ = ["BACKENDS", "IMPLS", "REFERENCE", "Choice", "backend_of", "choose", "concat", "describe", "glu", "matmul",
-           "place", "plan", "prepare", "products", "qmatmul", "resolve", "split_stacked"]
+           "place", "plan", "prepare", "products", "decode_attention", "qmatmul", "resolve", "split_stacked"]
 
 log = logging.getLogger("realm_jax.linear")
 
@@ -121,7 +121,7 @@ def backend_of(w: Prepared) -> Backend:
 
 
 def describe(w: Prepared) -> str:
-    """How a prepared weight is served, e.g. "native (1-8 rows), native gemm (more, bf16 panels)"."""
+    """How a prepared weight is served, e.g. "native (1-8 rows), native gemm (more, from the planes)"."""
     return backend_of(w).describe(w)
 
 
@@ -249,3 +249,11 @@ def products(impl: str):
     """Attention's prefill products on the preferred backend `impl`, where it has them (a function for
     `realm_jax.ops.attention`'s `products`), else None (XLA's dots)."""
     return getattr(BACKENDS.get(impl), "products", None)
+
+
+def decode_attention(impl: str):
+    """A decode step's attention over the stacked KV cache read in place, on the preferred backend `impl`
+    where it has it: a function (q, k_cache, v_cache, scores_dtype) -> the attention function for these
+    operands (`realm_jax.native.decode_attention`'s signature) or None; else None (XLA's dots on a copy of
+    the layer's cache)."""
+    return getattr(BACKENDS.get(impl), "decode_attention", None)

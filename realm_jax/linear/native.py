@@ -1,11 +1,12 @@
 """The native CPU backend: `realm_jax.native`'s C++ kernels (XLA FFI custom calls) on one CPU device.
 
 Decode (up to `realm_jax.native.MAX_ROWS` rows of x) runs the native matmul on the weight's planes as
-stored in the file. More rows (prefill) run the native bf16 gemm on panels laid out at load, where the
-policy's params and compute dtypes are both bf16 and the CPU has AVX512_BF16, else XLA's dot on a dense
-copy in the params dtype. Inside a scan over stacked layers the kernels read layer i of the stack where
-it lies (`stacked` / `unstack`): XLA would copy each layer's weight out on every step (2.6 ms of a 12 ms
-gemma3 decode step, 5.7 ms of its 128-token prefill).
+stored in the file. More rows (prefill) run the native bf16 gemm on the same planes, dequantizing a panel
+of the weight at a time (`realm_jax.native.qgemm`), where the policy's params and compute dtypes are both
+bf16 and the CPU has AVX512_BF16, else XLA's dot on a dense copy in the params dtype. So under the bf16
+policy the weights are held once, as stored. Inside a scan over stacked layers the kernels read layer i of
+the stack where it lies (`stacked` / `unstack`): XLA would copy each layer's weight out on every step
+(2.6 ms of a 12 ms gemma3 decode step, 5.7 ms of its 128-token prefill).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from realm_jax.quant import Format, QTensor, concat_rows, to_dense
 __all__ = ["NATIVE", "Native", "NativeWeight"]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "panels", "layer"],
-                   meta_fields=["dtype"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"],
+                   meta_fields=["dtype", "gemm"])
 @dataclasses.dataclass(frozen=True)
 class NativeWeight(Prepared):
     """A linear layer's weight for the native backend.
@@ -37,24 +38,25 @@ class NativeWeight(Prepared):
         the file, or the policy's dense dtype for weights stored dense. None in the sliced half of a
         stacked weight (`Native.stacked`).
       dense: the same weight dense in the policy's dtype, for XLA's dot on more rows (prefill); None where
-        `panels` serves them, where only few rows are ever multiplied at speed (the output projection: a
-        prefill needs only the last position's logits), or where `packed` is dense already.
-      panels: the same weight in bf16 laid out for the native gemm (`realm_jax.native.pack_panels`), which
-        multiplies more than MAX_ROWS rows when the policy's params and compute dtypes are both bf16; or None.
-      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes and
-        `panels` are then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
+        the native gemm serves them (`gemm`), where only few rows are ever multiplied at speed (the output
+        projection: a prefill needs only the last position's logits), or where `packed` is dense already.
+      layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
+        then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
       dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
         what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
         "float16", the values a dense copy in that dtype holds (`qmatmul(impl="native")` on a QTensor
         uses its compute dtype, as the XLA path dequantizes to it).
+      gemm: (static) more than MAX_ROWS rows of a bf16 compute dtype run the native bf16 gemm on
+        `packed` (`realm_jax.native.qgemm`: the weight rounded to bf16 panel by panel, as a bf16 copy holds
+        it).
     """
 
     backend: ClassVar[str] = "native"
     packed: QTensor | None
     dense: QTensor | None = None
-    panels: jax.Array | None = None
     layer: jax.Array | None = None
     dtype: str = "float32"
+    gemm: bool = False
 
     @property
     def fmt(self) -> str:
@@ -67,13 +69,13 @@ class NativeWeight(Prepared):
     def __repr__(self) -> str:
         stacked = "" if self.layer is None else ", one layer of a stack"
         return (f"NativeWeight({self.fmt}, shape={self.shape}, dense={self.dense is not None}, "
-                f"panels={self.panels is not None}{stacked})")
+                f"gemm={self.gemm}{stacked})")
 
 
 def _gemm_rows(w: NativeWeight, compute_dtype, m: int) -> bool:
-    """Whether m rows go to the native bf16 gemm: panels, a bf16 compute dtype and more rows than the
-    decode kernel takes."""
-    return w.panels is not None and jnp.dtype(compute_dtype) == jnp.bfloat16 and m > kernels.MAX_ROWS
+    """Whether m rows go to the native bf16 gemm: a weight prepared for it, a bf16 compute dtype and more
+    rows than the decode kernel takes."""
+    return w.gemm and jnp.dtype(compute_dtype) == jnp.bfloat16 and m > kernels.MAX_ROWS
 
 
 class Native(Backend):
@@ -90,18 +92,16 @@ class Native(Backend):
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> NativeWeight:
         # Decode multiplies the weights exactly as stored (rounding them to a 16-bit params dtype in the
-        # kernel, as the dense copy is, measured 1.4-2x the kernel's time); the prefill copy holds them in
-        # the params dtype, so a batch of more than MAX_ROWS rows sees them rounded.
+        # kernel, as the dense copy is, measured 1.4-2x the kernel's time); prefill's gemm (or the dense
+        # copy for XLA's dot) rounds them to the params dtype, so a batch of more than MAX_ROWS rows sees
+        # them rounded.
         quantized = qt.format.block_size > 1
-        if not many_rows and quantized:
-            return NativeWeight(qt)
+        gemm = many_rows and policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
+        if quantized and (gemm or not many_rows):
+            return NativeWeight(qt, gemm=gemm)
         dense = to_dense(qt, policy.params)
         packed = qt if quantized else dense
-        if not many_rows:
-            return NativeWeight(packed)
-        if policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available():
-            return NativeWeight(packed, panels=kernels.pack_panels(dense.planes["w"].reshape(qt.shape)))
-        return NativeWeight(packed, dense if quantized else None)
+        return NativeWeight(packed, dense if quantized and many_rows else None, gemm=gemm)
 
     def view(self, qt: QTensor, compute_dtype) -> NativeWeight:
         return NativeWeight(qt, dtype=jnp.dtype(compute_dtype).name)
@@ -112,7 +112,7 @@ class Native(Backend):
             raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
         m = x.shape[0]
         if _gemm_rows(w, compute_dtype, m):
-            return kernels.gemm(x, w.panels, w.shape[0], out_dtype=out_dtype, layer=w.layer)
+            return kernels.qgemm(x, w.packed, out_dtype=out_dtype, layer=w.layer)
         if m > kernels.MAX_ROWS:
             dense_stored = w.packed.format.block_size == 1 and w.layer is None
             big = w.dense if w.dense is not None else w.packed if dense_stored else None
@@ -126,36 +126,28 @@ class Native(Backend):
         # in the bf16 compute dtype, without a pass over the f32 [M, 2F] product.
         if _gemm_rows(w, compute_dtype, x.shape[0]) and w.shape[0] % (2 * kernels.PANEL) == 0 \
                 and activation in kernels.GLU_ACTS and jax.default_backend() == "cpu":
-            return kernels.gemm(x, w.panels, w.shape[0], out_dtype=jnp.float32, layer=w.layer, glu=activation)
+            return kernels.qgemm(x, w.packed, out_dtype=jnp.float32, layer=w.layer, glu=activation)
         return super().glu(x, w, activation, compute_dtype=compute_dtype)
 
     def concat(self, ws: list[NativeWeight]) -> NativeWeight | None:
-        if len({(w.fmt, w.dtype, w.dense is None, w.panels is None) for w in ws}) != 1:
+        if len({(w.fmt, w.dtype, w.dense is None, w.gemm) for w in ws}) != 1:
             return None
         if any(w.layer is not None or w.packed is None for w in ws):
             raise QTensorError(f"native: cannot fuse weights read from a stack of layers: {ws}")
         dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
-        panels = None
-        if ws[0].panels is not None:
-            if all(w.shape[0] % kernels.PANEL == 0 for w in ws[:-1]):  # whole panels: they simply follow
-                panels = jnp.concatenate([w.panels for w in ws])
-            else:
-                panels = kernels.pack_panels(jnp.concatenate([kernels.unpack_panels(w.panels, w.shape[0])
-                                                              for w in ws]))
-        return NativeWeight(concat_rows([w.packed for w in ws]), dense, panels, dtype=ws[0].dtype)
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense, dtype=ws[0].dtype, gemm=ws[0].gemm)
 
     def stacked(self, w: NativeWeight) -> tuple[NativeWeight, Any]:
-        # The planes and panels stay whole (the kernels read layer i in place); the dense copy (prefill's
-        # where there are no panels) is sliced as usual, and a dense-stored weight goes both ways (whole
-        # for the kernel, sliced for the dot; XLA drops the slice nothing reads).
+        # The planes stay whole (the kernels read layer i in place); the dense copy (prefill's where the
+        # gemm does not run) is sliced as usual, and a dense-stored weight goes both ways (whole for the
+        # kernels, sliced for the dot; XLA drops the slice nothing reads).
         dense = w.dense
-        if dense is None and w.packed.format.block_size == 1 and w.panels is None:
+        if dense is None and w.packed.format.block_size == 1 and not w.gemm:
             dense = w.packed
-        return NativeWeight(None, dense, dtype=w.dtype), (w.packed, w.panels)
+        return NativeWeight(None, dense, dtype=w.dtype, gemm=w.gemm), w.packed
 
     def unstack(self, sliced: NativeWeight, whole: Any, index: jax.Array) -> NativeWeight:
-        packed, panels = whole
-        return NativeWeight(packed, sliced.dense, panels, index, sliced.dtype)
+        return NativeWeight(whole, sliced.dense, index, sliced.dtype, sliced.gemm)
 
     def place(self, w, spec, mesh, what):
         raise ShardingError(f"{what}: the native backend's {w} runs on one CPU device, not on a mesh")
@@ -164,8 +156,8 @@ class Native(Backend):
         decode = f"native (1-{kernels.MAX_ROWS} rows)"
         if w is None:
             return decode
-        if w.panels is not None:
-            return f"{decode}, native gemm (more, bf16 panels)"
+        if w.gemm:
+            return f"{decode}, native gemm (more, from the planes)"
         if w.dense is not None:
             return f"{decode}, xla (more, dense {w.dense.fmt} copy)"
         return decode if w.packed.format.block_size > 1 else f"{decode}, xla (more)"
@@ -191,6 +183,17 @@ class Native(Backend):
             return jnp.stack([jnp.stack(r) for r in out])
 
         return product
+
+
+    def decode_attention(self, q, k_cache, v_cache, scores_dtype):
+        """Attention for a decode step (at most MAX_ROWS queries per sequence) on the stacked cache read in
+        place (`realm_jax.native.decode_attention`), where the scores are f32 and the cache holds the
+        queries' dtype, bf16 or f32 (XLA's path would round the cache to it); else None."""
+        if jax.default_backend() != "cpu" or q.shape[1] > kernels.MAX_ROWS or jnp.dtype(scores_dtype) != jnp.float32 \
+                or not k_cache.dtype == v_cache.dtype == q.dtype or q.dtype not in (jnp.bfloat16, jnp.float32) \
+                or not kernels.available():
+            return None
+        return kernels.decode_attention
 
 
 _ATTENTION_BLOCKS = 8  # batch x kv heads up to which the native products are unrolled

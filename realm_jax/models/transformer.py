@@ -22,6 +22,7 @@ from jax import lax
 from realm_jax import linear, ops
 from realm_jax.models.config import ModelConfig
 from realm_jax.precision import Policy
+from realm_jax.quant.formats import adjacent_view
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])
@@ -70,10 +71,17 @@ def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False) -> l
         j = i + 1
         while j < end and jax.tree_util.tree_structure(layers[j]) == treedef:
             j += 1
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers[i:j])
+        stacked = jax.tree.map(_stack, *layers[i:j])
         runs.append(LayerRun(i, j - i, stacked))
         i = j
     return runs
+
+
+def _stack(*xs):
+    """jnp.stack, or the memory the layers' arrays already lie in, in order (`checkpoint.read_gguf` places
+    them so): a view, not a second copy of the weights."""
+    view = adjacent_view(xs, stack=True)
+    return view if view is not None else jnp.stack(xs)
 
 
 jax.tree_util.register_dataclass(LayerRun, data_fields=["params"], meta_fields=["first", "count"])
@@ -131,6 +139,22 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     q = ops.rope(q, positions, inv_freq, neox=config.rope_neox, tables=tables)
     k = ops.rope(k, positions, inv_freq, neox=config.rope_neox, tables=tables)
 
+    decoder = linear.decode_attention(impl) if row is None and keep is None else None
+    attend = decoder and decoder(_to(q, dtype), cache.k, cache.v, policy.scores)
+    if attend:
+        # A decode step on a backend that attends over the stacked cache where it lies: this step's keys and
+        # values go into the stack in place (one update per sequence; a vmapped update made XLA scatter),
+        # with no copy of the layer's cache out of the stack and back.
+        ck, cv = cache.k, cache.v
+        for i in range(b):
+            start = (layer, i, positions[i, 0], 0, 0)
+            ck = lax.dynamic_update_slice(ck, k[i][None, None].astype(ck.dtype), start)
+            cv = lax.dynamic_update_slice(cv, v[i][None, None].astype(cv.dtype), start)
+        cache = KVCache(ck, cv)
+        attn = attend(_to(q, dtype), ck, cv, layer, positions, local, scale=config.scale,
+                      window=config.sliding_window, kv_len=kv_len)
+        return _block_rest(config, p, x, attn, dtype, norm), cache
+
     # Write this step's keys/values at each sequence's own offset, then attend over the cache.
     write = jax.vmap(lambda c, new, start: lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
     if row is None:
@@ -151,6 +175,13 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     attn = ops.attention(_to(q, dtype), _to(ck[:, :kv_len], dtype), _to(cv[:, :kv_len], dtype), positions,
                          scale=config.scale, window=config.sliding_window, local=local, scores_dtype=policy.scores,
                          products=linear.products(impl))
+    return _block_rest(config, p, x, attn, dtype, norm), cache
+
+
+def _block_rest(config: ModelConfig, p: dict[str, Any], x, attn, dtype, norm):
+    """The layer after attention: the output projection of attn [B, T, N, Hv] onto the residual x [B, T, D],
+    then the FFN; the new x."""
+    b, t = attn.shape[:2]
     o = _linear(attn.reshape(b, t, -1), p["wo"], dtype)
     if config.post_norms:
         o = norm(o, p["post_attn_norm"])
@@ -165,7 +196,7 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
     down = _linear(hidden, p["w_down"], dtype)
     if config.post_norms:
         down = norm(down, p["post_ffn_norm"])
-    return x + down, cache
+    return x + down
 
 
 def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, slots, layer_ids, *, policy: Policy,

@@ -15,8 +15,10 @@ copied out of the stack; the gemm runs at ~860).
 
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
-compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul`` and
-``realm_gemm_bf16``. ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
+compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul``,
+``realm_gemm_bf16``, ``realm_gemm_q`` (prefill's gemm on the planes) and ``realm_decode_attention``
+(attention.cc: a decode step over the stacked KV cache in place). ``REALM_JAX_NATIVE_VARIANT`` forces one of
+the builds in `VARIANTS` (native, avx2, portable) for everything that runs. ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
 why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
 `NativeBuildError`.
 
@@ -43,13 +45,13 @@ import numpy as np
 from realm_jax.errors import NativeBuildError, ShapeMismatchError
 from realm_jax.quant import QTensor
 
-__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "gemm", "gemm_available", "matmul",
-           "pack_panels", "reason", "supports", "unpack_panels", "vector_path"]
+__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention", "gemm", "gemm_available", "matmul",
+           "pack_panels", "qgemm", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc")  # one library; both include pool.h and numeric.h
+_SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc", _HERE / "attention.cc")  # one library; pool.h, numeric.h
 # qmatmul.cc's per-family headers; realm_tables.h (the codebooks) is generated from realm_jax.quant at build.
-_HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
+_HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "dequant.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
                                      "iquants.h", "plain.h"))
 # The format ids planes.h's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "I8": 3, "I16": 4, "I32": 5, "I64": 6, "F64": 7,
@@ -57,10 +59,25 @@ FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "I8": 3, "I16": 4, "I32": 5, "I64":
               "Q4_K": 20, "Q5_K": 21, "Q6_K": 22, "Q8_K": 23, "Q2_K": 24, "Q3_K": 25,
               "IQ4_NL": 30, "IQ4_XS": 31, "MXFP4": 32, "NVFP4": 33, "TQ1_0": 40, "TQ2_0": 41,
               "IQ1_S": 50, "IQ1_M": 51, "IQ2_XXS": 52, "IQ2_XS": 53, "IQ2_S": 54, "IQ3_XXS": 55, "IQ3_S": 56}
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGET = {False: "realm_qmatmul", True: "realm_qmatmul_portable"}
-_GEMM_TARGET = {False: "realm_gemm_bf16", True: "realm_gemm_bf16_portable"}
-_GLU_TARGET = {False: "realm_gemm_glu_bf16", True: "realm_gemm_glu_bf16_portable"}
+_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-w")
+# The builds of the kernels, each forced with REALM_JAX_NATIVE_VARIANT (default "native"), so that tests can
+# run every one on any x86-64 machine that can execute it:
+#   native    -O3 -march=native: the AVX-512 paths where the CPU has AVX-512 (F, BW; the gemm AVX512_BF16)
+#   avx2      -O3 -march=x86-64-v3: AVX2 and FMA, no AVX-512 (the portable loops, vectorized by the compiler)
+#   portable  the portable loops at -O1, even where AVX-512 is present (for tests: small shapes only)
+VARIANTS = {"native": ("-O3", "-march=native"), "avx2": ("-O3", "-march=x86-64-v3"),
+            "portable": ("-O3", "-march=native", "-O1", "-DREALM_PORTABLE")}  # the last -O wins
+_NEEDS = {"avx2": ("avx2", "fma", "f16c", "bmi2")}  # CPU flags a variant's code executes
+
+
+def _variant(portable: bool = False) -> str:
+    """The build a call uses: "portable" when asked for, else REALM_JAX_NATIVE_VARIANT's (default native)."""
+    return "portable" if portable else os.environ.get("REALM_JAX_NATIVE_VARIANT", "native")
+
+
+def _target(name: str, variant: str) -> str:
+    """The XLA FFI target of kernel `name` in a build: the native build's under the plain name."""
+    return name if variant == "native" else f"{name}_{variant}"
 GLU_ACTS = {"silu": 1, "gelu_tanh": 2}  # gemm.cc's Act: the gated FFN activations its epilogue applies
 PANEL = 64  # rows of W per panel of `pack_panels` (gemm.cc's kPanel)
 # Up to this many rows of x the native kernel runs; past it the gemm on panels (or XLA's dot on a dense copy,
@@ -86,6 +103,17 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _cache_root() -> pathlib.Path:
@@ -116,14 +144,21 @@ def tables_header() -> str:
             + f"alignas(64) inline constexpr float kUe4m3[256] = {{{ue4m3}}};\n}}  // namespace realm::tables\n")
 
 
-def build(portable: bool = False) -> pathlib.Path:
-    """Compile the native sources (qmatmul.cc and gemm.cc into one library, once per source, compiler,
-    flags, jax version and CPU) and return the shared library's path. `portable` builds the scalar path even
-    where AVX-512 is present (the tests check it), at -O1: it runs small test shapes only, and -O3 takes twice
-    as long to build (26 s against 12 on the 2-core CPU, a format template instantiated per rows and rounding).
-    Raises NativeBuildError with the compiler's output when it fails."""
+def build(portable: bool = False, variant: str | None = None) -> pathlib.Path:
+    """Compile the native sources (qmatmul.cc, gemm.cc and attention.cc into one library, once per source,
+    compiler, flags, jax version and CPU) and return the shared library's path. `variant` is one of VARIANTS
+    (default: `_variant(portable)`); the portable one runs the scalar path even where AVX-512 is present (the
+    tests check it), at -O1: it runs small test shapes only, and -O3 takes twice as long to build (26 s
+    against 12 on the 2-core CPU, a format template instantiated per rows and rounding).
+    Raises NativeBuildError with the compiler's output when it fails, or for a variant this CPU cannot run."""
+    variant = _variant(portable) if variant is None else variant
+    if variant not in VARIANTS:
+        raise NativeBuildError(f"realm_jax.native: REALM_JAX_NATIVE_VARIANT={variant!r} must be one of {list(VARIANTS)}")
+    missing = [f for f in _NEEDS.get(variant, ()) if f not in cpu_flags()]
+    if missing:
+        raise NativeBuildError(f"realm_jax.native: the {variant} build needs CPU flags this CPU lacks: {missing}")
     cxx = _compiler()
-    flags = (*_FLAGS, "-O1", "-DREALM_PORTABLE") if portable else _FLAGS  # the last -O wins
+    flags = (*VARIANTS[variant], *_FLAGS)
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -132,7 +167,7 @@ def build(portable: bool = False) -> pathlib.Path:
     texts = [f.read_text() for f in (*_SOURCES, *_HEADERS)] + [tables]
     key = hashlib.sha256("\0".join([*texts, cxx, version, " ".join(flags), jax.__version__,
                                     platform.machine(), _cpu_signature()]).encode()).hexdigest()[:16]
-    name = "librealm_qmatmul_portable.so" if portable else "librealm_qmatmul.so"
+    name = f"librealm_{variant}.so"
     target = _cache_root() / key / name
     if target.exists():
         return target
@@ -145,7 +180,7 @@ def build(portable: bool = False) -> pathlib.Path:
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise NativeBuildError(f"realm_jax.native: building {' and '.join(f.name for f in _SOURCES)} failed ({' '.join(cmd)}):\n"
+            raise NativeBuildError(f"realm_jax.native: building {', '.join(f.name for f in _SOURCES)} failed ({' '.join(cmd)}):\n"
                                    f"{done.stderr.strip()[-4000:]}")
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
     except subprocess.TimeoutExpired:
@@ -158,29 +193,30 @@ def build(portable: bool = False) -> pathlib.Path:
 
 
 @functools.cache
-def _outcome(portable: bool) -> ctypes.CDLL | NativeBuildError:
+def _outcome(variant: str) -> ctypes.CDLL | NativeBuildError:
     """Build, load and register the library, once per process: the library, or why not (kept, so that a
     machine without a working compiler does not retry the build on every trace that asks)."""
     if os.environ.get("REALM_JAX_NATIVE", "1") == "0":
         return NativeBuildError("realm_jax.native: turned off by REALM_JAX_NATIVE=0")
     try:
-        path = build(portable)
+        path = build(variant=variant)
     except NativeBuildError as e:
         return e
     try:
         lib = ctypes.CDLL(str(path))
-        handler, gemm, glu = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16
+        handler, gemm, glu, qgemm = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16, lib.RealmGemmQ
+        attention = lib.RealmDecodeAttention
     except (OSError, AttributeError) as e:
         return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
-    jax.ffi.register_ffi_target(_TARGET[portable], jax.ffi.pycapsule(handler), platform="cpu")
-    jax.ffi.register_ffi_target(_GEMM_TARGET[portable], jax.ffi.pycapsule(gemm), platform="cpu")
-    jax.ffi.register_ffi_target(_GLU_TARGET[portable], jax.ffi.pycapsule(glu), platform="cpu")
+    for name, handler in (("realm_qmatmul", handler), ("realm_gemm_bf16", gemm), ("realm_gemm_glu_bf16", glu),
+                          ("realm_gemm_q", qgemm), ("realm_decode_attention", attention)):
+        jax.ffi.register_ffi_target(_target(name, variant), jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
 
-def _load(portable: bool) -> ctypes.CDLL:
-    """The registered library; NativeBuildError if it cannot be had here."""
-    outcome = _outcome(portable)
+def _load(portable: bool = False) -> ctypes.CDLL:
+    """The registered library of the build a call uses (`_variant`); NativeBuildError if it cannot be had."""
+    outcome = _outcome(_variant(portable))
     if isinstance(outcome, NativeBuildError):
         raise outcome
     return outcome
@@ -188,12 +224,12 @@ def _load(portable: bool) -> ctypes.CDLL:
 
 def available() -> bool:
     """Whether the native matmul is built and registered here (building it on the first call)."""
-    return not isinstance(_outcome(False), NativeBuildError)
+    return not isinstance(_outcome(_variant()), NativeBuildError)
 
 
 def reason() -> str | None:
     """Why `available()` is False, or None."""
-    outcome = _outcome(False)
+    outcome = _outcome(_variant())
     return str(outcome) if isinstance(outcome, NativeBuildError) else None
 
 
@@ -208,6 +244,18 @@ def supports(w) -> bool:
 
 
 _ROUND = {"float32": 0, "bfloat16": 1, "float16": 2}  # qmatmul.cc's Round
+
+
+def _checked(w, layer, what: str):
+    """w's planes checked (one layer's, when `layer` reads one of a stack), and w supported."""
+    if layer is None:
+        w.check(f"{what}: w")
+    else:  # the planes of one layer must be right; the stack's depth is checked by the kernel
+        QTensor(w.fmt, w.shape, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in w.planes.items()}
+                ).check(f"{what}: w (one layer of a stack)")
+    if not supports(w):
+        raise ShapeMismatchError(f"{what}: {w} is not supported (a 2-D weight of "
+                                 f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
 
 
 def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=None, layer=None,
@@ -229,14 +277,7 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     Returns:
       [..., N] in out_dtype. Call it under `jax.jit` on the CPU backend.
     """
-    if layer is None:
-        w.check("realm_jax.native.matmul: w")
-    else:  # the planes of one layer must be right; the stack's depth is checked by the kernel
-        QTensor(w.fmt, w.shape, {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in w.planes.items()}
-                ).check("realm_jax.native.matmul: w (one layer of a stack)")
-    if not supports(w):
-        raise ShapeMismatchError(f"realm_jax.native.matmul: {w} is not supported (a 2-D weight of "
-                                 f"{', '.join(FORMAT_IDS)} with cols a multiple of 32)")
+    _checked(w, layer, "realm_jax.native.matmul")
     if x.shape[-1] != w.shape[1]:
         raise ShapeMismatchError(f"realm_jax.native.matmul: x.shape={x.shape} must end in K={w.shape[1]}")
     _load(portable)
@@ -249,7 +290,7 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     weight_dtype = jnp.dtype(jnp.float32 if weight_dtype is None else weight_dtype).name
     if weight_dtype not in _ROUND:
         raise ShapeMismatchError(f"realm_jax.native.matmul: weight_dtype={weight_dtype} must be one of {list(_ROUND)}")
-    y = jax.ffi.ffi_call(_TARGET[portable], out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
+    y = jax.ffi.ffi_call(_target("realm_qmatmul", _variant(portable)), out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
                                                  round=np.int64(_ROUND[weight_dtype]))
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)
 
@@ -257,7 +298,7 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
 def gemm_available() -> bool:
     """Whether `gemm` runs its vector path here (AVX512_BF16); where it does not, `load` keeps a dense
     copy for XLA's dot instead of `pack_panels`' layout (the scalar path is for tests)."""
-    return available() and bool(_load(False).realm_gemm_vector_path())
+    return available() and bool(_load().realm_gemm_vector_path())
 
 
 def pack_panels(w: jax.Array) -> jax.Array:
@@ -311,9 +352,75 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
     index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
     if glu is None:
         out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
-        y = jax.ffi.ffi_call(_GEMM_TARGET[portable], out)(rows, index, panels)
+        y = jax.ffi.ffi_call(_target("realm_gemm_bf16", _variant(portable)), out)(rows, index, panels)
     else:
         n //= 2
         out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16)
-        y = jax.ffi.ffi_call(_GLU_TARGET[portable], out)(rows, index, panels, act=np.int64(GLU_ACTS[glu]))
+        y = jax.ffi.ffi_call(_target("realm_gemm_glu_bf16", _variant(portable)), out)(rows, index, panels, act=np.int64(GLU_ACTS[glu]))
     return y.reshape(*x.shape[:-1], n).astype(out_dtype)
+
+
+def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None, portable: bool = False) -> jax.Array:
+    """y = x @ W^T for many rows of x (prefill), with W read from its planes as stored: `gemm`'s bf16
+    product with f32 accumulation, each panel of 64 of W's rows dequantized (and rounded to bf16, as
+    `pack_panels` of the dense bf16 weight holds it) into a buffer of the thread that multiplies it, so
+    that no bf16 copy of the weight exists. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
+
+    Args:
+      x: [..., K] float array (rounded to bf16).
+      w: a 2-D `QTensor` (N, K) that `supports` accepts; with `layer`, planes of a stack [L, ...] of which
+        layer `layer` (an int32 scalar, traced or not) is read in place.
+      out_dtype, glu, portable: as `gemm`'s (`glu`: W is gate|up, N/2 a multiple of PANEL).
+
+    Returns:
+      [..., N] (or [..., N/2] with `glu`) in out_dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    _checked(w, layer, "realm_jax.native.qgemm")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ShapeMismatchError(f"realm_jax.native.qgemm: x.shape={x.shape} must end in K={k}")
+    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
+        raise ShapeMismatchError(f"realm_jax.native.qgemm: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
+                                 f"halves of a multiple of {PANEL} rows, got n={n}")
+    _load(portable)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    rows = x.reshape(-1, k).astype(jnp.bfloat16)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    planes = [w.planes[p.name] for p in w.format.planes]
+    width, dtype = (n, jnp.float32) if glu is None else (n // 2, jnp.bfloat16)
+    out = jax.ShapeDtypeStruct((rows.shape[0], width), dtype)
+    y = jax.ffi.ffi_call(_target("realm_gemm_q", _variant(portable)), out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
+                                                      act=np.int64(0 if glu is None else GLU_ACTS[glu]))
+    return y.reshape(*x.shape[:-1], width).astype(out_dtype)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, query_pos: jax.Array, local, *,
+                     scale: float, window: int = 0, kv_len: int | None = None, portable: bool = False) -> jax.Array:
+    """`realm_jax.ops.attention` for a decode step, over layer `layer` of the stacked KV cache read in place
+    (attention.cc): f32 scores and softmax, the probabilities rounded to the cache's dtype, f32 sums.
+
+    Args:
+      q: [B, T, N, H] queries in the compute dtype (few T: a decode step).
+      k_cache: [L, Bc, S, K, H] and v_cache [L, Bc, S, K, Hv], both bf16 or both f32, Bc >= B: the stacked
+        cache with this step's keys and values already written; sequences 0..B-1 are read.
+      layer: int32 scalar (traced or not): the cache slot of this layer.
+      query_pos: [B, T] int32, each query's position (< S): it attends to the keys at positions <= its own
+        and below kv_len (with `local` true and a `window`, the last `window` of them).
+      local: bool scalar (traced or not).
+
+    Returns:
+      [B, T, N, Hv] in q.dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    b, t, n, h = q.shape
+    if k_cache.ndim != 5 or v_cache.ndim != 5 or k_cache.shape[-1] != h or n % k_cache.shape[3] \
+            or k_cache.dtype != v_cache.dtype or k_cache.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ShapeMismatchError(f"realm_jax.native.decode_attention: q{list(q.shape)} against caches "
+                                 f"{k_cache.dtype}{list(k_cache.shape)} / {v_cache.dtype}{list(v_cache.shape)}")
+    _load(portable)
+    kv_len = k_cache.shape[2] if kv_len is None else kv_len
+    out = jax.ShapeDtypeStruct((b, t, n, v_cache.shape[-1]), jnp.float32)
+    y = jax.ffi.ffi_call(_target("realm_decode_attention", _variant(portable)), out)(
+        q.astype(jnp.float32), jnp.asarray(query_pos, jnp.int32), jnp.asarray(layer, jnp.int32).reshape(()),
+        jnp.asarray(local, jnp.int32).reshape(()), k_cache, v_cache, scale=np.float32(scale),
+        window=np.int64(window), kv_len=np.int64(kv_len))
+    return y.astype(q.dtype)

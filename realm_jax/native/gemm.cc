@@ -20,13 +20,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && !defined(REALM_PORTABLE)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && !defined(REALM_PORTABLE)
 #include <immintrin.h>
 #define REALM_GEMM_BF16 1
 #endif
 
+#include "dequant.h"
 #include "numeric.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -34,6 +37,8 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+using namespace realm;  // NOLINT: the format ids, Row, Planes and the per-format dequantization
 
 constexpr int64_t kPanel = 64;  // rows of W per panel: 4 vectors of 16 f32 lanes
 constexpr int kRows = 6;        // rows of x per tile: 6 x 4 = 24 accumulators of the 32 vector registers
@@ -54,12 +59,11 @@ struct Gemm {
 constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
 
 #ifdef REALM_GEMM_BF16
-// Rows [m0, m0 + R) of x against panel `panel`, into acc.
+// Rows [m0, m0 + R) of x against the panel at w, into acc.
 template <int R>
-inline void accumulate(const Gemm& g, int64_t m0, int64_t panel, __m512 (&acc)[R][4]) {
+inline void accumulate(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&acc)[R][4]) {
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
-  const uint32_t* w = g.w + panel * g.kp * kPanel;
   const uint32_t* x = g.x + m0 * g.kp;
   for (int64_t k = 0; k < g.kp; ++k) {
     const uint32_t* wk = w + k * kPanel;
@@ -107,12 +111,12 @@ inline __m512 act512(int64_t act, __m512 g) {
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
-// R x 64 outputs of panel `panel` (the first `cols` stored): f32 y, or with an activation the GLU's bf16
-// act(gate) * up, gate from panel `panel` and up from the panel N/2 rows on.
+// R x 64 outputs of panel `panel` (the first `cols` stored): f32 y from the panel at w, or with an
+// activation the GLU's bf16 act(gate) * up, gate from the panel at w and up from the one at up.
 template <int R>
-void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
+void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uint32_t* up, int64_t cols) {
   __m512 acc[R][4];
-  accumulate<R>(g, m0, panel, acc);
+  accumulate<R>(g, m0, w, acc);
   if (g.act == kNoAct) {
     float* y = static_cast<float*>(g.y) + m0 * g.n + panel * kPanel;
     for (int j = 0; j < 4; ++j)
@@ -122,7 +126,7 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
   __m512 gate[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) gate[i][j] = act512(g.act, acc[i][j]);
-  accumulate<R>(g, m0, panel + g.n / 2 / kPanel, acc);
+  accumulate<R>(g, m0, up, acc);
   const int64_t half = g.n / 2;
   uint16_t* y = static_cast<uint16_t*>(g.y) + m0 * half + panel * kPanel;
   for (int j = 0; j < 4; ++j)
@@ -147,8 +151,7 @@ inline float act_scalar(int64_t act, float g) {
   return g / (1.0f + std::exp(-z));
 }
 
-inline float dot(const Gemm& g, int64_t m, int64_t panel, int64_t c) {
-  const uint32_t* w = g.w + panel * g.kp * kPanel;
+inline float dot(const Gemm& g, int64_t m, const uint32_t* w, int64_t c) {
   const uint32_t* x = g.x + m * g.kp;
   float acc = 0.0f;
   for (int64_t k = 0; k < g.kp; ++k) {
@@ -159,11 +162,11 @@ inline float dot(const Gemm& g, int64_t m, int64_t panel, int64_t c) {
 }
 
 template <int R>
-void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
-  const int64_t half = g.n / 2, up = panel + half / kPanel;
+void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uint32_t* up, int64_t cols) {
+  const int64_t half = g.n / 2;
   for (int i = 0; i < R; ++i)
     for (int64_t c = 0; c < cols; ++c) {
-      const float v = dot(g, m0 + i, panel, c);
+      const float v = dot(g, m0 + i, w, c);
       if (g.act == kNoAct) {
         static_cast<float*>(g.y)[(m0 + i) * g.n + panel * kPanel + c] = v;
       } else {
@@ -174,32 +177,197 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, int64_t cols) {
 }
 #endif
 
-// Rows [m0, m1) of x against panel `panel`.
-void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel) {
+// Rows [m0, m1) of x against panel `panel` of the output, its weights at w (and with an activation, the
+// up projection's at up).
+void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* w, const uint32_t* up) {
   const int64_t cols = std::min(kPanel, (g.act == kNoAct ? g.n : g.n / 2) - panel * kPanel);
   int64_t m = m0;
-  for (; m + kRows <= m1; m += kRows) tile<kRows>(g, m, panel, cols);
+  for (; m + kRows <= m1; m += kRows) tile<kRows>(g, m, panel, w, up, cols);
   switch (m1 - m) {
-    case 1: tile<1>(g, m, panel, cols); break;
-    case 2: tile<2>(g, m, panel, cols); break;
-    case 3: tile<3>(g, m, panel, cols); break;
-    case 4: tile<4>(g, m, panel, cols); break;
-    case 5: tile<5>(g, m, panel, cols); break;
+    case 1: tile<1>(g, m, panel, w, up, cols); break;
+    case 2: tile<2>(g, m, panel, w, up, cols); break;
+    case 3: tile<3>(g, m, panel, w, up, cols); break;
+    case 4: tile<4>(g, m, panel, w, up, cols); break;
+    case 5: tile<5>(g, m, panel, w, up, cols); break;
     default: break;
   }
 }
 
+// The weight of a panel from the quantized planes: W's rows [n0, n0 + 64) (zero past N) dequantized with
+// the format's formulas (dequant.h), rounded to bf16 (to nearest even, as the dense bf16 copy of the
+// weight that pack_panels lays out) and written as one panel, out[K/2][64] pairs.
+using PanelFill = void (*)(const Planes&, int64_t n0, int64_t n, int64_t k, uint32_t* out);
+
+#ifdef REALM_GEMM_BF16
+// r[i] = row i of a 16 x 16 matrix of 32-bit elements; on return r[j] = column j.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// 16 rows of a panel (`live` of them real, the rest zero; all 16 with kFull, which leaves the compiler no
+// row checks to branch on): each row's group of 32 weights is 16 pairs, one vector; a 16 x 16 transpose
+// makes them 16 pairs x 16 rows, the panel's order, stored from out on.
+template <Fmt F, bool kFull>
+void fill16(const Row (&rows)[16], int64_t live, int64_t blocks, uint32_t* out) {
+  constexpr int64_t per = groups_per_block<F>();
+  alignas(64) float s[16][16], o[16][16];
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < (kFull ? 16 : live); ++i) prepare<F>(rows[i], b, s[i], o[i]);
+    for (int64_t j = 0; j < per; ++j) {
+      __m512i v[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        if (kFull || i < live) {
+          __m512 w0, w1;
+          group_avx512<F>(rows[i], b, j, s[i], o[i], w0, w1);
+          v[i] = (__m512i)_mm512_cvtne2ps_pbh(w1, w0);
+        } else {
+          v[i] = _mm512_setzero_si512();
+        }
+      }
+      transpose16(v);
+      uint32_t* dst = out + (b * per + j) * 16 * kPanel;
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * kPanel, v[c]);
+    }
+  }
+}
+
+template <Fmt F>
+void fill_panel(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* out) {
+  const int64_t blocks = k / 32 / groups_per_block<F>();
+  for (int64_t r0 = 0; r0 < kPanel; r0 += 16) {
+    const int64_t live = std::clamp<int64_t>(n - n0 - r0, 0, 16);
+    if (live == 0) {
+      for (int64_t p = 0; p < k / 2; ++p) _mm512_storeu_si512(out + p * kPanel + r0, _mm512_setzero_si512());
+      continue;
+    }
+    Row rows[16];
+    for (int64_t i = 0; i < live; ++i) rows[i] = w.row(n0 + r0 + i);
+    if (live == 16) {
+      fill16<F, true>(rows, live, blocks, out + r0);
+    } else {
+      fill16<F, false>(rows, live, blocks, out + r0);
+    }
+  }
+}
+#else
+template <Fmt F>
+void fill_panel(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* out) {
+  float vals[32];
+  for (int64_t r = 0; r < kPanel; ++r) {
+    if (n0 + r >= n) {
+      for (int64_t p = 0; p < k / 2; ++p) out[p * kPanel + r] = 0;
+      continue;
+    }
+    const Row row = w.row(n0 + r);
+    for (int64_t g = 0; g < k / 32; ++g) {
+      group_scalar<F>(row, g, vals);
+      for (int c = 0; c < 16; ++c) {
+        out[(16 * g + c) * kPanel + r] = to_bf16(vals[2 * c]) | (static_cast<uint32_t>(to_bf16(vals[2 * c + 1])) << 16);
+      }
+    }
+  }
+}
+#endif
+
+PanelFill panel_fill(int64_t fmt) {
+#define REALM_FILL(f, ...) {f, fill_panel<f>},
+  static const struct {
+    Fmt fmt;
+    PanelFill fill;
+  } kFills[] = {REALM_FORMATS(REALM_FILL)};
+#undef REALM_FILL
+  for (const auto& f : kFills)
+    if (f.fmt == fmt) return f.fill;
+  return nullptr;
+}
+
 using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 
-// w: [P, K/2, 64, 2] bf16, or [L, P, K/2, 64, 2] for a stack of L layers' weights of which `layer` is
-// read where it lies. y: f32 [M, N] (act kNoAct), or bf16 [M, N/2] (an activation; N/2 a multiple of 64).
-ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::Buffer<ffi::BF16>& w,
-               void* y, int64_t y_rows, int64_t y_cols, int64_t act) {
-  auto xd = x.dimensions(), wd = w.dimensions();
+// Where W comes from: stored panels (g.w), or the quantized planes, dequantized one panel at a time into
+// a buffer of the thread that multiplies it.
+struct Source {
+  const uint32_t* panels = nullptr;  // [P, K/2, 64] pairs of one layer, or null
+  Planes planes;                     // when panels is null: W's planes
+  PanelFill fill = nullptr;          // ...and the format's dequantization into a panel
+  int64_t k = 0;
+};
+
+// A thread's panel buffer: two panels of K/2 x 64 pairs (gate and up), allocated once per thread and
+// grown when a larger K comes, so that no call allocates: 2 x 256 KB at K = 2048, in L2 while a block of
+// x's rows streams past it.
+uint32_t* thread_buffer(int64_t pairs) {
+  struct Buffer {
+    uint32_t* p = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  if (buf.size < pairs) {
+    std::free(buf.p);
+    buf.p = static_cast<uint32_t*>(std::aligned_alloc(64, ((pairs * 4 + 63) / 64) * 64));
+    buf.size = buf.p == nullptr ? 0 : pairs;
+  }
+  return buf.p;
+}
+
+// Splits the product over XLA's pool (threads) and runs it: each chunk is one output panel (with an
+// activation: a gate panel, and its up panel) against a block of x's rows: all of them when there are
+// panels enough for ~8 chunks per thread (each core then reads, or dequantizes, a panel of W once), else
+// fewer rows per chunk. With planes, chunks = panels x blocks: a panel is dequantized once per chunk.
+void launch(ffi::ThreadPool& pool, const Gemm& g, const Source& src) {
+  const int64_t panels = (g.n + kPanel - 1) / kPanel;
+  const int64_t units = g.act == kNoAct ? panels : panels / 2;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t target = src.panels != nullptr ? 8 * threads : 2 * threads;
+  const int64_t splits = std::max<int64_t>(1, std::min((target + units - 1) / units, (g.m + kRows - 1) / kRows));
+  const int64_t block = ((g.m + splits - 1) / splits + kRows - 1) / kRows * kRows;
+  const int64_t blocks = (g.m + block - 1) / block;
+  const int64_t panel_pairs = g.kp * kPanel, up_offset = g.n / 2 / kPanel;
+  realm::parallel_chunks(pool, units * blocks, [&g, &src, block, blocks, panel_pairs, up_offset](int64_t c) {
+    const int64_t m0 = (c % blocks) * block, panel = c / blocks;
+    const uint32_t *w, *up = nullptr;
+    if (src.panels != nullptr) {
+      w = src.panels + panel * panel_pairs;
+      if (g.act != kNoAct) up = src.panels + (panel + up_offset) * panel_pairs;
+    } else {
+      uint32_t* buf = thread_buffer(2 * panel_pairs);
+      if (buf == nullptr) return;  // checked by the caller's first allocation
+      src.fill(src.planes, panel * kPanel, g.n, src.k, buf);
+      w = buf;
+      if (g.act != kNoAct) {
+        src.fill(src.planes, (panel + up_offset) * kPanel, g.n, src.k, buf + panel_pairs);
+        up = buf + panel_pairs;
+      }
+    }
+    rows(g, m0, std::min(g.m, m0 + block), panel, w, up);
+  });
+}
+
+// The shared checks of x [M, K] and y; fills g but for w.
+ffi::Error setup(ffi::Buffer<ffi::BF16>& x, int64_t y_rows, int64_t y_cols, int64_t act, Gemm& g) {
+  auto xd = x.dimensions();
   if (xd.size() != 2 || y_rows != xd[0]) {
     return ffi::Error::InvalidArgument("realm_gemm_bf16: x must be [M, K] and y [M, N]");
   }
-  Gemm g{};
   g.m = xd[0];
   g.act = act;
   g.n = act == kNoAct ? y_cols : 2 * y_cols;
@@ -208,6 +376,17 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& lay
   }
   if (xd[1] % 2) return ffi::Error::InvalidArgument("realm_gemm_bf16: K must be even");
   g.kp = xd[1] / 2;
+  g.x = static_cast<const uint32_t*>(x.untyped_data());
+  return ffi::Error::Success();
+}
+
+// w: [P, K/2, 64, 2] bf16, or [L, P, K/2, 64, 2] for a stack of L layers' weights of which `layer` is
+// read where it lies. y: f32 [M, N] (act kNoAct), or bf16 [M, N/2] (an activation; N/2 a multiple of 64).
+ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::Buffer<ffi::BF16>& w,
+               void* y, int64_t y_rows, int64_t y_cols, int64_t act) {
+  Gemm g{};
+  if (ffi::Error e = setup(x, y_rows, y_cols, act, g); e.failure()) return e;
+  auto wd = w.dimensions();
   const int64_t panels = (g.n + kPanel - 1) / kPanel, nd = static_cast<int64_t>(wd.size());
   if ((nd != 4 && nd != 5) || wd[nd - 1] != 2 || wd[nd - 2] != kPanel || wd[nd - 3] != g.kp ||
       wd[nd - 4] != panels) {
@@ -217,22 +396,31 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& lay
   if (index < 0 || index >= stack) {
     return ffi::Error::InvalidArgument("realm_gemm_bf16: the layer index is outside the stacked weight");
   }
-  g.x = static_cast<const uint32_t*>(x.untyped_data());
-  g.w = static_cast<const uint32_t*>(w.untyped_data()) + index * panels * g.kp * kPanel;
+  Source src;
+  src.panels = static_cast<const uint32_t*>(w.untyped_data()) + index * panels * g.kp * kPanel;
   g.y = y;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
-  // Each chunk is one panel (with an activation: a gate panel, and its up panel) against a block of x's
-  // rows: all of them when there are panels enough for ~8 chunks per thread (each core then reads a panel
-  // of W once), else fewer rows per chunk.
-  const int64_t units = act == kNoAct ? panels : panels / 2;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t splits = std::max<int64_t>(1, std::min((8 * threads + units - 1) / units, (g.m + kRows - 1) / kRows));
-  const int64_t block = ((g.m + splits - 1) / splits + kRows - 1) / kRows * kRows;
-  const int64_t blocks = (g.m + block - 1) / block;
-  realm::parallel_chunks(pool, units * blocks, [&g, block, blocks](int64_t c) {
-    const int64_t m0 = (c % blocks) * block;
-    rows(g, m0, std::min(g.m, m0 + block), c / blocks);
-  });
+  launch(pool, g, src);
+  return ffi::Error::Success();
+}
+
+// W [N, K] as its quantized planes (each [N, ...], or [L, N, ...] of which `layer` is read), format fmt.
+ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::RemainingArgs& planes,
+                     void* y, int64_t y_rows, int64_t y_cols, int64_t act, int64_t fmt) {
+  Gemm g{};
+  if (ffi::Error e = setup(x, y_rows, y_cols, act, g); e.failure()) return e;
+  Source src;
+  src.k = 2 * g.kp;
+  src.fill = panel_fill(fmt);
+  if (src.fill == nullptr) return ffi::Error::InvalidArgument("realm_gemm_q: unknown format id");
+  const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
+  if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_gemm_q: ") + bad);
+  g.y = y;
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  if (thread_buffer(2 * g.kp * kPanel) == nullptr) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate a panel buffer");
+  }
+  launch(pool, g, src);
   return ffi::Error::Success();
 }
 
@@ -249,6 +437,17 @@ ffi::Error GemmGluBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerInde
   if (yd.size() != 2) return ffi::Error::InvalidArgument("realm_gemm_bf16: y must be [M, N/2]");
   if (act == kNoAct) return ffi::Error::InvalidArgument("realm_gemm_bf16: an unknown activation");
   return Run(pool, x, layer, w, y->untyped_data(), yd[0], yd[1], act);
+}
+
+// The planes' gemm: y f32 [M, N] with act kNoAct, else bf16 [M, N/2].
+ffi::Error GemmQ(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::RemainingArgs planes,
+                 ffi::Result<ffi::AnyBuffer> y, int64_t fmt, int64_t act) {
+  auto yd = y->dimensions();
+  const bool f32 = y->element_type() == ffi::DataType::F32, bf16 = y->element_type() == ffi::DataType::BF16;
+  if (yd.size() != 2 || (act == kNoAct ? !f32 : !bf16)) {
+    return ffi::Error::InvalidArgument("realm_gemm_q: y must be f32 [M, N], or with an activation bf16 [M, N/2]");
+  }
+  return RunPlanes(pool, x, layer, planes, y->untyped_data(), yd[0], yd[1], act, fmt);
 }
 
 }  // namespace
@@ -268,6 +467,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmGluBF16, GemmGluBF16,
                                   .Arg<LayerIndex>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmQ, GemmQ,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<LayerIndex>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("fmt")
                                   .Attr<int64_t>("act"));
 
 extern "C" int realm_gemm_vector_path() {

@@ -132,5 +132,39 @@ def concat_rows(qts) -> QTensor:
     import jax.numpy as jnp
 
     xp = np if all(isinstance(p, np.ndarray) for qt in qts for p in qt.planes.values()) else jnp
-    planes = {name: xp.concatenate([qt.planes[name] for qt in qts], axis=0) for name in qts[0].planes}
+    planes = {}
+    for name in qts[0].planes:
+        parts = [qt.planes[name] for qt in qts]
+        view = adjacent_view(parts) if xp is np else None  # parts placed side by side at load: no copy
+        planes[name] = view if view is not None else xp.concatenate(parts, axis=0)
     return QTensor(qts[0].fmt, (sum(qt.shape[0] for qt in qts), qts[0].shape[1]), planes)
+
+
+def adjacent_view(parts, *, stack: bool = False) -> np.ndarray | None:
+    """The concatenation along axis 0 (or with `stack`, the stack on a new axis 0) of numpy arrays that lie
+    one after another in memory, as a view of that memory, without a copy: `checkpoint.read_gguf` places the
+    tensors that are joined or stacked into params this way. None where they do not (then copy)."""
+    if not parts or not all(isinstance(p, np.ndarray) and p.flags.c_contiguous for p in parts):
+        return None
+    first = parts[0]
+    if any(p.dtype != first.dtype or p.shape[int(not stack):] != first.shape[int(not stack):] for p in parts):
+        return None
+    if not stack and first.ndim == 0:
+        return None
+
+    def root(a):  # the array that owns the memory (through views and as_strided's wrappers)
+        while getattr(a, "base", None) is not None:
+            a = a.base
+        return a
+
+    owner = root(first)
+    address = first.ctypes.data
+    for p in parts:
+        if root(p) is not owner or p.ctypes.data != address:
+            return None
+        address += p.nbytes
+    if stack:
+        shape, strides = (len(parts), *first.shape), (first.nbytes, *first.strides)
+    else:
+        shape, strides = (sum(p.shape[0] for p in parts), *first.shape[1:]), first.strides
+    return np.lib.stride_tricks.as_strided(first, shape, strides, writeable=False)

@@ -1,0 +1,63 @@
+"""realm_jax.native.decode_attention (attention.cc): a decode step's attention over layer i of the stacked KV
+cache, read in place, against `ops.attention` (XLA's dots) on that layer's slice, in the AVX-512 build and
+the portable one; and the decode step that uses it writes the cache in place."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from realm_jax import linear, native, ops
+from realm_jax.errors import ShapeMismatchError
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.reason()}")
+
+BUILDS = [pytest.param(False, id="vector"), pytest.param(True, id="portable")]
+# bf16: the same roundings (q, cache, probabilities) as XLA's path, sums in another order.
+TOL = {jnp.bfloat16: 2e-2, jnp.float32: 1e-5}
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("t,h,window,local", [(1, 32, 0, False), (3, 24, 4, True), (1, 64, 4, False)],
+                         ids=["one-query", "window-ragged-head", "window-global-layer"])
+def test_matches_xla_attention(t, h, window, local, dtype, portable, rng):
+    layers, b, s, kv, n, kv_len = 3, 2, 20, 2, 6, 16
+    cache_k, cache_v = (jnp.asarray(rng.standard_normal((layers, b, s, kv, h)), dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
+    pos = jnp.asarray(np.array([[5], [11]]) + np.arange(t), jnp.int32)  # each row its own positions
+    f = jax.jit(lambda q, k, v, layer, pos: native.decode_attention(
+        q, k, v, layer, pos, local, scale=0.3, window=window, kv_len=kv_len, portable=portable))
+    for layer in (0, 2):
+        got = f(q, cache_k, cache_v, jnp.int32(layer), pos)
+        want = ops.attention(q, cache_k[layer, :, :kv_len], cache_v[layer, :, :kv_len], pos, scale=0.3,
+                             window=window, local=local)
+        assert got.dtype == dtype and got.shape == (b, t, n, h)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=TOL[dtype],
+                                   atol=TOL[dtype])
+
+
+def test_bad_operands_are_clear_errors(rng):
+    k = jnp.zeros((2, 1, 8, 2, 16), jnp.bfloat16)
+    q = jnp.zeros((1, 1, 4, 16), jnp.bfloat16)
+    with pytest.raises(ShapeMismatchError):
+        native.decode_attention(q, k, k.astype(jnp.float32), 0, jnp.zeros((1, 1), jnp.int32), False, scale=1.0)
+    with pytest.raises(Exception, match="layer index is outside"):
+        jax.block_until_ready(native.decode_attention(q, k, k, 2, jnp.zeros((1, 1), jnp.int32), False, scale=1.0))
+    with pytest.raises(Exception, match="query position is outside"):
+        jax.block_until_ready(native.decode_attention(q, k, k, 0, jnp.full((1, 1), 8, jnp.int32), False, scale=1.0))
+
+
+def test_only_decode_steps_of_matching_dtypes_take_it():
+    """The native backend offers it for a few queries with f32 scores and a cache in the queries' dtype
+    (XLA's path would round a wider cache to it); the XLA backend never."""
+    pick = linear.decode_attention("native")
+    assert linear.decode_attention("xla") is None
+    cache = jnp.zeros((2, 1, 8, 2, 16), jnp.bfloat16)
+    q = jnp.zeros((1, 1, 4, 16), jnp.bfloat16)
+    assert pick(q, cache, cache, jnp.float32) is native.decode_attention
+    assert pick(q, cache, cache, jnp.bfloat16) is None
+    assert pick(jnp.zeros((1, native.MAX_ROWS + 1, 4, 16), jnp.bfloat16), cache, cache, jnp.float32) is None
+    assert pick(q.astype(jnp.float32), cache, cache, jnp.float32) is None
