@@ -1,0 +1,119 @@
+"""Subprocess checks run in the background while the in-process tests run.
+
+Most of the suite's time is XLA compiling on one core; the checks that need their own process (8 simulated
+devices, a notebook's kernel) compile there on their own core. A test module registers such a check with
+`job(__file__, fixture)`: when collection finishes, the checks whose fixture a selected test uses start one at a
+time, in the order the tests will want them (tests/conftest.py moves the tests that use them to the end of the
+run), and the fixture waits for its check's result. The check itself is unchanged: the same command, the same
+timeout, its exit status and output handed to the test as they would be from subprocess.run.
+
+REALM_TEST_BACKGROUND=0 runs every check in the foreground, when its fixture asks for it (as before).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+_REGISTRY: dict[tuple[str, str], Job] = {}  # (module file, fixture name) -> job
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    name: str
+    make: Callable[[], tuple[list[str], dict[str, str], float]]  # -> (argv, env, timeout); run when it starts
+    wants: Callable[[object], bool] | None = None  # which collected tests want it (default: its fixture's)
+    queued: bool = False
+    started: bool = False
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: subprocess.CompletedProcess | BaseException | None = None
+    seconds: float = 0.0
+
+    def run(self) -> None:
+        self.started = True
+        t0 = time.monotonic()
+        try:
+            argv, env, timeout = self.make()
+            self.result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        except BaseException as e:  # handed to the test that waits (a timeout fails that test, as before)
+            self.result = e
+        self.seconds = time.monotonic() - t0
+        self.done.set()
+
+
+def job(module_file: str, key: str, wants: Callable[[object], bool] | None = None):
+    """Decorator: `make` () -> (argv, env, timeout) is the check `key` of the module `module_file`, which
+    the module's tests that use the fixture named `key` want (or those for which `wants(item)` holds)."""
+
+    def register(make):
+        _REGISTRY[(os.path.realpath(module_file), key)] = Job(key, make, wants)
+        return make
+
+    return register
+
+
+def jobs_for(item) -> list[Job]:
+    """The registered checks that a collected test wants."""
+    path = os.path.realpath(str(item.path))
+    names = getattr(item, "fixturenames", ())
+    return [j for (module_file, key), j in _REGISTRY.items()
+            if module_file == path and (j.wants(item) if j.wants is not None else key in names)]
+
+
+class _Worker:
+    def __init__(self) -> None:
+        self.queue: list[Job] = []
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def start(self, jobs: list[Job]) -> None:
+        if os.environ.get("REALM_TEST_BACKGROUND", "1") == "0" or not jobs:
+            return
+        with self.lock:
+            for j in jobs:
+                j.queued = True
+            self.queue = list(jobs)
+        self.thread = threading.Thread(target=self._loop, name="background-checks", daemon=True)
+        self.thread.start()
+
+    def _next(self) -> Job | None:
+        with self.lock:
+            while self.queue:
+                j = self.queue.pop(0)
+                if not j.started:
+                    j.started = True
+                    return j
+            return None
+
+    def _loop(self) -> None:
+        while (j := self._next()) is not None:
+            j.run()
+
+    def take(self, j: Job) -> bool:
+        """Claim a job the worker has not started (to run it in the foreground)."""
+        with self.lock:
+            if j.started:
+                return False
+            j.started = True
+            if j in self.queue:
+                self.queue.remove(j)
+            return True
+
+
+WORKER = _Worker()
+
+
+def result(module_file: str, key: str) -> subprocess.CompletedProcess:
+    """The finished check `key`: waits for it if it runs in the background, runs it here if it
+    has not started (not queued, or still waiting behind others: the test needs it now)."""
+    j = _REGISTRY[(os.path.realpath(module_file), key)]
+    if WORKER.take(j):
+        j.run()
+    j.done.wait()
+    if isinstance(j.result, BaseException):
+        raise j.result
+    return j.result
