@@ -27,6 +27,7 @@ class Job:
     name: str
     make: Callable[[], tuple[list[str], dict[str, str], float]]  # -> (argv, env, timeout); run when it starts
     wants: Callable[[object], bool] | None = None  # which collected tests want it (default: its fixture's)
+    where: str = ""  # the module's file name
     queued: bool = False
     started: bool = False
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -35,6 +36,7 @@ class Job:
 
     def run(self) -> None:
         self.started = True
+        WORKER.ran.append(self)
         t0 = time.monotonic()
         try:
             argv, env, timeout = self.make()
@@ -50,7 +52,7 @@ def job(module_file: str, key: str, wants: Callable[[object], bool] | None = Non
     the module's tests that use the fixture named `key` want (or those for which `wants(item)` holds)."""
 
     def register(make):
-        _REGISTRY[(os.path.realpath(module_file), key)] = Job(key, make, wants)
+        _REGISTRY[(os.path.realpath(module_file), key)] = Job(key, make, wants, os.path.basename(module_file))
         return make
 
     return register
@@ -67,6 +69,7 @@ def jobs_for(item) -> list[Job]:
 class _Worker:
     def __init__(self) -> None:
         self.queue: list[Job] = []
+        self.ran: list[Job] = []  # in the order they started, here or in the background
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 

@@ -56,3 +56,16 @@ def pytest_collection_finish(session):
     for item in session.items:
         jobs += [j for j in background.jobs_for(item) if j not in jobs]
     background.WORKER.start(jobs)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each background check took (with --durations, as the slowest tests are listed)."""
+    import background
+
+    if terminalreporter.config.getoption("durations", None) is None:
+        return
+    ran = [j for j in background.WORKER.ran if j.done.is_set()]
+    if ran:
+        terminalreporter.write_sep("=", "background checks")
+        for j in ran:
+            terminalreporter.write_line(f"{j.seconds:8.2f}s {j.where}: {j.name}")
