@@ -35,16 +35,36 @@ class Job:
     seconds: float = 0.0
 
     def run(self) -> None:
+        """subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env), which `WORKER.stop`
+        ends if pytest ends first."""
         self.started = True
         WORKER.ran.append(self)
         t0 = time.monotonic()
         try:
             argv, env, timeout = self.make()
-            self.result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-        except BaseException as e:  # handed to the test that waits (a timeout fails that test, as before)
+            with WORKER.lock:
+                if WORKER.stopped:
+                    raise RuntimeError("the test session ended before this check started")
+                proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                WORKER.running.add(proc)
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except BaseException:  # a timeout (raised in the test that waits, as subprocess.run raises it)
+                _end(proc)
+                raise
+            finally:
+                WORKER.running.discard(proc)
+            self.result = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
+        except BaseException as e:  # handed to the test that waits
             self.result = e
         self.seconds = time.monotonic() - t0
         self.done.set()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Kills a check (as subprocess.run does on a timeout; a notebook's kernel ends with its parent)."""
+    proc.kill()
+    proc.wait()
 
 
 def job(module_file: str, key: str, wants: Callable[[object], bool] | None = None):
@@ -70,6 +90,8 @@ class _Worker:
     def __init__(self) -> None:
         self.queue: list[Job] = []
         self.ran: list[Job] = []  # in the order they started, here or in the background
+        self.running: set[subprocess.Popen] = set()
+        self.stopped = False
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -82,6 +104,18 @@ class _Worker:
             self.queue = list(jobs)
         self.thread = threading.Thread(target=self._loop, name="background-checks", daemon=True)
         self.thread.start()
+
+    def stop(self) -> None:
+        """At the end of the session: nothing more starts, and what still runs (pytest stopped early: -x, an
+        interrupt) is killed rather than left running."""
+        with self.lock:
+            self.stopped = True
+            for j in self.queue:
+                j.started = True
+            self.queue = []
+            running = list(self.running)
+        for proc in running:
+            _end(proc)
 
     def _next(self) -> Job | None:
         with self.lock:
@@ -96,27 +130,36 @@ class _Worker:
         while (j := self._next()) is not None:
             j.run()
 
-    def take(self, j: Job) -> bool:
-        """Claim a job the worker has not started (to run it in the foreground)."""
+    def take(self, j: Job | None = None) -> Job | None:
+        """Claims a job the worker has not started, to run it in the foreground: `j`, or else the one queued
+        last (wanted last)."""
         with self.lock:
-            if j.started:
-                return False
+            if j is None:
+                j = next((q for q in reversed(self.queue) if not q.started), None)
+            if j is None or j.started:
+                return None
             j.started = True
             if j in self.queue:
                 self.queue.remove(j)
-            return True
+            return j
 
 
 WORKER = _Worker()
 
 
 def result(module_file: str, key: str) -> subprocess.CompletedProcess:
-    """The finished check `key`: waits for it if it runs in the background, runs it here if it
-    has not started (not queued, or still waiting behind others: the test needs it now)."""
+    """The finished check `key`: runs it here if it has not started (not queued, or still waiting behind
+    others: the test needs it now); else waits for it, meanwhile running here the check queued last, if any
+    (both cores busy while the tests wait)."""
     j = _REGISTRY[(os.path.realpath(module_file), key)]
     if WORKER.take(j):
         j.run()
-    j.done.wait()
+    while not j.done.is_set():
+        other = WORKER.take()
+        if other is None:
+            j.done.wait()
+        else:
+            other.run()
     if isinstance(j.result, BaseException):
         raise j.result
     return j.result

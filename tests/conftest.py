@@ -49,13 +49,22 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """Starts the checks the selected tests use, one at a time, in the order the tests will want them."""
+    """Starts the checks the selected tests use, one at a time, in the order the tests will want them
+    (not when pytest only collects)."""
     import background
 
+    if session.config.option.collectonly:
+        return
     jobs = []
     for item in session.items:
         jobs += [j for j in background.jobs_for(item) if j not in jobs]
     background.WORKER.start(jobs)
+
+
+def pytest_unconfigure(config):
+    import background
+
+    background.WORKER.stop()
 
 
 def pytest_terminal_summary(terminalreporter):
