@@ -28,3 +28,53 @@ def real_model_path(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# --- subprocess checks in the background (tests/background.py) -------------------------------------
+# Modules whose tests bound their own wall time tightly (a case against a benign run plus 10 s, 2 s a fuzz
+# case): they run after every background check is done, on a machine as quiet as before.
+TIMED = ("test_hostile.py", "test_gguf_fuzz.py")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """The tests that use a background check's result run after the others (in their modules' order, each
+    module's together), so the in-process tests run while the checks do; then the TIMED modules."""
+    import background
+
+    later = [item for item in items if background.jobs_for(item)]
+    timed = [item for item in items if item.path.name in TIMED and item not in later]
+    moved = set(map(id, later + timed))
+    items[:] = [item for item in items if id(item) not in moved] + later + timed
+
+
+def pytest_collection_finish(session):
+    """Starts the checks the selected tests use, one at a time, in the order the tests will want them
+    (not when pytest only collects)."""
+    import background
+
+    if session.config.option.collectonly:
+        return
+    jobs = []
+    for item in session.items:
+        jobs += [j for j in background.jobs_for(item) if j not in jobs]
+    background.WORKER.start(jobs)
+
+
+def pytest_unconfigure(config):
+    import background
+
+    background.WORKER.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long each background check took (with --durations, as the slowest tests are listed)."""
+    import background
+
+    if terminalreporter.config.getoption("durations", None) is None:
+        return
+    ran = [j for j in background.WORKER.ran if j.done.is_set()]
+    if ran:
+        terminalreporter.write_sep("=", "background checks")
+        for j in ran:
+            terminalreporter.write_line(f"{j.seconds:8.2f}s {j.where}: {j.name}")

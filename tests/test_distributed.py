@@ -13,7 +13,9 @@ import textwrap
 
 import pytest
 
+from realm_jax import assets
 from realm_jax.reference import reference_dir
+import background
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -83,22 +85,39 @@ DATA_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_8_devices(script: str, *args: str) -> dict:
+SYNTHETIC = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
+
+
+def _8_devices(script: str, *args: str) -> tuple[list[str], dict[str, str], float]:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=900, env=env)
+    return [sys.executable, "-c", script, *args], env, 900
+
+
+def _output(fixture: str) -> dict:
+    proc = background.result(__file__, fixture)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# Both run in the background while the in-process tests run (tests/background.py).
+@background.job(__file__, "gemma3_data_results")
+def _gemma3_data_job():
+    return _8_devices(DATA_SCRIPT, str(assets.model_path("gemma3-270m-q4_k_m")))
+
+
+@background.job(__file__, "tp_results")
+def _tp_job():
+    return _8_devices(SCRIPT, SYNTHETIC, str(assets.model_path("gemma3-270m-q4_k_m")))
+
+
 @pytest.fixture(scope="module")
 def gemma3_data_results(gemma3_path):
-    return _run_8_devices(DATA_SCRIPT, str(gemma3_path))
+    return _output("gemma3_data_results")
 
 
 @pytest.fixture(scope="module")
 def tp_results(gemma3_path):
-    synthetic = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
-    return _run_8_devices(SCRIPT, synthetic, str(gemma3_path)), synthetic, str(gemma3_path)
+    return _output("tp_results"), SYNTHETIC, str(gemma3_path)
 
 
 @pytest.mark.parametrize("tp", ["2", "4"])

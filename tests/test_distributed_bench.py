@@ -10,10 +10,13 @@ import json
 import os
 import pathlib
 import re
-import subprocess
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+import background
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "distributed.py"
@@ -28,16 +31,23 @@ def _bench():
     return module
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "distributed.json"
+@background.job(__file__, "run")  # runs in the background while the in-process tests run
+def _job():
+    out = pathlib.Path(tempfile.mkdtemp(prefix="realm-bench-")) / "distributed.json"
     # No device count in XLA_FLAGS: the script must set up its 8 devices itself.
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--strategies", "tensor2", "pipeline2", "tensor8",
-                           "--runs", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    return [sys.executable, str(SCRIPT), "--strategies", "tensor2", "pipeline2", "tensor8", "--runs", "1", "--json",
+            str(out)], env, 300
+
+
+@pytest.fixture(scope="module")
+def run():
+    proc = background.result(__file__, "run")
+    out = pathlib.Path(proc.args[-1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    shutil.rmtree(out.parent, ignore_errors=True)
     return result["meta"], {row["name"]: row for row in result["rows"]}, proc.stdout
 
 

@@ -134,14 +134,23 @@ def test_eight_rows_a_thread(n, rng):
     np.testing.assert_allclose(y[:1, :n], want, rtol=0, atol=2e-3 * np.abs(want).max())
 
 
+def decode_step(model):
+    """One decode step of `model` (one token over the KV cache), jitted once per model: every prompt of a
+    model reuses the compiled step (the cache's length is a multiple of 256, so the shapes repeat)."""
+    from realm_jax.models.transformer import forward
+
+    if "_decode_step" not in model.__dict__:
+        model._decode_step = jax.jit(
+            lambda params, tok, pos, cache: forward(model.config, params, tok, pos, cache, policy=model.policy,
+                                                    last=jnp.zeros((1,), jnp.int32), impl=model.impl),
+            donate_argnums=(3,))
+    return model._decode_step
+
+
 def decode_logits(model, ids: list[int]) -> np.ndarray:
     """Teacher-forced logits of every position of `ids` computed the way decoding computes them: one token
     at a time over the KV cache (one row of x for every linear layer: the decode GEMV)."""
-    from realm_jax.models.transformer import forward
-
-    step = jax.jit(lambda params, tok, pos, cache: forward(model.config, params, tok, pos, cache, policy=model.policy,
-                                                           last=jnp.zeros((1,), jnp.int32), impl=model.impl),
-                   donate_argnums=(3,))
+    step = decode_step(model)
     cache = model._new_cache(1, -(-(len(ids) + 1) // 256) * 256)
     rows = []
     for p, tok in enumerate(ids):
@@ -150,8 +159,9 @@ def decode_logits(model, ids: list[int]) -> np.ndarray:
     return np.stack(rows)
 
 
-# On a CPU the kernel runs interpreted (~0.4 s a decode step here): one file, its first 150 positions. On
-# a GPU (the device script), both files, every position.
+# On a CPU the kernel runs interpreted: one file, its first 150 positions (the compile of the interpreted
+# step costs far more than the steps, so the positions cost little once it is shared). On a GPU (the device
+# script), both files, every position.
 ON_CPU = jax.default_backend() == "cpu"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 import realm_jax
+from realm_jax import assets
 from realm_jax.checkpoint import read_gguf
 from realm_jax.distributed import make_mesh
 from realm_jax.distributed.pipeline import (
@@ -31,6 +31,7 @@ from realm_jax.errors import ShardingError
 from realm_jax.models import config_from_gguf, params_from_tensors
 from realm_jax.models.transformer import LayerRun, stack_layers
 from realm_jax.reference import reference_dir
+import background
 
 SYNTHETIC = reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf"
 F32_TOL = 1e-5 * 8  # of the logits' scale: f32 reassociation across shards and microbatches
@@ -116,11 +117,15 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@background.job(__file__, "results")  # runs in the background while the in-process tests run
+def _job():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return [sys.executable, "-c", SCRIPT, str(SYNTHETIC), str(assets.model_path("gemma3-270m-q4_k_m"))], env, 900
+
+
 @pytest.fixture(scope="module")
 def results(gemma3_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(SYNTHETIC), str(gemma3_path)], capture_output=True,
-                          text=True, timeout=900, env=env)
+    proc = background.result(__file__, "results")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), str(SYNTHETIC), str(gemma3_path)
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
+import pathlib
+import shutil
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
 from realm_jax.reference import reference_dir
+import background
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -83,13 +86,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+@background.job(__file__, "results")  # runs in the background while the in-process tests run
+def _job():
     src = reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf"
-    dst = tmp_path_factory.mktemp("tp") / "llama-tp.gguf"
+    dst = pathlib.Path(tempfile.mkdtemp(prefix="realm-tp-")) / "llama-tp.gguf"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(src), str(dst)], capture_output=True, text=True,
-                          timeout=900, env=env)
+    return [sys.executable, "-c", SCRIPT, str(src), str(dst)], env, 900
+
+
+@pytest.fixture(scope="module")
+def results():
+    proc = background.result(__file__, "results")
+    shutil.rmtree(pathlib.Path(proc.args[-1]).parent, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
