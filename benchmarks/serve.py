@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
@@ -27,36 +26,21 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from realm_jax.serve.local import free_port, wait_until_serving  # noqa: E402
+
 PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "Water boils at", "In 1492,",
            "The quick brown fox", "Dear Sir or Madam,", "Photosynthesis is"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(command: list[str], port: int, timeout: float = 600.0, env: dict | None = None):
-    """Run a server subprocess until its /v1/models answers; always kill it."""
-    import httpx
-
+    """Run a server subprocess until its /v1/models answers (llama.cpp's server has no /health); always kill
+    it."""
     log = open(os.devnull, "w")
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{command[:4]} exited with {proc.returncode} before serving")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:4]} did not serve within {timeout} s")
-            time.sleep(0.5)
+        wait_until_serving(f"http://127.0.0.1:{port}", proc, path="/v1/models", timeout=timeout)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.kill()

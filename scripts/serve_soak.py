@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -30,30 +29,19 @@ import urllib.parse
 import httpx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from realm_jax.serve.local import free_port, wait_until_serving  # noqa: E402
+
 PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "Water boils at", "In 1492,",
            "The quick brown fox", "Dear Sir or Madam,", "Photosynthesis is"]
 MAX_TOKENS = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(url: str, proc: subprocess.Popen | None, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit("the server did not come up")
-        time.sleep(0.5)
+    try:
+        wait_until_serving(url, proc, timeout=timeout)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _valid(prompt: str) -> dict:
@@ -102,7 +90,7 @@ def main() -> int:
     if args.url is None:
         from realm_jax.assets import default_model_path
 
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         proc = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "serve", "--model",

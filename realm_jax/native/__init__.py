@@ -343,13 +343,7 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
             or k % 2 or panels.dtype != jnp.bfloat16:
         raise ShapeMismatchError(f"realm_jax.native.gemm: panels {panels.dtype}{list(panels.shape)} do not hold a "
                                  f"weight [{n}, {k}] for x.shape={x.shape}" + (" (one layer of a stack)" if layer is not None else ""))
-    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
-        raise ShapeMismatchError(f"realm_jax.native.gemm: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
-                                 f"halves of a multiple of {PANEL} rows, got n={n}")
-    _load(portable)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    rows = x.reshape(-1, k).astype(jnp.bfloat16)
-    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    out_dtype, rows, index = _gemm_args("gemm", x, k, n, out_dtype, layer, glu, portable)
     if glu is None:
         out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
         y = jax.ffi.ffi_call(_target("realm_gemm_bf16", _variant(portable)), out)(rows, index, panels)
@@ -358,6 +352,18 @@ def gemm(x: jax.Array, panels: jax.Array, n: int, *, out_dtype=None, layer=None,
         out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.bfloat16)
         y = jax.ffi.ffi_call(_target("realm_gemm_glu_bf16", _variant(portable)), out)(rows, index, panels, act=np.int64(GLU_ACTS[glu]))
     return y.reshape(*x.shape[:-1], n).astype(out_dtype)
+
+
+def _gemm_args(name: str, x, k: int, n: int, out_dtype, layer, glu, portable: bool):
+    """`gemm`'s and `qgemm`'s common checks and arguments: the GLU epilogue's, the library loaded, the out
+    dtype, x as bf16 rows [R, K] and the layer index (0 for a weight of its own)."""
+    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
+        raise ShapeMismatchError(f"realm_jax.native.{name}: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
+                                 f"halves of a multiple of {PANEL} rows, got n={n}")
+    _load(portable)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    return out_dtype, x.reshape(-1, k).astype(jnp.bfloat16), index
 
 
 def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None, portable: bool = False) -> jax.Array:
@@ -379,13 +385,7 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
     n, k = w.shape
     if x.shape[-1] != k:
         raise ShapeMismatchError(f"realm_jax.native.qgemm: x.shape={x.shape} must end in K={k}")
-    if glu is not None and (glu not in GLU_ACTS or n % (2 * PANEL)):
-        raise ShapeMismatchError(f"realm_jax.native.qgemm: glu={glu!r} needs one of {list(GLU_ACTS)} and gate|up "
-                                 f"halves of a multiple of {PANEL} rows, got n={n}")
-    _load(portable)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    rows = x.reshape(-1, k).astype(jnp.bfloat16)
-    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    out_dtype, rows, index = _gemm_args("qgemm", x, k, n, out_dtype, layer, glu, portable)
     planes = [w.planes[p.name] for p in w.format.planes]
     width, dtype = (n, jnp.float32) if glu is None else (n // 2, jnp.bfloat16)
     out = jax.ShapeDtypeStruct((rows.shape[0], width), dtype)
