@@ -219,6 +219,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    """realm-jax serve: the options checked, then the model loaded here, then `realm_jax.serve.cli.run`."""
+    from realm_jax.serve import cli as serve_cli
+
+    serve_cli.check(args)
+    template = None if args.chat_template is None else _read_template(args.chat_template)
+    args.strategy = None
+    _check_path(args.model)
+    return serve_cli.run(args, _load_on_mesh(args, progress=True), template)
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import os
 
@@ -666,7 +677,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quantize)
     from realm_jax.serve.cli import add_parser as add_serve_parser
 
-    add_serve_parser(sub, _add_load_options, _add_mesh_options)
+    add_serve_parser(sub, _add_load_options, _add_mesh_options, _cmd_serve)
     p = sub.add_parser("launch", help="run generate over several processes (hosts) with one mesh spanning them",
                        usage="realm-jax launch (--processes N | --hosts A,B,... | --process-id I --num-processes N "
                              "--coordinator HOST:PORT | --cluster) [options] -- generate PROMPT [generate options]")

@@ -13,7 +13,9 @@ from realm_jax.errors import ArgumentError
 __all__ = ["add_parser"]
 
 
-def add_parser(sub, add_load_options, add_mesh_options) -> None:
+def add_parser(sub, add_load_options, add_mesh_options, command) -> None:
+    """The `serve` subcommand's options; `command` (realm_jax.cli's) checks them, loads the model and calls
+    `run`."""
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     add_load_options(p)
     add_mesh_options(p)
@@ -34,10 +36,11 @@ def add_parser(sub, add_load_options, add_mesh_options) -> None:
                    "/v1/chat/completions instead of the file's (needed for a file without one)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="the largest request body (default 4 MiB)")
     p.add_argument("--max-connections", type=int, default=256, help="concurrent connections; more get 503")
-    p.set_defaults(func=run)
+    p.set_defaults(func=command)
 
 
-def _check(args: argparse.Namespace) -> None:
+def check(args: argparse.Namespace) -> None:
+    """The serve options, and the serve extra, before anything is loaded."""
     try:
         ipaddress.ip_address(args.host)
     except ValueError:
@@ -53,23 +56,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--prefill-chunk={args.prefill_chunk} must be a multiple of 64")
     if args.api_key is not None and not args.api_key.strip():
         raise ArgumentError("--api-key is empty")
-
-
-def run(args: argparse.Namespace) -> int:
-    from realm_jax import cli
-
-    _check(args)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
-        from realm_jax.serve.server import create_app
+        import realm_jax.serve.server  # noqa: F401
     except ImportError as e:
         raise ArgumentError(f"serve needs the serve extra: pip install 'realm-jax[serve]' ({e})") from None
-    template = None if args.chat_template is None else cli._read_template(args.chat_template)
-    args.strategy = None
-    cli._check_path(args.model)
-    model = cli._load_on_mesh(args, progress=True)
+
+
+def run(args: argparse.Namespace, model, template: str | None) -> int:
+    """Serve `model` (loaded by realm_jax.cli after `check`) with the checked options until interrupted."""
+    import uvicorn
+
     from realm_jax.serve.engine import Engine, RequestParams, complete
+    from realm_jax.serve.server import create_app
 
     engine = Engine(model, slots=args.slots, max_context=args.max_context, queue_size=args.queue_size,
                     prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).start()
