@@ -57,13 +57,13 @@ def worker_floor() -> dict:
 
 def cpu_description() -> str:
     """The CPU's model name and which of the vector extensions the native kernels use it has."""
-    name, flags = platform.processor() or platform.machine(), set()
+    from realm_jax.native import cpu_flags
+
+    name, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
                 break
     except OSError:
         pass

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 import realm_jax  # noqa: E402
+from realm_jax.serve.local import free_port, wait_until_serving  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEY = "test-key-17"
@@ -45,16 +45,10 @@ GEMMA_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'mode
                   "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _started(path, *args):
     """A server process starting on a free port (not waited for: see `_ready`); killed at the end."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
     proc = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "serve", "--model", str(path), "--port", str(port),
@@ -70,18 +64,12 @@ def _started(path, *args):
 
 def _ready(started, timeout: float = 300.0) -> str:
     proc, base = started
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            proc.log.seek(0)
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.log.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the server did not come up"
-        time.sleep(0.3)
+    try:
+        wait_until_serving(base, proc, timeout=timeout, poll=0.3)
+    except RuntimeError as e:
+        proc.log.seek(0)
+        raise RuntimeError(f"{e}: {proc.log.read().decode()[-2000:]}") from None
+    return base
 
 
 @pytest.fixture(scope="module")
