@@ -7,6 +7,11 @@ For each format, weight shape (N, K) and number of rows M it times:
                    gemm on the planes past it; triton and mosaic_gpu on a GPU; mosaic_tpu on a TPU, and on a
                    CPU in interpret mode, which is a correctness tool, not a speed: its column is reported
                    but means nothing there)
+  BACKEND/PATH     on a GPU, each path of a backend that has several (`triton`: gemv where the format has
+                   it and M <= 16, mma, and xla on its own layout) instead of the backend's routed choice:
+                   `--write-routes FILE` records the fastest path per format and M (the sum over the
+                   shapes) for this device kind in FILE (`realm_jax/linear/routes.json` is the one the
+                   registry reads: commit it)
   xla              the XLA reference on the weight as stored: dequantize with jnp, then a dot
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
@@ -16,6 +21,7 @@ bf16 rate at the same shape.
     python benchmarks/kernels.py                 # CPU: small shapes; GPU/TPU: the full set
     python benchmarks/kernels.py --full --formats Q4_K,Q8_0 --m 1,512 --json out.json --markdown out.md
     python benchmarks/kernels.py --impls triton --shapes 4096x4096,14336x4096 --m 1,8,16   # decode only
+    python benchmarks/kernels.py --impls triton --m 1,8,16,128,512,2048 --write-routes realm_jax/linear/routes.json
 
 Timing. On a GPU: device time, not dispatch: one jitted call multiplies x by every copy of the weight
 (copies totalling at least 256 MiB, several times the L2 cache, so each is read from device memory), the
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import json
 import pathlib
 import platform
 import statistics
@@ -45,8 +52,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pallas_kernels.decode_layout import GEMV_FORMATS  # noqa: E402
 from realm_jax import linear, native  # noqa: E402
 from realm_jax.bench import git_revision, write_report  # noqa: E402
+from realm_jax.linear import routes  # noqa: E402
 from realm_jax.precision import Policy  # noqa: E402
 from realm_jax.quant import FORMATS, QTensor, dequantize, get_format  # noqa: E402
 
@@ -56,6 +65,7 @@ FULL_M = [1, 8, 16, 128, 512, 2048]
 SMALL_SHAPES = [(1024, 1024), (1024, 4096)]
 SMALL_M = [1, 16, 128]
 DEFAULT_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
+GEMV_MAX_ROWS = 16  # rows of x past which the GEMV is not timed (it costs a dp2a chain a row)
 CACHE_BYTES = 64 << 20  # CPU: the copies of a weight exceed this last-level cache
 GPU_BYTES = 256 << 20  # GPU: and this (several times an H100/H200's 50-60 MB L2)
 
@@ -154,7 +164,17 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
     for m in ms:
         x = jax.random.normal(jax.random.fold_in(key, m), (m, k), jnp.bfloat16)
         impls = {"xla": (matmul, [(x, w) for w in ws]), "dense_bf16": (matmul, [(x, d) for d in dense])}
-        impls |= {b: (matmul, [(x, w) for w in weights]) for b, weights in prepared.items()}
+        for b, weights in prepared.items():
+            be = linear.BACKENDS[b]
+            if not (gpu and be.paths):
+                impls[b] = (matmul, [(x, w) for w in weights])
+                continue
+            for path in be.paths:
+                if path == "gemv" and (m > GEMV_MAX_ROWS or fmt not in GEMV_FORMATS):
+                    continue  # the GEMV past 16 rows, or a format without one
+                fn = jax.jit(functools.partial(be.matmul_path, path=path, compute_dtype=jnp.bfloat16,
+                                               out_dtype=jnp.bfloat16))
+                impls[f"{b}/{path}"] = (fn, [(x, w) for w in weights])
         for name, (fn, args) in impls.items():
             seconds = device_seconds(fn, args, runs) if gpu else time_call(fn, args, reps, runs)
             interpret = name in prepared and plat not in linear.BACKENDS[name].platforms
@@ -171,6 +191,38 @@ def add_ratios(rows, copy_bps):
         r["pct_copy_bw"] = 100 * r["weight_bytes"] / seconds / copy_bps
         r["tflops"] = 2 * r["m"] * r["n"] * r["k"] / seconds / 1e12
         r["pct_dense_bf16"] = 100 * dense[(r["format"], r["m"], r["n"], r["k"])] / r["us"]
+
+
+def measured_routes(rows) -> dict[str, dict[str, list[list]]]:
+    """backend -> format -> [[M, the path fastest at M summed over the shapes timed], ...], from the
+    BACKEND/PATH rows and the backends' own xla paths."""
+    totals: dict = {}
+    for r in rows:
+        backend, _, path = r["impl"].partition("/")
+        if path:
+            key = (backend, r["format"], r["m"])
+            totals.setdefault(key, {}).setdefault(path, []).append(r["us"])
+    out: dict = {}
+    for (backend, fmt, m), paths in sorted(totals.items()):
+        shapes = max(len(t) for t in paths.values())
+        timed = {p: sum(t) for p, t in paths.items() if len(t) == shapes}  # paths timed at every shape
+        out.setdefault(backend, {}).setdefault(fmt, []).append([m, min(timed, key=timed.get)])
+    return out
+
+
+def write_routes(path: pathlib.Path, rows, meta) -> None:
+    """Merge this run's measured routes for its device kind into the routes table at `path`."""
+    paths = {b.name: b.paths for b in linear.BACKENDS.values() if b.paths}
+    table = routes.validate(json.loads(path.read_text()), paths, str(path)) if path.exists() else {}
+    measured = measured_routes(rows)
+    entry = table.get(meta["device"], {"backends": {}})
+    for backend, formats in measured.items():
+        entry["backends"].setdefault(backend, {}).update(formats)
+    entry["measured"] = {k: meta[k] for k in ("commit", "date", "jax", "command")}
+    table[meta["device"]] = entry
+    routes.validate(table, paths, str(path))
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"routes for {meta['device']} written to {path}")
 
 
 def markdown(rows, meta) -> str:
@@ -199,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed batches (the median is reported)")
     ap.add_argument("--json", type=pathlib.Path, help="write every row and the run's metadata here")
     ap.add_argument("--markdown", type=pathlib.Path, help="write the table here")
+    ap.add_argument("--write-routes", type=pathlib.Path, metavar="FILE",
+                    help="merge the fastest path per format and M into this routes table (GPU)")
     args = ap.parse_args(argv)
 
     plat = jax.default_backend()
@@ -232,16 +286,22 @@ def main(argv=None) -> int:
             "date": datetime.date.today().isoformat(), "host": platform.node(), "copy_gbps": copy_bps / 1e9,
             "command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     print(f"{meta['device']}: copy {copy_bps / 1e9:.1f} GB/s", flush=True)
+    if args.write_routes and not (plat == "gpu" and any(linear.BACKENDS[b].paths for b in backends)):
+        ap.error("--write-routes times the paths of a GPU backend that has several (triton): run it on a GPU")
     rows = []
     key = jax.random.key(0)
     for fmt in formats:
         for n, k in shapes:
-            rows += bench_shape(fmt, n, k, ms, backends=backends, reps=reps,
-                                runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
+            new = bench_shape(fmt, n, k, ms, backends=backends, reps=reps,
+                              runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
+            add_ratios(new, copy_bps)
+            rows += new
             print(f"  {fmt} {n}x{k} done", flush=True)
-    add_ratios(rows, copy_bps)
-    table = markdown(rows, meta)
-    write_report(table, meta, rows, args.json, args.markdown)
+            if args.json:  # as it goes: a run cut short keeps what it measured
+                pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        if args.write_routes:  # a format's routes need all its shapes
+            write_routes(args.write_routes, rows, meta)
+    write_report(markdown(rows, meta), meta, rows, args.json, args.markdown)
     return 0
 
 

@@ -1,13 +1,15 @@
 """Fused dequant-matmul kernels in Pallas: y = x @ dequant(w)^T with w kept quantized in device memory.
 
-Kernel families chosen by the number of rows of x: decode (up to 16 rows, a GEMV that streams the weight
-once) and prefill (a GEMM on the tensor cores / MXU):
+Kernel families chosen by the number of rows of x: decode (a few rows, a GEMV that streams the weight
+once) and prefill (a GEMM on the tensor cores / MXU); on a GPU the linear layer's routes table picks per
+device kind, format and rows of x (`realm_jax.linear.routes`):
 
     decode       the Pallas Triton GPU decode GEMV (`pallas_kernels.decode.gemv`) on the weight in its lane
                  layout (`pallas_kernels.decode_layout`, made at load), activations quantized to int16 per
                  32 values, integer dot products (dp2a) on the packed codes: a few rows of x
-    decode_mma   the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.decode_mma.gemm`) on the
-                 same lanes: each weight dequantized once in registers for up to 64 rows of x (mma, wgmma)
+    mma          the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.mma.gemm`) on the same
+                 lanes: each weight dequantized once in registers for all the rows of x a program holds (up
+                 to 64 in one tile for decode, tiles of 128 for prefill; mma, wgmma)
     tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
                  format's tile function from `realm_jax.quant`
     mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu.gemm`),

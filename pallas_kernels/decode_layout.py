@@ -90,7 +90,7 @@ LAYOUTS = {
     "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True,
                    order=(0, 2, 1, 3, 4, 6, 5, 7)),
     "Q8_K": Layout(256, {"q": 64, "d": 1}),
-    # Only the tensor-core GEMM (`pallas_kernels.decode_mma`) reads the following: no quantize_x, no GEMV.
+    # Only the tensor-core GEMM (`pallas_kernels.mma`) reads the following: no quantize_x, no GEMV.
     "Q2_K": Layout(256, {"q": 16, "sc": 16, "d": 1, "dmin": 1}),
     "Q3_K": Layout(256, {"q": 16, "h": 8, "sc": 16, "d": 1}),
     "IQ4_NL": Layout(32, {"q": 4, "d": 1}),

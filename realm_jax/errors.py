@@ -28,6 +28,7 @@ __all__ = [
     "ShapeMismatchError",
     "DTypeError",
     "NativeBuildError",
+    "RoutesError",
     "ModelUnavailableError",
     "UnsupportedArchitectureError",
     "MissingTensorError",
@@ -137,6 +138,11 @@ class NativeBuildError(RealmError):
 
 
 # --- assets -----------------------------------------------------------------------------------
+class RoutesError(RealmError):
+    """The linear layer's routes table (`realm_jax/linear/routes.json`, or one a benchmark writes) is
+    malformed."""
+
+
 class ModelUnavailableError(RealmError):
     """A bundled model file cannot be found or fetched (it says how to install it)."""
 

@@ -4,7 +4,8 @@ For every format and rows of x it lowers the linear layer's GPU backends for an 
 path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` calls them) and reports:
 
 - Triton (`triton` backend: `pallas_kernels.decode`, the GEMV, up to GEMV_ROWS rows of x, and
-  `pallas_kernels.decode_mma`, the tensor-core GEMM, past them): the Triton IR compiled to a cubin by pip's
+  `pallas_kernels.mma`, the tensor-core GEMM, past them; `--rows 512` reports its prefill tiles): the
+  Triton IR, after Triton's TTIR passes as the device runs them, compiled to a cubin by pip's
   `triton` (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers,
   spills) and `cuobjdump -sass`: the CPU seconds of that compile, machine instructions per weight element
   in the K loop (or, where a program makes one step and the loop is unrolled away, in the whole program),
@@ -40,6 +41,7 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jex_core
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,30 +76,35 @@ def _matmul(backend: str):
     return lambda x, w: be.matmul(x, w, compute_dtype=BF16, out_dtype=BF16, interpret=False)
 
 
-def weight_copies(backend: str, fmt: str, m: int, n: int, k: int) -> list[str]:
-    """Equations outside the kernels whose result holds at least as many bytes as the weight's largest
-    plane: a per-call copy of the weight (e.g. a transpose to another layout)."""
+def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> list[str]:
+    """Equations outside the kernels that make, from the weight, an array holding at least as many bytes
+    as its largest plane: a per-call copy of the weight (e.g. a transpose to another layout). What is made
+    from x alone (its layout for a kernel) or past a kernel (partial products) is not counted. `fn(x, w)`:
+    the path to trace (default: the backend's matmul)."""
     w = abstract_weight(backend, fmt, n, k)
     biggest = max(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(w))
-    jaxpr = jax.make_jaxpr(_matmul(backend))(jax.ShapeDtypeStruct((m, k), BF16), w)
+    jaxpr = jax.make_jaxpr(fn or _matmul(backend))(jax.ShapeDtypeStruct((m, k), BF16), w)
     found = []
 
-    def walk(jp):
+    def walk(jp, from_weight: set):
         for eqn in jp.eqns:
             if eqn.primitive.name == "pallas_call":
                 continue
+            inputs = [v in from_weight for v in eqn.invars if not isinstance(v, jex_core.Literal)]
+            if not any(inputs):
+                continue
             for v in eqn.outvars:
-                aval = v.aval
-                if hasattr(aval, "shape") and aval.size * aval.dtype.itemsize >= biggest:
-                    found.append(f"{eqn.primitive.name} -> {aval.dtype}{list(aval.shape)}")
-            for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
-                walk(sub)
+                from_weight.add(v)
+                if v.aval.size * v.aval.dtype.itemsize >= biggest:
+                    found.append(f"{eqn.primitive.name} -> {v.aval.dtype}{list(v.aval.shape)}")
             for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", None)
-                if inner is not None and hasattr(inner, "eqns"):
-                    walk(inner)
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):  # a call: its inputs are the equation's, in order
+                    same = len(inner.invars) == len(eqn.invars)
+                    walk(inner, {iv for iv, ov in zip(inner.invars, eqn.invars)
+                                 if not same or (not isinstance(ov, jex_core.Literal) and ov in from_weight)})
 
-    walk(jaxpr.jaxpr)
+    walk(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[1:]))  # x, then the weight's arrays
     return found
 
 
@@ -125,6 +132,24 @@ def capture_triton(fn, *args) -> list[dict]:
             for (ttir, grid), w, s in zip(got, warps, stages)]
 
 
+def make_ttir(path: pathlib.Path) -> str:
+    """The captured module after Triton's TTIR passes (canonicalize, combine: e.g. `acc + dot(a, b)` becomes
+    a dot accumulating into acc), which the device's compile runs on Pallas's module and `triton.compile`
+    skips for an IR file."""
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler.compiler import make_backend
+
+    context = ir.context()
+    ir.load_dialects(context)
+    make_backend(GPUTarget("cuda", 90, 32)).load_dialects(context)
+    module = ir.parse_mlir_module(str(path), context)
+    module.context = context
+    CUDABackend.make_ttir(module, {}, None, 90)
+    return str(module)
+
+
 def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     """Registers, spills and SASS of a captured Triton module, compiled for sm_90 by pip's triton."""
     import triton
@@ -133,6 +158,7 @@ def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     src = workdir / "kernel.ttir"
     src.write_text(kernel["ttir"])
+    src.write_text(make_ttir(src))
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(dir=workdir)  # compile it, not a cached copy
     start = resource.getrusage(resource.RUSAGE_SELF)
     compiled = triton.compile(str(src), target=GPUTarget("cuda", 90, 32),
@@ -245,22 +271,25 @@ def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
 
 # --- Mosaic GPU: MLIR operations per K step -------------------------------------------------------------
 def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
-    """The Triton tensor-core GEMM (`pallas_kernels.decode_mma`, more than GEMV_ROWS rows of x) as the
-    backend runs it, and the instructions per weight of its K loop (one chunk of K a step, whatever the
-    rows of x: the cost is the dequantization's), from the same kernel with fewer K splits where the
-    backend's tiling leaves one chunk a program."""
-    from pallas_kernels import decode_mma
+    """The Triton tensor-core GEMM (`pallas_kernels.mma`: the backend's "mma" path, which it takes past
+    GEMV_ROWS rows of x, and for prefill rows where the routes table says so) as the backend runs it, and
+    the instructions per weight of its K loop (one chunk of K a step: the cost is the dequantization's, once
+    per tile of x, so all the rows of x cost it times the tiles), from the same kernel with fewer K splits
+    where the backend's tiling leaves one chunk a program."""
+    from pallas_kernels import mma
+    from realm_jax.linear.triton import multiply
 
     w = abstract_weight("triton", fmt, n, k)
     x = jax.ShapeDtypeStruct((m, k), BF16)
-    (kernel,) = capture_triton(_matmul("triton"), x, w)
-    t = decode_mma.tiling_for(fmt, n, k, m)
-    chunk = decode_mma.chunk_size(fmt, k)
+    path = lambda x, w: multiply(x, w, "mma", compute_dtype=BF16, interpret=False)  # noqa: E731
+    (kernel,) = capture_triton(path, x, w)
+    t = mma.tiling_for(fmt, n, k, m)
+    chunk = mma.chunk_size(fmt, k)
     chunks = k // chunk
     program = _sass_cost(kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // t.splits, 1)
     looped = dataclasses.replace(t, splits=max(1, t.splits // 4) if chunks // t.splits < 2 else t.splits)
     (loop_kernel,) = capture_triton(
-        lambda x, w: decode_mma.gemm(x, w.lanes, fmt=fmt, tiling=looped), x, w)
+        lambda x, w: mma.gemm(x, w.lanes, fmt=fmt, tiling=looped), x, w)
     loop = _sass_cost(loop_kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // looped.splits, 1)
     hmma = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # MACs: m16n8k16, one a warp
             + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)  # wgmma (64 rows of x): one a warpgroup
@@ -268,23 +297,25 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['ops']['HMMA']} HMMA counted in the {loop['scope']}, not "
                            f"one [{t.x_rows}, {chunk}] x [{chunk}, {t.rows}] product a step: the loop was misread")
     grid = kernel["grid"]
+    tiles = grid[0]  # tiles of x: each dequantizes the weight again
     return {
-        "kernel": "triton_mma", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
+        "kernel": "triton_mma", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1] * grid[2],
         "registers": program["registers"], "spill_bytes": program["spill_bytes"],
         "compile_s": round(program["compile_s"], 2),
         "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
-        "instructions_per_weight": round(loop["per_weight"], 3),
-        "program_instructions_per_weight": round(program["per_weight"], 3),
+        "instructions_per_weight": round(loop["per_weight"] * tiles, 3),
+        "program_instructions_per_weight": round(program["per_weight"] * tiles, 3),
         "rows_per_program": t.x_rows,
         "ldg128_per_weight": round(loop["ldg128"], 4),
         "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
         "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
-        "weight_copies": weight_copies("triton", fmt, m, n, k),
+        "weight_copies": weight_copies("triton", fmt, m, n, k, path),
     }
 
 
 def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
-    """The decode kernel the Triton backend runs for m rows of x: the GEMV or the tensor-core GEMM."""
+    """The Triton kernel for m rows of x: the GEMV up to GEMV_ROWS (where the format has one), else the
+    tensor-core GEMM (past DECODE_ROWS its prefill tiles, which the backend takes where measured faster)."""
     from pallas_kernels.decode_layout import GEMV_FORMATS
     from realm_jax.linear.triton import GEMV_ROWS
 
@@ -340,8 +371,8 @@ def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
 
 
 def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
-    """The Triton decode kernels for every format, rows of x and shape (the GEMV, or the tensor-core GEMM
-    past GEMV_ROWS rows); the Mosaic GPU GEMM at PREFILL_ROWS rows and the first shape."""
+    """The Triton kernels for every format, rows of x and shape (the GEMV, or the tensor-core GEMM past
+    GEMV_ROWS rows); the Mosaic GPU GEMM at PREFILL_ROWS rows and the first shape."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:

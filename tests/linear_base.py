@@ -265,4 +265,4 @@ class LoweringTests:
         text = self.lower(fn, jax.ShapeDtypeStruct((m, k), BF16), w)
         calls = set(re.findall(r"custom_call @([\w$.]+)", text))
         assert calls <= set(self.CUSTOM_CALLS), calls
-        assert bool(calls) == backend.kernel_rows(m, BF16), f"{m} rows: kernels {calls or 'none'}"
+        assert bool(calls) == backend.kernel_rows(m, BF16, fmt), f"{m} rows: kernels {calls or 'none'}"

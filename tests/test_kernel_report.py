@@ -63,3 +63,18 @@ def test_mosaic_gemm_ops_per_k_step_do_not_grow():
     row = kernel_report.mosaic_row("Q4_K", kernel_report.PREFILL_ROWS, 4096, 4096)
     key = f"Q4_K {row['m']}x{row['n']}x{row['k']}"
     assert row["mlir_ops_per_k_step"] > 0 and row["mlir_ops_per_k_step"] <= base[key], (row, base[key])
+
+
+# The GEMM's prefill tiles (128 rows of x a program, eight warps): the weight dequantized once a tile
+# (Q4_K 9.6 instructions a weight a tile at 4096x4096, 128 registers, no spills, one wave of programs),
+# and no weight-sized array made outside the kernel (x's layout and the partial products are not).
+def test_mma_prefill_tiles_instructions_and_spills(tmp_path):
+    pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
+    from pallas_kernels import mma
+
+    row = kernel_report.mma_row("Q4_K", 512, 4096, 4096, tmp_path)
+    tiles = 512 // mma.PREFILL_ROWS
+    assert row["rows_per_program"] == mma.PREFILL_ROWS and row["programs"] >= kernel_report.SMS - kernel_report.SMS // 8
+    assert row["instructions_per_weight"] / tiles <= 10.0, row
+    assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
+    assert row["weight_copies"] == [], row

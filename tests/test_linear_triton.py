@@ -7,6 +7,8 @@ against llama.cpp."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +16,15 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from pallas_kernels import decode, decode_mma
+from pallas_kernels import decode, mma
 from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, from_lanes, quantize_x, to_lanes
-from realm_jax.errors import ShapeMismatchError
-from realm_jax.linear.triton import DECODE_ROWS, GEMV_ROWS
+from realm_jax import linear
+from realm_jax.errors import RoutesError, ShapeMismatchError
+from realm_jax.linear import routes
+from realm_jax.linear.triton import DECODE_ROWS, GEMV_ROWS, TRITON
+from realm_jax.precision import Policy
 from realm_jax.quant import dequantize, quantize
-from helpers import random_qtensor
+from helpers import assert_matmul_close, random_qtensor
 from linear_base import LinearTests, LoweringTests
 
 H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
@@ -85,14 +90,87 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
 
 
 def test_mma_tiling_fills_the_gpu_at_the_8b_shapes():
-    """The tensor-core decode GEMM gives every SM at least two programs at an 8B llama's shapes, and its K
-    splits divide the chunks."""
+    """The tensor-core GEMM gives every SM at least two programs for decode and a wave with at most an
+    eighth of the SMs idle for prefill, at an 8B llama's shapes; its K splits divide the chunks, and prefill
+    splits K only where the tiles alone leave SMs idle."""
     for fmt in LAYOUTS:
         for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
-            t = decode_mma.tiling_for(fmt, n, k)
-            chunks = k // decode_mma.chunk_size(fmt, k)
-            assert n % t.rows == 0 and chunks % t.splits == 0, (fmt, n, k, t)
-            assert n // t.rows * t.splits >= 2 * 132, (fmt, n, k, t)
+            for m in (16, 64, 128, 512, 2048):
+                t = mma.tiling_for(fmt, n, k, m)
+                chunks = k // mma.chunk_size(fmt, k)
+                tiles = -(-m // t.x_rows)
+                assert n % t.rows == 0 and chunks % t.splits == 0 and t.x_rows >= min(m, mma.PREFILL_ROWS), t
+                programs = tiles * n // t.rows * t.splits
+                assert programs >= (2 * 132 if m <= DECODE_ROWS else 132 - 132 // 8), (fmt, n, k, m, t)
+                if m > DECODE_ROWS and t.splits > 1:
+                    assert programs // 2 < 132 - 132 // 8, (fmt, n, k, m, t)
+
+
+@pytest.mark.parametrize("fmt,m", [("Q4_K", 130), ("Q6_K", 300), ("IQ4_XS", 129), ("Q5_0", 200)])
+def test_mma_prefill_tiles(fmt, m, rng):
+    """Past DECODE_ROWS the GEMM tiles x by PREFILL_ROWS (the last tile padded): every row matches the
+    float64 product of bf16 x and the dequantized weight rounded to bf16; it lowers for CUDA."""
+    w = random_qtensor(fmt, 130, 512, rng)
+    x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
+    lanes = to_lanes(w)
+    part = mma.gemm(x, lanes, fmt=fmt, interpret=True)
+    assert part.shape[1] == -(-m // mma.PREFILL_ROWS) * mma.PREFILL_ROWS
+    y = part.sum(0)[:m, :130]
+    assert_matmul_close(y, x.astype(jnp.bfloat16), dequantize(w).astype(jnp.bfloat16), compute_dtype=jnp.bfloat16,
+                        out_dtype=jnp.float32)
+    with use_abstract_mesh(H100):
+        text = jax.jit(lambda x, lanes: mma.gemm(x, lanes, fmt=fmt)).trace(x, lanes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
+
+
+def _routes(kind: str, table: dict) -> dict:
+    return {kind: {"measured": {"commit": "test"}, "backends": {"triton": table}}}
+
+
+def test_routes_pick_the_measured_path(monkeypatch, rng):
+    """Where the table has the device kind, the backend takes the path measured fastest at the nearest
+    measured rows of x (on a log scale); elsewhere the heuristic: GEMV up to GEMV_ROWS, GEMM up to
+    DECODE_ROWS, XLA past them. A measured GEMM at prefill rows serves them (the model's matmul matches the
+    reference)."""
+    kind = jax.devices()[0].device_kind
+    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, 65)] == [
+        "gemv", "gemv", "mma", "mma", "xla"]
+    assert TRITON.path("Q2_K", 1, jnp.bfloat16) == "mma" and TRITON.path("Q4_K", 1, jnp.float32) == "xla"
+    table = _routes(kind, {"Q4_K": [[1, "gemv"], [16, "mma"], [512, "mma"], [2048, "xla"]]})
+    monkeypatch.setattr(routes, "table", lambda: table)
+    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (1, 3, 4, 5, 130, 1024, 1025, 4096)] == [
+        "gemv", "gemv", "gemv", "mma", "mma", "mma", "xla", "xla"]  # 4 and 1024: ties take the smaller
+    assert TRITON.path("Q6_K", 130, jnp.bfloat16) == "xla"  # no entry: the heuristic
+    assert TRITON.path("Q4_K", 130, jnp.float32) == "xla"
+    w = random_qtensor("Q4_K", 130, 256, rng)
+    x = jnp.asarray(rng.standard_normal((130, 256)), jnp.bfloat16)
+    y = linear.matmul(x, linear.prepare(w, Policy.of("bf16"), impl="triton"), compute_dtype=jnp.bfloat16,
+                      out_dtype=jnp.float32)
+    assert_matmul_close(y, x, dequantize(w).astype(jnp.bfloat16), compute_dtype=jnp.bfloat16, out_dtype=jnp.float32)
+    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q2_K": [[1, "gemv"]]}))
+    with pytest.raises(RoutesError, match="Q2_K.*does not have"):
+        TRITON.path("Q2_K", 1, jnp.bfloat16)
+    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q4_K": [[1, "fast"]]}))
+    with pytest.raises(RoutesError, match="'fast' is not one of gemv, mma, xla"):
+        TRITON.path("Q4_K", 1, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "JSON object"),
+    ({"H": {"measured": {}}}, "'backends'"),
+    ({"H": {"backends": {"cuda": {}}}}, "'cuda' is not a backend"),
+    ({"H": {"backends": {"triton": {"Q4_K": [[0, "mma"]]}}}}, "Q4_K"),
+    ({"H": {"backends": {"triton": {"Q4_K": [[1, "fast"]]}}}}, "gemv, mma, xla"),
+    ({"H": {"backends": {"triton": {"Q4_K": [[1, "mma"], [1, "xla"]]}}}}, "distinct"),
+    ({"H": {"backends": {"triton": {"Q4_K": []}}}}, "Q4_K"),
+])
+def test_routes_table_is_checked(bad, match):
+    """A malformed routes table is one RoutesError naming the key; the committed one is well formed."""
+    with pytest.raises(RoutesError, match=match):
+        routes.validate(bad, {"triton": TRITON.paths}, "routes.json")
+    routes.table.cache_clear()
+    assert isinstance(routes.table(), dict)
 
 
 @pytest.mark.parametrize("fmt,m", [("Q5_K", 5), ("Q4_0", 33)])
@@ -105,8 +183,8 @@ def test_mma_reads_a_layer_of_a_stack_in_place(fmt, m, rng):
     stack = jax.tree.map(lambda *a: jnp.stack(a), *[to_lanes(w) for w in ws])
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     for i, w in enumerate(ws):
-        one = decode_mma.gemm(x, to_lanes(w), fmt=fmt, interpret=True)
-        both = decode_mma.gemm(x, stack, fmt=fmt, layer=jnp.int32(i), interpret=True)
+        one = mma.gemm(x, to_lanes(w), fmt=fmt, interpret=True)
+        both = mma.gemm(x, stack, fmt=fmt, layer=jnp.int32(i), interpret=True)
         np.testing.assert_array_equal(np.asarray(both), np.asarray(one))
         y = np.asarray(one.sum(0))[:m, :130]
         want = np.asarray(x, np.float64) @ np.asarray(dequantize(w), np.float64).T
@@ -195,3 +273,29 @@ def test_decode_agrees_with_llama_cpp(name):
     assert confident.mean() >= 0.99, f"{name}: top-1 at confident positions {confident.mean():.4f}"
     assert hits.mean() >= 0.95, f"{name}: top-1 over all positions {hits.mean():.4f}"
     assert sum(kl) / len(hits) <= 0.01, f"{name}: mean KL {sum(kl) / len(hits):.5f}"
+
+
+def test_benchmark_writes_the_routes(tmp_path):
+    """benchmarks/kernels.py --write-routes: per format and M the path with the least time summed over the
+    shapes timed (a path missing at a shape does not compete), merged into the table for the device kind,
+    which the registry then reads."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kernels_bench", pathlib.Path(__file__).parents[1] / "benchmarks"
+                                                  / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    times = {("gemv", 1): (5, 5), ("mma", 1): (6, 6), ("xla", 1): (9, 9), ("gemv", 512): (1, None),
+             ("mma", 512): (30, 50), ("xla", 512): (35, 40)}
+    rows = [{"impl": f"triton/{p}", "format": "Q4_K", "m": m, "n": n, "k": 4096, "us": us}
+            for (p, m), pair in times.items() for n, us in zip((4096, 14336), pair) if us is not None]
+    rows.append({"impl": "xla", "format": "Q4_K", "m": 1, "n": 4096, "k": 4096, "us": 0.1})  # a peer: no path
+    assert bench.measured_routes(rows) == {"triton": {"Q4_K": [[1, "gemv"], [512, "xla"]]}}
+    out = tmp_path / "routes.json"
+    out.write_text(json.dumps(_routes("Other GPU", {"Q8_0": [[1, "mma"]]})))
+    meta = {"device": "Test GPU", "commit": "abc", "date": "2026-12-05", "jax": jax.__version__, "command": "x"}
+    bench.write_routes(out, rows, meta)
+    table = json.loads(out.read_text())
+    assert set(table) == {"Other GPU", "Test GPU"} and table["Test GPU"]["measured"]["commit"] == "abc"
+    assert routes.measured("triton", "Test GPU", "Q4_K", 300, table) == "xla"
+    assert routes.measured("triton", "Test GPU", "Q4_K", 2, table) == "gemv"

@@ -62,6 +62,9 @@ class Backend:
       formats: the table's formats its kernels implement (its declaration), or None for every format.
       max_rows: the most rows of x it multiplies itself (None: any); past it the prepared weight carries a
         second layout for more rows (`prepare(..., many_rows=True)`).
+      paths: where a backend has several ways to multiply (kernels for different rows of x, or the XLA
+        reference on its layout), their names: `realm_jax.linear.routes` picks one per device kind,
+        format and rows of x from measurements, the backend's heuristic elsewhere.
     """
 
     name: ClassVar[str]
@@ -69,6 +72,7 @@ class Backend:
     interprets: ClassVar[bool] = False
     formats: ClassVar[frozenset[str] | None] = None
     max_rows: ClassVar[int | None] = None
+    paths: ClassVar[tuple[str, ...]] = ()
 
     def runs_on(self, platform: str) -> bool:
         return platform in self.platforms or (self.interprets and platform == "cpu")
@@ -81,9 +85,9 @@ class Backend:
             return f"{self.name}: no kernel for {fmt.name} (it has {', '.join(sorted(self.formats))})"
         return None
 
-    def kernel_rows(self, m: int, compute_dtype) -> bool:
-        """Whether m rows of x under `compute_dtype` run this backend's own kernels (else the XLA reference
-        on its weight: e.g. a decode kernel past its rows)."""
+    def kernel_rows(self, m: int, compute_dtype, fmt: str | None = None) -> bool:
+        """Whether m rows of x under `compute_dtype` (of a `fmt` weight, where that matters) run this
+        backend's own kernels (else the XLA reference on its weight: e.g. a decode kernel past its rows)."""
         return True
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> Prepared:

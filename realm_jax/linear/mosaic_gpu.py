@@ -18,7 +18,7 @@ class MosaicGpu(PallasBackend):
     name = "mosaic_gpu"
     platforms = ("gpu",)
 
-    def kernel_rows(self, m: int, compute_dtype) -> bool:
+    def kernel_rows(self, m: int, compute_dtype, fmt: str | None = None) -> bool:
         """Whether m rows of x under `compute_dtype` go to the GEMM (else the reference)."""
         from pallas_kernels.tiling import DECODE_ROWS
 

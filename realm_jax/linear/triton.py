@@ -1,20 +1,22 @@
-"""The Pallas Triton backend (GPU): two kernels on the weight in its lane layout
-(`pallas_kernels.decode_layout`, made once at load), for up to 64 rows of x under a 16-bit compute dtype
-(decode, and the server batches and prompt chunks between decode and prefill):
+"""The Pallas Triton backend (GPU): three paths on the weight in its lane layout
+(`pallas_kernels.decode_layout`, made once at load), under a 16-bit compute dtype:
 
-- up to `GEMV_ROWS` rows: the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per
-  32 values and integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an
-  instruction a weight for each row of x;
-- more (and every row count for Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4, which have no GEMV): the
-  tensor-core GEMM of `pallas_kernels.decode_mma`, which dequantizes each weight once (to the compute
-  dtype, as the reference rounds it) whatever the rows, and multiplies all of them by `mma`.
+- "gemv": the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per 32 values and
+  integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an instruction
+  a weight for each row of x (not for Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4);
+- "mma": the tensor-core GEMM of `pallas_kernels.mma`, which dequantizes each weight once (to the compute
+  dtype, as the reference rounds it) for all the rows of x a program holds (every row up to 64, tiles of
+  128 past them) and multiplies them by `mma` / `wgmma`;
+- "xla": the XLA reference, which dequantizes from the lanes (XLA fuses the layout's inverse into its
+  dequantization): per call it writes and reads back a dense copy of the weight, ~4.5 bytes a weight
+  against the kernels' 0.3-1.1, and then runs at the dense product's speed. f32 compute always goes here.
 
-More rows (prefill) and f32 compute go to the XLA reference, which dequantizes from the lanes (XLA fuses
-the layout's inverse into its dequantization): per call it writes and reads back a dense copy of the weight,
-~4.5 bytes a weight against the kernels' 0.3-1.1, which is what the GEMM wins by up to 64 rows (by
-instruction counts: no GPU has timed it yet; past 64 rows the dense product's speed takes over). JAX has
-deprecated the Pallas Triton lowering (Mosaic GPU is the maintained one); every lowering warns so, and
-`pallas_kernels` filters that one warning.
+Which path serves m rows of x is measured per device kind (`realm_jax.linear.routes`, written by
+`benchmarks/kernels.py --write-routes` on the device). Without a measurement: the GEMV up to `GEMV_ROWS`
+rows, the GEMM up to 64 (where it wins by instruction counts: ~1 and ~10 a weight against the dense copy's
+traffic), XLA past them, where the GEMM's prefill tiles are not yet timed against XLA's dequantize+dot
+(308 TFLOP/s at 512 rows on an H200). JAX has deprecated the Pallas Triton lowering (Mosaic GPU is the
+maintained one); every lowering warns so, and `pallas_kernels` filters that one warning.
 
 Inside a scan over stacked layers the kernel reads layer i of the stack where it lies (`stacked` /
 `unstack`), so no step copies a layer's planes out.
@@ -32,18 +34,19 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, ROW_ALIGN, from_lanes, quantize_x, to_lanes
-from realm_jax.errors import ShardingError
+from realm_jax.errors import RoutesError, ShardingError
+from realm_jax.linear import routes
 from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor
 
-__all__ = ["DECODE_ROWS", "TRITON", "LanesWeight", "Triton"]
+__all__ = ["DECODE_ROWS", "GEMV_ROWS", "TRITON", "LanesWeight", "Triton", "multiply"]
 
-DECODE_ROWS = 64  # rows of x the kernels take (pallas_kernels.decode_mma.MAX_ROWS)
+DECODE_ROWS = 64  # rows of x up to which the kernels serve without a measurement (pallas_kernels.mma)
 # Rows of x up to which the GEMV runs, the tensor-core GEMM past them: the GEMV's instructions a weight
 # grow with the rows (scripts/kernel_report.py, 4096x4096, H100: Q4_K 1.5 at one row, ~5 at four, ~10 at
-# eight; the rows padded to a power of two), the GEMM's do not (Q4_K 9.0, Q8_0 7.8, Q6_K 11.3 at 1-16
-# rows). A heuristic from instruction counts: no GPU has timed either kernel yet.
+# eight; the rows padded to a power of two), the GEMM's do not. A heuristic from instruction counts, for
+# the device kinds the routes table does not cover.
 GEMV_ROWS = 4
 _KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -77,18 +80,17 @@ def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
-def decode(x: jax.Array, w: LanesWeight, *, compute_dtype, interpret: bool) -> jax.Array:
-    """x [M, K] (M <= DECODE_ROWS) @ dequant(w)^T in f32 by the GEMV (M <= GEMV_ROWS, the formats it
-    implements) or the tensor-core GEMM: [M, N'] (padded rows)."""
-    if x.shape[0] <= GEMV_ROWS and w.fmt in GEMV_FORMATS:
+def multiply(x: jax.Array, w: LanesWeight, path: str, *, compute_dtype, interpret: bool) -> jax.Array:
+    """x [M, K] @ dequant(w)^T in f32 by the kernel of `path` ("gemv" or "mma"): [M, N'] (N' the lanes'
+    padded rows)."""
+    if path == "gemv":
         from pallas_kernels import decode
 
         part = decode.gemv(*quantize_x(x, w.fmt), w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
     else:
-        from pallas_kernels import decode_mma
+        from pallas_kernels import mma
 
-        part = decode_mma.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, compute_dtype=compute_dtype,
-                               interpret=interpret)
+        part = mma.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, compute_dtype=compute_dtype, interpret=interpret)
     return jnp.sum(part, axis=0)[: x.shape[0]]
 
 
@@ -98,15 +100,35 @@ class Triton(Backend):
     interprets = True
     formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS), the others GEMM only
     max_rows = DECODE_ROWS
+    paths = ("gemv", "mma", "xla")
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
         if fmt.block_size == 1:
             return f"{self.name}: {fmt.name} is stored dense (XLA's dot multiplies it)"
         return super().unsupported(fmt, shape)
 
-    def kernel_rows(self, m: int, compute_dtype) -> bool:
-        """Whether m rows of x under `compute_dtype` go to the decode GEMV (else the reference)."""
-        return m <= DECODE_ROWS and jnp.dtype(compute_dtype) in _KERNEL_COMPUTE
+    def path(self, fmt: str, m: int, compute_dtype, device_kind: str | None = None) -> str:
+        """The path for m rows of x of a `fmt` weight: measured on this device kind (`routes`), else the
+        heuristic; "xla" under f32 compute."""
+        if jnp.dtype(compute_dtype) not in _KERNEL_COMPUTE:
+            return "xla"
+        kind = device_kind or jax.devices()[0].device_kind
+        chosen = routes.measured(self.name, kind, fmt, m)
+        if chosen is not None and chosen not in self.paths:
+            raise RoutesError(f"{routes.ROUTES_FILE}: {kind!r}/{self.name}/{fmt}: path {chosen!r} is not one of "
+                              f"{', '.join(self.paths)}")
+        if chosen == "gemv" and fmt not in GEMV_FORMATS:
+            raise RoutesError(f"{routes.ROUTES_FILE}: {kind!r}/{self.name}/{fmt}: routes {m} rows of x to the "
+                              f"GEMV, which {fmt} does not have")
+        if chosen is not None:
+            return chosen
+        if m <= GEMV_ROWS and fmt in GEMV_FORMATS:
+            return "gemv"
+        return "mma" if m <= DECODE_ROWS else "xla"
+
+    def kernel_rows(self, m: int, compute_dtype, fmt: str | None = None) -> bool:
+        """Whether m rows of x of a `fmt` weight (Q4_K where unsaid) go to a kernel: its path."""
+        return self.path(fmt or "Q4_K", m, compute_dtype) != "xla"
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> LanesWeight:
         return LanesWeight(to_lanes(qt), qt.fmt, tuple(qt.shape))
@@ -117,11 +139,18 @@ class Triton(Backend):
     def matmul(self, x, w: LanesWeight, *, compute_dtype, out_dtype, interpret: bool | None = None) -> jax.Array:
         if w.axes is not None:
             return self._per_shard(x, w, compute_dtype, out_dtype, _interpret(interpret))
-        n = w.shape[0]
-        if self.kernel_rows(x.shape[0], compute_dtype):
-            return decode(x, w, compute_dtype=compute_dtype, interpret=_interpret(interpret))[:, :n].astype(out_dtype)
-        lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
-        return xla_matmul(x, from_lanes(w.fmt, w.shape, lanes), compute_dtype, out_dtype)
+        return self.matmul_path(x, w, self.path(w.fmt, x.shape[0], compute_dtype), compute_dtype=compute_dtype,
+                                out_dtype=out_dtype, interpret=interpret)
+
+    def matmul_path(self, x, w: LanesWeight, path: str, *, compute_dtype, out_dtype,
+                    interpret: bool | None = None) -> jax.Array:
+        """`matmul` by the given path (one device's weight): what `benchmarks/kernels.py` times to measure
+        the routes."""
+        if path == "xla":
+            lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
+            return xla_matmul(x, from_lanes(w.fmt, w.shape, lanes), compute_dtype, out_dtype)
+        y = multiply(x, w, path, compute_dtype=compute_dtype, interpret=_interpret(interpret))
+        return y[:, : w.shape[0]].astype(out_dtype)
 
     def concat(self, ws: list[LanesWeight]) -> LanesWeight | None:
         if len({(w.fmt, w.shape[1]) for w in ws}) != 1 or any(w.layer is not None or w.axes for w in ws):
@@ -196,6 +225,9 @@ class Triton(Backend):
 
     def describe(self, w: LanesWeight | None = None) -> str:
         mode = " (interpret mode)" if jax.default_backend() == "cpu" else ""
+        kind = jax.devices()[0].device_kind
+        if self.name in routes.table().get(kind, {}).get("backends", {}):
+            return f"triton{mode}: GEMV, tensor-core GEMM or xla as measured on {kind} (realm_jax/linear/routes.json)"
         return (f"triton decode GEMV{mode} (1-{GEMV_ROWS} rows, 16-bit compute), tensor-core GEMM "
                 f"({GEMV_ROWS + 1}-{DECODE_ROWS}), xla (more)")
 

@@ -1,21 +1,25 @@
-"""The decode GEMM on the tensor cores (Pallas Triton): y = x @ dequant(w)^T for a few rows of x (up to 64,
-padded to 16, 32 or 64), reading the same lane layout as the decode GEMV (`pallas_kernels.decode_layout`:
-no second copy of the weight).
+"""The tensor-core GEMM (Pallas Triton): y = x @ dequant(w)^T for any rows of x, reading the lane layout of
+the decode GEMV (`pallas_kernels.decode_layout`: no second copy of the weight).
 
-Why a second decode kernel: the GEMV (`pallas_kernels.decode`) multiplies every row of x by the codes with
-`dp2a`, half an instruction a weight for each row, so at 8 or 16 rows it issues 5-20 instructions a weight
-and cannot stream the weight at the memory's rate (an H200 issues ~5-6 a weight at its bandwidth). Here
-each weight is dequantized once, in registers, whatever the rows of x, and the tensor cores multiply it by
-all of them: `mma` on bf16 (or f16) tiles.
+Why a second kernel beside the GEMV: the GEMV (`pallas_kernels.decode`) multiplies every row of x by the
+codes with `dp2a`, half an instruction a weight for each row, so at 8 or 16 rows it issues 5-20 instructions
+a weight and cannot stream the weight at the memory's rate (an H200 issues ~5-6 a weight at its bandwidth).
+Here each weight is dequantized once, in registers, for all the rows of x a program holds, and the tensor
+cores multiply it by all of them: `mma` on bf16 (or f16) tiles.
 
-A program owns `rows` consecutive weight rows and a contiguous range of K (split where the rows alone give
-too few programs); it walks its units a chunk of 64 elements at a time: the chunk's code words are
-unpacked with shifts and masks into a [64, rows] tile (the sub-block scales and offsets applied in f32,
-then rounded to the compute dtype, as XLA's reference path rounds its dequantized weight), and one
-[x_rows, 64] x [64, rows] product joins the f32 accumulator (`mma.sync` at 16 and 32 rows of x, `wgmma` at
-64: Triton's choice). The elements of a chunk come out in the order the
-words hold them, not in K's order: x's columns are permuted to match (`permute_x`, a gather over x's
-few rows) instead of moving weight bits.
+A program owns `rows` consecutive weight rows, `x_rows` rows of x and a contiguous range of K (split where
+the tiles alone give too few programs); it walks its units a chunk of 64 elements at a time: the chunk's
+code words are unpacked with shifts and masks into a [64, rows] tile (the sub-block scales and offsets
+applied in f32, then rounded to the compute dtype, as XLA's reference path rounds its dequantized weight),
+and one [x_rows, 64] x [64, rows] product joins the f32 accumulator (`mma.sync` at 16 and 32 rows of x,
+`wgmma` from 64: Triton's choice). The elements of a chunk come out in the order the words hold them, not
+in K's order: x's columns are permuted to match (`permute_x`, a gather over x) instead of moving weight
+bits.
+
+Decode (up to 64 rows of x) is one tile of x: every program multiplies all the rows, so each weight is
+dequantized once. Prefill tiles x by `PREFILL_ROWS`: the programs of one weight tile, one per tile of x,
+are neighbours in the grid (the tile of x varies fastest), so the weight comes from memory once and from
+L2 for the others, and each dequantizes it again: `PREFILL_ROWS` rows of products per dequantization.
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.iq4 import KVALUES
 from realm_jax.quant.mxfp import E2M1, e8m0_half
 
-__all__ = ["MAX_ROWS", "MMA_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
+__all__ = ["DECODE_ROWS", "MMA_ROWS", "PREFILL_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
 
 MMA_ROWS = 16  # the fewest rows of x a program multiplies (fewer are padded): one mma's rows
-MAX_ROWS = 64  # the most rows of x the kernel takes (a program multiplies them all: one dequantization)
+DECODE_ROWS = 64  # up to these rows of x, one tile of x: every program multiplies them all
+PREFILL_ROWS = 128  # past them, tiles of this many rows of x, one a program
 CHUNK = 64  # elements of K dequantized at a time
 _SMS = 132
 LO = 0x0F
@@ -47,7 +52,8 @@ LO = 0x0F
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MmaTiling:
     """rows: weight rows per program (64 or 128); splits: programs along K; x_rows: rows of x a program
-    multiplies (16, 32 or 64: M padded to a power of two); num_warps: warps a program."""
+    multiplies (16, 32 or 64: M padded to a power of two; PREFILL_ROWS past DECODE_ROWS); num_warps: warps a
+    program."""
 
     rows: int
     splits: int
@@ -56,8 +62,12 @@ class MmaTiling:
 
 
 def x_rows_for(m: int) -> int:
-    """Rows of x padded to the program's tile: a power of two from MMA_ROWS to MAX_ROWS."""
-    return max(MMA_ROWS, 1 << max(m - 1, 0).bit_length())
+    """Rows of x a program multiplies: a power of two from MMA_ROWS to DECODE_ROWS, PREFILL_ROWS past it."""
+    return max(MMA_ROWS, 1 << max(m - 1, 0).bit_length()) if m <= DECODE_ROWS else PREFILL_ROWS
+
+
+def _padded(m: int, x_rows: int) -> int:
+    return -(-m // x_rows) * x_rows
 
 
 def chunk_size(fmt: str, k: int) -> int:
@@ -74,14 +84,21 @@ def _units_per_chunk(fmt: str, chunk: int) -> int:
 
 
 def tiling_for(fmt: str, n: int, k: int, m: int = MMA_ROWS) -> MmaTiling:
-    """128 weight rows a program (64 where N would give fewer than two programs an SM), then the fewest K
-    splits (a power of two dividing the chunks) that give every SM at least two programs; all m rows of x
-    in each program."""
+    """128 weight rows a program (64 where N would give too few programs), then the fewest K splits (a
+    power of two dividing the chunks) that keep the SMs busy, counting the tiles of x: decode (one tile of
+    x, short programs) wants two programs an SM; prefill (M / PREFILL_ROWS tiles, long programs, and each
+    split adds an f32 [M, N] partial product to write and sum) one wave with at most an eighth of the SMs
+    idle. Prefill: eight warps, two warpgroups of 64 rows of x (128 registers a thread, so two programs
+    fit an SM and one's dequantization overlaps the other's products)."""
     chunks = k // chunk_size(fmt, k)
     x_rows = x_rows_for(m)
-    options = [MmaTiling(rows=rows, splits=s, x_rows=x_rows) for rows in (128, 64) if n % rows == 0
+    tiles = _padded(m, x_rows) // x_rows
+    decode = x_rows <= DECODE_ROWS
+    busy = 2 * _SMS if decode else _SMS - _SMS // 8
+    options = [MmaTiling(rows=rows, splits=s, x_rows=x_rows, num_warps=4 if decode else 8)
+               for rows in (128, 64) if n % rows == 0
                for s in (1 << i for i in range(chunks.bit_length())) if chunks % s == 0]
-    enough = [t for t in options if n // t.rows * t.splits >= 2 * _SMS]
+    enough = [t for t in options if tiles * n // t.rows * t.splits >= busy]
     if enough:
         return min(enough, key=lambda t: (n // t.rows * t.splits, -t.rows))
     return max(options, key=lambda t: (n // t.rows * t.splits, t.rows))
@@ -113,18 +130,18 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
         order = np.asarray(LAYOUTS[fmt].order)
         g, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
         return (32 * order[2 * g + h] + 4 * w + j).reshape(4, CHUNK)
-    raise UnsupportedFormatError(f"decode mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+    raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
 
 
-def permute_x(x: jax.Array, fmt: str, dtype) -> jax.Array:
-    """x [M, K] -> [x_rows_for(M), K] in `dtype`, rows padded with zeros and each chunk's columns in the
-    order the kernel dequantizes the weight's elements (`_chunk_order`)."""
+def permute_x(x: jax.Array, fmt: str, dtype, x_rows: int) -> jax.Array:
+    """x [M, K] -> [M', K] in `dtype`: rows padded with zeros to whole tiles of `x_rows`, each chunk's
+    columns in the order the kernel dequantizes the weight's elements (`_chunk_order`)."""
     m, k = x.shape
     chunk = chunk_size(fmt, k)
     order = _chunk_order(fmt, chunk)
     span = LAYOUTS[fmt].unit * _units_per_chunk(fmt, chunk)  # elements of K one row of `order` indexes into
     idx = (np.arange(k // span)[:, None] * span + order.reshape(-1)[None, :]).reshape(-1)
-    x = jnp.pad(x.astype(dtype), ((0, x_rows_for(m) - m), (0, 0)))
+    x = jnp.pad(x.astype(dtype), ((0, _padded(m, x_rows) - m), (0, 0)))
     return x[:, idx]
 
 
@@ -287,8 +304,9 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
         *plane_refs, table_ref = plane_refs
         extra["lookup"] = lambda codes: table_ref[codes]
     planes = dict(zip(names, plane_refs))
-    r0 = pl.program_id(0) * t.rows
-    c0 = pl.program_id(1) * chunks  # this program's first chunk
+    m0 = pl.program_id(0) * t.x_rows  # the tile of x varies fastest: its neighbours share the weight tile
+    r0 = pl.program_id(1) * t.rows
+    c0 = pl.program_id(2) * chunks  # this program's first chunk
     lead = (layer_ref[0],) if stacked else ()
     per_unit, units_per = _chunks_per_unit(fmt, chunk), _units_per_chunk(fmt, chunk)
 
@@ -305,7 +323,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
             return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
 
         w = _FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
-        x = x_ref[:, pl.ds(index * chunk, chunk)]  # [x_rows, chunk]
+        x = x_ref[pl.ds(m0, t.x_rows), pl.ds(index * chunk, chunk)]  # [x_rows, chunk]
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     acc = lax.fori_loop(0, chunks, body, jnp.zeros((t.x_rows, t.rows), jnp.float32))
@@ -314,8 +332,8 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
 
 def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=jnp.bfloat16,
          tiling: MmaTiling | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] (M <= MAX_ROWS) @ dequant(w)^T as partial products [splits, M', N'] f32 (their sum over
-    axis 0, cut to [M, N], is the product; M' = x_rows_for(M), N' the lanes' padded rows).
+    """x [M, K] @ dequant(w)^T as partial products [splits, M', N'] f32 (their sum over axis 0, cut to
+    [M, N], is the product; M' = M padded to whole tiles of x, N' the lanes' padded rows).
 
     Args:
       x: the activations [M, K].
@@ -327,34 +345,35 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
       interpret: Pallas interpret mode (CPU).
     """
     if fmt not in _FORMATS:
-        raise UnsupportedFormatError(f"decode mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+        raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
     m, k = x.shape
     stacked = layer is not None
     q = lanes["q"]
     n = q.shape[-1]
     unit = LAYOUTS[fmt].unit
-    if m > MAX_ROWS or n % ROW_ALIGN or q.shape[stacked] * unit != k:
-        raise ShapeMismatchError(f"decode mma: x {x.shape} against {fmt} lanes "
-                                 f"{ {key: v.shape for key, v in lanes.items()} }; at most {MAX_ROWS} rows of x")
+    if m < 1 or n % ROW_ALIGN or q.shape[stacked] * unit != k:
+        raise ShapeMismatchError(f"mma: x {x.shape} against {fmt} lanes "
+                                 f"{ {key: v.shape for key, v in lanes.items()} }")
     t = tiling or tiling_for(fmt, n, k, m)
     chunk = chunk_size(fmt, k)
     total = k // chunk
-    if n % t.rows or total % t.splits or t.x_rows != x_rows_for(m):
-        raise ShapeMismatchError(f"decode mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
+    if n % t.rows or total % t.splits or t.x_rows % MMA_ROWS or (t.x_rows < m and t.x_rows < DECODE_ROWS):
+        raise ShapeMismatchError(f"mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
     dtype = jnp.dtype(compute_dtype)
     names = tuple(LAYOUTS[fmt].planes)
-    args = (permute_x(x, fmt, dtype), *(lanes[name] for name in names), *([_table(fmt)] if fmt in _TABLES else []))
+    tables = [_table(fmt)] if fmt in _TABLES else []
+    args = (permute_x(x, fmt, dtype, t.x_rows), *(lanes[name] for name in names), *tables)
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, chunk=chunk, chunks=total // t.splits,
                                stacked=stacked, dtype=dtype, interpret=interpret)
     return pl.pallas_call(
         kernel,
-        grid=(n // t.rows, t.splits),
+        grid=(_padded(m, t.x_rows) // t.x_rows, n // t.rows, t.splits),
         in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, t.x_rows, n), jnp.float32),
+        out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda mt, i, s: (s, mt, i)),
+        out_shape=jax.ShapeDtypeStruct((t.splits, _padded(m, t.x_rows), n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=2),
         interpret=interpret,
-        name=f"decode_mma_{fmt.lower()}",
+        name=f"mma_{fmt.lower()}",
     )(*args)
