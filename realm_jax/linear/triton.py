@@ -223,6 +223,25 @@ class Triton(Backend):
                              out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
                              check_vma=False)(x, w.lanes)
 
+    def decode_attention(self, q, k_cache, v_cache, scores_dtype):
+        """Attention for a decode step on the stacked cache read in place (`pallas_kernels.attention`),
+        where the scores are f32, q and the cache share a 16-bit dtype, the step's query rows a kv head fit
+        one program and a block of keys divides the cache's length, on one device (XLA cannot split the
+        kernel over a mesh); else None (XLA's path)."""
+        from pallas_kernels import attention
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            return None
+
+        _, t, n, _ = q.shape
+        kv, length = k_cache.shape[3], k_cache.shape[2]
+        if (jnp.dtype(scores_dtype) != jnp.float32 or not q.dtype == k_cache.dtype == v_cache.dtype
+                or q.dtype not in _KERNEL_COMPUTE or n % kv or t * (n // kv) > attention.MAX_ROWS
+                or attention.tiling_for(q.shape[0], kv, length) is None):
+            return None
+        return functools.partial(attention.decode_attention, interpret=_interpret(None))
+
     def describe(self, w: LanesWeight | None = None) -> str:
         mode = " (interpret mode)" if jax.default_backend() == "cpu" else ""
         kind = jax.devices()[0].device_kind
