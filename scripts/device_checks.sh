@@ -41,8 +41,8 @@ python3 -c "import jax; print(jax.__version__, jax.devices())" | tee "$OUT/env.t
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv 2>/dev/null | tee -a "$OUT/env.txt"
 git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/env.txt"
 cp realm_jax/linear/routes.json "$OUT/routes.json"
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton.py \
-  -k "compiled_on_device or agrees_with_llama_cpp" --durations=10
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton.py tests/test_decode_attention.py \
+  -k "compiled_on_device or agrees_with_llama_cpp or matches_attention" --durations=10
 step kernels 130 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q8_0,Q5_K \
   --shapes 4096x4096,14336x4096 --m 1,8,16 --runs 3 --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" \
   --write-routes "$OUT/routes.json"

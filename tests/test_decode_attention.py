@@ -1,5 +1,5 @@
 """The Pallas Triton decode attention (`pallas_kernels.attention`) over one layer of the stacked KV cache:
-in interpret mode against `ops.attention` on that layer's slice (pairwise over queries a step, heads a kv
+in interpret mode (compiled on a GPU) against `ops.attention` on that layer's slice (pairwise over queries a step, heads a kv
 head, the sliding window, kv_len, position splits and the 16-bit dtypes), lowering for CUDA, its refusals,
 and the Triton backend handing it to the model's decode step."""
 
@@ -18,6 +18,7 @@ from realm_jax.errors import ShapeMismatchError
 H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
                                                                      platform="gpu"))
 L, S, H = 3, 256, 64
+ON_CPU = jax.default_backend() == "cpu"  # interpret mode; compiled on a GPU (scripts/device_checks.sh)
 
 # (T, heads per kv head, kv heads, window, local, kv_len, splits, dtype, positions of the two sequences)
 CASES = [
@@ -39,7 +40,7 @@ def test_matches_attention_on_the_layer(case, rng):
     q = jnp.asarray(rng.standard_normal((b, t, g * kv, H)), dtype)
     pos = jnp.asarray(positions, jnp.int32)
     got = attention.decode_attention(q, kc, vc, jnp.int32(1), pos, local, scale=0.125, window=window, kv_len=kv_len,
-                                     interpret=True, tiling=attention.AttentionTiling(block=64, splits=splits))
+                                     interpret=ON_CPU, tiling=attention.AttentionTiling(block=64, splits=splits))
     n = kv_len or S
     want = ops.attention(q, kc[1, :b, :n], vc[1, :b, :n], pos, scale=0.125, window=window, local=local)
     assert got.dtype == dtype and got.shape == want.shape
