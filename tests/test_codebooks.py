@@ -77,3 +77,18 @@ def test_dequantize_equals_libggml(fmt, rng):
     got = np.asarray(dequantize(repack(raw, fmt, (4, k))))
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.array_equal(got, gq.dequantize(raw, GGMLQuantizationType[fmt]))
+
+
+def test_lookup16_is_the_table_read_by_index():
+    """`lookup16` (the select tree the kernels use instead of a gather) gives table[code] for every code,
+    bit for bit, signed zeros included."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from realm_jax.quant.common import lookup16
+
+    table = np.array([-0.0, 0.0, 1.5, -2.25, 3e-38, -7e37, 5, 6, 7, 8, 9, 10, 11, 12, 13, np.inf], np.float32)
+    codes = jnp.asarray(np.arange(64) % 16, jnp.uint8).reshape(4, 16)
+    got = np.asarray(lookup16(codes, table))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), table[np.asarray(codes)].view(np.uint32))

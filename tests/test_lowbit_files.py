@@ -54,11 +54,11 @@ def test_inspect_names_every_type(capsys):
 @pytest.mark.parametrize("backend", ["triton", "mosaic_gpu", "mosaic_tpu"])
 def test_pallas_backends_route_new_formats_to_the_reference(backend, capsys):
     """The new formats a Pallas backend has no kernel for (all but Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4, which
-    the Triton backend's tensor-core decode GEMM serves) are multiplied by the XLA reference on GPU and TPU,
-    with the reason in `plan` (what inspect and the load log show)."""
+    the Triton backend's tensor-core GEMM and the Mosaic TPU kernel serve) are multiplied by the XLA
+    reference on GPU and TPU, with the reason in `plan` (what inspect and the load log show)."""
     policy = realm_jax.Policy.of("bf16")
     served = linear.BACKENDS[backend].formats
-    assert (backend == "triton") == ({"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"} <= served)
+    assert (backend in ("triton", "mosaic_tpu")) == ({"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"} <= served)
     for fmt, f in FORMATS.items():
         if f.block_size == 1 or fmt in KERNEL_FORMATS or fmt in served:
             continue

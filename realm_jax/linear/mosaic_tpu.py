@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from realm_jax.linear.pallas import PallasBackend
+from realm_jax.linear.pallas import KERNEL_FORMATS, PallasBackend
 from realm_jax.quant import QTensor
 
 __all__ = ["MOSAIC_TPU", "MosaicTpu"]
@@ -27,6 +27,9 @@ def _matmul(x, w: QTensor, compute_dtype, out_dtype, interpret: bool) -> jax.Arr
 class MosaicTpu(PallasBackend):
     name = "mosaic_tpu"
     platforms = ("tpu",)
+    # the kernel body takes any tile function Mosaic TPU lowers: the shared formats, the 2- and 3-bit
+    # k-quants and the 16-value codebooks (IQ4_NL, IQ4_XS, MXFP4: `quant.common.lookup16`, selects)
+    formats = KERNEL_FORMATS | {"Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"}
 
     def kernel(self, x, w, *, compute_dtype, out_dtype, interpret):
         return _matmul(x, w, jnp.dtype(compute_dtype), jnp.dtype(out_dtype), interpret)

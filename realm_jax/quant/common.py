@@ -45,6 +45,19 @@ def split_nibbles(q: jax.Array, group: int) -> jax.Array:
     return ((q >> shifts) & 0xF).reshape(*q.shape[:-3], q.shape[-3], 2 * group)
 
 
+def lookup16(codes: jax.Array, table) -> jax.Array:
+    """table[codes] as float32, for integer codes 0..15 and a table of 16 values: a tree of selects on the
+    codes' four bits, not an indexed read, so that a kernel holds no table array and needs no gather (Mosaic
+    TPU lowers neither); the values are the table's exactly."""
+    level = [float(v) for v in np.asarray(table, np.float32)]
+    if len(level) != 16:
+        raise ValueError(f"lookup16: the table must hold 16 values, got {len(level)}")
+    for bit in range(4):
+        on = ((codes >> bit) & 1) != 0
+        level = [jnp.where(on, hi, lo) for lo, hi in zip(level[::2], level[1::2])]
+    return level[0].astype(jnp.float32)
+
+
 def join_nibbles(q: jax.Array, group: int) -> jax.Array:
     """The inverse of `split_nibbles`: values 0..15 [..., n, 2*group] -> packed uint8 [..., n*group]."""
     q = q.astype(jnp.uint8).reshape(*q.shape[:-1], 2, group)

@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 
 from realm_jax.quant.block import Field, Format, Packing
-from realm_jax.quant.common import rounded, split_nibbles, true_div
+from realm_jax.quant.common import lookup16, rounded, split_nibbles, true_div
 from realm_jax.quant.kquantize import _F32, _GROUP_MAX_EPS, _nearest_int, _seq_first_max, _seq_sum, _superblocks
 
 F16, U8, U16 = np.dtype(np.float16), np.dtype(np.uint8), np.dtype(np.uint16)
@@ -71,7 +71,7 @@ def _flatten(y: jax.Array) -> jax.Array:
 
 def _values(qs: jax.Array) -> jax.Array:
     """qs uint8 [..., n*16] -> codebook values f32 [..., n, 32] in element order."""
-    return jnp.asarray(KVALUES, jnp.float32)[split_nibbles(qs, 16).astype(jnp.int32)]
+    return lookup16(split_nibbles(qs, 16), KVALUES)
 
 
 # --- dequantization tiles ---------------------------------------------------------------------------

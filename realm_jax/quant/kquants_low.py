@@ -45,13 +45,14 @@ from realm_jax.quant.kquantize import (
 )
 
 F16, U8 = np.dtype(np.float16), np.dtype(np.uint8)
-_SHIFTS = np.arange(0, 8, 2, dtype=np.uint8)[:, None]  # [4, 1]: the four 2-bit codes of a byte (numpy: no backend at import)
 
 
 def _codes(qs: jax.Array) -> jax.Array:
     """qs uint8 [..., n*64] -> 2-bit codes uint8 [..., n, 16, 16] in element order (sub-blocks of 16)."""
     q = qs.reshape(*qs.shape[:-1], -1, 2, 1, 32)
-    return ((q >> _SHIFTS) & 3).reshape(*qs.shape[:-1], -1, 16, 16)
+    shifts = jnp.arange(0, 8, 2, dtype=jnp.uint8)[:, None]  # [4, 1]: the four 2-bit codes of a byte (an iota:
+    # a kernel captures no constant array)
+    return ((q >> shifts) & 3).reshape(*qs.shape[:-1], -1, 16, 16)
 
 
 def _pack_codes(lq: jax.Array) -> jax.Array:

@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 
 from realm_jax.quant.block import Field, Format
-from realm_jax.quant.common import split_nibbles
+from realm_jax.quant.common import lookup16, split_nibbles
 from realm_jax.quant.kquantize import _superblocks
 
 U8 = np.dtype(np.uint8)
@@ -80,7 +80,7 @@ def _flatten(y: jax.Array) -> jax.Array:
 
 # --- dequantization tiles ---------------------------------------------------------------------------
 def tile_mxfp4(p, *, exact: bool = False) -> jax.Array:
-    codes = jnp.asarray(E2M1, jnp.float32)[split_nibbles(p["qs"], 16).astype(jnp.int32)]  # [..., n, 32]
+    codes = lookup16(split_nibbles(p["qs"], 16), E2M1)  # [..., n, 32]
     e = p["e"].astype(jnp.int32)[..., None]
     if exact:  # the product built from the bits: a subnormal scale would be flushed to zero by XLA:CPU
         return _flatten(_ldexp(codes, e - 128))
