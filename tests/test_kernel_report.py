@@ -78,3 +78,17 @@ def test_mma_prefill_tiles_instructions_and_spills(tmp_path):
     assert row["instructions_per_weight"] / tiles <= 10.0, row
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
     assert row["weight_copies"] == [], row
+
+
+def test_ttir_ops_count_the_module_operations():
+    text = """module {
+  tt.func public @k(%arg0: !tt.ptr<f32>) {
+    %c0 = arith.constant 0 : i32
+    %0:2 = scf.for %i = %c0 to %c0 step %c0 iter_args(%a = %c0, %b = %c0) -> (i32, i32) {
+      %1 = arith.addi %a, %b : i32
+      scf.yield %1, %b : i32, i32
+    }
+    tt.return
+  }
+}"""
+    assert kernel_report.ttir_ops(text) == 6  # func, constant, for, addi, yield, return

@@ -106,16 +106,26 @@ def test_mma_tiling_fills_the_gpu_at_the_8b_shapes():
                     assert programs // 2 < 132 - 132 // 8, (fmt, n, k, m, t)
 
 
-@pytest.mark.parametrize("fmt,m", [("Q4_K", 130), ("Q6_K", 300), ("IQ4_XS", 129), ("Q5_0", 200)])
-def test_mma_prefill_tiles(fmt, m, rng):
+# Every format with lanes, rows of x around the prefill tile's edges and ragged N (one row count and one N
+# per format, rotating: 14 of the 15 pairs of the two).
+_PREFILL_M = (65, 128, 129, 255, 257)
+_PREFILL_N = (130, 256, 300)
+PREFILL_CASES = [(fmt, _PREFILL_M[i % len(_PREFILL_M)], _PREFILL_N[i % len(_PREFILL_N)])
+                 for i, fmt in enumerate(sorted(LAYOUTS))]
+
+
+@pytest.mark.parametrize("fmt,m,n", PREFILL_CASES)
+def test_mma_prefill_tiles(fmt, m, n, rng):
     """Past DECODE_ROWS the GEMM tiles x by PREFILL_ROWS (the last tile padded): every row matches the
-    float64 product of bf16 x and the dequantized weight rounded to bf16; it lowers for CUDA."""
-    w = random_qtensor(fmt, 130, 512, rng)
+    float64 product of bf16 x and the dequantized weight rounded to bf16, for every format, at rows of x
+    around the tile's edges and N not a multiple of the weight tile; it lowers for CUDA."""
+    w = (random_qtensor(fmt, n, 512, rng) if fmt != "Q8_K"
+         else quantize(jnp.asarray(rng.standard_normal((n, 512))), "Q8_K"))
     x = jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
     lanes = to_lanes(w)
     part = mma.gemm(x, lanes, fmt=fmt, interpret=True)
     assert part.shape[1] == -(-m // mma.PREFILL_ROWS) * mma.PREFILL_ROWS
-    y = part.sum(0)[:m, :130]
+    y = part.sum(0)[:m, :n]
     assert_matmul_close(y, x.astype(jnp.bfloat16), dequantize(w).astype(jnp.bfloat16), compute_dtype=jnp.bfloat16,
                         out_dtype=jnp.float32)
     with use_abstract_mesh(H100):
