@@ -303,9 +303,11 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     loop = _sass_cost(loop_kernel, workdir, chunk * t.rows, chunk * t.rows * chunks // looped.splits, 1)
     hmma = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # MACs: m16n8k16, one a warp
             + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)  # wgmma (64 rows of x): one a warpgroup
-    if loop["scope"] != "loop" or hmma != t.x_rows * t.rows * chunk:
+    # a short K loop may be unrolled by Triton's passes: then the whole program is the unit counted
+    steps = 1 if loop["scope"] == "loop" else chunks // looped.splits
+    if hmma != t.x_rows * t.rows * chunk * steps:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['ops']['HMMA']} HMMA counted in the {loop['scope']}, not "
-                           f"one [{t.x_rows}, {chunk}] x [{chunk}, {t.rows}] product a step: the loop was misread")
+                           f"{steps} [{t.x_rows}, {chunk}] x [{chunk}, {t.rows}] products: the loop was misread")
     grid = kernel["grid"]
     tiles = grid[0]  # tiles of x: each dequantizes the weight again
     return {
