@@ -11,10 +11,13 @@ A program owns `rows` consecutive weight rows, `x_rows` rows of x and a contiguo
 the tiles alone give too few programs); it walks its units a chunk of 64 elements at a time: the chunk's
 code words are unpacked with shifts and masks into a [64, rows] tile (the sub-block scales and offsets
 applied in f32, then rounded to the compute dtype, as XLA's reference path rounds its dequantized weight),
-and one [x_rows, 64] x [64, rows] product joins the f32 accumulator (`mma.sync` at 16 and 32 rows of x,
-`wgmma` from 64: Triton's choice). The elements of a chunk come out in the order the words hold them, not
-in K's order: x's columns are permuted to match (`permute_x`, a gather over x) instead of moving weight
-bits.
+and the transposed product [rows, 64] x [64, x_rows] joins the f32 accumulator [rows, x_rows]: the
+weight is the `wgmma`'s register-fed operand (A; one pass through shared memory, in 16-byte stores, puts
+it in the fragment layout), x the operand the pipelined copies bring into shared memory (B). (x @ w^T the
+other way round made w the shared-memory operand, stored two bytes at a time: Q4_K 9.6 -> 9.2
+instructions a weight a tile of 128 rows of x, 7.8 -> 7.3 at 16 rows, where `mma.sync` became `wgmma`.)
+The elements of a chunk come out in the order the words hold them, not in K's order: x's columns are
+permuted to match (`permute_x`, a gather over x) instead of moving weight bits.
 
 Decode (up to 64 rows of x) is one tile of x: every program multiplies all the rows, so each weight is
 dequantized once. Prefill tiles x by `PREFILL_ROWS`: the programs of one weight tile, one per tile of x,
@@ -146,6 +149,7 @@ def permute_x(x: jax.Array, fmt: str, dtype, x_rows: int) -> jax.Array:
 
 
 # --- each format: a chunk's dequantized elements [CHUNK, rows] in `_chunk_order` ------------------------
+_TN = (((0,), (1,)), ((), ()))  # w [chunk, rows] . x [x_rows, chunk] -> [rows, x_rows]
 MAGIC = 0x4B000000  # the bits of float32 2^23: OR a code below 2^23 into them and the float is 2^23 + code
 
 
@@ -324,10 +328,10 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
 
         w = _FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
         x = x_ref[pl.ds(m0, t.x_rows), pl.ds(index * chunk, chunk)]  # [x_rows, chunk]
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return acc + lax.dot_general(w, x, _TN, preferred_element_type=jnp.float32)  # [rows, x_rows]
 
-    acc = lax.fori_loop(0, chunks, body, jnp.zeros((t.x_rows, t.rows), jnp.float32))
-    o_ref[0] = acc
+    acc = lax.fori_loop(0, chunks, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
+    o_ref[0] = acc.T
 
 
 def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=jnp.bfloat16,
