@@ -43,7 +43,7 @@ def server(command: list[str], port: int, timeout: float = 600.0, env: dict | No
     """Run a server subprocess until its /v1/models answers (llama.cpp's server has no /health); always kill
     it. Raises ServerFailed, with the last line of the server's log, if it does not come up."""
     log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         try:
             wait_until_serving(f"http://127.0.0.1:{port}", proc, path="/v1/models", timeout=timeout)
