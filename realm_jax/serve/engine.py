@@ -191,12 +191,15 @@ def _row_counts(model: Model, cache: KVCache) -> tuple[int, ...]:
 
 
 def _group_rows(impl: str) -> int:
-    """Rows per group: the native CPU matmul reads a weight once per 4 rows of x (qmatmul.cc's row block),
-    so a group of 4 costs about one row's weight traffic (a group of 8, two passes) while more rows of a
-    busy server run as more groups; other backends: their `max_rows` (the most rows they multiply as
-    stored), or 8."""
+    """Rows per group (per data shard on a mesh): the native CPU matmul reads a weight once per 4 rows of x
+    (qmatmul.cc's row block), so a group of 4 costs about one row's weight traffic (a group of 8, two
+    passes) while more rows of a busy server run as more groups. XLA's dot (the CPU's path on a mesh) takes
+    another kernel for one row than for several, whose sums round differently: one row, as `generate`'s
+    single prompt has. Other backends: their `max_rows` (the most rows they multiply as stored), or 8."""
     if impl == "native":
         return 4
+    if impl == "xla":
+        return 1
     return linear.BACKENDS[impl].max_rows or 8
 
 
