@@ -475,7 +475,11 @@ class Engine:
         if greedy is not None and not sampled and not top_n:
             out = jax.device_get(greedy)
         else:
-            b = logits.shape[0]  # the other rows (free slots) are sampled greedily and thrown away
+            # Padded to the group's rows: one compiled sampler per setting whatever the step's rows. The
+            # other rows (free slots, padding) are sampled greedily and thrown away.
+            b = self.group
+            if logits.shape[0] < b:
+                logits = jnp.pad(logits, ((0, b - logits.shape[0]), (0, 0)))
             settings = np.zeros((5, b))
             settings[2] = 1.0  # top_p off
             for i, r in zip(rows, requests):
