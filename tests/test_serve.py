@@ -122,11 +122,12 @@ def _greedy_ids(client, prompt, n, **kw):
 def test_completions_match_generate_for_16_concurrent_requests(gemma, model):
     client = _client(gemma)
     lengths = [2 + (5 * i) % 7 for i in range(16)]  # 2..8 tokens: rows join and leave mid-batch
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda i: _greedy_ids(client, PROMPTS[i], lengths[i]), range(16)))
     tok = model.tokenizer
-    for i, r in enumerate(got):
-        want = model.generate_ids([tok.encode(PROMPTS[i])], max_new_tokens=max(lengths), stop_ids=[])[0]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # generate's tokens here while the server works
+        futures = [pool.submit(_greedy_ids, client, PROMPTS[i], lengths[i]) for i in range(16)]
+        wants = [model.generate_ids([tok.encode(p)], max_new_tokens=max(lengths), stop_ids=[])[0] for p in PROMPTS]
+        got = [f.result() for f in futures]
+    for i, (r, want) in enumerate(zip(got, wants)):
         n = r.usage.completion_tokens
         assert r.usage.prompt_tokens == len(tok.encode(PROMPTS[i]))
         assert r.choices[0].logprobs.tokens == [tok.token_to_piece(t).decode("utf-8", "replace") for t in want[:n]]
@@ -191,8 +192,10 @@ def test_a_prompt_longer_than_a_chunk_matches_generate_until_a_near_tie(gemma, m
     prompt = " ".join(PROMPTS)  # ~100 tokens: two prefill chunks of 64
     ids = model.tokenizer.encode(prompt)
     assert len(ids) > 64
-    want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
-    got = _greedy_ids(_client(gemma), prompt, 12).choices[0].logprobs.tokens
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # generate's tokens here while the server works
+        reply = pool.submit(_greedy_ids, _client(gemma), prompt, 12)
+        want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
+        got = reply.result().choices[0].logprobs.tokens
     want = [model.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in want_ids]
     if got != want[: len(got)]:  # allowed from generate's first near tie on: find it
         logits = model.logits(ids + want_ids, positions=range(len(ids) - 1, len(ids) + len(want) - 1))
