@@ -21,6 +21,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -33,14 +34,23 @@ PROMPTS = ["Once upon a time", "The capital of France is", "def fib(n):", "Water
            "The quick brown fox", "Dear Sir or Madam,", "Photosynthesis is"]
 
 
+class ServerFailed(RuntimeError):
+    """A server subprocess exited or did not answer before serving; the message ends with its log's last line."""
+
+
 @contextlib.contextmanager
 def server(command: list[str], port: int, timeout: float = 600.0, env: dict | None = None):
     """Run a server subprocess until its /v1/models answers (llama.cpp's server has no /health); always kill
-    it."""
-    log = open(os.devnull, "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    it. Raises ServerFailed, with the last line of the server's log, if it does not come up."""
+    log = tempfile.TemporaryFile()  # not a pipe: a full pipe would stall the server
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        wait_until_serving(f"http://127.0.0.1:{port}", proc, path="/v1/models", timeout=timeout)
+        try:
+            wait_until_serving(f"http://127.0.0.1:{port}", proc, path="/v1/models", timeout=timeout)
+        except RuntimeError as e:
+            log.seek(0)
+            lines = log.read().decode(errors="replace").strip().splitlines()
+            raise ServerFailed(f"{e}: {lines[-1] if lines else 'its log is empty'}") from None
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.kill()
@@ -133,35 +143,54 @@ def main() -> int:
         if args.ttft_under_load:
             result["ttft_under_load"] = ttft_under_load(base, "realm-jax")
         out["servers"]["realm-jax"] = result
-    probe = subprocess.run([args.llama_python, "-c", "import llama_cpp.server; print(llama_cpp.__version__)"],
-                           capture_output=True, text=True)
+    report("realm-jax", result)
+    write(args.json, out)  # kept whatever happens to the peer
+    out["servers"]["llama.cpp"] = result = llama_cpp_peer(args, path, levels)
+    report("llama.cpp", result)
+    write(args.json, out)
+    return 0
+
+
+def llama_cpp_peer(args, path: str, levels: list[int]) -> dict:
+    """llama.cpp's server through llama-cpp-python on the same file and levels, or {"skipped": why}."""
+    # Importing llama_cpp.server alone succeeds without the [server] extra; its app needs the extra's
+    # packages (fastapi, sse-starlette, pydantic-settings), as `python -m llama_cpp.server` does.
+    probe = subprocess.run([args.llama_python, "-c", "import llama_cpp, llama_cpp.server.app; "
+                            "print(llama_cpp.__version__)"], capture_output=True, text=True)
     if probe.returncode:
         reason = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
-        out["servers"]["llama.cpp"] = {"skipped": f"llama-cpp-python[server] is not importable by {args.llama_python} "
-                                                  f"({reason}); pip install 'llama-cpp-python[server]' (compiles "
-                                                  "llama.cpp), or --llama-python a venv that has it"}
-    else:
-        # llama-cpp-python's server decodes one sequence at a time: concurrent clients queue.
-        port = free_port()
-        command = [args.llama_python, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--host",
-                   "127.0.0.1", "--n_ctx", "1024"]
+        return {"skipped": f"llama-cpp-python[server] is not importable by {args.llama_python} ({reason}); pip "
+                           "install 'llama-cpp-python[server]' (compiles llama.cpp), or --llama-python a venv "
+                           "that has it"}
+    # llama-cpp-python's server decodes one sequence at a time: concurrent clients queue.
+    port = free_port()
+    command = [args.llama_python, "-m", "llama_cpp.server", "--model", path, "--port", str(port), "--host",
+               "127.0.0.1", "--n_ctx", "1024"]
+    try:
         with server(command, port) as base:
-            out["servers"]["llama.cpp"] = {"version": probe.stdout.strip(), "levels": [
-                run_level(base, path, c, args.requests, args.max_tokens) for c in levels]}
-    for name, result in out["servers"].items():
-        if "skipped" in result:
-            print(f"{name}: skipped: {result['skipped']}")
-            continue
-        for r in result["levels"]:
-            print(f"{name}: {r['clients']:>2} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
-                  f"p99 {r['ttft_p99_ms']:.0f} ms, inter-token p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms")
-        if "ttft_under_load" in result:
-            t = result["ttft_under_load"]
-            print(f"{name}: TTFT idle {t['idle_ttft_ms']:.0f} ms, while a long request decodes "
-                  f"{t['busy_ttft_ms']:.0f} ms ({t['ratio']:.2f}x)")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0
+            return {"version": probe.stdout.strip(),
+                    "levels": [run_level(base, path, c, args.requests, args.max_tokens) for c in levels]}
+    except ServerFailed as e:
+        return {"skipped": f"llama.cpp's server did not start: {e}"}
+
+
+def report(name: str, result: dict) -> None:
+    if "skipped" in result:
+        print(f"{name}: skipped: {result['skipped']}", flush=True)
+        return
+    for r in result["levels"]:
+        print(f"{name}: {r['clients']:>2} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
+              f"p99 {r['ttft_p99_ms']:.0f} ms, inter-token p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms")
+    if "ttft_under_load" in result:
+        t = result["ttft_under_load"]
+        print(f"{name}: TTFT idle {t['idle_ttft_ms']:.0f} ms, while a long request decodes "
+              f"{t['busy_ttft_ms']:.0f} ms ({t['ratio']:.2f}x)")
+    sys.stdout.flush()
+
+
+def write(path: str | None, out: dict) -> None:
+    if path:
+        pathlib.Path(path).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

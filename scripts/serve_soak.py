@@ -97,7 +97,7 @@ def main() -> int:
                                  str(args.model or default_model_path()), "--port", str(port), "--slots", "8",
                                  "--queue-size", "256", "--max-context", str(args.max_context), "--api-key",
                                  args.api_key, "--max-body-bytes", str(1 << 20)], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     else:
         url = args.url.rstrip("/")
         if urllib.parse.urlparse(url).hostname not in ("127.0.0.1", "localhost"):

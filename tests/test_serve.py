@@ -7,7 +7,10 @@ different lengths each get `Model.generate`'s tokens; a request's log-probabilit
 same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
 that span tokens; a prompt longer than a prefill chunk matches generate until a near tie; a cancelled
 stream frees its slot (/health); a full queue answers 429; malformed bodies, wrong types, over-long
-prompts and bad keys are 4xx with OpenAI's error JSON and leave the server serving.
+prompts and bad keys are 4xx with OpenAI's error JSON and leave the server serving. SmolLM2's server runs
+with --batch-dependent (all slots in one group): it answers many rows at once. `--mesh data=2` on two
+simulated CPU devices: a server in a process of its own (in the background, tests/background.py) gives
+`generate`'s greedy tokens on the same mesh to concurrent requests.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 
 import numpy as np
@@ -30,7 +34,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+import background  # noqa: E402
 import realm_jax  # noqa: E402
+from realm_jax import assets  # noqa: E402
 from realm_jax.serve.local import free_port, wait_until_serving  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,7 +87,8 @@ def servers(gemma3_path, smollm2_path, tmp_path_factory):
         yield {"gemma": stack.enter_context(_started(
                    gemma3_path, "--slots", "16", "--queue-size", "2", "--max-context", "512", "--prefill-chunk", "64",
                    "--api-key", KEY, "--chat-template", str(template), "--max-body-bytes", "65536")),
-               "smollm": stack.enter_context(_started(smollm2_path, "--slots", "4", "--max-context", "512"))}
+               "smollm": stack.enter_context(_started(smollm2_path, "--slots", "12", "--max-context", "512",
+                                                    "--batch-dependent"))}
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +122,12 @@ def _greedy_ids(client, prompt, n, **kw):
 def test_completions_match_generate_for_16_concurrent_requests(gemma, model):
     client = _client(gemma)
     lengths = [2 + (5 * i) % 7 for i in range(16)]  # 2..8 tokens: rows join and leave mid-batch
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(lambda i: _greedy_ids(client, PROMPTS[i], lengths[i]), range(16)))
     tok = model.tokenizer
-    for i, r in enumerate(got):
-        want = model.generate_ids([tok.encode(PROMPTS[i])], max_new_tokens=max(lengths), stop_ids=[])[0]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # generate's tokens here while the server works
+        futures = [pool.submit(_greedy_ids, client, PROMPTS[i], lengths[i]) for i in range(16)]
+        wants = [model.generate_ids([tok.encode(p)], max_new_tokens=max(lengths), stop_ids=[])[0] for p in PROMPTS]
+        got = [f.result() for f in futures]
+    for i, (r, want) in enumerate(zip(got, wants)):
         n = r.usage.completion_tokens
         assert r.usage.prompt_tokens == len(tok.encode(PROMPTS[i]))
         assert r.choices[0].logprobs.tokens == [tok.token_to_piece(t).decode("utf-8", "replace") for t in want[:n]]
@@ -184,8 +192,10 @@ def test_a_prompt_longer_than_a_chunk_matches_generate_until_a_near_tie(gemma, m
     prompt = " ".join(PROMPTS)  # ~100 tokens: two prefill chunks of 64
     ids = model.tokenizer.encode(prompt)
     assert len(ids) > 64
-    want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
-    got = _greedy_ids(_client(gemma), prompt, 12).choices[0].logprobs.tokens
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # generate's tokens here while the server works
+        reply = pool.submit(_greedy_ids, _client(gemma), prompt, 12)
+        want_ids = model.generate_ids([ids], max_new_tokens=12, stop_ids=[])[0]
+        got = reply.result().choices[0].logprobs.tokens
     want = [model.tokenizer.token_to_piece(t).decode("utf-8", "replace") for t in want_ids]
     if got != want[: len(got)]:  # allowed from generate's first near tie on: find it
         logits = model.logits(ids + want_ids, positions=range(len(ids) - 1, len(ids) + len(want) - 1))
@@ -266,3 +276,72 @@ def test_api_key_models_unknown_fields_and_routes(gemma):
     bad_chat = httpx.post(f"{gemma}/v1/chat/completions", json={"messages": "hi"},
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert bad_chat.status_code == 400 and bad_chat.json()["error"]["param"] == "messages"
+
+
+def test_batch_dependent_serves_every_slot_in_one_group(smollm):
+    """--batch-dependent: twelve concurrent requests decode as one group of 12 rows (past the native matmul's
+    8, its bf16 gemm) and each gets its answer."""
+    health = _health(smollm)
+    assert (health["batch_invariant"], health["group"], health["slots"]) == (False, 12, 12)
+    client = _client(smollm, "unused")
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(lambda p: client.completions.create(model="m", prompt=p, max_tokens=6, temperature=0),
+                            PROMPTS[:12]))
+    for r in got:
+        assert r.usage.completion_tokens == 6 or r.choices[0].finish_reason == "stop"
+        assert r.choices[0].text.strip() or r.choices[0].finish_reason == "stop"
+    assert got[1].choices[0].text.startswith(" Paris")  # "The capital of France is"
+    assert _health(smollm)["busy"] == 0
+
+
+# `realm-jax serve --mesh data=2` on two simulated CPU devices, and `generate` on the same mesh, in a process
+# of their own (the device count is fixed when JAX starts).
+MESH_SCRIPT = textwrap.dedent("""
+    import concurrent.futures, json, subprocess, sys, tempfile
+    import jax, openai, realm_jax
+    from realm_jax.distributed import make_mesh
+    from realm_jax.serve.local import free_port, wait_until_serving
+    path = sys.argv[1]
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "serve", "--model", path, "--port", str(port),
+                               "--mesh", "data=2", "--slots", "4", "--max-context", "256"],
+                              stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        m = realm_jax.load(path, progress=False, mesh=make_mesh(data=2, devices=jax.devices()[:2]))
+        prompts = ["Once upon a time", "The capital of France is", "def fib(n):", "Water boils at"]
+        want = [m.generate_ids([m.tokenizer.encode(p)], max_new_tokens=8, stop_ids=[])[0] for p in prompts]
+        try:
+            wait_until_serving(f"http://127.0.0.1:{port}", server, timeout=600, poll=0.3)
+        except RuntimeError as e:
+            log.seek(0)
+            raise RuntimeError(f"{e}: {log.read().decode()[-2000:]}") from None
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        ask = lambda p: client.completions.create(model="m", prompt=p, max_tokens=8, temperature=0, logprobs=0)
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = [r.choices[0].logprobs.tokens for r in pool.map(ask, prompts)]
+        piece = lambda t: m.tokenizer.token_to_piece(t).decode("utf-8", "replace")
+        print(json.dumps({"mesh": dict(m.mesh.shape), "got": got, "want": [[piece(t) for t in w] for w in want]}))
+    finally:
+        server.kill()
+        server.wait()
+""")
+
+
+@background.job(__file__, "mesh_results")
+def _mesh_job():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return [sys.executable, "-c", MESH_SCRIPT, str(assets.model_path("smollm2-135m-instruct-q4_1"))], env, 900
+
+
+@pytest.fixture(scope="module")
+def mesh_results(smollm2_path):
+    proc = background.result(__file__, "mesh_results")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_server_on_a_mesh_answers_as_generate_on_it(mesh_results):
+    assert mesh_results["mesh"]["data"] == 2
+    assert mesh_results["got"] == mesh_results["want"]

@@ -121,7 +121,8 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
            policy: Policy, kv_len: int, row=None, impl: str = "auto", tables=None, keep=None):
     """One decoder layer on the f32 residual x [B, T, D] at positions [B, T], dtypes from `policy`.
     Writes this step's keys/values into cache slot `layer` and attends over its first kv_len positions.
-    `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the whole cache batch.
+    `row`: x is the cache's rows [row, row + B) (a pipeline microbatch); None: x is the cache's first B rows
+    (all of them, but for a server's decode step on a partly busy group).
     `tables`: `ops.rope_tables(positions, inv_freq)` when the caller has them. `keep`: None, or [B] indices
     into T: after the cache write only those positions go on (x [B, 1, D] out), as the last layer of a
     prefill that needs one position's logits may."""
@@ -155,6 +156,8 @@ def _block(config: ModelConfig, p: dict[str, Any], x, positions, cache: KVCache,
                       window=config.sliding_window, kv_len=kv_len)
         return _block_rest(config, p, x, attn, dtype, norm), cache
 
+    if row is None and cache.k.shape[1] != b:  # x is the cache's first B rows (a server's partly busy group)
+        row = 0
     # Write this step's keys/values at each sequence's own offset, then attend over the cache.
     write = jax.vmap(lambda c, new, start: lax.dynamic_update_slice_in_dim(c, new, start, axis=0))
     if row is None:

@@ -72,9 +72,9 @@ def run(args: argparse.Namespace, model, template: str | None) -> int:
     from realm_jax.serve.server import create_app
 
     engine = Engine(model, slots=args.slots, max_context=args.max_context, queue_size=args.queue_size,
-                    prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).start()
+                    prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).warm_up().start()
     try:
-        # Compile the prefill, the decode step and the greedy sampler before the first client comes.
+        # The prefill and the first token's path too, before the first client comes.
         complete(engine, model.tokenizer.encode("Hello"), RequestParams(max_tokens=2, temperature=0.0))
         app = create_app(engine, name=model.path.stem, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                          chat_template=template, template_source=f"--chat-template {args.chat_template}")

@@ -6,12 +6,15 @@ its whole length), then one decode step of every live slot. A request joins the 
 last prefill chunk and leaves it when it finishes or is cancelled, freeing its slot for the next one.
 
 The slots are split into groups of `group` rows, each with its own KV cache [L, group, S, K, H]. A decode
-step runs one compiled forward per group that holds a live slot (the same compiled function for every
-group and every mix of live slots: a free row computes a throwaway token). By default `group` is the
-most rows the linear layers' backend multiplies as stored (`realm_jax.native.MAX_ROWS` on CPU): a row's
-arithmetic is then the same whether it shares its step with 0 or 15 others, and its greedy tokens are
-`Model.generate`'s (`batch_invariant=False` puts all slots in one group: faster past that many rows on
-CPU, where more rows take the bf16 gemm, but a row's answer then depends on the batch).
+step runs one compiled forward per group that holds a live slot, over the group's first R rows: the fewest
+of a few compiled row counts (1, 2, 4 on CPU) that hold its highest live slot (new requests take the lowest
+free slot), so one client costs one row's compute; a free row among them computes a throwaway token. The
+same compiled functions serve every mix of live slots. By default `group` is 4 on CPU (the native matmul
+reads a weight once per 4 rows) and a row's arithmetic is the same whether it shares its step with 0 or 15
+others, so its greedy tokens are `Model.generate`'s (`batch_invariant=False` puts all slots in one group:
+faster past 8 rows on CPU, where more rows take the bf16 gemm, but a row's answer then depends on the
+batch). Greedy steps take their tokens from the decode step itself; a step with a sampled row or one that
+asks for log-probabilities runs `sample_rows` on its logits.
 
 A prompt of at most `prefill_chunk` tokens is prefilled exactly as `generate` prefills it (one
 `runtime._prefill` of the prompt padded to 64); a longer one runs in chunks of `prefill_chunk` tokens
@@ -42,6 +45,7 @@ from realm_jax.errors import ContextLengthError, RealmError, SamplingError
 from realm_jax.inputs import shown
 from realm_jax.models.transformer import KVCache, forward
 from realm_jax.runtime import _PROMPT_BUCKET, Model, _layer_stack, _prefill, _round_up, _TextCollector
+from realm_jax.sampling import first_argmax
 from realm_jax.serve.sampling import TOP_LOGPROBS, sample_rows
 
 __all__ = ["Engine", "EngineStoppedError", "Event", "QueueFullError", "Request", "RequestParams", "complete"]
@@ -139,12 +143,15 @@ class Request:
 @functools.partial(jax.jit, static_argnames=("config", "policy", "impl", "pipeline", "kv_len"),
                    donate_argnames=("cache",))
 def _decode_group(params, cache: KVCache, token, pos, *, config, policy, impl, pipeline=None, kv_len: int):
-    """One decode step of a group: token [G] at positions pos [G] (all < kv_len) -> logits [G, V] f32, the
-    cache. Attention reads the cache's first kv_len positions (a bucket: few compilations)."""
+    """One decode step of a group's first R rows (R <= G, the cache's rows): token [R] at positions pos [R]
+    (all < kv_len) -> (logits [R, V] f32, their greedy tokens [R] int32, whether each row's logits are
+    finite [R], the cache). Attention reads the cache's first kv_len positions (a bucket: few compilations).
+    The greedy tokens come with the logits so that an all-greedy step needs no second dispatch."""
     logits, cache = forward(config, params, token[:, None], pos[:, None], cache, policy=policy,
                             last=jnp.zeros(token.shape, jnp.int32), kv_len=kv_len, layer_stack=_layer_stack(pipeline),
                             impl=impl)
-    return logits.astype(jnp.float32), cache
+    logits = logits.astype(jnp.float32)
+    return logits, first_argmax(logits), jnp.all(jnp.isfinite(logits), axis=-1), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "impl", "pipeline"), donate_argnames=("cache",))
@@ -164,13 +171,35 @@ def _insert(cache: KVCache, scratch: KVCache, row):
     return KVCache(put(cache.k, scratch.k), put(cache.v, scratch.v))
 
 
+def _row_counts(model: Model, cache: KVCache) -> tuple[int, ...]:
+    """The row counts a group's decode step is compiled for (the last: the group's, `cache`'s rows): a step
+    runs the fewest that hold the group's highest live row, so one client costs one row's compute, not a
+    group's. Only where a row's arithmetic does not depend on how many rows share the step (the native CPU
+    matmul, up to `native.MAX_ROWS` rows) and the decode attention reads the first rows of a larger cache in
+    place; elsewhere the group's rows alone."""
+    group = cache.k.shape[1]
+    decoder = linear.decode_attention(model.impl)
+    if model.impl != "native" or model.mesh is not None or decoder is None:
+        return (group,)
+    from realm_jax import native
+
+    c = model.config
+    q = jax.ShapeDtypeStruct((1, 1, c.n_heads, c.head_dim), model.policy.compute)
+    if decoder(q, cache.k, cache.v, model.policy.scores) is None:
+        return (group,)
+    return (*(n for n in (1, 2, 4, 8) if n < group and n <= native.MAX_ROWS), group)
+
+
 def _group_rows(impl: str) -> int:
-    """Rows per group: the native CPU matmul reads a weight once per 4 rows of x (qmatmul.cc's row block),
-    so a group of 4 costs about one row's weight traffic (a group of 8, two passes) while more rows of a
-    busy server run as more groups; other backends: their `max_rows` (the most rows they multiply as
-    stored), or 8."""
+    """Rows per group (per data shard on a mesh): the native CPU matmul reads a weight once per 4 rows of x
+    (qmatmul.cc's row block), so a group of 4 costs about one row's weight traffic (a group of 8, two
+    passes) while more rows of a busy server run as more groups. XLA's dot (the CPU's path on a mesh) takes
+    another kernel for one row than for several, whose sums round differently: one row, as `generate`'s
+    single prompt has. Other backends: their `max_rows` (the most rows they multiply as stored), or 8."""
     if impl == "native":
         return 4
+    if impl == "xla":
+        return 1
     return linear.BACKENDS[impl].max_rows or 8
 
 
@@ -210,6 +239,7 @@ class Engine:
         self.slots = slots
         self.batch_invariant = batch_invariant
         self._new_caches()
+        self._rows = _row_counts(model, self._caches[0])
         self._static = dict(config=model.config, policy=model.policy, impl=model.impl, pipeline=model.pipeline)
         b = self.n_groups * group
         self._pos = np.zeros(b, np.int32)
@@ -231,6 +261,21 @@ class Engine:
         self._scratch = commit(m._new_cache(m.batch_multiple, length))
 
     # --- the public side (any thread) ---------------------------------------------------------------
+    def warm_up(self) -> Engine:
+        """Compile the decode step at each of its row counts, before `start` (else the client whose request
+        first makes a group that wide waits for a compilation). Group 0's rows get throwaway keys and values
+        at position 0; a request's prefill overwrites its whole row."""
+        if self._thread is not None:
+            raise EngineStoppedError("warm_up runs before start")
+        m = self.model
+        kv_len = min(_CACHE_BUCKET, self._caches[0].length)
+        with m.mesh_context():
+            for n in self._rows:
+                zeros = np.zeros(n, np.int32)
+                *_, self._caches[0] = _decode_group(m.params, self._caches[0], zeros, zeros, kv_len=kv_len,
+                                                    **self._static)
+        return self
+
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="realm-jax-engine", daemon=True)
         self._thread.start()
@@ -391,49 +436,59 @@ class Engine:
             g, row = divmod(slot, self.group)
             self._caches[g] = _insert(self._caches[g], self._scratch, np.int32(row))
         self._pos[slot] = n
-        self._sample([request], logits[:1])
+        self._sample([request], [0], logits)
 
     def _decode_step(self) -> None:
         live = [r for r in self._owner if r is not None and r.prefilled == len(r.prompt) and r.generated]
         if not live:
             return
-        groups = sorted({r.slot // self.group for r in live})
         token = np.zeros(len(self._owner), np.int32)
         for r in live:
             token[r.slot] = r.last
-        logits = []
+        steps = []
         m = self.model
         with m.mesh_context():
-            for g in groups:
-                rows = slice(g * self.group, (g + 1) * self.group)
+            for g in sorted({r.slot // self.group for r in live}):
+                members = [r for r in live if r.slot // self.group == g]
+                top = max(r.slot for r in members) - g * self.group + 1
+                n = next(c for c in self._rows if c >= top)
+                rows = slice(g * self.group, g * self.group + n)
                 # A copy: on CPU a jitted call may read a numpy argument in place, after the += below.
                 pos = self._pos[rows].copy()
                 kv_len = min(_round_up(int(pos.max()) + 1, _CACHE_BUCKET), self._caches[g].length)
-                out, self._caches[g] = _decode_group(m.params, self._caches[g], token[rows], pos, kv_len=kv_len,
-                                                     **self._static)
-                logits.append(out)
+                *out, self._caches[g] = _decode_group(m.params, self._caches[g], token[rows], pos, kv_len=kv_len,
+                                                      **self._static)
+                steps.append((members, [r.slot - g * self.group for r in members], out))
         for r in live:
             self._pos[r.slot] += 1
         self.steps += 1
-        by_group = {g: [r for r in live if r.slot // self.group == g] for g in groups}
-        for g, out in zip(groups, logits):
-            rows = by_group[g]
-            self._sample(rows, out[np.array([r.slot - g * self.group for r in rows])])
+        for members, rows, (logits, greedy, finite) in steps:
+            self._sample(members, rows, logits, (greedy, finite))
 
-    def _sample(self, requests: list[Request], logits) -> None:
-        """Sample each request's next token from its logits row; stream it; finish or fail it."""
-        n = len(requests)
-        b = max(8, 1 << (n - 1).bit_length())  # a few compiled sizes
-        pad = lambda values, dtype: np.pad(np.asarray(values, dtype), (0, b - n))  # noqa: E731
+    def _sample(self, requests: list[Request], rows: list[int], logits, greedy=None) -> None:
+        """Sample each request's next token from its row of logits [R, V]; stream it; finish or fail it.
+        greedy: the step's (greedy tokens [R], finite [R]), enough when no request samples or asks for
+        log-probabilities."""
         ps = [r.params for r in requests]
-        logits = jnp.pad(logits, ((0, b - n), (0, 0)))
         top_n = TOP_LOGPROBS if any(p.logprobs is not None for p in ps) else 0
-        out = sample_rows(logits, pad([p.temperature for p in ps], np.float32), pad([p.top_k for p in ps], np.int32),
-                          pad([p.top_p for p in ps], np.float32) + (np.arange(b) >= n),  # padding: 1
-                          pad([r.seed for r in requests], np.uint32), pad([r.generated for r in requests], np.int32),
-                          sampled=any(p.temperature > 0 for p in ps), top_n=top_n)
-        out = jax.device_get(out)
-        for i, r in enumerate(requests):
+        sampled = any(p.temperature > 0 for p in ps)
+        if greedy is not None and not sampled and not top_n:
+            out = jax.device_get(greedy)
+        else:
+            # Padded to the group's rows: one compiled sampler per setting whatever the step's rows. The
+            # other rows (free slots, padding) are sampled greedily and thrown away.
+            b = self.group
+            if logits.shape[0] < b:
+                logits = jnp.pad(logits, ((0, b - logits.shape[0]), (0, 0)))
+            settings = np.zeros((5, b))
+            settings[2] = 1.0  # top_p off
+            for i, r in zip(rows, requests):
+                settings[:, i] = (r.params.temperature, r.params.top_k, r.params.top_p, r.seed, r.generated)
+            t, k, p, seed, count = settings
+            out = jax.device_get(sample_rows(logits, t.astype(np.float32), k.astype(np.int32), p.astype(np.float32),
+                                             seed.astype(np.uint32), count.astype(np.int32), sampled=sampled,
+                                             top_n=top_n))
+        for i, r in zip(rows, requests):
             try:
                 self._advance(r, out, i)
             except Exception as e:  # this request's text or sink: it fails alone
