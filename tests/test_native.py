@@ -134,8 +134,8 @@ def _int16_x(x: np.ndarray) -> np.ndarray:
 # The vector build pairwise over formats, rows (the 1-4 row blocks and a remainder), super-blocks (one, three,
 # and 17: the f16 factors are converted 16 super-blocks at a time) and the dtypes; the portable build (no
 # integer path: the same checks bound its f32 path) twice.
-INT16_CASES = [{**c, "portable": False} for c in pairwise({"fmt": ["Q2_K", "Q3_K"], "m": [1, 3, 4, 9],
-                                                          "k": [256, 768, 17 * 256], "compute": ["bfloat16", "float16"]})]
+INT16_GRID = {"fmt": ["Q2_K", "Q3_K"], "m": [1, 3, 4, 9], "k": [256, 768, 17 * 256], "compute": ["bfloat16", "float16"]}
+INT16_CASES = [{**c, "portable": False} for c in pairwise(INT16_GRID)]
 INT16_CASES += [{"fmt": "Q2_K", "m": 3, "k": 768, "compute": "bfloat16", "portable": True},
                 {"fmt": "Q3_K", "m": 9, "k": 256, "compute": "float16", "portable": True}]
 
