@@ -7,8 +7,8 @@
 // (dot_x16) for x of a 16-bit compute dtype: dequantized to f32, a 2-bit weight costs as many instructions
 // as a 4-bit one, so per weight byte Q2_K ran at half Q4_K's speed. Integer codes times x quantized to int16
 // per 256 elements (XInt16) cost about half: one load of each qs byte for its four fields, shift, mask, the
-// sub-block scale multiplied in as int16 and 32 products a vpdpwssd, the f16 factors applied once per
-// super-block, the mins (Q3_K: its -4 offset) through the sub-block sums of x. int16 x is within the 16-bit
+// sub-block scale multiplied in as int16 and 32 products a vpdpwssd, the f16 factors converted 16 super-blocks
+// at a time and applied once per super-block, the mins (Q3_K: its -4 offset) through the sub-block sums of x. int16 x is within the 16-bit
 // dtypes' tolerance (its error is below 2^-16 of the block's largest |x|, bf16's own rounding 2^-9 of each
 // element) but not f32's (1e-5 sqrt(K)), so an f32 compute dtype keeps the f32 path.
 #pragma once
@@ -114,7 +114,11 @@ template <int J, int MB, bool First = false>
 inline void dot_group(__m512i scaled, const int16_t* xq, int64_t k, __m512i* dot) {
   for (int i = 0; i < MB; ++i) {
     const __m512i xv = _mm512_loadu_si512(xq + i * k + 32 * J);
-    dot[i] = First ? _mm512_madd_epi16(scaled, xv) : dot16(dot[i], scaled, xv);
+    if constexpr (First) {
+      dot[i] = _mm512_madd_epi16(scaled, xv);
+    } else {
+      dot[i] = dot16(dot[i], scaled, xv);
+    }
   }
 }
 #endif
