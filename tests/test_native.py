@@ -17,8 +17,8 @@ import pytest
 import realm_jax
 from realm_jax import native
 from realm_jax.errors import ShapeMismatchError
-from realm_jax.quant import dequantize, to_dense
-from helpers import assert_matmul_close, matmul_tolerance, random_qtensor, rms
+from realm_jax.quant import dequantize, repack, to_dense
+from helpers import assert_matmul_close, matmul_tolerance, random_blocks, random_qtensor, rms
 from linear_base import pairwise
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native matmul unavailable: {native.reason()}")
@@ -91,14 +91,100 @@ def test_kernel_rejects_mismatched_planes(rng):
     short, zero = w.planes["qs"][:4], jnp.int32(0)
     call = jax.ffi.ffi_call("realm_qmatmul", jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="plane's size"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], short, fmt=np.int64(14), round=np.int64(0)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], short, fmt=np.int64(14), round=np.int64(0),
+                                   x16=np.int64(0)))
     with pytest.raises(Exception, match="unknown format"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(99), round=np.int64(0)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(99),
+                                   round=np.int64(0), x16=np.int64(0)))
     with pytest.raises(Exception, match="unknown weight rounding"):
         jax.block_until_ready(call(jnp.zeros((1, 64)), zero, w.planes["d"], w.planes["qs"], fmt=np.int64(14),
-                                   round=np.int64(7)))
+                                   round=np.int64(7), x16=np.int64(0)))
     with pytest.raises(Exception, match="layer index is outside"):
-        jax.block_until_ready(call(jnp.zeros((1, 64)), jnp.int32(1), w.planes["d"], w.planes["qs"], fmt=np.int64(14), round=np.int64(0)))
+        jax.block_until_ready(call(jnp.zeros((1, 64)), jnp.int32(1), w.planes["d"], w.planes["qs"], fmt=np.int64(14),
+                                   round=np.int64(0), x16=np.int64(0)))
+
+
+# Q2_K and Q3_K at a 16-bit compute dtype: the integer path (kquants_low.h's dot_x16) on x quantized to int16
+# codes per 256 elements. Rows of x: normal, all equal (every code 32767: the int16 products and int32 sums at
+# their largest), one large element per block among small ones, zeros.
+def _edge_weight(fmt: str, k: int, rng) -> object:
+    """8 rows of fmt: random, then the largest codes with the largest (Q3_K: also the most negative) sub-block
+    scales, d at f16's largest finite value and at its smallest subnormal, d = dmin = 0."""
+    raw = random_blocks(fmt, 8, k // 256, rng).reshape(8, k // 256, -1)
+    d = 80 if fmt == "Q2_K" else 108  # Q2_K: scales 16 | qs 64 | d | dmin;  Q3_K: hmask 32 | qs 64 | scales 12 | d
+    raw[1, :, :d] = 0xFF  # Q2_K: codes 3, scales and mins 15; Q3_K: codes 3, scales 31
+    raw[2, :, :d] = 0x0F if fmt == "Q2_K" else 0  # Q2_K: mins 0, qs nibbles; Q3_K: codes -4, scales -32
+    raw[3, :, d : d + 2] = np.float16(65504).reshape(1).view(np.uint8)
+    raw[4, :, d:] = np.tile(np.float16(2.0**-24).reshape(1).view(np.uint8), (raw.shape[-1] - d) // 2)
+    raw[5, :, d:] = 0
+    return repack(raw.reshape(8, -1), fmt, (8, k))
+
+
+def _int16_x(x: np.ndarray) -> np.ndarray:
+    """x as the integer path sees it, computed as kquants_low.h's XInt16 does (f32 32767 / max|x| per 256,
+    round to nearest even), in float64: codes times max / 32767."""
+    blocks = x.reshape(x.shape[0], -1, 256).astype(np.float32)
+    amax = np.max(np.abs(blocks), axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(32767) / amax, np.float32(0))
+    codes = np.rint(blocks * inv)
+    return (codes.astype(np.float64) * (amax / np.float32(32767)).astype(np.float64)).reshape(x.shape)
+
+
+# The vector build pairwise over formats, rows (the 1-4 row blocks and a remainder), super-blocks (one, three,
+# and 17: the f16 factors are converted 16 super-blocks at a time) and the dtypes; the portable build (no
+# integer path: the same checks bound its f32 path) twice.
+INT16_GRID = {"fmt": ["Q2_K", "Q3_K"], "m": [1, 3, 4, 9], "k": [256, 768, 17 * 256], "compute": ["bfloat16", "float16"]}
+INT16_CASES = [{**c, "portable": False} for c in pairwise(INT16_GRID)]
+INT16_CASES += [{"fmt": "Q2_K", "m": 3, "k": 768, "compute": "bfloat16", "portable": True},
+                {"fmt": "Q3_K", "m": 9, "k": 256, "compute": "float16", "portable": True}]
+
+
+@pytest.mark.parametrize("case", INT16_CASES, ids=lambda c: f"{c['fmt']}-m{c['m']}-k{c['k']}-{c['compute']}-"
+                                                           f"{'portable' if c['portable'] else 'vector'}")
+def test_q2_k_q3_k_int16_path(case, rng):
+    """The AVX-512 build's result is dequant(W) . (x as int16 codes) within f32 accumulation's tolerance (so
+    the path ran, and its scales, mins, offsets and sums are right); every build is within the codes'
+    rounding (a step of max|x| / 32767 per element, summed with |w|) of the float64 product; a row's result
+    is the same alone as among the others; Inf/NaN scales give non-finite rows, as in the reference."""
+    fmt, m, k, portable = case["fmt"], case["m"], case["k"], case["portable"]
+    w = _edge_weight(fmt, k, rng)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[1::4] = 1.0
+    x[2::4, ::256] = 1e3
+    x[3::4] = 0.0
+    x = np.asarray(jnp.asarray(x, case["compute"]).astype(jnp.float32))
+    f = jax.jit(lambda x, w: native.matmul(x, w, compute_dtype=case["compute"], out_dtype=jnp.float32,
+                                           portable=portable))
+    y = np.asarray(f(x, w), np.float64)
+    wd = np.asarray(dequantize(w), np.float64)
+    tol = matmul_tolerance(jnp.float32, k, rms(x), rms(wd))
+    step = np.repeat(np.max(np.abs(x.reshape(m, -1, 256)), axis=-1) / 32767, 256, axis=-1)
+    assert np.all(np.abs(y - x.astype(np.float64) @ wd.T) <= step @ np.abs(wd).T + tol)
+    if not portable and native.vector_path():
+        codes = _int16_x(x)
+        assert float(np.max(np.abs(y - codes @ wd.T))) <= matmul_tolerance(jnp.float32, k, rms(codes), rms(wd))
+    for i in range(m):
+        np.testing.assert_array_equal(np.asarray(f(x[i : i + 1], w), np.float64), y[i : i + 1])
+    bad = {name: np.asarray(p).copy() for name, p in w.planes.items()}
+    bad["d"][6] = np.float16(np.inf)
+    bad["d"][7, -1] = np.float16(np.nan)
+    y = np.asarray(f(x, type(w)(fmt, w.shape, {n: jnp.asarray(p) for n, p in bad.items()})))
+    assert not np.any(np.isfinite(y[:, 6:])) and np.all(np.isfinite(y[:, :6]))
+
+
+def test_q2_k_int16_path_falls_back_on_nonfinite_or_tiny_x(rng):
+    """x with an Inf, a NaN, or a block whose largest |x| is too small for int16 codes (32767 / max overflows):
+    the call takes the f32 path, the f32 compute dtype's result on the same (rounded) x."""
+    w = random_qtensor("Q2_K", N, 512, rng)
+    bf16 = jax.jit(lambda x: native.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    exact = jax.jit(lambda x: native.matmul(x, w, out_dtype=jnp.float32))
+    for special in (np.inf, np.nan, 1e-36):
+        x = np.array(jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16).astype(jnp.float32))
+        if special == 1e-36:
+            x[1, :256] = special
+        x[1, 7] = special
+        np.testing.assert_array_equal(np.asarray(bf16(x)), np.asarray(exact(x)))
 
 
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0", "BF16"])
@@ -170,7 +256,7 @@ def test_forced_variants_run(tmp_path):
     build, on any machine that can execute it: the decode matmul and attention of a model on it agree with
     the XLA path; an unknown variant is a clear error, and "auto" stays on XLA."""
     code = """
-        import jax, jax.numpy as jnp, numpy as np
+        import functools, jax, jax.numpy as jnp, numpy as np
         import realm_jax
         from realm_jax import native
         from realm_jax.quant import quantize, dequantize
@@ -186,10 +272,16 @@ def test_forced_variants_run(tmp_path):
         got = native.decode_attention(q, k, k, 1, pos, False, scale=0.2, kv_len=8)
         want = realm_jax.ops.attention(q, k[1], k[1], pos, scale=0.2)
         print("attention ok:", float(jnp.max(jnp.abs(got - want))) < 1e-5)
+        xb = x.astype(jnp.bfloat16).astype(jnp.float32)  # no integer path here: bf16 x gives the f32 path's sums
+        bf16 = jax.jit(functools.partial(native.matmul, compute_dtype=jnp.bfloat16))
+        same = [bool(jnp.array_equal(bf16(xb, w2), f(xb, w2)))
+                for w2 in (quantize(np.random.default_rng(4).standard_normal((40, 256)).astype(np.float32), t)
+                           for t in ("Q2_K", "Q3_K"))]
+        print("lowbit exact:", same)
     """
     out = _run(code, REALM_JAX_NATIVE_VARIANT="avx2")
     assert "target: True False" in out.stdout and "matmul ok: True" in out.stdout, out.stdout + out.stderr
-    assert "attention ok: True" in out.stdout, out.stdout + out.stderr
+    assert "attention ok: True" in out.stdout and "lowbit exact: [True, True]" in out.stdout, out.stdout + out.stderr
     bad = _run("from realm_jax import native, linear; print(native.available(), native.reason()); "
                "print(linear.resolve('auto', 'cpu'))", REALM_JAX_NATIVE_VARIANT="sse9")
     assert "False" in bad.stdout and "must be one of" in bad.stdout and "xla" in bad.stdout, bad.stdout + bad.stderr

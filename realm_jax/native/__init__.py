@@ -265,7 +265,9 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     Args:
       x: [..., K] float array; it is rounded to `compute_dtype` (default x.dtype), then multiplied in f32
         (products of a 16-bit x and a dequantized weight are exact in f32, so a bf16 compute dtype gives
-        the bf16 matmul's result).
+        the bf16 matmul's result). Q2_K and Q3_K at a 16-bit compute dtype and weight_dtype float32 (the
+        AVX-512 build) multiply integer codes by x quantized to int16 per 256 elements instead: an error
+        below 2^-16 of each block's largest |x|, within the 16-bit dtypes' tolerance, and per row of x.
       w: a 2-D `QTensor` (N, K) that `supports` accepts.
       out_dtype: y's dtype (default x.dtype).
       weight_dtype: float32 (default), bfloat16 or float16: each dequantized weight is rounded to it
@@ -290,8 +292,9 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
     weight_dtype = jnp.dtype(jnp.float32 if weight_dtype is None else weight_dtype).name
     if weight_dtype not in _ROUND:
         raise ShapeMismatchError(f"realm_jax.native.matmul: weight_dtype={weight_dtype} must be one of {list(_ROUND)}")
+    x16 = np.int64(compute_dtype.itemsize == 2)  # bf16/f16 x: Q2_K/Q3_K may take qmatmul.cc's int16 path
     y = jax.ffi.ffi_call(_target("realm_qmatmul", _variant(portable)), out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
-                                                 round=np.int64(_ROUND[weight_dtype]))
+                                                 round=np.int64(_ROUND[weight_dtype]), x16=x16)
     return y.reshape(*x.shape[:-1], w.shape[0]).astype(out_dtype)
 
 

@@ -7,7 +7,8 @@
 // params hold (realm_jax.quant's struct-of-arrays layout: one buffer per plane, [N, per-row count]),
 // dequantizes 32 elements at a time in registers with the same formulas as the format's tile function,
 // and splits W's rows over XLA's intra-op thread pool. x arrives in f32, already rounded to the compute
-// dtype by the caller.
+// dtype by the caller. Where that dtype is 16-bit, Q2_K and Q3_K take an integer path on x quantized to
+// int16 (kquants_low.h says why and how close).
 //
 // Built at first use by realm_jax/native/__init__.py (-O3 -march=native) and registered as the XLA FFI
 // target "realm_qmatmul" on CPU. With AVX-512 (F, BW) the vector path runs; otherwise a portable scalar
@@ -17,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "dequant.h"
 #include "pool.h"
@@ -78,7 +80,16 @@ struct Problem {
   int64_t m, n, k;
   int64_t round;
   Planes w;
+#ifdef REALM_AVX512
+  const XInt16* xi = nullptr;  // x as int16 codes, for the formats with an integer path (kquants_low.h)
+#endif
 };
+
+// Whether format F has an integer path for x of a 16-bit dtype (Dequant<F>::kXInt16, dot_x16).
+template <class D, class = void>
+struct HasXInt16 : std::false_type {};
+template <class D>
+struct HasXInt16<D, std::void_t<decltype(D::kXInt16)>> : std::bool_constant<D::kXInt16> {};
 
 // W's rows [n0, n1) against MB rows of x starting at row m0, the weights rounded as R says.
 template <Fmt F, int MB, int R>
@@ -87,6 +98,14 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const Row r = p.w.row(n);
 #ifdef REALM_AVX512
+    if constexpr (R == kNone && HasXInt16<Dequant<F>>::value) {
+      if (p.xi != nullptr) {
+        float y[MB];
+        Dequant<F>::template dot_x16<MB>(r, *p.xi, m0, y);
+        for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.n + n] = y[i];
+        continue;
+      }
+    }
     __m512 acc0[MB], acc1[MB];
     for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
     constexpr int64_t per = groups_per_block<F>();
@@ -158,10 +177,11 @@ using Runner = void (*)(const Problem&, int64_t, int64_t);
 struct Spec {
   const Layout* layout;
   Runner runner;
+  bool x_int16;  // has the integer path for x of a 16-bit dtype
 };
 
 const Spec* spec_of(int64_t fmt) {
-#define REALM_SPEC(f, ...) {layout_of(f), run<f>},
+#define REALM_SPEC(f, ...) {layout_of(f), run<f>, HasXInt16<Dequant<f>>::value},
   static const Spec kSpecs[] = {REALM_FORMATS(REALM_SPEC)};
 #undef REALM_SPEC
   for (const Spec& s : kSpecs)
@@ -173,8 +193,9 @@ using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 
 // planes: each [N, per-row bytes], or [L, N, ...] for a stack of L layers' weights of which `layer` is read
 // where it lies (a scan over stacked layers would otherwise copy each layer's planes out every step).
+// x16: x holds values of a 16-bit dtype (bf16, f16), whose tolerance admits x as int16 codes (XInt16).
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex layer,
-                   ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y, int64_t fmt, int64_t round) {
+                   ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y, int64_t fmt, int64_t round, int64_t x16) {
   const Spec* spec = spec_of(fmt);
   if (spec == nullptr) return ffi::Error::InvalidArgument("realm_qmatmul: unknown format id");
   auto xd = x.dimensions(), yd = y->dimensions();
@@ -194,6 +215,11 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
   const char* bad = bind_planes(fmt, planes, p.n, p.k, static_cast<int64_t>(*layer.typed_data()), p.w);
   if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_qmatmul: ") + bad);
   if (p.m == 0) return ffi::Error::Success();
+#ifdef REALM_AVX512
+  // Reused across calls: x of a decode step is a few rows, quantized here once for every row of W.
+  thread_local XInt16 xi;
+  if (x16 != 0 && round == kNone && spec->x_int16 && xi.quantize(p.x, p.m, p.k)) p.xi = &xi;
+#endif
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // About 8 chunks of W's rows per thread for balance, at least 16 rows each.
   const int64_t chunk = std::max<int64_t>(16, (p.n + threads * 8 - 1) / (threads * 8));
@@ -214,7 +240,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQMatmul, QMatmul,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("fmt")
-                                  .Attr<int64_t>("round"));
+                                  .Attr<int64_t>("round")
+                                  .Attr<int64_t>("x16"));
 
 extern "C" int realm_native_vector_path() {
 #ifdef REALM_AVX512
