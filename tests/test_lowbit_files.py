@@ -97,3 +97,19 @@ def test_a_cut_file_names_the_tensor_and_type(tmp_path, rng):
     path.write_bytes(data[:-50])  # part of the last block is gone
     with pytest.raises(GGUFError, match=r"tensor 'a.weight' of type IQ3_S"):
         realm_jax.read_gguf(path)
+
+
+@pytest.mark.parametrize("name", ["llama-s-q2_k", "llama-s-q3_k_m"])
+def test_bf16_decode_on_the_integer_path_follows_llama_cpp(name):
+    """Under the bf16 policy the native decode matmul multiplies Q2_K and Q3_K codes by x quantized to int16
+    (qmatmul.cc's integer path; the f32 policy of test_llama_reference.py keeps the exact one): three
+    prompts decoded in one batch give llama.cpp's greedy tokens until llama.cpp itself is unsure."""
+    from realm_jax.reference import greedy_agreement, load_reference
+
+    model = realm_jax.load(reference_dir().parent / "synthetic" / f"{name}.gguf", policy="bf16", progress=False)
+    refs = load_reference(name)[:3]
+    outs = model.generate_ids([list(ref.ids) for ref in refs], max_new_tokens=max(len(r.greedy) for r in refs),
+                              stop_ids=())
+    for i, (ref, ours) in enumerate(zip(refs, outs)):
+        result = greedy_agreement(ours, ref)
+        assert result["matches_until_uncertain"], (name, i, result)

@@ -149,7 +149,9 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
   }
 }
 
-constexpr int kRowBlock = 4;  // rows of x per pass over a row of W
+// Rows of x per pass over a row of W: each weight is dequantized once for all of them (2 x 8 accumulators
+// and the weights fit AVX-512's 32 registers). A row's sums do not depend on how many rows share the pass.
+constexpr int kRowBlock = 8;
 
 template <Fmt F, int R>
 void run_rounded(const Problem& p, int64_t n0, int64_t n1) {
@@ -158,7 +160,11 @@ void run_rounded(const Problem& p, int64_t n0, int64_t n1) {
       case 1: rows<F, 1, R>(p, m0, n0, n1); break;
       case 2: rows<F, 2, R>(p, m0, n0, n1); break;
       case 3: rows<F, 3, R>(p, m0, n0, n1); break;
-      default: rows<F, 4, R>(p, m0, n0, n1); break;
+      case 4: rows<F, 4, R>(p, m0, n0, n1); break;
+      case 5: rows<F, 5, R>(p, m0, n0, n1); break;
+      case 6: rows<F, 6, R>(p, m0, n0, n1); break;
+      case 7: rows<F, 7, R>(p, m0, n0, n1); break;
+      default: rows<F, 8, R>(p, m0, n0, n1); break;
     }
   }
 }

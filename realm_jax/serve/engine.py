@@ -7,10 +7,10 @@ last prefill chunk and leaves it when it finishes or is cancelled, freeing its s
 
 The slots are split into groups of `group` rows, each with its own KV cache [L, group, S, K, H]. A decode
 step runs one compiled forward per group that holds a live slot, over the group's first R rows: the fewest
-of a few compiled row counts (1, 2, 4 on CPU) that hold its highest live slot (new requests take the lowest
+of a few compiled row counts (1, 2, 4, 8 on CPU) that hold its highest live slot (new requests take the lowest
 free slot), so one client costs one row's compute; a free row among them computes a throwaway token. The
-same compiled functions serve every mix of live slots. By default `group` is 4 on CPU (the native matmul
-reads a weight once per 4 rows) and a row's arithmetic is the same whether it shares its step with 0 or 15
+same compiled functions serve every mix of live slots. By default `group` is 8 on CPU (the native matmul
+reads a weight once per 8 rows) and a row's arithmetic is the same whether it shares its step with 0 or 15
 others, so its greedy tokens are `Model.generate`'s (`batch_invariant=False` puts all slots in one group:
 faster past 8 rows on CPU, where more rows take the bf16 gemm, but a row's answer then depends on the
 batch). Greedy steps take their tokens from the decode step itself; a step with a sampled row or one that
@@ -191,13 +191,15 @@ def _row_counts(model: Model, cache: KVCache) -> tuple[int, ...]:
 
 
 def _group_rows(impl: str) -> int:
-    """Rows per group (per data shard on a mesh): the native CPU matmul reads a weight once per 4 rows of x
-    (qmatmul.cc's row block), so a group of 4 costs about one row's weight traffic (a group of 8, two
-    passes) while more rows of a busy server run as more groups. XLA's dot (the CPU's path on a mesh) takes
+    """Rows per group (per data shard on a mesh): the native CPU matmul reads and dequantizes a weight once
+    per 8 rows of x (qmatmul.cc's row block, native.MAX_ROWS), so a group of 8 costs one pass over the
+    weights while more rows of a busy server run as more groups. XLA's dot (the CPU's path on a mesh) takes
     another kernel for one row than for several, whose sums round differently: one row, as `generate`'s
     single prompt has. Other backends: their `max_rows` (the most rows they multiply as stored), or 8."""
     if impl == "native":
-        return 4
+        from realm_jax import native
+
+        return native.MAX_ROWS
     if impl == "xla":
         return 1
     return linear.BACKENDS[impl].max_rows or 8
