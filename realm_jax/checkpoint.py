@@ -74,7 +74,12 @@ def read_gguf(path: str | os.PathLike, *, progress: bool = False) -> tuple[dict[
                 with lock:
                     bar.update(raw.size)
 
-            with concurrent.futures.ThreadPoolExecutor(_readers(total)) as pool:
+            readers = _readers(total)
+            if readers == 1:  # on the calling thread: its malloc arena is the one the later allocations use
+                for job in jobs:
+                    read(job)
+                return dict(f.metadata), tensors
+            with concurrent.futures.ThreadPoolExecutor(readers) as pool:
                 futures = [pool.submit(read, job) for job in jobs]
                 try:
                     for future in futures:
@@ -102,6 +107,8 @@ def _readers(nbytes: int) -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(4, cores))
+
+
 _ALIGN = 64  # XLA:CPU takes a numpy array this aligned without a copy (jax.device_put aliases it)
 # Per-layer tensors that `models.fuse_projections` joins by rows, in its order: placed side by side, their
 # join is a view, not a copy.
