@@ -86,15 +86,18 @@ def test_metadata_read_back_can_be_written_again(tmp_path, rng):
         realm_jax.write_gguf(tmp_path / "d.gguf", {"w": q}, metadata={"t.empty": []})
 
 
-def test_layers_placed_for_fusing_and_stacking(tmp_path, rng, monkeypatch):
+@pytest.mark.parametrize("readers", [1, 3])
+def test_layers_placed_for_fusing_and_stacking(tmp_path, rng, monkeypatch, readers):
     """read_gguf places q|k|v and gate|up of one format side by side and consecutive layers' tensors one
     after another, 64-byte aligned: the fused weights and the stacked layers are views, not copies, and the
-    values are the file's (read a few rows at a time). A layer whose type differs starts a buffer of its own."""
+    values are the file's (read a few rows at a time, by one thread or by several, as a large file is).
+    A layer whose type differs starts a buffer of its own."""
     from realm_jax import checkpoint
     from realm_jax.models.transformer import _stack
     from realm_jax.quant import concat_rows
 
     monkeypatch.setattr(checkpoint, "_CHUNK", 1000)  # several reads per tensor
+    monkeypatch.setattr(checkpoint, "_readers", lambda nbytes: readers)
     kinds = {"attn_q.weight": ("Q4_K", 64), "attn_k.weight": ("Q4_K", 32), "attn_v.weight": ("Q4_K", 32),
              "ffn_gate.weight": ("Q8_0", 96), "ffn_up.weight": ("Q8_0", 96), "attn_norm.weight": ("F32", 1)}
     tensors = {}
