@@ -154,7 +154,7 @@ def make_ttir(path: pathlib.Path) -> str:
     ir.load_dialects(context)
     make_backend(GPUTarget("cuda", 90, 32)).load_dialects(context)
     module = ir.parse_mlir_module(str(path), context)
-    module.context = context
+    module.context = context  # make_ttir builds its pass manager from mod.context, which only Triton's loader sets
     CUDABackend.make_ttir(module, {}, None, 90)
     return str(module)
 
