@@ -42,10 +42,11 @@ class NativeWeight(Prepared):
         projection: a prefill needs only the last position's logits), or where `packed` is dense already.
       layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
         then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
-      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "float32" (exact,
-        what `load` uses: rounding to 16 bits in the kernel costs 1.4-2x its time), or "bfloat16" /
-        "float16", the values a dense copy in that dtype holds (`qmatmul(impl="native")` on a QTensor
-        uses its compute dtype, as the XLA path dequantizes to it).
+      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "bfloat16" where
+        `load`'s policy holds params and computes in bf16 on a CPU with AVX512_BF16 (the weights a bf16 copy
+        holds, multiplied with vdpbf16ps: 32 products an instruction), else "float32" (exact: rounding to
+        16 bits in the f32 loop costs 1.4-2x its time); `qmatmul(impl="native")` on a QTensor uses its
+        compute dtype, as the XLA path dequantizes to it.
       gemm: (static) more than MAX_ROWS rows of a bf16 compute dtype run the native bf16 gemm on
         `packed` (`realm_jax.native.qgemm`: the weight rounded to bf16 panel by panel, as a bf16 copy holds
         it).
@@ -91,14 +92,17 @@ class Native(Backend):
         return reason
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> NativeWeight:
-        # Decode multiplies the weights exactly as stored (rounding them to a 16-bit params dtype in the
-        # kernel, as the dense copy is, measured 1.4-2x the kernel's time); prefill's gemm (or the dense
-        # copy for XLA's dot) rounds them to the params dtype, so a batch of more than MAX_ROWS rows sees
-        # them rounded.
+        # Under a bf16 policy on a CPU with AVX512_BF16, decode rounds each dequantized weight to bf16 as
+        # the params dtype says (and as prefill's gemm does): vdpbf16ps then takes 32 products an
+        # instruction, where an f32 FMA takes 16. Elsewhere decode multiplies the weights exactly as stored
+        # (rounding them in the f32 loop costs 1.4-2x its time) and prefill's gemm or the dense copy for
+        # XLA's dot rounds them to the params dtype.
         quantized = qt.format.block_size > 1
-        gemm = many_rows and policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
+        bf16 = policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
+        gemm = many_rows and bf16
+        dtype = "bfloat16" if bf16 else "float32"
         if quantized and (gemm or not many_rows):
-            return NativeWeight(qt, gemm=gemm)
+            return NativeWeight(qt, dtype=dtype, gemm=gemm)
         dense = to_dense(qt, policy.params)
         packed = qt if quantized else dense
         return NativeWeight(packed, dense if quantized and many_rows else None, gemm=gemm)

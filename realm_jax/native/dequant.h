@@ -123,6 +123,29 @@ inline void prepare(const Row& r, int64_t b, float* s, float* o) {
   }
 }
 
+// Whether prepare16 computes format F's factors (the legacy formats, one group of 32 a block).
+template <Fmt F>
+constexpr bool kPrepare16 = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ8_0;
+
+// prepare for blocks [b0, b0 + nb) (nb <= 16) of a kPrepare16 format at once: s[e], o[e] are block b0 + e's
+// s[0], o[0] (the same values: the f16 factors converted exactly, times an exact power of two), 16 F16C
+// conversions an instruction rather than three instructions a block.
+template <Fmt F>
+inline void prepare16(const Row& r, int64_t b0, int64_t nb, float* s, float* o) {
+  static_assert(kPrepare16<F>);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << nb) - 1);
+  auto halves = [&](const uint8_t* plane) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, plane + 2 * b0));
+  };
+  const __m512 d = halves(r.p[0]);
+  _mm512_store_ps(s, d);
+  if constexpr (F == kQ4_1 || F == kQ5_1) {
+    _mm512_store_ps(o, halves(r.p[1]));
+  } else if constexpr (F == kQ4_0 || F == kQ5_0) {
+    _mm512_store_ps(o, _mm512_mul_ps(d, set1(F == kQ5_0 ? -16.0f : -8.0f)));
+  }
+}
+
 // Group j of super-block b (group g = b * groups_per_block + j) dequantized into w0 (elements 0..15) and
 // w1 (16..31), the vector form of group_scalar; s and o come from prepare.
 template <Fmt F>
