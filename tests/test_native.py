@@ -250,6 +250,37 @@ def test_weights_rounded_to_the_params_dtype(fmt, weight_dtype, portable, rng):
     assert float(np.max(np.abs(y[finite] - want[finite]))) <= tol
 
 
+# The bf16 decode path (qmatmul.cc's dot_bf16: vdpbf16ps where the CPU has AVX512_BF16): block counts
+# that are odd and past 16 (the legacy formats' factors are converted 16 blocks at a time), k-quants, the
+# integer-path formats and dense ones, 1 to 9 rows (a block of 8 and a tail).
+BF16_CASES = [("Q8_0", 32 * 19, 9), ("Q5_0", 32 * 3, 1), ("Q4_0", 32 * 17, 3), ("Q4_1", 32 * 33, 2),
+              ("Q5_1", 32, 8), ("Q4_K", 256 * 3, 5), ("Q6_K", 256, 1), ("Q5_K", 512, 8), ("Q2_K", 256, 2),
+              ("IQ4_XS", 256, 9), ("IQ4_NL", 32 * 5, 1), ("BF16", 96, 4), ("F32", 64, 1)]
+
+
+@pytest.mark.parametrize("fmt,k,m", BF16_CASES, ids=lambda v: str(v))
+def test_bf16_weights_against_bf16_x(fmt, k, m, rng):
+    """Weights rounded to bf16 against an x of bf16 values (the bf16 policy's decode): the product of the
+    rounded weights within f32 accumulation's tolerance, a row's result the same alone as among the others,
+    an Inf scale giving non-finite rows as in the reference."""
+    w = random_qtensor(fmt, N, k, rng)
+    x = np.asarray(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16).astype(jnp.float32))
+    f = jax.jit(lambda x, w: native.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32,
+                                           weight_dtype=jnp.bfloat16))
+    y = np.asarray(f(x, w), np.float64)
+    wr = np.asarray(dequantize(w).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    tol = matmul_tolerance(jnp.float32, k, rms(x), rms(wr))
+    assert float(np.max(np.abs(y - x.astype(np.float64) @ wr.T))) <= tol
+    for i in range(m):
+        np.testing.assert_array_equal(np.asarray(f(x[i : i + 1], w), np.float64), y[i : i + 1])
+    scale = next((n for n in ("d", "w") if n in w.planes), None)
+    if scale is not None:
+        bad = {name: np.asarray(p).copy() for name, p in w.planes.items()}
+        bad[scale][5] = np.inf
+        y = np.asarray(f(x, type(w)(fmt, w.shape, {n: jnp.asarray(p) for n, p in bad.items()})))
+        assert not np.any(np.isfinite(y[:, 5])) and np.all(np.isfinite(np.delete(y, 5, axis=1)))
+
+
 @pytest.mark.skipif(not {"avx2", "fma", "f16c", "bmi2"} <= native.cpu_flags(), reason="this CPU has no AVX2")
 def test_forced_variants_run(tmp_path):
     """REALM_JAX_NATIVE_VARIANT=avx2 (or portable) makes every native kernel the model runs come from that
