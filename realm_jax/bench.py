@@ -37,10 +37,10 @@ def memory_parts(model, *, floor_mib: float, loaded_mib: float, prompt_tokens: i
     load less the floor and the weights); the KV cache of the generation `measure` runs (sized to the
     requested prompt and new tokens, as `Model.start` allocates it); and the rest of the peak: XLA's compiled
     programs, the compiler's heap and the runtime's buffers (activations, logits)."""
-    from realm_jax.runtime import _CACHE_BUCKET, _PROMPT_BUCKET, _round_up, _unique_leaves, token_sizes
+    from realm_jax.runtime import _CACHE_BUCKET, _prompt_length, _round_up, _unique_leaves, token_sizes
 
     weights = sum(leaf.nbytes for leaf in _unique_leaves(model.params)) / 2**20
-    length = _round_up(_round_up(prompt_tokens, _PROMPT_BUCKET) + decode_tokens + 1, _CACHE_BUCKET)
+    length = _round_up(_prompt_length(prompt_tokens) + decode_tokens + 1, _CACHE_BUCKET)
     kv = token_sizes(model.config, model.policy)["kv_bytes_per_token"] * length * batch / 2**20
     now, peak = rss_mib()
     return {"peak_rss": peak, "rss_now": now, "jax_floor": floor_mib, "weights": weights,

@@ -38,7 +38,8 @@ from realm_jax.tokenizer import Tokenizer
 
 __all__ = ["Model", "load"]
 
-_PROMPT_BUCKET = 64  # prompts are padded to a multiple of this: fewer shapes to compile
+_PROMPT_BUCKET = 64  # longer prompts are padded to a multiple of this: fewer shapes to compile
+_SHORT_PROMPTS = (16, 32)  # shorter ones to the first of these that holds them
 _CACHE_BUCKET = 256
 _STREAM_CHUNK = 1  # tokens per dispatch while streaming
 _STOP_CHUNK = 16  # tokens per dispatch while watching for stop strings
@@ -47,6 +48,14 @@ _LOGITS_ROWS = 128  # Model.logits projects this many rows to logits at a time: 
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def _prompt_length(n: int) -> int:
+    """The length a prompt of n tokens is prefilled at: 16 or 32 for a short one (a chat turn, a server's
+    completion: a 5-token prompt padded to 64 costs 4x its prefill), else a multiple of _PROMPT_BUCKET.
+    Every path that prefills (generate, logits, the server) pads alike, so a prompt meets the same kernels
+    whichever runs it."""
+    return next((b for b in _SHORT_PROMPTS if n <= b), None) or _round_up(n, _PROMPT_BUCKET)
 
 
 def _layer_stack(pipeline):
@@ -173,7 +182,7 @@ class Model:
         """
         ids = self._check_ids(ids)
         rows = self._check_positions(positions, len(ids))
-        t = _round_up(len(ids), _PROMPT_BUCKET)
+        t = _prompt_length(len(ids))
         b = self.batch_multiple  # the data axis needs a row per shard: the extra rows repeat this one
         self._check_fits(f"the logits of {len(rows)} of {len(ids)} positions", batch=b, prompt_tokens=t,
                          cache_tokens=t, logits_rows=_LOGITS_ROWS + len(rows))
@@ -213,7 +222,7 @@ class Model:
             raise ValueError(f"compiled_text: step={step!r} must be 'prefill' or 'decode'")
         prompts = [[self.tokenizer.bos_id or 1] * prompt_tokens] * batch
         if step == "prefill":
-            b, t = len(prompts) + (-len(prompts) % self.batch_multiple), _round_up(prompt_tokens, _PROMPT_BUCKET)
+            b, t = len(prompts) + (-len(prompts) % self.batch_multiple), _prompt_length(prompt_tokens)
             with self.mesh_context():
                 lowered = _prefill.lower(self.params, np.zeros((b, t), np.int32),
                                          np.full((b,), prompt_tokens, np.int32),
@@ -381,7 +390,7 @@ class _Generation:
         # (their outputs are dropped) to a multiple of that axis.
         self.n = len(prompts)
         prompts = prompts + [prompts[0]] * (-len(prompts) % model.batch_multiple)
-        b, t = len(prompts), _round_up(longest, _PROMPT_BUCKET)
+        b, t = len(prompts), _prompt_length(longest)
         tokens = np.zeros((b, t), np.int32)
         lengths = np.array([len(p) for p in prompts], np.int32)
         recent = np.full((b, sampling.penalty_last_n), -1, np.int32)

@@ -44,7 +44,7 @@ from realm_jax import linear
 from realm_jax.errors import ContextLengthError, RealmError, SamplingError
 from realm_jax.inputs import shown
 from realm_jax.models.transformer import KVCache, forward
-from realm_jax.runtime import _PROMPT_BUCKET, Model, _layer_stack, _prefill, _round_up, _TextCollector
+from realm_jax.runtime import _PROMPT_BUCKET, Model, _layer_stack, _prefill, _prompt_length, _round_up, _TextCollector
 from realm_jax.sampling import first_argmax
 from realm_jax.serve.sampling import TOP_LOGPROBS, sample_rows
 
@@ -417,7 +417,7 @@ class Engine:
         b = m.batch_multiple
         with m.mesh_context():
             if n <= chunk:  # as `generate` prefills it
-                t = _round_up(n, _PROMPT_BUCKET)
+                t = _prompt_length(n)
                 tokens = np.zeros((b, t), np.int32)
                 tokens[:, :n] = request.prompt
                 logits, self._scratch = _prefill(m.params, tokens, np.full((b,), n, np.int32), self._scratch,
