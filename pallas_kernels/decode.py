@@ -42,7 +42,6 @@ _SMS = 132  # H100 / H200
 LO = 0x0F0F0F0F  # the low nibble of each byte
 HI = 0xF0F0F0F0
 B4 = 0x10101010  # bit 4 of each byte
-B45 = 0x30303030  # bits 4 and 5 of each byte
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -159,13 +158,46 @@ def _fifth(h, w: int):
     return ((h >> w) if w < 4 else (h << (8 - w))) & _u32(B4)
 
 
-def _sixth(h, w: int):
-    """Bits 4 and 5 of each code of code word w (0..7) from Q6_K's H word for w // 4 (`decode_layout`)."""
-    r = w % 4
-    return ((h << (4 - 2 * r)) if r < 2 else (h >> (2 * r - 4))) & _u32(B45)
+def _rotl(v, n: int):
+    return (v << n) | (v >> (32 - n)) if n % 32 else v
 
 
-def _legacy(fmt: str, get, groups=(0,)) -> tuple:
+def _merge(a, b, mask: int, interpret: bool):
+    """(a & mask) | (b & ~mask) of uint32 a and b, in one `lop3` (written in jnp, LLVM splits it into two
+    masks and an OR, and folds any mask b carries into each)."""
+    if interpret:
+        return (a & _u32(mask)) | (b & _u32(~mask & 0xFFFFFFFF))
+    [out] = pltriton.elementwise_inline_asm(f"lop3.b32 $0, $1, $2, {mask:#x}, 0xE4;", args=[a, b],
+                                            constraints="=r,r,r", pack=1,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return lax.bitcast_convert_type(out, jnp.uint32)  # Triton's IR has no unsigned result type
+
+
+def _paired_codes(words, h_lo, h_hi, positions, width: int, interpret: bool):
+    """The code words of two sub-blocks that share stored words (the low nibbles of word w are a code word
+    of one, the high nibbles of the other), each with its `width` high bits (1: Q5_K, 2: Q6_K) from its H
+    word (`h_lo`, `h_hi`: code j of word w at bit 8j + positions[w]): ([low code words], [high ones]).
+
+    A code word taken alone costs a shift of its H word, a mask and an OR for the high bits, and a shift of
+    the stored word for the high nibbles. Here the two H words are first merged into two words whose bytes
+    hold both sub-blocks' bits (the low one's at bits 4.., the high one's at bits 0.. of the next byte,
+    four merging operations a pair of H words), so one shift and one mask serve both code words of a stored
+    word: the low code word is then one lop3, the high one a lop3 and a rotation by a nibble, which also
+    brings its high bits from the next byte into place."""
+    r = _rotl(h_hi, 4)  # h_hi's bits 8j + p at 8(j + 1) + p - 4 (p >= 4), or at 8j + p + 4 (p < 4)
+    upper = _merge(h_lo, r, HI, interpret)  # p >= 4: h_lo's bits at 8j + p, h_hi's at 8(j + 1) + p - 4
+    lower = _merge(h_lo, r, LO, interpret)  # p < 4: h_lo's bits at 8j + p, h_hi's at 8j + 4 + p
+    mask = _u32(0x11111111 if width == 1 else 0x33333333)
+    lows, highs = [], []
+    for word, p in zip(words, positions):
+        # both at bit 4 (the low code's) and bit 0 of the next byte (the high code's), masked
+        m = ((upper >> (p - 4)) if p >= 4 else _rotl(lower, 4 - p)) & mask
+        lows.append(_merge(word, m, LO, interpret))
+        highs.append(_rotl(_merge(word, m, HI, interpret), 28))  # nibbles down, the high bits back a byte
+    return lows, highs
+
+
+def _legacy(fmt: str, get, groups=(0,), *, interpret: bool = False) -> tuple:
     """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one 32-element block per unit."""
     d = get("d").astype(jnp.float32)
     if fmt == "Q8_0":
@@ -181,7 +213,7 @@ def _legacy(fmt: str, get, groups=(0,)) -> tuple:
     return d, dm, [_Chain(0, [(codes, None, None)], offsets=[(0, None)])], False
 
 
-def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
+def _kquant(fmt: str, get, groups=(0, 1, 2, 3), *, interpret: bool = False) -> tuple:
     """Q4_K, Q5_K, Q6_K, Q8_K: one 256-element super-block per unit, eight activation blocks of 32 in four
     groups of two that read the same code words (the low and the high nibbles of a word): `groups` are the
     groups to multiply, plain or traced ints (a program may take part of a unit: `DecodeTiling.parts`)."""
@@ -193,25 +225,31 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
                 chains.append(_Chain(s, [([(get("q", 8 * s + w), w) for w in range(8)], None, None)]))
         elif fmt == "Q6_K":  # group g: ql words 8g + w, in their low and high nibbles, meet activation blocks
             words = [get("q", 8 * g + w) for w in range(8)]  # 2g and 2g + 1 (the layout's block order)
+            codes = ([], [])
+            for half in (0, 1):  # H word 2s + half: code j of code word 4 half + r at bits 8j + 2r
+                pair = _paired_codes(words[4 * half : 4 * half + 4], get("h", 4 * g + half),
+                                     get("h", 4 * g + 2 + half), (0, 2, 4, 6), 2, interpret)
+                for high in (0, 1):
+                    codes[high].extend(pair[high])
             for high in (0, 1):
                 s = 2 * g + high
-                h = [get("h", 2 * s), get("h", 2 * s + 1)]
-                codes = [(_nibbles(words[w], high) | _sixth(h[w // 4], w), w) for w in range(8)]
                 # two 16-element sub-blocks of four code words; codes q of 6 bits stand for q - 32: their dot
                 # product less 32 x the activations' sum
-                parts = [(codes[4 * i : 4 * i + 4], get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i))
-                         for i in range(2)]
+                parts = [(list(zip(codes[high][4 * i : 4 * i + 4], range(4 * i, 4 * i + 4))),
+                          get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i)) for i in range(2)]
                 chains.append(_Chain(s, parts))
         else:  # Q4_K, Q5_K: group g is chunk g, whose words hold sub-block 2g (low nibbles) and 2g + 1 (high)
             words = [get("q", 8 * g + w) for w in range(8)]
+            if fmt == "Q5_K":  # code j of code word w: its fifth bit at bit 8j + 4 + w (w < 4) or 8j + w - 4
+                paired = _paired_codes(words, get("h", 2 * g), get("h", 2 * g + 1), [(w + 4) % 8 for w in range(8)],
+                                       1, interpret)
             for high in (0, 1):
                 s = 2 * g + high
                 sc, mn = get("sc", s).astype(jnp.int32), get("mn", s).astype(jnp.float32)
                 if fmt == "Q4_K":  # high nibbles stay in place: 16x the codes, undone in f32
                     codes = [(word & _u32(HI if high else LO), w) for w, word in enumerate(words)]
                 else:
-                    h = get("h", s)
-                    codes = [(_nibbles(word, high) | _fifth(h, w), w) for w, word in enumerate(words)]
+                    codes = list(zip(paired[high], range(8)))
                 chains.append(_Chain(s, [(codes, sc, None)], 1 / 16 if fmt == "Q4_K" and high else 1.0, [(s, mn)]))
     if fmt == "Q8_K":
         return d, None, chains, True
@@ -250,7 +288,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
             return planes[name][(*lead, units, pl.ds(p, 1), pl.ds(r0, bn))]
 
         def multiply(groups, accs):
-            d, dm, chains, signed = _FORMATS[fmt](get, groups)
+            d, dm, chains, signed = _FORMATS[fmt](get, groups, interpret=interpret)
             out = []
             for m in range(m_rows):  # unrolled: each row of x keeps its accumulators in registers
                 scaled = jnp.zeros((t.units, 1, bn), jnp.float32)
