@@ -9,7 +9,8 @@ the rows alone would not give every SM work several times over); it loops over t
 time and accumulates [units, rows] tiles in f32, reducing them over the units once, at the end. Per unit:
 
 - the code words of each 32-element sub-block come out of the stored words with one mask (and, for a fifth
-  or sixth bit kept apart, a shift and a mask more), four codes to a 32-bit register;
+  or sixth bit kept apart, a shift and a mask more; Q5_K and Q6_K share that shift and mask between the
+  two code words of a stored word: `_paired_codes`), four codes to a 32-bit register;
 - `dp2a` multiplies two codes by two int16 activations and adds: a chain of sixteen of them (eight for
   Q6_K's 16-element sub-blocks) gives the integer dot product of a sub-block with the activations;
 - the sub-block's scale, the activations' scale and the format's offset turn it into f32: with
@@ -97,7 +98,8 @@ def rows_per_thread(fmt: str) -> int:
     that does not depend on the rows (the activations' loads and their addresses) is too much of the loop
     spread over four: the formats with a fifth or sixth bit, whose codes take more instructions to assemble
     (kernel_report at M = 1: Q5_0/Q5_1 1.95-2.08 instructions a weight at four rows, 1.77-1.86 at eight;
-    Q5_K/Q6_K 1.91-1.99 at eight, 2.12-2.16 where N = 1024 leaves too few programs for eight; no spills)."""
+    Q5_K/Q6_K 1.72-1.88 at eight, 1.98-1.99 at four where N = 1024 leaves too few programs for eight; no
+    spills)."""
     return 8 if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4
 
 
