@@ -42,7 +42,6 @@ MAX_ROWS = 16  # rows of x the decode GEMV takes
 _SMS = 132  # H100 / H200
 LO = 0x0F0F0F0F  # the low nibble of each byte
 HI = 0xF0F0F0F0
-B4 = 0x10101010  # bit 4 of each byte
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -155,11 +154,6 @@ def _nibbles(word, high: int):
     return ((word >> 4) if high else word) & _u32(LO)
 
 
-def _fifth(h, w: int):
-    """Bit 4 of each code of code word w (0..7) from an H word of the Q5 layouts (`decode_layout`)."""
-    return ((h >> w) if w < 4 else (h << (8 - w))) & _u32(B4)
-
-
 def _rotl(v, n: int):
     return (v << n) | (v >> (32 - n)) if n % 32 else v
 
@@ -176,19 +170,21 @@ def _merge(a, b, mask: int, interpret: bool):
 
 
 def _paired_codes(words, h_lo, h_hi, positions, width: int, interpret: bool):
-    """The code words of two sub-blocks that share stored words (the low nibbles of word w are a code word
-    of one, the high nibbles of the other), each with its `width` high bits (1: Q5_K, 2: Q6_K) from its H
-    word (`h_lo`, `h_hi`: code j of word w at bit 8j + positions[w]): ([low code words], [high ones]).
+    """The code words in the low and the high nibbles of stored words (two sub-blocks of a k-quant, the two
+    halves of a Q5_0/Q5_1 block), each with its `width` high bits (1: the fifth bit; 2: Q6_K's two) from an
+    H word (`h_lo`, `h_hi`: code j of word w at bit 8j + positions[w]): ([low code words], [high ones]).
 
     A code word taken alone costs a shift of its H word, a mask and an OR for the high bits, and a shift of
-    the stored word for the high nibbles. Here the two H words are first merged into two words whose bytes
-    hold both sub-blocks' bits (the low one's at bits 4.., the high one's at bits 0.. of the next byte,
-    four merging operations a pair of H words), so one shift and one mask serve both code words of a stored
-    word: the low code word is then one lop3, the high one a lop3 and a rotation by a nibble, which also
-    brings its high bits from the next byte into place."""
+    the stored word for the high nibbles. Here the two H words are first merged (a rotation and one or two
+    lop3) into words whose bytes hold both code words' bits (the low one's at bits 4.., the high one's at
+    bits 0.. of the next byte), so one shift and one mask serve both code words of a stored word: the low
+    code word is then one lop3, the high one a lop3 and a rotation by a nibble, which also brings its high
+    bits from the next byte into place."""
     r = _rotl(h_hi, 4)  # h_hi's bits 8j + p at 8(j + 1) + p - 4 (p >= 4), or at 8j + p + 4 (p < 4)
-    upper = _merge(h_lo, r, HI, interpret)  # p >= 4: h_lo's bits at 8j + p, h_hi's at 8(j + 1) + p - 4
-    lower = _merge(h_lo, r, LO, interpret)  # p < 4: h_lo's bits at 8j + p, h_hi's at 8j + 4 + p
+    if any(p >= 4 for p in positions):  # h_lo's bits at 8j + p, h_hi's at 8(j + 1) + p - 4
+        upper = _merge(h_lo, r, HI, interpret)
+    if any(p < 4 for p in positions):  # h_lo's bits at 8j + p, h_hi's at 8j + 4 + p
+        lower = _merge(h_lo, r, LO, interpret)
     mask = _u32(0x11111111 if width == 1 else 0x33333333)
     lows, highs = [], []
     for word, p in zip(words, positions):
@@ -205,11 +201,12 @@ def _legacy(fmt: str, get, groups=(0,), *, interpret: bool = False) -> tuple:
     if fmt == "Q8_0":
         return d, None, [_Chain(0, [([(get("q", w), w) for w in range(8)], None, None)])], True
     words = [get("q", w) for w in range(4)]
-    h = get("h") if fmt in ("Q5_0", "Q5_1") else None
-    codes = []
-    for w in range(8):  # activation words 0..3 meet the words' low nibbles, 4..7 their high nibbles
-        c = _nibbles(words[w % 4], w >= 4)
-        codes.append((c if h is None else c | _fifth(h, w), w))
+    if fmt in ("Q5_0", "Q5_1"):  # the fifth bits of code word w at bit 8j + 4 + w, of code word 4 + w at 8j + w
+        h = get("h")
+        lows, highs = _paired_codes(words, h, _rotl(h, 4), (4, 5, 6, 7), 1, interpret)
+        codes = list(zip(lows + highs, range(8)))
+    else:  # activation words 0..3 meet the words' low nibbles, 4..7 their high nibbles
+        codes = [(_nibbles(words[w % 4], w >= 4), w) for w in range(8)]
     offset = {"Q4_0": -8.0, "Q5_0": -16.0}.get(fmt)
     dm = d * offset if offset is not None else get("m").astype(jnp.float32)
     return d, dm, [_Chain(0, [(codes, None, None)], offsets=[(0, None)])], False
