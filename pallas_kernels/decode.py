@@ -96,7 +96,7 @@ def rows_per_thread(fmt: str) -> int:
     """Weight rows per thread: four (one 16-byte load of a plane word), or eight where the work per unit
     that does not depend on the rows (the activations' loads and their addresses) is too much of the loop
     spread over four: the formats with a fifth or sixth bit, whose codes take more instructions to assemble
-    (kernel_report at M = 1: Q5_0/Q5_1 1.95-2.08 instructions a weight at four rows, 1.77-1.86 at eight;
+    (kernel_report at M = 1: Q5_0/Q5_1 1.81-1.89 instructions a weight at four rows, 1.57-1.66 at eight;
     Q5_K/Q6_K 1.72-1.88 at eight, 1.98-1.99 at four where N = 1024 leaves too few programs for eight; no
     spills)."""
     return 8 if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4
