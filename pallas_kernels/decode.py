@@ -9,8 +9,8 @@ the rows alone would not give every SM work several times over); it loops over t
 time and accumulates [units, rows] tiles in f32, reducing them over the units once, at the end. Per unit:
 
 - the code words of each 32-element sub-block come out of the stored words with one mask (and, for a fifth
-  or sixth bit kept apart, a shift and a mask more; Q5_K and Q6_K share that shift and mask between the
-  two code words of a stored word: `_paired_codes`), four codes to a 32-bit register;
+  or sixth bit kept apart, a shift and a mask more, shared by the two code words of a stored word:
+  `_paired_codes`), four codes to a 32-bit register;
 - `dp2a` multiplies two codes by two int16 activations and adds: a chain of sixteen of them (eight for
   Q6_K's 16-element sub-blocks) gives the integer dot product of a sub-block with the activations;
 - the sub-block's scale, the activations' scale and the format's offset turn it into f32: with
