@@ -9,7 +9,8 @@ the rows alone would not give every SM work several times over); it loops over t
 time and accumulates [units, rows] tiles in f32, reducing them over the units once, at the end. Per unit:
 
 - the code words of each 32-element sub-block come out of the stored words with one mask (and, for a fifth
-  or sixth bit kept apart, a shift and a mask more), four codes to a 32-bit register;
+  or sixth bit kept apart, a shift and a mask more, shared by the two code words of a stored word:
+  `_paired_codes`), four codes to a 32-bit register;
 - `dp2a` multiplies two codes by two int16 activations and adds: a chain of sixteen of them (eight for
   Q6_K's 16-element sub-blocks) gives the integer dot product of a sub-block with the activations;
 - the sub-block's scale, the activations' scale and the format's offset turn it into f32: with
@@ -41,8 +42,6 @@ MAX_ROWS = 16  # rows of x the decode GEMV takes
 _SMS = 132  # H100 / H200
 LO = 0x0F0F0F0F  # the low nibble of each byte
 HI = 0xF0F0F0F0
-B4 = 0x10101010  # bit 4 of each byte
-B45 = 0x30303030  # bits 4 and 5 of each byte
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,8 +96,9 @@ def rows_per_thread(fmt: str) -> int:
     """Weight rows per thread: four (one 16-byte load of a plane word), or eight where the work per unit
     that does not depend on the rows (the activations' loads and their addresses) is too much of the loop
     spread over four: the formats with a fifth or sixth bit, whose codes take more instructions to assemble
-    (kernel_report at M = 1: Q5_0/Q5_1 1.95-2.08 instructions a weight at four rows, 1.77-1.86 at eight;
-    Q5_K/Q6_K 1.91-1.99 at eight, 2.12-2.16 where N = 1024 leaves too few programs for eight; no spills)."""
+    (kernel_report at M = 1: Q5_0/Q5_1 1.81-1.89 instructions a weight at four rows, 1.57-1.66 at eight;
+    Q5_K/Q6_K 1.72-1.88 at eight, 1.98-1.99 at four where N = 1024 leaves too few programs for eight; no
+    spills)."""
     return 8 if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4
 
 
@@ -154,34 +154,65 @@ def _nibbles(word, high: int):
     return ((word >> 4) if high else word) & _u32(LO)
 
 
-def _fifth(h, w: int):
-    """Bit 4 of each code of code word w (0..7) from an H word of the Q5 layouts (`decode_layout`)."""
-    return ((h >> w) if w < 4 else (h << (8 - w))) & _u32(B4)
+def _rotl(v, n: int):
+    return (v << n) | (v >> (32 - n)) if n % 32 else v
 
 
-def _sixth(h, w: int):
-    """Bits 4 and 5 of each code of code word w (0..7) from Q6_K's H word for w // 4 (`decode_layout`)."""
-    r = w % 4
-    return ((h << (4 - 2 * r)) if r < 2 else (h >> (2 * r - 4))) & _u32(B45)
+def _merge(a, b, mask: int, interpret: bool):
+    """(a & mask) | (b & ~mask) of uint32 a and b, in one `lop3` (written in jnp, LLVM splits it into two
+    masks and an OR, and folds any mask b carries into each)."""
+    if interpret:
+        return (a & _u32(mask)) | (b & _u32(~mask & 0xFFFFFFFF))
+    [out] = pltriton.elementwise_inline_asm(f"lop3.b32 $0, $1, $2, {mask:#x}, 0xE4;", args=[a, b],
+                                            constraints="=r,r,r", pack=1,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return lax.bitcast_convert_type(out, jnp.uint32)  # Triton's IR has no unsigned result type
 
 
-def _legacy(fmt: str, get, groups=(0,)) -> tuple:
+def _paired_codes(words, h_lo, h_hi, positions, width: int, interpret: bool):
+    """The code words in the low and the high nibbles of stored words (two sub-blocks of a k-quant, the two
+    halves of a Q5_0/Q5_1 block), each with its `width` high bits (1: the fifth bit; 2: Q6_K's two) from an
+    H word (`h_lo`, `h_hi`: code j of word w at bit 8j + positions[w]): ([low code words], [high ones]).
+
+    A code word taken alone costs a shift of its H word, a mask and an OR for the high bits, and a shift of
+    the stored word for the high nibbles. Here the two H words are first merged (a rotation and one or two
+    lop3) into words whose bytes hold both code words' bits (the low one's at bits 4.., the high one's at
+    bits 0.. of the next byte), so one shift and one mask serve both code words of a stored word: the low
+    code word is then one lop3, the high one a lop3 and a rotation by a nibble, which also brings its high
+    bits from the next byte into place."""
+    r = _rotl(h_hi, 4)  # h_hi's bits 8j + p at 8(j + 1) + p - 4 (p >= 4), or at 8j + p + 4 (p < 4)
+    if any(p >= 4 for p in positions):  # h_lo's bits at 8j + p, h_hi's at 8(j + 1) + p - 4
+        upper = _merge(h_lo, r, HI, interpret)
+    if any(p < 4 for p in positions):  # h_lo's bits at 8j + p, h_hi's at 8j + 4 + p
+        lower = _merge(h_lo, r, LO, interpret)
+    mask = _u32(0x11111111 if width == 1 else 0x33333333)
+    lows, highs = [], []
+    for word, p in zip(words, positions):
+        # both at bit 4 (the low code's) and bit 0 of the next byte (the high code's), masked
+        m = ((upper >> (p - 4)) if p >= 4 else _rotl(lower, 4 - p)) & mask
+        lows.append(_merge(word, m, LO, interpret))
+        highs.append(_rotl(_merge(word, m, HI, interpret), 28))  # nibbles down, the high bits back a byte
+    return lows, highs
+
+
+def _legacy(fmt: str, get, groups=(0,), *, interpret: bool = False) -> tuple:
     """Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one 32-element block per unit."""
     d = get("d").astype(jnp.float32)
     if fmt == "Q8_0":
         return d, None, [_Chain(0, [([(get("q", w), w) for w in range(8)], None, None)])], True
     words = [get("q", w) for w in range(4)]
-    h = get("h") if fmt in ("Q5_0", "Q5_1") else None
-    codes = []
-    for w in range(8):  # activation words 0..3 meet the words' low nibbles, 4..7 their high nibbles
-        c = _nibbles(words[w % 4], w >= 4)
-        codes.append((c if h is None else c | _fifth(h, w), w))
+    if fmt in ("Q5_0", "Q5_1"):  # the fifth bits of code word w at bit 8j + 4 + w, of code word 4 + w at 8j + w
+        h = get("h")
+        lows, highs = _paired_codes(words, h, _rotl(h, 4), (4, 5, 6, 7), 1, interpret)
+        codes = list(zip(lows + highs, range(8)))
+    else:  # activation words 0..3 meet the words' low nibbles, 4..7 their high nibbles
+        codes = [(_nibbles(words[w % 4], w >= 4), w) for w in range(8)]
     offset = {"Q4_0": -8.0, "Q5_0": -16.0}.get(fmt)
     dm = d * offset if offset is not None else get("m").astype(jnp.float32)
     return d, dm, [_Chain(0, [(codes, None, None)], offsets=[(0, None)])], False
 
 
-def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
+def _kquant(fmt: str, get, groups=(0, 1, 2, 3), *, interpret: bool = False) -> tuple:
     """Q4_K, Q5_K, Q6_K, Q8_K: one 256-element super-block per unit, eight activation blocks of 32 in four
     groups of two that read the same code words (the low and the high nibbles of a word): `groups` are the
     groups to multiply, plain or traced ints (a program may take part of a unit: `DecodeTiling.parts`)."""
@@ -193,25 +224,31 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3)) -> tuple:
                 chains.append(_Chain(s, [([(get("q", 8 * s + w), w) for w in range(8)], None, None)]))
         elif fmt == "Q6_K":  # group g: ql words 8g + w, in their low and high nibbles, meet activation blocks
             words = [get("q", 8 * g + w) for w in range(8)]  # 2g and 2g + 1 (the layout's block order)
+            codes = ([], [])
+            for half in (0, 1):  # H word 2s + half: code j of code word 4 half + r at bits 8j + 2r
+                pair = _paired_codes(words[4 * half : 4 * half + 4], get("h", 4 * g + half),
+                                     get("h", 4 * g + 2 + half), (0, 2, 4, 6), 2, interpret)
+                for high in (0, 1):
+                    codes[high].extend(pair[high])
             for high in (0, 1):
                 s = 2 * g + high
-                h = [get("h", 2 * s), get("h", 2 * s + 1)]
-                codes = [(_nibbles(words[w], high) | _sixth(h[w // 4], w), w) for w in range(8)]
                 # two 16-element sub-blocks of four code words; codes q of 6 bits stand for q - 32: their dot
                 # product less 32 x the activations' sum
-                parts = [(codes[4 * i : 4 * i + 4], get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i))
-                         for i in range(2)]
+                parts = [(list(zip(codes[high][4 * i : 4 * i + 4], range(4 * i, 4 * i + 4))),
+                          get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i)) for i in range(2)]
                 chains.append(_Chain(s, parts))
         else:  # Q4_K, Q5_K: group g is chunk g, whose words hold sub-block 2g (low nibbles) and 2g + 1 (high)
             words = [get("q", 8 * g + w) for w in range(8)]
+            if fmt == "Q5_K":  # code j of code word w: its fifth bit at bit 8j + 4 + w (w < 4) or 8j + w - 4
+                paired = _paired_codes(words, get("h", 2 * g), get("h", 2 * g + 1), [(w + 4) % 8 for w in range(8)],
+                                       1, interpret)
             for high in (0, 1):
                 s = 2 * g + high
                 sc, mn = get("sc", s).astype(jnp.int32), get("mn", s).astype(jnp.float32)
                 if fmt == "Q4_K":  # high nibbles stay in place: 16x the codes, undone in f32
                     codes = [(word & _u32(HI if high else LO), w) for w, word in enumerate(words)]
                 else:
-                    h = get("h", s)
-                    codes = [(_nibbles(word, high) | _fifth(h, w), w) for w, word in enumerate(words)]
+                    codes = list(zip(paired[high], range(8)))
                 chains.append(_Chain(s, [(codes, sc, None)], 1 / 16 if fmt == "Q4_K" and high else 1.0, [(s, mn)]))
     if fmt == "Q8_K":
         return d, None, chains, True
@@ -250,7 +287,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
             return planes[name][(*lead, units, pl.ds(p, 1), pl.ds(r0, bn))]
 
         def multiply(groups, accs):
-            d, dm, chains, signed = _FORMATS[fmt](get, groups)
+            d, dm, chains, signed = _FORMATS[fmt](get, groups, interpret=interpret)
             out = []
             for m in range(m_rows):  # unrolled: each row of x keeps its accumulators in registers
                 scaled = jnp.zeros((t.units, 1, bn), jnp.float32)
