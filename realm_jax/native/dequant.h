@@ -126,22 +126,54 @@ inline void prepare(const Row& r, int64_t b, float* s, float* o) {
 template <Fmt F>
 constexpr bool kPrepare16 = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ8_0;
 
-// prepare for blocks [b0, b0 + nb) (nb <= 16) of a kPrepare16 format at once: s[e], o[e] are block b0 + e's
-// s[0], o[0] (the same values: the f16 factors converted exactly, times an exact power of two), 16 F16C
-// conversions an instruction rather than three instructions a block.
+// A kPrepare16 format's plane of codes, and its bytes a block.
 template <Fmt F>
-inline void prepare16(const Row& r, int64_t b0, int64_t nb, float* s, float* o) {
+constexpr int kPrepare16Codes = F == kQ8_0 ? 1 : 1 + (F == kQ4_1 || F == kQ5_1) + (F == kQ5_0 || F == kQ5_1);
+template <Fmt F>
+constexpr int kPrepare16Bytes = F == kQ8_0 ? 32 : 16;
+
+// prepare for blocks [b0, b0 + nb) (nb <= 16) of a kPrepare16 format at once: lane e of s and o is block
+// b0 + e's s[0], o[0] (the same values: the f16 factors converted exactly, times an exact power of two), 16
+// F16C conversions an instruction rather than three instructions a block. Kept in registers (a lane picked
+// out with one permute): stored and read back as floats, each first read waited for the wide store.
+template <Fmt F>
+inline void prepare16(const Row& r, int64_t b0, int64_t nb, __m512& s, __m512& o) {
   static_assert(kPrepare16<F>);
   const __mmask16 lanes = static_cast<__mmask16>((1u << nb) - 1);
   auto halves = [&](const uint8_t* plane) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, plane + 2 * b0));
   };
-  const __m512 d = halves(r.p[0]);
-  _mm512_store_ps(s, d);
+  s = halves(r.p[0]);
   if constexpr (F == kQ4_1 || F == kQ5_1) {
-    _mm512_store_ps(o, halves(r.p[1]));
+    o = halves(r.p[1]);
   } else if constexpr (F == kQ4_0 || F == kQ5_0) {
-    _mm512_store_ps(o, _mm512_mul_ps(d, set1(F == kQ5_0 ? -16.0f : -8.0f)));
+    o = _mm512_mul_ps(s, set1(F == kQ5_0 ? -16.0f : -8.0f));
+  } else {
+    o = _mm512_setzero_ps();
+  }
+}
+
+// Block g of a kPrepare16 format dequantized into w0 (elements 0..15) and w1 (16..31), its factors
+// broadcast in d and o (w = d * code + o; Q8_0: d * code).
+template <Fmt F>
+inline void legacy_group(const Row& r, int64_t g, __m512 d, __m512 o, __m512& w0, __m512& w1) {
+  if constexpr (F == kQ8_0) {
+    const uint8_t* qs = r.p[1] + 32 * g;
+    w0 = _mm512_mul_ps(cvt(lo16s(qs)), d);
+    w1 = _mm512_mul_ps(cvt(lo16s(qs + 16)), d);
+  } else {
+    constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
+    const uint8_t* qs = r.p[(has_m ? 2 : 1) + (five ? 1 : 0)] + 16 * g;
+    const __m512i v = lo16(qs), nib = _mm512_set1_epi32(0xf);
+    __m512i q0 = _mm512_and_si512(v, nib), q1 = _mm512_srli_epi32(v, 4);
+    if constexpr (five) {
+      uint32_t qh = u32(r.p[has_m ? 2 : 1] + 4 * g);
+      q0 = q5_high(q0, qh);
+      q1 = q5_high(q1, qh >> 16);
+    }
+    // d * (q - c) as fma(q, d, -c * d): both terms exact, so one rounding, as the reference's product.
+    w0 = _mm512_fmadd_ps(cvt(q0), d, o);
+    w1 = _mm512_fmadd_ps(cvt(q1), d, o);
   }
 }
 
@@ -167,21 +199,9 @@ inline void group_avx512(const Row& r, int64_t b, int64_t j, const float* s, con
     };
     w0 = widen(r.p[0] + 64 * g);
     w1 = widen(r.p[0] + 64 * g + 32);
-  } else if constexpr (F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1) {
-    constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
-    const uint8_t* qs = r.p[(has_m ? 2 : 1) + (five ? 1 : 0)] + 16 * g;
-    __m512i v = lo16(qs);
-    __m512i q0 = _mm512_and_si512(v, nib), q1 = _mm512_srli_epi32(v, 4);
-    if constexpr (five) {
-      uint32_t qh = u32(r.p[has_m ? 2 : 1] + 4 * g);
-      q0 = q5_high(q0, qh);
-      q1 = q5_high(q1, qh >> 16);
-    }
-    // d * (q - c) as fma(q, d, -c * d): both terms exact, so one rounding, as the reference's product.
-    const __m512 dv = set1(s[0]), off = set1(o[0]);
-    w0 = _mm512_fmadd_ps(cvt(q0), dv, off);
-    w1 = _mm512_fmadd_ps(cvt(q1), dv, off);
-  } else if constexpr (F == kQ8_0 || F == kQ8_K) {
+  } else if constexpr (kPrepare16<F>) {
+    legacy_group<F>(r, g, set1(s[0]), set1(o[0]), w0, w1);
+  } else if constexpr (F == kQ8_K) {
     const uint8_t* qs = r.p[1] + 32 * g;
     const __m512 d = set1(s[0]);
     w0 = _mm512_mul_ps(cvt(lo16s(qs)), d);
