@@ -104,10 +104,11 @@ inline void prefetch_ahead(const Row& r, const Layout* layout, int64_t b, int64_
 // Weights rounded to bf16 against an x of bf16 values: the rounding is the conversion vdpbf16ps takes
 // (vcvtne2ps2bf16, round to nearest even, 32 weights an instruction) and each product is exact in f32, so
 // the sums are those of the f32 path (rounded weights, f32 FMA) but for their order, and cost one 512-bit
-// instruction per 32 products where the f32 path takes two, plus two to round. vdpbf16ps treats subnormal
-// inputs as zero (no dequantized weight is one: the smallest nonzero is an f16 factor, >= 2^-24, times an
-// integer code). Even and odd groups go to two accumulators (one chain per group would wait on
-// vdpbf16ps's latency at one row); a row's sums do not depend on how many rows share the pass.
+// instruction per 32 products where the f32 path takes two, plus one to round 32 weights. vdpbf16ps
+// flushes subnormal inputs and outputs to zero, as in gemm.cc (a quantized format's weights are never
+// subnormal: the smallest nonzero is an f16 factor, >= 2^-24, times an integer code; a dense weight or an
+// element of x below 2^-126 is). Even and odd groups go to two accumulators (one chain per group would wait
+// on vdpbf16ps's latency at one row); a row's sums do not depend on how many rows share the pass.
 template <Fmt F, int MB>
 inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
   constexpr int64_t per = groups_per_block<F>();
