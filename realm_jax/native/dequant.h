@@ -126,12 +126,6 @@ inline void prepare(const Row& r, int64_t b, float* s, float* o) {
 template <Fmt F>
 constexpr bool kPrepare16 = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ8_0;
 
-// A kPrepare16 format's plane of codes, and its bytes a block.
-template <Fmt F>
-constexpr int kPrepare16Codes = F == kQ8_0 ? 1 : 1 + (F == kQ4_1 || F == kQ5_1) + (F == kQ5_0 || F == kQ5_1);
-template <Fmt F>
-constexpr int kPrepare16Bytes = F == kQ8_0 ? 32 : 16;
-
 // prepare for blocks [b0, b0 + nb) (nb <= 16) of a kPrepare16 format at once: lane e of s and o is block
 // b0 + e's s[0], o[0] (the same values: the f16 factors converted exactly, times an exact power of two), 16
 // F16C conversions an instruction rather than three instructions a block. Kept in registers (a lane picked

@@ -89,13 +89,14 @@ struct Problem {
 };
 
 #if defined(REALM_AVX512) && defined(__AVX512BF16__)
-// Software prefetch of the code planes `ahead` bytes past block b of row r (a plane of at least 32 bytes a
-// block; the small ones ride along): at several rows of x the loop reads a plane slowly enough that the
-// hardware prefetcher falls behind (Q8_0's 262k x 640 at 8 rows: 18 -> 14 ms; no change at one row).
+// Software prefetch of the code planes `ahead` bytes past block b of row r (a plane of at least 16 bytes a
+// block; the factors' small planes ride along): at several rows of x the loop reads a plane slowly enough
+// that the hardware prefetcher falls behind (Q8_0's 262k x 640 at 8 rows: 18 -> 14 ms; no change at one
+// row). A line holds up to four blocks of a legacy format: those prefetch once per two blocks.
 inline void prefetch_ahead(const Row& r, const Layout* layout, int64_t b, int64_t ahead) {
   for (int64_t i = 0; i < layout->n_planes; ++i) {
     const int64_t bytes = layout->bytes[i];
-    if (bytes < 32) continue;
+    if (bytes < 16) continue;
     for (int64_t off = 0; off < bytes; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(r.p[i] + bytes * b + ahead + off), _MM_HINT_T0);
   }
@@ -116,19 +117,23 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
   __m512 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   alignas(64) float s[16], o[16];
-  // Group j of block b (factors at sb, ob) against the MB rows of x, into acc (acc0 or acc1).
-  auto step = [&](int64_t b, int64_t j, __m512* acc, const float* sb, const float* ob) {
-    __m512 w0, w1;
-    group_avx512<F>(r, b, j, sb, ob, w0, w1);
+  static const Layout* const layout = layout_of(F);  // a block of the layout is one of `per` groups here
+  // Group g's dequantized weights (w0: elements 0..15, w1: 16..31) against the MB rows of x, into acc.
+  auto accumulate = [&](__m512* acc, __m512 w0, __m512 w1, int64_t g) {
     const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);  // elements 0..15 from w0, 16..31 from w1
-    const uint16_t* xg = p.xb + m0 * p.k + 32 * (b * per + j);
+    const uint16_t* xg = p.xb + m0 * p.k + 32 * g;
     for (int i = 0; i < MB; ++i) {
       const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xg + i * p.k));
       acc[i] = _mm512_dpbf16_ps(acc[i], xv, w);
     }
   };
+  // Group j of block b (factors at sb, ob) into acc (acc0 or acc1).
+  auto step = [&](int64_t b, int64_t j, __m512* acc, const float* sb, const float* ob) {
+    __m512 w0, w1;
+    group_avx512<F>(r, b, j, sb, ob, w0, w1);
+    accumulate(acc, w0, w1, b * per + j);
+  };
   if constexpr (per % 2 == 0) {
-    static const Layout* const layout = layout_of(F);  // a block of the layout is one of `per` groups here
     for (int64_t b = 0; b < blocks; ++b) {
       prefetch_ahead(r, layout, b, 1024);
       prepare<F>(r, b, s, o);
@@ -142,12 +147,7 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
       const __m512i lane = _mm512_set1_epi32(static_cast<int>(e));
       __m512 w0, w1;
       legacy_group<F>(r, b, _mm512_permutexvar_ps(lane, sv), _mm512_permutexvar_ps(lane, ov), w0, w1);
-      const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);
-      const uint16_t* xg = p.xb + m0 * p.k + 32 * b;
-      for (int i = 0; i < MB; ++i) {
-        const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xg + i * p.k));
-        acc[i] = _mm512_dpbf16_ps(acc[i], xv, w);
-      }
+      accumulate(acc, w0, w1, b);
     };
     for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
       const int64_t nb = std::min<int64_t>(16, blocks - b0);
@@ -155,8 +155,7 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
       prepare16<F>(r, b0, nb, sv, ov);
       int64_t e = 0;
       for (; e + 1 < nb; e += 2) {
-        const uint8_t* codes = r.p[kPrepare16Codes<F>] + kPrepare16Bytes<F> * (b0 + e);
-        _mm_prefetch(reinterpret_cast<const char*>(codes + 1024), _MM_HINT_T0);  // a line: 2-4 blocks
+        prefetch_ahead(r, layout, b0 + e, 1024);
         block(b0 + e, acc0, sv, ov, e);
         block(b0 + e + 1, acc1, sv, ov, e + 1);
       }
@@ -180,20 +179,15 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
 }
 
 // x as bf16 into out, where every element is a bf16 value (x of a bf16 compute dtype): false otherwise.
+// count is a multiple of 16 (K of a multiple of 32, bind_planes checks).
 inline bool x_as_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
   out.resize(count);
   __mmask16 inexact = 0;
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) {
+  for (int64_t i = 0; i < count; i += 16) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __m256bh h = _mm512_cvtneps_pbh(v);
     inexact |= _mm512_cmp_ps_mask(_mm512_cvtpbh_ps(h), v, _CMP_NEQ_UQ);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.data() + i), reinterpret_cast<__m256i>(h));
-  }
-  for (; i < count; ++i) {
-    const uint32_t u = f32_bits(x[i]);
-    if ((u & 0xffffu) != 0) return false;
-    out[i] = static_cast<uint16_t>(u >> 16);
   }
   return inexact == 0;
 }
