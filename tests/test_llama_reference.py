@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import realm_jax
-from realm_jax import assets
+from realm_jax import assets, native
 from float64_forward import float64_forward
 from realm_jax.reference import CONFIDENT_MARGIN, compare_logits, greedy_agreement, load_reference, reference_dir
 
@@ -120,3 +120,24 @@ def test_synthetic_model_matches_a_float64_reference(name):
     exact = float64_forward(*realm_jax.read_gguf(model_file(name)), ids)
     scale = np.abs(exact).max()
     assert np.abs(ours - exact).max() <= 1e-5 * scale * np.sqrt(model.config.d_model)
+
+
+@pytest.mark.skipif(not native.available() or not native.gemm_available() or not native.int8_formats(),
+                    reason="no int8 prefill here (it needs AVX512_VNNI and AVX512_BF16)")
+def test_int8_prefill_agrees_with_llama_cpp(monkeypatch):
+    """REALM_JAX_NATIVE_PREFILL=int8 under the bf16 policy (every SmolLM2 matrix on the int8 product, x
+    rounded to int8 per 32 values as llama.cpp rounds it) keeps the agreement with llama.cpp's logits."""
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
+    name = "smollm2-135m-instruct-q4_1"
+    model = realm_jax.load(model_file(name), policy="bf16", progress=False)
+    hits, confident, kl = [], [], 0.0
+    for ref in load_reference(name):
+        ours = model.logits(ref.ids)
+        stats = compare_logits(ours, ref)
+        assert stats["topk_overlap"] >= 0.8, (ref.text[:30], stats["topk_overlap"])
+        hits.append(ours.argmax(axis=1) == ref.topk_ids[:, 0])
+        confident.append(hits[-1][ref.margin >= CONFIDENT_MARGIN])
+        kl += stats["kl_mean"] * stats["n_positions"]
+    hits, confident = np.concatenate(hits), np.concatenate(confident)
+    assert len(confident) >= 300 and confident.mean() >= 0.99, confident.mean()
+    assert hits.mean() >= 0.95 and kl / len(hits) <= 0.01, (hits.mean(), kl / len(hits))

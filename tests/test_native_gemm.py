@@ -3,8 +3,9 @@
 
 Checked against a float64 matmul of the bf16-rounded operands, in the AVX512_BF16 build (where the CPU has
 it) and the portable scalar build, for row counts around the 6-row tiles and weights whose row count is
-not a multiple of the 64-row panels; `qgemm` against `gemm` on the dense bf16 weight, bit for bit, in
-every format."""
+not a multiple of the 64-row panels; `qgemm`'s bf16 product against `gemm` on the dense bf16 weight, bit
+for bit, in every format; its int8 product (gemm_i8.h) against float64 on x as `quantize_x8` quantizes it
+and the exactly dequantized weight."""
 
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def test_qgemm_equals_gemm_on_the_bf16_weight(fmt, portable, rng):
     weight's bf16 copy (the same rounding, the same sums), for a partial last panel and a partial tile."""
     qt = random_qtensor(fmt, 70, 256, rng)
     x = jnp.asarray(rng.standard_normal((13, 256)), jnp.float32)
-    got = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, portable=portable))(x, qt)
+    got = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, portable=portable, int8=False))(x, qt)
     want = jax.jit(lambda x, p: native.gemm(x, p, 70, out_dtype=jnp.float32, portable=portable))(x, panels_of(qt))
     assert got.dtype == jnp.float32 and got.shape == (13, 70)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -173,7 +174,7 @@ def test_qgemm_glu_and_a_layer_of_a_stack(activation, portable, rng):
     qts = [random_qtensor("Q4_K", 256, 512, rng) for _ in range(3)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
     x = jnp.asarray(rng.standard_normal((20, 512)), jnp.float32)
-    f = jax.jit(lambda x, w, i: native.qgemm(x, w, layer=i, glu=activation, portable=portable))
+    f = jax.jit(lambda x, w, i: native.qgemm(x, w, layer=i, glu=activation, portable=portable, int8=False))
     for i, qt in enumerate(qts):
         want = native.gemm(x, panels_of(qt), 256, glu=activation, portable=portable)
         got = f(x, stacked, jnp.int32(i))
@@ -192,10 +193,96 @@ def test_qgemm_bad_operands_are_clear_errors(rng):
     x = jnp.zeros((9, 256), jnp.bfloat16)
     fmt = np.int64(native.FORMAT_IDS["Q4_K"])
     with pytest.raises(Exception, match="wrong number of planes"):
-        jax.block_until_ready(call(x, jnp.int32(0), *planes[:-1], fmt=fmt, act=np.int64(0)))
+        jax.block_until_ready(call(x, jnp.int32(0), *planes[:-1], fmt=fmt, act=np.int64(0), int8=np.int64(0)))
     with pytest.raises(Exception, match="layer index is outside"):
-        jax.block_until_ready(call(x, jnp.int32(1), *planes, fmt=fmt, act=np.int64(0)))
+        jax.block_until_ready(call(x, jnp.int32(1), *planes, fmt=fmt, act=np.int64(0), int8=np.int64(0)))
     with pytest.raises(Exception, match="unknown format"):
-        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=np.int64(99), act=np.int64(0)))
+        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=np.int64(99), act=np.int64(0), int8=np.int64(0)))
     with pytest.raises(Exception, match="with an activation bf16"):
-        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(1)))
+        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(1), int8=np.int64(0)))
+    with pytest.raises(Exception, match="int8 must be 0 or 1"):
+        jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(0), int8=np.int64(2)))
+    q6 = random_qtensor("Q6_K", 192, 256, rng)
+    with pytest.raises(Exception, match="no int8 path"):
+        jax.block_until_ready(call(x, jnp.int32(0), *[q6.planes[p.name] for p in q6.format.planes],
+                                   fmt=np.int64(native.FORMAT_IDS["Q6_K"]), act=np.int64(0), int8=np.int64(1)))
+
+
+INT8 = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]
+needs_int8 = pytest.mark.skipif(not native.available() or not native.int8_formats(),
+                                reason="no int8 prefill here (it needs AVX512_VNNI and AVX512_BF16)")
+
+
+def dense64(qt) -> np.ndarray:
+    return np.asarray(to_dense(qt, jnp.float32).planes["w"].reshape(qt.shape), np.float64)
+
+
+@needs_int8
+@pytest.mark.parametrize("fmt", INT8)
+@pytest.mark.parametrize("m,n,k", [(13, 70, 256), (2, 64, 96), (7, 130, 512)])
+def test_qgemm_int8_against_quantized_x(fmt, m, n, k, rng):
+    """The int8 product is the f32 product of the exactly dequantized weight with x quantized per group of
+    32 (`quantize_x8`): tiles of 3 rows and their remainders, a partial last panel, an odd count of groups."""
+    if fmt.endswith("_K") and k % 256:
+        k = 256
+    qt = random_qtensor(fmt, n, k, rng)
+    x = jnp.asarray(rng.standard_normal((m, k)) * 3, jnp.float32)
+    got = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, int8=True))(x, qt)
+    xq = native.quantize_x8(x)
+    assert_matmul_close(got, xq, dense64(qt), compute_dtype=jnp.float32, out_dtype=jnp.float32)
+    assert not np.array_equal(np.asarray(xq), np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+@needs_int8
+@pytest.mark.parametrize("fmt,activation", [("Q4_K", "silu"), ("Q5_0", "gelu_tanh")])
+def test_qgemm_int8_glu_and_a_layer_of_a_stack(fmt, activation, rng):
+    qts = [random_qtensor(fmt, 256, 512, rng) for _ in range(2)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
+    x = jnp.asarray(rng.standard_normal((10, 512)), jnp.float32)
+    f = jax.jit(lambda x, w, i: native.qgemm(x, w, layer=i, glu=activation, int8=True))
+    act = {"silu": jax.nn.silu, "gelu_tanh": lambda g: jax.nn.gelu(g, approximate=True)}[activation]
+    for i, qt in enumerate(qts):
+        y = native.quantize_x8(x).astype(np.float64) @ dense64(qt).T
+        want = np.asarray(act(jnp.asarray(y[:, :128])), np.float64) * y[:, 128:]
+        got = np.asarray(f(x, stacked, jnp.int32(i)).astype(jnp.float32), np.float64)
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+@needs_int8
+def test_qgemm_int8_zero_and_non_finite_rows(rng):
+    """A row of zeros gives zeros; a NaN or an infinity in a row makes that row NaN (never a finite wrong
+    value), and the other rows keep their values."""
+    qt = random_qtensor("Q4_0", 64, 128, rng)
+    x = np.asarray(rng.standard_normal((4, 128)), np.float32)
+    x[1] = 0
+    x[2, 5] = np.nan
+    x[3, 100] = np.inf
+    got = np.asarray(jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, int8=True))(jnp.asarray(x), qt))
+    assert np.all(got[1] == 0) and np.all(np.isnan(got[2])) and np.all(np.isnan(got[3]))
+    assert np.allclose(got[0], native.quantize_x8(x[:1]).astype(np.float64) @ dense64(qt).T, rtol=1e-4, atol=1e-3)
+
+
+def test_int8_choice_and_its_errors(rng, monkeypatch):
+    flags = open("/proc/cpuinfo").read().split()
+    vnni = native.gemm_available() and "avx512_vnni" in flags and "avx512vl" in flags
+    assert native.int8_formats() == (frozenset(INT8) if vnni else frozenset())
+    monkeypatch.delenv("REALM_JAX_NATIVE_PREFILL", raising=False)
+    assert not native.int8_prefill("Q4_0")  # bf16 unless asked
+    qt = random_qtensor("Q6_K", 64, 256, rng)
+    assert not native.int8_prefill("Q6_K")
+    with pytest.raises(ValueError, match="no int8 product for Q6_K"):
+        native.qgemm(jnp.zeros((3, 256)), qt, int8=True)
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "bf16")
+    assert not native.int8_prefill("Q4_0")
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int4")
+    with pytest.raises(ValueError, match="REALM_JAX_NATIVE_PREFILL='int4'"):
+        native.int8_prefill("Q4_0")
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
+    assert native.int8_prefill("Q4_0") == vnni and not native.int8_prefill("Q6_K")
+    x = jnp.asarray(rng.standard_normal((5, 256)), jnp.float32)
+    q4 = random_qtensor("Q4_0", 64, 256, rng)
+    chosen = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32))(x, q4)
+    asked = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, int8=vnni))(x, q4)
+    np.testing.assert_array_equal(np.asarray(chosen), np.asarray(asked))
+    with pytest.raises(ShapeMismatchError, match="multiple of 32"):
+        native.quantize_x8(np.zeros((2, 40)))

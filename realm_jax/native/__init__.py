@@ -11,7 +11,9 @@ the format's own formulas, multiplies them by the rows of x in f32 and splits th
 intra-op thread pool. `gemm` multiplies prefill's many rows in bf16 with f32 accumulation (vdpbf16ps,
 6 x 64 register tiles) on a weight `pack_panels` laid out at load, reading layer i of the stacked layers
 in place (XLA's dot reached 410-850 GFLOP/s on gemma3's prefill shapes and needed each layer's weight
-copied out of the stack; the gemm runs at ~860).
+copied out of the stack; the gemm runs at ~860). `qgemm` runs the gemm on the quantized planes, a panel at a
+time; with ``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x
+quantized per group of 32.
 
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
@@ -46,13 +48,14 @@ from realm_jax.errors import NativeBuildError, ShapeMismatchError
 from realm_jax.quant import QTensor
 
 __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention", "gemm", "gemm_available", "matmul",
-           "pack_panels", "qgemm", "reason", "supports", "unpack_panels", "vector_path"]
+           "int8_formats", "int8_prefill", "pack_panels", "qgemm", "quantize_x8", "reason", "supports", "unpack_panels",
+           "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc", _HERE / "attention.cc")  # one library; pool.h, numeric.h
 # qmatmul.cc's per-family headers; realm_tables.h (the codebooks) is generated from realm_jax.quant at build.
 _HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "dequant.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
-                                     "iquants.h", "plain.h"))
+                                     "iquants.h", "plain.h", "gemm_i8.h"))
 # The format ids planes.h's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "I8": 3, "I16": 4, "I32": 5, "I64": 6, "F64": 7,
               "Q4_0": 10, "Q4_1": 11, "Q5_0": 12, "Q5_1": 13, "Q8_0": 14,
@@ -306,6 +309,25 @@ def gemm_available() -> bool:
     return available() and bool(_load().realm_gemm_vector_path())
 
 
+def int8_formats(portable: bool = False) -> frozenset[str]:
+    """The formats `qgemm`'s int8 product serves in this build: those of one scale and offset per group of
+    32 (gemm_i8.h) where the CPU has AVX512_VNNI (and the gemm's AVX512_BF16); empty elsewhere."""
+    lib = _load(portable)
+    return frozenset(f for f, i in FORMAT_IDS.items() if lib.realm_gemm_int8_format(ctypes.c_int64(i)))
+
+
+def int8_prefill(fmt: str, portable: bool = False) -> bool:
+    """Whether `qgemm` multiplies weights of format `fmt` in int8 when not told (its `int8=None`):
+    ``REALM_JAX_NATIVE_PREFILL=int8`` asks for it, and `int8_formats` has the format. The default,
+    ``REALM_JAX_NATIVE_PREFILL=bf16``, keeps every format on bf16 panels: quantizing x to int8 per group of
+    32 costs ~10x the bf16 policy's divergence from f32 on the real models (mean KL 1.7e-3-2.1e-3 against
+    1.3e-4-1.7e-4, over the precision table's bound on SmolLM2; BENCHMARKS.md), for ~1.25x prefill."""
+    choice = os.environ.get("REALM_JAX_NATIVE_PREFILL", "bf16")
+    if choice not in ("int8", "bf16"):
+        raise ValueError(f"REALM_JAX_NATIVE_PREFILL={choice!r}: expected 'bf16' (the default) or 'int8'")
+    return choice == "int8" and fmt in int8_formats(portable)
+
+
 def pack_panels(w: jax.Array) -> jax.Array:
     """A dense weight [N, K] (K even) laid out for `gemm`: bf16 [ceil(N/64), K/2, 64, 2], panel p holding
     the pairs (W[n, 2k], W[n, 2k+1]) of rows 64p..64p+63 (zero past N). Traceable; the values are w's
@@ -371,17 +393,26 @@ def _gemm_args(name: str, x, k: int, n: int, out_dtype, layer, glu, portable: bo
     return out_dtype, x.reshape(-1, k).astype(jnp.bfloat16), index
 
 
-def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None, portable: bool = False) -> jax.Array:
-    """y = x @ W^T for many rows of x (prefill), with W read from its planes as stored: `gemm`'s bf16
-    product with f32 accumulation, each panel of 64 of W's rows dequantized (and rounded to bf16, as
-    `pack_panels` of the dense bf16 weight holds it) into a buffer of the thread that multiplies it, so
-    that no bf16 copy of the weight exists. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
+def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None, portable: bool = False,
+          int8: bool | None = None) -> jax.Array:
+    """y = x @ W^T for many rows of x (prefill), with W read from its planes as stored, each panel of 64 of
+    W's rows dequantized into a buffer of the thread that multiplies it, so that no copy of the weight
+    exists. Two products, both with f32 sums:
+
+    - bf16 (gemm.cc): `gemm`'s, the panel rounded to bf16 as `pack_panels` of the dense bf16 weight holds
+      it. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
+    - int8 (gemm_i8.h; formats with one scale and offset per group of 32, on a CPU with AVX512_VNNI): x
+      quantized per group of 32 values of a row to int8 codes (d = max|x| / 127, as llama.cpp's q8_0)
+      times the weight's integer codes, exactly, then scaled in f32: the f32 product of the exactly
+      dequantized weight with `quantize_x8(x)`. Twice the multiply-adds an instruction of bf16's; x's
+      rounding to int8 is llama.cpp's, and coarser than bf16's (`int8_prefill`).
 
     Args:
       x: [..., K] float array (rounded to bf16).
       w: a 2-D `QTensor` (N, K) that `supports` accepts; with `layer`, planes of a stack [L, ...] of which
         layer `layer` (an int32 scalar, traced or not) is read in place.
       out_dtype, glu, portable: as `gemm`'s (`glu`: W is gate|up, N/2 a multiple of PANEL).
+      int8: the int8 product; None: `int8_prefill(w.fmt)`. True where it does not exist raises ValueError.
 
     Returns:
       [..., N] (or [..., N/2] with `glu`) in out_dtype. Call it under `jax.jit` on the CPU backend.
@@ -394,9 +425,32 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
     planes = [w.planes[p.name] for p in w.format.planes]
     width, dtype = (n, jnp.float32) if glu is None else (n // 2, jnp.bfloat16)
     out = jax.ShapeDtypeStruct((rows.shape[0], width), dtype)
-    y = jax.ffi.ffi_call(_target("realm_gemm_q", _variant(portable)), out)(rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]),
-                                                      act=np.int64(0 if glu is None else GLU_ACTS[glu]))
+    has_int8 = int8_prefill(w.fmt, portable) if int8 is None else bool(int8)
+    if has_int8 and w.fmt not in int8_formats(portable):
+        raise ValueError(f"realm_jax.native.qgemm: no int8 product for {w.fmt} in this build (it needs AVX512_VNNI "
+                         "and a format of one scale and offset per group of 32: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+                         "Q4_K, Q5_K)")
+    y = jax.ffi.ffi_call(_target("realm_gemm_q", _variant(portable)), out)(
+        rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]), act=np.int64(0 if glu is None else GLU_ACTS[glu]),
+        int8=np.int64(has_int8))
     return y.reshape(*x.shape[:-1], width).astype(out_dtype)
+
+
+def quantize_x8(x) -> np.ndarray:
+    """x [..., K] (K a multiple of 32) as `qgemm`'s int8 product sees it, in f32: rounded to bf16, then per
+    group of 32 values of a row d = max|x| / 127 and x = d * round(x / d) (to nearest even; all zero where
+    max|x| is 0, NaN where the group holds a NaN or an infinity). numpy, for tests and references."""
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+    if x.shape[-1] % 32:
+        raise ShapeMismatchError(f"realm_jax.native.quantize_x8: K={x.shape[-1]} must be a multiple of 32")
+    g = x.reshape(*x.shape[:-1], -1, 32)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        d = np.abs(g).max(-1, keepdims=True) / np.float32(127)
+        finite = np.isfinite(g).all(-1, keepdims=True)
+        inv = np.where((d != 0) & finite, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
+        q = np.clip(np.rint(g * inv.astype(np.float32)), -127, 127)
+        out = np.where(finite, d, np.float32(np.nan)) * q
+    return out.astype(np.float32).reshape(x.shape)
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, query_pos: jax.Array, local, *,

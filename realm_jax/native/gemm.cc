@@ -30,6 +30,7 @@
 #endif
 
 #include "dequant.h"
+#include "gemm_i8.h"
 #include "numeric.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -42,6 +43,7 @@ using namespace realm;  // NOLINT: the format ids, Row, Planes and the per-forma
 
 constexpr int64_t kPanel = 64;  // rows of W per panel: 4 vectors of 16 f32 lanes
 constexpr int kRows = 6;        // rows of x per tile: 6 x 4 = 24 accumulators of the 32 vector registers
+constexpr int kRowsI8 = 3;      // ...on the int8 path: 3 x 4 f32 sums and 3 x 4 integer ones
 
 // The gated FFN's activations (realm_jax.native.GLU_ACTS): act(gate) * up in the epilogue of gate|up.
 enum Act : int64_t { kNoAct = 0, kSilu = 1, kGeluTanh = 2 };
@@ -52,6 +54,10 @@ struct Gemm {
   void* y;            // f32 [M, N], or with an activation bf16 [M, N/2]
   int64_t m, n, kp;   // kp = K / 2
   int64_t act;        // kNoAct, or the GLU's: gate is W's rows [0, N/2), up [N/2, N)
+  // The int8 path (gemm_i8.h), else null: x's codes [M, K], and dx, xs [M, K/32]; W's panels are int8 ones.
+  const int8_t* xq = nullptr;
+  const float *dx = nullptr, *xs = nullptr;
+  const int32_t* xc = nullptr;  // with an integer offset c (kI8Offset), -c * sum(codes) [M, K/32]; else null
 };
 
 // act(g) as jax.nn.silu / jax.nn.gelu(approximate=True) define it: g * sigmoid(g), and
@@ -77,6 +83,25 @@ inline void accumulate(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&ac
       acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, w3);
     }
   }
+}
+
+// accumulate, or on the int8 path accumulate_i8 (w: an int8 panel).
+template <int R>
+inline void accumulate_any(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&acc)[R][4]) {
+#ifdef REALM_GEMM_I8
+  if (g.xq != nullptr) {
+    const int64_t k = 2 * g.kp, groups = k / 32;
+    const uint8_t* panel = reinterpret_cast<const uint8_t*>(w);
+    const int64_t at = m0 * groups;
+    if (g.xc != nullptr) {
+      accumulate_i8<R, true>(g.xq + m0 * k, g.dx + at, g.xs + at, g.xc + at, k, panel, acc);
+    } else {
+      accumulate_i8<R, false>(g.xq + m0 * k, g.dx + at, g.xs + at, nullptr, k, panel, acc);
+    }
+    return;
+  }
+#endif
+  accumulate<R>(g, m0, w, acc);
 }
 
 inline __mmask16 lanes(int64_t cols, int j) {
@@ -116,7 +141,7 @@ inline __m512 act512(int64_t act, __m512 g) {
 template <int R>
 void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uint32_t* up, int64_t cols) {
   __m512 acc[R][4];
-  accumulate<R>(g, m0, w, acc);
+  accumulate_any<R>(g, m0, w, acc);
   if (g.act == kNoAct) {
     float* y = static_cast<float*>(g.y) + m0 * g.n + panel * kPanel;
     for (int j = 0; j < 4; ++j)
@@ -126,7 +151,7 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uin
   __m512 gate[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) gate[i][j] = act512(g.act, acc[i][j]);
-  accumulate<R>(g, m0, up, acc);
+  accumulate_any<R>(g, m0, up, acc);
   const int64_t half = g.n / 2;
   uint16_t* y = static_cast<uint16_t*>(g.y) + m0 * half + panel * kPanel;
   for (int j = 0; j < 4; ++j)
@@ -182,7 +207,11 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uin
 void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* w, const uint32_t* up) {
   const int64_t cols = std::min(kPanel, (g.act == kNoAct ? g.n : g.n / 2) - panel * kPanel);
   int64_t m = m0;
-  for (; m + kRows <= m1; m += kRows) tile<kRows>(g, m, panel, w, up, cols);
+  if (g.xq != nullptr) {  // the int8 path: 3 x 4 f32 sums and 3 x 4 integer ones per tile
+    for (; m + kRowsI8 <= m1; m += kRowsI8) tile<kRowsI8>(g, m, panel, w, up, cols);
+  } else {
+    for (; m + kRows <= m1; m += kRows) tile<kRows>(g, m, panel, w, up, cols);
+  }
   switch (m1 - m) {
     case 1: tile<1>(g, m, panel, w, up, cols); break;
     case 2: tile<2>(g, m, panel, w, up, cols); break;
@@ -199,30 +228,6 @@ void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* 
 using PanelFill = void (*)(const Planes&, int64_t n0, int64_t n, int64_t k, uint32_t* out);
 
 #ifdef REALM_GEMM_BF16
-// r[i] = row i of a 16 x 16 matrix of 32-bit elements; on return r[j] = column j.
-inline void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int h = 0; h < 16; h += 8)
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-    }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-  }
-}
-
 // 16 rows of a panel (`live` of them real, the rest zero; all 16 with kFull, which leaves the compiler no
 // row checks to branch on): each row's group of 32 weights is 16 pairs, one vector; a 16 x 16 transpose
 // makes them 16 pairs x 16 rows, the panel's order, stored from out on.
@@ -288,17 +293,63 @@ void fill_panel(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* out
 }
 #endif
 
-PanelFill panel_fill(int64_t fmt) {
-#define REALM_FILL(f, ...) {f, fill_panel<f>},
-  static const struct {
-    Fmt fmt;
-    PanelFill fill;
-  } kFills[] = {REALM_FORMATS(REALM_FILL)};
+struct Fill {
+  Fmt fmt;
+  PanelFill fill, fill_i8;  // the bf16 panel, the int8 one (null where the format has none, or without VNNI)
+  int32_t offset;           // kI8Offset
+};
+
+const Fill* fills(int64_t fmt) {
+#ifdef REALM_GEMM_I8
+#define REALM_FILL(f, ...) {f, fill_panel<f>, i8_fill<f>(), kI8Offset<f>},
+#else
+#define REALM_FILL(f, ...) {f, fill_panel<f>, nullptr, 0},
+#endif
+  static const Fill kFills[] = {REALM_FORMATS(REALM_FILL)};
 #undef REALM_FILL
   for (const auto& f : kFills)
-    if (f.fmt == fmt) return f.fill;
+    if (f.fmt == fmt) return &f;
   return nullptr;
 }
+
+// The format's bf16 panel fill, or with int8 its int8 one; null where there is none.
+PanelFill panel_fill(int64_t fmt, bool int8) {
+  const Fill* f = fills(fmt);
+  return f == nullptr ? nullptr : int8 ? f->fill_i8 : f->fill;
+}
+
+#ifdef REALM_GEMM_I8
+// x quantized for the int8 path into buffers of the calling thread (grown when a larger x comes, so that
+// steady-state calls allocate nothing), rows split over the pool. False where they cannot be allocated.
+bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offset) {
+  struct Buffer {
+    uint8_t* p = nullptr;
+    int64_t size = 0;
+    ~Buffer() { std::free(p); }
+  };
+  thread_local Buffer buf;
+  const int64_t k = 2 * g.kp, codes = (g.m * k + 63) / 64 * 64, factors = (g.m * (k / 32) * 4 + 63) / 64 * 64;
+  if (buf.size < codes + 3 * factors) {
+    std::free(buf.p);
+    buf.p = static_cast<uint8_t*>(std::aligned_alloc(64, codes + 3 * factors));
+    buf.size = buf.p == nullptr ? 0 : codes + 3 * factors;
+    if (buf.p == nullptr) return false;
+  }
+  int8_t* q = reinterpret_cast<int8_t*>(buf.p);
+  float *dx = reinterpret_cast<float*>(buf.p + codes), *xs = reinterpret_cast<float*>(buf.p + codes + factors);
+  int32_t* xc = reinterpret_cast<int32_t*>(buf.p + codes + 2 * factors);
+  constexpr int64_t kRowsPerChunk = 16;
+  const int64_t m = g.m;
+  realm::parallel_chunks(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
+    quantize_x8(x, c * kRowsPerChunk, std::min(m, (c + 1) * kRowsPerChunk), k, offset, q, dx, xs, xc);
+  });
+  g.xq = q;
+  g.dx = dx;
+  g.xs = xs;
+  g.xc = offset != 0 ? xc : nullptr;
+  return true;
+}
+#endif
 
 using LayerIndex = ffi::Buffer<ffi::S32, 0>;
 
@@ -406,13 +457,16 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& lay
 
 // W [N, K] as its quantized planes (each [N, ...], or [L, N, ...] of which `layer` is read), format fmt.
 ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::RemainingArgs& planes,
-                     void* y, int64_t y_rows, int64_t y_cols, int64_t act, int64_t fmt) {
+                     void* y, int64_t y_rows, int64_t y_cols, int64_t act, int64_t fmt, bool int8) {
   Gemm g{};
   if (ffi::Error e = setup(x, y_rows, y_cols, act, g); e.failure()) return e;
   Source src;
   src.k = 2 * g.kp;
-  src.fill = panel_fill(fmt);
-  if (src.fill == nullptr) return ffi::Error::InvalidArgument("realm_gemm_q: unknown format id");
+  src.fill = panel_fill(fmt, int8);
+  if (src.fill == nullptr) {
+    return ffi::Error::InvalidArgument(panel_fill(fmt, false) == nullptr ? "realm_gemm_q: unknown format id"
+                                                                      : "realm_gemm_q: no int8 path for this format here");
+  }
   const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
   if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_gemm_q: ") + bad);
   g.y = y;
@@ -420,6 +474,11 @@ ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerInde
   if (thread_buffer(2 * g.kp * kPanel) == nullptr) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate a panel buffer");
   }
+#ifdef REALM_GEMM_I8
+  if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), fills(fmt)->offset)) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate x's int8 buffer");
+  }
+#endif
   launch(pool, g, src);
   return ffi::Error::Success();
 }
@@ -441,13 +500,14 @@ ffi::Error GemmGluBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerInde
 
 // The planes' gemm: y f32 [M, N] with act kNoAct, else bf16 [M, N/2].
 ffi::Error GemmQ(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::RemainingArgs planes,
-                 ffi::Result<ffi::AnyBuffer> y, int64_t fmt, int64_t act) {
+                 ffi::Result<ffi::AnyBuffer> y, int64_t fmt, int64_t act, int64_t int8) {
   auto yd = y->dimensions();
   const bool f32 = y->element_type() == ffi::DataType::F32, bf16 = y->element_type() == ffi::DataType::BF16;
   if (yd.size() != 2 || (act == kNoAct ? !f32 : !bf16)) {
     return ffi::Error::InvalidArgument("realm_gemm_q: y must be f32 [M, N], or with an activation bf16 [M, N/2]");
   }
-  return RunPlanes(pool, x, layer, planes, y->untyped_data(), yd[0], yd[1], act, fmt);
+  if (int8 != 0 && int8 != 1) return ffi::Error::InvalidArgument("realm_gemm_q: int8 must be 0 or 1");
+  return RunPlanes(pool, x, layer, planes, y->untyped_data(), yd[0], yd[1], act, fmt, int8 == 1);
 }
 
 }  // namespace
@@ -477,7 +537,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmQ, GemmQ,
                                   .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("fmt")
-                                  .Attr<int64_t>("act"));
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("int8"));
+
+// Whether realm_gemm_q has the int8 path (int8=1) for format id fmt in this build.
+extern "C" int realm_gemm_int8_format(int64_t fmt) { return panel_fill(fmt, true) != nullptr ? 1 : 0; }
 
 extern "C" int realm_gemm_vector_path() {
 #ifdef REALM_GEMM_BF16
