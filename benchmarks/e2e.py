@@ -16,6 +16,8 @@ floor (the peak RSS of a process that imports jax and runs one tiny jitted funct
 run) plus 1.2x the file's size, or 1.5x llama.cpp's peak RSS, whichever is larger.
 
 Without llama-cpp-python installed, the llama.cpp columns say so and only realm-jax is measured.
+``REALM_JAX_NATIVE_PREFILL=int8`` in the environment reaches the realm-jax worker (the opt-in int8 prefill
+product, `realm_jax.native.int8_prefill`); the policy column says so.
 `--baseline PYTHON` also measures realm-jax as another interpreter imports it (e.g. the venv of a checkout
 of the parent commit), in the same rounds: the table adds its speeds and this tree's ratio to them.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -80,7 +83,8 @@ def worker_realm(model: str, policy: str, runs: int) -> dict:
     load_s = time.perf_counter() - start
     speed = measure(m, prompt_tokens=PROMPT_TOKENS, decode_tokens=DECODE_TOKENS, runs=runs)
     return {"prefill_tps": speed["prefill_tps"], "decode_tps": speed["decode_tps"], "load_s": load_s,
-            "warmup_s": speed["warmup_s"], "peak_rss_mib": _peak_rss_mib(), "policy": str(m.policy)}
+            "warmup_s": speed["warmup_s"], "peak_rss_mib": _peak_rss_mib(), "policy": str(m.policy),
+            "native_prefill": os.environ.get("REALM_JAX_NATIVE_PREFILL", "bf16")}
 
 
 def worker_llama(model: str, threads: int, runs: int) -> dict:
@@ -204,10 +208,12 @@ def main() -> None:
           "tok/s | llama.cpp decode tok/s | ratio (rounds) | realm-jax peak RSS MiB | llama.cpp peak RSS MiB | "
           "bound MiB (file MiB) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    shown = args.policy + ("" if os.environ.get("REALM_JAX_NATIVE_PREFILL", "bf16") == "bf16" else
+                           f" (REALM_JAX_NATIVE_PREFILL={os.environ['REALM_JAX_NATIVE_PREFILL']})")
     for r in rows:
         o, p = r["realm_jax"], r["llama_cpp"]
         if "error" in o:
-            print(f"| {r['model']} | {args.policy} | error: {o['error']} |")
+            print(f"| {r['model']} | {shown} | error: {o['error']} |")
             continue
 
         def ratio(key):
@@ -216,7 +222,7 @@ def main() -> None:
             lo, mid, hi = r["ratios"][key]
             return f"{mid:.2f}x ({lo:.2f}-{hi:.2f})"
 
-        print(f"| {r['model']} | {args.policy} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
+        print(f"| {r['model']} | {shown} | {o['prefill_tps']:.0f} | {p.get('prefill_tps', float('nan')):.0f} "
               f"| {ratio('prefill_tps')} | {o['decode_tps']:.1f} | {p.get('decode_tps', float('nan')):.1f} "
               f"| {ratio('decode_tps')} | {o['peak_rss_mib']:.0f} | {p.get('peak_rss_mib', float('nan')):.0f} "
               f"| {max(1.5 * p.get('peak_rss_mib', 0.0), floor + 1.2 * r['file_mib']):.0f} ({r['file_mib']:.0f}) |")
