@@ -12,6 +12,7 @@ import pytest
 
 import realm_jax
 from realm_jax import linear, native
+from realm_jax.errors import ArgumentError
 from realm_jax.linear.native import NativeWeight
 from realm_jax.precision import Policy
 from realm_jax.quant import dequantize, to_dense
@@ -73,6 +74,21 @@ def test_fused_gemm(sizes, rng):
     f = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32))
     want = jnp.concatenate([f(x, w) for w in parts], axis=-1)
     np.testing.assert_array_equal(np.asarray(f(x, fused)), np.asarray(want))
+
+
+@needs_gemm
+def test_int8_prefill_choice_is_checked_at_load(rng, monkeypatch):
+    """A bad REALM_JAX_NATIVE_PREFILL is an ArgumentError when the weight is prepared (at load), not at the
+    first prompt; with int8 (where the CPU has it) the prefill product is the int8 one."""
+    qt = random_qtensor("Q8_0", 64, 64, rng)
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int4")
+    with pytest.raises(ArgumentError, match="REALM_JAX_NATIVE_PREFILL"):
+        linear.prepare(qt, Policy.of("bf16"), impl="native")
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
+    w = linear.prepare(qt, Policy.of("bf16"), impl="native")
+    x = jnp.asarray(rng.standard_normal((MAX + 3, 64)), jnp.bfloat16)
+    text = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32)).lower(x, w).as_text()
+    assert ("int8 = 1" in text) == ("Q8_0" in native.int8_formats()), text[-2000:]
 
 
 @needs_gemm

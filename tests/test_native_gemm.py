@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from realm_jax import native
-from realm_jax.errors import ShapeMismatchError
+from realm_jax.errors import ArgumentError, ShapeMismatchError
 from realm_jax.quant import to_dense
 from helpers import assert_matmul_close, matmul_tolerance, random_qtensor, rms
 
@@ -275,7 +275,7 @@ def test_int8_choice_and_its_errors(rng, monkeypatch):
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "bf16")
     assert not native.int8_prefill("Q4_0")
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int4")
-    with pytest.raises(ValueError, match="REALM_JAX_NATIVE_PREFILL='int4'"):
+    with pytest.raises(ArgumentError, match="REALM_JAX_NATIVE_PREFILL=.int4."):
         native.int8_prefill("Q4_0")
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
     assert native.int8_prefill("Q4_0") == vnni and not native.int8_prefill("Q6_K")

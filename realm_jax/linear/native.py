@@ -100,6 +100,8 @@ class Native(Backend):
         quantized = qt.format.block_size > 1
         bf16 = policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
         gemm = many_rows and bf16
+        if gemm and quantized:
+            kernels.int8_prefill(qt.fmt)  # a bad REALM_JAX_NATIVE_PREFILL is an error at load, not at the first prompt
         dtype = "bfloat16" if bf16 else "float32"
         if quantized and (gemm or not many_rows):
             return NativeWeight(qt, dtype=dtype, gemm=gemm)

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from realm_jax.errors import NativeBuildError, ShapeMismatchError
+from realm_jax.errors import ArgumentError, NativeBuildError, ShapeMismatchError
+from realm_jax.inputs import shown
 from realm_jax.quant import QTensor
 
 __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention", "gemm", "gemm_available", "matmul",
@@ -324,7 +325,7 @@ def int8_prefill(fmt: str, portable: bool = False) -> bool:
     1.3e-4-1.7e-4, over the precision table's bound on SmolLM2; BENCHMARKS.md), for ~1.25x prefill."""
     choice = os.environ.get("REALM_JAX_NATIVE_PREFILL", "bf16")
     if choice not in ("int8", "bf16"):
-        raise ValueError(f"REALM_JAX_NATIVE_PREFILL={choice!r}: expected 'bf16' (the default) or 'int8'")
+        raise ArgumentError(f"REALM_JAX_NATIVE_PREFILL={shown(choice)}: expected 'bf16' (the default) or 'int8'")
     return choice == "int8" and fmt in int8_formats(portable)
 
 
