@@ -31,13 +31,14 @@ class TestNative(LinearTests):
     N = 37  # not a multiple of the 16-row chunks the threads take nor of the 64-row panels
 
 
-@pytest.mark.parametrize("params,layout", [("bf16", "gemm"), ("f32", "dense")])
+@pytest.mark.parametrize("params,layout", [("bf16", "gemm"), ("f32", "gemm"), ("f16", "dense")])
 def test_prefill_layout_follows_the_policy(params, layout, rng):
-    """bf16 params and compute: the gemm on the planes as stored (where the CPU has AVX512_BF16), no
-    second copy; else a dense copy in the params dtype. The output projection keeps the planes only."""
+    """bf16 params and compute: the bf16 gemm on the planes as stored (where the CPU has AVX512_BF16), no
+    second copy; f32: the f32 gemm on the planes (any CPU); else a dense copy in the params dtype. The output
+    projection keeps the planes only."""
     qt = random_qtensor("Q4_K", 100, 256, rng)
     w = linear.prepare(qt, Policy.of(params), impl="native")
-    if layout == "gemm" and not native.gemm_available():
+    if params == "bf16" and not native.gemm_available():
         layout = "dense"
     assert w.packed is qt
     assert (w.gemm, w.dense is not None) == (layout == "gemm", layout == "dense")
@@ -46,6 +47,7 @@ def test_prefill_layout_follows_the_policy(params, layout, rng):
     x = jnp.asarray(rng.standard_normal((MAX + 1, 256)), jnp.float32)
     text = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=Policy.of(params).compute)).lower(x, w).as_text()
     assert ("realm_gemm_q" in text) == (layout == "gemm")
+    assert ("realm_gemm_q_f32" in text) == (layout == "gemm" and params == "f32")
     assert "realm_qmatmul" not in text
     assert "realm_qmatmul" in jax.jit(linear.matmul).lower(x[:MAX], w).as_text()
 

@@ -286,3 +286,36 @@ def test_int8_choice_and_its_errors(rng, monkeypatch):
     np.testing.assert_array_equal(np.asarray(chosen), np.asarray(asked))
     with pytest.raises(ShapeMismatchError, match="multiple of 32"):
         native.quantize_x8(np.zeros((2, 40)))
+
+
+F32_BUILDS = [(fmt, False) for fmt in native.FORMAT_IDS] + [(fmt, True) for fmt in ("Q4_1", "Q6_K", "IQ2_XS", "F16")]
+
+
+@pytest.mark.parametrize("fmt,portable", F32_BUILDS, ids=[f"{f}-{'portable' if p else 'vector'}" for f, p in F32_BUILDS])
+def test_qgemm_f32_against_float64(fmt, portable, rng):
+    """The f32 gemm on the planes (gemm_f32.h) is the f32 product of the exactly dequantized weight: every
+    format, a partial last panel and tiles of 6 rows with a remainder."""
+    qt = random_qtensor(fmt, 70, 256, rng)
+    x = jnp.asarray(rng.standard_normal((13, 256)), jnp.float32)
+    got = jax.jit(lambda x, w: native.qgemm_f32(x, w, portable=portable))(x, qt)
+    assert_matmul_close(got, x, dense64(qt), compute_dtype=jnp.float32, out_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("portable", BUILDS)
+def test_qgemm_f32_a_layer_of_a_stack_and_bad_operands(portable, rng):
+    qts = [random_qtensor("Q5_0", 130, 96, rng) for _ in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
+    x = jnp.asarray(rng.standard_normal((2, 5, 96)), jnp.float32)
+    f = jax.jit(lambda x, w, i: native.qgemm_f32(x, w, layer=i, portable=portable))
+    for i, qt in enumerate(qts):
+        got = f(x, stacked, jnp.int32(i))
+        assert got.shape == (2, 5, 130)
+        assert_matmul_close(got, x, dense64(qt), compute_dtype=jnp.float32, out_dtype=jnp.float32)
+    with pytest.raises(ShapeMismatchError, match="must end in K=96"):
+        native.qgemm_f32(jnp.zeros((3, 64)), qts[0])
+    call = jax.ffi.ffi_call("realm_gemm_q_f32", jax.ShapeDtypeStruct((3, 130), jnp.float32))
+    planes = [stacked.planes[p.name] for p in stacked.format.planes]
+    with pytest.raises(Exception, match="layer index is outside"):
+        jax.block_until_ready(call(jnp.zeros((3, 96)), jnp.int32(3), *planes, fmt=np.int64(native.FORMAT_IDS["Q5_0"])))
+    with pytest.raises(Exception, match="unknown format"):
+        jax.block_until_ready(call(jnp.zeros((3, 96)), jnp.int32(0), *planes, fmt=np.int64(99)))

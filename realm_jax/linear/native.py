@@ -1,10 +1,11 @@
 """The native CPU backend: `realm_jax.native`'s C++ kernels (XLA FFI custom calls) on one CPU device.
 
 Decode (up to `realm_jax.native.MAX_ROWS` rows of x) runs the native matmul on the weight's planes as
-stored in the file. More rows (prefill) run the native bf16 gemm on the same planes, dequantizing a panel
-of the weight at a time (`realm_jax.native.qgemm`), where the policy's params and compute dtypes are both
-bf16 and the CPU has AVX512_BF16, else XLA's dot on a dense copy in the params dtype. So under the bf16
-policy the weights are held once, as stored. Inside a scan over stacked layers the kernels read layer i of
+stored in the file. More rows (prefill) run the native gemm on the same planes, dequantizing a panel
+of the weight at a time: in bf16 (`realm_jax.native.qgemm`) where the policy's params and compute dtypes
+are both bf16 and the CPU has AVX512_BF16, in f32 (`realm_jax.native.qgemm_f32`) where both are f32 (the
+auto policy on CPUs without AVX512_BF16), else XLA's dot on a dense copy in the params dtype (f16, mixed
+policies). So under the bf16 and f32 policies the weights are held once, as stored. Inside a scan over stacked layers the kernels read layer i of
 the stack where it lies (`stacked` / `unstack`): XLA would copy each layer's weight out on every step
 (2.6 ms of a 12 ms gemma3 decode step, 5.7 ms of its 128-token prefill).
 """
@@ -47,9 +48,9 @@ class NativeWeight(Prepared):
         holds, multiplied with vdpbf16ps: 32 products an instruction), else "float32" (exact: rounding to
         16 bits in the f32 loop costs 1.4-2x its time); `qmatmul(impl="native")` on a QTensor uses its
         compute dtype, as the XLA path dequantizes to it.
-      gemm: (static) more than MAX_ROWS rows of a bf16 compute dtype run the native bf16 gemm on
-        `packed` (`realm_jax.native.qgemm`: the weight rounded to bf16 panel by panel, as a bf16 copy holds
-        it).
+      gemm: (static) more than MAX_ROWS rows of the weight's compute dtype run the native gemm on
+        `packed`: with dtype bfloat16 `realm_jax.native.qgemm` (the weight rounded to bf16 panel by panel,
+        as a bf16 copy holds it), with float32 `realm_jax.native.qgemm_f32` (the weight exact, f32 sums).
     """
 
     backend: ClassVar[str] = "native"
@@ -74,9 +75,9 @@ class NativeWeight(Prepared):
 
 
 def _gemm_rows(w: NativeWeight, compute_dtype, m: int) -> bool:
-    """Whether m rows go to the native bf16 gemm: a weight prepared for it, a bf16 compute dtype and more
-    rows than the decode kernel takes."""
-    return w.gemm and jnp.dtype(compute_dtype) == jnp.bfloat16 and m > kernels.MAX_ROWS
+    """Whether m rows go to the native gemm: a weight prepared for it, the compute dtype it was prepared for
+    (bf16: `qgemm`, f32: `qgemm_f32`) and more rows than the decode kernel takes."""
+    return w.gemm and jnp.dtype(compute_dtype) == jnp.dtype(w.dtype) and m > kernels.MAX_ROWS
 
 
 class Native(Backend):
@@ -97,10 +98,13 @@ class Native(Backend):
         # instruction, where an f32 FMA takes 16. Elsewhere decode multiplies the weights exactly as stored
         # (rounding them in the f32 loop costs 1.4-2x its time) and prefill's gemm or the dense copy for
         # XLA's dot rounds them to the params dtype.
+        # Prefill (many rows) runs the native gemm on the planes under a bf16 policy where the CPU has
+        # AVX512_BF16 and under the f32 policy anywhere (gemm_f32.h), so that no dense copy is made.
         quantized = qt.format.block_size > 1
         bf16 = policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
-        gemm = many_rows and bf16
-        if gemm and quantized:
+        f32 = policy.params == policy.compute == jnp.float32
+        gemm = many_rows and (bf16 or f32)
+        if gemm and quantized and bf16:
             kernels.int8_prefill(qt.fmt)  # a bad REALM_JAX_NATIVE_PREFILL is an error at load, not at the first prompt
         dtype = "bfloat16" if bf16 else "float32"
         if quantized and (gemm or not many_rows):
@@ -118,6 +122,8 @@ class Native(Backend):
             raise ValueError(f"qmatmul: a NativeWeight ({w}) runs on CPU only, not on {platform}")
         m = x.shape[0]
         if _gemm_rows(w, compute_dtype, m):
+            if w.dtype == "float32":
+                return kernels.qgemm_f32(x, w.packed, out_dtype=out_dtype, layer=w.layer)
             return kernels.qgemm(x, w.packed, out_dtype=out_dtype, layer=w.layer)
         if m > kernels.MAX_ROWS:
             dense_stored = w.packed.format.block_size == 1 and w.layer is None
@@ -130,7 +136,7 @@ class Native(Backend):
     def glu(self, x, w: NativeWeight, activation: str, *, compute_dtype) -> jax.Array:
         # The gemm applies the activation in its epilogue and hands back bf16: the down projection's input
         # in the bf16 compute dtype, without a pass over the f32 [M, 2F] product.
-        if _gemm_rows(w, compute_dtype, x.shape[0]) and w.shape[0] % (2 * kernels.PANEL) == 0 \
+        if _gemm_rows(w, compute_dtype, x.shape[0]) and w.dtype == "bfloat16" and w.shape[0] % (2 * kernels.PANEL) == 0 \
                 and activation in kernels.GLU_ACTS and jax.default_backend() == "cpu":
             return kernels.qgemm(x, w.packed, out_dtype=jnp.float32, layer=w.layer, glu=activation)
         return super().glu(x, w, activation, compute_dtype=compute_dtype)

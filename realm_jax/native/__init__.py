@@ -13,7 +13,8 @@ intra-op thread pool. `gemm` multiplies prefill's many rows in bf16 with f32 acc
 in place (XLA's dot reached 410-850 GFLOP/s on gemma3's prefill shapes and needed each layer's weight
 copied out of the stack; the gemm runs at ~860). `qgemm` runs the gemm on the quantized planes, a panel at a
 time; with ``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x
-quantized per group of 32.
+quantized per group of 32. `qgemm_f32` is its f32 product (gemm_f32.h: the f32 policy's prefill, no
+AVX512_BF16 needed).
 
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
@@ -49,14 +50,14 @@ from realm_jax.inputs import shown
 from realm_jax.quant import QTensor
 
 __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention", "gemm", "gemm_available", "matmul",
-           "int8_formats", "int8_prefill", "pack_panels", "qgemm", "quantize_x8", "reason", "supports", "unpack_panels",
+           "int8_formats", "int8_prefill", "pack_panels", "qgemm", "qgemm_f32", "quantize_x8", "reason", "supports", "unpack_panels",
            "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc", _HERE / "attention.cc")  # one library; pool.h, numeric.h
 # qmatmul.cc's per-family headers; realm_tables.h (the codebooks) is generated from realm_jax.quant at build.
 _HEADERS = tuple(_HERE / h for h in ("pool.h", "numeric.h", "dequant.h", "planes.h", "kquants_low.h", "lut4.h", "ternary.h",
-                                     "iquants.h", "plain.h", "gemm_i8.h"))
+                                     "iquants.h", "plain.h", "gemm_i8.h", "gemm_f32.h"))
 # The format ids planes.h's `Fmt` enum expects; planes are passed in the format's plane order.
 FORMAT_IDS = {"F32": 0, "F16": 1, "BF16": 2, "I8": 3, "I16": 4, "I32": 5, "I64": 6, "F64": 7,
               "Q4_0": 10, "Q4_1": 11, "Q5_0": 12, "Q5_1": 13, "Q8_0": 14,
@@ -209,11 +210,12 @@ def _outcome(variant: str) -> ctypes.CDLL | NativeBuildError:
     try:
         lib = ctypes.CDLL(str(path))
         handler, gemm, glu, qgemm = lib.RealmQMatmul, lib.RealmGemmBF16, lib.RealmGemmGluBF16, lib.RealmGemmQ
-        attention = lib.RealmDecodeAttention
+        attention, qgemm_f32 = lib.RealmDecodeAttention, lib.RealmGemmQF32
     except (OSError, AttributeError) as e:
         return NativeBuildError(f"realm_jax.native: cannot load {path}: {e}")
     for name, handler in (("realm_qmatmul", handler), ("realm_gemm_bf16", gemm), ("realm_gemm_glu_bf16", glu),
-                          ("realm_gemm_q", qgemm), ("realm_decode_attention", attention)):
+                          ("realm_gemm_q", qgemm), ("realm_gemm_q_f32", qgemm_f32),
+                          ("realm_decode_attention", attention)):
         jax.ffi.register_ffi_target(_target(name, variant), jax.ffi.pycapsule(handler), platform="cpu")
     return lib
 
@@ -435,6 +437,37 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
         rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]), act=np.int64(0 if glu is None else GLU_ACTS[glu]),
         int8=np.int64(has_int8))
     return y.reshape(*x.shape[:-1], width).astype(out_dtype)
+
+
+def qgemm_f32(x: jax.Array, w, *, out_dtype=None, layer=None, portable: bool = False) -> jax.Array:
+    """y = x @ W^T in f32 for many rows of x (prefill under the f32 policy), with W read from its planes as
+    stored (gemm_f32.h): each panel of 64 of W's rows dequantized exactly, as `to_dense(w, f32)` holds it,
+    into an f32 buffer of the thread that multiplies it, f32 sums. So no dense f32 copy of the weight
+    exists. AVX-512F register tiles, or the compiler's vectors of a loop over the panel's columns in the
+    avx2 and portable builds; no AVX512_BF16 needed.
+
+    Args:
+      x: [..., K] float array (as f32).
+      w: a 2-D `QTensor` (N, K) that `supports` accepts; with `layer`, planes of a stack [L, ...] of which
+        layer `layer` (an int32 scalar, traced or not) is read in place.
+      out_dtype: default x's dtype. portable: the portable build.
+
+    Returns:
+      [..., N] in out_dtype. Call it under `jax.jit` on the CPU backend.
+    """
+    _checked(w, layer, "realm_jax.native.qgemm_f32")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ShapeMismatchError(f"realm_jax.native.qgemm_f32: x.shape={x.shape} must end in K={k}")
+    _load(portable)
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    index = jnp.asarray(0 if layer is None else layer, jnp.int32).reshape(())
+    rows = x.reshape(-1, k).astype(jnp.float32)
+    planes = [w.planes[p.name] for p in w.format.planes]
+    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
+    y = jax.ffi.ffi_call(_target("realm_gemm_q_f32", _variant(portable)), out)(
+        rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]))
+    return y.reshape(*x.shape[:-1], n).astype(out_dtype)
 
 
 def quantize_x8(x) -> np.ndarray:

@@ -30,6 +30,7 @@
 #endif
 
 #include "dequant.h"
+#include "gemm_f32.h"
 #include "gemm_i8.h"
 #include "numeric.h"
 #include "pool.h"
@@ -58,6 +59,7 @@ struct Gemm {
   const int8_t* xq = nullptr;
   const float *dx = nullptr, *xs = nullptr;
   const int32_t* xc = nullptr;  // with an integer offset c (kI8Offset), -c * sum(codes) [M, K/32]; else null
+  const float* xf = nullptr;    // the f32 path (gemm_f32.h), else null: x f32 [M, K]; W's panels are f32 ones
 };
 
 // act(g) as jax.nn.silu / jax.nn.gelu(approximate=True) define it: g * sigmoid(g), and
@@ -206,6 +208,11 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uin
 // up projection's at up).
 void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* w, const uint32_t* up) {
   const int64_t cols = std::min(kPanel, (g.act == kNoAct ? g.n : g.n / 2) - panel * kPanel);
+  if (g.xf != nullptr) {
+    rows_f32(g.xf, 2 * g.kp, m0, m1, reinterpret_cast<const float*>(w), static_cast<float*>(g.y) + panel * kPanel,
+             g.n, cols);
+    return;
+  }
   int64_t m = m0;
   if (g.xq != nullptr) {  // the int8 path: 3 x 4 f32 sums and 3 x 4 integer ones per tile
     for (; m + kRowsI8 <= m1; m += kRowsI8) tile<kRowsI8>(g, m, panel, w, up, cols);
@@ -297,13 +304,14 @@ struct Fill {
   Fmt fmt;
   PanelFill fill, fill_i8;  // the bf16 panel, the int8 one (null where the format has none, or without VNNI)
   int32_t offset;           // kI8Offset
+  PanelFill fill_f32;       // the f32 panel (gemm_f32.h)
 };
 
 const Fill* fills(int64_t fmt) {
 #ifdef REALM_GEMM_I8
-#define REALM_FILL(f, ...) {f, fill_panel<f>, i8_fill<f>(), kI8Offset<f>},
+#define REALM_FILL(f, ...) {f, fill_panel<f>, i8_fill<f>(), kI8Offset<f>, fill_f32<f>},
 #else
-#define REALM_FILL(f, ...) {f, fill_panel<f>, nullptr, 0},
+#define REALM_FILL(f, ...) {f, fill_panel<f>, nullptr, 0, fill_f32<f>},
 #endif
   static const Fill kFills[] = {REALM_FORMATS(REALM_FILL)};
 #undef REALM_FILL
@@ -483,6 +491,35 @@ ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerInde
   return ffi::Error::Success();
 }
 
+// The f32 path: x f32 [M, K], W [N, K] as its planes (format fmt; layer `layer` of a stack), y f32 [M, N].
+ffi::Error GemmQF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex layer, ffi::RemainingArgs planes,
+                    ffi::ResultBuffer<ffi::F32> y, int64_t fmt) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || xd[1] % 32) {
+    return ffi::Error::InvalidArgument("realm_gemm_q_f32: x must be [M, K] (K a multiple of 32) and y [M, N]");
+  }
+  Gemm g{};
+  g.m = xd[0];
+  g.n = yd[1];
+  g.kp = xd[1] / 2;
+  g.act = kNoAct;
+  g.xf = x.typed_data();
+  g.y = y->typed_data();
+  Source src;
+  src.k = xd[1];
+  const Fill* f = fills(fmt);
+  if (f == nullptr) return ffi::Error::InvalidArgument("realm_gemm_q_f32: unknown format id");
+  src.fill = f->fill_f32;
+  const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
+  if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_gemm_q_f32: ") + bad);
+  if (g.m == 0 || g.n == 0) return ffi::Error::Success();
+  if (thread_buffer(2 * g.kp * kPanel) == nullptr) {  // an f32 panel: K x 64 floats
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q_f32: cannot allocate a panel buffer");
+  }
+  launch(pool, g, src);
+  return ffi::Error::Success();
+}
+
 ffi::Error GemmBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, LayerIndex layer, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   auto yd = y->dimensions();
@@ -539,6 +576,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmQ, GemmQ,
                                   .Attr<int64_t>("fmt")
                                   .Attr<int64_t>("act")
                                   .Attr<int64_t>("int8"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmGemmQF32, GemmQF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<LayerIndex>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("fmt"));
 
 // Whether realm_gemm_q has the int8 path (int8=1) for format id fmt in this build.
 extern "C" int realm_gemm_int8_format(int64_t fmt) { return panel_fill(fmt, true) != nullptr ? 1 : 0; }
