@@ -291,7 +291,8 @@ def test_int8_choice_and_its_errors(rng, monkeypatch):
 F32_BUILDS = [(fmt, False) for fmt in native.FORMAT_IDS] + [(fmt, True) for fmt in ("Q4_1", "Q6_K", "IQ2_XS", "F16")]
 
 
-@pytest.mark.parametrize("fmt,portable", F32_BUILDS, ids=[f"{f}-{'portable' if p else 'vector'}" for f, p in F32_BUILDS])
+@pytest.mark.parametrize("fmt,portable", F32_BUILDS,
+                         ids=[f"{f}-{'portable' if p else 'vector'}" for f, p in F32_BUILDS])
 def test_qgemm_f32_against_float64(fmt, portable, rng):
     """The f32 gemm on the planes (gemm_f32.h) is the f32 product of the exactly dequantized weight: every
     format, a partial last panel and tiles of 6 rows with a remainder."""

@@ -5,9 +5,10 @@ stored in the file. More rows (prefill) run the native gemm on the same planes, 
 of the weight at a time: in bf16 (`realm_jax.native.qgemm`) where the policy's params and compute dtypes
 are both bf16 and the CPU has AVX512_BF16, in f32 (`realm_jax.native.qgemm_f32`) where both are f32 (the
 auto policy on CPUs without AVX512_BF16), else XLA's dot on a dense copy in the params dtype (f16, mixed
-policies). So under the bf16 and f32 policies the weights are held once, as stored. Inside a scan over stacked layers the kernels read layer i of
-the stack where it lies (`stacked` / `unstack`): XLA would copy each layer's weight out on every step
-(2.6 ms of a 12 ms gemma3 decode step, 5.7 ms of its 128-token prefill).
+policies). So under the bf16 and f32 policies the weights are held once, as stored. Inside a scan over
+stacked layers the kernels read layer i of the stack where it lies (`stacked` / `unstack`): XLA would copy
+each layer's weight out on every step (2.6 ms of a 12 ms gemma3 decode step, 5.7 ms of its 128-token
+prefill).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class Native(Backend):
     def glu(self, x, w: NativeWeight, activation: str, *, compute_dtype) -> jax.Array:
         # The gemm applies the activation in its epilogue and hands back bf16: the down projection's input
         # in the bf16 compute dtype, without a pass over the f32 [M, 2F] product.
-        if _gemm_rows(w, compute_dtype, x.shape[0]) and w.dtype == "bfloat16" and w.shape[0] % (2 * kernels.PANEL) == 0 \
+        if _gemm_rows(w, compute_dtype, x.shape[0]) and w.dtype == "bfloat16" \
+                and w.shape[0] % (2 * kernels.PANEL) == 0 \
                 and activation in kernels.GLU_ACTS and jax.default_backend() == "cpu":
             return kernels.qgemm(x, w.packed, out_dtype=jnp.float32, layer=w.layer, glu=activation)
         return super().glu(x, w, activation, compute_dtype=compute_dtype)
