@@ -79,18 +79,42 @@ def test_fused_gemm(sizes, rng):
 
 
 @needs_gemm
-def test_int8_prefill_choice_is_checked_at_load(rng, monkeypatch):
-    """A bad REALM_JAX_NATIVE_PREFILL is an ArgumentError when the weight is prepared (at load), not at the
-    first prompt; with int8 (where the CPU has it) the prefill product is the int8 one."""
+def test_int8_prefill_choice_is_made_at_load(rng, monkeypatch):
+    """REALM_JAX_NATIVE_PREFILL is read when the weight is prepared (at load): a bad value is an
+    ArgumentError then, not at the first prompt, and the choice rides in the weight (static), so a
+    prefill compiled for one weight never serves another that chose differently, whatever the environment
+    says at trace time."""
     qt = random_qtensor("Q8_0", 64, 64, rng)
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int4")
     with pytest.raises(ArgumentError, match="REALM_JAX_NATIVE_PREFILL"):
         linear.prepare(qt, Policy.of("bf16"), impl="native")
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
-    w = linear.prepare(qt, Policy.of("bf16"), impl="native")
+    w8 = linear.prepare(qt, Policy.of("bf16"), impl="native")
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "bf16")
+    w16 = linear.prepare(qt, Policy.of("bf16"), impl="native")
+    has = "Q8_0" in native.int8_formats()
+    assert (w8.int8, w16.int8) == (has, False)
     x = jnp.asarray(rng.standard_normal((MAX + 3, 64)), jnp.bfloat16)
-    text = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32)).lower(x, w).as_text()
-    assert ("int8 = 1" in text) == ("Q8_0" in native.int8_formats()), text[-2000:]
+    f = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32))
+    monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")  # the environment at trace time changes nothing
+    assert ("int8 = 1" in f.lower(x, w8).as_text()) == has
+    assert "int8 = 0" in f.lower(x, w16).as_text()
+    if has:
+        assert not np.array_equal(np.asarray(f(x, w8)), np.asarray(f(x, w16)))
+
+
+@pytest.mark.parametrize("params,target", [("bf16", "realm_gemm_q"), ("f32", "realm_gemm_q_f32")])
+def test_dense_stored_weights_take_the_gemm(params, target, rng):
+    """A weight stored dense (F16 here) is held in the params dtype, and prefill runs the policy's gemm on it
+    (bf16: where the CPU has AVX512_BF16)."""
+    qt = realm_jax.quantize(rng.standard_normal((70, 64)).astype(np.float32), "F16")
+    w = linear.prepare(qt, Policy.of(params), impl="native")
+    gemm = params == "f32" or native.gemm_available()
+    assert w.gemm == gemm and w.dtype == ("bfloat16" if params == "bf16" and gemm else "float32")
+    x = jnp.asarray(rng.standard_normal((MAX + 3, 64)), jnp.float32)
+    text = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=Policy.of(params).compute)).lower(x, w).as_text()
+    assert (target in text) == gemm
+    assert ("realm_gemm_q_f32" in text) == (params == "f32")
 
 
 @needs_gemm

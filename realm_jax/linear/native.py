@@ -30,7 +30,7 @@ __all__ = ["NATIVE", "Native", "NativeWeight"]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["packed", "dense", "layer"],
-                   meta_fields=["dtype", "gemm"])
+                   meta_fields=["dtype", "gemm", "int8"])
 @dataclasses.dataclass(frozen=True)
 class NativeWeight(Prepared):
     """A linear layer's weight for the native backend.
@@ -52,6 +52,8 @@ class NativeWeight(Prepared):
       gemm: (static) more than MAX_ROWS rows of the weight's compute dtype run the native gemm on
         `packed`: with dtype bfloat16 `realm_jax.native.qgemm` (the weight rounded to bf16 panel by panel,
         as a bf16 copy holds it), with float32 `realm_jax.native.qgemm_f32` (the weight exact, f32 sums).
+      int8: (static) the bf16 gemm takes its int8 product (`realm_jax.native.int8_prefill`, decided when
+        the weight is prepared, so that a compiled prefill never depends on the environment at trace time).
     """
 
     backend: ClassVar[str] = "native"
@@ -60,6 +62,7 @@ class NativeWeight(Prepared):
     layer: jax.Array | None = None
     dtype: str = "float32"
     gemm: bool = False
+    int8: bool = False
 
     @property
     def fmt(self) -> str:
@@ -105,14 +108,14 @@ class Native(Backend):
         bf16 = policy.params == policy.compute == jnp.bfloat16 and kernels.gemm_available()
         f32 = policy.params == policy.compute == jnp.float32
         gemm = many_rows and (bf16 or f32)
-        if gemm and quantized and bf16:
-            kernels.int8_prefill(qt.fmt)  # a bad REALM_JAX_NATIVE_PREFILL is an error at load, not at the first prompt
+        # REALM_JAX_NATIVE_PREFILL is read (and a bad value refused) here, at load, not at the first prompt.
+        int8 = gemm and quantized and bf16 and kernels.int8_prefill(qt.fmt)
         dtype = "bfloat16" if bf16 else "float32"
         if quantized and (gemm or not many_rows):
-            return NativeWeight(qt, dtype=dtype, gemm=gemm)
+            return NativeWeight(qt, dtype=dtype, gemm=gemm, int8=int8)
         dense = to_dense(qt, policy.params)
         packed = qt if quantized else dense
-        return NativeWeight(packed, dense if quantized and many_rows else None, gemm=gemm)
+        return NativeWeight(packed, dense if quantized and many_rows else None, dtype=dtype, gemm=gemm)
 
     def view(self, qt: QTensor, compute_dtype) -> NativeWeight:
         return NativeWeight(qt, dtype=jnp.dtype(compute_dtype).name)
@@ -125,7 +128,7 @@ class Native(Backend):
         if _gemm_rows(w, compute_dtype, m):
             if w.dtype == "float32":
                 return kernels.qgemm_f32(x, w.packed, out_dtype=out_dtype, layer=w.layer)
-            return kernels.qgemm(x, w.packed, out_dtype=out_dtype, layer=w.layer)
+            return kernels.qgemm(x, w.packed, out_dtype=out_dtype, layer=w.layer, int8=w.int8)
         if m > kernels.MAX_ROWS:
             dense_stored = w.packed.format.block_size == 1 and w.layer is None
             big = w.dense if w.dense is not None else w.packed if dense_stored else None
@@ -140,16 +143,17 @@ class Native(Backend):
         if _gemm_rows(w, compute_dtype, x.shape[0]) and w.dtype == "bfloat16" \
                 and w.shape[0] % (2 * kernels.PANEL) == 0 \
                 and activation in kernels.GLU_ACTS and jax.default_backend() == "cpu":
-            return kernels.qgemm(x, w.packed, out_dtype=jnp.float32, layer=w.layer, glu=activation)
+            return kernels.qgemm(x, w.packed, out_dtype=jnp.float32, layer=w.layer, glu=activation, int8=w.int8)
         return super().glu(x, w, activation, compute_dtype=compute_dtype)
 
     def concat(self, ws: list[NativeWeight]) -> NativeWeight | None:
-        if len({(w.fmt, w.dtype, w.dense is None, w.gemm) for w in ws}) != 1:
+        if len({(w.fmt, w.dtype, w.dense is None, w.gemm, w.int8) for w in ws}) != 1:
             return None
         if any(w.layer is not None or w.packed is None for w in ws):
             raise QTensorError(f"native: cannot fuse weights read from a stack of layers: {ws}")
         dense = None if ws[0].dense is None else concat_rows([w.dense for w in ws])
-        return NativeWeight(concat_rows([w.packed for w in ws]), dense, dtype=ws[0].dtype, gemm=ws[0].gemm)
+        return NativeWeight(concat_rows([w.packed for w in ws]), dense, dtype=ws[0].dtype, gemm=ws[0].gemm,
+                            int8=ws[0].int8)
 
     def stacked(self, w: NativeWeight) -> tuple[NativeWeight, Any]:
         # The planes stay whole (the kernels read layer i in place); the dense copy (prefill's where the
@@ -158,10 +162,10 @@ class Native(Backend):
         dense = w.dense
         if dense is None and w.packed.format.block_size == 1 and not w.gemm:
             dense = w.packed
-        return NativeWeight(None, dense, dtype=w.dtype, gemm=w.gemm), w.packed
+        return NativeWeight(None, dense, dtype=w.dtype, gemm=w.gemm, int8=w.int8), w.packed
 
     def unstack(self, sliced: NativeWeight, whole: Any, index: jax.Array) -> NativeWeight:
-        return NativeWeight(whole, sliced.dense, index, sliced.dtype, sliced.gemm)
+        return NativeWeight(whole, sliced.dense, index, sliced.dtype, sliced.gemm, sliced.int8)
 
     def place(self, w, spec, mesh, what):
         raise ShardingError(f"{what}: the native backend's {w} runs on one CPU device, not on a mesh")

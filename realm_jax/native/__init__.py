@@ -19,8 +19,9 @@ AVX512_BF16 needed).
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,
 ``-O3 -march=native``) into the realm-jax cache (``$REALM_JAX_CACHE/native``, keyed by the source, the
 compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul``,
-``realm_gemm_bf16``, ``realm_gemm_q`` (prefill's gemm on the planes) and ``realm_decode_attention``
-(attention.cc: a decode step over the stacked KV cache in place). ``REALM_JAX_NATIVE_VARIANT`` forces one of
+``realm_gemm_bf16``, ``realm_gemm_q`` and ``realm_gemm_q_f32`` (prefill's gemm on the planes) and
+``realm_decode_attention`` (attention.cc: a decode step over the stacked KV cache in place).
+``REALM_JAX_NATIVE_VARIANT`` forces one of
 the builds in `VARIANTS` (native, avx2, portable) for everything that runs. ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
 why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
 `NativeBuildError`.
@@ -405,7 +406,7 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
     - bf16 (gemm.cc): `gemm`'s, the panel rounded to bf16 as `pack_panels` of the dense bf16 weight holds
       it. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
     - int8 (gemm_i8.h; formats with one scale and offset per group of 32, on a CPU with AVX512_VNNI): x
-      quantized per group of 32 values of a row to int8 codes (d = max|x| / 127, as llama.cpp's q8_0)
+      quantized per group of 32 values of a row to int8 codes (d = max|x| / 127, like llama.cpp's q8_0)
       times the weight's integer codes, exactly, then scaled in f32: the f32 product of the exactly
       dequantized weight with `quantize_x8(x)`. Twice the multiply-adds an instruction of bf16's; x's
       rounding to int8 is llama.cpp's, and coarser than bf16's (`int8_prefill`).
@@ -472,8 +473,9 @@ def qgemm_f32(x: jax.Array, w, *, out_dtype=None, layer=None, portable: bool = F
 
 def quantize_x8(x) -> np.ndarray:
     """x [..., K] (K a multiple of 32) as `qgemm`'s int8 product sees it, in f32: rounded to bf16, then per
-    group of 32 values of a row d = max|x| / 127 and x = d * round(x / d) (to nearest even; all zero where
-    max|x| is 0, NaN where the group holds a NaN or an infinity). numpy, for tests and references."""
+    group of 32 values of a row d = max|x| / 127 and x = d * round(x * (1 / d)) (to nearest even; all zero
+    where 1 / d is not finite, NaN where the group holds a NaN or an infinity). numpy, for tests and
+    references."""
     x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
     if x.shape[-1] % 32:
         raise ShapeMismatchError(f"realm_jax.native.quantize_x8: K={x.shape[-1]} must be a multiple of 32")
@@ -481,7 +483,8 @@ def quantize_x8(x) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.abs(g).max(-1, keepdims=True) / np.float32(127)
         finite = np.isfinite(g).all(-1, keepdims=True)
-        inv = np.where((d != 0) & finite, np.float32(1) / np.where(d != 0, d, np.float32(1)), np.float32(0))
+        inv = np.float32(1) / d  # inf where d is 0 or below ~3.7e-37: those groups' codes are 0
+        inv = np.where(finite & np.isfinite(inv), inv, np.float32(0))
         q = np.clip(np.rint(g * inv.astype(np.float32)), -127, 127)
         out = np.where(finite, d, np.float32(np.nan)) * q
     return out.astype(np.float32).reshape(x.shape)

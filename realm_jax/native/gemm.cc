@@ -15,7 +15,9 @@
 // down projection's input), which spares a pass over the [M, N] f32 product.
 //
 // With AVX512_BF16 the vector path runs (vdpbf16ps flushes subnormal inputs and outputs to zero, as XLA's
-// bf16 dot on such CPUs does); otherwise a portable scalar path computes the same sums.
+// bf16 dot on such CPUs does); otherwise a portable scalar path computes the same sums. Two more products
+// share the panels' machinery (launch, rows): gemm_i8.h's opt-in int8 one and gemm_f32.h's f32 one (the
+// f32 policy's prefill, realm_gemm_q_f32).
 
 #include <algorithm>
 #include <cmath>

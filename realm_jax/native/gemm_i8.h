@@ -1,8 +1,9 @@
 // realm-jax native prefill gemm, the int8 path (gemm.cc includes it): for the formats whose weights are
 // integer codes with one scale and offset per group of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K), x is
-// quantized per group of 32 values of a row to int8, as llama.cpp's q8_0 does (d = max|x| / 127, codes
-// round(x / d)), and the products of codes are summed with vpdpbusd: 64 byte products an instruction, where
-// vdpbf16ps takes 32. For one group of 32 (w = s * code + o):
+// quantized per group of 32 values of a row to int8 (d = max|x| / 127, codes round(x * (1 / d)); like
+// llama.cpp's q8_0, which keeps d in f16, and finer than its per-256 q8_K for the k-quants), and the products
+// of codes are summed with vpdpbusd: 64 byte products an instruction, where vdpbf16ps takes 32. For one
+// group of 32 (w = s * code + o):
 //
 //   sum_k w_k xhat_k = s * dx * sum_k code_k qx_k + o * (dx * sum_k qx_k),    xhat = dx * qx,
 //
@@ -57,7 +58,8 @@ inline void quantize_x8(const uint16_t* x, int64_t m0, int64_t m1, int64_t k, in
       const float amax = _mm512_reduce_max_ps(mag);
       const bool finite = !(_mm512_cmp_ps_mask(mag, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ) |
                             _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q));
-      const float d = amax / 127.0f, id = d != 0.0f && finite ? 1.0f / d : 0.0f;
+      // 1 / d overflows for groups below ~3.7e-37: their codes are 0, as for a group of zeros.
+      const float d = amax / 127.0f, inv = 1.0f / d, id = finite && inv <= 3.4028235e38f ? inv : 0.0f;
       const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
       const __m512i qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
       int8_t* out = q + m * k + 32 * g;
