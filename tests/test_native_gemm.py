@@ -250,15 +250,17 @@ def test_qgemm_int8_glu_and_a_layer_of_a_stack(fmt, activation, rng):
 
 @needs_int8
 def test_qgemm_int8_zero_and_non_finite_rows(rng):
-    """A row of zeros gives zeros; a NaN or an infinity in a row makes that row NaN (never a finite wrong
-    value), and the other rows keep their values."""
+    """A row of zeros (or of values too small for 1 / d) gives zeros; a NaN or an infinity in a row makes
+    that row NaN (never a finite wrong value), and the other rows keep their values."""
     qt = random_qtensor("Q4_0", 64, 128, rng)
-    x = np.asarray(rng.standard_normal((4, 128)), np.float32)
+    x = np.asarray(rng.standard_normal((5, 128)), np.float32)
     x[1] = 0
     x[2, 5] = np.nan
     x[3, 100] = np.inf
+    x[4] = 2e-38  # max|x| / 127 has no finite inverse: codes 0, as numpy's reference says
     got = np.asarray(jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32, int8=True))(jnp.asarray(x), qt))
     assert np.all(got[1] == 0) and np.all(np.isnan(got[2])) and np.all(np.isnan(got[3]))
+    assert np.all(got[4] == 0) and np.all(native.quantize_x8(x[4:]) == 0)
     assert np.allclose(got[0], native.quantize_x8(x[:1]).astype(np.float64) @ dense64(qt).T, rtol=1e-4, atol=1e-3)
 
 
