@@ -94,6 +94,7 @@ def test_int8_prefill_choice_is_made_at_load(rng, monkeypatch):
     w16 = linear.prepare(qt, Policy.of("bf16"), impl="native")
     has = "Q8_0" in native.int8_formats()
     assert (w8.int8, w16.int8) == (has, False)
+    assert ("native int8 gemm" in linear.describe(w8)) == has and "native bf16 gemm" in linear.describe(w16)
     x = jnp.asarray(rng.standard_normal((MAX + 3, 64)), jnp.bfloat16)
     f = jax.jit(lambda x, w: linear.matmul(x, w, out_dtype=jnp.float32))
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")  # the environment at trace time changes nothing
@@ -115,6 +116,7 @@ def test_dense_stored_weights_take_the_gemm(params, target, rng):
     text = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=Policy.of(params).compute)).lower(x, w).as_text()
     assert (target in text) == gemm
     assert ("realm_gemm_q_f32" in text) == (params == "f32")
+    assert (f"native {params} gemm" in linear.describe(w)) == gemm
 
 
 @needs_gemm

@@ -121,7 +121,7 @@ def backend_of(w: Prepared) -> Backend:
 
 
 def describe(w: Prepared) -> str:
-    """How a prepared weight is served, e.g. "native (1-8 rows), native gemm (more, from the planes)"."""
+    """How a prepared weight is served, e.g. "native (1-8 rows), native bf16 gemm (more, from the planes)"."""
     return backend_of(w).describe(w)
 
 

@@ -175,7 +175,8 @@ class Native(Backend):
         if w is None:
             return decode
         if w.gemm:
-            return f"{decode}, native gemm (more, from the planes)"
+            product = "int8" if w.int8 else "bf16" if w.dtype == "bfloat16" else "f32"
+            return f"{decode}, native {product} gemm (more, from the planes)"
         if w.dense is not None:
             return f"{decode}, xla (more, dense {w.dense.fmt} copy)"
         return decode if w.packed.format.block_size > 1 else f"{decode}, xla (more)"
