@@ -202,13 +202,13 @@ def test_qgemm_bad_operands_are_clear_errors(rng):
         jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(1), int8=np.int64(0)))
     with pytest.raises(Exception, match="int8 must be 0 or 1"):
         jax.block_until_ready(call(x, jnp.int32(0), *planes, fmt=fmt, act=np.int64(0), int8=np.int64(2)))
-    q6 = random_qtensor("Q6_K", 192, 256, rng)
+    q3 = random_qtensor("Q3_K", 192, 256, rng)
     with pytest.raises(Exception, match="no int8 path"):
-        jax.block_until_ready(call(x, jnp.int32(0), *[q6.planes[p.name] for p in q6.format.planes],
-                                   fmt=np.int64(native.FORMAT_IDS["Q6_K"]), act=np.int64(0), int8=np.int64(1)))
+        jax.block_until_ready(call(x, jnp.int32(0), *[q3.planes[p.name] for p in q3.format.planes],
+                                   fmt=np.int64(native.FORMAT_IDS["Q3_K"]), act=np.int64(0), int8=np.int64(1)))
 
 
-INT8 = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]
+INT8 = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 needs_int8 = pytest.mark.skipif(not native.available() or not native.int8_formats(),
                                 reason="no int8 prefill here (it needs AVX512_VNNI and AVX512_BF16)")
 
@@ -234,7 +234,7 @@ def test_qgemm_int8_against_quantized_x(fmt, m, n, k, rng):
 
 
 @needs_int8
-@pytest.mark.parametrize("fmt,activation", [("Q4_K", "silu"), ("Q5_0", "gelu_tanh")])
+@pytest.mark.parametrize("fmt,activation", [("Q4_K", "silu"), ("Q5_0", "gelu_tanh"), ("Q6_K", "silu")])
 def test_qgemm_int8_glu_and_a_layer_of_a_stack(fmt, activation, rng):
     qts = [random_qtensor(fmt, 256, 512, rng) for _ in range(2)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
@@ -270,9 +270,9 @@ def test_int8_choice_and_its_errors(rng, monkeypatch):
     assert native.int8_formats() == (frozenset(INT8) if vnni else frozenset())
     monkeypatch.delenv("REALM_JAX_NATIVE_PREFILL", raising=False)
     assert not native.int8_prefill("Q4_0")  # bf16 unless asked
-    qt = random_qtensor("Q6_K", 64, 256, rng)
-    assert not native.int8_prefill("Q6_K")
-    with pytest.raises(ValueError, match="no int8 product for Q6_K"):
+    qt = random_qtensor("Q3_K", 64, 256, rng)
+    assert not native.int8_prefill("Q3_K")
+    with pytest.raises(ValueError, match="no int8 product for Q3_K"):
         native.qgemm(jnp.zeros((3, 256)), qt, int8=True)
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "bf16")
     assert not native.int8_prefill("Q4_0")
@@ -280,7 +280,7 @@ def test_int8_choice_and_its_errors(rng, monkeypatch):
     with pytest.raises(ArgumentError, match="REALM_JAX_NATIVE_PREFILL=.int4."):
         native.int8_prefill("Q4_0")
     monkeypatch.setenv("REALM_JAX_NATIVE_PREFILL", "int8")
-    assert native.int8_prefill("Q4_0") == vnni and not native.int8_prefill("Q6_K")
+    assert native.int8_prefill("Q4_0") == vnni and not native.int8_prefill("Q3_K")
     x = jnp.asarray(rng.standard_normal((5, 256)), jnp.float32)
     q4 = random_qtensor("Q4_0", 64, 256, rng)
     chosen = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32))(x, q4)

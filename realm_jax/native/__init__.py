@@ -314,8 +314,9 @@ def gemm_available() -> bool:
 
 
 def int8_formats(portable: bool = False) -> frozenset[str]:
-    """The formats `qgemm`'s int8 product serves in this build: those of one scale and offset per group of
-    32 (gemm_i8.h) where the CPU has AVX512_VNNI (and the gemm's AVX512_BF16); empty elsewhere."""
+    """The formats `qgemm`'s int8 product serves in this build: those of integer codes of up to 8 bits with
+    one scale and offset per group of 32, or Q6_K's scale per 16 (gemm_i8.h), where the CPU has AVX512_VNNI
+    (and the gemm's AVX512_BF16); empty elsewhere."""
     lib = _load(portable)
     return frozenset(f for f, i in FORMAT_IDS.items() if lib.realm_gemm_int8_format(ctypes.c_int64(i)))
 
@@ -405,10 +406,10 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
 
     - bf16 (gemm.cc): `gemm`'s, the panel rounded to bf16 as `pack_panels` of the dense bf16 weight holds
       it. Results equal `gemm` on `pack_panels(to_dense(w, bf16))`.
-    - int8 (gemm_i8.h; formats with one scale and offset per group of 32, on a CPU with AVX512_VNNI): x
-      quantized per group of 32 values of a row to int8 codes (d = max|x| / 127, like llama.cpp's q8_0)
-      times the weight's integer codes, exactly, then scaled in f32: the f32 product of the exactly
-      dequantized weight with `quantize_x8(x)`. Twice the multiply-adds an instruction of bf16's; x's
+    - int8 (gemm_i8.h; formats with one scale and offset per group of 32, and Q6_K's per 16, on a CPU with
+      AVX512_VNNI): x quantized per group of 32 values of a row to int8 codes (d = max|x| / 127, like
+      llama.cpp's q8_0) times the weight's integer codes, exactly, then scaled in f32: the f32 product of
+      the exactly dequantized weight with `quantize_x8(x)`. Twice the multiply-adds an instruction of bf16's; x's
       rounding to int8 is llama.cpp's, and coarser than bf16's (`int8_prefill`).
 
     Args:
@@ -432,8 +433,8 @@ def qgemm(x: jax.Array, w, *, out_dtype=None, layer=None, glu: str | None = None
     has_int8 = int8_prefill(w.fmt, portable) if int8 is None else bool(int8)
     if has_int8 and w.fmt not in int8_formats(portable):
         raise ValueError(f"realm_jax.native.qgemm: no int8 product for {w.fmt} in this build (it needs AVX512_VNNI "
-                         "and a format of one scale and offset per group of 32: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
-                         "Q4_K, Q5_K)")
+                         "and a format of one scale and offset per group of 32 or 16: Q4_0, Q4_1, Q5_0, Q5_1, "
+                         "Q8_0, Q4_K, Q5_K, Q6_K)")
     y = jax.ffi.ffi_call(_target("realm_gemm_q", _variant(portable)), out)(
         rows, index, *planes, fmt=np.int64(FORMAT_IDS[w.fmt]), act=np.int64(0 if glu is None else GLU_ACTS[glu]),
         int8=np.int64(has_int8))

@@ -60,7 +60,8 @@ struct Gemm {
   // The int8 path (gemm_i8.h), else null: x's codes [M, K], and dx, xs [M, K/32]; W's panels are int8 ones.
   const int8_t* xq = nullptr;
   const float *dx = nullptr, *xs = nullptr;
-  const int32_t* xc = nullptr;  // with an integer offset c (kI8Offset), -c * sum(codes) [M, K/32]; else null
+  const int32_t* xc = nullptr;  // with an integer offset c (kI8Offset), -c * sum(codes) [M, K/16]; else null
+  bool halves = false;          // kI8Halves: scales per 16
   const float* xf = nullptr;    // the f32 path (gemm_f32.h), else null: x f32 [M, K]; W's panels are f32 ones
 };
 
@@ -71,7 +72,10 @@ constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
 #ifdef REALM_GEMM_BF16
 // Rows [m0, m0 + R) of x against the panel at w, into acc.
 template <int R>
-inline void accumulate(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&acc)[R][4]) {
+// The sums live in a local array, copied out once: written through `acc` (a reference, and __m512 may alias
+// anything) the compiler stores every sum after every step wherever this is not inlined into tile (2x time).
+inline void accumulate(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&out)[R][4]) {
+  __m512 acc[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const uint32_t* x = g.x + m0 * g.kp;
@@ -87,6 +91,8 @@ inline void accumulate(const Gemm& g, int64_t m0, const uint32_t* w, __m512 (&ac
       acc[i][3] = _mm512_dpbf16_ps(acc[i][3], a, w3);
     }
   }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) out[i][j] = acc[i][j];
 }
 
 // accumulate, or on the int8 path accumulate_i8 (w: an int8 panel).
@@ -97,8 +103,10 @@ inline void accumulate_any(const Gemm& g, int64_t m0, const uint32_t* w, __m512 
     const int64_t k = 2 * g.kp, groups = k / 32;
     const uint8_t* panel = reinterpret_cast<const uint8_t*>(w);
     const int64_t at = m0 * groups;
-    if (g.xc != nullptr) {
-      accumulate_i8<R, true>(g.xq + m0 * k, g.dx + at, g.xs + at, g.xc + at, k, panel, acc);
+    if (g.halves) {
+      accumulate_i8<R, true, true>(g.xq + m0 * k, g.dx + at, g.xs + at, g.xc + 2 * at, k, panel, acc);
+    } else if (g.xc != nullptr) {
+      accumulate_i8<R, true>(g.xq + m0 * k, g.dx + at, g.xs + at, g.xc + 2 * at, k, panel, acc);
     } else {
       accumulate_i8<R, false>(g.xq + m0 * k, g.dx + at, g.xs + at, nullptr, k, panel, acc);
     }
@@ -306,14 +314,15 @@ struct Fill {
   Fmt fmt;
   PanelFill fill, fill_i8;  // the bf16 panel, the int8 one (null where the format has none, or without VNNI)
   int32_t offset;           // kI8Offset
+  bool halves;              // kI8Halves
   PanelFill fill_f32;       // the f32 panel (gemm_f32.h)
 };
 
 const Fill* fills(int64_t fmt) {
 #ifdef REALM_GEMM_I8
-#define REALM_FILL(f, ...) {f, fill_panel<f>, i8_fill<f>(), kI8Offset<f>, fill_f32<f>},
+#define REALM_FILL(f, ...) {f, fill_panel<f>, i8_fill<f>(), kI8Offset<f>, kI8Halves<f>, fill_f32<f>},
 #else
-#define REALM_FILL(f, ...) {f, fill_panel<f>, nullptr, 0, fill_f32<f>},
+#define REALM_FILL(f, ...) {f, fill_panel<f>, nullptr, 0, false, fill_f32<f>},
 #endif
   static const Fill kFills[] = {REALM_FORMATS(REALM_FILL)};
 #undef REALM_FILL
@@ -331,7 +340,7 @@ PanelFill panel_fill(int64_t fmt, bool int8) {
 #ifdef REALM_GEMM_I8
 // x quantized for the int8 path into buffers of the calling thread (grown when a larger x comes, so that
 // steady-state calls allocate nothing), rows split over the pool. False where they cannot be allocated.
-bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offset) {
+bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offset, bool halves) {
   struct Buffer {
     uint8_t* p = nullptr;
     int64_t size = 0;
@@ -339,10 +348,10 @@ bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offse
   };
   thread_local Buffer buf;
   const int64_t k = 2 * g.kp, codes = (g.m * k + 63) / 64 * 64, factors = (g.m * (k / 32) * 4 + 63) / 64 * 64;
-  if (buf.size < codes + 3 * factors) {
+  if (buf.size < codes + 4 * factors) {  // q, dx, xs, and xc (two a group)
     std::free(buf.p);
-    buf.p = static_cast<uint8_t*>(std::aligned_alloc(64, codes + 3 * factors));
-    buf.size = buf.p == nullptr ? 0 : codes + 3 * factors;
+    buf.p = static_cast<uint8_t*>(std::aligned_alloc(64, codes + 4 * factors));
+    buf.size = buf.p == nullptr ? 0 : codes + 4 * factors;
     if (buf.p == nullptr) return false;
   }
   int8_t* q = reinterpret_cast<int8_t*>(buf.p);
@@ -351,12 +360,13 @@ bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offse
   constexpr int64_t kRowsPerChunk = 16;
   const int64_t m = g.m;
   realm::parallel_chunks(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
-    quantize_x8(x, c * kRowsPerChunk, std::min(m, (c + 1) * kRowsPerChunk), k, offset, q, dx, xs, xc);
+    quantize_x8(x, c * kRowsPerChunk, std::min(m, (c + 1) * kRowsPerChunk), k, offset, halves, q, dx, xs, xc);
   });
   g.xq = q;
   g.dx = dx;
   g.xs = xs;
   g.xc = offset != 0 ? xc : nullptr;
+  g.halves = halves;
   return true;
 }
 #endif
@@ -485,7 +495,7 @@ ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerInde
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate a panel buffer");
   }
 #ifdef REALM_GEMM_I8
-  if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), fills(fmt)->offset)) {
+  if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), fills(fmt)->offset, fills(fmt)->halves)) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate x's int8 buffer");
   }
 #endif

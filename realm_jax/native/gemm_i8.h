@@ -1,5 +1,6 @@
 // realm-jax native prefill gemm, the int8 path (gemm.cc includes it): for the formats whose weights are
-// integer codes with one scale and offset per group of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K), x is
+// integer codes with one scale and offset per group of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K; Q6_K
+// per 16), x is
 // quantized per group of 32 values of a row to int8 (d = max|x| / 127, codes round(x * (1 / d)); like
 // llama.cpp's q8_0, which keeps d in f16, and finer than its per-256 q8_K for the k-quants), and the products
 // of codes are summed with vpdpbusd: 64 byte products an instruction, where vdpbf16ps takes 32. For one
@@ -9,11 +10,13 @@
 //
 // the integer sum exact in int32, the rest in f32: the result is the f32 product of the exactly dequantized
 // weight with xhat (realm_jax.native.quantize_x8 computes xhat). Where the offset is an integer multiple of
-// the scale (Q4_0, Q5_0: the codes less 8 or 16; Q8_0: its signed codes stored plus 128), the offset's term
-// is subtracted from the integer sum instead: s * dx * (sum_k code_k qx_k - c * sum_k qx_k).
+// the scale (Q4_0, Q5_0: the codes less 8 or 16; Q8_0: its signed codes stored plus 128; Q6_K: less 32), the
+// offset's term is subtracted from the integer sum instead: s * dx * (sum_k code_k qx_k - c * sum_k qx_k).
+// Q6_K has a scale per 16 weights: its two halves of a group are summed and scaled apart (kI8Halves).
 //
 // A panel is 64 of W's rows, group by group: the group's codes as unsigned bytes, [8 quads][64 rows][4]
-// (quad q: the codes of k = 4q..4q+3; Q8_0's signed codes offset by 128), then s[64] and o[64] as f32.
+// (quad q: the codes of k = 4q..4q+3; Q8_0's signed codes offset by 128), then s[64] and o[64] as f32
+// (Q6_K: the scales of the group's first and second 16).
 #pragma once
 
 #include <algorithm>
@@ -33,18 +36,24 @@ constexpr int64_t kI8Codes = 32 * 64, kI8Group = kI8Codes + 2 * 64 * 4;
 
 // The formats with an int8 path: one scale and one offset per group of 32, codes of at most 8 bits.
 template <Fmt F>
-constexpr bool kInt8 = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ8_0 || F == kQ4_K || F == kQ5_K;
+constexpr bool kInt8 = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ8_0 || F == kQ4_K ||
+                       F == kQ5_K || F == kQ6_K;
 
 // The integer c of w = s * (code - c) (the stored unsigned code), or 0 where the offset is a float of its own.
 template <Fmt F>
-constexpr int kI8Offset = F == kQ4_0 ? 8 : F == kQ5_0 ? 16 : F == kQ8_0 ? 128 : 0;
+constexpr int kI8Offset = F == kQ4_0 ? 8 : F == kQ5_0 ? 16 : F == kQ8_0 ? 128 : F == kQ6_K ? 32 : 0;
+
+// Whether the format's scales are per 16 weights: a group's two halves are scaled apart.
+template <Fmt F>
+constexpr bool kI8Halves = F == kQ6_K;
 
 #ifdef REALM_GEMM_I8
-// x [M, K] bf16, rows [m0, m1): codes q (K bytes a row), and per group of 32 dx, xs = dx * sum(codes) and
-// xc = -c * sum(codes) (c: kI8Offset). A group with a NaN or an infinity gets dx = NaN, so that the rows it
-// reaches come out NaN, never finite.
-inline void quantize_x8(const uint16_t* x, int64_t m0, int64_t m1, int64_t k, int32_t c, int8_t* q, float* dx,
-                        float* xs, int32_t* xc) {
+// x [M, K] bf16, rows [m0, m1): codes q (K bytes a row), per group of 32 dx and xs = dx * sum(codes), and
+// xc = -c * sum(codes) ([M, K/16]; c: kI8Offset), per 16 values with halves, else the group's in the first
+// of its two and 0 in the second. A group with a NaN or an infinity gets dx =
+// NaN, so that the rows it reaches come out NaN, never finite.
+inline void quantize_x8(const uint16_t* x, int64_t m0, int64_t m1, int64_t k, int32_t c, bool halves, int8_t* q,
+                        float* dx, float* xs, int32_t* xc) {
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t g = 0; g < k / 32; ++g) {
@@ -67,9 +76,12 @@ inline void quantize_x8(const uint16_t* x, int64_t m0, int64_t m1, int64_t k, in
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm512_cvtsepi32_epi8(qb));
       const int64_t at = m * (k / 32) + g;
       dx[at] = finite ? d : __builtin_nanf("");
+      // Sums per half only where the scales are per 16 (one reduction instead of two).
+      const int32_t sa = halves ? _mm512_reduce_add_epi32(qa) : 0;
       const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
       xs[at] = dx[at] * static_cast<float>(sum);
-      xc[at] = -c * sum;
+      xc[2 * at] = -c * (halves ? sa : sum);
+      xc[2 * at + 1] = -c * (halves ? sum - sa : 0);
     }
 }
 
@@ -88,6 +100,15 @@ inline __m256i codes32(const Row& r, int64_t b, int64_t j) {
       c = _mm256_mask_add_epi8(c, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << j))), c, sixteen);
     }
     return c;
+  } else if constexpr (F == kQ6_K) {
+    // planes ql, qh, scales, d (group_scalar's): low 4 bits from ql, bits 4-5 from qh.
+    const int64_t h = j / 4, q = j % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p[0] + 128 * b + 64 * h + 32 * (q & 1)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p[1] + 64 * b + 32 * h));
+    const __m256i low = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(static_cast<int>(4 * (q >> 1)))), nib);
+    const __m256i high = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(static_cast<int>(2 * q))),
+                                          _mm256_set1_epi8(3));
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));  // high < 4: no carry into the next byte
   } else {
     constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p[(has_m ? 2 : 1) + (five ? 1 : 0)] + 16 * b));
@@ -121,8 +142,13 @@ void fill_i8(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* panel)
             if constexpr (F == kQ8_0) o[i][0] = -128.0f * s[i][0];  // its codes are stored offset by 128
           }
           c[h] = codes32<F>(rows[i], b, j);
-          gs[h][i] = s[i][j];
-          go[h][i] = o[i][j];
+          if constexpr (kI8Halves<F>) {  // prepare's s holds the 16 scales of the block's halves
+            gs[h][i] = s[i][2 * j];
+            go[h][i] = s[i][2 * j + 1];
+          } else {
+            gs[h][i] = s[i][j];
+            go[h][i] = o[i][j];
+          }
         }
         v[i] = _mm512_inserti64x4(_mm512_castsi256_si512(c[0]), c[1], 1);
       }
@@ -137,23 +163,47 @@ void fill_i8(const Planes& w, int64_t n0, int64_t n, int64_t k, uint32_t* panel)
   }
 }
 
-// Rows [0, R) of quantized x (codes xq [R, K] from row 0; dx, xs and xc [R, K/32]) against the int8 panel
-// at w, into acc: per group, R x 64 integer sums in registers (starting from xc with kOffset), then scaled
-// and added to the f32 sums (with the offsets' term where not kOffset).
-template <int R, bool kOffset>
+// Rows [0, R) of quantized x (codes xq [R, K] from row 0; dx, xs [R, K/32]; xc [R, K/16]) against the int8
+// panel at w, into acc: per group (with kHalves per 16), R x 64 integer sums in registers (starting from xc
+// with kOffset), then scaled and added to the f32 sums (with the offsets' term where not kOffset).
+template <int R, bool kOffset, bool kHalves = false>
 inline void accumulate_i8(const int8_t* xq, const float* dx, const float* xs, const int32_t* xc, int64_t k,
-                          const uint8_t* w, __m512 (&acc)[R][4]) {
+                          const uint8_t* w, __m512 (&out)[R][4]) {
+  static_assert(kOffset || !kHalves, "a format of scales per 16 has an integer offset here");
+  __m512 acc[R][4];  // local, copied out once (gemm.cc's accumulate says why)
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t groups = k / 32;
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* wg = w + g * kI8Group;
     __m512i dot[R][4];
-    for (int i = 0; i < R; ++i) {
-      const __m512i start = kOffset ? _mm512_set1_epi32(xc[i * groups + g]) : _mm512_setzero_si512();
-      for (int j = 0; j < 4; ++j) dot[i][j] = start;
-    }
+    // dot set to its start: zero, or -c * sum(codes) of x over the group (kHalves: over half `half`; else
+    // half is 0, the group's).
+    auto start = [&](int half) {
+      for (int i = 0; i < R; ++i) {
+        const int32_t* c = xc + 2 * (i * groups + g);
+        const __m512i v = !kOffset ? _mm512_setzero_si512()
+                          : _mm512_set1_epi32(c[half]);
+        for (int j = 0; j < 4; ++j) dot[i][j] = v;
+      }
+    };
+    // dot scaled by dx and the 64 rows' scales at sv, into acc.
+    auto scale = [&](const float* sv) {
+      for (int i = 0; i < R; ++i) {
+        const __m512 d = _mm512_set1_ps(dx[i * groups + g]);
+        for (int j = 0; j < 4; ++j) {
+          acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][j]), d), _mm512_loadu_ps(sv + 16 * j),
+                                      acc[i][j]);
+        }
+      }
+    };
+    const float* s = reinterpret_cast<const float*>(wg + kI8Codes);
+    start(0);
     for (int q = 0; q < 8; ++q) {
+      if (kHalves && q == 4) {
+        scale(s);
+        start(1);
+      }
       const uint8_t* wq = wg + q * 256;
       const __m512i w0 = _mm512_loadu_si512(wq), w1 = _mm512_loadu_si512(wq + 64);
       const __m512i w2 = _mm512_loadu_si512(wq + 128), w3 = _mm512_loadu_si512(wq + 192);
@@ -167,15 +217,16 @@ inline void accumulate_i8(const int8_t* xq, const float* dx, const float* xs, co
         dot[i][3] = _mm512_dpbusd_epi32(dot[i][3], w3, a);
       }
     }
-    const float* s = reinterpret_cast<const float*>(wg + kI8Codes);
-    for (int i = 0; i < R; ++i) {
-      const __m512 d = _mm512_set1_ps(dx[i * groups + g]);
-      for (int j = 0; j < 4; ++j) {
-        acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[i][j]), d), _mm512_loadu_ps(s + 16 * j), acc[i][j]);
-        if constexpr (!kOffset) acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(s + 64 + 16 * j), _mm512_set1_ps(xs[i * groups + g]), acc[i][j]);
+    scale(kHalves ? s + 64 : s);
+    if constexpr (!kOffset) {
+      for (int i = 0; i < R; ++i) {
+        const __m512 t = _mm512_set1_ps(xs[i * groups + g]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_fmadd_ps(_mm512_loadu_ps(s + 64 + 16 * j), t, acc[i][j]);
       }
     }
   }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < 4; ++j) out[i][j] = acc[i][j];
 }
 
 // fill_i8 for a format with an int8 path, else null.
