@@ -495,7 +495,8 @@ ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerInde
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate a panel buffer");
   }
 #ifdef REALM_GEMM_I8
-  if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), fills(fmt)->offset, fills(fmt)->halves)) {
+  const Fill* f = fills(fmt);
+  if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), f->offset, f->halves)) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate x's int8 buffer");
   }
 #endif
