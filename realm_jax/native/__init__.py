@@ -317,7 +317,12 @@ def int8_formats(portable: bool = False) -> frozenset[str]:
     """The formats `qgemm`'s int8 product serves in this build: those of integer codes of up to 8 bits with
     one scale and offset per group of 32, or Q6_K's scale per 16 (gemm_i8.h), where the CPU has AVX512_VNNI
     (and the gemm's AVX512_BF16); empty elsewhere."""
-    lib = _load(portable)
+    return _int8_formats(_variant(portable))
+
+
+@functools.cache
+def _int8_formats(variant: str) -> frozenset[str]:  # asked once per weight at load: one query per build
+    lib = _load(variant == "portable")
     return frozenset(f for f, i in FORMAT_IDS.items() if lib.realm_gemm_int8_format(ctypes.c_int64(i)))
 
 

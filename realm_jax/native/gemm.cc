@@ -337,26 +337,34 @@ PanelFill panel_fill(int64_t fmt, bool int8) {
   return f == nullptr ? nullptr : int8 ? f->fill_i8 : f->fill;
 }
 
-#ifdef REALM_GEMM_I8
-// x quantized for the int8 path into buffers of the calling thread (grown when a larger x comes, so that
-// steady-state calls allocate nothing), rows split over the pool. False where they cannot be allocated.
-bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offset, bool halves) {
-  struct Buffer {
-    uint8_t* p = nullptr;
-    int64_t size = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  const int64_t k = 2 * g.kp, codes = (g.m * k + 63) / 64 * 64, factors = (g.m * (k / 32) * 4 + 63) / 64 * 64;
-  if (buf.size < codes + 4 * factors) {  // q, dx, xs, and xc (two a group)
-    std::free(buf.p);
-    buf.p = static_cast<uint8_t*>(std::aligned_alloc(64, codes + 4 * factors));
-    buf.size = buf.p == nullptr ? 0 : codes + 4 * factors;
-    if (buf.p == nullptr) return false;
+// A 64-byte aligned buffer kept (as a thread_local) and grown when a call needs more, so that steady-state
+// calls allocate nothing; null where it cannot be had.
+struct GrowBuffer {
+  uint8_t* p = nullptr;
+  int64_t size = 0;
+  ~GrowBuffer() { std::free(p); }
+  uint8_t* get(int64_t bytes) {
+    if (size < bytes) {
+      std::free(p);
+      const int64_t rounded = (bytes + 63) / 64 * 64;
+      p = static_cast<uint8_t*>(std::aligned_alloc(64, rounded));
+      size = p == nullptr ? 0 : rounded;
+    }
+    return p;
   }
-  int8_t* q = reinterpret_cast<int8_t*>(buf.p);
-  float *dx = reinterpret_cast<float*>(buf.p + codes), *xs = reinterpret_cast<float*>(buf.p + codes + factors);
-  int32_t* xc = reinterpret_cast<int32_t*>(buf.p + codes + 2 * factors);
+};
+
+#ifdef REALM_GEMM_I8
+// x quantized for the int8 path into a buffer of the calling thread (not the panel buffer: the calling thread
+// multiplies panels too), rows split over the pool. False where it cannot be allocated.
+bool quantize_x(ffi::ThreadPool& pool, Gemm& g, const uint16_t* x, int32_t offset, bool halves) {
+  thread_local GrowBuffer buffer;
+  const int64_t k = 2 * g.kp, codes = (g.m * k + 63) / 64 * 64, factors = (g.m * (k / 32) * 4 + 63) / 64 * 64;
+  uint8_t* buf = buffer.get(codes + 4 * factors);  // q, dx, xs, and xc (two a group)
+  if (buf == nullptr) return false;
+  int8_t* q = reinterpret_cast<int8_t*>(buf);
+  float *dx = reinterpret_cast<float*>(buf + codes), *xs = reinterpret_cast<float*>(buf + codes + factors);
+  int32_t* xc = reinterpret_cast<int32_t*>(buf + codes + 2 * factors);
   constexpr int64_t kRowsPerChunk = 16;
   const int64_t m = g.m;
   realm::parallel_chunks(pool, (m + kRowsPerChunk - 1) / kRowsPerChunk, [=](int64_t c) {
@@ -386,18 +394,8 @@ struct Source {
 // grown when a larger K comes, so that no call allocates: 2 x 256 KB at K = 2048, in L2 while a block of
 // x's rows streams past it.
 uint32_t* thread_buffer(int64_t pairs) {
-  struct Buffer {
-    uint32_t* p = nullptr;
-    int64_t size = 0;
-    ~Buffer() { std::free(p); }
-  };
-  thread_local Buffer buf;
-  if (buf.size < pairs) {
-    std::free(buf.p);
-    buf.p = static_cast<uint32_t*>(std::aligned_alloc(64, ((pairs * 4 + 63) / 64) * 64));
-    buf.size = buf.p == nullptr ? 0 : pairs;
-  }
-  return buf.p;
+  thread_local GrowBuffer buffer;
+  return reinterpret_cast<uint32_t*>(buffer.get(4 * pairs));
 }
 
 // Splits the product over XLA's pool (threads) and runs it: each chunk is one output panel (with an
@@ -475,6 +473,18 @@ ffi::Error Run(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& lay
   return ffi::Error::Success();
 }
 
+// W's planes (format fmt; layer `layer` of a stack) into src, whose fill is set, and this thread's panel
+// buffer checked; an error names `what`.
+ffi::Error bind_source(const char* what, int64_t fmt, ffi::RemainingArgs& planes, LayerIndex& layer, const Gemm& g,
+                       Source& src) {
+  const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
+  if (bad != nullptr) return ffi::Error::InvalidArgument(std::string(what) + ": " + bad);
+  if (thread_buffer(2 * g.kp * kPanel) == nullptr) {  // two bf16 or int8 panels (gate, up), or one f32 panel
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string(what) + ": cannot allocate a panel buffer");
+  }
+  return ffi::Error::Success();
+}
+
 // W [N, K] as its quantized planes (each [N, ...], or [L, N, ...] of which `layer` is read), format fmt.
 ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerIndex& layer, ffi::RemainingArgs& planes,
                      void* y, int64_t y_rows, int64_t y_cols, int64_t act, int64_t fmt, bool int8) {
@@ -487,13 +497,9 @@ ffi::Error RunPlanes(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& x, LayerInde
     return ffi::Error::InvalidArgument(panel_fill(fmt, false) == nullptr ? "realm_gemm_q: unknown format id"
                                                                       : "realm_gemm_q: no int8 path for this format here");
   }
-  const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
-  if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_gemm_q: ") + bad);
+  if (ffi::Error e = bind_source("realm_gemm_q", fmt, planes, layer, g, src); e.failure()) return e;
   g.y = y;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
-  if (thread_buffer(2 * g.kp * kPanel) == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q: cannot allocate a panel buffer");
-  }
 #ifdef REALM_GEMM_I8
   const Fill* f = fills(fmt);
   if (int8 && !quantize_x(pool, g, static_cast<const uint16_t*>(x.untyped_data()), f->offset, f->halves)) {
@@ -523,12 +529,8 @@ ffi::Error GemmQF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex la
   const Fill* f = fills(fmt);
   if (f == nullptr) return ffi::Error::InvalidArgument("realm_gemm_q_f32: unknown format id");
   src.fill = f->fill_f32;
-  const char* bad = bind_planes(fmt, planes, g.n, src.k, static_cast<int64_t>(*layer.typed_data()), src.planes);
-  if (bad != nullptr) return ffi::Error::InvalidArgument(std::string("realm_gemm_q_f32: ") + bad);
+  if (ffi::Error e = bind_source("realm_gemm_q_f32", fmt, planes, layer, g, src); e.failure()) return e;
   if (g.m == 0 || g.n == 0) return ffi::Error::Success();
-  if (thread_buffer(2 * g.kp * kPanel) == nullptr) {  // an f32 panel: K x 64 floats
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "realm_gemm_q_f32: cannot allocate a panel buffer");
-  }
   launch(pool, g, src);
   return ffi::Error::Success();
 }
