@@ -13,7 +13,7 @@ import pytest
 import realm_jax
 from realm_jax import linear, native
 from realm_jax.errors import ArgumentError
-from realm_jax.linear.native import NativeWeight
+from realm_jax.linear.native import NativeWeight, decode_weight_dtype
 from realm_jax.precision import Policy
 from realm_jax.quant import dequantize, to_dense
 from helpers import assert_matmul_close, random_qtensor
@@ -52,15 +52,32 @@ def test_prefill_layout_follows_the_policy(params, layout, rng):
     assert "realm_qmatmul" in jax.jit(linear.matmul).lower(x[:MAX], w).as_text()
 
 
-def test_batch_size_does_not_change_the_math(rng):
-    """A NativeWeight whose dtype is its dense copy's: few rows (the kernel, rounding each weight to bf16)
-    and many rows (XLA's dot on the bf16 copy) multiply the same values."""
-    qt = random_qtensor("Q4_K", 37, 512, rng)
+@pytest.mark.parametrize("fmt", ["Q8_0", "IQ4_XS"])
+def test_batch_size_does_not_change_the_math(fmt, rng):
+    """A NativeWeight whose dtype is its dense copy's, in a format that decode rounds: few rows (the kernel,
+    rounding each weight to bf16) and many rows (XLA's dot on the bf16 copy) multiply the same values."""
+    assert fmt not in native.EXACT_BF16_FORMATS
+    qt = random_qtensor(fmt, 37, 512, rng)
     w = NativeWeight(qt, to_dense(qt, jnp.bfloat16), dtype="bfloat16")
     x = jnp.asarray(rng.standard_normal((1, 512)), jnp.float32)
     f = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
     few, many = f(x, w), f(jnp.tile(x, (MAX + 1, 1)), w)[:1]
     assert_matmul_close(few, x, dequantize(qt), compute_dtype=F32, out_dtype=F32, reference=many)
+
+
+@pytest.mark.parametrize("fmt", sorted(native.EXACT_BF16_FORMATS))
+def test_bf16_decode_of_small_codes_is_exact(fmt, rng):
+    """Under the bf16 policy the formats of small codes decode with their exact weights against the bf16 x
+    (`decode_weight_dtype`): the f32 product of the dequantized weights within f32's tolerance, where many
+    rows (XLA's dot on the bf16 copy) are within bf16's of it."""
+    qt = random_qtensor(fmt, 37, 512, rng)
+    w = NativeWeight(qt, to_dense(qt, jnp.bfloat16), dtype="bfloat16")
+    assert decode_weight_dtype(w) == "float32" and decode_weight_dtype(NativeWeight(qt, dtype="float32")) == "float32"
+    x = jnp.asarray(rng.standard_normal((3, 512)), jnp.bfloat16)
+    f = jax.jit(lambda x, w: linear.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    assert_matmul_close(f(x, w), x, dequantize(qt), compute_dtype=F32, out_dtype=F32)
+    many = f(jnp.tile(x, (MAX, 1)), w)[:3]
+    assert_matmul_close(many, x, dequantize(qt), compute_dtype=jnp.bfloat16, out_dtype=F32)
 
 
 @needs_gemm

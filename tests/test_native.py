@@ -281,6 +281,38 @@ def test_bf16_weights_against_bf16_x(fmt, k, m, rng):
         assert not np.any(np.isfinite(y[:, 5])) and np.all(np.isfinite(np.delete(y, 5, axis=1)))
 
 
+# The exact codes against bf16 x (qmatmul.cc's dot_codes, where the CPU has AVX512_BF16; the f32 loop
+# elsewhere): block counts odd and past 16, super-blocks of 256, 1 to 9 rows.
+CODES_CASES = [("Q4_0", 32 * 17, 1), ("Q4_1", 32 * 33, 9), ("Q5_0", 32 * 3, 8), ("Q5_1", 32 * 19, 2),
+               ("Q4_K", 256 * 3, 1), ("Q5_K", 512, 5), ("Q6_K", 768, 3)]
+
+
+@pytest.mark.parametrize("fmt,k,m", CODES_CASES, ids=lambda v: str(v))
+def test_exact_weights_against_bf16_x(fmt, k, m, rng):
+    """weight_dtype float32 with a bf16 compute dtype for the formats of small codes: the product of the exact
+    weights within f32 accumulation's tolerance, a row's result the same alone as among the others, an Inf
+    scale giving non-finite rows; x with an Inf, a NaN or a value past 2^64 gives the f32 loop's result."""
+    assert {f for f, _, _ in CODES_CASES} == native.EXACT_BF16_FORMATS
+    w = random_qtensor(fmt, N, k, rng)
+    x = np.asarray(jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16).astype(jnp.float32))
+    f = jax.jit(lambda x, w: native.matmul(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32))
+    f32 = jax.jit(lambda x, w: native.matmul(x, w, out_dtype=jnp.float32))
+    y = np.asarray(f(x, w), np.float64)
+    wd = np.asarray(dequantize(w).astype(jnp.float32), np.float64)
+    tol = matmul_tolerance(jnp.float32, k, rms(x), rms(wd))
+    assert float(np.max(np.abs(y - x.astype(np.float64) @ wd.T))) <= tol
+    for i in range(m):
+        np.testing.assert_array_equal(np.asarray(f(x[i : i + 1], w), np.float64), y[i : i + 1])
+    bad = {name: np.asarray(p).copy() for name, p in w.planes.items()}
+    bad["d"][5] = np.inf
+    y = np.asarray(f(x, type(w)(fmt, w.shape, {n: jnp.asarray(p) for n, p in bad.items()})))
+    assert not np.any(np.isfinite(y[:, 5])) and np.all(np.isfinite(np.delete(y, 5, axis=1)))
+    for special in (np.inf, np.nan, 2.0**70):
+        xs = x.copy()
+        xs[0, 3] = special
+        np.testing.assert_array_equal(np.asarray(f(xs, w)), np.asarray(f32(xs, w)))
+
+
 @pytest.mark.skipif(not {"avx2", "fma", "f16c", "bmi2"} <= native.cpu_flags(), reason="this CPU has no AVX2")
 def test_forced_variants_run(tmp_path):
     """REALM_JAX_NATIVE_VARIANT=avx2 (or portable) makes every native kernel the model runs come from that

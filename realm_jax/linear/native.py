@@ -44,11 +44,13 @@ class NativeWeight(Prepared):
         projection: a prefill needs only the last position's logits), or where `packed` is dense already.
       layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
         then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
-      dtype: the dtype (static, a name) the kernel rounds each dequantized weight to: "bfloat16" where
-        `load`'s policy holds params and computes in bf16 on a CPU with AVX512_BF16 (the weights a bf16 copy
-        holds, multiplied with vdpbf16ps: 32 products an instruction), else "float32" (exact: rounding to
-        16 bits in the f32 loop costs 1.4-2x its time); `qmatmul(impl="native")` on a QTensor uses its
-        compute dtype, as the XLA path dequantizes to it.
+      dtype: (static, a name) "bfloat16" where `load`'s policy holds params and computes in bf16 on a CPU
+        with AVX512_BF16, else "float32". Decode rounds each dequantized weight to it (bf16: the weights a
+        bf16 copy holds, multiplied with vdpbf16ps, 32 products an instruction; f32: exact, as rounding to
+        16 bits in the f32 loop costs 1.4-2x its time), except that the `EXACT_BF16_FORMATS` of
+        `realm_jax.native` multiply their exact weights by the bf16 x, which is faster still
+        (`decode_weight_dtype`). `qmatmul(impl="native")` on a QTensor uses its compute dtype, as the XLA
+        path dequantizes to it.
       gemm: (static) more than MAX_ROWS rows of the weight's compute dtype run the native gemm on
         `packed`: with dtype bfloat16 `realm_jax.native.qgemm` (the weight rounded to bf16 panel by panel,
         as a bf16 copy holds it), with float32 `realm_jax.native.qgemm_f32` (the weight exact, f32 sums).
@@ -78,6 +80,15 @@ class NativeWeight(Prepared):
                 f"gemm={self.gemm}{stacked})")
 
 
+def decode_weight_dtype(w: NativeWeight) -> str:
+    """The weight_dtype of `realm_jax.native.matmul` for w's decode: w.dtype, but exact weights ("float32")
+    for the formats whose codes vdpbf16ps multiplies as they are (`EXACT_BF16_FORMATS`) where w.dtype is
+    bf16: faster than rounding each weight, and closer to the f32 product."""
+    if w.dtype == "bfloat16" and w.fmt in kernels.EXACT_BF16_FORMATS:
+        return "float32"
+    return w.dtype
+
+
 def _gemm_rows(w: NativeWeight, compute_dtype, m: int) -> bool:
     """Whether m rows go to the native gemm: a weight prepared for it, the compute dtype it was prepared for
     (bf16: `qgemm`, f32: `qgemm_f32`) and more rows than the decode kernel takes."""
@@ -99,7 +110,8 @@ class Native(Backend):
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> NativeWeight:
         # Under a bf16 policy on a CPU with AVX512_BF16, decode rounds each dequantized weight to bf16 as
         # the params dtype says (and as prefill's gemm does): vdpbf16ps then takes 32 products an
-        # instruction, where an f32 FMA takes 16. Elsewhere decode multiplies the weights exactly as stored
+        # instruction, where an f32 FMA takes 16; the formats of small codes multiply them exact, faster
+        # still (`decode_weight_dtype`). Elsewhere decode multiplies the weights exactly as stored
         # (rounding them in the f32 loop costs 1.4-2x its time) and prefill's gemm or the dense copy for
         # XLA's dot rounds them to the params dtype.
         # Prefill (many rows) runs the native gemm on the planes under a bf16 policy where the CPU has
@@ -134,8 +146,8 @@ class Native(Backend):
             big = w.dense if w.dense is not None else w.packed if dense_stored else None
             if big is not None:
                 return xla_matmul(x, big, compute_dtype, out_dtype)
-        return kernels.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype, weight_dtype=w.dtype,
-                              layer=w.layer)
+        return kernels.matmul(x, w.packed, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                              weight_dtype=decode_weight_dtype(w), layer=w.layer)
 
     def glu(self, x, w: NativeWeight, activation: str, *, compute_dtype) -> jax.Array:
         # The gemm applies the activation in its epilogue and hands back bf16: the down projection's input

@@ -9,7 +9,9 @@
 // and splits W's rows over XLA's intra-op thread pool. x arrives in f32, already rounded to the compute
 // dtype by the caller. Where that dtype is 16-bit, Q2_K and Q3_K take an integer path on x quantized to
 // int16 (kquants_low.h says why and how close). Where the weights are rounded to bf16 (the bf16 policy's
-// params) and x holds bf16 values, every format takes vdpbf16ps (dot_bf16) on a CPU with AVX512_BF16.
+// params) and x holds bf16 values, every format takes vdpbf16ps (dot_bf16) on a CPU with AVX512_BF16; where
+// the weights are exact and x holds bf16 values, the formats of small unsigned codes multiply the codes
+// themselves with vdpbf16ps and scale each group's sum (dot_codes: the bf16 policy's decode of them).
 //
 // Built at first use by realm_jax/native/__init__.py (-O3 -march=native) and registered as the XLA FFI
 // target "realm_qmatmul" on CPU. With AVX-512 (F, BW) the vector path runs; otherwise a portable scalar
@@ -85,6 +87,8 @@ struct Problem {
 #ifdef REALM_AVX512
   const XInt16* xi = nullptr;  // x as int16 codes, for the formats with an integer path (kquants_low.h)
   const uint16_t* xb = nullptr;  // x as bf16 where every element is one, for weights rounded to bf16
+  const float* xs16 = nullptr;  // and for dot_codes: x's sums per 16 and per 32 elements
+  const float* xs32 = nullptr;
 #endif
 };
 
@@ -178,6 +182,176 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
   for (int i = 0; i < MB; ++i) p.y[(m0 + i) * p.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i]));
 }
 
+// Exact weights against an x of bf16 values (the bf16 policy's decode of the formats of small unsigned codes:
+// w = s * q + o per group of 32, Q6_K's s per 16). A code q of b bits becomes the bf16 value
+// c = 1 + q / 2^b (q shifted into the top of bf16's 7 mantissa bits, ORed into 1.0's bits: exact), vdpbf16ps
+// sums c * x exactly per product, and each group's sum is scaled once:
+//   sum w x = (2^b s) * sum c x + (o - 2^b s) * sum x,
+// the second term for 16 groups (Q4_K, Q5_K: 8) an instruction from x's group sums (xs32, Q6_K's xs16), made
+// once per call. Against rounding each dequantized weight to bf16 (dot_bf16) that is 2-3x fewer instructions
+// per group at one row (no conversions to f32 and back, no per-weight FMA) and about as many at eight, and
+// the weights are exact: the f32 path's sums but for their order and the f32 rounding of terms c * x of up
+// to twice |x| (c in [1, 2): the offset's cancellation costs ~2 bits of f32's 24). x of Inf, NaN or beyond
+// 2^64 takes the f32 path.
+template <Fmt F>
+constexpr bool kCodes = F == kQ4_0 || F == kQ4_1 || F == kQ5_0 || F == kQ5_1 || F == kQ4_K || F == kQ5_K ||
+                        F == kQ6_K;
+
+// Bits of a code, and the shift that puts a code's bit 0 at the top of the mantissa's 7 - bits ... 6.
+template <Fmt F>
+constexpr int kCodeBits = F == kQ6_K ? 6 : (F == kQ5_0 || F == kQ5_1 || F == kQ5_K) ? 5 : 4;
+template <Fmt F>
+constexpr int kCodeShift = 7 - kCodeBits<F>;
+
+inline __m512i e16(int v) { return _mm512_set1_epi16(static_cast<short>(v)); }
+// (v & mask) | 1.0's bf16 bits, in one instruction.
+inline __m512i bf16_code(__m512i v, int mask) { return _mm512_ternarylogic_epi32(v, e16(mask), e16(0x3f80), 0xea); }
+// 32 bytes as 16-bit lanes.
+inline __m512i bytes32(const uint8_t* p) {
+  return _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// v shifted left by s (right by -s), 16-bit lanes.
+template <int S>
+inline __m512i shift16(__m512i v) {
+  if constexpr (S >= 0) return _mm512_slli_epi16(v, S);
+  else return _mm512_srli_epi16(v, -S);
+}
+
+// One group's codes c (as bf16) against MB rows of x at xg, scaled by s (per lane: vdpbf16ps's lane i sums
+// elements 2i and 2i + 1) into acc.
+template <int MB>
+__attribute__((always_inline)) inline void scaled_dot(__m512* acc, __m512i c, __m512 s, const uint16_t* xg, int64_t k) {
+  for (int i = 0; i < MB; ++i) {
+    const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xg + i * k));
+    acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), reinterpret_cast<__m512bh>(c), xv), s, acc[i]);
+  }
+}
+
+// Block b of a legacy format (32 elements: byte i of qs holds element i low, i + 16 high) as bf16 codes.
+template <Fmt F>
+inline __m512i legacy_codes(const Row& r, int64_t b) {
+  constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
+  constexpr int sh = kCodeShift<F>;
+  const uint8_t* qs = r.p[(has_m ? 2 : 1) + (five ? 1 : 0)] + 16 * b;
+  const __m512i v = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))));
+  // elements 0..15: the low nibbles, shifted up by sh; 16..31: the high ones, down by 4 - sh
+  __m512i c = bf16_code(_mm512_mask_srli_epi16(_mm512_slli_epi16(v, sh), 0xffff0000u, v, 4 - sh), 0xf << sh);
+  if constexpr (five) {  // bit i of qh: element i's bit 4
+    const __mmask32 high = u32(r.p[has_m ? 2 : 1] + 4 * b);
+    c = _mm512_mask_add_epi16(c, high, c, e16(16 << sh));
+  }
+  return c;
+}
+
+// Q6_K group 4h + Q of a super-block: its ql bytes (low nibble for Q < 2, high for Q >= 2) and its half's qh
+// bytes (bits 2Q, 2Q + 1) as bf16 codes.
+template <int Q>
+inline __m512i q6_codes(__m512i ql, __m512i qh) {
+  constexpr int sh = kCodeShift<kQ6_K>;
+  const __m512i top = bf16_code(shift16<4 + sh - 2 * Q>(qh), 0x30 << sh);
+  return _mm512_ternarylogic_epi32(shift16<Q < 2 ? sh : sh - 4>(ql), e16(0xf << sh), top, 0xea);
+}
+
+template <Fmt F, int MB>
+__attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row& r, int64_t m0, int64_t n) {
+  static_assert(kCodes<F>);
+  __m512 acc0[MB], acc1[MB], off[MB];  // off: the offset terms
+  for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = off[i] = _mm512_setzero_ps();
+  static const Layout* const layout = layout_of(F);
+  const uint16_t* xb = p.xb + m0 * p.k;
+  const int64_t g32 = p.k / 32;
+  const float* xs32 = p.xs32 + m0 * g32;
+  const __m512 fac = set1(static_cast<float>(1 << kCodeBits<F>));
+  constexpr int sh = kCodeShift<F>;
+  if constexpr (kPrepare16<F>) {
+    for (int64_t b0 = 0; b0 < g32; b0 += 16) {
+      const int64_t nb = std::min<int64_t>(16, g32 - b0);
+      __m512 sv, ov;
+      prepare16<F>(r, b0, nb, sv, ov);
+      sv = _mm512_mul_ps(sv, fac);  // exact: a power of two
+      const __m512 ob = _mm512_sub_ps(ov, sv);  // zero past nb
+      const __mmask16 lanes = static_cast<__mmask16>((1u << nb) - 1);
+      for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_maskz_loadu_ps(lanes, xs32 + i * g32 + b0), off[i]);
+      auto block = [&](int64_t e, __m512* acc) {
+        const __m512 s = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(e)), sv);
+        scaled_dot<MB>(acc, legacy_codes<F>(r, b0 + e), s, xb + 32 * (b0 + e), p.k);
+      };
+      int64_t e = 0;
+      for (; e + 1 < nb; e += 2) {
+        prefetch_ahead(r, layout, b0 + e, 1024);
+        block(e, acc0);
+        block(e + 1, acc1);
+      }
+      if (e < nb) block(e, acc0);
+    }
+  } else {
+    alignas(64) float s[16], o[16];
+    for (int64_t b = 0; b < g32 / 8; ++b) {
+      prefetch_ahead(r, layout, b, 1024);
+      prepare<F>(r, b, s, o);
+      const uint16_t* xg = xb + 256 * b;
+      if constexpr (F == kQ4_K || F == kQ5_K) {
+        const __m512 s8 = _mm512_mul_ps(_mm512_zextps256_ps512(_mm256_load_ps(s)), fac);
+        const __m512 ob = _mm512_sub_ps(_mm512_zextps256_ps512(_mm256_load_ps(o)), s8);
+        for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_maskz_loadu_ps(0xff, xs32 + i * g32 + 8 * b), off[i]);
+        _mm512_store_ps(s, s8);
+        const uint8_t* qs = r.p[F == kQ5_K ? 5 : 4] + 128 * b;
+        __m256i qh{};
+        if constexpr (F == kQ5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p[4] + 32 * b));
+        for (int t = 0; t < 4; ++t) {  // groups 2t (low nibbles) and 2t + 1 (high) share 32 bytes
+          const __m512i v = bytes32(qs + 32 * t);
+          __m512i c0 = bf16_code(shift16<sh>(v), 0xf << sh), c1 = bf16_code(shift16<sh - 4>(v), 0xf << sh);
+          if constexpr (F == kQ5_K) {  // bit j of qh byte i: element i of group j's bit 4
+            const __m512i bit4 = e16(16 << sh);
+            c0 = _mm512_mask_add_epi16(c0, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(1 << (2 * t)))), c0, bit4);
+            c1 = _mm512_mask_add_epi16(c1, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(static_cast<char>(2 << (2 * t)))), c1, bit4);
+          }
+          scaled_dot<MB>(acc0, c0, set1(s[2 * t]), xg + 64 * t, p.k);
+          scaled_dot<MB>(acc1, c1, set1(s[2 * t + 1]), xg + 64 * t + 32, p.k);
+        }
+      } else {  // Q6_K: s, o per 16 elements; group j = 4h + q: ql half h, nibble q / 2; qh bits 2q, 2q + 1
+        const __m512 sv = _mm512_mul_ps(_mm512_load_ps(s), fac);
+        const __m512 ob = _mm512_sub_ps(_mm512_load_ps(o), sv);
+        const float* xs16 = p.xs16 + m0 * 2 * g32;
+        for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_loadu_ps(xs16 + i * 2 * g32 + 16 * b), off[i]);
+        // lanes 0..7 of a group's sums hold its elements 0..15 (scale `half`), lanes 8..15 the rest (half + 1)
+        const __m512i halves = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
+        auto group = [&](int h, int q, __m512i c, __m512* acc) {
+          const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(8 * h + 2 * q)), sv);
+          scaled_dot<MB>(acc, c, sc, xg + 128 * h + 32 * q, p.k);
+        };
+        for (int h = 0; h < 2; ++h) {
+          const __m512i qh = bytes32(r.p[1] + 64 * b + 32 * h);
+          const __m512i lo = bytes32(r.p[0] + 128 * b + 64 * h), hi = bytes32(r.p[0] + 128 * b + 64 * h + 32);
+          group(h, 0, q6_codes<0>(lo, qh), acc0);
+          group(h, 1, q6_codes<1>(hi, qh), acc1);
+          group(h, 2, q6_codes<2>(lo, qh), acc0);
+          group(h, 3, q6_codes<3>(hi, qh), acc1);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    p.y[(m0 + i) * p.n + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i])) + _mm512_reduce_add_ps(off[i]);
+  }
+}
+
+// x's sums per 16 elements (xs16) and per 32 (xs32), for dot_codes' offset terms; false where x holds an Inf,
+// a NaN or a value beyond 2^64 (whose (128 + q) * x could overflow f32 where the exact product does not).
+inline bool x_group_sums(const float* x, int64_t count, std::vector<float>& xs16, std::vector<float>& xs32) {
+  xs16.resize(count / 16);
+  xs32.resize(count / 32);
+  __mmask16 wild = 0;
+  const __m512 limit = set1(18446744073709551616.0f);  // 2^64
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    wild |= _mm512_cmp_ps_mask(_mm512_abs_ps(v), limit, _CMP_NLT_UQ);  // |v| >= 2^64, or NaN
+    xs16[i / 16] = _mm512_reduce_add_ps(v);
+  }
+  for (int64_t g = 0; g < count / 32; ++g) xs32[g] = xs16[2 * g] + xs16[2 * g + 1];
+  return wild == 0;
+}
+
 // x as bf16 into out, where every element is a bf16 value (x of a bf16 compute dtype): false otherwise.
 // count is a multiple of 16 (K of a multiple of 32, bind_planes checks).
 inline bool x_as_bf16(const float* x, int64_t count, std::vector<uint16_t>& out) {
@@ -209,6 +383,11 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     if constexpr (R == kToBF16) {
       if (p.xb != nullptr) {
         dot_bf16<F, MB>(p, r, m0, n);
+        continue;
+      }
+    } else if constexpr (R == kNone && kCodes<F>) {
+      if (p.xb != nullptr) {
+        dot_codes<F, MB>(p, r, m0, n);
         continue;
       }
     }
@@ -296,14 +475,24 @@ void run(const Problem& p, int64_t n0, int64_t n1) {
 
 using Runner = void (*)(const Problem&, int64_t, int64_t);
 
+template <Fmt F>
+constexpr bool codes_path() {
+#if defined(REALM_AVX512) && defined(__AVX512BF16__)
+  return kCodes<F>;
+#else
+  return false;
+#endif
+}
+
 struct Spec {
   const Layout* layout;
   Runner runner;
   bool x_int16;  // has the integer path for x of a 16-bit dtype
+  bool codes;    // has dot_codes (exact weights against bf16 x)
 };
 
 const Spec* spec_of(int64_t fmt) {
-#define REALM_SPEC(f, ...) {layout_of(f), run<f>, HasXInt16<Dequant<f>>::value},
+#define REALM_SPEC(f, ...) {layout_of(f), run<f>, HasXInt16<Dequant<f>>::value, codes_path<f>()},
   static const Spec kSpecs[] = {REALM_FORMATS(REALM_SPEC)};
 #undef REALM_SPEC
   for (const Spec& s : kSpecs)
@@ -344,7 +533,14 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
 #endif
 #if defined(REALM_AVX512) && defined(__AVX512BF16__)
   thread_local std::vector<uint16_t> xb;
+  thread_local std::vector<float> xs16, xs32;
   if (x16 != 0 && round == kToBF16 && x_as_bf16(p.x, p.m * p.k, xb)) p.xb = xb.data();
+  if (x16 != 0 && round == kNone && spec->codes && x_as_bf16(p.x, p.m * p.k, xb) &&
+      x_group_sums(p.x, p.m * p.k, xs16, xs32)) {
+    p.xb = xb.data();
+    p.xs16 = xs16.data();
+    p.xs32 = xs32.data();
+  }
 #endif
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // About 8 chunks of W's rows per thread for balance, at least 16 rows each.
