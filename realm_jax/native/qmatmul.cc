@@ -227,7 +227,25 @@ __attribute__((always_inline)) inline void scaled_dot(__m512* acc, __m512i c, __
   }
 }
 
-// Block b of a legacy format (32 elements: byte i of qs holds element i low, i + 16 high) as bf16 codes.
+// Blocks b and b + 1 of a legacy format (32 elements each: byte i of qs holds element i low, i + 16 high) as
+// bf16 codes, from one 32-byte load: lo holds elements 0..15 of block b, then of block b + 1; hi elements
+// 16..31 of each. x is permuted to match once per call (pair_blocks), so no shuffle is needed here.
+template <Fmt F>
+inline void legacy_codes2(const Row& r, int64_t b, __m512i& lo, __m512i& hi) {
+  constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
+  constexpr int sh = kCodeShift<F>;
+  const __m512i v = bytes32(r.p[(has_m ? 2 : 1) + (five ? 1 : 0)] + 16 * b);
+  lo = bf16_code(_mm512_slli_epi16(v, sh), 0xf << sh);
+  hi = bf16_code(_mm512_srli_epi16(v, 4 - sh), 0xf << sh);
+  if constexpr (five) {  // bit i of a block's qh: its element i's bit 4
+    const uint8_t* qh = r.p[has_m ? 2 : 1] + 4 * b;
+    const uint32_t h0 = u32(qh), h1 = u32(qh + 4);
+    lo = _mm512_mask_add_epi16(lo, (h0 & 0xffffu) | (h1 << 16), lo, e16(16 << sh));
+    hi = _mm512_mask_add_epi16(hi, (h0 >> 16) | (h1 & 0xffff0000u), hi, e16(16 << sh));
+  }
+}
+
+// Block b alone (the last of an odd count; x in its own order).
 template <Fmt F>
 inline __m512i legacy_codes(const Row& r, int64_t b) {
   constexpr bool has_m = F == kQ4_1 || F == kQ5_1, five = F == kQ5_0 || F == kQ5_1;
@@ -236,11 +254,22 @@ inline __m512i legacy_codes(const Row& r, int64_t b) {
   const __m512i v = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs))));
   // elements 0..15: the low nibbles, shifted up by sh; 16..31: the high ones, down by 4 - sh
   __m512i c = bf16_code(_mm512_mask_srli_epi16(_mm512_slli_epi16(v, sh), 0xffff0000u, v, 4 - sh), 0xf << sh);
-  if constexpr (five) {  // bit i of qh: element i's bit 4
-    const __mmask32 high = u32(r.p[has_m ? 2 : 1] + 4 * b);
-    c = _mm512_mask_add_epi16(c, high, c, e16(16 << sh));
-  }
+  if constexpr (five) c = _mm512_mask_add_epi16(c, u32(r.p[has_m ? 2 : 1] + 4 * b), c, e16(16 << sh));
   return c;
+}
+
+// x (rows of k bf16 values) in the order legacy_codes2 reads: in each pair of blocks of 32 (64 values), values
+// 16..31 and 32..47 swap places; an odd count's last block keeps its order.
+inline void pair_blocks(uint16_t* x, int64_t m, int64_t k) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t t = 0; t + 64 <= k; t += 64) {
+      uint16_t* q = x + i * k + t;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 16));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 16), b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + 32), a);
+    }
+  }
 }
 
 // Q6_K group 4h + Q of a super-block: its ql bytes (low nibble for Q < 2, high for Q >= 2) and its half's qh
@@ -263,6 +292,8 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
   const float* xs32 = p.xs32 + m0 * g32;
   const __m512 fac = set1(static_cast<float>(1 << kCodeBits<F>));
   constexpr int sh = kCodeShift<F>;
+  // 0 in lanes 0..7, 1 in 8..15: a pair of factors for the two halves of a dot's sums
+  const __m512i halves = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
   if constexpr (kPrepare16<F>) {
     for (int64_t b0 = 0; b0 < g32; b0 += 16) {
       const int64_t nb = std::min<int64_t>(16, g32 - b0);
@@ -272,17 +303,19 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
       const __m512 ob = _mm512_sub_ps(ov, sv);  // zero past nb
       const __mmask16 lanes = static_cast<__mmask16>((1u << nb) - 1);
       for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_maskz_loadu_ps(lanes, xs32 + i * g32 + b0), off[i]);
-      auto block = [&](int64_t e, __m512* acc) {
-        const __m512 s = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(e)), sv);
-        scaled_dot<MB>(acc, legacy_codes<F>(r, b0 + e), s, xb + 32 * (b0 + e), p.k);
-      };
       int64_t e = 0;
-      for (; e + 1 < nb; e += 2) {
+      for (; e + 1 < nb; e += 2) {  // blocks b0 + e, b0 + e + 1: lanes 0..7 of the sums block e's, 8..15 the next's
         prefetch_ahead(r, layout, b0 + e, 1024);
-        block(e, acc0);
-        block(e + 1, acc1);
+        __m512i lo, hi;
+        legacy_codes2<F>(r, b0 + e, lo, hi);
+        const __m512 s2 = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(e))), sv);
+        scaled_dot<MB>(acc0, lo, s2, xb + 32 * (b0 + e), p.k);
+        scaled_dot<MB>(acc1, hi, s2, xb + 32 * (b0 + e) + 32, p.k);
       }
-      if (e < nb) block(e, acc0);
+      if (e < nb) {
+        const __m512 s1 = _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int>(e)), sv);
+        scaled_dot<MB>(acc0, legacy_codes<F>(r, b0 + e), s1, xb + 32 * (b0 + e), p.k);
+      }
     }
   } else {
     alignas(64) float s[16], o[16];
@@ -315,7 +348,6 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
         const float* xs16 = p.xs16 + m0 * 2 * g32;
         for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_loadu_ps(xs16 + i * 2 * g32 + 16 * b), off[i]);
         // lanes 0..7 of a group's sums hold its elements 0..15 (scale `half`), lanes 8..15 the rest (half + 1)
-        const __m512i halves = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 3);
         auto group = [&](int h, int q, __m512i c, __m512* acc) {
           const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(8 * h + 2 * q)), sv);
           scaled_dot<MB>(acc, c, sc, xg + 128 * h + 32 * q, p.k);
@@ -537,6 +569,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
   if (x16 != 0 && round == kToBF16 && x_as_bf16(p.x, p.m * p.k, xb)) p.xb = xb.data();
   if (x16 != 0 && round == kNone && spec->codes && x_as_bf16(p.x, p.m * p.k, xb) &&
       x_group_sums(p.x, p.m * p.k, xs16, xs32)) {
+    if (spec->layout->block == 32) pair_blocks(xb.data(), p.m, p.k);  // the legacy formats' order
     p.xb = xb.data();
     p.xs16 = xs16.data();
     p.xs32 = xs32.data();
