@@ -10,6 +10,8 @@ machine's speed hits them alike).
     python benchmarks/native_formats.py                                  # Q4_K, Q2_K, IQ4_XS, ... at M=1
     python benchmarks/native_formats.py --formats Q4_K,Q2_K --m 1,8 --json out.json
     python benchmarks/native_formats.py --formats Q4_K,Q2_K,Q3_K --shapes 1024x4096 --resident   # compute only
+    python benchmarks/native_formats.py --formats Q4_1,Q5_0 --weight-dtypes bfloat16,float32 --m 1,8
+        # the bf16 policy's two decode paths: weights rounded to bf16, or exact codes (dot_codes)
 """
 
 from __future__ import annotations
@@ -65,40 +67,50 @@ def main() -> int:
     ap.add_argument("--resident", action="store_true",
                     help="one copy of each weight: at shapes that fit the caches (1024x4096) the kernel's compute is "
                          "timed, not memory, which other jobs' load disturbs much less")
+    ap.add_argument("--weight-dtypes", default="float32",
+                    help="native.matmul's weight_dtype, comma-separated: each format runs under each, interleaved, "
+                         "and is reported against the first")
     ap.add_argument("--json", type=pathlib.Path)
     args = ap.parse_args()
     if not native.available():
         raise SystemExit(f"the native kernels are not available: {native.reason()}")
     fmts, ms = args.formats.split(","), [int(m) for m in args.m.split(",")]
-    mm = jax.jit(functools.partial(native.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16))
+    wds = args.weight_dtypes.split(",")
+    mms = {wd: jax.jit(functools.partial(native.matmul, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16,
+                                         weight_dtype=wd)) for wd in wds}
+    runs = [(fmt, wd) for fmt in fmts for wd in wds]
     rows = []
     for n, k in (tuple(int(d) for d in shape.split("x")) for shape in args.shapes.split(",")):
         ws = {fmt: weights(fmt, n, k, seed=0, resident=args.resident) for fmt in fmts}
         for m in ms:
             x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
-            for fmt in fmts:
-                jax.block_until_ready(mm(x, ws[fmt][0]))
-            samples = {fmt: [] for fmt in fmts}
+            for fmt, wd in runs:
+                jax.block_until_ready(mms[wd](x, ws[fmt][0]))
+            samples = {run: [] for run in runs}
             for _ in range(args.rounds):
-                for fmt in fmts:
+                for fmt, wd in runs:
                     start = time.perf_counter()
-                    jax.block_until_ready([mm(x, ws[fmt][i % len(ws[fmt])]) for i in range(args.reps)])
-                    samples[fmt].append((time.perf_counter() - start) / args.reps)
-            for fmt in fmts:
-                seconds = statistics.median(samples[fmt])
+                    jax.block_until_ready([mms[wd](x, ws[fmt][i % len(ws[fmt])]) for i in range(args.reps)])
+                    samples[fmt, wd].append((time.perf_counter() - start) / args.reps)
+            for fmt, wd in runs:
+                seconds = statistics.median(samples[fmt, wd])
                 nbytes = weight_bytes(ws[fmt][0])
-                rows.append({"format": fmt, "m": m, "n": n, "k": k, "us": seconds * 1e6, "weight_bytes": nbytes,
+                rows.append({"format": fmt, "weight_dtype": wd, "m": m, "n": n, "k": k, "us": seconds * 1e6,
+                             "weight_bytes": nbytes,
                              "bits_per_weight": 8 * nbytes / (n * k), "weight_gbps": nbytes / seconds / 1e9,
                              "gweights_per_s": n * k / seconds / 1e9})
         del ws
-    base = {(r["m"], r["n"], r["k"]): r["weight_gbps"] for r in rows if r["format"] == "Q4_K"}
-    print(f"{'format':<8}{'M':>3} {'N x K':>12}{'bits/w':>8}{'us':>9}{'GB/s':>7}{'Gw/s':>7}  GB/s vs Q4_K")
+    base = {(r["weight_dtype"], r["m"], r["n"], r["k"]): r["weight_gbps"] for r in rows if r["format"] == "Q4_K"}
+    first = {(r["format"], r["m"], r["n"], r["k"]): r["us"] for r in rows if r["weight_dtype"] == wds[0]}
+    print(f"{'format':<8}{'weights':>9}{'M':>3} {'N x K':>12}{'bits/w':>8}{'us':>9}{'GB/s':>7}{'Gw/s':>7}  "
+          f"GB/s vs Q4_K  speed vs {wds[0]}")
     for r in rows:
-        ref = base.get((r["m"], r["n"], r["k"]))
+        ref = base.get((r["weight_dtype"], r["m"], r["n"], r["k"]))
         r["gbps_vs_q4_k"] = r["weight_gbps"] / ref if ref else None
+        r["speed_vs_first"] = first[r["format"], r["m"], r["n"], r["k"]] / r["us"]
         vs = f"{r['gbps_vs_q4_k']:.2f}x" if ref else "-"
-        print(f"{r['format']:<8}{r['m']:>3} {r['n']:>6}x{r['k']:<6}{r['bits_per_weight']:>7.3f}{r['us']:>9.0f}"
-              f"{r['weight_gbps']:>7.1f}{r['gweights_per_s']:>7.2f}  {vs}")
+        print(f"{r['format']:<8}{r['weight_dtype']:>9}{r['m']:>3} {r['n']:>6}x{r['k']:<6}{r['bits_per_weight']:>7.3f}"
+              f"{r['us']:>9.0f}{r['weight_gbps']:>7.1f}{r['gweights_per_s']:>7.2f}  {vs:>12}  {r['speed_vs_first']:.2f}x")
     if args.json:
         meta = {"revision": git_revision(), "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps,
                 "resident": args.resident}

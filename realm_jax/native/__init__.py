@@ -254,8 +254,9 @@ _ROUND = {"float32": 0, "bfloat16": 1, "float16": 2}  # qmatmul.cc's Round
 
 # The formats of small unsigned codes (w = s * q + o per group of 32; Q6_K's s per 16) for which `matmul` of a
 # bf16 compute dtype and weight_dtype float32 multiplies the exact weights by x with vdpbf16ps (qmatmul.cc's
-# dot_codes, where the CPU has AVX512_BF16): at one row 1.27-1.74x as fast as rounding each weight to bf16
-# (weight_dtype bfloat16; 16384 rows, Zen 4), at eight rows 0.87-1.02x, so the bf16 policy's decode takes it.
+# dot_codes, where the CPU has AVX512_BF16): at one row 1.2-2.0x as fast as rounding each weight to bf16
+# (weight_dtype bfloat16; 16384 rows, Zen 4), at eight rows 0.84-1.0x, so the bf16 policy's decode takes it
+# (BENCHMARKS.md, "Issue 18: decode on the exact codes").
 EXACT_BF16_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
 
 
