@@ -368,8 +368,9 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
   }
 }
 
-// x's sums per 16 elements (xs16) and per 32 (xs32), for dot_codes' offset terms; false where x holds an Inf,
-// a NaN or a value beyond 2^64 (whose (128 + q) * x could overflow f32 where the exact product does not).
+// x's sums per 16 elements (xs16) and per 32 (xs32), for dot_codes' offset terms (XLA runs the call with
+// denormals flushed, so a subnormal x counts as zero here as in vdpbf16ps); false where x holds an Inf, a NaN
+// or a value beyond 2^64 (whose c * x sums could overflow f32 where the exact products do not).
 inline bool x_group_sums(const float* x, int64_t count, std::vector<float>& xs16, std::vector<float>& xs32) {
   xs16.resize(count / 16);
   xs32.resize(count / 32);
