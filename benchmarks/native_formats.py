@@ -110,7 +110,8 @@ def main() -> int:
         r["speed_vs_first"] = first[r["format"], r["m"], r["n"], r["k"]] / r["us"]
         vs = f"{r['gbps_vs_q4_k']:.2f}x" if ref else "-"
         print(f"{r['format']:<8}{r['weight_dtype']:>9}{r['m']:>3} {r['n']:>6}x{r['k']:<6}{r['bits_per_weight']:>7.3f}"
-              f"{r['us']:>9.0f}{r['weight_gbps']:>7.1f}{r['gweights_per_s']:>7.2f}  {vs:>12}  {r['speed_vs_first']:.2f}x")
+              f"{r['us']:>9.0f}{r['weight_gbps']:>7.1f}{r['gweights_per_s']:>7.2f}  {vs:>12}  "
+              f"{r['speed_vs_first']:.2f}x")
     if args.json:
         meta = {"revision": git_revision(), "jax": jax.__version__, "rounds": args.rounds, "reps": args.reps,
                 "resident": args.resident}
