@@ -47,7 +47,7 @@ class NativeWeight(Prepared):
       dtype: (static, a name) "bfloat16" where `load`'s policy holds params and computes in bf16 on a CPU
         with AVX512_BF16, else "float32". Decode rounds each dequantized weight to it (bf16: the weights a
         bf16 copy holds, multiplied with vdpbf16ps, 32 products an instruction; f32: exact, as rounding to
-        16 bits in the f32 loop costs 1.4-2x its time), except that the `EXACT_BF16_FORMATS` of
+        16 bits in the f32 loop costs 1.4-2x its time), except that the `exact_bf16_formats` of
         `realm_jax.native` multiply their exact weights by the bf16 x, which is faster still
         (`decode_weight_dtype`). `qmatmul(impl="native")` on a QTensor uses its compute dtype, as the XLA
         path dequantizes to it.
@@ -82,9 +82,9 @@ class NativeWeight(Prepared):
 
 def decode_weight_dtype(w: NativeWeight) -> str:
     """The weight_dtype of `realm_jax.native.matmul` for w's decode: w.dtype, but exact weights ("float32")
-    for the formats whose codes vdpbf16ps multiplies as they are (`EXACT_BF16_FORMATS`) where w.dtype is
+    for the formats whose codes vdpbf16ps multiplies as they are (`exact_bf16_formats`) where w.dtype is
     bf16: faster than rounding each weight, and closer to the f32 product."""
-    if w.dtype == "bfloat16" and w.fmt in kernels.EXACT_BF16_FORMATS:
+    if w.dtype == "bfloat16" and w.fmt in kernels.exact_bf16_formats():
         return "float32"
     return w.dtype
 

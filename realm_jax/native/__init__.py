@@ -50,9 +50,9 @@ from realm_jax.errors import ArgumentError, NativeBuildError, ShapeMismatchError
 from realm_jax.inputs import shown
 from realm_jax.quant import QTensor
 
-__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention", "gemm", "gemm_available", "matmul",
-           "int8_formats", "int8_prefill", "pack_panels", "qgemm", "qgemm_f32", "quantize_x8", "reason", "supports", "unpack_panels",
-           "vector_path"]
+__all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention",
+           "exact_bf16_formats", "gemm", "gemm_available", "matmul", "int8_formats", "int8_prefill", "pack_panels",
+           "qgemm", "qgemm_f32", "quantize_x8", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc", _HERE / "attention.cc")  # one library; pool.h, numeric.h
@@ -252,12 +252,6 @@ def supports(w) -> bool:
 
 _ROUND = {"float32": 0, "bfloat16": 1, "float16": 2}  # qmatmul.cc's Round
 
-# The formats of small unsigned codes (w = s * q + o per group of 32; Q6_K's s per 16) for which `matmul` of a
-# bf16 compute dtype and weight_dtype float32 multiplies the exact weights by x with vdpbf16ps (qmatmul.cc's
-# dot_codes, where the CPU has AVX512_BF16): at one row 1.2-2.0x as fast as rounding each weight to bf16
-# (weight_dtype bfloat16; 16384 rows, Zen 4), at eight rows 0.84-1.0x, so the bf16 policy's decode takes it
-# (BENCHMARKS.md, "Issue 18: decode on the exact codes").
-EXACT_BF16_FORMATS = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"})
 
 
 def _checked(w, layer, what: str):
@@ -288,7 +282,7 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
         before the product, as converting the weight to that dtype would. bfloat16 with an x of bf16 values
         runs on vdpbf16ps where the CPU has AVX512_BF16 (the same exact products, summed in another order:
         twice the f32 loop's products an instruction, which counts once x has several rows). float32 with a
-        bf16 compute dtype, for the `EXACT_BF16_FORMATS`, also runs on vdpbf16ps there: each code as a bf16
+        bf16 compute dtype, for the `exact_bf16_formats`, also runs on vdpbf16ps there: each code as a bf16
         value times x, the group's scale and offset applied to the group's sum (finite x below 2^64; else
         the f32 loop), within the f32 loop's tolerance.
       layer: None, or an int32 scalar (traced or not): w's planes carry a leading axis of stacked layers
@@ -321,6 +315,22 @@ def gemm_available() -> bool:
     """Whether `gemm` runs its vector path here (AVX512_BF16); where it does not, `load` keeps a dense
     copy for XLA's dot instead of `pack_panels`' layout (the scalar path is for tests)."""
     return available() and bool(_load().realm_gemm_vector_path())
+
+
+def exact_bf16_formats(portable: bool = False) -> frozenset[str]:
+    """The formats for which `matmul` with a bf16 compute dtype and weight_dtype float32 multiplies the exact
+    weights by x with vdpbf16ps in this build (qmatmul.cc's dot_codes: those of small unsigned codes, w = s *
+    q + o per group of 32 or Q6_K's s per 16, where the CPU has AVX512_BF16; empty elsewhere). At one row
+    1.2-2.0x as fast as rounding each weight to bf16 (weight_dtype bfloat16; 16384 rows, Zen 4), at eight
+    rows 0.84-1.0x, so the bf16 policy's decode takes it (BENCHMARKS.md, "Issue 18: decode on the exact
+    codes")."""
+    return _exact_bf16_formats(_variant(portable))
+
+
+@functools.cache
+def _exact_bf16_formats(variant: str) -> frozenset[str]:  # asked when a decode is traced: once per build
+    lib = _load(variant == "portable")
+    return frozenset(f for f, i in FORMAT_IDS.items() if lib.realm_qmatmul_exact_codes(ctypes.c_int64(i)))
 
 
 def int8_formats(portable: bool = False) -> frozenset[str]:

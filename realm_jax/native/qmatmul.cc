@@ -599,6 +599,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RealmQMatmul, QMatmul,
                                   .Attr<int64_t>("round")
                                   .Attr<int64_t>("x16"));
 
+// Whether realm_qmatmul multiplies exact weights of format id fmt by bf16 x on their codes (dot_codes) in this
+// build.
+extern "C" int realm_qmatmul_exact_codes(int64_t fmt) {
+  const Spec* spec = spec_of(fmt);
+  return spec != nullptr && spec->codes ? 1 : 0;
+}
+
 extern "C" int realm_native_vector_path() {
 #ifdef REALM_AVX512
   return 1;
