@@ -10,7 +10,7 @@ Lost peers end every process in bounded time, with a message naming the lost pro
 - running: each process writes a heartbeat into the coordination service's key-value store every second
   (or a tenth of `heartbeat_timeout`) and reads everyone's; a peer silent for `heartbeat_timeout` seconds,
   or a coordination service that stops answering, ends the process with a message naming the peer's rank,
-  host and pid. JAX's own heartbeat (twice as patient) remains behind it. When process 0 (which runs the
+  host and pid. JAX's own heartbeat (twice as patient plus 30 s) remains behind it. When process 0 (which runs the
   coordination service) dies, JAX itself aborts the others at once, with its own message naming the
   "leader task".
 Under `realm-jax launch --processes N` a supervisor also watches the processes and stops all of them as
@@ -178,11 +178,13 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
     timer.daemon = True
     timer.start()
     try:
-        # JAX's own limits sit behind this module's: its abort would say less.
+        # JAX's own limits sit behind this module's: its abort would say less. Its heartbeat runs in C++ and
+        # the watchdog in Python threads, which a loaded machine can delay by seconds: at twice the watchdog's
+        # timeout alone (10 s for 5) JAX's abort came first in a CI run on 2 busy cores.
         jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=rank,
                                    initialization_timeout=int(init_timeout) + 10,
                                    heartbeat_timeout_seconds=100 if heartbeat_timeout is None else
-                                   int(2 * heartbeat_timeout),
+                                   int(2 * heartbeat_timeout) + 30,
                                    shutdown_timeout_seconds=int(init_timeout) + 10)
     except (ValueError, RuntimeError) as e:
         raise CoordinatorError(f"{process_name(rank, n)}: jax.distributed.initialize failed: {_first_line(e)}"
