@@ -19,6 +19,15 @@ instructions a weight a tile of 128 rows of x, 7.8 -> 7.3 at 16 rows, where `mma
 The elements of a chunk come out in the order the words hold them, not in K's order: x's columns are
 permuted to match (`permute_x`, a gather over x) instead of moving weight bits.
 
+A code becomes a float without a conversion instruction and, mostly, without a shift of its own
+(`_placed`): one lop3 masks it where it lies in its word into the mantissa of 2^23, an exact subtraction
+takes 2^23 (and the format's offset) away, and the code's scale, divided by the power of two of its bit
+position, multiplies it: (code - offset) * scale exactly, as the reference computes it, before the one
+rounding to the compute dtype. A word is shifted at most twice for its eight nibbles (`_halves`), not once
+a code; the fifth and sixth bits join their nibbles four codes at a time (`_code_words`: a rotation and a
+lop3 a word). At 16 rows of x and 4096x4096 that took the K loop from 6.6-9.7 to 6.1-7.6 instructions a
+weight (Q4_0 ... Q5_K; `scripts/kernel_report.py`).
+
 Decode (up to 64 rows of x) is one tile of x: every program multiplies all the rows, so each weight is
 dequantized once. Prefill tiles x by `PREFILL_ROWS`: the programs of one weight tile, one per tile of x,
 are neighbours in the grid (the tile of x varies fastest), so the weight comes from memory once and from
@@ -112,7 +121,10 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
     """The element of the unit each position of a dequantized chunk holds, for each chunk of a unit: int
     [chunks per unit, chunk] (for the 32-element formats: [1, chunk] over the chunk's one or two units)."""
     units = chunk // 32
-    if fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4"):  # (unit, word p, byte j, nibble h) ->
+    if fmt in ("Q5_0", "Q5_1"):  # (unit, word p, nibble h, byte j) -> 32u + 4p + 16h + j
+        u, p, h, j = np.meshgrid(np.arange(units), np.arange(4), np.arange(2), np.arange(4), indexing="ij")
+        return (32 * u + 4 * p + 16 * h + j).reshape(1, chunk)
+    if fmt in ("Q4_0", "Q4_1", "IQ4_NL", "MXFP4"):  # (unit, word p, byte j, nibble h) ->
         # 32u + 4p + j + 16h
         u, p, j, h = np.meshgrid(np.arange(units), np.arange(4), np.arange(4), np.arange(2), indexing="ij")
         return (32 * u + 4 * p + j + 16 * h).reshape(1, chunk)
@@ -175,12 +187,64 @@ def _exact(a, mask: int, high=None, offset: int = 0, *, interpret: bool) -> jax.
     return f - jnp.float32(8388608.0 + offset)
 
 
-def _signed_bytes(words, shift) -> jax.Array:
-    """The signed bytes at bit `shift` of uint32 words as float32: their two's complement flipped to 0..255
-    in the mantissa of 2^23 (as `_exact`; here the compiler's byte extraction beats one lop3: 7.6 against
-    8.6 instructions a weight for Q8_0/Q8_K)."""
-    bits = (((words >> shift) & 0xFF) ^ jnp.uint32(0x80)) | jnp.uint32(MAGIC)
-    return lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(8388608.0 + 128)
+def _halves(words, s):
+    """The halves s = 0, 1 of uint32 words with their nibbles at bits 4-19: words << 4 (bits 0-15 moved up
+    four) and words >> 12 (bits 16-31 down twelve). Each nibble then sits at bit pp in 4..16 of its half, a
+    place `_placed` reads without shifting it (two shifts a word, not one a code)."""
+    return (words >> (12 * s)) << (4 * (1 - s))
+
+
+def _pow2(e, sign: int = 1) -> jax.Array:
+    """float32 2^(sign * e) of small integers e (uint32), from its exponent bits: a constant where e is."""
+    exponent = (jnp.int32(127) + sign * e.astype(jnp.int32)).astype(jnp.uint32)
+    return lax.bitcast_convert_type(exponent << 23, jnp.float32)
+
+
+def _placed(src, pp, magic, bits: int = 4, offset: int = 0, *, interpret: bool) -> jax.Array:
+    """float32 (code - offset) * 2^pp of the `bits`-bit code at bit pp of src (pp + bits <= 23): src masked
+    into the mantissa of 2^23 (one lop3, the mask its immediate: `magic` is MAGIC read from memory, so that
+    the compiler does not take that constant for the immediate and load each code's mask into a register)
+    is 2^23 + code * 2^pp, less 2^23 + offset * 2^pp exactly; the caller folds 2^-pp into the code's scale,
+    so that the product is exact as the reference's (code - offset) * scale."""
+    mask = jnp.uint32((1 << bits) - 1) << pp
+    less = jnp.float32(8388608.0) + jnp.float32(offset) * _pow2(pp)
+    src, mask, magic = jnp.broadcast_arrays(src, mask, magic)
+    if interpret:
+        return lax.bitcast_convert_type((src & mask) | magic, jnp.float32) - less
+    [out] = pltriton.elementwise_inline_asm(
+        "lop3.b32 $0, $1, $2, $3, 0xEA;", args=[src, mask, magic], constraints="=r,r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(src.shape, jnp.int32)])
+    return lax.bitcast_convert_type(out, jnp.float32) - less
+
+
+def _code_words(q, high, r, bits: int, interpret: bool):
+    """Words of 4 codes of 4 + `bits` bits, code j at bits 8j..: the low nibbles of q (uint32 words) ORed
+    with `high` rotated right by r, where it holds each code's higher bits `bits` above their place's bit
+    4 (a rotation and a lop3 for four codes, where each code alone took a shift and two lop3)."""
+    fields = (0x10 if bits == 1 else 0x30) * 0x01010101
+    return (q & jnp.uint32(0x0F0F0F0F)) | (_rotr(high, r, interpret) & jnp.uint32(fields))
+
+
+def _rotr(words, r, interpret: bool) -> jax.Array:
+    """uint32 words rotated right by r (mod 32): one funnel shift (`shf.r.wrap`; the compiler makes two
+    shifts, an OR and a mask of the amount of the same rotation written in jnp)."""
+    words, r = jnp.broadcast_arrays(words, jnp.asarray(r, jnp.uint32) & 31)
+    if interpret:
+        return (words >> r) | (words << ((32 - r) & 31))
+    [out] = pltriton.elementwise_inline_asm(
+        "shf.r.wrap.b32 $0, $1, $1, $2;", args=[words, r], constraints="=r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)])
+    return lax.bitcast_convert_type(out, jnp.uint32)
+
+
+def _signed_bytes(words, magic, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """The signed bytes of uint32 words [..., rows] as float32 byte * 2^pp [..., 2 s, 2 jj, rows] (byte
+    2s + jj, taken at bit pp = 8jj of the word shifted by 16s) and pp: their two's complement flipped to
+    0..255 once a word (one xor), placed by `_placed`."""
+    dims = (1,) * (words.ndim - 1) + (2, 2, 1)
+    src = (words ^ jnp.uint32(0x80808080))[..., None, None, :] >> (16 * _iota(dims, words.ndim - 1))
+    pp = 8 * _iota(dims, words.ndim)
+    return _placed(src, pp, magic, 8, 128, interpret=interpret), pp
 
 
 def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
@@ -188,25 +252,31 @@ def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
     return lax.broadcasted_iota(dtype, shape, dim)
 
 
-def _legacy(fmt: str, get, part, rows: int, *, interpret: bool) -> jax.Array:
+def _legacy(fmt: str, get, part, rows: int, *, interpret: bool, magic) -> jax.Array:
     """The chunk's one or two 32-element units: dims (unit, word, byte, nibble) or (unit, word, byte)."""
     d = get("d", None).astype(jnp.float32)[:, :, None, None, :] if fmt != "Q8_0" else None
     q = get("q", None)  # [2, P, rows] uint32
     if fmt == "Q8_0":
-        codes = _signed_bytes(q[:, :, None, :], 8 * _iota((1, 1, 4, 1), 2))  # [2, 8, 4, rows]
-        w = codes * get("d", None).astype(jnp.float32)[:, :, None, :]
+        codes, pp = _signed_bytes(q, magic, interpret=interpret)  # [units, 8, 2, 2, rows]
+        w = codes * (get("d", None).astype(jnp.float32)[:, :, None, None, :] * _pow2(pp, -1))
         return w.reshape(-1, rows)
-    dims = (1, 1, 4, 2, 1)  # (unit, word p, byte j, nibble h, rows)
-    nibbles = q[:, :, None, None, :] >> (8 * _iota(dims, 2) + 4 * _iota(dims, 3))
-    high = None
-    if fmt in ("Q5_0", "Q5_1"):  # the fifth bit of element 4p + j + 16h: H bit 8j + p + 4(1 - h)
-        dims = (1, 4, 4, 2, 1)
-        pos = 8 * _iota(dims, 2) + _iota(dims, 1) + 4 * (1 - _iota(dims, 3))
-        high = (get("h", None)[:, :, None, None, :] >> pos << 4) & jnp.uint32(0x10)
-    if fmt in ("Q4_0", "Q5_0"):
-        w = d * _exact(nibbles, LO, high, 8 if fmt == "Q4_0" else 16, interpret=interpret)
-    else:
-        w = d * _exact(nibbles, LO, high, interpret=interpret) + get("m", None).astype(jnp.float32)[:, :, None, None, :]
+    if fmt in ("Q5_0", "Q5_1"):  # code words of 5-bit codes: (unit, word p, nibble h) [, half s, byte jj]
+        # the fifth bit of element 4p + j + 16h is H bit 8j + p + 4(1 - h): rotated right by p - 4h to 8j + 4
+        p_, h_ = _iota((1, 4, 2, 1), 1), _iota((1, 1, 2, 1), 2)
+        words = _code_words(q[:, :, None, :] >> (4 * h_), get("h", None)[:, :, None, :], p_ - 4 * h_, 1, interpret)
+        dims = (1, 1, 1, 2, 2, 1)  # element 4p + 16h + 2s + jj at bit 16s + 8jj of word (p, h), taken at bit
+        # 16s of the word shifted by 8jj
+        src, pp = words[..., None, None, :] >> (8 * _iota(dims, 4)), 16 * _iota(dims, 3)
+        codes, d = _placed(src, pp, magic, 5, 16 if fmt == "Q5_0" else 0, interpret=interpret), d[..., None, :]
+    else:  # (unit, word p, half s, byte jj of the half, nibble h): element 4p + 2s + jj + 16h at bit
+        # 16s + 8jj + 4h of word p
+        dims = (1, 1, 2, 2, 2, 1)
+        s_, jj_, h_ = _iota(dims, 2), _iota(dims, 3), _iota(dims, 4)
+        src, pp = _halves(q[:, :, None, None, None, :], s_), 4 + 8 * jj_ + 4 * h_
+        codes, d = _placed(src, pp, magic, 4, 8 if fmt == "Q4_0" else 0, interpret=interpret), d[..., None, :]
+    w = codes * (d * _pow2(pp, -1))  # (code - offset) * d, exact
+    if fmt in ("Q4_1", "Q5_1"):
+        w = w + get("m", None).astype(jnp.float32)[:, :, None, None, None, :]
     return w.reshape(-1, rows)
 
 
@@ -232,42 +302,48 @@ def _low_kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
     return w.reshape(CHUNK, rows)
 
 
-def _kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
+def _kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array:
     """Chunk c (traced) of a 256-element unit."""
     if fmt in ("Q2_K", "Q3_K"):
         return _low_kquant(fmt, get, c, rows, interpret=interpret)
     d = get("d", None).astype(jnp.float32)  # [1, 1, rows]
     if fmt == "Q8_K":
         q = get("q", (16 * c, 16))[0]  # [16, rows]
-        codes = _signed_bytes(q[:, None, :], 8 * _iota((1, 4, 1), 1))
-        return (codes * d).reshape(CHUNK, rows)
+        codes, pp = _signed_bytes(q, magic, interpret=interpret)  # [16, 2, 2, rows]
+        return (codes * (d[0] * _pow2(pp, -1))).reshape(CHUNK, rows)
     q = get("q", (8 * c, 8))[0]  # [8 words, rows]
-    dims = (2, 1, 4, 1)  # (nibble h, word w, byte j, rows)
-    nibbles = q[None, :, None, :] >> (4 * _iota(dims, 0) + 8 * _iota(dims, 2))  # [2 h, 8 w, 4 j, rows]
-    if fmt == "Q6_K":  # block s = 2c + h; H words 2s + (w >= 4), code j of word w at bits 8j + 2(w % 4)
-        hw = get("h", (4 * c, 4))[0].reshape(2, 2, 1, 1, rows)  # [h, w // 4, 1, 1, rows]
-        dims = (1, 1, 4, 4, 1)  # (h, w // 4, w % 4, j, rows)
-        pos = 8 * _iota(dims, 3) + 2 * _iota(dims, 2)
-        high = (hw >> pos << 4) & jnp.uint32(0x30)  # [h, w // 4, w % 4, j, rows]
-        sc = get("sc", (4 * c, 4))[0].astype(jnp.float32).reshape(2, 2, 1, 1, rows)  # sub-block 2s + w // 4
-        w = (d[0] * sc) * _exact(nibbles.reshape(2, 2, 4, 4, rows), LO, high, 32, interpret=interpret)
-        return w.reshape(CHUNK, rows)
-    sc = get("sc", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]  # sub-block 2c + h: [2, 1, 1, rows]
-    mn = get("mn", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, :]
-    if fmt == "Q5_K":  # the fifth bit of code j of word w: H bit 8j + 4 + w (w < 4) or 8j + w - 4
-        dims = (1, 8, 4, 1)  # (h, word w, byte j, rows)
-        w_, j_ = _iota(dims, 1), _iota(dims, 2)
-        pos = jnp.where(w_ < 4, 8 * j_ + 4 + w_, 8 * j_ + w_ - 4)
-        hw = get("h", (2 * c, 2))[0][:, None, None, :]
-        high = (hw >> pos << 4) & jnp.uint32(0x10)
-    else:
-        high = None
+    if fmt in ("Q5_K", "Q6_K"):  # code words of 5- or 6-bit codes, (nibble h, word w): code 4w + j of
+        # block 2c + h (Q6_K: of the layout's order) is byte j of word (h, w), at bit 16s + 8jj (j = 2s + jj),
+        # taken at bit 16s of the word shifted by 8jj
+        h_, w_ = _iota((2, 1, 1), 0), _iota((1, 8, 1), 1)
+        q = q[None] >> (4 * h_)
+        if fmt == "Q6_K":  # H words 2(2c + h) + w // 4: code j of word w at bits 8j + 2(w % 4), to 8j + 4
+            hw = get("h", (4 * c, 4))[0].reshape(2, 2, 1, rows)
+            words = _code_words(q.reshape(2, 2, 4, rows), hw, 2 * (w_.reshape(1, 2, 4, 1) % 4) - 4, 2, interpret)
+        else:  # H word of sub-block 2c + h: code j of word w at bit 8j + 4 + w (w < 4) or 8j + w - 4
+            hw = get("h", (2 * c, 2))[0][:, None, :]
+            words = _code_words(q, hw, w_ - 8 * (w_ // 4), 1, interpret)
+        dims = (1, 1, 2, 2, 1)
+        src, pp = words.reshape(2, 8, rows)[:, :, None, None, :] >> (8 * _iota(dims, 3)), 16 * _iota(dims, 2)
+        codes = _placed(src, pp, magic, 5 if fmt == "Q5_K" else 6, 32 if fmt == "Q6_K" else 0, interpret=interpret)
+        if fmt == "Q6_K":  # (code - 32) * d * sc: exact (24 bits)
+            sc = get("sc", (4 * c, 4))[0].astype(jnp.float32).reshape(2, 2, 1, 1, 1, rows)  # sub-block w // 4
+            w = codes.reshape(2, 2, 4, 2, 2, rows) * ((d[0] * sc) * _pow2(16 * _iota((1, 1, 1, 2, 1, 1), 3), -1))
+            return w.reshape(CHUNK, rows)
+    else:  # (nibble h, word w, half s, byte jj of the half): code 4w + 2s + jj of sub-block 2c + h sits at
+        # bit 16s + 8jj + 4h of word w
+        dims = (2, 1, 2, 2, 1)
+        h_, s_, jj_ = _iota(dims, 0), _iota(dims, 2), _iota(dims, 3)
+        src, pp = _halves(q[None, :, None, None, :], s_), 4 + 8 * jj_ + 4 * h_
+        codes = _placed(src, pp, magic, interpret=interpret)
+    sc = get("sc", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, None, :]  # sub-block 2c + h
+    mn = get("mn", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, None, :]
     dmin = get("dmin", None).astype(jnp.float32)[0]
-    w = (d[0] * sc) * _exact(nibbles, LO, high, interpret=interpret) - dmin * mn
+    w = codes * ((d[0] * sc) * _pow2(pp, -1)) - dmin * mn
     return w.reshape(CHUNK, rows)
 
 
-def _table4(fmt: str, get, part, rows: int, *, interpret: bool, lookup) -> jax.Array:
+def _table4(fmt: str, get, part, rows: int, *, interpret: bool, lookup, magic) -> jax.Array:
     """IQ4_NL and MXFP4 (the chunk's one or two blocks), IQ4_XS (chunk `part`: sub-blocks 2 part and
     2 part + 1): the codes index the format's table (`lookup`, a gather from its 16 values in global memory,
     cached)."""
@@ -302,8 +378,8 @@ _FORMATS = {f: functools.partial(_table4 if f in _TABLES else _legacy if LAYOUTS
 # --- the kernel ---------------------------------------------------------------------------------------
 def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, chunks: int, stacked: bool,
             dtype, interpret: bool):
-    layer_ref, x_ref, *plane_refs, o_ref = refs if stacked else (None, *refs)
-    extra = {}
+    layer_ref, x_ref, *plane_refs, magic_ref, o_ref = refs if stacked else (None, *refs)
+    extra = {"magic": magic_ref[0]}  # MAGIC, read from memory rather than a constant: see `_placed`
     if fmt in _TABLES:
         *plane_refs, table_ref = plane_refs
         extra["lookup"] = lambda codes: table_ref[codes]
@@ -366,7 +442,8 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
     dtype = jnp.dtype(compute_dtype)
     names = tuple(LAYOUTS[fmt].planes)
     tables = [_table(fmt)] if fmt in _TABLES else []
-    args = (permute_x(x, fmt, dtype, t.x_rows), *(lanes[name] for name in names), *tables)
+    args = (permute_x(x, fmt, dtype, t.x_rows), *(lanes[name] for name in names), *tables,
+            jnp.full((1,), MAGIC, jnp.uint32))
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, chunk=chunk, chunks=total // t.splits,
