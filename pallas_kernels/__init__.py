@@ -12,8 +12,8 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
                  to 64 in one tile for decode, tiles of 128 for prefill; mma, wgmma)
     tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
                  format's tile function from `realm_jax.quant`
-    mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu.gemm`),
-                 evaluating the format's tile function row by row
+    mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu`), on the
+                 same lanes, evaluating the Triton GEMM's dequantization row by row
 
 Tiles come from one heuristic per kernel family. On a CPU the kernels run in interpret mode, which is how
 the test suite checks them against the XLA reference.

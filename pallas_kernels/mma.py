@@ -51,7 +51,8 @@ from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.iq4 import KVALUES
 from realm_jax.quant.mxfp import E2M1, e8m0_half
 
-__all__ = ["DECODE_ROWS", "MMA_ROWS", "PREFILL_ROWS", "MmaTiling", "gemm", "permute_x", "tiling_for"]
+__all__ = ["DECODE_ROWS", "FORMATS", "MAGIC", "MMA_ROWS", "PREFILL_ROWS", "TABLE_FORMATS", "MmaTiling", "gemm",
+           "permute_x", "tiling_for"]
 
 MMA_ROWS = 16  # the fewest rows of x a program multiplies (fewer are padded): one mma's rows
 DECODE_ROWS = 64  # up to these rows of x, one tile of x: every program multiplies them all
@@ -145,7 +146,7 @@ def _chunk_order(fmt: str, chunk: int = CHUNK) -> np.ndarray:
         order = np.asarray(LAYOUTS[fmt].order)
         g, h, w, j = np.meshgrid(np.arange(4), np.arange(2), np.arange(8), np.arange(4), indexing="ij")
         return (32 * order[2 * g + h] + 4 * w + j).reshape(4, CHUNK)
-    raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+    raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(FORMATS)}")
 
 
 def permute_x(x: jax.Array, fmt: str, dtype, x_rows: int) -> jax.Array:
@@ -319,7 +320,7 @@ def _kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array
         q = q[None] >> (4 * h_)
         if fmt == "Q6_K":  # H words 2(2c + h) + w // 4: code j of word w at bits 8j + 2(w % 4), to 8j + 4
             hw = get("h", (4 * c, 4))[0].reshape(2, 2, 1, rows)
-            words = _code_words(q.reshape(2, 2, 4, rows), hw, 2 * (w_.reshape(1, 2, 4, 1) % 4) - 4, 2, interpret)
+            words = _code_words(q.reshape(2, 2, 4, rows), hw, 2 * _iota((1, 2, 4, 1), 2) - 4, 2, interpret)
         else:  # H word of sub-block 2c + h: code j of word w at bit 8j + 4 + w (w < 4) or 8j + w - 4
             hw = get("h", (2 * c, 2))[0][:, None, :]
             words = _code_words(q, hw, w_ - 8 * (w_ // 4), 1, interpret)
@@ -365,13 +366,14 @@ def _table4(fmt: str, get, part, rows: int, *, interpret: bool, lookup, magic) -
 
 # The formats whose codes index a table of values: the table, a kernel input.
 _TABLES = {"IQ4_NL": KVALUES, "IQ4_XS": KVALUES, "MXFP4": E2M1}
+TABLE_FORMATS = frozenset(_TABLES)
 
 
 def _table(fmt: str) -> jax.Array:
     return jnp.asarray(_TABLES[fmt], jnp.float32)
 
 
-_FORMATS = {f: functools.partial(_table4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
+FORMATS = {f: functools.partial(_table4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
             for f in LAYOUTS}
 
 
@@ -402,7 +404,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
             index = pl.ds(0, p) if words is None else pl.ds(words[0], words[1])
             return planes[name][(*lead, pl.ds(unit, units_per), index, pl.ds(r0, t.rows))]
 
-        w = _FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
+        w = FORMATS[fmt](get, part, t.rows, interpret=interpret, **extra).astype(dtype)  # [chunk, rows]
         x = x_ref[pl.ds(m0, t.x_rows), pl.ds(index * chunk, chunk)]  # [x_rows, chunk]
         return acc + lax.dot_general(w, x, _TN, preferred_element_type=jnp.float32)  # [rows, x_rows]
 
@@ -424,8 +426,8 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
       tiling: overrides `tiling_for`.
       interpret: Pallas interpret mode (CPU).
     """
-    if fmt not in _FORMATS:
-        raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(_FORMATS)}")
+    if fmt not in FORMATS:
+        raise UnsupportedFormatError(f"mma: {fmt} has no kernel; formats: {', '.join(FORMATS)}")
     m, k = x.shape
     stacked = layer is not None
     q = lanes["q"]

@@ -1,22 +1,25 @@
 """The prefill kernel for Hopper through Mosaic GPU (`plgpu.kernel` + `plgpu.emit_pipeline`).
 
-`gemm`: y = x @ dequant(w)^T for every quantized format of `realm_jax.quant`, f16/bf16 operands on the
-tensor cores (`plgpu.wgmma`) with an f32 accumulator [block_m, block_n]; the dequantized tile is staged in
-shared memory. (Decode, up to 16 rows, is the Triton GEMV of `pallas_kernels.decode`. The FMA GEMV this
+`gemm_lanes`: y = x @ dequant(w)^T for the formats of `FORMATS`, from the weight's lane planes as laid out
+at load for every GPU kernel (`pallas_kernels.decode_layout`: [K / unit, P, N'], K-major, rows padded to
+128), f16/bf16 operands on the tensor cores (`plgpu.wgmma`) with an f32 accumulator [block_m, block_n]; the
+dequantized tile is staged in shared memory. `gemm` takes a QTensor as stored (its lanes made for the
+call). (Decode is the Triton kernels': `pallas_kernels.decode`, `pallas_kernels.mma`. The FMA GEMV this
 module had for decode was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us
 against 127-140 at M=1 (FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
 
-Shapes: M rows of x, N rows of w (outputs), K the contraction; bs a format's block size.
+Shapes: M rows of x, N rows of w (outputs), K the contraction.
 
-How the one definition of the math is kept. `realm_jax.quant.dequantize_tile` splits the minor (block)
-axis by reshapes and broadcasts each block's scale over it. Mosaic GPU's register layouts cannot express
-either (a strided layout broadcasts only leading dims; a tiled layout reshapes only its major dims and
-broadcasts only into the rank-2 WGMMA/TCGEN05 layouts). So the kernels give each thread one row of the
-weight and evaluate the jaxpr of `dequantize_tile` element by element: every element of a row's tile
-becomes a [block_n] vector across rows (`_rowwise`). Reshapes, broadcasts and iota constants of the jaxpr
-act on the element grid at trace time; only the arithmetic is emitted, on vectors. The planes are
-transposed to K-major ([K/bs*count, N], `_kmajor`) so that one element of a block is a contiguous
-row of shared memory.
+How the one definition of the math is kept. The dequantization is `pallas_kernels.mma`'s, the Triton
+GEMM's own (its format functions: code words, masks and scales on the lanes, the tile in the order
+`mma.permute_x` gives x's columns). Mosaic GPU's register layouts cannot express its reshapes and
+broadcasts (a strided layout broadcasts only leading dims; a tiled layout reshapes only its major dims and
+broadcasts only into the rank-2 WGMMA/TCGEN05 layouts). So the kernel gives each thread one row of the
+weight and evaluates the jaxpr of a step's dequantization element by element: every element of a row's
+tile becomes a [block_n] vector across rows (`_rowwise`). Reshapes, broadcasts and iota constants of the
+jaxpr act on the element grid at trace time; only the arithmetic is emitted, on vectors. The lanes are
+K-major already, so one word of a unit is a contiguous row of shared memory (the planes were transposed
+per call before: a copy of the weight, and 18-34% more MLIR operations a step than now).
 
 Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128).
 """
@@ -35,11 +38,19 @@ from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.extend import core as jex_core
 
+from pallas_kernels import mma
+from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, to_lanes
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
-from realm_jax.quant import QTensor, dequantize_tile, get_format
+from realm_jax.quant import QTensor, get_format
 
-__all__ = ["MosaicGpuTiling", "gemm", "tiling_for"]
+__all__ = ["MosaicGpuTiling", "gemm", "gemm_lanes", "supports", "tiling_for"]
 
+# The formats whose dequantization (`pallas_kernels.mma`'s) is arithmetic on the codes: those that index a
+# table of values (a gather) have none here.
+FORMATS = frozenset(LAYOUTS) - mma.TABLE_FORMATS
+# The formats whose dequantization reads the chunk's place in its unit beyond the planes' words (bit
+# fields chosen by it): their steps take whole units.
+_WHOLE_UNITS = frozenset({"Q2_K", "Q3_K"})
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _THREADS = 128  # one warpgroup
@@ -67,41 +78,65 @@ class MosaicGpuTiling:
     max_concurrent_steps: int = 2
 
     def check(self, fmt: str) -> None:
-        f = get_format(fmt)
+        lay = LAYOUTS[fmt]
         if self.block_n not in (128, 256):
             raise ValueError(f"MosaicGpuTiling: {self.block_n=} must be 128 or 256")
         if self.block_m not in (64, 128):
             raise ValueError(f"MosaicGpuTiling: {self.block_m=} must be 64 or 128")
-        if self.block_k <= 0 or self.block_k % f.block_size:
-            raise ValueError(f"MosaicGpuTiling: {self.block_k=} must be a multiple of {fmt}'s "
-                             f"block_size={f.block_size}")
-        rows = max(self.block_k // f.block_size * p.count for p in f.planes)
-        if rows > _MAX_BLOCK_DIM:
-            raise ValueError(f"MosaicGpuTiling: {self.block_k=} gives {fmt} plane blocks of {rows} rows; "
-                             f"at most {_MAX_BLOCK_DIM} fit a TMA copy")
+        if self.block_k <= 0 or self.block_k % mma.CHUNK:
+            raise ValueError(f"MosaicGpuTiling: {self.block_k=} must be a multiple of {mma.CHUNK} (the "
+                             f"dequantization's chunks)")
+        if self.block_k % lay.unit and (lay.unit % self.block_k or fmt in _WHOLE_UNITS):
+            raise ValueError(f"MosaicGpuTiling: {self.block_k=} must be a multiple of {fmt}'s {lay.unit}-element "
+                             f"units" + ("" if fmt in _WHOLE_UNITS else " or divide them"))
+        if self.block_k // lay.unit > _MAX_BLOCK_DIM:
+            raise ValueError(f"MosaicGpuTiling: {self.block_k=} gives {fmt} plane blocks of "
+                             f"{self.block_k // lay.unit} units; at most {_MAX_BLOCK_DIM} fit a TMA copy")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"MosaicGpuTiling: {self.max_concurrent_steps=} must be >= 1")
 
 
 def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
-    """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T. block_m=64 is one wgmma M per
-    warpgroup (128 overflows shared memory with block_k=256)."""
-    f = get_format(fmt)
-    per_256 = max(p.count for p in f.planes) * 256 // f.block_size
-    return MosaicGpuTiling(block_n=128, block_k=256 if per_256 <= _MAX_BLOCK_DIM else 128, block_m=64)
+    """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T: one chunk of 64 elements of K a
+    step, four in flight (Q2_K and Q3_K: a unit of 256, two in flight). The step's dequantization is unrolled
+    element by element: its MLIR operations, which set the compile time, grow with block_k (256 elements a
+    step made ~28-31k, 64 a quarter of that; 14-42 s of compile on an H200 at the old kernel's 35-47k).
+    block_m=64 is one wgmma M per warpgroup."""
+    if fmt in _WHOLE_UNITS:
+        return MosaicGpuTiling(block_n=128, block_k=LAYOUTS[fmt].unit, block_m=64, max_concurrent_steps=2)
+    return MosaicGpuTiling(block_n=128, block_k=mma.CHUNK, block_m=64, max_concurrent_steps=4)
 
 
-# --- the jaxpr of dequantize_tile, evaluated with one [block_n] vector per element ----------------
+# --- the jaxpr of a step's dequantization, evaluated with one [block_n] vector per element ------------
 @functools.lru_cache(maxsize=None)
-def _tile_jaxpr(fmt: str, n_blocks: int, dtype) -> jax.extend.core.ClosedJaxpr:
-    f = get_format(fmt)
-    planes = {p.name: jax.ShapeDtypeStruct((n_blocks * p.count,), p.dtype) for p in f.planes}
-    return jax.make_jaxpr(functools.partial(dequantize_tile, fmt, dtype=dtype))(planes)
+def _step_jaxpr(fmt: str, block_k: int, planes: tuple[tuple[str, int, str], ...], dtype) -> jex_core.ClosedJaxpr:
+    """The jaxpr of a step's dequantized tile [block_k] (one weight row; `mma.permute_x`'s order) from
+    the step's lanes {name: [units, P, 1]} (`planes`: (name, P, dtype)), by `pallas_kernels.mma`'s format
+    functions: the same code words, masks and scales as the Triton GEMM."""
+    lay = LAYOUTS[fmt]
+    units = max(1, block_k // lay.unit)
+
+    def tile(lanes):
+        out = []
+        for i in range(block_k // mma.CHUNK):  # chunk i of the step: of its unit, where a step is part of one
+            first, count, part = (i * mma.CHUNK // lay.unit, 1, i % (lay.unit // mma.CHUNK)) \
+                if lay.unit > mma.CHUNK else (2 * i, 2, 0)
+
+            def get(name, words, first=first, count=count):
+                a = lanes[name][first:first + count]
+                return a if words is None else a[:, words[0]:words[0] + words[1]]
+
+            out.append(mma.FORMATS[fmt](get, part, 1, interpret=True, magic=jnp.uint32(mma.MAGIC)).astype(dtype))
+        return jnp.concatenate(out)[:, 0]
+
+    shapes = {name: jax.ShapeDtypeStruct((units, count, 1), jnp.dtype(dt)) for name, count, dt in planes}
+    return jax.make_jaxpr(tile)(shapes)
 
 
 _FOLD = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative, "and": np.bitwise_and,
          "or": np.bitwise_or, "xor": np.bitwise_xor, "not": np.invert, "shift_left": np.left_shift,
-         "shift_right_logical": np.right_shift, "max": np.maximum, "min": np.minimum}
+         "shift_right_logical": np.right_shift, "max": np.maximum, "min": np.minimum,
+         "div": np.floor_divide, "rem": np.remainder}  # div, rem: of constants (indices), never negative
 _BITWISE = {"and", "or", "xor", "not"}
 
 
@@ -152,7 +187,8 @@ def _apply(prim, args, params):
     """One elementwise op on [block_n] vectors. Mosaic GPU does arithmetic and shifts on 8/16-bit
     integers only after widening; wrapping back by truncation gives the same bits."""
     dt = args[0].dtype
-    if prim.name not in _BITWISE | {"convert_element_type"} and jnp.issubdtype(dt, jnp.integer) and dt.itemsize < 4:
+    if (prim.name not in _BITWISE | {"convert_element_type", "bitcast_convert_type"}
+            and jnp.issubdtype(dt, jnp.integer) and dt.itemsize < 4):
         return prim.bind(*[a.astype(jnp.int32) for a in args], **params).astype(dt)
     return prim.bind(*args, **params)
 
@@ -168,6 +204,8 @@ def _elementwise(eqn, vals, width: int) -> np.ndarray:
             a = [np.asarray(x, dt) for x, dt in zip(args, dtypes)]
             if eqn.primitive.name == "convert_element_type":
                 out[idx] = a[0].astype(eqn.params["new_dtype"])[()]
+            elif eqn.primitive.name == "bitcast_convert_type":
+                out[idx] = a[0].view(eqn.params["new_dtype"])[()]
             else:
                 with np.errstate(over="ignore"):
                     out[idx] = np.asarray(_FOLD[eqn.primitive.name](*a)).astype(out_aval.dtype)[()]
@@ -196,7 +234,7 @@ def _eval(jaxpr, consts, args, width: int):
             outs = _eval(inner.jaxpr, inner.consts, vals, width)
         elif name == "optimization_barrier":
             outs = vals
-        elif name in _FOLD or name == "convert_element_type":
+        elif name in _FOLD or name in ("convert_element_type", "bitcast_convert_type"):
             outs = [_elementwise(eqn, vals, width)]
         else:
             raise UnsupportedFormatError(f"mosaic_gpu: dequantize_tile uses {name!r}, which the row-wise "
@@ -205,12 +243,12 @@ def _eval(jaxpr, consts, args, width: int):
     return [read(v) for v in jaxpr.outvars]
 
 
-def _rowwise(fmt: str, planes: dict[str, np.ndarray], dtype, width: int) -> np.ndarray:
-    """dequantize_tile on a tile given as one [block_n] vector per plane element -> [n_blocks*bs] vectors."""
-    f = get_format(fmt)
-    n_blocks = len(planes[f.planes[0].name]) // f.planes[0].count
-    closed = _tile_jaxpr(fmt, n_blocks, jnp.dtype(dtype))
-    [out] = _eval(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(planes), width)
+def _rowwise(fmt: str, block_k: int, lanes: dict[str, np.ndarray], dtype, width: int) -> np.ndarray:
+    """A step's dequantized tile from its lanes given as one [block_n] vector per element ({name: [units,
+    P]}) -> [block_k] vectors."""
+    planes = tuple((name, a.shape[1], str(a[0, 0].dtype)) for name, a in sorted(lanes.items()))
+    closed = _step_jaxpr(fmt, block_k, planes, jnp.dtype(dtype))
+    [out] = _eval(closed.jaxpr, closed.consts, [lanes[name][..., None] for name, _, _ in planes], width)
     return out
 
 
@@ -232,22 +270,10 @@ def _row_layout(block_n: int):
 
 
 def _load_rows(ref, layout) -> np.ndarray:
-    """A plane tile [rows, block_n] in SMEM -> an object array of its rows as [block_n] vectors."""
-    out = np.empty((ref.shape[0],), object)
-    for j in range(ref.shape[0]):
-        out[j] = plgpu.load(ref.at[j], layout=layout, optimized=False)
-    return out
-
-
-# --- wrapper-side layout --------------------------------------------------------------------------
-def _kmajor(w: QTensor, n_pad: int, k_pad: int) -> dict[str, jax.Array]:
-    """Planes [N, K/bs*count] -> K-major [K_pad/bs*count, N_pad], zero-padded (zero blocks dequantize to 0)."""
-    f = w.format
-    out = {}
-    for p in f.planes:
-        plane = jnp.asarray(w.planes[p.name])
-        rows = k_pad // f.block_size * p.count
-        out[p.name] = jnp.pad(plane.T, ((0, rows - plane.shape[1]), (0, n_pad - plane.shape[0])))
+    """A lanes block [units, P, block_n] in SMEM -> an object array [units, P] of [block_n] vectors."""
+    out = np.empty(ref.shape[:2], object)
+    for u, p in np.ndindex(*ref.shape[:2]):
+        out[u, p] = plgpu.load(ref.at[u, p], layout=layout, optimized=False)
     return out
 
 
@@ -261,16 +287,25 @@ def _check(name: str, x, w, compute_dtype, out_dtype):
     w.check(f"{name}: w")
     if w.format.block_size == 1:
         raise UnsupportedFormatError(f"{name}: {w.fmt} weights are dense: a plain dot multiplies them")
+    if w.fmt not in FORMATS:
+        raise UnsupportedFormatError(f"{name}: no kernel for {w.fmt}; formats: {', '.join(sorted(FORMATS))}")
     x = jnp.asarray(x)
     if w.ndim != 2 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ShapeMismatchError(f"{name}: x.shape={x.shape} must be [M, K] with K={w.shape[-1]} of "
                                  f"w.shape={w.shape} (N, K)")
-    compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
-    for what, dt in (("x.dtype", x.dtype), ("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
+    return (x, *_dtypes(name, x.dtype, compute_dtype, out_dtype))
+
+
+def _dtypes(name: str, x_dtype, compute_dtype, out_dtype):
+    compute_dtype = jnp.dtype(x_dtype if compute_dtype is None else compute_dtype)
+    out_dtype = jnp.dtype(x_dtype if out_dtype is None else out_dtype)
+    for what, dt in (("x.dtype", jnp.dtype(x_dtype)), ("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
         if dt not in _FLOATS:
             raise DTypeError(f"{name}: {what}={dt} must be one of float32, float16, bfloat16")
-    return x, compute_dtype, out_dtype
+    if compute_dtype not in _WGMMA_DTYPES:
+        raise DTypeError(f"{name}: compute_dtype={compute_dtype} must be float16 or bfloat16 (wgmma); f32 "
+                         f"compute is the XLA path's")
+    return compute_dtype, out_dtype
 
 
 def _interpret(interpret):
@@ -280,18 +315,16 @@ def _interpret(interpret):
 
 
 # --- prefill: dequantize to shared memory, then wgmma --------------------------------------------
-def _gemm_kernel(x_gmem, *refs, fmt, t: MosaicGpuTiling, steps: int, dtype):
+def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling, steps: int, dtype):
     *plane_gmem, out_gmem, w_smem, stage_smem = refs
-    f = get_format(fmt)
-    names = [p.name for p in f.planes]
     ni, mi = lax.axis_index("n"), lax.axis_index("m")
     row_layout = _row_layout(t.block_n)
 
     def step(_, x_smem, *refs):
         *plane_smem, acc = refs
-        planes = {n: _load_rows(r, row_layout) for n, r in zip(names, plane_smem)}
+        lanes = {n: _load_rows(r, row_layout) for n, r in zip(names, plane_smem)}
         with jax.named_scope("dequant"):
-            w = _rowwise(fmt, planes, dtype, t.block_n)
+            w = _rowwise(fmt, t.block_k, lanes, dtype, t.block_n)
         # w^T [block_k, block_n] is the wgmma B operand, which must sit in SMEM tiled and swizzled: rows of
         # w go to a plain staging buffer, come back in the WGMMA layout and are stored through the transforms.
         for start in range(0, t.block_k, _STAGE_ROWS):
@@ -304,25 +337,47 @@ def _gemm_kernel(x_gmem, *refs, fmt, t: MosaicGpuTiling, steps: int, dtype):
         plgpu.wgmma_wait(0)  # w_smem is rewritten by the next step
         return acc
 
-    k_rows = {p.name: t.block_k // f.block_size * p.count for p in f.planes}
     x_transforms = _wgmma_transforms(t.block_k, dtype)
     in_specs = [plgpu.BlockSpec((t.block_m, t.block_k), lambda k: (0, k), transforms=x_transforms)]
-    in_specs += [plgpu.BlockSpec((k_rows[n], t.block_n), lambda k: (k, 0)) for n in names]
+    in_specs += [plgpu.BlockSpec(*_plane_block(fmt, n, t)) for n in names]
     cols = pl.ds(ni * t.block_n, t.block_n)
     rows = pl.ds(mi * t.block_m, t.block_m)
 
     def scope(acc):
         acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, init_carry=acc,
                                   max_concurrent_steps=t.max_concurrent_steps)(
-            x_gmem.at[rows], *[g.at[:, cols] for g in plane_gmem])
+            x_gmem.at[rows], *[g.at[:, :, cols] for g in plane_gmem])
         out_gmem[rows, cols] = acc[...]
 
     pl.run_scoped(scope, plgpu.ACC((t.block_m, t.block_n), jnp.float32))
 
 
-def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
+def _plane_block(fmt: str, name: str, t: MosaicGpuTiling):
+    """A step's block of lane plane `name` and its index map: whole units, or where a step is a part of a
+    unit, that part of each plane kept per chunk (its P words in proportion) and all of one kept per unit
+    (P = 1: d, dmin)."""
+    lay, p = LAYOUTS[fmt], LAYOUTS[fmt].planes[name]
+    if t.block_k >= lay.unit:
+        return (t.block_k // lay.unit, p, t.block_n), lambda k: (k, 0, 0)
+    parts = lay.unit // t.block_k
+    if p == 1:
+        return (1, 1, t.block_n), lambda k: (k // parts, 0, 0)
+    return (1, p // parts, t.block_n), lambda k: (k // parts, k % parts, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _lane_itemsizes(fmt: str) -> dict[str, int]:
+    """Bytes an element of each of the format's lane planes."""
     f = get_format(fmt)
-    planes = sum(t.block_k // f.block_size * p.count * t.block_n * np.dtype(p.dtype).itemsize for p in f.planes)
+    lay = LAYOUTS[fmt]
+    planes = {p.name: jax.ShapeDtypeStruct((ROW_ALIGN, lay.unit // f.block_size * p.count), p.dtype)
+              for p in f.planes}
+    lanes = jax.eval_shape(to_lanes, QTensor(fmt, (ROW_ALIGN, lay.unit), planes))
+    return {name: a.dtype.itemsize for name, a in lanes.items()}
+
+
+def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
+    planes = sum(np.prod(_plane_block(fmt, n, t)[0]) * size for n, size in _lane_itemsizes(fmt).items())
     x = t.block_m * t.block_k * jnp.dtype(dtype).itemsize
     staged = (t.block_k + _STAGE_ROWS) * t.block_n * jnp.dtype(dtype).itemsize
     return t.max_concurrent_steps * (planes + x) + staged
@@ -333,28 +388,68 @@ def _wgmma_transforms(minor: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "out_dtype", "tiling", "interpret"))
-def _gemm(x, w, compute_dtype, out_dtype, tiling, interpret):
-    t = tiling
-    (m, k), n = x.shape, w.shape[0]
-    m_pad, n_pad, k_pad = _round_up(m, t.block_m), _round_up(n, t.block_n), _round_up(k, t.block_k)
-    xp = jnp.pad(x.astype(compute_dtype), ((0, m_pad - m), (0, k_pad - k)))
-    planes = _kmajor(w, n_pad, k_pad)
-    kernel = functools.partial(_gemm_kernel, fmt=w.fmt, t=t, steps=k_pad // t.block_k, dtype=compute_dtype)
+def _validate(name: str, fmt: str, tiling: MosaicGpuTiling, compute_dtype) -> None:
+    tiling.check(fmt)
+    if (smem := _gemm_smem_bytes(fmt, tiling, compute_dtype)) > _SMEM_BYTES:
+        raise ValueError(f"{name}: {tiling} needs {smem} bytes of shared memory for {fmt}; an H100/H200 "
+                         f"CTA has {_SMEM_BYTES}")
+
+
+def supports(fmt: str, k: int) -> bool:
+    """Whether `gemm_lanes` takes a `fmt` weight with K = k as laid out (K in whole steps of the default
+    tiling: a multiple of 64, and of 256 for the k-quants)."""
+    return fmt in FORMATS and k % tiling_for(fmt, 1, ROW_ALIGN, k).block_k == 0
+
+
+def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_dtype=jnp.float32,
+               tiling: MosaicGpuTiling | None = None, interpret=False) -> jax.Array:
+    """x [M, K] @ dequant(w)^T from the weight's lane planes (`pallas_kernels.decode_layout.to_lanes`: the
+    layout the Triton kernels read, made once at load; no copy of the weight per call) -> [M, N'] in
+    out_dtype (N' the lanes' padded rows).
+
+    The lanes are already K-major ([K / unit, P, N']): a step's TMA copy brings [block_k / unit, P, block_n]
+    of each plane, and the dequantization of `pallas_kernels.mma` makes the tile in the order of
+    `mma.permute_x`, by which x's columns are permuted (a gather over x, not the weight). K must be a whole
+    number of steps (`supports`), N' a multiple of block_n."""
+    if fmt not in FORMATS or fmt not in LAYOUTS:
+        raise UnsupportedFormatError(f"gemm_lanes: no kernel for {fmt}; formats: {', '.join(sorted(FORMATS))}")
+    compute_dtype, out_dtype = _dtypes("gemm_lanes", x.dtype, compute_dtype, out_dtype)
+    lay = LAYOUTS[fmt]
+    names = tuple(lay.planes)
+    (m, k), n = x.shape, lanes["q"].shape[-1]
+    if set(lanes) != set(names) or lanes["q"].shape[0] * lay.unit != k:
+        raise ShapeMismatchError(f"gemm_lanes: x {x.shape} against {fmt} lanes "
+                                 f"{ {key: v.shape for key, v in lanes.items()} }")
+    t = tiling or tiling_for(fmt, m, n, k)
+    _validate("gemm_lanes", fmt, t, compute_dtype)
+    if k % t.block_k or n % t.block_n:
+        raise ShapeMismatchError(f"gemm_lanes: K={k} and N'={n} must be multiples of {t.block_k=} and "
+                                 f"{t.block_n=}")
+    return _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, _interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "names", "compute_dtype", "out_dtype", "t", "interpret"))
+def _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, interpret):
+    (m, k), n = x.shape, lanes["q"].shape[-1]
+    xp = mma.permute_x(x, fmt, compute_dtype, t.block_m)  # rows padded to block_m, columns in tile order
+    m_pad = xp.shape[0]
+    kernel = functools.partial(_gemm_kernel, fmt=fmt, names=names, t=t, steps=k // t.block_k, dtype=compute_dtype)
     y = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.float32),
-        grid=(n_pad // t.block_n, m_pad // t.block_m), grid_names=("n", "m"),
+        kernel, out_type=jax.ShapeDtypeStruct((m_pad, n), jnp.float32),
+        grid=(n // t.block_n, m_pad // t.block_m), grid_names=("n", "m"),
         scratch_types=[plgpu.SMEM((t.block_k, t.block_n), compute_dtype,
                                   transforms=_wgmma_transforms(t.block_n, compute_dtype)),
                        plgpu.SMEM((_STAGE_ROWS, t.block_n), compute_dtype)],
-        compiler_params=_LANE, interpret=_interpret(interpret),
-    )(xp, *(planes[p.name] for p in w.format.planes))
-    return y[:m, :n].astype(out_dtype)
+        compiler_params=_LANE, interpret=interpret,
+    )(xp, *(lanes[name] for name in names))
+    return y[:m].astype(out_dtype)
 
 
 def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpuTiling | None = None,
          interpret=False) -> jax.Array:
-    """Prefill matmul y = x @ dequant(w)^T on the tensor cores (wgmma), f32 accumulation.
+    """Prefill matmul y = x @ dequant(w)^T on the tensor cores (wgmma), f32 accumulation, for a QTensor
+    as stored: its lanes made for this call (`gemm_lanes` reads them as laid out at load), padded to whole
+    steps and tiles.
 
     Args:
       x: [M, K] float32, float16 or bfloat16.
@@ -371,14 +466,15 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
       [M, N] in out_dtype.
     """
     x, compute_dtype, out_dtype = _check("gemm", x, w, compute_dtype, out_dtype)
-    if compute_dtype not in _WGMMA_DTYPES:
-        raise DTypeError(f"gemm: compute_dtype={compute_dtype} must be float16 or bfloat16 (wgmma); f32 "
-                         f"compute is the XLA path's")
-    tiling = tiling or tiling_for(w.fmt, *x.shape[:1], *w.shape)
-    tiling.check(w.fmt)
-    if tiling.block_k % _STAGE_ROWS:
-        raise ValueError(f"gemm: {tiling.block_k=} must be a multiple of {_STAGE_ROWS} (the staging rows)")
-    if (smem := _gemm_smem_bytes(w.fmt, tiling, compute_dtype)) > _SMEM_BYTES:
-        raise ValueError(f"gemm: {tiling} needs {smem} bytes of shared memory for {w.fmt}; an H100/H200 "
-                         f"CTA has {_SMEM_BYTES}")
-    return _gemm(x, w, compute_dtype, out_dtype, tiling, _interpret(interpret))
+    (m, k), n = x.shape, w.shape[0]
+    t = tiling or tiling_for(w.fmt, m, n, k)
+    _validate("gemm", w.fmt, t, compute_dtype)
+    lanes = to_lanes(w)
+    k_pad, n_pad = _round_up(k, t.block_k), _round_up(lanes["q"].shape[-1], t.block_n)
+    unit = LAYOUTS[w.fmt].unit
+    lanes = {name: jnp.pad(a, ((0, (k_pad - k) // unit), (0, 0), (0, n_pad - a.shape[-1])))  # zeros: 0
+             for name, a in lanes.items()}
+    x = jnp.pad(x, ((0, 0), (0, k_pad - k)))
+    y = gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32, tiling=t,
+                   interpret=interpret)
+    return y[:, :n].astype(out_dtype)

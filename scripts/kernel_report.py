@@ -76,6 +76,9 @@ def _matmul(backend: str):
     return lambda x, w: be.matmul(x, w, compute_dtype=BF16, out_dtype=BF16, interpret=False)
 
 
+_KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")  # Pallas kernels; mpmd_map: Mosaic GPU's `plgpu.kernel`
+
+
 def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> list[str]:
     """Equations outside the kernels that make, from the weight, an array holding at least as many bytes
     as its largest plane: a per-call copy of the weight (e.g. a transpose to another layout). What is made
@@ -88,21 +91,28 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
 
     def walk(jp, from_weight: set):
         for eqn in jp.eqns:
-            if eqn.primitive.name == "pallas_call":
+            if eqn.primitive.name in _KERNEL_PRIMITIVES:
                 continue
             inputs = [v in from_weight for v in eqn.invars if not isinstance(v, jex_core.Literal)]
             if not any(inputs):
+                continue
+            inners = [i for i in (getattr(p, "jaxpr", p) for p in eqn.params.values()) if hasattr(i, "eqns")]
+            if inners:  # a call: its equations are counted, not its results (a kernel's, past a kernel)
+                for inner in inners:  # its inputs are the equation's, in order (else all taken as the weight's)
+                    same = len(inner.invars) == len(eqn.invars)
+                    inside = {iv for iv, ov in zip(inner.invars, eqn.invars)
+                              if not same or (not isinstance(ov, jex_core.Literal) and ov in from_weight)}
+                    walk(inner, inside)
+                    if len(inner.outvars) == len(eqn.outvars):
+                        from_weight.update(ov for iv, ov in zip(inner.outvars, eqn.outvars)
+                                           if not isinstance(iv, jex_core.Literal) and iv in inside)
+                    else:
+                        from_weight.update(eqn.outvars)
                 continue
             for v in eqn.outvars:
                 from_weight.add(v)
                 if v.aval.size * v.aval.dtype.itemsize >= biggest:
                     found.append(f"{eqn.primitive.name} -> {v.aval.dtype}{list(v.aval.shape)}")
-            for p in eqn.params.values():
-                inner = getattr(p, "jaxpr", p)
-                if hasattr(inner, "eqns"):  # a call: its inputs are the equation's, in order
-                    same = len(inner.invars) == len(eqn.invars)
-                    walk(inner, {iv for iv, ov in zip(inner.invars, eqn.invars)
-                                 if not same or (not isinstance(ov, jex_core.Literal) and ov in from_weight)})
 
     walk(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[1:]))  # x, then the weight's arrays
     return found

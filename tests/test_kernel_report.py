@@ -62,11 +62,28 @@ def test_mma_loop_instructions_and_spills(fmt, m, bound, tmp_path):
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
 
 
-def test_mosaic_gemm_ops_per_k_step_do_not_grow():
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
+def test_mosaic_gemm_ops_per_k_step_do_not_grow_and_it_copies_no_weight(fmt):
+    """The Mosaic GPU GEMM reads the lanes as laid out at load (no transpose of the planes per call)."""
     base = json.loads(kernel_report.BASELINE.read_text())
-    row = kernel_report.mosaic_row("Q4_K", kernel_report.PREFILL_ROWS, 4096, 4096)
-    key = f"Q4_K {row['m']}x{row['n']}x{row['k']}"
+    row = kernel_report.mosaic_row(fmt, kernel_report.PREFILL_ROWS, 4096, 4096)
+    key = f"{fmt} {row['m']}x{row['n']}x{row['k']}"
     assert row["mlir_ops_per_k_step"] > 0 and row["mlir_ops_per_k_step"] <= base[key], (row, base[key])
+    assert row["weight_copies"] == [], row
+
+
+def test_weight_copies_finds_a_copy_and_not_a_kernels_result():
+    """A transpose of the weight's planes per call is found; the product a kernel makes from it is not."""
+    import jax.numpy as jnp
+
+    def transposing(x, w):  # the lanes' words laid out [N', K / 4] again for every call
+        q = w.lanes["q"]
+        words = jnp.transpose(q, (2, 0, 1)).reshape(q.shape[-1], -1)
+        return x[:, : words.shape[1]] @ words[:, : x.shape[1]].astype(x.dtype).T
+
+    found = kernel_report.weight_copies("triton", "Q8_0", 512, 4096, 4096, fn=transposing)
+    assert any(f.startswith("transpose") for f in found), found
+    assert kernel_report.weight_copies("triton", "Q8_0", 16, 4096, 4096) == []
 
 
 # The GEMM's prefill tiles (128 rows of x a program, eight warps): the weight dequantized once a tile

@@ -55,6 +55,16 @@ def test_no_races(rng):
     assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
 
 
+@pytest.mark.parametrize("fmt,block_k", [("Q4_K", 128), ("Q6_K", 256), ("Q5_0", 256)])
+def test_steps_of_part_of_a_unit_or_several_units(fmt, block_k, rng):
+    """A step of half a k-quant unit (each plane kept per chunk read in part), of a whole one, of eight
+    32-element blocks: the same product as the default one-chunk steps."""
+    w, x = random_qtensor(fmt, 130, 512, rng), jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
+    t = dataclasses.replace(tiling_for(fmt, 64, 130, 512), block_k=block_k, max_concurrent_steps=2)
+    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, tiling=t, interpret=True)
+    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
+
+
 def test_gemm_on_a_real_quantization_with_an_explicit_tiling():
     """Weights quantized by realm-jax (not random bytes), two 256-row tiles, the second ragged."""
     rng = np.random.default_rng(3)
@@ -75,10 +85,13 @@ def test_heuristic_tilings_are_valid(fmt):
 def test_bad_tilings_raise():
     with pytest.raises(ValueError, match="block_k"):
         MosaicGpuTiling(block_k=100).check("Q4_0")
-    with pytest.raises(ValueError, match="block_k"):
-        MosaicGpuTiling(block_k=128).check("Q4_K")
+    with pytest.raises(ValueError, match="divide"):
+        MosaicGpuTiling(block_k=192).check("Q4_K")  # neither whole units nor a part of one
+    with pytest.raises(ValueError, match="units"):
+        MosaicGpuTiling(block_k=128).check("Q3_K")  # its bit fields need the whole unit
+    MosaicGpuTiling(block_k=128).check("Q4_K")  # half a unit a step
     with pytest.raises(ValueError, match="TMA"):
-        MosaicGpuTiling(block_k=512).check("Q8_0")
+        MosaicGpuTiling(block_k=32 * 512).check("Q8_0")  # 512 units of the lanes in one copy
     with pytest.raises(ValueError, match="block_n"):
         MosaicGpuTiling(block_n=64).check("Q4_0")
     with pytest.raises(TypeError):

@@ -1,6 +1,7 @@
-"""What the Pallas backends on the weight as stored (`mosaic_gpu`, `mosaic_tpu`) share: the weight they
-prepare (the QTensor itself), the formats their kernels implement, and running a kernel per shard of a weight
-split over a mesh. (The `triton` backend lays its weights out for its own kernels: `realm_jax.linear.triton`.)
+"""What the Pallas backends on the weight as stored (`mosaic_tpu`) share: the weight they prepare (the
+QTensor itself), the formats their kernels implement, and running a kernel per shard of a weight split over
+a mesh. (The GPU backends, `triton` and `mosaic_gpu`, lay their weights out for their kernels, in one
+layout: `realm_jax.linear.triton`.)
 
 The kernels (`pallas_kernels`) keep the weight quantized in device memory and dequantize a tile at a time
 with the format's tile function; on a CPU they run in interpret mode (for checks: slowly).

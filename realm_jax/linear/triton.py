@@ -72,8 +72,8 @@ class LanesWeight(Prepared):
     axes: tuple[str | None, str | None] | None = None
 
     def __repr__(self) -> str:
-        return f"LanesWeight({self.fmt}, shape={self.shape}" + (", one layer of a stack)" if self.layer is not None
-                                                                 else ")")
+        stack = ", one layer of a stack" if self.layer is not None else ""
+        return f"{type(self).__name__}({self.fmt}, shape={self.shape}{stack})"
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -101,6 +101,7 @@ class Triton(Backend):
     formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS), the others GEMM only
     max_rows = DECODE_ROWS
     paths = ("gemv", "mma", "xla")
+    weight_type: ClassVar[type[LanesWeight]] = LanesWeight
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
         if fmt.block_size == 1:
@@ -112,6 +113,16 @@ class Triton(Backend):
         heuristic; "xla" under f32 compute."""
         if jnp.dtype(compute_dtype) not in _KERNEL_COMPUTE:
             return "xla"
+        chosen = self.measured_path(fmt, m, device_kind)
+        if chosen is not None:
+            return chosen
+        if m <= GEMV_ROWS and fmt in GEMV_FORMATS:
+            return "gemv"
+        return "mma" if m <= DECODE_ROWS else "xla"
+
+    def measured_path(self, fmt: str, m: int, device_kind: str | None = None) -> str | None:
+        """The path the routes table gives m rows of x of a `fmt` weight on this device kind, checked
+        against this backend's paths, or None where the table has no entry."""
         kind = device_kind or jax.devices()[0].device_kind
         chosen = routes.measured(self.name, kind, fmt, m)
         if chosen is not None and chosen not in self.paths:
@@ -120,21 +131,17 @@ class Triton(Backend):
         if chosen == "gemv" and fmt not in GEMV_FORMATS:
             raise RoutesError(f"{routes.ROUTES_FILE}: {kind!r}/{self.name}/{fmt}: routes {m} rows of x to the "
                               f"GEMV, which {fmt} does not have")
-        if chosen is not None:
-            return chosen
-        if m <= GEMV_ROWS and fmt in GEMV_FORMATS:
-            return "gemv"
-        return "mma" if m <= DECODE_ROWS else "xla"
+        return chosen
 
     def kernel_rows(self, m: int, compute_dtype, fmt: str | None = None) -> bool:
         """Whether m rows of x of a `fmt` weight (Q4_K where unsaid) go to a kernel: its path."""
         return self.path(fmt or "Q4_K", m, compute_dtype) != "xla"
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> LanesWeight:
-        return LanesWeight(to_lanes(qt), qt.fmt, tuple(qt.shape))
+        return self.weight_type(to_lanes(qt), qt.fmt, tuple(qt.shape))
 
     def view(self, qt: QTensor, compute_dtype) -> LanesWeight:
-        return LanesWeight(to_lanes(qt), qt.fmt, tuple(qt.shape))
+        return self.weight_type(to_lanes(qt), qt.fmt, tuple(qt.shape))
 
     def matmul(self, x, w: LanesWeight, *, compute_dtype, out_dtype, interpret: bool | None = None) -> jax.Array:
         if w.axes is not None:
@@ -162,7 +169,7 @@ class Triton(Backend):
             return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, -n % ROW_ALIGN)])
 
         lanes = {name: join(*(w.lanes[name] for w in ws)) for name in ws[0].lanes}
-        return LanesWeight(lanes, ws[0].fmt, (n, ws[0].shape[1]))
+        return self.weight_type(lanes, ws[0].fmt, (n, ws[0].shape[1]))
 
     def stacked(self, w: LanesWeight) -> tuple[LanesWeight, Any]:
         return dataclasses.replace(w, lanes={}), w.lanes
@@ -208,7 +215,7 @@ class Triton(Backend):
         n_local, k_local = local_shape(w.shape, w.axes, w)
 
         def local(x, lanes):
-            part = LanesWeight(lanes, w.fmt, (n_local, k_local), w.layer)
+            part = type(w)(lanes, w.fmt, (n_local, k_local), w.layer)
             y = self.matmul(x, part, compute_dtype=compute_dtype, out_dtype=jnp.float32 if cols_axis else out_dtype,
                             interpret=interpret)
             return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
