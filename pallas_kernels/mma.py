@@ -25,8 +25,8 @@ takes 2^23 (and the format's offset) away, and the code's scale, divided by the 
 position, multiplies it: (code - offset) * scale exactly, as the reference computes it, before the one
 rounding to the compute dtype. A word is shifted at most twice for its eight nibbles (`_halves`), not once
 a code; the fifth and sixth bits join their nibbles four codes at a time (`_code_words`: a rotation and a
-lop3 a word). At 16 rows of x and 4096x4096 that took the K loop from 6.6-9.7 to 6.1-7.6 instructions a
-weight (Q4_0 ... Q5_K; `scripts/kernel_report.py`).
+lop3 a word). At 16 rows of x and 4096x4096 that took the K loop from 6.6-12.1 to 6.1-9.5 instructions a
+weight (Q4_0 ... Q3_K; `scripts/kernel_report.py`).
 
 Decode (up to 64 rows of x) is one tile of x: every program multiplies all the rows, so each weight is
 dequantized once. Prefill tiles x by `PREFILL_ROWS`: the programs of one weight tile, one per tile of x,
@@ -166,28 +166,6 @@ _TN = (((0,), (1,)), ((), ()))  # w [chunk, rows] . x [x_rows, chunk] -> [rows, 
 MAGIC = 0x4B000000  # the bits of float32 2^23: OR a code below 2^23 into them and the float is 2^23 + code
 
 
-def _mask_or(a, mask: int, c, interpret: bool):
-    """(a & mask) | c of uint32 a and c, as int32 bits, in one `lop3` (the compiler makes a bit-field
-    extract and an OR of it)."""
-    a, c = jnp.broadcast_arrays(a, c)
-    if interpret:
-        return lax.bitcast_convert_type((a & jnp.uint32(mask)) | c, jnp.int32)
-    [out] = pltriton.elementwise_inline_asm(  # Triton's IR has no unsigned result type: int32 bits
-        f"lop3.b32 $0, $1, {mask:#x}, $2, 0xEA;", args=[a, c], constraints="=r,r,r", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
-    return out
-
-
-def _exact(a, mask: int, high=None, offset: int = 0, *, interpret: bool) -> jax.Array:
-    """float32 of the unsigned codes (a & mask) | high (high: None or bits above the mask's, the fifth and
-    sixth bits), less `offset`, without a conversion instruction (a quarter of the tensor cores' issue rate
-    on Hopper: one a weight would halve the kernel's speed): the codes become the mantissa of 2^23 + code,
-    from which an exact subtraction takes 2^23 + offset."""
-    bits = jnp.uint32(MAGIC) if high is None else high | jnp.uint32(MAGIC)
-    f = lax.bitcast_convert_type(_mask_or(a, mask, bits, interpret), jnp.float32)
-    return f - jnp.float32(8388608.0 + offset)
-
-
 def _halves(words, s):
     """The halves s = 0, 1 of uint32 words with their nibbles at bits 4-19: words << 4 (bits 0-15 moved up
     four) and words >> 12 (bits 16-31 down twelve). Each nibble then sits at bit pp in 4..16 of its half, a
@@ -202,11 +180,13 @@ def _pow2(e, sign: int = 1) -> jax.Array:
 
 
 def _placed(src, pp, magic, bits: int = 4, offset: int = 0, *, interpret: bool) -> jax.Array:
-    """float32 (code - offset) * 2^pp of the `bits`-bit code at bit pp of src (pp + bits <= 23): src masked
-    into the mantissa of 2^23 (one lop3, the mask its immediate: `magic` is MAGIC read from memory, so that
-    the compiler does not take that constant for the immediate and load each code's mask into a register)
-    is 2^23 + code * 2^pp, less 2^23 + offset * 2^pp exactly; the caller folds 2^-pp into the code's scale,
-    so that the product is exact as the reference's (code - offset) * scale."""
+    """float32 (code - offset) * 2^pp of the `bits`-bit code at bit pp of src (pp + bits <= 23), without a
+    conversion instruction (a quarter of the tensor cores' issue rate on Hopper: one a weight would halve
+    the kernel's speed): src masked into the mantissa of 2^23 (one lop3, the mask its immediate: `magic` is
+    MAGIC read from memory, so that the compiler does not take that constant for the immediate and load each
+    code's mask into a register; Q3_K ORs its codes' high bits into it) is 2^23 + code * 2^pp, less
+    2^23 + offset * 2^pp exactly; the caller folds 2^-pp into the code's scale, so that the product is exact
+    as the reference's (code - offset) * scale."""
     mask = jnp.uint32((1 << bits) - 1) << pp
     less = jnp.float32(8388608.0) + jnp.float32(offset) * _pow2(pp)
     src, mask, magic = jnp.broadcast_arrays(src, mask, magic)
@@ -281,32 +261,37 @@ def _legacy(fmt: str, get, part, rows: int, *, interpret: bool, magic) -> jax.Ar
     return w.reshape(-1, rows)
 
 
-def _low_kquant(fmt: str, get, c, rows: int, *, interpret: bool) -> jax.Array:
+def _low_kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array:
     """Q2_K, Q3_K: chunk c (traced) of a 256-element unit: qs words 8(c // 2) + w hold, in their 2-bit fields
-    k = 2(c % 2) + k2 (k2 = 0, 1), elements 128(c // 2) + 32k + 4w + b (byte b); dims (k2, w // 4, w % 4, b)
-    with sub-block 8(c // 2) + 2k + w // 4 = 4c + 2 k2 + w // 4: scale words 4c..4c+3."""
+    k = 2(c % 2) + k2 (k2 = 0, 1), elements 128(c // 2) + 32k + 4w + b (byte b = 2s + bb); dims (k2, w // 4,
+    w % 4, s, bb) with sub-block 8(c // 2) + 2k + w // 4 = 4c + 2 k2 + w // 4: scale words 4c..4c+3. A word
+    shifted by 4(c % 2) once holds field k2 of byte b at bit 16s + 8bb + 2k2: taken at bit pp = 8bb + 2k2 of
+    its half s (`_placed`)."""
     d = get("d", None).astype(jnp.float32)[0]  # [1, rows]
-    q = get("q", (8 * (c // 2), 8))[0].reshape(1, 2, 4, 1, rows)  # (-, w // 4, w % 4, -, rows)
-    dims = (2, 1, 1, 4, 1)
-    field = 2 * (c % 2) + _iota(dims, 0)  # k
-    fields = q >> (8 * _iota(dims, 3) + 2 * field)  # bits 8b + 2k
-    sc = get("sc", (4 * c, 4))[0].reshape(2, 2, 1, 1, rows)  # sub-block 4c + 2 k2 + w // 4
+    dims = (2, 1, 1, 2, 2, 1)
+    k2, s_, bb = _iota(dims, 0), _iota(dims, 3), _iota(dims, 4)
+    q = get("q", (8 * (c // 2), 8))[0] >> jnp.asarray(4 * (c % 2), jnp.uint32)
+    src, pp = q.reshape(1, 2, 4, 1, 1, rows) >> (16 * s_), 8 * bb + 2 * k2
+    sc = get("sc", (4 * c, 4))[0].reshape(2, 2, 1, 1, 1, rows)  # sub-block 4c + 2 k2 + w // 4
     if fmt == "Q2_K":  # x = (d * scale) * q - dmin * min; scales[s] = min << 4 | scale
         scale, low = (sc & 0xF).astype(jnp.float32), (sc >> 4).astype(jnp.float32)
         dmin = get("dmin", None).astype(jnp.float32)[0]
-        w = (d * scale) * _exact(fields, 3, interpret=interpret) - dmin * low
-    else:  # Q3_K: q = code - 4 (1 - h), h = bit 4(c // 2) + k of hmask byte 4w + b
-        h = get("h", None)[0].reshape(1, 2, 4, 1, rows)  # hmask words w
-        high = ((h >> (8 * _iota(dims, 3) + 4 * (c // 2) + field)) << 2) & jnp.uint32(4)  # h as bit 2
-        scale = sc.astype(jnp.float32) - 32.0
-        w = (d * scale) * _exact(fields, 3, high, 4, interpret=interpret)
+        codes = _placed(src, pp, magic, 2, interpret=interpret)
+        w = codes * ((d * scale) * _pow2(pp, -1)) - dmin * low
+    else:  # Q3_K: q = code - 4 (1 - h), h = bit 4(c // 2) + k = 2c + k2 of hmask byte 4w + b: shifted by 2c
+        # once, bit 16s + 8bb + k2 of word w; in its half, moved to the code's bit pp + 2 = 8bb + 2k2 + 2
+        h = get("h", None)[0] >> jnp.asarray(2 * c, jnp.uint32)  # hmask words w
+        hs = h.reshape(1, 2, 4, 1, 1, rows) >> (16 * s_)
+        high = ((hs << (k2 + 2)) & (jnp.uint32(4) << pp)) | magic
+        codes = _placed(src, pp, high, 2, 4, interpret=interpret)
+        w = codes * ((d * (sc.astype(jnp.float32) - 32.0)) * _pow2(pp, -1))
     return w.reshape(CHUNK, rows)
 
 
 def _kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array:
     """Chunk c (traced) of a 256-element unit."""
     if fmt in ("Q2_K", "Q3_K"):
-        return _low_kquant(fmt, get, c, rows, interpret=interpret)
+        return _low_kquant(fmt, get, c, rows, interpret=interpret, magic=magic)
     d = get("d", None).astype(jnp.float32)  # [1, 1, rows]
     if fmt == "Q8_K":
         q = get("q", (16 * c, 16))[0]  # [16, rows]
