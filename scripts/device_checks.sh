@@ -9,7 +9,9 @@
 #      bandwidth measured in the same run (kernels.md), ~2 min at most;
 #   3. the prefill table: the same at M = 128, 512, 2048 (the GEMM's prefill tiles against XLA), ~2 min;
 #      steps 2 and 3 record the fastest path per format and M in $OUT/routes.json (commit it as
-#      realm_jax/linear/routes.json: the registry then routes by it on this device kind);
+#      realm_jax/linear/routes.json: the registry then routes by it on this device kind); then the Mosaic
+#      GPU GEMM on the same lanes at one prefill shape (mosaic.md: against step 3's Triton tile, and its
+#      compile seconds in the log), 45 s at most;
 #   4. the 8B-shaped Q4_K_M model end to end, kernels against dense bf16 weights, prompts of 128, 512 and
 #      2048 tokens (gpu_8b.json), ~2.5 min;
 #   5. the first token of a new process once the compilation cache is warm (first_token.json), ~1.3 min.
@@ -51,6 +53,8 @@ step kernels 120 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_
 step prefill 100 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q8_0 \
   --shapes 4096x4096,14336x4096 --m 128,512,2048 --runs 3 --json "$OUT/prefill.json" --markdown "$OUT/prefill.md" \
   --write-routes "$OUT/routes.json"
+step mosaic 45 python3 benchmarks/kernels.py --impls mosaic_gpu --formats Q4_K --shapes 4096x4096 --m 512 \
+  --runs 2 --json "$OUT/mosaic.json" --markdown "$OUT/mosaic.md"
 step gpu_8b 150 python3 benchmarks/gpu_8b.py --impls auto,xla --prompt-tokens 128,512,2048 --decode-tokens 64 \
   --runs 2 --json "$OUT/gpu_8b.json"
 step first_token 80 python3 benchmarks/gpu_8b.py --impls auto --prompt-tokens 128 --decode-tokens 4 --runs 1 \
