@@ -218,14 +218,19 @@ def _rotr(words, r, interpret: bool) -> jax.Array:
     return lax.bitcast_convert_type(out, jnp.uint32)
 
 
-def _signed_bytes(words, magic, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """The signed bytes of uint32 words [..., rows] as float32 byte * 2^pp [..., 2 s, 2 jj, rows] (byte
-    2s + jj, taken at bit pp = 8jj of the word shifted by 16s) and pp: their two's complement flipped to
-    0..255 once a word (one xor), placed by `_placed`."""
+def _bytes_at(words, magic, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """The bytes of uint32 words [..., rows], less 128, as float32 (byte - 128) * 2^pp [..., 2 s, 2 jj,
+    rows] (byte 2s + jj, taken at bit pp = 8jj of the word shifted by 16s) and pp, placed by `_placed`."""
     dims = (1,) * (words.ndim - 1) + (2, 2, 1)
-    src = (words ^ jnp.uint32(0x80808080))[..., None, None, :] >> (16 * _iota(dims, words.ndim - 1))
+    src = words[..., None, None, :] >> (16 * _iota(dims, words.ndim - 1))
     pp = 8 * _iota(dims, words.ndim)
     return _placed(src, pp, magic, 8, 128, interpret=interpret), pp
+
+
+def _signed_bytes(words, magic, *, interpret: bool) -> tuple[jax.Array, jax.Array]:
+    """The signed bytes of uint32 words as `_bytes_at` gives them: their two's complement flipped to 0..255
+    once a word (one xor)."""
+    return _bytes_at(words ^ jnp.uint32(0x80808080), magic, interpret=interpret)
 
 
 def _iota(shape, dim: int, dtype=jnp.uint32) -> jax.Array:
@@ -329,24 +334,55 @@ def _kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array
     return w.reshape(CHUNK, rows)
 
 
-def _table4(fmt: str, get, part, rows: int, *, interpret: bool, lookup, magic) -> jax.Array:
+def _prmt(a, b, sel, interpret: bool) -> jax.Array:
+    """`prmt.b32`: byte k of the result is byte (sel >> 4k) & 7 of the eight bytes of a (0-3) and b (4-7),
+    for uint32 a, b and selectors sel (their bit 3 clear; the low 16 bits read)."""
+    a, b, sel = jnp.broadcast_arrays(a, b, sel)
+    if interpret:
+        out = jnp.zeros_like(a)
+        for k in range(4):
+            s_ = (sel >> (4 * k)) & 7
+            byte = jnp.where(s_ < 4, a >> (8 * (s_ & 3)), b >> (8 * (s_ & 3))) & 0xFF
+            out = out | (byte << (8 * k))
+        return out
+    [out] = pltriton.elementwise_inline_asm(
+        "prmt.b32 $0, $1, $2, $3;", args=[a, b, sel], constraints="=r,r,r,r", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])
+    return lax.bitcast_convert_type(out, jnp.uint32)
+
+
+def _table4(fmt: str, get, part, rows: int, *, interpret: bool, table, magic) -> jax.Array:
     """IQ4_NL and MXFP4 (the chunk's one or two blocks), IQ4_XS (chunk `part`: sub-blocks 2 part and
-    2 part + 1): the codes index the format's table (`lookup`, a gather from its 16 values in global memory,
-    cached)."""
-    dims = (1, 1, 4, 2, 1)  # (block, word p, byte j, nibble h, rows)
-    shift = 8 * _iota(dims, 2) + 4 * _iota(dims, 3)
+    2 part + 1): the codes index the format's 16 values. `table`: a gather from them in global memory
+    (cached; prefill tiles), or four words holding them as bytes (value + 128; decode tiles), in which three
+    byte permutations a half word of codes look them up in registers (the low eight values by the code's
+    three low bits, the high eight, then one of the two by its fourth) and the bytes are placed as Q8_0's
+    are: at 16 rows of x IQ4_NL 9.8 -> 7.5 instructions a weight, IQ4_XS 11.8 -> 7.9 (its registers 186-192
+    -> 112), MXFP4 10.5 -> 7.7; in the eight-warp prefill tiles the permutations come out replicated
+    (2 a weight, not 0.75: IQ4_NL 9.7 -> 10.8), so those keep the gather. Dims (block, word p, half i, byte
+    pair s, byte jj): the code of nibble n = 4i + 2s + jj is element 4p + n // 2 + 16 (n % 2) of its
+    block, the gather's (block, word p, byte j, nibble h) the same order."""
     if fmt in ("IQ4_NL", "MXFP4"):
-        q = get("q", None)[:, :, None, None, :]  # [units, 4, 1, 1, rows]
+        q = get("q", None)  # [units, 4, rows]
         if fmt == "MXFP4":  # 2^(e - 128): the table holds the E2M1 values doubled
-            scale = e8m0_half(get("e", None))[:, :, None, None, :]
+            scale = e8m0_half(get("e", None))
         else:
-            scale = get("d", None).astype(jnp.float32)[:, :, None, None, :]
+            scale = get("d", None).astype(jnp.float32)
     else:
-        q = get("q", (8 * part, 8))[0].reshape(2, 4, 1, 1, rows)
-        sc = get("sc", (2 * part, 2))[0].astype(jnp.float32).reshape(2, 1, 1, 1, rows)
+        q = get("q", (8 * part, 8))[0].reshape(2, 4, rows)
+        sc = get("sc", (2 * part, 2))[0].astype(jnp.float32).reshape(2, 1, rows)
         scale = get("d", None).astype(jnp.float32)[0] * (sc - 32.0)
-    codes = ((q >> shift) & LO).astype(jnp.int32)
-    return (scale * lookup(codes)).reshape(-1, rows)
+    if callable(table):  # the gather
+        dims = (1, 1, 4, 2, 1)  # (block, word p, byte j, nibble h, rows)
+        codes = ((q[:, :, None, None, :] >> (8 * _iota(dims, 2) + 4 * _iota(dims, 3))) & LO).astype(jnp.int32)
+        return (scale[:, :, None, None, :] * table(codes)).reshape(-1, rows)
+    half = 16 * _iota((1, 1, 2, 1), 2)
+    sel = (q & jnp.uint32(0x77777777))[:, :, None, :] >> half
+    pick = (((q >> 1) & jnp.uint32(0x44444444)) | jnp.uint32(0x32103210))[:, :, None, :] >> half
+    t0, t1, t2, t3 = table
+    values = _prmt(_prmt(t0, t1, sel, interpret), _prmt(t2, t3, sel, interpret), pick, interpret)
+    codes, pp = _bytes_at(values, magic, interpret=interpret)  # [units, 4, 2, 2, 2, rows]
+    return (codes * (scale[:, :, None, None, None, :] * _pow2(pp, -1))).reshape(-1, rows)
 
 
 # The formats whose codes index a table of values: the table, a kernel input.
@@ -354,8 +390,12 @@ _TABLES = {"IQ4_NL": KVALUES, "IQ4_XS": KVALUES, "MXFP4": E2M1}
 TABLE_FORMATS = frozenset(_TABLES)
 
 
-def _table(fmt: str) -> jax.Array:
-    return jnp.asarray(_TABLES[fmt], jnp.float32)
+def _table(fmt: str, x_rows: int) -> jax.Array:
+    """The format's 16 values: for prefill tiles as float32 (`_table4` gathers from them), for decode tiles
+    as bytes (value + 128) in four little-endian uint32 words (`_table4` permutes them in registers)."""
+    if x_rows > DECODE_ROWS:
+        return jnp.asarray(_TABLES[fmt], jnp.float32)
+    return jnp.asarray((np.asarray(_TABLES[fmt], np.int16) + 128).astype(np.uint8).view("<u4"))
 
 
 FORMATS = {f: functools.partial(_table4 if f in _TABLES else _legacy if LAYOUTS[f].unit == 32 else _kquant, f)
@@ -369,7 +409,8 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
     extra = {"magic": magic_ref[0]}  # MAGIC, read from memory rather than a constant: see `_placed`
     if fmt in _TABLES:
         *plane_refs, table_ref = plane_refs
-        extra["lookup"] = lambda codes: table_ref[codes]
+        extra["table"] = ((lambda codes: table_ref[codes]) if t.x_rows > DECODE_ROWS
+                          else tuple(table_ref[i] for i in range(4)))
     planes = dict(zip(names, plane_refs))
     m0 = pl.program_id(0) * t.x_rows  # the tile of x varies fastest: its neighbours share the weight tile
     r0 = pl.program_id(1) * t.rows
@@ -428,7 +469,7 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
         raise ShapeMismatchError(f"mma: {t} does not divide {n} rows and {total} chunks of {fmt}")
     dtype = jnp.dtype(compute_dtype)
     names = tuple(LAYOUTS[fmt].planes)
-    tables = [_table(fmt)] if fmt in _TABLES else []
+    tables = [_table(fmt, t.x_rows)] if fmt in _TABLES else []
     args = (permute_x(x, fmt, dtype, t.x_rows), *(lanes[name] for name in names), *tables,
             jnp.full((1,), MAGIC, jnp.uint32))
     if stacked:
