@@ -409,7 +409,7 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
     extra = {"magic": magic_ref[0]}  # MAGIC, read from memory rather than a constant: see `_placed`
     if fmt in _TABLES:
         *plane_refs, table_ref = plane_refs
-        extra["table"] = ((lambda codes: table_ref[codes]) if t.x_rows > DECODE_ROWS
+        extra["table"] = ((lambda codes: table_ref[codes]) if table_ref.dtype == jnp.float32  # see `_table`
                           else tuple(table_ref[i] for i in range(4)))
     planes = dict(zip(names, plane_refs))
     m0 = pl.program_id(0) * t.x_rows  # the tile of x varies fastest: its neighbours share the weight tile

@@ -411,7 +411,7 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     of each plane, and the dequantization of `pallas_kernels.mma` makes the tile in the order of
     `mma.permute_x`, by which x's columns are permuted (a gather over x, not the weight). K must be a whole
     number of steps (`supports`), N' a multiple of block_n."""
-    if fmt not in FORMATS or fmt not in LAYOUTS:
+    if fmt not in FORMATS:
         raise UnsupportedFormatError(f"gemm_lanes: no kernel for {fmt}; formats: {', '.join(sorted(FORMATS))}")
     compute_dtype, out_dtype = _dtypes("gemm_lanes", x.dtype, compute_dtype, out_dtype)
     lay = LAYOUTS[fmt]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.linear.pallas import KERNEL_FORMATS
-from realm_jax.linear.triton import LanesWeight, Triton
+from realm_jax.linear.triton import LanesWeight, Triton, _interpret
 
 __all__ = ["MOSAIC_GPU", "MosaicGpu", "MosaicLanesWeight"]
 
@@ -58,10 +58,8 @@ class MosaicGpu(Triton):
         if path != "mosaic" or not mosaic_gpu.supports(w.fmt, w.shape[1]):
             return super().matmul_path(x, w, "xla", compute_dtype=compute_dtype, out_dtype=out_dtype,
                                        interpret=interpret)
-        lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
-        interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-        y = mosaic_gpu.gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32,
-                                  interpret=interpret)
+        y = mosaic_gpu.gemm_lanes(x, w.layer_lanes(), fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32,
+                                  interpret=_interpret(interpret))
         return y[:, : w.shape[0]].astype(out_dtype)
 
     def decode_attention(self, q, k_cache, v_cache, scores_dtype):

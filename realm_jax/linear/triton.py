@@ -71,6 +71,11 @@ class LanesWeight(Prepared):
     layer: jax.Array | None = None
     axes: tuple[str | None, str | None] | None = None
 
+    def layer_lanes(self) -> dict[str, jax.Array]:
+        """The lanes of this weight's one layer: sliced out of the stack (a copy) where it is a layer of one,
+        for a path that cannot read the layer in place."""
+        return self.lanes if self.layer is None else jax.tree.map(lambda a: a[self.layer], self.lanes)
+
     def __repr__(self) -> str:
         stack = ", one layer of a stack" if self.layer is not None else ""
         return f"{type(self).__name__}({self.fmt}, shape={self.shape}{stack})"
@@ -154,8 +159,7 @@ class Triton(Backend):
         """`matmul` by the given path (one device's weight): what `benchmarks/kernels.py` times to measure
         the routes."""
         if path == "xla":
-            lanes = w.lanes if w.layer is None else jax.tree.map(lambda a: a[w.layer], w.lanes)
-            return xla_matmul(x, from_lanes(w.fmt, w.shape, lanes), compute_dtype, out_dtype)
+            return xla_matmul(x, from_lanes(w.fmt, w.shape, w.layer_lanes()), compute_dtype, out_dtype)
         y = multiply(x, w, path, compute_dtype=compute_dtype, interpret=_interpret(interpret))
         return y[:, : w.shape[0]].astype(out_dtype)
 
