@@ -1,14 +1,28 @@
-"""The prefill kernel for Hopper through Mosaic GPU (`plgpu.kernel` + `plgpu.emit_pipeline`).
+"""The prefill kernel for Hopper through Mosaic GPU (`plgpu.kernel` + `plgpu.emit_pipeline_warp_specialized`).
 
 `gemm_lanes`: y = x @ dequant(w)^T for the formats of `FORMATS`, from the weight's lane planes as laid out
 at load for every GPU kernel (`pallas_kernels.decode_layout`: [K / unit, P, N'], K-major, rows padded to
-128), f16/bf16 operands on the tensor cores (`plgpu.wgmma`) with an f32 accumulator [block_m, block_n]; the
-dequantized tile is staged in shared memory. `gemm` takes a QTensor as stored (its lanes made for the
-call). (Decode is the Triton kernels': `pallas_kernels.decode`, `pallas_kernels.mma`. The FMA GEMV this
-module had for decode was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us
-against 127-140 at M=1 (FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
+128), f16/bf16 operands on the tensor cores (`plgpu.wgmma`) with f32 accumulators; the dequantized tile is
+staged in shared memory. `gemm` takes a QTensor as stored (its lanes made for the call). (Decode is the
+Triton kernels': `pallas_kernels.decode`, `pallas_kernels.mma`. The FMA GEMV this module had for decode
+was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us against 127-140 at M=1
+(FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
 
 Shapes: M rows of x, N rows of w (outputs), K the contraction.
+
+The structure (the dense and mixed-type Hopper matmuls of jax's `pallas/ops/gpu` are the models):
+- a persistent grid: one CTA per SM (`num_sms`), each looping over output tiles [block_m, block_n *
+  compute_wgs], M minor, so that the CTAs at work at once share few weight tiles (read from HBM once, into
+  L2);
+- warp specialization: in each CTA one warpgroup only issues the TMA copies of x and the lanes,
+  `max_concurrent_steps` steps ahead, and one or two compute warpgroups each dequantize their block_n rows
+  of the weight (one row a thread), stage them as the wgmma B operand and multiply them by the CTA's rows
+  of x (the x tile is shared; the dequantized tile serves all block_m rows);
+- no wait for the tensor cores each step: each compute warpgroup has two dequantized tiles, so step s+1
+  dequantizes into one while step s's wgmma reads the other; it waits for a wgmma one step later, and
+  the pipeline releases the inputs that wgmma read then (`delay_release=1`).
+`tiling_for` picks the warpgroups, tiles and rows of x per tile by shared memory and by how well the output
+tiles fill the SMs' waves.
 
 How the one definition of the math is kept. The dequantization is `pallas_kernels.mma`'s, the Triton
 GEMM's own (its format functions: code words, masks and scales on the lanes, the tile in the order
@@ -22,6 +36,12 @@ K-major already, so one word of a unit is a contiguous row of shared memory (the
 per call before: a copy of the weight, and 18-34% more MLIR operations a step than now).
 
 Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128).
+
+Not done: feeding the wgmma from registers. The mixed-type kernels hold the narrow operand in registers in
+the WGMMA layout and convert it there (jax's int8 A operand: `astype` in the WGMMA_8BIT layout); here a
+thread's row of the tile must first go through shared memory (a staging buffer, then the swizzled B
+operand), since no Mosaic GPU register layout gives a thread the elements of one plane word that the
+WGMMA layout spreads over four threads.
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, to_lanes
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 
-__all__ = ["MosaicGpuTiling", "gemm", "gemm_lanes", "supports", "tiling_for"]
+__all__ = ["MosaicGpuTiling", "gemm", "gemm_lanes", "num_sms", "supports", "tiling_for"]
 
 # The formats whose dequantization (`pallas_kernels.mma`'s) is arithmetic on the codes: those that index a
 # table of values (a gather) have none here.
@@ -57,25 +77,34 @@ _THREADS = 128  # one warpgroup
 _MAX_BLOCK_DIM = 256  # TMA: at most 256 elements per block dimension
 _STAGE_ROWS = 64  # rows of the dequantized tile staged at a time on their way into the wgmma operand
 _SMEM_BYTES = 232_448  # per CTA on H100/H200
+_MIN_WAVE_FILL = 0.8  # `tiling_for`: output tiles / (waves of the SMs x SMs) a tiling must reach
 _LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicGpuTiling:
-    """Static tiling of the Mosaic GPU kernels, chosen by `tiling_for`.
+    """Static tiling of the Mosaic GPU kernel, chosen by `tiling_for`.
 
     Attributes:
-      block_n: weight rows per CTA: 128 or 256 (one or two rows per thread).
+      block_n: weight rows per compute warpgroup: 128 or 256 (one or two rows per thread); a CTA's tile
+        is block_n * compute_wgs rows.
       block_k: elements of K per pipeline step: a multiple of the block size; the planes' blocks of
         K/bs*count rows must stay within 256 (Q8_K and Q8_0: 256 at most).
-      block_m: rows of x per CTA (64 or 128, the wgmma M).
-      max_concurrent_steps: pipeline depth (buffers in flight per input).
+      block_m: rows of x per CTA (64 or 128: one or two wgmma M), shared by its compute warpgroups.
+      max_concurrent_steps: pipeline depth (the TMA copies of x and the lanes in flight per input).
+      compute_wgs: warpgroups that dequantize and multiply (1 or 2), each its own block_n rows of the
+        weight against the CTA's rows of x; one more warpgroup issues the TMA copies.
+      w_buffers: dequantized tiles per compute warpgroup (1 or 2). With 2, step s+1 dequantizes into one
+        while step s's wgmma reads the other (the wgmma is waited for one step later, and the inputs it
+        reads are released then); with 1, each step waits for its wgmma.
     """
 
     block_n: int = 128
     block_k: int = 256
     block_m: int = 64
     max_concurrent_steps: int = 2
+    compute_wgs: int = 1
+    w_buffers: int = 1
 
     def check(self, fmt: str) -> None:
         lay = LAYOUTS[fmt]
@@ -94,17 +123,44 @@ class MosaicGpuTiling:
                              f"{self.block_k // lay.unit} units; at most {_MAX_BLOCK_DIM} fit a TMA copy")
         if self.max_concurrent_steps < 1:
             raise ValueError(f"MosaicGpuTiling: {self.max_concurrent_steps=} must be >= 1")
+        if self.compute_wgs not in (1, 2):
+            raise ValueError(f"MosaicGpuTiling: {self.compute_wgs=} must be 1 or 2")
+        if self.w_buffers not in (1, 2):
+            raise ValueError(f"MosaicGpuTiling: {self.w_buffers=} must be 1 or 2")
+        if self.block_n * self.compute_wgs > _MAX_BLOCK_DIM:
+            raise ValueError(f"MosaicGpuTiling: {self.block_n=} x {self.compute_wgs=} rows a CTA; at most "
+                             f"{_MAX_BLOCK_DIM} fit a TMA copy")
 
 
 def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
-    """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T: one chunk of 64 elements of K a
-    step, four in flight (Q2_K and Q3_K: a unit of 256, two in flight). The step's dequantization is unrolled
-    element by element: its MLIR operations, which set the compile time, grow with block_k (256 elements a
-    step made ~28-31k, 64 a quarter of that; 14-42 s of compile on an H200 at the old kernel's 35-47k).
-    block_m=64 is one wgmma M per warpgroup."""
-    if fmt in _WHOLE_UNITS:
-        return MosaicGpuTiling(block_n=128, block_k=LAYOUTS[fmt].unit, block_m=64, max_concurrent_steps=2)
-    return MosaicGpuTiling(block_n=128, block_k=mma.CHUNK, block_m=64, max_concurrent_steps=4)
+    """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T.
+
+    One chunk of 64 elements of K a step, four in flight (Q2_K and Q3_K: a unit of 256, two in flight): the
+    step's dequantization is unrolled element by element, and its MLIR operations, which set the compile
+    time, grow with block_k (256 elements a step made ~28-31k, 64 a quarter of that; 14-42 s of compile on
+    an H200 at the old kernel's 35-47k).
+
+    Then, of the tilings that fit shared memory and the rows of w, in this order: two compute warpgroups
+    (where the rows come in whole 256s) with two dequantized tiles each, then one with two, then one with
+    one; each with two wgmma M of x (128 rows, where x has more than 64), so that each dequantized element
+    serves more rows, before one. The first whose output tiles fill the SMs' waves to at least
+    `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128 rows of x make 64 tiles: half the
+    SMs idle), else the one that fills them best."""
+    whole = fmt in _WHOLE_UNITS
+    base = MosaicGpuTiling(block_n=128, block_k=LAYOUTS[fmt].unit if whole else mma.CHUNK,
+                           max_concurrent_steps=2 if whole else 4)
+    rows, sms = _round_up(n, ROW_ALIGN), num_sms()
+    fitting = []
+    for wgs, bufs in ((2, 2), (1, 2), (1, 1)):
+        for block_m in ((128, 64) if m > 64 else (64,)):
+            t = dataclasses.replace(base, block_m=block_m, compute_wgs=wgs, w_buffers=bufs)
+            if rows % (t.block_n * wgs) == 0 and _gemm_smem_bytes(fmt, t, jnp.bfloat16) <= _SMEM_BYTES:
+                tiles = -(-m // block_m) * (rows // (t.block_n * wgs))
+                fill = tiles / (-(-tiles // sms) * sms)
+                if fill >= _MIN_WAVE_FILL:
+                    return t
+                fitting.append((-fill, len(fitting), t))
+    return min(fitting)[2] if fitting else base
 
 
 # --- the jaxpr of a step's dequantization, evaluated with one [block_n] vector per element ------------
@@ -308,6 +364,13 @@ def _dtypes(name: str, x_dtype, compute_dtype, out_dtype):
     return compute_dtype, out_dtype
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the GPU the kernel runs on (the persistent grid's size): the default
+    device's where it is a GPU, else an H100/H200's 132 (lowering for CUDA on a machine without one)."""
+    device = jax.devices()[0]
+    return (getattr(device, "core_count", None) or 132) if device.platform == "gpu" else 132
+
+
 def _interpret(interpret):
     if interpret is True:
         return plgpu.InterpretGPUParams()
@@ -315,54 +378,92 @@ def _interpret(interpret):
 
 
 # --- prefill: dequantize to shared memory, then wgmma --------------------------------------------
-def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling, steps: int, dtype):
-    *plane_gmem, out_gmem, w_smem, stage_smem = refs
-    ni, mi = lax.axis_index("n"), lax.axis_index("m")
+def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling, steps: int, tiles: tuple[int, int],
+                 dtype):
+    """One CTA per SM, each looping over output tiles [block_m, block_n * compute_wgs] (M minor: the CTAs
+    working at once share few weight tiles, read once from HBM into L2). In each, the last warpgroup
+    copies x and the lanes in by TMA, `max_concurrent_steps` ahead; each compute warpgroup dequantizes its
+    block_n rows of a step (one row a thread), stages them into a wgmma B operand in shared memory and
+    issues the wgmma, which it waits for one step later (w_buffers=2: the inputs it reads are released
+    then, `delay_release`)."""
+    *plane_gmem, out_gmem = refs
+    m_tiles, n_tiles = tiles
+    cta_n = t.block_n * t.compute_wgs
+    delay = 1 if t.w_buffers == 2 and min(steps, t.max_concurrent_steps) > 1 else 0
     row_layout = _row_layout(t.block_n)
-
-    def step(_, x_smem, *refs):
-        *plane_smem, acc = refs
-        lanes = {n: _load_rows(r, row_layout) for n, r in zip(names, plane_smem)}
-        with jax.named_scope("dequant"):
-            w = _rowwise(fmt, t.block_k, lanes, dtype, t.block_n)
-        # w^T [block_k, block_n] is the wgmma B operand, which must sit in SMEM tiled and swizzled: rows of
-        # w go to a plain staging buffer, come back in the WGMMA layout and are stored through the transforms.
-        for start in range(0, t.block_k, _STAGE_ROWS):
-            # One store of a [_STAGE_ROWS, block_n] value (concatenated on an untiled axis: free), not one per
-            # row: every store is fenced by two warpgroup barriers.
-            stage_smem[...] = jnp.concatenate([w[start + k].reshape(1, -1) for k in range(_STAGE_ROWS)])
-            w_smem[pl.ds(start, _STAGE_ROWS)] = plgpu.load(stage_smem, layout=plgpu.Layout.WGMMA, optimized=False)
-        plgpu.commit_smem()
-        plgpu.wgmma(acc, x_smem, w_smem)
-        plgpu.wgmma_wait(0)  # w_smem is rewritten by the next step
-        return acc
-
     x_transforms = _wgmma_transforms(t.block_k, dtype)
-    in_specs = [plgpu.BlockSpec((t.block_m, t.block_k), lambda k: (0, k), transforms=x_transforms)]
-    in_specs += [plgpu.BlockSpec(*_plane_block(fmt, n, t)) for n in names]
-    cols = pl.ds(ni * t.block_n, t.block_n)
-    rows = pl.ds(mi * t.block_m, t.block_m)
 
-    def scope(acc):
-        acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=in_specs, init_carry=acc,
-                                  max_concurrent_steps=t.max_concurrent_steps)(
-            x_gmem.at[rows], *[g.at[:, :, cols] for g in plane_gmem])
-        out_gmem[rows, cols] = acc[...]
+    def pipeline(body, context):
+        in_specs = [plgpu.BlockSpec((t.block_m, t.block_k), lambda k: (0, k), transforms=x_transforms,
+                                    delay_release=delay)]
+        in_specs += [plgpu.BlockSpec(*_plane_block(fmt, n, t), delay_release=delay) for n in names]
+        return plgpu.emit_pipeline_warp_specialized(
+            body, grid=(steps,), in_specs=in_specs, max_concurrent_steps=t.max_concurrent_steps,
+            memory_registers=40, wg_axis="wg", num_compute_wgs=t.compute_wgs, compute_context=context)
 
-    pl.run_scoped(scope, plgpu.ACC((t.block_m, t.block_n), jnp.float32))
+    def ignore(*_, **__):
+        return None
+
+    @functools.partial(
+        pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(x_gmem, *plane_gmem),
+        w_smem=plgpu.SMEM((t.compute_wgs, t.w_buffers, t.block_k, t.block_n), dtype,
+                          transforms=_wgmma_transforms(t.block_n, dtype)),
+        stage_smem=plgpu.SMEM((t.compute_wgs, _STAGE_ROWS, t.block_n), dtype),
+        collective_axes="wg")
+    def scope(allocations, w_smem, stage_smem):
+        wg = lax.axis_index("wg")
+
+        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        def tile(info):
+            (index,) = info.index
+            ni, mi = index // m_tiles, index % m_tiles
+            rows = pl.ds(mi * t.block_m, t.block_m)
+            mine = pl.ds(wg * t.block_n, t.block_n)  # this warpgroup's rows of the CTA's tile
+
+            def step(idx, x_smem, *refs):
+                *plane_smem, acc = refs
+                w_tile = w_smem.at[wg, lax.rem(idx[0], t.w_buffers)]
+                lanes = {n: _load_rows(r.at[:, :, mine], row_layout) for n, r in zip(names, plane_smem)}
+                with jax.named_scope("dequant"):
+                    w = _rowwise(fmt, t.block_k, lanes, dtype, t.block_n)
+                # w^T [block_k, block_n] is the wgmma B operand, which must sit in SMEM tiled and swizzled: rows
+                # of w go to a plain staging buffer, come back in the WGMMA layout and are stored through the
+                # transforms. One store of [_STAGE_ROWS, block_n] at a time (concatenated on an untiled axis:
+                # free), not one per row: every store is fenced by two warpgroup barriers.
+                for start in range(0, t.block_k, _STAGE_ROWS):
+                    stage_smem[wg] = jnp.concatenate([w[start + k].reshape(1, -1) for k in range(_STAGE_ROWS)])
+                    w_tile[pl.ds(start, _STAGE_ROWS)] = plgpu.load(stage_smem.at[wg], layout=plgpu.Layout.WGMMA,
+                                                                   optimized=False)
+                plgpu.commit_smem()
+                plgpu.wgmma(acc, x_smem, w_tile)
+                # With two tiles, the previous step's wgmma (which read the tile the next step rewrites, and
+                # the inputs released after this step) is done when at most this one is in flight.
+                plgpu.wgmma_wait(delay)
+                return acc
+
+            def context(run):
+                def accumulate(acc):
+                    run(acc)
+                    plgpu.wgmma_wait(0)
+                    out_gmem[rows, pl.ds(ni * cta_n + wg * t.block_n, t.block_n)] = acc[...]
+
+                pl.run_scoped(accumulate, plgpu.ACC((t.block_m, t.block_n), jnp.float32))
+
+            pipeline(step, context)(x_gmem.at[rows], *[g.at[:, :, pl.ds(ni * cta_n, cta_n)] for g in plane_gmem],
+                                    allocations=allocations)
 
 
 def _plane_block(fmt: str, name: str, t: MosaicGpuTiling):
     """A step's block of lane plane `name` and its index map: whole units, or where a step is a part of a
     unit, that part of each plane kept per chunk (its P words in proportion) and all of one kept per unit
     (P = 1: d, dmin)."""
-    lay, p = LAYOUTS[fmt], LAYOUTS[fmt].planes[name]
+    lay, p, cta_n = LAYOUTS[fmt], LAYOUTS[fmt].planes[name], t.block_n * t.compute_wgs
     if t.block_k >= lay.unit:
-        return (t.block_k // lay.unit, p, t.block_n), lambda k: (k, 0, 0)
+        return (t.block_k // lay.unit, p, cta_n), lambda k: (k, 0, 0)
     parts = lay.unit // t.block_k
     if p == 1:
-        return (1, 1, t.block_n), lambda k: (k // parts, 0, 0)
-    return (1, p // parts, t.block_n), lambda k: (k // parts, k % parts, 0)
+        return (1, 1, cta_n), lambda k: (k // parts, 0, 0)
+    return (1, p // parts, cta_n), lambda k: (k // parts, k % parts, 0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,8 +480,9 @@ def _lane_itemsizes(fmt: str) -> dict[str, int]:
 def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
     planes = sum(np.prod(_plane_block(fmt, n, t)[0]) * size for n, size in _lane_itemsizes(fmt).items())
     x = t.block_m * t.block_k * jnp.dtype(dtype).itemsize
-    staged = (t.block_k + _STAGE_ROWS) * t.block_n * jnp.dtype(dtype).itemsize
-    return t.max_concurrent_steps * (planes + x) + staged
+    staged = t.compute_wgs * (t.w_buffers * t.block_k + _STAGE_ROWS) * t.block_n * jnp.dtype(dtype).itemsize
+    barriers = 2 * t.max_concurrent_steps * 8
+    return t.max_concurrent_steps * (planes + x) + staged + barriers
 
 
 def _wgmma_transforms(minor: int, dtype):
@@ -402,15 +504,24 @@ def supports(fmt: str, k: int) -> bool:
 
 
 def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_dtype=jnp.float32,
-               tiling: MosaicGpuTiling | None = None, interpret=False) -> jax.Array:
+               tiling: MosaicGpuTiling | None = None, ctas: int | None = None, interpret=False) -> jax.Array:
     """x [M, K] @ dequant(w)^T from the weight's lane planes (`pallas_kernels.decode_layout.to_lanes`: the
     layout the Triton kernels read, made once at load; no copy of the weight per call) -> [M, N'] in
     out_dtype (N' the lanes' padded rows).
 
-    The lanes are already K-major ([K / unit, P, N']): a step's TMA copy brings [block_k / unit, P, block_n]
-    of each plane, and the dequantization of `pallas_kernels.mma` makes the tile in the order of
+    The lanes are already K-major ([K / unit, P, N']): a step's TMA copy brings [block_k / unit, P, block_n
+    * compute_wgs] of each plane, and the dequantization of `pallas_kernels.mma` makes the tile in the order of
     `mma.permute_x`, by which x's columns are permuted (a gather over x, not the weight). K must be a whole
-    number of steps (`supports`), N' a multiple of block_n."""
+    number of steps (`supports`), N' a multiple of block_n * compute_wgs.
+
+    The grid is persistent: `ctas` CTAs (default one per SM, `num_sms()`; fewer where there are fewer
+    output tiles) each loop over the tiles.
+
+    In the interpreter, each warpgroup of a CTA is a program on XLA's CPU client, all of them blocking on
+    each other's barriers at once; the client runs about one program per CPU device (at least one per core)
+    at a time, so a CTA's compute_wgs + 1 warpgroups need that many devices
+    (`--xla_force_host_platform_device_count`), or they wait on each other forever. The default tiling
+    takes one compute warpgroup where there are fewer; an explicit one raises."""
     if fmt not in FORMATS:
         raise UnsupportedFormatError(f"gemm_lanes: no kernel for {fmt}; formats: {', '.join(sorted(FORMATS))}")
     compute_dtype, out_dtype = _dtypes("gemm_lanes", x.dtype, compute_dtype, out_dtype)
@@ -420,33 +531,50 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     if set(lanes) != set(names) or lanes["q"].shape[0] * lay.unit != k:
         raise ShapeMismatchError(f"gemm_lanes: x {x.shape} against {fmt} lanes "
                                  f"{ {key: v.shape for key, v in lanes.items()} }")
-    t = tiling or tiling_for(fmt, m, n, k)
+    interpret = _interpret(interpret)
+    t = tiling or _interpretable(tiling_for(fmt, m, n, k), interpret)
     _validate("gemm_lanes", fmt, t, compute_dtype)
-    if k % t.block_k or n % t.block_n:
+    if interpret and t.compute_wgs + 1 > _interpreter_threads():
+        raise ValueError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
+                         f"runs them at once only on as many CPU devices (this process has "
+                         f"{_interpreter_threads()}: set --xla_force_host_platform_device_count)")
+    if ctas is not None and ctas < 1:
+        raise ValueError(f"gemm_lanes: ctas={ctas} must be >= 1")
+    if k % t.block_k or n % (t.block_n * t.compute_wgs):
         raise ShapeMismatchError(f"gemm_lanes: K={k} and N'={n} must be multiples of {t.block_k=} and "
-                                 f"{t.block_n=}")
-    return _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, _interpret(interpret))
+                                 f"{t.block_n=} x {t.compute_wgs=}")
+    return _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, ctas or num_sms(), interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "names", "compute_dtype", "out_dtype", "t", "interpret"))
-def _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, interpret):
+def _interpreter_threads() -> int:
+    return max(len(jax.devices("cpu")), 2)
+
+
+def _interpretable(t: MosaicGpuTiling, interpret) -> MosaicGpuTiling:
+    """The default tiling `t`, with one compute warpgroup where the interpreter cannot run two at once."""
+    if interpret and t.compute_wgs + 1 > _interpreter_threads():
+        return dataclasses.replace(t, compute_wgs=1)
+    return t
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "names", "compute_dtype", "out_dtype", "t", "ctas", "interpret"))
+def _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, ctas, interpret):
     (m, k), n = x.shape, lanes["q"].shape[-1]
     xp = mma.permute_x(x, fmt, compute_dtype, t.block_m)  # rows padded to block_m, columns in tile order
     m_pad = xp.shape[0]
-    kernel = functools.partial(_gemm_kernel, fmt=fmt, names=names, t=t, steps=k // t.block_k, dtype=compute_dtype)
+    tiles = (m_pad // t.block_m, n // (t.block_n * t.compute_wgs))
+    kernel = functools.partial(_gemm_kernel, fmt=fmt, names=names, t=t, steps=k // t.block_k, tiles=tiles,
+                               dtype=compute_dtype)
     y = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((m_pad, n), jnp.float32),
-        grid=(n // t.block_n, m_pad // t.block_m), grid_names=("n", "m"),
-        scratch_types=[plgpu.SMEM((t.block_k, t.block_n), compute_dtype,
-                                  transforms=_wgmma_transforms(t.block_n, compute_dtype)),
-                       plgpu.SMEM((_STAGE_ROWS, t.block_n), compute_dtype)],
-        compiler_params=_LANE, interpret=interpret,
+        grid=(min(ctas, tiles[0] * tiles[1]),), grid_names=("sm",),  # persistent: a CTA an SM at most
+        num_threads=t.compute_wgs + 1, thread_name="wg", compiler_params=_LANE, interpret=interpret,
     )(xp, *(lanes[name] for name in names))
     return y[:m].astype(out_dtype)
 
 
 def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpuTiling | None = None,
-         interpret=False) -> jax.Array:
+         ctas: int | None = None, interpret=False) -> jax.Array:
     """Prefill matmul y = x @ dequant(w)^T on the tensor cores (wgmma), f32 accumulation, for a QTensor
     as stored: its lanes made for this call (`gemm_lanes` reads them as laid out at load), padded to whole
     steps and tiles.
@@ -460,21 +588,23 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
         not an f32 matmul): the backend sends f32 compute to the XLA path.
       out_dtype: the dtype of y (default x.dtype).
       tiling: a `MosaicGpuTiling`; `tiling_for` by default.
-      interpret: True (or a `plgpu.InterpretGPUParams`) runs the Mosaic GPU interpreter (CPU).
+      ctas: CTAs of the persistent grid (default one per SM: `num_sms()`).
+      interpret: True (or a `plgpu.InterpretGPUParams`) runs the Mosaic GPU interpreter (CPU; see
+        `gemm_lanes` for the CPU devices that two compute warpgroups need).
 
     Returns:
       [M, N] in out_dtype.
     """
     x, compute_dtype, out_dtype = _check("gemm", x, w, compute_dtype, out_dtype)
     (m, k), n = x.shape, w.shape[0]
-    t = tiling or tiling_for(w.fmt, m, n, k)
+    t = tiling or _interpretable(tiling_for(w.fmt, m, n, k), _interpret(interpret))
     _validate("gemm", w.fmt, t, compute_dtype)
     lanes = to_lanes(w)
-    k_pad, n_pad = _round_up(k, t.block_k), _round_up(lanes["q"].shape[-1], t.block_n)
+    k_pad, n_pad = _round_up(k, t.block_k), _round_up(lanes["q"].shape[-1], t.block_n * t.compute_wgs)
     unit = LAYOUTS[w.fmt].unit
     lanes = {name: jnp.pad(a, ((0, (k_pad - k) // unit), (0, 0), (0, n_pad - a.shape[-1])))  # zeros: 0
              for name, a in lanes.items()}
     x = jnp.pad(x, ((0, 0), (0, k_pad - k)))
-    y = gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32, tiling=t,
+    y = gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32, tiling=t, ctas=ctas,
                    interpret=interpret)
     return y[:, :n].astype(out_dtype)

@@ -387,8 +387,9 @@ def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
     t = tiling_for(fmt, m, n, k)
     bodies = [c for mod in modules for c in _loop_bodies(mod)]
     per_step = max(bodies) if bodies else 0
+    tiles = -(-n // (t.block_n * t.compute_wgs)) * -(-m // t.block_m)
     return {"kernel": "mosaic_gpu", "format": fmt, "m": m, "n": n, "k": k,
-            "programs": -(-n // t.block_n) * -(-m // t.block_m),
+            "programs": min(SMS, tiles), "tiles": tiles, "compute_wgs": t.compute_wgs, "block_m": t.block_m,
             "mlir_ops_per_k_step": per_step, "mlir_ops_per_weight": round(per_step / (t.block_n * t.block_k), 4),
             "weight_copies": weight_copies("mosaic_gpu", fmt, m, n, k)}
 
