@@ -15,8 +15,9 @@ For each format, weight shape (N, K) and number of rows M it times:
   xla              the XLA reference on the weight as stored: dequantize with jnp, then a dot
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
-quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time) and % of the dense
-bf16 rate at the same shape.
+quantized weight over the time), % of copy bandwidth, TFLOP/s (2 M N K over the time), % of the dense
+bf16 rate at the same shape, and the largest difference from the xla row's product (on the first weight),
+over that product's largest magnitude: a kernel's first check on a device, not its tolerance test.
 
     python benchmarks/kernels.py                 # CPU: small shapes; GPU/TPU: the full set
     python benchmarks/kernels.py --full --formats Q4_K,Q8_0 --m 1,512 --json out.json --markdown out.md
@@ -175,11 +176,14 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
                 fn = jax.jit(functools.partial(be.matmul_path, path=path, compute_dtype=jnp.bfloat16,
                                                out_dtype=jnp.bfloat16))
                 impls[f"{b}/{path}"] = (fn, [(x, w) for w in weights])
+        want = np.asarray(matmul(x, ws[0]), np.float32)  # the XLA path's product: each impl's error against it
         for name, (fn, args) in impls.items():
             seconds = device_seconds(fn, args, runs) if gpu else time_call(fn, args, reps, runs)
             interpret = name in prepared and plat not in linear.BACKENDS[name].platforms
+            got = np.asarray(fn(*args[0]), np.float32)
             rows.append({"format": fmt, "m": m, "n": n, "k": k, "impl": name, "us": seconds * 1e6,
-                         "weight_bytes": wbytes, "interpret": interpret})
+                         "weight_bytes": wbytes, "interpret": interpret,
+                         "rel_err": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))})
     return rows
 
 
@@ -228,13 +232,14 @@ def write_routes(path: pathlib.Path, rows, meta) -> None:
 def markdown(rows, meta) -> str:
     lines = [f"Device: {meta['device']} ({meta['platform']}); copy bandwidth {meta['copy_gbps']:.0f} GB/s; "
              f"jax {meta['jax']}; commit {meta['commit']}; {meta['date']}; `{meta['command']}`", "",
-             "| format | M | N | K | impl | us | weight GB/s | % copy BW | TFLOP/s | % dense bf16 |",
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "| format | M | N | K | impl | us | weight GB/s | % copy BW | TFLOP/s | % dense bf16 | "
+             "max err / max XLA |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         impl = r["impl"] + (" (interpret)" if r["interpret"] else "")
         lines.append(f"| {r['format']} | {r['m']} | {r['n']} | {r['k']} | {impl} | {r['us']:.1f} | "
                      f"{r['weight_gbps']:.1f} | {r['pct_copy_bw']:.1f} | {r['tflops']:.3f} | "
-                     f"{r['pct_dense_bf16']:.1f} |")
+                     f"{r['pct_dense_bf16']:.1f} | {r.get('rel_err', float('nan')):.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,11 +37,14 @@ per call before: a copy of the weight, and 18-34% more MLIR operations a step th
 
 Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128).
 
-Not done: feeding the wgmma from registers. The mixed-type kernels hold the narrow operand in registers in
-the WGMMA layout and convert it there (jax's int8 A operand: `astype` in the WGMMA_8BIT layout); here a
-thread's row of the tile must first go through shared memory (a staging buffer, then the swizzled B
-operand), since no Mosaic GPU register layout gives a thread the elements of one plane word that the
-WGMMA layout spreads over four threads.
+Not done: feeding the wgmma from registers, as the mixed-type kernels feed their narrow operand (jax's
+int8 A operand converted in the WGMMA_8BIT layout). Mosaic GPU can express it for 4-bit codes: a plane
+laid out [N, K] in element order loads in the WGMMA_UPCAST_4X layout (a thread holds one 32-bit word, eight
+consecutive codes of a row), goes to the WGMMA layout by a shuffle and a prmt a word (`layout_cast`) and
+converts to bf16 there, and that lowers for CUDA (jax 0.12.0.1). But the Mosaic GPU interpreter's wgmma
+reads its A operand only from shared memory, so such a kernel could not be checked on a CPU against the
+reference as every kernel here is, and it needs a load-time layout of its own (codes [N, K] in element
+order, not the lanes): left for a session with a GPU to check it on.
 """
 
 from __future__ import annotations
