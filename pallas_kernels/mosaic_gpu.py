@@ -3,10 +3,10 @@
 `gemm_lanes`: y = x @ dequant(w)^T for the formats of `FORMATS`, from the weight's lane planes as laid out
 at load for every GPU kernel (`pallas_kernels.decode_layout`: [K / unit, P, N'], K-major, rows padded to
 128), f16/bf16 operands on the tensor cores (`plgpu.wgmma`) with f32 accumulators; the dequantized tile is
-staged in shared memory. `gemm` takes a QTensor as stored (its lanes made for the call). (Decode is the
-Triton kernels': `pallas_kernels.decode`, `pallas_kernels.mma`. The FMA GEMV this module had for decode
-was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us against 127-140 at M=1
-(FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
+stored in shared memory as the wgmma B operand. `gemm` takes a QTensor as stored (its lanes made for the
+call). (Decode is the Triton kernels': `pallas_kernels.decode`, `pallas_kernels.mma`. The FMA GEMV this
+module had for decode was slower than XLA's dequantize+dot on an H200 at every shape timed, 182-215 us
+against 127-140 at M=1 (FACTS.md), copied every plane per call and took 14-42 s to compile: removed.)
 
 Shapes: M rows of x, N rows of w (outputs), K the contraction.
 
@@ -16,7 +16,7 @@ The structure (the dense and mixed-type Hopper matmuls of jax's `pallas/ops/gpu`
   L2);
 - warp specialization: in each CTA one warpgroup only issues the TMA copies of x and the lanes,
   `max_concurrent_steps` steps ahead, and one or two compute warpgroups each dequantize their block_n rows
-  of the weight (one row a thread), stage them as the wgmma B operand and multiply them by the CTA's rows
+  of the weight (one row a thread), store them as the wgmma B operand and multiply them by the CTA's rows
   of x (the x tile is shared; the dequantized tile serves all block_m rows);
 - no wait for the tensor cores each step: each compute warpgroup has two dequantized tiles, so step s+1
   dequantizes into one while step s's wgmma reads the other; it waits for a wgmma one step later, and
@@ -35,7 +35,11 @@ jaxpr act on the element grid at trace time; only the arithmetic is emitted, on 
 K-major already, so one word of a unit is a contiguous row of shared memory (the planes were transposed
 per call before: a copy of the weight, and 18-34% more MLIR operations a step than now).
 
-Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128).
+Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128). A
+step's planes come in one load each ([units, P, block_n]: the leading dims are the registers' own), and the
+dequantized rows go straight into the swizzled B operand in one store (a [block_k, block_n] value whose
+rows are concatenated on an untiled axis); a plain staging buffer and a reload in the WGMMA layout sat in
+between before, and a load a word, together half the MLIR operations of a step (Q4_K 7393 -> 3925).
 
 Not done: feeding the wgmma from registers, as the mixed-type kernels feed their narrow operand (jax's
 int8 A operand converted in the WGMMA_8BIT layout). Mosaic GPU can express it for 4-bit codes: a plane
@@ -78,7 +82,6 @@ _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat1
 _WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _THREADS = 128  # one warpgroup
 _MAX_BLOCK_DIM = 256  # TMA: at most 256 elements per block dimension
-_STAGE_ROWS = 64  # rows of the dequantized tile staged at a time on their way into the wgmma operand
 _SMEM_BYTES = 232_448  # per CTA on H100/H200
 _MIN_WAVE_FILL = 0.8  # `tiling_for`: output tiles / (waves of the SMs x SMs) a tiling must reach
 _LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
@@ -252,7 +255,7 @@ def _apply(prim, args, params):
     return prim.bind(*args, **params)
 
 
-def _elementwise(eqn, vals, width: int) -> np.ndarray:
+def _elementwise(eqn, vals, splat) -> np.ndarray:
     out_aval = eqn.outvars[0].aval
     vals = [np.broadcast_to(v, out_aval.shape) for v in vals]
     out = np.empty(out_aval.shape, object)
@@ -269,13 +272,13 @@ def _elementwise(eqn, vals, width: int) -> np.ndarray:
                 with np.errstate(over="ignore"):
                     out[idx] = np.asarray(_FOLD[eqn.primitive.name](*a)).astype(out_aval.dtype)[()]
             continue
-        args = [jnp.full((width,), a, dt) if isinstance(a, np.generic) else a
+        args = [splat(a, dt) if isinstance(a, np.generic) else a
                 for a, dt in zip(args, dtypes)]
         out[idx] = _apply(eqn.primitive, args, eqn.params)
     return out
 
 
-def _eval(jaxpr, consts, args, width: int):
+def _eval(jaxpr, consts, args, splat):
     env = {}
 
     def read(v):
@@ -290,11 +293,11 @@ def _eval(jaxpr, consts, args, width: int):
             outs = [_STRUCTURAL[name](vals[0] if vals else None, vals[1:], eqn.params)]
         elif name in ("pjit", "closed_call", "jit"):
             inner = eqn.params.get("jaxpr") or eqn.params["call_jaxpr"]
-            outs = _eval(inner.jaxpr, inner.consts, vals, width)
+            outs = _eval(inner.jaxpr, inner.consts, vals, splat)
         elif name == "optimization_barrier":
             outs = vals
         elif name in _FOLD or name in ("convert_element_type", "bitcast_convert_type"):
-            outs = [_elementwise(eqn, vals, width)]
+            outs = [_elementwise(eqn, vals, splat)]
         else:
             raise UnsupportedFormatError(f"mosaic_gpu: dequantize_tile uses {name!r}, which the row-wise "
                                          f"evaluator does not know")
@@ -307,7 +310,15 @@ def _rowwise(fmt: str, block_k: int, lanes: dict[str, np.ndarray], dtype, width:
     P]}) -> [block_k] vectors."""
     planes = tuple((name, a.shape[1], str(a[0, 0].dtype)) for name, a in sorted(lanes.items()))
     closed = _step_jaxpr(fmt, block_k, planes, jnp.dtype(dtype))
-    [out] = _eval(closed.jaxpr, closed.consts, [lanes[name][..., None] for name, _, _ in planes], width)
+    splats = {}
+
+    def splat(value, dtype):  # a constant operand as a [width] vector, made once a step
+        key = (jnp.dtype(dtype).name, np.asarray(value, dtype).tobytes())
+        if key not in splats:
+            splats[key] = jnp.full((width,), value, dtype)
+        return splats[key]
+
+    [out] = _eval(closed.jaxpr, closed.consts, [lanes[name][..., None] for name, _, _ in planes], splat)
     return out
 
 
@@ -329,10 +340,12 @@ def _row_layout(block_n: int):
 
 
 def _load_rows(ref, layout) -> np.ndarray:
-    """A lanes block [units, P, block_n] in SMEM -> an object array [units, P] of [block_n] vectors."""
+    """A lanes block [units, P, block_n] in SMEM -> an object array [units, P] of [block_n] vectors: one
+    load of the block (its leading dims are the registers' own), indexed at trace time."""
+    block = plgpu.load(ref, layout=layout, optimized=False)
     out = np.empty(ref.shape[:2], object)
     for u, p in np.ndindex(*ref.shape[:2]):
-        out[u, p] = plgpu.load(ref.at[u, p], layout=layout, optimized=False)
+        out[u, p] = block[u, p]
     return out
 
 
@@ -386,7 +399,7 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
     """One CTA per SM, each looping over output tiles [block_m, block_n * compute_wgs] (M minor: the CTAs
     working at once share few weight tiles, read once from HBM into L2). In each, the last warpgroup
     copies x and the lanes in by TMA, `max_concurrent_steps` ahead; each compute warpgroup dequantizes its
-    block_n rows of a step (one row a thread), stages them into a wgmma B operand in shared memory and
+    block_n rows of a step (one row a thread), stores them as a wgmma B operand in shared memory and
     issues the wgmma, which it waits for one step later (w_buffers=2: the inputs it reads are released
     then, `delay_release`)."""
     *plane_gmem, out_gmem = refs
@@ -411,9 +424,8 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
         pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(x_gmem, *plane_gmem),
         w_smem=plgpu.SMEM((t.compute_wgs, t.w_buffers, t.block_k, t.block_n), dtype,
                           transforms=_wgmma_transforms(t.block_n, dtype)),
-        stage_smem=plgpu.SMEM((t.compute_wgs, _STAGE_ROWS, t.block_n), dtype),
         collective_axes="wg")
-    def scope(allocations, w_smem, stage_smem):
+    def scope(allocations, w_smem):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -429,14 +441,9 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
                 lanes = {n: _load_rows(r.at[:, :, mine], row_layout) for n, r in zip(names, plane_smem)}
                 with jax.named_scope("dequant"):
                     w = _rowwise(fmt, t.block_k, lanes, dtype, t.block_n)
-                # w^T [block_k, block_n] is the wgmma B operand, which must sit in SMEM tiled and swizzled: rows
-                # of w go to a plain staging buffer, come back in the WGMMA layout and are stored through the
-                # transforms. One store of [_STAGE_ROWS, block_n] at a time (concatenated on an untiled axis:
-                # free), not one per row: every store is fenced by two warpgroup barriers.
-                for start in range(0, t.block_k, _STAGE_ROWS):
-                    stage_smem[wg] = jnp.concatenate([w[start + k].reshape(1, -1) for k in range(_STAGE_ROWS)])
-                    w_tile[pl.ds(start, _STAGE_ROWS)] = plgpu.load(stage_smem.at[wg], layout=plgpu.Layout.WGMMA,
-                                                                   optimized=False)
+                # w^T [block_k, block_n] is the wgmma B operand, tiled and swizzled in SMEM: stored in one go
+                # (the rows concatenated on an untiled axis: free), each thread its row's element of each.
+                w_tile[...] = jnp.concatenate([w[k].reshape(1, -1) for k in range(t.block_k)])
                 plgpu.commit_smem()
                 plgpu.wgmma(acc, x_smem, w_tile)
                 # With two tiles, the previous step's wgmma (which read the tile the next step rewrites, and
@@ -483,9 +490,9 @@ def _lane_itemsizes(fmt: str) -> dict[str, int]:
 def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
     planes = sum(np.prod(_plane_block(fmt, n, t)[0]) * size for n, size in _lane_itemsizes(fmt).items())
     x = t.block_m * t.block_k * jnp.dtype(dtype).itemsize
-    staged = t.compute_wgs * (t.w_buffers * t.block_k + _STAGE_ROWS) * t.block_n * jnp.dtype(dtype).itemsize
+    tiles = t.compute_wgs * t.w_buffers * t.block_k * t.block_n * jnp.dtype(dtype).itemsize
     barriers = 2 * t.max_concurrent_steps * 8
-    return t.max_concurrent_steps * (planes + x) + staged + barriers
+    return t.max_concurrent_steps * (planes + x) + tiles + barriers
 
 
 def _wgmma_transforms(minor: int, dtype):

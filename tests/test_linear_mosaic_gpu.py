@@ -55,7 +55,7 @@ class TestMosaicGpuLowering(LoweringTests):
 
 
 def test_no_races_in_a_persistent_loop(rng):
-    """The staging of the dequantized tile into two buffers, the inputs released a step late and the
+    """The stores of the dequantized tile into two buffers, the inputs released a step late and the
     persistent loop (two CTAs over three tiles, eight steps each, four in flight) are race-free (the
     detector raises)."""
     w, x = random_qtensor("Q4_K", 130, 512, rng), jnp.asarray(rng.standard_normal((130, 512)), jnp.float32)
