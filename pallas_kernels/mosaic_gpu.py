@@ -37,9 +37,10 @@ per call before: a copy of the weight, and 18-34% more MLIR operations a step th
 
 Layouts: `_row_layout` gives each thread rows of the tile (one weight row per thread at block_n=128). A
 step's planes come in one load each ([units, P, block_n]: the leading dims are the registers' own), and the
-dequantized rows go straight into the swizzled B operand in one store (a [block_k, block_n] value whose
-rows are concatenated on an untiled axis); a plain staging buffer and a reload in the WGMMA layout sat in
-between before, and a load a word, together half the MLIR operations of a step (Q4_K 7393 -> 3925).
+dequantized rows go straight into the swizzled B operand, a store a chunk of 64 as each is made (a [64,
+block_n] value whose rows are concatenated on an untiled axis); a plain staging buffer and a reload in the
+WGMMA layout sat in between before, and a load a word, together half the MLIR operations of a step (Q4_K
+7393 -> 3925).
 
 Not done: feeding the wgmma from registers, as the mixed-type kernels feed their narrow operand (jax's
 int8 A operand converted in the WGMMA_8BIT layout). Mosaic GPU can express it for 4-bit codes: a plane
@@ -83,6 +84,7 @@ _WGMMA_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 _THREADS = 128  # one warpgroup
 _MAX_BLOCK_DIM = 256  # TMA: at most 256 elements per block dimension
 _SMEM_BYTES = 232_448  # per CTA on H100/H200
+_SMEM_ALIGN = 1024  # Mosaic GPU aligns each shared-memory allocation to this
 _MIN_WAVE_FILL = 0.8  # `tiling_for`: output tiles / (waves of the SMs x SMs) a tiling must reach
 _LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
@@ -133,6 +135,9 @@ class MosaicGpuTiling:
             raise ValueError(f"MosaicGpuTiling: {self.compute_wgs=} must be 1 or 2")
         if self.w_buffers not in (1, 2):
             raise ValueError(f"MosaicGpuTiling: {self.w_buffers=} must be 1 or 2")
+        if self.block_m * self.block_n > 128 * _THREADS:
+            raise ValueError(f"MosaicGpuTiling: {self.block_m=} x {self.block_n=} f32 accumulators are "
+                             f"{self.block_m * self.block_n // _THREADS} registers a thread; at most 128")
         if self.block_n * self.compute_wgs > _MAX_BLOCK_DIM:
             raise ValueError(f"MosaicGpuTiling: {self.block_n=} x {self.compute_wgs=} rows a CTA; at most "
                              f"{_MAX_BLOCK_DIM} fit a TMA copy")
@@ -147,17 +152,19 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
     an H200 at the old kernel's 35-47k).
 
     Then, of the tilings that fit shared memory and the rows of w, in this order: two compute warpgroups
-    (where the rows come in whole 256s) with two dequantized tiles each, then one with two, then one with
-    one; each with two wgmma M of x (128 rows, where x has more than 64), so that each dequantized element
-    serves more rows, before one. The first whose output tiles fill the SMs' waves to at least
-    `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128 rows of x make 64 tiles: half the
-    SMs idle), else the one that fills them best."""
+    (where the rows come in whole 256s) with two dequantized tiles each (with three steps in flight or
+    more), then one with two, then two and one with one; each with two wgmma M of x (128 rows, where x has
+    more than 64), so that each dequantized element serves more rows, before one. The first whose output
+    tiles fill the SMs' waves to at least `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128
+    rows of x make 64 tiles: half the SMs idle), else the one that fills them best."""
     whole = fmt in _WHOLE_UNITS
     base = MosaicGpuTiling(block_n=128, block_k=LAYOUTS[fmt].unit if whole else mma.CHUNK,
                            max_concurrent_steps=2 if whole else 4)
     rows, sms = _round_up(n, ROW_ALIGN), num_sms()
     fitting = []
-    for wgs, bufs in ((2, 2), (1, 2), (1, 1)):
+    for wgs, bufs in ((2, 2), (1, 2), (2, 1), (1, 1)):
+        if bufs == 2 and base.max_concurrent_steps < 3:
+            continue  # the second tile waits out each copy with two steps in flight (`_gemm_kernel`)
         for block_m in ((128, 64) if m > 64 else (64,)):
             t = dataclasses.replace(base, block_m=block_m, compute_wgs=wgs, w_buffers=bufs)
             if rows % (t.block_n * wgs) == 0 and _gemm_smem_bytes(fmt, t, jnp.bfloat16) <= _SMEM_BYTES:
@@ -171,25 +178,24 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
 
 # --- the jaxpr of a step's dequantization, evaluated with one [block_n] vector per element ------------
 @functools.lru_cache(maxsize=None)
-def _step_jaxpr(fmt: str, block_k: int, planes: tuple[tuple[str, int, str], ...], dtype) -> jex_core.ClosedJaxpr:
-    """The jaxpr of a step's dequantized tile [block_k] (one weight row; `mma.permute_x`'s order) from
-    the step's lanes {name: [units, P, 1]} (`planes`: (name, P, dtype)), by `pallas_kernels.mma`'s format
-    functions: the same code words, masks and scales as the Triton GEMM."""
+def _step_jaxpr(fmt: str, block_k: int, planes: tuple[tuple[str, int, str], ...], dtype,
+                chunk: int) -> jex_core.ClosedJaxpr:
+    """The jaxpr of chunk `chunk` [mma.CHUNK] of a step's dequantized tile (one weight row;
+    `mma.permute_x`'s order) from the step's lanes {name: [units, P, 1]} (`planes`: (name, P, dtype)), by
+    `pallas_kernels.mma`'s format functions: the same code words, masks and scales as the Triton GEMM."""
     lay = LAYOUTS[fmt]
     units = max(1, block_k // lay.unit)
 
-    def tile(lanes):
-        out = []
-        for i in range(block_k // mma.CHUNK):  # chunk i of the step: of its unit, where a step is part of one
-            first, count, part = (i * mma.CHUNK // lay.unit, 1, i % (lay.unit // mma.CHUNK)) \
-                if lay.unit > mma.CHUNK else (2 * i, 2, 0)
+    def tile(lanes):  # chunk i of the step: of its unit, where a step is part of one
+        i = chunk
+        first, count, part = (i * mma.CHUNK // lay.unit, 1, i % (lay.unit // mma.CHUNK)) \
+            if lay.unit > mma.CHUNK else (2 * i, 2, 0)
 
-            def get(name, words, first=first, count=count):
-                a = lanes[name][first:first + count]
-                return a if words is None else a[:, words[0]:words[0] + words[1]]
+        def get(name, words):
+            a = lanes[name][first:first + count]
+            return a if words is None else a[:, words[0]:words[0] + words[1]]
 
-            out.append(mma.FORMATS[fmt](get, part, 1, interpret=True, magic=jnp.uint32(mma.MAGIC)).astype(dtype))
-        return jnp.concatenate(out)[:, 0]
+        return mma.FORMATS[fmt](get, part, 1, interpret=True, magic=jnp.uint32(mma.MAGIC)).astype(dtype)[:, 0]
 
     shapes = {name: jax.ShapeDtypeStruct((units, count, 1), jnp.dtype(dt)) for name, count, dt in planes}
     return jax.make_jaxpr(tile)(shapes)
@@ -305,19 +311,24 @@ def _eval(jaxpr, consts, args, splat):
     return [read(v) for v in jaxpr.outvars]
 
 
-def _rowwise(fmt: str, block_k: int, lanes: dict[str, np.ndarray], dtype, width: int) -> np.ndarray:
-    """A step's dequantized tile from its lanes given as one [block_n] vector per element ({name: [units,
-    P]}) -> [block_k] vectors."""
-    planes = tuple((name, a.shape[1], str(a[0, 0].dtype)) for name, a in sorted(lanes.items()))
-    closed = _step_jaxpr(fmt, block_k, planes, jnp.dtype(dtype))
+def _splatter(width: int):
+    """A constant operand -> a [width] vector, each made once (per step: the function's cache)."""
     splats = {}
 
-    def splat(value, dtype):  # a constant operand as a [width] vector, made once a step
+    def splat(value, dtype):
         key = (jnp.dtype(dtype).name, np.asarray(value, dtype).tobytes())
         if key not in splats:
             splats[key] = jnp.full((width,), value, dtype)
         return splats[key]
 
+    return splat
+
+
+def _rowwise(fmt: str, block_k: int, lanes: dict[str, np.ndarray], dtype, splat, chunk: int) -> np.ndarray:
+    """Chunk `chunk` of a step's dequantized tile from its lanes given as one [block_n] vector per element
+    ({name: [units, P]}) -> [mma.CHUNK] vectors."""
+    planes = tuple((name, a.shape[1], str(a[0, 0].dtype)) for name, a in sorted(lanes.items()))
+    closed = _step_jaxpr(fmt, block_k, planes, jnp.dtype(dtype), chunk)
     [out] = _eval(closed.jaxpr, closed.consts, [lanes[name][..., None] for name, _, _ in planes], splat)
     return out
 
@@ -405,7 +416,9 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
     *plane_gmem, out_gmem = refs
     m_tiles, n_tiles = tiles
     cta_n = t.block_n * t.compute_wgs
-    delay = 1 if t.w_buffers == 2 and min(steps, t.max_concurrent_steps) > 1 else 0
+    # Two tiles a warpgroup pay only with a third step in flight: with two, the copy of step s+2 waits
+    # for step s's inputs, released at the end of step s+1, and step s+2 waits for that copy.
+    delay = 1 if t.w_buffers == 2 and min(steps, t.max_concurrent_steps) > 2 else 0
     row_layout = _row_layout(t.block_n)
     x_transforms = _wgmma_transforms(t.block_k, dtype)
 
@@ -439,16 +452,25 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
                 *plane_smem, acc = refs
                 w_tile = w_smem.at[wg, lax.rem(idx[0], t.w_buffers)]
                 lanes = {n: _load_rows(r.at[:, :, mine], row_layout) for n, r in zip(names, plane_smem)}
-                with jax.named_scope("dequant"):
-                    w = _rowwise(fmt, t.block_k, lanes, dtype, t.block_n)
-                # w^T [block_k, block_n] is the wgmma B operand, tiled and swizzled in SMEM: stored in one go
-                # (the rows concatenated on an untiled axis: free), each thread its row's element of each.
-                w_tile[...] = jnp.concatenate([w[k].reshape(1, -1) for k in range(t.block_k)])
+                splat = _splatter(t.block_n)
+                # w^T [block_k, block_n] is the wgmma B operand, tiled and swizzled in SMEM: stored a chunk of
+                # 64 rows at a time as it is made (the rows concatenated on an untiled axis: free), each thread
+                # its row's element of each, so that no more than a chunk of the tile is live in registers.
+                for c in range(t.block_k // mma.CHUNK):
+                    with jax.named_scope("dequant"):
+                        w = _rowwise(fmt, t.block_k, lanes, dtype, splat, c)
+                    w_tile[pl.ds(c * mma.CHUNK, mma.CHUNK)] = jnp.concatenate([v.reshape(1, -1) for v in w])
                 plgpu.commit_smem()
                 plgpu.wgmma(acc, x_smem, w_tile)
                 # With two tiles, the previous step's wgmma (which read the tile the next step rewrites, and
                 # the inputs released after this step) is done when at most this one is in flight.
                 plgpu.wgmma_wait(delay)
+                if delay:
+                    # The pipeline releases the last step's inputs on none of its steps, and the next output
+                    # tile's copies start as soon as the second last is released: that x slot must be read.
+                    @pl.when(idx[0] == steps - 1)
+                    def _():
+                        plgpu.wgmma_wait(0)
                 return acc
 
             def context(run):
@@ -488,11 +510,13 @@ def _lane_itemsizes(fmt: str) -> dict[str, int]:
 
 
 def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
-    planes = sum(np.prod(_plane_block(fmt, n, t)[0]) * size for n, size in _lane_itemsizes(fmt).items())
-    x = t.block_m * t.block_k * jnp.dtype(dtype).itemsize
-    tiles = t.compute_wgs * t.w_buffers * t.block_k * t.block_n * jnp.dtype(dtype).itemsize
-    barriers = 2 * t.max_concurrent_steps * 8
-    return t.max_concurrent_steps * (planes + x) + tiles + barriers
+    """Shared memory of the kernel's allocations, each rounded up to Mosaic GPU's 1 KiB alignment: a
+    buffer of `max_concurrent_steps` blocks per input, the dequantized tiles, the pipeline's barriers."""
+    slots, size = t.max_concurrent_steps, jnp.dtype(dtype).itemsize
+    buffers = [slots * int(np.prod(_plane_block(fmt, n, t)[0])) * b for n, b in _lane_itemsizes(fmt).items()]
+    buffers += [slots * t.block_m * t.block_k * size, t.compute_wgs * t.w_buffers * t.block_k * t.block_n * size,
+                slots * 8, slots * 8]
+    return sum(_round_up(b, _SMEM_ALIGN) for b in buffers)
 
 
 def _wgmma_transforms(minor: int, dtype):

@@ -67,6 +67,15 @@ def test_no_races_in_a_persistent_loop(rng):
     assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
 
 
+@pytest.mark.parametrize("fmt,m", [("Q4_K", 63), ("Q8_0", 65), ("Q6_K", 128), ("Q5_0", 129)])
+def test_rows_around_the_tile_edges(fmt, m, rng):
+    """x's rows just under, at and past a 64-row and a 128-row tile (the default tiling's block_m), N ragged."""
+    w, x = random_qtensor(fmt, 200, 256, rng), jnp.asarray(rng.standard_normal((m, 256)), jnp.float32)
+    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, interpret=True)
+    assert y.shape == (m, 200)
+    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
+
+
 # Two compute warpgroups (and the TMA one) in a process with four CPU devices: Q4_K and Q8_0 (rows of the
 # lanes in 256s: the default tiling's two warpgroups), four tiles over three CTAs, each tile eight steps
 # with the inputs released a step late; the race detector on; Q6_K with one dequantized tile a warpgroup.
@@ -166,6 +175,8 @@ def test_bad_tilings_raise():
         MosaicGpuTiling(w_buffers=0).check("Q4_0")
     with pytest.raises(ValueError, match="TMA"):
         MosaicGpuTiling(block_n=256, compute_wgs=2).check("Q4_0")  # 512 rows in one copy
+    with pytest.raises(ValueError, match="registers"):
+        MosaicGpuTiling(block_m=128, block_n=256).check("Q4_0")  # 256 accumulator registers a thread
     with pytest.raises(TypeError):
         MosaicGpuTiling(128)  # keyword-only
     w = random_qtensor("Q8_0", 128, 512, np.random.default_rng(0))
