@@ -20,7 +20,9 @@ The structure (the dense and mixed-type Hopper matmuls of jax's `pallas/ops/gpu`
   of x (the x tile is shared; the dequantized tile serves all block_m rows);
 - no wait for the tensor cores each step: each compute warpgroup has two dequantized tiles, so step s+1
   dequantizes into one while step s's wgmma reads the other; it waits for a wgmma one step later, and
-  the pipeline releases the inputs that wgmma read then (`delay_release=1`).
+  the pipeline releases the inputs that wgmma read then (`delay_release=1`);
+- the output in out_dtype, rounded once from the f32 accumulators and copied out by TMA from shared memory
+  (an f32 [M, N] written and read again to cast it was a quarter of the dot's time at 2048 x 14336).
 `tiling_for` picks the warpgroups, tiles and rows of x per tile by shared memory and by how well the output
 tiles fill the SMs' waves.
 
@@ -143,7 +145,7 @@ class MosaicGpuTiling:
                              f"{_MAX_BLOCK_DIM} fit a TMA copy")
 
 
-def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
+def tiling_for(fmt: str, m: int, n: int, k: int, out_dtype=jnp.float32) -> MosaicGpuTiling:
     """The one heuristic: the tiling of `gemm` for x [m, k] @ w (n, k)^T.
 
     One chunk of 64 elements of K a step, four in flight (Q2_K and Q3_K: a unit of 256, two in flight): the
@@ -154,7 +156,9 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
     Then, of the tilings that fit shared memory and the rows of w, in this order: two compute warpgroups
     (where the rows come in whole 256s) with two dequantized tiles each (with three steps in flight or
     more), then one with two, then two and one with one; each with two wgmma M of x (128 rows, where x has
-    more than 64), so that each dequantized element serves more rows, before one. The first whose output
+    more than 64; with three steps in flight where four do not fit), so that each dequantized element
+    serves more rows, before one. The output tiles pass through shared memory in out_dtype, so out_dtype
+    counts (f32 outputs leave less room). The first whose output
     tiles fill the SMs' waves to at least `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128
     rows of x make 64 tiles: half the SMs idle), else the one that fills them best."""
     whole = fmt in _WHOLE_UNITS
@@ -165,9 +169,11 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> MosaicGpuTiling:
     for wgs, bufs in ((2, 2), (1, 2), (2, 1), (1, 1)):
         if bufs == 2 and base.max_concurrent_steps < 3:
             continue  # the second tile waits out each copy with two steps in flight (`_gemm_kernel`)
-        for block_m in ((128, 64) if m > 64 else (64,)):
-            t = dataclasses.replace(base, block_m=block_m, compute_wgs=wgs, w_buffers=bufs)
-            if rows % (t.block_n * wgs) == 0 and _gemm_smem_bytes(fmt, t, jnp.bfloat16) <= _SMEM_BYTES:
+        # 128 rows of x may take a step less in flight (three still keep the second tile paying).
+        depths = (base.max_concurrent_steps,) + ((3,) if bufs == 2 and base.max_concurrent_steps > 3 else ())
+        for block_m, steps in [(bm, d) for bm in ((128, 64) if m > 64 else (64,)) for d in depths[:1 + (bm == 128)]]:
+            t = dataclasses.replace(base, block_m=block_m, compute_wgs=wgs, w_buffers=bufs, max_concurrent_steps=steps)
+            if rows % (t.block_n * wgs) == 0 and _gemm_smem_bytes(fmt, t, jnp.bfloat16, out_dtype) <= _SMEM_BYTES:
                 tiles = -(-m // block_m) * (rows // (t.block_n * wgs))
                 fill = tiles / (-(-tiles // sms) * sms)
                 if fill >= _MIN_WAVE_FILL:
@@ -437,8 +443,10 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
         pl.run_scoped, allocations=pipeline(ignore, ignore).get_allocations(x_gmem, *plane_gmem),
         w_smem=plgpu.SMEM((t.compute_wgs, t.w_buffers, t.block_k, t.block_n), dtype,
                           transforms=_wgmma_transforms(t.block_n, dtype)),
+        out_smem=plgpu.SMEM((t.compute_wgs, t.block_m, t.block_n), out_gmem.dtype,
+                            transforms=_wgmma_transforms(t.block_n, out_gmem.dtype)),
         collective_axes="wg")
-    def scope(allocations, w_smem):
+    def scope(allocations, w_smem, out_smem):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
@@ -476,13 +484,21 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
             def context(run):
                 def accumulate(acc):
                     run(acc)
-                    plgpu.wgmma_wait(0)
-                    out_gmem[rows, pl.ds(ni * cta_n + wg * t.block_n, t.block_n)] = acc[...]
+                    # The sums rounded once to out_dtype, through shared memory and a TMA copy (a thread's
+                    # pairs of 16-bit outputs are no whole 32-byte sectors of GMEM); the previous tile's copy
+                    # must have read the buffer first.
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem[wg] = acc[...].astype(out_gmem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                            out_gmem.at[rows, pl.ds(ni * cta_n + wg * t.block_n, t.block_n)])
 
                 pl.run_scoped(accumulate, plgpu.ACC((t.block_m, t.block_n), jnp.float32))
 
             pipeline(step, context)(x_gmem.at[rows], *[g.at[:, :, pl.ds(ni * cta_n, cta_n)] for g in plane_gmem],
                                     allocations=allocations)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy out, before the CTA ends
 
 
 def _plane_block(fmt: str, name: str, t: MosaicGpuTiling):
@@ -509,13 +525,14 @@ def _lane_itemsizes(fmt: str) -> dict[str, int]:
     return {name: a.dtype.itemsize for name, a in lanes.items()}
 
 
-def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype) -> int:
+def _gemm_smem_bytes(fmt: str, t: MosaicGpuTiling, dtype, out_dtype=jnp.float32) -> int:
     """Shared memory of the kernel's allocations, each rounded up to Mosaic GPU's 1 KiB alignment: a
-    buffer of `max_concurrent_steps` blocks per input, the dequantized tiles, the pipeline's barriers."""
+    buffer of `max_concurrent_steps` blocks per input, the dequantized tiles, the output tiles on their way
+    out, the pipeline's barriers."""
     slots, size = t.max_concurrent_steps, jnp.dtype(dtype).itemsize
     buffers = [slots * int(np.prod(_plane_block(fmt, n, t)[0])) * b for n, b in _lane_itemsizes(fmt).items()]
     buffers += [slots * t.block_m * t.block_k * size, t.compute_wgs * t.w_buffers * t.block_k * t.block_n * size,
-                slots * 8, slots * 8]
+                t.compute_wgs * t.block_m * t.block_n * jnp.dtype(out_dtype).itemsize, slots * 8, slots * 8]
     return sum(_round_up(b, _SMEM_ALIGN) for b in buffers)
 
 
@@ -524,9 +541,9 @@ def _wgmma_transforms(minor: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _validate(name: str, fmt: str, tiling: MosaicGpuTiling, compute_dtype) -> None:
+def _validate(name: str, fmt: str, tiling: MosaicGpuTiling, compute_dtype, out_dtype) -> None:
     tiling.check(fmt)
-    if (smem := _gemm_smem_bytes(fmt, tiling, compute_dtype)) > _SMEM_BYTES:
+    if (smem := _gemm_smem_bytes(fmt, tiling, compute_dtype, out_dtype)) > _SMEM_BYTES:
         raise ValueError(f"{name}: {tiling} needs {smem} bytes of shared memory for {fmt}; an H100/H200 "
                          f"CTA has {_SMEM_BYTES}")
 
@@ -566,8 +583,8 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
         raise ShapeMismatchError(f"gemm_lanes: x {x.shape} against {fmt} lanes "
                                  f"{ {key: v.shape for key, v in lanes.items()} }")
     interpret = _interpret(interpret)
-    t = tiling or _interpretable(tiling_for(fmt, m, n, k), interpret)
-    _validate("gemm_lanes", fmt, t, compute_dtype)
+    t = tiling or _interpretable(tiling_for(fmt, m, n, k, out_dtype), interpret)
+    _validate("gemm_lanes", fmt, t, compute_dtype, out_dtype)
     if interpret and t.compute_wgs + 1 > _interpreter_threads():
         raise ValueError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
                          f"runs them at once only on as many CPU devices (this process has "
@@ -600,11 +617,11 @@ def _gemm(x, lanes, fmt, names, compute_dtype, out_dtype, t, ctas, interpret):
     kernel = functools.partial(_gemm_kernel, fmt=fmt, names=names, t=t, steps=k // t.block_k, tiles=tiles,
                                dtype=compute_dtype)
     y = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((m_pad, n), jnp.float32),
+        kernel, out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),  # rounded once, from the f32 sums
         grid=(min(ctas, tiles[0] * tiles[1]),), grid_names=("sm",),  # persistent: a CTA an SM at most
         num_threads=t.compute_wgs + 1, thread_name="wg", compiler_params=_LANE, interpret=interpret,
     )(xp, *(lanes[name] for name in names))
-    return y[:m].astype(out_dtype)
+    return y[:m]
 
 
 def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpuTiling | None = None,
@@ -631,14 +648,14 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
     """
     x, compute_dtype, out_dtype = _check("gemm", x, w, compute_dtype, out_dtype)
     (m, k), n = x.shape, w.shape[0]
-    t = tiling or _interpretable(tiling_for(w.fmt, m, n, k), _interpret(interpret))
-    _validate("gemm", w.fmt, t, compute_dtype)
+    t = tiling or _interpretable(tiling_for(w.fmt, m, n, k, out_dtype), _interpret(interpret))
+    _validate("gemm", w.fmt, t, compute_dtype, out_dtype)
     lanes = to_lanes(w)
     k_pad, n_pad = _round_up(k, t.block_k), _round_up(lanes["q"].shape[-1], t.block_n * t.compute_wgs)
     unit = LAYOUTS[w.fmt].unit
     lanes = {name: jnp.pad(a, ((0, (k_pad - k) // unit), (0, 0), (0, n_pad - a.shape[-1])))  # zeros: 0
              for name, a in lanes.items()}
     x = jnp.pad(x, ((0, 0), (0, k_pad - k)))
-    y = gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32, tiling=t, ctas=ctas,
+    y = gemm_lanes(x, lanes, fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=out_dtype, tiling=t, ctas=ctas,
                    interpret=interpret)
-    return y[:, :n].astype(out_dtype)
+    return y[:, :n]

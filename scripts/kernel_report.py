@@ -384,7 +384,7 @@ def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
 
     w = abstract_weight("mosaic_gpu", fmt, n, k)
     modules = capture_mosaic(_matmul("mosaic_gpu"), jax.ShapeDtypeStruct((m, k), BF16), w)
-    t = tiling_for(fmt, m, n, k)
+    t = tiling_for(fmt, m, n, k, BF16)  # as `_matmul` calls it: bf16 out
     bodies = [c for mod in modules for c in _loop_bodies(mod)]
     per_step = max(bodies) if bodies else 0
     tiles = -(-n // (t.block_n * t.compute_wgs)) * -(-m // t.block_m)

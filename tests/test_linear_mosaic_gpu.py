@@ -78,7 +78,8 @@ def test_rows_around_the_tile_edges(fmt, m, rng):
 
 # Two compute warpgroups (and the TMA one) in a process with four CPU devices: Q4_K and Q8_0 (rows of the
 # lanes in 256s: the default tiling's two warpgroups), four tiles over three CTAs, each tile eight steps
-# with the inputs released a step late; the race detector on; Q6_K with one dequantized tile a warpgroup.
+# with the inputs released a step late, bf16 out through the shared-memory epilogue; the race detector
+# on; Q6_K with one dequantized tile a warpgroup.
 _TWO_WARPGROUPS = """
 import dataclasses, json, sys
 sys.path[:0] = sys.argv[1:]
@@ -90,10 +91,12 @@ from helpers import assert_matmul_close, random_qtensor
 rng, out = np.random.default_rng(5), []
 for fmt, n, m, bufs in (("Q4_K", 500, 200, 2), ("Q8_0", 256, 130, 2), ("Q6_K", 384, 70, 1)):
     w, x = random_qtensor(fmt, n, 512, rng), jnp.asarray(rng.standard_normal((m, 512)), jnp.float32)
-    t = dataclasses.replace(tiling_for(fmt, m, 512, 512), compute_wgs=2, w_buffers=bufs, block_m=64 + 64 * (m > 180))
-    y = gemm(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32, tiling=t, ctas=3,
+    t = dataclasses.replace(tiling_for(fmt, m, 512, 512), compute_wgs=2, w_buffers=bufs, block_m=64 + 64 * (m > 180),
+                            max_concurrent_steps=3)
+    y = gemm(x, w, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16, tiling=t, ctas=3,
              interpret=plgpu.InterpretGPUParams(detect_races=True))
-    assert_matmul_close(y, x, dequantize(w), compute_dtype=jnp.bfloat16, out_dtype=jnp.float32)
+    assert y.dtype == jnp.bfloat16
+    assert_matmul_close(y, x, dequantize(w), compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
     out.append([fmt, t.compute_wgs, t.w_buffers])
 print(json.dumps(out))
 """

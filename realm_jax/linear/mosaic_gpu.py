@@ -58,9 +58,9 @@ class MosaicGpu(Triton):
         if path != "mosaic" or not mosaic_gpu.supports(w.fmt, w.shape[1]):
             return super().matmul_path(x, w, "xla", compute_dtype=compute_dtype, out_dtype=out_dtype,
                                        interpret=interpret)
-        y = mosaic_gpu.gemm_lanes(x, w.layer_lanes(), fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=jnp.float32,
+        y = mosaic_gpu.gemm_lanes(x, w.layer_lanes(), fmt=w.fmt, compute_dtype=compute_dtype, out_dtype=out_dtype,
                                   interpret=_interpret(interpret))
-        return y[:, : w.shape[0]].astype(out_dtype)
+        return y[:, : w.shape[0]]  # out_dtype from the kernel: no f32 [M, N] written and read again
 
     def decode_attention(self, q, k_cache, v_cache, scores_dtype):
         """None: XLA's attention (the decode kernels, attention's included, are the `triton` backend's)."""
