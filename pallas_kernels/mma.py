@@ -435,13 +435,15 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: MmaTiling, chunk: int, c
         return acc + lax.dot_general(w, x, _TN, preferred_element_type=jnp.float32)  # [rows, x_rows]
 
     acc = lax.fori_loop(0, chunks, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
-    o_ref[0] = acc.T
+    o_ref[0] = acc.T.astype(o_ref.dtype)
 
 
 def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=jnp.bfloat16,
-         tiling: MmaTiling | None = None, interpret: bool = False) -> jax.Array:
-    """x [M, K] @ dequant(w)^T as partial products [splits, M', N'] f32 (their sum over axis 0, cut to
-    [M, N], is the product; M' = M padded to whole tiles of x, N' the lanes' padded rows).
+         tiling: MmaTiling | None = None, out_dtype=jnp.float32, interpret: bool = False) -> jax.Array:
+    """x [M, K] @ dequant(w)^T as partial products [splits, M', N'] (their sum over axis 0, cut to [M, N],
+    is the product; M' = M padded to whole tiles of x, N' the lanes' padded rows): f32, or out_dtype where
+    K is not split (the one product rounded once from its f32 sums, so that no f32 [M', N'] is written and
+    read again to cast it: prefill's case).
 
     Args:
       x: the activations [M, K].
@@ -450,6 +452,7 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
       layer: None, or an int32 scalar: the layer of the stacked lanes to multiply, read in place.
       compute_dtype: bf16 or f16: the dtype the weight is rounded to and x is multiplied in.
       tiling: overrides `tiling_for`.
+      out_dtype: the product's dtype where the tiling does not split K (partial sums stay f32).
       interpret: Pallas interpret mode (CPU).
     """
     if fmt not in FORMATS:
@@ -481,7 +484,8 @@ def gemm(x, lanes: dict[str, jax.Array], *, fmt: str, layer=None, compute_dtype=
         grid=(_padded(m, t.x_rows) // t.x_rows, n // t.rows, t.splits),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda mt, i, s: (s, mt, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, _padded(m, t.x_rows), n), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((t.splits, _padded(m, t.x_rows), n),
+                                       jnp.float32 if t.splits > 1 else jnp.dtype(out_dtype)),
         compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=2),
         interpret=interpret,
         name=f"mma_{fmt.lower()}",

@@ -134,6 +134,21 @@ def test_mma_prefill_tiles(fmt, m, n, rng):
     assert "__gpu$xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q8_0"])
+def test_mma_prefill_writes_out_dtype_rounded_once(fmt, rng):
+    """Where K is not split, the GEMM writes the product in out_dtype: the f32 sums rounded once (the same
+    bits as the f32 product cast), no f32 [M, N] in between; split K keeps f32 partial sums."""
+    w, x = random_qtensor(fmt, 128, 512, rng), jnp.asarray(rng.standard_normal((40, 512)), jnp.float32)
+    lanes = to_lanes(w)
+    t = mma.tiling_for(fmt, 128, 512, 40)
+    one, split = dataclasses.replace(t, splits=1), dataclasses.replace(t, splits=2)
+    f32 = mma.gemm(x, lanes, fmt=fmt, tiling=one, interpret=True)
+    bf16 = mma.gemm(x, lanes, fmt=fmt, tiling=one, out_dtype=jnp.bfloat16, interpret=True)
+    assert f32.dtype == jnp.float32 and bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(bf16), np.asarray(f32.astype(jnp.bfloat16)))
+    assert mma.gemm(x, lanes, fmt=fmt, tiling=split, out_dtype=jnp.bfloat16, interpret=True).dtype == jnp.float32
+
+
 def _routes(kind: str, table: dict) -> dict:
     return {kind: {"measured": {"commit": "test"}, "backends": {"triton": table}}}
 

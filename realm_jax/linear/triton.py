@@ -85,9 +85,10 @@ def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else interpret
 
 
-def multiply(x: jax.Array, w: LanesWeight, path: str, *, compute_dtype, interpret: bool) -> jax.Array:
-    """x [M, K] @ dequant(w)^T in f32 by the kernel of `path` ("gemv" or "mma"): [M, N'] (N' the lanes'
-    padded rows)."""
+def multiply(x: jax.Array, w: LanesWeight, path: str, *, compute_dtype, interpret: bool,
+             out_dtype=jnp.float32) -> jax.Array:
+    """x [M, K] @ dequant(w)^T by the kernel of `path` ("gemv" or "mma"): [M, N'] (N' the lanes' padded
+    rows), summed in f32; in out_dtype where the GEMM writes it (K not split), else f32."""
     if path == "gemv":
         from pallas_kernels import decode
 
@@ -95,8 +96,9 @@ def multiply(x: jax.Array, w: LanesWeight, path: str, *, compute_dtype, interpre
     else:
         from pallas_kernels import mma
 
-        part = mma.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, compute_dtype=compute_dtype, interpret=interpret)
-    return jnp.sum(part, axis=0)[: x.shape[0]]
+        part = mma.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, compute_dtype=compute_dtype, out_dtype=out_dtype,
+                        interpret=interpret)
+    return (part[0] if part.shape[0] == 1 else jnp.sum(part, axis=0))[: x.shape[0]]
 
 
 class Triton(Backend):
@@ -160,7 +162,7 @@ class Triton(Backend):
         the routes."""
         if path == "xla":
             return xla_matmul(x, from_lanes(w.fmt, w.shape, w.layer_lanes()), compute_dtype, out_dtype)
-        y = multiply(x, w, path, compute_dtype=compute_dtype, interpret=_interpret(interpret))
+        y = multiply(x, w, path, compute_dtype=compute_dtype, interpret=_interpret(interpret), out_dtype=out_dtype)
         return y[:, : w.shape[0]].astype(out_dtype)
 
     def concat(self, ws: list[LanesWeight]) -> LanesWeight | None:
