@@ -13,7 +13,8 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
     tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
                  format's tile function from `realm_jax.quant`
     mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu`), on the
-                 same lanes, evaluating the Triton GEMM's dequantization row by row
+                 same lanes, evaluating the Triton GEMM's dequantization row by row; a persistent grid, a TMA
+                 warpgroup and one or two compute warpgroups, double-buffered dequantized tiles
 
 Tiles come from one heuristic per kernel family. On a CPU the kernels run in interpret mode, which is how
 the test suite checks them against the XLA reference.
