@@ -105,10 +105,10 @@ class MosaicGpuTiling:
       max_concurrent_steps: pipeline depth (the TMA copies of x and the lanes in flight per input).
       compute_wgs: warpgroups that dequantize and multiply (1 or 2), each its own block_n rows of the
         weight against the CTA's rows of x; one more warpgroup issues the TMA copies.
-      w_buffers: dequantized tiles per compute warpgroup (1 or 2). With 2, step s+1 dequantizes into one
-        while step s's wgmma reads the other (the wgmma is waited for one step later, and the inputs it
-        reads are released then); with 1, each step waits for its wgmma.
-    """
+      w_buffers: dequantized tiles per compute warpgroup (1 or 2). With 2 and at least three steps in
+        flight, step s+1 dequantizes into one while step s's wgmma reads the other (the wgmma is waited for
+        one step later, and the inputs it reads are released then); otherwise each step waits for its
+        wgmma (with two steps in flight, a late release would make each step wait out a copy)."""
 
     block_n: int = 128
     block_k: int = 256
