@@ -89,6 +89,10 @@ _MAX_BLOCK_DIM = 256  # TMA: at most 256 elements per block dimension
 _SMEM_BYTES = 232_448  # per CTA on H100/H200
 _SMEM_ALIGN = 1024  # Mosaic GPU aligns each shared-memory allocation to this
 _MIN_WAVE_FILL = 0.8  # `tiling_for`: output tiles / (waves of the SMs x SMs) a tiling must reach
+# Steps in flight that a second dequantized tile (its wgmma waited for, and its inputs released, a step
+# late) needs: with two, the copy of step s+2 waits for step s's release at the end of step s+1, and step
+# s+2 then waits out that copy.
+_LATE_RELEASE_STEPS = 3
 _LANE = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
@@ -159,20 +163,22 @@ def tiling_for(fmt: str, m: int, n: int, k: int, out_dtype=jnp.float32) -> Mosai
     more), then one with two, then two and one with one; each with two wgmma M of x (128 rows, where x has
     more than 64; with three steps in flight where four do not fit), so that each dequantized element
     serves more rows, before one. The output tiles pass through shared memory in out_dtype, so out_dtype
-    counts (f32 outputs leave less room). The first whose output
-    tiles fill the SMs' waves to at least `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128
-    rows of x make 64 tiles: half the SMs idle), else the one that fills them best."""
+    counts (f32 outputs leave less room). The first whose output tiles fill the SMs' waves to at least
+    `_MIN_WAVE_FILL` is taken (at 512 x 4096, two warpgroups of 128 rows of x make 64 tiles: half the SMs
+    idle), else the one that fills them best."""
     whole = fmt in _WHOLE_UNITS
     base = MosaicGpuTiling(block_n=128, block_k=LAYOUTS[fmt].unit if whole else mma.CHUNK,
                            max_concurrent_steps=2 if whole else 4)
     rows, sms = _round_up(n, ROW_ALIGN), num_sms()
     fitting = []
+    deep = base.max_concurrent_steps
     for wgs, bufs in ((2, 2), (1, 2), (2, 1), (1, 1)):
-        if bufs == 2 and base.max_concurrent_steps < 3:
-            continue  # the second tile waits out each copy with two steps in flight (`_gemm_kernel`)
-        # 128 rows of x may take a step less in flight (three still keep the second tile paying).
-        depths = (base.max_concurrent_steps,) + ((3,) if bufs == 2 and base.max_concurrent_steps > 3 else ())
-        for block_m, steps in [(bm, d) for bm in ((128, 64) if m > 64 else (64,)) for d in depths[:1 + (bm == 128)]]:
+        if bufs == 2 and deep < _LATE_RELEASE_STEPS:
+            continue
+        shapes = [(128, deep)] if m > 64 else []
+        if m > 64 and bufs == 2 and deep > _LATE_RELEASE_STEPS:
+            shapes.append((128, _LATE_RELEASE_STEPS))  # 128 rows of x, a step less in flight
+        for block_m, steps in shapes + [(64, deep)]:
             t = dataclasses.replace(base, block_m=block_m, compute_wgs=wgs, w_buffers=bufs, max_concurrent_steps=steps)
             if rows % (t.block_n * wgs) == 0 and _gemm_smem_bytes(fmt, t, jnp.bfloat16, out_dtype) <= _SMEM_BYTES:
                 tiles = -(-m // block_m) * (rows // (t.block_n * wgs))
@@ -423,9 +429,7 @@ def _gemm_kernel(x_gmem, *refs, fmt, names: tuple[str, ...], t: MosaicGpuTiling,
     *plane_gmem, out_gmem = refs
     m_tiles, n_tiles = tiles
     cta_n = t.block_n * t.compute_wgs
-    # Two tiles a warpgroup pay only with a third step in flight: with two, the copy of step s+2 waits
-    # for step s's inputs, released at the end of step s+1, and step s+2 waits for that copy.
-    delay = 1 if t.w_buffers == 2 and min(steps, t.max_concurrent_steps) > 2 else 0
+    delay = 1 if t.w_buffers == 2 and min(steps, t.max_concurrent_steps) >= _LATE_RELEASE_STEPS else 0
     row_layout = _row_layout(t.block_n)
     x_transforms = _wgmma_transforms(t.block_k, dtype)
 
@@ -584,7 +588,7 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
         raise ShapeMismatchError(f"gemm_lanes: x {x.shape} against {fmt} lanes "
                                  f"{ {key: v.shape for key, v in lanes.items()} }")
     interpret = _interpret(interpret)
-    t = tiling or _interpretable(tiling_for(fmt, m, n, k, out_dtype), interpret)
+    t = tiling or _default_tiling(fmt, m, n, k, out_dtype, interpret)
     _validate("gemm_lanes", fmt, t, compute_dtype, out_dtype)
     if interpret and t.compute_wgs + 1 > _interpreter_threads():
         raise ValueError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
@@ -602,8 +606,9 @@ def _interpreter_threads() -> int:
     return max(len(jax.devices("cpu")), 2)
 
 
-def _interpretable(t: MosaicGpuTiling, interpret) -> MosaicGpuTiling:
-    """The default tiling `t`, with one compute warpgroup where the interpreter cannot run two at once."""
+def _default_tiling(fmt: str, m: int, n: int, k: int, out_dtype, interpret) -> MosaicGpuTiling:
+    """`tiling_for`'s, with one compute warpgroup where the interpreter cannot run two at once."""
+    t = tiling_for(fmt, m, n, k, out_dtype)
     if interpret and t.compute_wgs + 1 > _interpreter_threads():
         return dataclasses.replace(t, compute_wgs=1)
     return t
@@ -649,7 +654,7 @@ def gemm(x, w: QTensor, *, compute_dtype=None, out_dtype=None, tiling: MosaicGpu
     """
     x, compute_dtype, out_dtype = _check("gemm", x, w, compute_dtype, out_dtype)
     (m, k), n = x.shape, w.shape[0]
-    t = tiling or _interpretable(tiling_for(w.fmt, m, n, k, out_dtype), _interpret(interpret))
+    t = tiling or _default_tiling(w.fmt, m, n, k, out_dtype, _interpret(interpret))
     _validate("gemm", w.fmt, t, compute_dtype, out_dtype)
     lanes = to_lanes(w)
     k_pad, n_pad = _round_up(k, t.block_k), _round_up(lanes["q"].shape[-1], t.block_n * t.compute_wgs)

@@ -12,6 +12,7 @@ two compute warpgroups run in a process of its own with four devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -125,8 +126,10 @@ def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
     instead of waiting forever."""
     w, x = random_qtensor("Q4_0", 256, 256, rng), jnp.ones((64, 256), jnp.float32)
     t = tiling_for("Q4_0", 2048, 4096, 4096)
-    assert t.compute_wgs == 2 and mosaic_gpu._interpretable(t, plgpu.InterpretGPUParams()).compute_wgs == 1
-    assert mosaic_gpu._interpretable(t, None) == t  # compiled: as chosen
+    assert t.compute_wgs == 2
+    default = functools.partial(mosaic_gpu._default_tiling, "Q4_0", 2048, 4096, 4096, jnp.float32)
+    assert default(plgpu.InterpretGPUParams()).compute_wgs == 1
+    assert default(None) == t  # compiled: as chosen
     t = dataclasses.replace(tiling_for("Q4_0", 64, 256, 256), compute_wgs=2)
     with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
         gemm(x, w, compute_dtype=BF16, tiling=t, interpret=True)
