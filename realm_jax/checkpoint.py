@@ -125,8 +125,9 @@ def _aligned(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 def _places(infos, formats) -> dict[str, dict[str, np.ndarray]]:
     """Where each tensor's planes go: views into buffers laid out so that the model's params need no copy.
-    The tensors of consecutive layers with the same name, type and shape share one buffer per plane
-    [layers, ...], each layer's a view of its slot (`transformer.stack_layers` takes the buffer as it is),
+    The tensors of layers with the same name, type and shape share one buffer per plane [layers, ...], each
+    layer's a view of its slot (`transformer.stack_layers` takes the buffer as it is), the layers ordered by
+    structure, then by number (so that both kinds of stack are views),
     and q|k|v and gate|up of one format and width sit side by side within a slot (so does their fused
     weight, `quant.concat_rows`). Every buffer starts 64-byte aligned, so that `jax.device_put` on CPU
     aliases it (no second copy of the weights at load). Other tensors get buffers of their own."""
@@ -152,15 +153,23 @@ def _places(infos, formats) -> dict[str, dict[str, np.ndarray]]:
     def signature(i: int, group: tuple[str, ...]):
         return tuple((infos[by_layer[i][n]].ggml_type, infos[by_layer[i][n]].shape) for n in group)
 
+    # Layers of one structure (the same groups of the same types and shapes) one after another, in layer order
+    # within each structure: a stretch of consecutive layers of one structure, and all of a structure's layers
+    # (a `transformer.Variants` stack), are then each a run of slots of the buffers.
+    kinds: dict[tuple, int] = {}
+    for i in sorted(groups):
+        kinds.setdefault(tuple((g, signature(i, g)) for g in groups[i]), len(kinds))
+    order = sorted(groups, key=lambda i: (kinds[tuple((g, signature(i, g)) for g in groups[i])], i))
+    after = dict(zip(order, order[1:]))
     places: dict[str, dict[str, np.ndarray]] = {}
     done = set()
-    for i in sorted(groups):
+    for i in order:
         for group in groups[i]:
             if (i, group) in done:
                 continue
             sig, run = signature(i, group), [i]
-            while run[-1] + 1 in groups and group in groups[run[-1] + 1] and signature(run[-1] + 1, group) == sig:
-                run.append(run[-1] + 1)
+            while run[-1] in after and group in groups[after[run[-1]]] and signature(after[run[-1]], group) == sig:
+                run.append(after[run[-1]])
             first = infos[by_layer[i][group[0]]]
             fmt = formats[first.name]
             lead, n_blocks = first.shape[:-1], first.shape[-1] // fmt.block_size

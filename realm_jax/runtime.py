@@ -570,12 +570,14 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
 
 
 def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, policy: Policy, *,
-                 fuse: bool = True, impl: str = linear.REFERENCE, last_apart: bool = False) -> dict[str, Any]:
+                 fuse: bool = True, impl: str = linear.REFERENCE, last_apart: bool = False,
+                 variants: bool = False) -> dict[str, Any]:
     """The params pytree the jitted forward takes: linear weights prepared for the backend `impl` prefers
     (`realm_jax.linear.prepare`), q|k|v and gate|up fused (unless `fuse` is False: tensor parallelism splits
-    them by heads), layers stacked into scan runs, the last layer in a run of its own with `last_apart`
-    (a prefill then runs most of it on the last positions alone: `transformer.run_layers`; a pipeline's
-    stages do not). Traceable (see `memory_plan`)."""
+    them by heads), layers stacked into scan runs (with `variants`, layers of a few structures in one run:
+    `transformer.stack_layers`), the last layer in a run of its own with `last_apart` (a prefill then runs
+    most of it on the last positions alone: `transformer.run_layers`; a pipeline's stages do not).
+    Traceable (see `memory_plan`)."""
 
     def prepare(many_rows: bool):
         return lambda qt, name: linear.prepare(qt, policy, impl=impl, many_rows=many_rows, what=f"{source}: {name}")
@@ -583,7 +585,7 @@ def build_params(config: ModelConfig, tensors: dict[str, QTensor], source: str, 
     # The output projection: a prefill multiplies only its last positions by it (`Model.logits`, every row).
     params = params_from_tensors(config, tensors, source, linear=prepare(True), output=prepare(False))
     layers = [fuse_projections(layer) for layer in params["layers"]] if fuse else params["layers"]
-    params["layers"] = stack_layers(layers, last_apart=last_apart)
+    params["layers"] = stack_layers(layers, last_apart=last_apart, variants=variants)
     return params
 
 
@@ -593,7 +595,8 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
     layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
     if mesh is None:
-        return _put_once(build_params(config, tensors, source, policy, impl=impl, last_apart=True), device)
+        return _put_once(build_params(config, tensors, source, policy, impl=impl, last_apart=True, variants=True),
+                         device)
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers
 

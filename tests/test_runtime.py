@@ -42,6 +42,37 @@ def test_golden_greedy_generation(name, request):
     assert text.startswith(GOLDEN[name][: len(text)]) and len(text) >= 60, text
 
 
+def test_layers_of_two_structures_scan_as_one_run(gemma3, gemma3_path):
+    """gemma3-270m Q4_K_M mixes formats across layers (attn_v Q8_0 or Q5_0, ffn_down Q6_K or Q4_K): its first
+    17 layers run as one scan whose step picks its layer's structure, not as 11 runs; the structures'
+    stacks are views of the file's buffers, as the runs' are (no copy at load); and a prefill's logits are
+    bit for bit those of the runs."""
+    import jax
+
+    from realm_jax.checkpoint import read_gguf
+    from realm_jax.models.transformer import Variants
+    from realm_jax.runtime import _prefill, build_params
+
+    m = gemma3
+    first, last = m.params["layers"]
+    assert isinstance(first.params, Variants) and (first.first, first.count, last.first, last.count) == (0, 17, 17, 1)
+    assert len(first.params.stacks) == 2 and sorted(np.bincount(np.asarray(first.params.which))) == [8, 9]
+    tensors = read_gguf(gemma3_path)[1]
+    merged, runs = (build_params(m.config, tensors, str(gemma3_path), m.policy, impl=m.impl, last_apart=True,
+                                 variants=v) for v in (True, False))
+    assert len(runs["layers"]) == 12
+
+    def copied(tree):  # bytes of the stacked leaves that are new arrays rather than views of the file's
+        return sum(a.nbytes for a in jax.tree.leaves(tree) if not isinstance(a, np.ndarray))
+
+    assert copied([r.params for r in merged["layers"]]) == copied([r.params for r in runs["layers"]])
+    ids = np.asarray([m.tokenizer.encode("Once upon a time, in a small village")], np.int32)
+    logits = [np.asarray(_prefill(jax.device_put(p), ids, np.array([ids.shape[1]], np.int32),
+                                  m._new_cache(1, ids.shape[1]), config=m.config, policy=m.policy, all_logits=True,
+                                  impl=m.impl)[0]) for p in (merged, runs)]
+    np.testing.assert_array_equal(*logits)
+
+
 def test_batch_of_different_lengths_matches_one_by_one(smollm2):
     prompts = ["The capital of France is", "1, 2, 3,", "def fibonacci(n):\n    "]
     together = smollm2.generate(prompts, max_new_tokens=12)

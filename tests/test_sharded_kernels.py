@@ -43,6 +43,9 @@ SCRIPT = textwrap.dedent("""
         nb = n // q.format.block_size
         return QTensor(q.fmt, (q.shape[0], n), {k: v[:, : nb * per[k]] for k, v in q.planes.items()})
 
+    def weights(run):  # the first run's layer params (on one device, every structure's: `transformer.Variants`)
+        return [v for p in getattr(run.params, "stacks", (run.params,)) for v in p.values()]
+
     ffn = 512
     for name in list(tensors):
         if name.endswith(("ffn_gate.weight", "ffn_up.weight")):
@@ -67,7 +70,7 @@ SCRIPT = textwrap.dedent("""
         row = {"impl": impl, "backend": m.impl, "mesh": shape, "max_diff": float(np.abs(m.logits(ids) - want).max()),
                "scale": float(np.abs(want).max()), "greedy_same": m.generate_ids([ids], max_new_tokens=4) == greedy,
                "quantized": sorted({type(v).__name__ + ":" + getattr(v, "fmt", "")
-                                    for v in m.params["layers"][0].params.values()})}
+                                    for v in weights(m.params["layers"][0])})}
         if shape == {"model": 2}:
             row["decode"] = [[c.kind, c.bytes, c.executions] for c in collectives(m.compiled_text("decode"),
                                                                                   unknown_trips=1)]
@@ -81,7 +84,7 @@ SCRIPT = textwrap.dedent("""
     out["triton"] = {"backend": m.impl, "rows": len(ids), "max_diff": float(np.abs(m.logits(ids) - want_t).max()),
                      "scale": float(np.abs(want_t).max()),
                      "greedy_same": m.generate_ids([ids], max_new_tokens=4) == greedy_t,
-                     "weights": sorted({type(v).__name__ for v in m.params["layers"][0].params.values()})}
+                     "weights": sorted({type(v).__name__ for v in weights(m.params["layers"][0])})}
     print(json.dumps(out))
 """)
 

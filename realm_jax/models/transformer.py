@@ -3,8 +3,12 @@
 Legend: B batch, T new tokens, S cache length, L layers, D width, N heads, K kv heads, H head dim, V vocab.
 
 Runs of consecutive layers whose params have the same structure (the same formats) are stacked and run
-with `lax.scan`; a file that mixes formats across layers becomes several runs. Per-layer differences that
-are data (rope frequencies, sliding-window or global) ride along as scanned arrays.
+with `lax.scan`. A file that mixes formats across layers (Q4_K_M: attn_v and ffn_down in Q6_K on some layers)
+becomes, on one device, one run whose layers are of a few structures (`Variants`): each structure's layers
+stacked apart, and the scan's step picks its layer's with `lax.switch`, so that the program holds each
+structure's layer once rather than once per run (gemma3-270m: 11 runs -> 1, half the compile time); over a
+mesh, one run per stretch of one structure. Per-layer differences that are data (rope frequencies,
+sliding-window or global) ride along as scanned arrays.
 """
 
 from __future__ import annotations
@@ -44,6 +48,20 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype, layers: int 
     return KVCache(jnp.zeros((*shape, config.head_dim), dtype), jnp.zeros((*shape, config.v_head_dim), dtype))
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["stacks", "which", "slot"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Variants:
+    """A run's layers of a few structures: `stacks[k]` holds the layers of structure k stacked (leaves
+    [n_k, ...]); layer i of the run is `stacks[which[i]]` at `slot[i]` (int32 [n] each)."""
+
+    stacks: tuple[Any, ...]
+    which: Any
+    slot: Any
+
+
+MAX_VARIANTS = 4  # structures one run may hold: each is a branch of the step, compiled once
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerRun:
     """Layers [first, first + count) with identical param structure, their leaves stacked on axis 0."""
@@ -53,11 +71,14 @@ class LayerRun:
     params: Any
 
 
-def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False) -> list[LayerRun]:
+def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False, variants: bool = False) -> list[LayerRun]:
     """Group consecutive layers of identical structure into stacked runs for `lax.scan`.
 
     `last_apart` puts the last layer in a run of its own, so that a prefill that needs only the last
     position's logits can run that layer's attention output and FFN on that position alone (`run_layers`).
+    `variants`: layers of up to `MAX_VARIANTS` structures make one run (`Variants`) where they would make
+    several (`checkpoint.read_gguf` places each structure's layers side by side, so that their stacks too
+    are views, not copies).
 
     A stacked QTensor keeps its per-layer logical shape while its planes gain the leading L axis: inside
     the scan each step sees one layer's consistent QTensor. (Unrolling the layers instead measured no
@@ -74,7 +95,24 @@ def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False) -> l
         stacked = jax.tree.map(_stack, *layers[i:j])
         runs.append(LayerRun(i, j - i, stacked))
         i = j
+    if variants and sum(run.first < end for run in runs) > 1:
+        merged = _variant_run(layers[:end])
+        if merged is not None:
+            return [merged, *(run for run in runs if run.first >= end)]
     return runs
+
+
+def _variant_run(layers: list[dict[str, Any]]) -> LayerRun | None:
+    """The layers as one `Variants` run, or None where they have more than `MAX_VARIANTS` structures."""
+    structures = [jax.tree_util.tree_structure(layer) for layer in layers]
+    kinds = list(dict.fromkeys(structures))
+    if len(kinds) > MAX_VARIANTS:
+        return None
+    which = np.array([kinds.index(s) for s in structures], np.int32)
+    slot = np.array([np.count_nonzero(which[:i] == which[i]) for i in range(len(layers))], np.int32)
+    stacks = tuple(jax.tree.map(_stack, *(layer for layer, k in zip(layers, which) if k == kind))
+                   for kind in range(len(kinds)))
+    return LayerRun(0, len(layers), Variants(stacks, which, slot))
 
 
 def _stack(*xs):
@@ -224,23 +262,35 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
         ids = jnp.maximum(layer_ids, 0)
         freq, is_local = jnp.asarray(inv_freq)[ids], jnp.asarray(local)[ids]
 
-    scanned, in_place = linear.split_stacked(params)
     which = np.zeros(len(slots), np.int32) if rope is None else rope[1][np.asarray(layer_ids)]
+    if isinstance(params, Variants):  # each structure's stack read at the layer's slot (see `Variants`)
+        parts = [linear.split_stacked(stack) for stack in params.stacks]
+        scanned, index = jnp.asarray(params.which), jnp.asarray(params.slot)
+
+        def layer_of(kind, slot):
+            stacked, in_place = parts[kind]
+            return in_place(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, slot, keepdims=False), stacked), slot)
+    else:
+        scanned, in_place = linear.split_stacked(params)
+        index = jnp.arange(len(slots), dtype=jnp.int32)
 
     def body(carry, xs):
-        layer_params, slot, f, loc, off, index, w = xs
-        layer_params = in_place(layer_params, index)
+        layer_params, slot, f, loc, off, i, w = xs
         tables = None if rope is None else tuple(t[w] for t in rope[0])
 
-        def run(carry):
+        def block(layer_params, carry):
             h, c = carry
             return _block(config, layer_params, h, positions, c, slot, f, loc, policy=policy, kv_len=kv_len, row=row,
                           impl=impl, tables=tables)
 
+        if isinstance(params, Variants):  # layer_params: the layer's structure; i: its slot in that stack
+            branches = [functools.partial(lambda k, c: block(layer_of(k, i), c), k) for k in range(len(parts))]
+            run = functools.partial(lax.switch, layer_params, branches)
+        else:
+            run = functools.partial(block, in_place(layer_params, i))
         return (run(carry) if skip is None else lax.cond(off, lambda c: c, run, carry)), None
 
     skips = jnp.zeros(len(slots), bool) if skip is None else skip  # unread when skip is None
-    index = jnp.arange(len(slots), dtype=jnp.int32)
     (x, cache), _ = lax.scan(body, (x, cache), (scanned, slots, freq, is_local, skips, index, which))
     return x, cache
 
