@@ -24,6 +24,7 @@ llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced her
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,6 +61,7 @@ _ATTR_SPECIAL = ATTR_UNKNOWN | ATTR_CONTROL  # rendered only when special pieces
 _ATTR_SPLIT = ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN  # split out of the text before the BPE
 
 _SPACE = "\u2581"  # SentencePiece's visible space
+_PIECES_KEPT = 1 << 14  # rendered pieces a tokenizer keeps (`Tokenizer.token_to_piece`)
 
 # Bounds no real vocabulary comes near (gemma3 has 262,144 tokens; the longest tokens of the tested models
 # have 31 and 81 characters: runs of newlines, tabs, '#'), so a hostile file cannot make the tokenizer's
@@ -212,7 +214,9 @@ class Tokenizer:
         self.add_bos = vocab.add_bos
         self.add_eos = vocab.add_eos
         self.chat_template = chat_template
-        self._pieces = [_piece(vocab, i) for i in range(self.vocab_size)]
+        # Pieces are made as tokens are rendered, the most recent kept: a table of every token's would hold
+        # ~14 MiB for gemma3's 262,144 tokens.
+        self._piece = functools.lru_cache(maxsize=_PIECES_KEPT)(functools.partial(_piece, vocab))
         self.max_token_chars = max(map(len, vocab.texts))
         self._hf = _build_hf_tokenizer(vocab)
         self._hf_lock = threading.Lock()  # encode_special_tokens is state on the shared HF object
@@ -302,7 +306,7 @@ class Tokenizer:
         self._check_id(id)
         if not special and self._attrs[id] & _ATTR_SPECIAL:
             return b""
-        return self._pieces[id]
+        return self._piece(int(id))
 
     def detokenize(
         self, ids: Iterable[int], *, remove_special: bool = False, unparse_special: bool = True
