@@ -1,7 +1,7 @@
 """A tokenizer built from GGUF metadata that tokenizes and detokenizes exactly as llama.cpp does.
 
 llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced here, with a Hugging Face
-`tokenizers.Tokenizer` doing the splitting and the merges:
+`tokenizers.Tokenizer` doing the splitting (and a gpt2 vocabulary's merges):
 
 - Token attributes come from ``tokenizer.ggml.token_type``, then llama.cpp's fix-ups by token text: EOT,
   EOM and FIM tokens found by name become control tokens, control tokens named "unused" are unused, and
@@ -14,17 +14,19 @@ llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced her
 - ``gpt2`` vocabularies: byte-level BPE with the file's merges, pre-split by the regexes llama.cpp uses for
   ``tokenizer.ggml.pre``.
 - ``llama`` (SentencePiece) vocabularies: llama.cpp replaces spaces with U+2581 and repeatedly merges the
-  adjacent pair whose concatenation is the best-scored token. That is a BPE whose merges are every split
-  of every token into two tokens, ranked by the score of the token they make. Characters missing from the
-  vocabulary fall back to ``<0xNN>`` byte tokens.
+  adjacent pair whose concatenation is the best-scored token (`_SentencePiece`, its algorithm line for line;
+  `tokenizers` only splits the special tokens out). Characters missing from the vocabulary fall back to
+  ``<0xNN>`` byte tokens.
 - Detokenization concatenates llama.cpp's per-token pieces and applies its space clean-up where the
   pre-tokenizer asks for it; that part is plain Python over byte strings.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
+import heapq
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -69,10 +71,8 @@ _PIECES_KEPT = 1 << 14  # rendered pieces a tokenizer keeps (`Tokenizer.token_to
 MAX_VOCAB = 1 << 19
 MAX_TOKEN_CHARS = 1024
 MAX_VOCAB_CHARS = 1 << 24  # all tokens' characters together (gemma3: 1,476,602)
-MAX_MERGES = 1 << 20  # BPE merges, the file's or a SentencePiece vocabulary's splits (gemma3: 514,847)
-# The merges' characters together (gemma3's splits: 3,116,930): the tokenizers library takes every merge as a
-# pair of strings. 2,046 runs of one 4-byte character, 2 to 1,024 long (a 4 MB file), pass the bounds above
-# and split into 1,047,552 pairs of 716M characters: 3 GB while the tokenizer was built.
+MAX_MERGES = 1 << 20  # a gpt2 vocabulary's BPE merges
+# A gpt2 file's merges' characters together: the tokenizers library takes every merge as a pair of strings.
 MAX_MERGE_CHARS = 1 << 25
 
 # --- pre-tokenizers of gpt2-style vocabularies (llama_vocab::impl::load and llm_tokenizer_bpe) -----------
@@ -220,6 +220,7 @@ class Tokenizer:
         self.max_token_chars = max(map(len, vocab.texts))
         self._hf = _build_hf_tokenizer(vocab)
         self._hf_lock = threading.Lock()  # encode_special_tokens is state on the shared HF object
+        self._spm = _SentencePiece(vocab) if vocab.model == "llama" else None
 
     # --- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -288,7 +289,18 @@ class Tokenizer:
         if text:
             with self._hf_lock:
                 self._hf.encode_special_tokens = not parse_special
-                ids.extend(self._hf.encode(text, add_special_tokens=False).ids)
+                encoding = self._hf.encode(text, add_special_tokens=False)
+            if self._spm is None:
+                ids.extend(encoding.ids)
+            else:  # the special tokens split out; each fragment between them is SentencePiece's
+                for id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets):
+                    if id:  # a special or user-defined token (the fragments are the splitter's word 0)
+                        ids.append(self._spm.ids[token])
+                        continue
+                    # llama.cpp prefixes a space to the first fragment and to every fragment after a special
+                    # token, i.e. to every fragment.
+                    fragment = (" " if self._vocab.add_space_prefix else "") + text[start:end]
+                    ids.extend(self._spm.encode(fragment.replace(" ", _SPACE)))
         if add_bos is not False and self.add_eos:
             ids.append(self.eos_id)
         return ids
@@ -706,97 +718,86 @@ def _clean_spaces(text: bytearray) -> bytearray:
     return t[:total]
 
 
-# --- the Hugging Face tokenizer ---------------------------------------------------------------------------
-def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
-    """Every split of every token into two tokens, best-scored result first.
+# --- SentencePiece ("llama") vocabularies ----------------------------------------------------------------
+class _SentencePiece:
+    """llama.cpp's SentencePiece tokenizer (`llm_tokenizer_spm_session`) on one fragment of text: the text's
+    characters are symbols; the adjacent pair whose concatenation is the best-scored token is merged (on
+    equal scores the leftmost), again and again; each symbol left is its token, or its UTF-8 bytes as
+    ``<0xNN>`` tokens where it is none. Exactly llama.cpp's order of merges, ties included.
 
-    llama.cpp's SentencePiece loop merges the adjacent pair whose concatenation is the best-scored token,
-    the leftmost first on ties. A BPE ranking the pairs by that score does the same, except on ties: it
-    takes the lower rank first, llama.cpp the leftmost pair. Equal scores of different tokens rank by id;
-    two splits of one token rank by the length of the left part. No such tie changed a result on the real
-    vocabularies (tens of thousands of random texts compared with llama.cpp, runs of repeated pieces
-    included).
-
-    The splits are found in time linear in the vocabulary's characters (after sorting it): a token splits
-    at k when its prefix of length k and its suffix of the rest are both tokens, and `_affix_parents` chains
-    each token to the tokens that are its prefixes (and, on the reversed texts, its suffixes). Slicing every
-    token at every k instead costs the square of its length: minutes for one hostile 1 MiB token.
+    It holds a dict from each token's text to its id (the vocabulary's strings, shared) and the scores as
+    float32: ~11 MiB for gemma3's 262,144 tokens, where a BPE with the equivalent 514,847 merges held 70.
     """
-    texts = vocab.texts
-    lengths = [len(t) for t in texts]
-    prefix = _affix_parents(texts)
-    suffix = _affix_parents([t[::-1] for t in texts])
-    left, right, result = [], [], []
-    chars = 0  # of the pairs: each pair of token i has its characters
-    for i, (p, j) in enumerate(zip(prefix, suffix)):
-        if p < 0 or j < 0:
-            continue
-        starts = {}  # length -> id of the token that is this token's prefix of that length
-        while p >= 0:
-            starts[lengths[p]] = p
-            p = prefix[p]
-        n, pairs = lengths[i], len(result)
-        while j >= 0:
-            a = starts.get(n - lengths[j])
-            if a is not None:
-                left.append(a)
-                right.append(j)
-                result.append(i)
-            j = suffix[j]
-        chars += (len(result) - pairs) * n
-        if len(result) > MAX_MERGES or chars > MAX_MERGE_CHARS:
-            raise ResourceLimitError(
-                f"{vocab.source}: the tokens of tokenizer.ggml.tokens split into more than "
-                + (f"{MAX_MERGES} pairs of tokens" if len(result) > MAX_MERGES else
-                   f"{MAX_MERGE_CHARS} characters of pairs of tokens")
-                + f" (at token {i}, {texts[i][:16]!r}...), the merges realm-jax builds a tokenizer from"
-            )
-    result_ids = np.asarray(result, np.int64)
-    left_len = np.asarray(lengths, np.int64)[np.asarray(left, np.int64)]
-    order = np.lexsort((left_len, result_ids, -vocab.scores[result_ids].astype(np.float64)))
-    return [(texts[left[j]], texts[right[j]]) for j in order.tolist()]
 
-
-def _affix_parents(texts: Sequence[str]) -> list[int]:
-    """For each text, the id of the longest other text that is a prefix of it (-1: none).
-
-    In sorted order the texts that start with p follow p in one run, so a stack of the texts that are
-    prefixes of the one before holds exactly the prefixes of the next once those that are not are popped.
-    Each text is pushed and popped once: linear in the characters compared.
-    """
-    parent = [-1] * len(texts)
-    stack: list[int] = []
-    for i in sorted(range(len(texts)), key=texts.__getitem__):
-        t = texts[i]
-        while stack and not t.startswith(texts[stack[-1]]):
-            stack.pop()
-        if stack:
-            parent[i] = stack[-1]
-        stack.append(i)
-    return parent
-
-
-def _build_hf_tokenizer(vocab: _Vocab):
-    from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import BPE
-
-    ids_of = {t: i for i, t in enumerate(vocab.texts)}
-    if vocab.model == "llama":
-        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in ids_of]
+    def __init__(self, vocab: _Vocab):
+        self.ids = {t: i for i, t in enumerate(vocab.texts)}  # llama.cpp's token_to_id: a repeated text, its last id
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in self.ids]
         if missing:
             raise MetadataError(
                 f"{vocab.source}: tokenizer.ggml.tokens lacks the byte-fallback tokens {missing[:4]}... "
                 f"({len(missing)} of 256); realm-jax needs all of <0x00>..<0xFF> for a 'llama' vocabulary"
             )
-        hf = HFTokenizer(BPE(vocab=ids_of, merges=_spm_merges(vocab), byte_fallback=True, fuse_unk=False))
-        steps = [normalizers.Replace(" ", _SPACE)]
-        if vocab.add_space_prefix:
-            # llama.cpp prefixes a space to the first text fragment and to every fragment after a special
-            # token, i.e. to every fragment: exactly what a per-fragment normalizer does.
-            steps.insert(0, normalizers.Prepend(" "))
-        hf.normalizer = normalizers.Sequence(steps)
+        self.bytes = [self.ids[f"<0x{b:02X}>"] for b in range(256)]
+        self.scores = array.array("f", np.asarray(vocab.scores, np.float32).tobytes())
+        self.longest = max(map(len, vocab.texts))
+
+    def encode(self, text: str) -> list[int]:
+        n = len(text)
+        if not n:
+            return []
+        size = [1] * n  # symbol i starts at character i; 0 once merged into its left neighbour
+        prev, after = list(range(-1, n - 1)), list(range(1, n + 1))
+        after[-1] = -1
+        queue: list[tuple[float, int, int, int]] = []  # (-score, left, right, characters)
+        ids, scores, longest, push = self.ids, self.scores, self.longest, heapq.heappush
+
+        def pair(left: int, right: int) -> None:
+            if left < 0 or right < 0 or size[left] + size[right] > longest:
+                return
+            merged = size[left] + size[right]
+            token = ids.get(text[left:left + merged])
+            if token is not None:
+                push(queue, (-scores[token], left, right, merged))
+
+        for i in range(1, n):
+            pair(i - 1, i)
+        while queue:
+            _, left, right, merged = heapq.heappop(queue)
+            if not size[left] or not size[right] or size[left] + size[right] != merged:
+                continue  # a side was merged since
+            size[left], size[right] = merged, 0
+            after[left] = after[right]
+            if after[right] >= 0:
+                prev[after[right]] = left
+            pair(prev[left], left)
+            pair(left, after[left])
+        out: list[int] = []
+        i = 0
+        while i >= 0:
+            piece = text[i:i + size[i]]
+            token = ids.get(piece)
+            if token is not None:
+                out.append(token)
+            else:
+                out.extend(self.bytes[b] for b in piece.encode())
+            i = after[i]
+        return out
+
+
+# --- the Hugging Face tokenizer ---------------------------------------------------------------------------
+def _build_hf_tokenizer(vocab: _Vocab):
+    """gpt2 vocabularies: the whole tokenizer. llama (SentencePiece) vocabularies: the split of the special
+    and user-defined tokens out of the text only (a one-word model whose word, `_RAW`, stands for each
+    fragment of text between them, which `_SentencePiece` tokenizes)."""
+    from tokenizers import AddedToken, Regex, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE, WordLevel
+
+    if vocab.model == "llama":
+        raw = _raw(vocab)
+        hf = HFTokenizer(WordLevel(vocab={raw: 0}, unk_token=raw))
     else:
+        ids_of = {t: i for i, t in enumerate(vocab.texts)}
         hf = HFTokenizer(BPE(vocab=ids_of, merges=vocab.merges, ignore_merges=vocab.pre.ignore_merges))
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in vocab.pre.regexes]
         hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -815,3 +816,11 @@ def _build_hf_tokenizer(vocab: _Vocab):
     hf.add_special_tokens(added(_ATTR_SPECIAL))
     hf.add_tokens(added(ATTR_USER_DEFINED, exclude=_ATTR_SPECIAL))
     return hf
+
+
+def _raw(vocab: _Vocab) -> str:
+    """The splitter's word for a fragment of text: a string no token of the vocabulary is."""
+    raw = "\uffff"
+    while raw in vocab.texts:
+        raw += "\uffff"
+    return raw

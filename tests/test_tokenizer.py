@@ -314,38 +314,63 @@ def test_bad_spm_metadata_names_the_key():
         Tokenizer.from_metadata(small)
 
 
-def _splits_by_slicing(texts: list[str]) -> set[tuple[str, str]]:
-    """Every split of every token into two tokens, by the definition (quadratic in a token's length)."""
-    vocab = set(texts)
-    return {(t[:k], t[k:]) for t in texts for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab}
+def _spm_by_rescanning(ids: dict[str, int], scores, byte_ids, text: str) -> list[int]:
+    """llama.cpp's SentencePiece merges by their definition (quadratic): while some adjacent pair of symbols
+    makes a token, merge the best-scored one, the leftmost of equals; then each symbol's token or bytes."""
+    symbols = list(text)  # the leftmost pair is the one whose left symbol starts first, as llama.cpp's ties go
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            token = ids.get(symbols[i] + symbols[i + 1])
+            if token is not None and (best is None or scores[token] > best[0]):
+                best = (scores[token], i)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [t for sym in symbols for t in ([ids[sym]] if sym in ids else [byte_ids[b] for b in sym.encode()])]
 
 
-def test_spm_splits_are_found_in_linear_time():
-    """The splits of nested runs (a, aa, aaa, ...), shared prefixes and suffixes are those of the definition,
-    in the scores' order; a 1 MiB token (the length bound aside) takes well under the minutes slicing took."""
-    from realm_jax.tokenizer import _load_vocab, _spm_merges
+def test_sentencepiece_merges_in_llama_cpp_order():
+    """Random vocabularies of short pieces over a small alphabet, with many equal scores, and random texts:
+    the tokenizer's merges give what the definition gives (ties to the leftmost pair), characters outside
+    the vocabulary as their UTF-8 bytes."""
+    from realm_jax.tokenizer import _load_vocab, _SentencePiece
 
-    rng = random.Random(4)
-    extra = ["a" * k for k in range(1, 40)] + ["".join(rng.choice("abc▁") for _ in range(rng.randrange(1, 9)))
-                                                  for _ in range(400)]
+    rng = random.Random(5)
+    for trial in range(30):
+        md = tiny_spm()
+        pieces = list(dict.fromkeys("".join(rng.choice("ab▁c") for _ in range(rng.randrange(2, 6)))
+                                    for _ in range(rng.randrange(5, 60))))
+        pieces = [p for p in pieces if p not in md["tokenizer.ggml.tokens"]]
+        tokens = md["tokenizer.ggml.tokens"] + pieces
+        scores = np.concatenate([md["tokenizer.ggml.scores"], np.float32([rng.choice([-1, -2, -3]) for _ in pieces])])
+        md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores.astype(np.float32),
+                   "tokenizer.ggml.token_type": np.array([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259), np.int32)})
+        spm = _SentencePiece(_load_vocab(md, "t.gguf"))
+        for _ in range(20):
+            text = "".join(rng.choice("ab▁cé") for _ in range(rng.randrange(0, 40)))
+            want = _spm_by_rescanning(spm.ids, spm.scores, spm.bytes, text)
+            assert spm.encode(text) == want, (trial, text)
+
+
+def test_sentencepiece_on_nested_runs_is_quick():
+    """A hostile vocabulary of nested runs (a, aa, ..., 1024 a's) and 200,000 a's: merges never slice past
+    the longest token, so the time stays linear in the text (well under the seconds a quadratic walk takes)."""
+    from realm_jax.tokenizer import _load_vocab, _SentencePiece
+
     md = tiny_spm()
-    tokens = list(dict.fromkeys(md["tokenizer.ggml.tokens"] + extra))
-    types = np.array([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259), np.int32)
-    md.update({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-               "tokenizer.ggml.scores": -np.arange(len(tokens), dtype=np.float32)})
-    vocab = _load_vocab(md, "t.gguf")
-    merges = _spm_merges(vocab)
-    assert set(merges) == _splits_by_slicing(vocab.texts) and len(merges) == len(set(merges))
-    ids = {t: i for i, t in enumerate(vocab.texts)}
-    assert [ids[a + b] for a, b in merges] == sorted((ids[a + b] for a, b in merges))  # scores fall with the id
-
-    half = "ab" * (1 << 18)  # 512 KiB: the 1 MiB token splits into two of it
-    vocab.texts += [half, half + half]
-    vocab.scores = np.append(vocab.scores, np.float32([1, 2]))
+    runs = ["a" * k for k in range(2, 1025)]
+    tokens = md["tokenizer.ggml.tokens"] + runs
+    md.update({"tokenizer.ggml.tokens": tokens,
+               "tokenizer.ggml.scores": np.concatenate([md["tokenizer.ggml.scores"],
+                                                        np.arange(len(runs), dtype=np.float32)]),
+               "tokenizer.ggml.token_type": np.array([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259), np.int32)})
+    spm = _SentencePiece(_load_vocab(md, "t.gguf"))
     start = time.perf_counter()
-    merges = _spm_merges(vocab)
-    assert time.perf_counter() - start < 5
-    assert merges[0] == (half, half) and len(merges) == len(set(merges))
+    ids = spm.encode("a" * 200_000)
+    assert time.perf_counter() - start < 10
+    assert sum(len(tokens[i]) for i in ids) == 200_000
 
 
 @pytest.mark.parametrize("key, more, match", [
