@@ -593,9 +593,13 @@ def prepare_params(config: ModelConfig, tensors: dict[str, QTensor], source: str
                    device: jax.Device | None = None, mesh=None, *, split_by: str = "bytes",
                    impl: str = linear.REFERENCE) -> dict[str, Any]:
     """`build_params`, on `device`, or split over `mesh` by the sharding rules; with a stage axis > 1 the
-    layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`)."""
+    layers are first partitioned by `split_by` and laid out over the stages (`distributed.pipeline`).
+    On one CPU, layers of a few structures run as one scan (`transformer.Variants`: measured there); on an
+    accelerator each stretch of one structure stays a scan of its own, since a `lax.switch` per layer may
+    cost XLA:GPU a read of the branch index by the host at every step (not measured yet)."""
     if mesh is None:
-        return _put_once(build_params(config, tensors, source, policy, impl=impl, last_apart=True, variants=True),
+        cpu = (device or jax.devices()[0]).platform == "cpu"
+        return _put_once(build_params(config, tensors, source, policy, impl=impl, last_apart=True, variants=cpu),
                          device)
     from realm_jax.distributed import shard_params
     from realm_jax.distributed.pipeline import create_model_shards, stage_layers

@@ -190,18 +190,45 @@ def _strings(key: str, texts: list[str]) -> bytes:
 
 
 def _vocab_cases():
-    """Token lists past each bound: a token of 1-2 MiB, 525k-560k tokens, splits past 2^20 (every string of
-    a and b up to 16-17 long) or splits' characters past 2^25 (runs of one 4-byte character)."""
+    """Token lists past each bound: a token of 1-2 MiB, 525k-560k tokens."""
     rng = np.random.default_rng(SEED + 1)
     base = [f"<0x{b:02X}>" for b in range(256)] + list("abc")
     return {
         "huge_token": (base + ["x" * int(rng.integers(1 << 20, 1 << 21))], "tokens[259]"),
         "too_many_tokens": (base + [f"t{i}" for i in range(int(rng.integers(525_000, 560_000)))], "tokens has 5"),
-        "too_many_splits": (base + ["".join(p) for k in range(2, int(rng.integers(17, 19)))
-                                    for p in itertools.product("ab", repeat=k)], "more than 1048576 pairs"),
-        "too_long_splits": (base + ["\U0001F600" * k for k in range(1, int(rng.integers(600, 1025)))],
-                            "more than 33554432 characters of pairs"),
     }
+
+
+def _nested_vocab_cases():
+    """Vocabularies whose tokens split into each other without end: every string of a and b up to 16-17
+    long (2^20 splits into two tokens), runs of one 4-byte character up to 600-1024 long (2^25 characters
+    of splits); and a text of 20,000 characters they merge all the way."""
+    rng = np.random.default_rng(SEED + 2)
+    base = [f"<0x{b:02X}>" for b in range(256)] + list("abc")
+    return {
+        "every_ab_string": (base + ["".join(p) for k in range(2, int(rng.integers(17, 19)))
+                                    for p in itertools.product("ab", repeat=k)],
+                            "".join(rng.choice(list("ab"), 20_000))),
+        "runs_of_a_4_byte_character": (base + ["\U0001F600" * k for k in range(1, int(rng.integers(600, 1025)))],
+                                       "\U0001F600" * 20_000),
+    }
+
+
+@pytest.mark.parametrize("case", list(_nested_vocab_cases()))
+def test_nested_vocabularies_build_and_tokenize_in_the_limits(runner, files, case):
+    """The SentencePiece tokenizer holds a dict of the tokens, not their splits: such vocabularies build,
+    and tokenize a text that merges all the way, within the benign case's time and memory (plus slack)."""
+    tokens, text = _nested_vocab_cases()[case]
+    path = files["dir"] / f"vocab-{case}.gguf"
+    kvs = [_kv("tokenizer.ggml.model", 8, struct.pack("<Q", 5) + b"llama"), _strings("tokenizer.ggml.tokens", tokens)]
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    code = _api(f"from realm_jax.tokenizer import Tokenizer\nt = Tokenizer.from_gguf({str(path)!r})\n"
+                f"assert len(t.encode({text!r}, add_bos=False)) >= 1")
+    result = runner.run(code=code, timeout_s=60)
+    where = result["stderr"][-2000:]
+    assert result["status"] == 0 and not result["timed_out"] and not result["signal"], where
+    assert result["seconds"] <= runner.benign["seconds"] + SLACK_S, (result["seconds"], where)
+    assert result["maxrss"] <= runner.benign["maxrss"] + GIB, (result["maxrss"], where)
 
 
 @pytest.mark.parametrize("case", list(_vocab_cases()))

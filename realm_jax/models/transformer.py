@@ -3,12 +3,13 @@
 Legend: B batch, T new tokens, S cache length, L layers, D width, N heads, K kv heads, H head dim, V vocab.
 
 Runs of consecutive layers whose params have the same structure (the same formats) are stacked and run
-with `lax.scan`. A file that mixes formats across layers (Q4_K_M: attn_v and ffn_down in Q6_K on some layers)
-becomes, on one device, one run whose layers are of a few structures (`Variants`): each structure's layers
-stacked apart, and the scan's step picks its layer's with `lax.switch`, so that the program holds each
-structure's layer once rather than once per run (gemma3-270m: 11 runs -> 1, half the compile time); over a
-mesh, one run per stretch of one structure. Per-layer differences that are data (rope frequencies,
-sliding-window or global) ride along as scanned arrays.
+with `lax.scan`. A file that mixes formats across layers (Q4_K_M: attn_v and ffn_down in Q6_K on some
+layers) becomes, on one CPU (`runtime.prepare_params`), one run whose layers are of a few structures
+(`Variants`): each structure's layers stacked apart, and the scan's step picks its layer's with
+`lax.switch`, so that the program holds each structure's layer once rather than once per run (gemma3-270m:
+11 runs -> 1, half the compile time); on an accelerator or a mesh, one run per stretch of one structure.
+Per-layer differences that are data (rope frequencies, sliding-window or global) ride along as scanned
+arrays.
 """
 
 from __future__ import annotations
