@@ -181,7 +181,7 @@ class _Vocab:
     texts: list[str]
     scores: np.ndarray  # f32 [n]
     attrs: list[int]
-    merges: list[tuple[str, str]]  # gpt2 only, in rank order
+    merges: list[tuple[str, str]]  # gpt2 only, in rank order; emptied once the tokenizer is built
     ids: dict[str, int | None]  # bos, eos, eot, ... (None: absent)
     add_bos: bool
     add_eos: bool
@@ -219,6 +219,7 @@ class Tokenizer:
         self._piece = functools.lru_cache(maxsize=_PIECES_KEPT)(functools.partial(_piece, vocab))
         self.max_token_chars = max(map(len, vocab.texts))
         self._hf = _build_hf_tokenizer(vocab)
+        vocab.merges = []  # the BPE holds them now (a gpt2 vocabulary's: ~10 MiB of pairs of strings for SmolLM2)
         self._hf_lock = threading.Lock()  # encode_special_tokens is state on the shared HF object
         self._spm = _SentencePiece(vocab) if vocab.model == "llama" else None
 
