@@ -294,8 +294,8 @@ class Tokenizer:
             if self._spm is None:
                 ids.extend(encoding.ids)
             else:  # the special tokens split out; each fragment between them is SentencePiece's
-                for id, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets):
-                    if id:  # a special or user-defined token (the fragments are the splitter's word 0)
+                for split, token, (start, end) in zip(encoding.ids, encoding.tokens, encoding.offsets):
+                    if split:  # a special or user-defined token (the fragments are the splitter's word 0)
                         ids.append(self._spm.ids[token])
                         continue
                     # llama.cpp prefixes a space to the first fragment and to every fragment after a special

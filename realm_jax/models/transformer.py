@@ -110,7 +110,10 @@ def _variant_run(layers: list[dict[str, Any]]) -> LayerRun | None:
     if len(kinds) > MAX_VARIANTS:
         return None
     which = np.array([kinds.index(s) for s in structures], np.int32)
-    slot = np.array([np.count_nonzero(which[:i] == which[i]) for i in range(len(layers))], np.int32)
+    seen = [0] * len(kinds)
+    slot = np.zeros(len(layers), np.int32)
+    for i, kind in enumerate(which):  # layer i's place among its structure's layers
+        slot[i], seen[kind] = seen[kind], seen[kind] + 1
     stacks = tuple(jax.tree.map(_stack, *(layer for layer, k in zip(layers, which) if k == kind))
                    for kind in range(len(kinds)))
     return LayerRun(0, len(layers), Variants(stacks, which, slot))
@@ -268,9 +271,9 @@ def scan_layers(config: ModelConfig, params: Any, x, positions, cache: KVCache, 
         parts = [linear.split_stacked(stack) for stack in params.stacks]
         scanned, index = jnp.asarray(params.which), jnp.asarray(params.slot)
 
-        def layer_of(kind, slot):
+        def layer_of(kind, at):  # structure `kind`'s layer `at` (its slot in that stack)
             stacked, in_place = parts[kind]
-            return in_place(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, slot, keepdims=False), stacked), slot)
+            return in_place(jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, at, keepdims=False), stacked), at)
     else:
         scanned, in_place = linear.split_stacked(params)
         index = jnp.arange(len(slots), dtype=jnp.int32)
