@@ -153,13 +153,18 @@ def _places(infos, formats) -> dict[str, dict[str, np.ndarray]]:
     def signature(i: int, group: tuple[str, ...]):
         return tuple((infos[by_layer[i][n]].ggml_type, infos[by_layer[i][n]].shape) for n in group)
 
-    # Layers of one structure (the same groups of the same types and shapes) one after another, in layer order
-    # within each structure: a stretch of consecutive layers of one structure, and all of a structure's layers
-    # (a `transformer.Variants` stack), are then each a run of slots of the buffers.
+    def structure(i: int) -> tuple:
+        """What makes layer i's params' structure: its matrices' groups, types and shapes, in any order in
+        the file (vectors, the norms, become f32 params whatever their type)."""
+        return tuple(sorted((g, signature(i, g)) for g in groups[i] if len(infos[by_layer[i][g[0]]].shape) > 1))
+
+    # Layers of one structure one after another, in layer order within each structure: a stretch of
+    # consecutive layers of one structure, and all of a structure's layers (a `transformer.Variants` stack),
+    # are then each a run of slots of the buffers.
     kinds: dict[tuple, int] = {}
     for i in sorted(groups):
-        kinds.setdefault(tuple((g, signature(i, g)) for g in groups[i]), len(kinds))
-    order = sorted(groups, key=lambda i: (kinds[tuple((g, signature(i, g)) for g in groups[i])], i))
+        kinds.setdefault(structure(i), len(kinds))
+    order = sorted(groups, key=lambda i: (kinds[structure(i)], i))
     after = dict(zip(order, order[1:]))
     places: dict[str, dict[str, np.ndarray]] = {}
     done = set()

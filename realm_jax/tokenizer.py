@@ -820,8 +820,9 @@ def _build_hf_tokenizer(vocab: _Vocab):
 
 
 def _raw(vocab: _Vocab) -> str:
-    """The splitter's word for a fragment of text: a string no token of the vocabulary is."""
+    """The splitter's word for a fragment of text: a string none of the tokens it splits out is."""
+    split = {t for t, a in zip(vocab.texts, vocab.attrs) if a & _ATTR_SPLIT}  # the texts the splitter matches
     raw = "\uffff"
-    while raw in vocab.texts:
+    while raw in split:
         raw += "\uffff"
     return raw

@@ -127,3 +127,29 @@ def test_layers_placed_for_fusing_and_stacking(tmp_path, rng, monkeypatch, reade
     # Layer 2's gate and up differ in format: not fused, and its gate is not in layers 0-1's buffer.
     assert not np.shares_memory(back["blk.2.ffn_gate.weight"].planes["qs"], gateup[0].planes["qs"])
     assert not isinstance(_stack(*[back[f"blk.{i}.ffn_gate.weight"].planes["qs"] for i in (1, 2)]), np.ndarray)
+
+
+def test_each_structures_layers_placed_side_by_side(tmp_path, rng):
+    """Layers of two structures, alternating (ffn_down in Q4_K or Q8_0): each structure's layers lie one
+    after another in every buffer they share, so that both its stack (`transformer.Variants`) and each
+    stretch of it are views. The order of a layer's tensors in the file and its norm's type (norms become
+    f32 params) do not make a structure of their own."""
+    from realm_jax.models.transformer import _stack
+
+    tensors = {}
+    for i in range(5):
+        layer = {"attn_q.weight": random_qtensor("Q4_K", 64, 256, rng),
+                 "ffn_down.weight": random_qtensor("Q4_K" if i in (0, 1, 3) else "Q8_0", 32, 256, rng),
+                 "attn_norm.weight": realm_jax.QTensor("F16" if i == 3 else "F32", (256,),
+                                                       {"w": np.ones(256, np.float16 if i == 3 else np.float32)})}
+        for name in (reversed(layer) if i == 1 else layer):  # layer 1's tensors in another order
+            tensors[f"blk.{i}.{name}"] = layer[name]
+    _, back = realm_jax.read_gguf(realm_jax.write_gguf(tmp_path / "mixed.gguf", tensors))
+
+    def stacked(name, layers):
+        return _stack(*[back[f"blk.{i}.{name}"].planes["qs"] for i in layers])
+
+    for layers in ((0, 1, 3), (0, 1), (2, 4), (3,)):  # a structure's layers, a stretch of them
+        for name in ("attn_q.weight", "ffn_down.weight"):
+            assert isinstance(stacked(name, layers), np.ndarray), (name, layers)
+    assert not isinstance(stacked("attn_q.weight", (1, 2)), np.ndarray)  # two structures: not side by side

@@ -85,7 +85,7 @@ def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False, vari
     the scan each step sees one layer's consistent QTensor. (Unrolling the layers instead measured no
     faster on XLA:CPU for SmolLM2 decode and prefill, and compiles slower.)
     """
-    runs: list[LayerRun] = []
+    bounds = []  # (first, end) of each stretch of one structure
     i = 0
     end = len(layers) - 1 if last_apart else len(layers)
     while i < len(layers):
@@ -93,18 +93,20 @@ def stack_layers(layers: list[dict[str, Any]], *, last_apart: bool = False, vari
         j = i + 1
         while j < end and jax.tree_util.tree_structure(layers[j]) == treedef:
             j += 1
-        stacked = jax.tree.map(_stack, *layers[i:j])
-        runs.append(LayerRun(i, j - i, stacked))
+        bounds.append((i, j))
         i = j
-    if variants and sum(run.first < end for run in runs) > 1:
-        merged = _variant_run(layers[:end])
-        if merged is not None:
-            return [merged, *(run for run in runs if run.first >= end)]
-    return runs
+    merged = _variant_run(layers[:end]) if variants and sum(a < end for a, _ in bounds) > 1 else None
+    return ([merged] if merged else []) + [LayerRun(a, b - a, jax.tree.map(_stack, *layers[a:b]))
+                                           for a, b in bounds if merged is None or a >= end]
+
+
+class _Scattered(Exception):
+    """A structure's layers' arrays do not lie one after another: stacking them would copy."""
 
 
 def _variant_run(layers: list[dict[str, Any]]) -> LayerRun | None:
-    """The layers as one `Variants` run, or None where they have more than `MAX_VARIANTS` structures."""
+    """The layers as one `Variants` run, or None where they have more than `MAX_VARIANTS` structures or a
+    structure's stack would copy arrays of the file's that the stretches' stacks take as views."""
     structures = [jax.tree_util.tree_structure(layer) for layer in layers]
     kinds = list(dict.fromkeys(structures))
     if len(kinds) > MAX_VARIANTS:
@@ -114,8 +116,18 @@ def _variant_run(layers: list[dict[str, Any]]) -> LayerRun | None:
     slot = np.zeros(len(layers), np.int32)
     for i, kind in enumerate(which):  # layer i's place among its structure's layers
         slot[i], seen[kind] = seen[kind], seen[kind] + 1
-    stacks = tuple(jax.tree.map(_stack, *(layer for layer, k in zip(layers, which) if k == kind))
-                   for kind in range(len(kinds)))
+
+    def view(*xs):
+        stacked = _stack(*xs)
+        if not isinstance(stacked, np.ndarray) and all(isinstance(x, np.ndarray) for x in xs):
+            raise _Scattered
+        return stacked
+
+    try:
+        stacks = tuple(jax.tree.map(view, *(layer for layer, k in zip(layers, which) if k == kind))
+                       for kind in range(len(kinds)))
+    except _Scattered:
+        return None
     return LayerRun(0, len(layers), Variants(stacks, which, slot))
 
 
