@@ -749,29 +749,30 @@ class _SentencePiece:
         size = [1] * n  # symbol i starts at character i; 0 once merged into its left neighbour
         prev, after = list(range(-1, n - 1)), list(range(1, n + 1))
         after[-1] = -1
-        queue: list[tuple[float, int, int, int]] = []  # (-score, left, right, characters)
-        ids, scores, longest, push = self.ids, self.scores, self.longest, heapq.heappush
-
-        def pair(left: int, right: int) -> None:
-            if left < 0 or right < 0 or size[left] + size[right] > longest:
-                return
-            merged = size[left] + size[right]
-            token = ids.get(text[left:left + merged])
-            if token is not None:
-                push(queue, (-scores[token], left, right, merged))
-
-        for i in range(1, n):
-            pair(i - 1, i)
+        ids, scores, longest = self.ids, self.scores, self.longest
+        pop, push = heapq.heappop, heapq.heappush
+        # (-score, left, right, characters) of each adjacent pair that makes a token; the first ones at once
+        queue = [] if longest < 2 else [(-scores[t], i, i + 1, 2) for i, t in
+                                        enumerate(map(ids.get, (text[i:i + 2] for i in range(n - 1)))) if t is not None]
+        heapq.heapify(queue)
         while queue:
-            _, left, right, merged = heapq.heappop(queue)
+            _, left, right, merged = pop(queue)
             if not size[left] or not size[right] or size[left] + size[right] != merged:
                 continue  # a side was merged since
             size[left], size[right] = merged, 0
-            after[left] = after[right]
-            if after[right] >= 0:
-                prev[after[right]] = left
-            pair(prev[left], left)
-            pair(left, after[left])
+            nxt = after[left] = after[right]
+            if nxt >= 0:
+                prev[nxt] = left
+            # the new symbol's pairs with its neighbours (each side at most the longest token)
+            before = prev[left]
+            if before >= 0 and size[before] + merged <= longest:
+                token = ids.get(text[before:left + merged])
+                if token is not None:
+                    push(queue, (-scores[token], before, left, size[before] + merged))
+            if nxt >= 0 and merged + size[nxt] <= longest:
+                token = ids.get(text[left:nxt + size[nxt]])
+                if token is not None:
+                    push(queue, (-scores[token], left, nxt, merged + size[nxt]))
         out: list[int] = []
         i = 0
         while i >= 0:
@@ -788,7 +789,7 @@ class _SentencePiece:
 # --- the Hugging Face tokenizer ---------------------------------------------------------------------------
 def _build_hf_tokenizer(vocab: _Vocab):
     """gpt2 vocabularies: the whole tokenizer. llama (SentencePiece) vocabularies: the split of the special
-    and user-defined tokens out of the text only (a one-word model whose word, `_RAW`, stands for each
+    and user-defined tokens out of the text only (a one-word model whose word, `_raw`, stands for each
     fragment of text between them, which `_SentencePiece` tokenizes)."""
     from tokenizers import AddedToken, Regex, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
