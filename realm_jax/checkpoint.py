@@ -162,9 +162,8 @@ def _places(infos, formats) -> dict[str, dict[str, np.ndarray]]:
     # consecutive layers of one structure, and all of a structure's layers (a `transformer.Variants` stack),
     # are then each a run of slots of the buffers.
     kinds: dict[tuple, int] = {}
-    for i in sorted(groups):
-        kinds.setdefault(structure(i), len(kinds))
-    order = sorted(groups, key=lambda i: (kinds[structure(i)], i))
+    kind = {i: kinds.setdefault(structure(i), len(kinds)) for i in sorted(groups)}
+    order = sorted(groups, key=lambda i: (kind[i], i))
     after = dict(zip(order, order[1:]))
     places: dict[str, dict[str, np.ndarray]] = {}
     done = set()

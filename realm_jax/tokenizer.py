@@ -179,6 +179,7 @@ class _Vocab:
     pre_name: str  # the gpt2 pre-tokenizer's name ("" for llama)
     pre: _BpePre | None  # gpt2 only
     texts: list[str]
+    ids_of: dict[str, int]  # each token's id by its text (the texts are distinct)
     scores: np.ndarray  # f32 [n]
     attrs: list[int]
     merges: list[tuple[str, str]]  # gpt2 only, in rank order; emptied once the tokenizer is built
@@ -549,8 +550,8 @@ def _load_vocab(metadata: Mapping[str, Any], source: str) -> _Vocab:
     _check_unsupported_attributes(metadata, source)
     eog = _fix_attributes(texts, ids_of, attrs, ids)
     return _Vocab(
-        source=source, model=model, pre_name=pre_key, pre=pre, texts=texts, scores=scores, attrs=attrs,
-        merges=merges, ids=ids, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
+        source=source, model=model, pre_name=pre_key, pre=pre, texts=texts, ids_of=ids_of, scores=scores,
+        attrs=attrs, merges=merges, ids=ids, add_bos=add_bos, add_eos=add_eos, add_space_prefix=add_space_prefix,
         clean_spaces=clean_spaces, eog_ids=eog,
     )  # fmt: skip
 
@@ -726,12 +727,12 @@ class _SentencePiece:
     equal scores the leftmost), again and again; each symbol left is its token, or its UTF-8 bytes as
     ``<0xNN>`` tokens where it is none. Exactly llama.cpp's order of merges, ties included.
 
-    It holds a dict from each token's text to its id (the vocabulary's strings, shared) and the scores as
-    float32: ~11 MiB for gemma3's 262,144 tokens, where a BPE with the equivalent 514,847 merges held 70.
+    It reads the vocabulary's dict from each token's text to its id and holds the scores as float32: ~11 MiB
+    for gemma3's 262,144 tokens, where a BPE with the equivalent 514,847 merges held 70.
     """
 
     def __init__(self, vocab: _Vocab):
-        self.ids = {t: i for i, t in enumerate(vocab.texts)}  # llama.cpp's token_to_id: a repeated text, its last id
+        self.ids = vocab.ids_of  # llama.cpp's token_to_id
         missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in self.ids]
         if missing:
             raise MetadataError(
@@ -799,8 +800,7 @@ def _build_hf_tokenizer(vocab: _Vocab):
         raw = _raw(vocab)
         hf = HFTokenizer(WordLevel(vocab={raw: 0}, unk_token=raw))
     else:
-        ids_of = {t: i for i, t in enumerate(vocab.texts)}
-        hf = HFTokenizer(BPE(vocab=ids_of, merges=vocab.merges, ignore_merges=vocab.pre.ignore_merges))
+        hf = HFTokenizer(BPE(vocab=vocab.ids_of, merges=vocab.merges, ignore_merges=vocab.pre.ignore_merges))
         splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in vocab.pre.regexes]
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)]
