@@ -1,0 +1,141 @@
+"""A shape probe, without a GPU, of one candidate design for the decode GEMM at 8-16 rows of x (issue 13).
+
+The design: the weight is the wgmma's register-fed operand (A), dequantized element by element straight from
+code words that Triton loads in the operand's own layout, so that no tile goes through a layout conversion
+(`pallas_kernels.mma` converts its dequantized tile through shared memory, ~2 instructions a weight). The
+codes are laid out so that no reshape is needed: plane element (n, 64 s + 32 t + w) holds in nibble j the
+code of k = 256 s + 32 (4 t + j) + w, so nibble j of a [rows, 32] tile is the [rows, 32] operand of block
+4 t + j, and each block is its own dot against the matching 32 rows of x^T.
+
+Three variants of a Q4_0-like format (codes q - 8, one scale a block), at an 8B layer's 4096 x 4096:
+- `f32`: exact, as the Triton GEMM dequantizes today: one lop3 puts the code into the mantissa of 2^23, an
+  exact subtraction and a multiplication by the scale in f32, one rounding to bf16;
+- `f16-a`: two codes at a time into an f16 pair (lop3 into 1024 + q, or 1024 + 16 q), `sub.f16x2` and
+  `mul.f16x2` by the scale (inline asm), x in f16;
+- `f16-acc`: the pair less its offset (lop3, `sub.f16x2`), the block's dot into fresh accumulators and the
+  scale applied to them in f32 (one FFMA an output a block: M / 32 a weight).
+
+It prints the SASS instructions a weight element in the K loop, as `scripts/kernel_report.py` counts them
+(pip's triton: `pip install triton==3.9.0`). It measures code shape only: these kernels are not on any
+model's path and their numerics are not checked here (inline asm has no interpret mode).
+
+    python benchmarks/mma_probe.py [--variants f32,f16-a,f16-acc] [--rows 64,128] [--m 8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import struct
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import kernel_report  # noqa: E402
+
+N = K = 4096
+VARIANTS = ("f32", "f16-a", "f16-acc")
+
+
+def _f16x2(v: float) -> str:
+    bits = struct.unpack("<H", np.float16(v).tobytes())[0]
+    return f"0x{bits << 16 | bits:08x}"
+
+
+def _pairs(u, j: int, scale=None):
+    """Nibble j of each uint16 of u as f16 (q - 8), two at a time, times `scale` (f16, u's shape) if given.
+    Nibbles 1 and 3 stay in place (16 q), their offset and scale divided by 16."""
+    place = 16 if j % 2 else 1
+    shift = "shr.b32 t, $1, 8;" if j >= 2 else "mov.b32 t, $1;"
+    mask = "0x00F000F0" if j % 2 else "0x000F000F"
+    tail = " mul.f16x2 $0, t, $2;" if scale is not None else " mov.b32 $0, t;"
+    asm = (f"{{.reg .b32 t, c; {shift} lop3.b32 t, t, {mask}, 0x64006400, 0xEA; mov.b32 c, {_f16x2(1024 + 8 * place)};"
+           f" sub.f16x2 t, t, c;{tail}}}")
+    args = [u] if scale is None else [u, scale]
+    [out] = pltriton.elementwise_inline_asm(asm, args=args, constraints="=r" + ",r" * len(args), pack=2,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, jnp.float16)])
+    return out
+
+
+def _kernel(w_ref, s_ref, xt_ref, o_ref, *, variant: str, rows: int, m: int, steps: int):
+    r0 = pl.program_id(0) * rows
+
+    def body(step, acc):
+        for t in range(2):
+            if variant == "f32":  # uint32 words: nibble j of word w is block 8 step + j
+                if t:
+                    break
+                words = w_ref[pl.ds(r0, rows), pl.ds(step * 32, 32)]
+            else:
+                words = w_ref[pl.ds(r0, rows), pl.ds(step * 64 + 32 * t, 32)]
+            for j in range(8 if variant == "f32" else 4):
+                b = j if variant == "f32" else 4 * t + j
+                s = s_ref[pl.ds(r0, rows), pl.ds(step * 8 + b, 1)]
+                xt = xt_ref[pl.ds(step * 256 + 32 * b, 32), :]
+                if variant == "f32":
+                    bits = (words & jnp.uint32(0xF << (4 * j))) | jnp.uint32(0x4B000000)
+                    q = lax.bitcast_convert_type(bits, jnp.float32) - (8388608.0 + 8.0 * (1 << (4 * j)))
+                    a = (q * (s * (1.0 / (1 << (4 * j))))).astype(jnp.bfloat16)
+                    acc = acc + jnp.dot(a, xt, preferred_element_type=jnp.float32)
+                elif variant == "f16-a":
+                    a = _pairs(words, j, jnp.broadcast_to(s, words.shape))
+                    acc = acc + jnp.dot(a, xt, preferred_element_type=jnp.float32)
+                else:
+                    p = jnp.dot(_pairs(words, j), xt, preferred_element_type=jnp.float32)
+                    acc = acc + s.astype(jnp.float32) * p
+        return acc
+
+    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((rows, m), jnp.float32))
+
+
+def _call(words, scales, xt, *, variant: str, rows: int, m: int):
+    return pl.pallas_call(functools.partial(_kernel, variant=variant, rows=rows, m=m, steps=K // 256),
+                          grid=(N // rows,), out_specs=pl.BlockSpec((rows, m), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct((N, m), jnp.float32),
+                          compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3))(words, scales, xt)
+
+
+def probe(variant: str, rows: int, m: int, workdir: pathlib.Path) -> dict:
+    exact = variant == "f32"  # f32 scales and bf16 x, as the Triton GEMM takes them; f16 for the others
+    words = jax.ShapeDtypeStruct((N, K // 8), jnp.uint32) if exact else jax.ShapeDtypeStruct((N, K // 4), jnp.uint16)
+    args = (words, jax.ShapeDtypeStruct((N, K // 32), jnp.float32 if exact else jnp.float16),
+            jax.ShapeDtypeStruct((K, m), jnp.bfloat16 if exact else jnp.float16))
+    [kernel] = kernel_report.capture_triton(functools.partial(_call, variant=variant, rows=rows, m=m), *args)
+    cost = kernel_report._sass_cost(kernel, workdir, weights_per_step=rows * 256, weights_per_program=rows * K,
+                                    trips=1)
+    top = ", ".join(f"{op} {n * 128 / (rows * 256):.2f}" for op, n in cost["ops"].most_common(6))
+    return {"variant": variant, "rows": rows, "m": m, "per_weight": round(cost["per_weight"], 3),
+            "registers": cost["registers"], "spill_bytes": cost["spill_bytes"], "scope": cost["scope"], "top": top}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rows", default="64,128", help="weight rows a program")
+    ap.add_argument("--m", default="8,16", help="rows of x")
+    args = ap.parse_args(argv)
+    print("| variant | weight rows | M | instructions a weight (K loop) | registers | spills | largest, a weight |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants.split(","):
+            if variant not in VARIANTS:
+                ap.error(f"--variants: {variant!r} is not one of {VARIANTS}")
+            for rows in map(int, args.rows.split(",")):
+                for m in map(int, args.m.split(",")):
+                    r = probe(variant, rows, m, pathlib.Path(tmp))
+                    print(f"| {variant} | {rows} | {m} | {r['per_weight']} | {r['registers']} | {r['spill_bytes']} "
+                          f"| {r['top']} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
