@@ -123,14 +123,27 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="64,128", help="weight rows a program")
     ap.add_argument("--m", default="8,16", help="rows of x")
     args = ap.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        ap.error("needs pip's triton (no GPU needed): pip install triton==3.9.0")
+    try:
+        rows_list, m_list = [int(v) for v in args.rows.split(",")], [int(v) for v in args.m.split(",")]
+    except ValueError:
+        ap.error("--rows and --m take comma-separated integers")
+    if any(r not in (64, 128, 256) for r in rows_list):
+        ap.error(f"--rows {args.rows}: each must be 64, 128 or 256 (a warpgroup's wgmma rows, a power of two)")
+    if any(m not in (8, 16, 32, 64) for m in m_list):
+        ap.error(f"--m {args.m}: each must be 8, 16, 32 or 64 (a wgmma's columns, a power of two)")
+    variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in VARIANTS]:
+        ap.error(f"--variants: {unknown} not among {VARIANTS}")
     print("| variant | weight rows | M | instructions a weight (K loop) | registers | spills | largest, a weight |")
     print("|---|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in args.variants.split(","):
-            if variant not in VARIANTS:
-                ap.error(f"--variants: {variant!r} is not one of {VARIANTS}")
-            for rows in map(int, args.rows.split(",")):
-                for m in map(int, args.m.split(",")):
+        for variant in variants:
+            for rows in rows_list:
+                for m in m_list:
                     r = probe(variant, rows, m, pathlib.Path(tmp))
                     print(f"| {variant} | {rows} | {m} | {r['per_weight']} | {r['registers']} | {r['spill_bytes']} "
                           f"| {r['top']} |", flush=True)
