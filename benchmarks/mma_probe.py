@@ -13,13 +13,18 @@ Three variants of a Q4_0-like format (codes q - 8, one scale a block), at an 8B 
 - `f16-a`: two codes at a time into an f16 pair (lop3 into 1024 + q, or 1024 + 16 q), `sub.f16x2` and
   `mul.f16x2` by the scale (inline asm), x in f16;
 - `f16-acc`: the pair less its offset (lop3, `sub.f16x2`), the block's dot into fresh accumulators and the
-  scale applied to them in f32 (one FFMA an output a block: M / 32 a weight).
+  scale applied to them in f32 (one FFMA an output a block: M / 32 a weight);
+- `f16-nosub`: as `f16-acc` without the `sub.f16x2`: the pair stays 1024 + q (or 1024 + 16 q), and the offset
+  comes off the block's f32 dot as c x the block's sum of x (an FADD an output a block; the sums are an
+  input [K / 32, M]). Exact enough in f32: 1032 x the sum of 32 values costs ~8 of the accumulator's 24 bits;
+- `f16-nosub-x`: as `f16-nosub` with the offset left out of the kernel altogether, as if the caller took
+  sum_b c s[n, b] X[b, m] (a [N, K / 32] x [K / 32, M] product) apart: the floor of the design.
 
 It prints the SASS instructions a weight element in the K loop, as `scripts/kernel_report.py` counts them
 (pip's triton: `pip install triton==3.9.0`). It measures code shape only: these kernels are not on any
 model's path and their numerics are not checked here (inline asm has no interpret mode).
 
-    python benchmarks/mma_probe.py [--variants f32,f16-a,f16-acc] [--rows 64,128] [--m 8,16]
+    python benchmarks/mma_probe.py [--variants f32,f16-a,f16-acc,...] [--rows 64,128] [--m 8,16] [--warps 4]
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import kernel_report  # noqa: E402
 
 N = K = 4096
-WARPS = 4
-VARIANTS = ("f32", "f16-a", "f16-acc")
+VARIANTS = ("f32", "f16-a", "f16-acc", "f16-nosub", "f16-nosub-x")
 
 
 def _f16x2(v: float) -> str:
@@ -52,22 +56,23 @@ def _f16x2(v: float) -> str:
     return f"0x{bits << 16 | bits:08x}"
 
 
-def _pairs(u, j: int, scale=None):
-    """Nibble j of each uint16 of u as f16 (q - 8), two at a time, times `scale` (f16, u's shape) if given.
-    Nibbles 1 and 3 stay in place (16 q), their offset and scale divided by 16."""
+def _pairs(u, j: int, scale=None, offset: bool = True):
+    """Nibble j of each uint16 of u as f16 (q - 8), two at a time, times `scale` (f16, u's shape) if given;
+    1024 + q without the offset's subtraction. Nibbles 1 and 3 stay in place (16 q), their offset and scale
+    divided by 16."""
     place = 16 if j % 2 else 1
     shift = "shr.b32 t, $1, 8;" if j >= 2 else "mov.b32 t, $1;"
     mask = "0x00F000F0" if j % 2 else "0x000F000F"
     tail = " mul.f16x2 $0, t, $2;" if scale is not None else " mov.b32 $0, t;"
-    asm = (f"{{.reg .b32 t, c; {shift} lop3.b32 t, t, {mask}, 0x64006400, 0xEA; mov.b32 c, {_f16x2(1024 + 8 * place)};"
-           f" sub.f16x2 t, t, c;{tail}}}")
+    sub = f" mov.b32 c, {_f16x2(1024 + 8 * place)}; sub.f16x2 t, t, c;" if offset else ""
+    asm = f"{{.reg .b32 t, c; {shift} lop3.b32 t, t, {mask}, 0x64006400, 0xEA;{sub}{tail}}}"
     args = [u] if scale is None else [u, scale]
     [out] = pltriton.elementwise_inline_asm(asm, args=args, constraints="=r" + ",r" * len(args), pack=2,
                                             result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, jnp.float16)])
     return out
 
 
-def _kernel(w_ref, s_ref, xt_ref, o_ref, *, variant: str, rows: int, m: int, steps: int):
+def _kernel(w_ref, s_ref, xt_ref, xs_ref, o_ref, *, variant: str, rows: int, m: int, steps: int):
     r0 = pl.program_id(0) * rows
 
     def body(step, acc):
@@ -89,30 +94,34 @@ def _kernel(w_ref, s_ref, xt_ref, o_ref, *, variant: str, rows: int, m: int, ste
                     a = _pairs(words, j, jnp.broadcast_to(s, words.shape))
                     acc = acc + jnp.dot(a, xt, preferred_element_type=jnp.float32)
                 else:
-                    p = jnp.dot(_pairs(words, j), xt, preferred_element_type=jnp.float32)
+                    p = jnp.dot(_pairs(words, j, offset=variant == "f16-acc"), xt, preferred_element_type=jnp.float32)
+                    if variant == "f16-nosub":  # c x the block's sum of x, c = 1032 or 1152 (nibble j's place)
+                        p = p - xs_ref[pl.ds(step * 8 + b, 1), :]
                     acc = acc + s.astype(jnp.float32) * p
         return acc
 
     o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((rows, m), jnp.float32))
 
 
-def _call(words, scales, xt, *, variant: str, rows: int, m: int):
+def _call(words, scales, xt, xs, *, variant: str, rows: int, m: int, warps: int):
     return pl.pallas_call(functools.partial(_kernel, variant=variant, rows=rows, m=m, steps=K // 256),
                           grid=(N // rows,), out_specs=pl.BlockSpec((rows, m), lambda i: (i, 0)),
                           out_shape=jax.ShapeDtypeStruct((N, m), jnp.float32),
-                          compiler_params=pltriton.CompilerParams(num_warps=WARPS, num_stages=3))(words, scales, xt)
+                          compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=3))(words, scales, xt, xs)
 
 
-def probe(variant: str, rows: int, m: int, workdir: pathlib.Path) -> dict:
+def probe(variant: str, rows: int, m: int, workdir: pathlib.Path, warps: int = 4) -> dict:
     exact = variant == "f32"  # f32 scales and bf16 x, as the Triton GEMM takes them; f16 for the others
     words = jax.ShapeDtypeStruct((N, K // 8), jnp.uint32) if exact else jax.ShapeDtypeStruct((N, K // 4), jnp.uint16)
     args = (words, jax.ShapeDtypeStruct((N, K // 32), jnp.float32 if exact else jnp.float16),
-            jax.ShapeDtypeStruct((K, m), jnp.bfloat16 if exact else jnp.float16))
-    [kernel] = kernel_report.capture_triton(functools.partial(_call, variant=variant, rows=rows, m=m), *args)
+            jax.ShapeDtypeStruct((K, m), jnp.bfloat16 if exact else jnp.float16),
+            jax.ShapeDtypeStruct((K // 32, m), jnp.float32))  # c x each block's sum of x (f16-nosub)
+    [kernel] = kernel_report.capture_triton(functools.partial(_call, variant=variant, rows=rows, m=m, warps=warps),
+                                            *args)
     cost = kernel_report._sass_cost(kernel, workdir, weights_per_step=rows * 256, weights_per_program=rows * K,
                                     trips=1)
-    top = ", ".join(f"{op} {n * 32 * WARPS / (rows * 256):.2f}" for op, n in cost["ops"].most_common(6))
-    return {"variant": variant, "rows": rows, "m": m, "per_weight": round(cost["per_weight"], 3),
+    top = ", ".join(f"{op} {n * 32 * warps / (rows * 256):.2f}" for op, n in cost["ops"].most_common(6))
+    return {"variant": variant, "rows": rows, "m": m, "warps": warps, "per_weight": round(cost["per_weight"], 3),
             "registers": cost["registers"], "spill_bytes": cost["spill_bytes"], "scope": cost["scope"], "top": top}
 
 
@@ -121,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rows", default="64,128", help="weight rows a program")
     ap.add_argument("--m", default="8,16", help="rows of x")
+    ap.add_argument("--warps", type=int, default=4, choices=(4, 8), help="warps a program (8: two warpgroups, "
+                    "each its half of the rows)")
     args = ap.parse_args(argv)
     try:
         import triton  # noqa: F401
@@ -130,22 +141,25 @@ def main(argv=None) -> int:
         rows_list, m_list = [int(v) for v in args.rows.split(",")], [int(v) for v in args.m.split(",")]
     except ValueError:
         ap.error("--rows and --m take comma-separated integers")
-    if any(r not in (64, 128, 256) for r in rows_list):
-        ap.error(f"--rows {args.rows}: each must be 64, 128 or 256 (a warpgroup's wgmma rows, a power of two)")
+    if any(r not in (64, 128, 256, 512) for r in rows_list):
+        ap.error(f"--rows {args.rows}: each must be 64, 128, 256 or 512 (a warpgroup's wgmma rows, a power of two)")
+    if args.warps == 8 and min(rows_list) < 128:
+        ap.error(f"--rows {args.rows} with --warps 8: each must be at least 128 (two warpgroups of 64 rows)")
     if any(m not in (8, 16, 32, 64) for m in m_list):
         ap.error(f"--m {args.m}: each must be 8, 16, 32 or 64 (a wgmma's columns, a power of two)")
     variants = args.variants.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         ap.error(f"--variants: {unknown} not among {VARIANTS}")
-    print("| variant | weight rows | M | instructions a weight (K loop) | registers | spills | largest, a weight |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| variant | weight rows | warps | M | instructions a weight (K loop) | registers | spills "
+          "| largest, a weight |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             for rows in rows_list:
                 for m in m_list:
-                    r = probe(variant, rows, m, pathlib.Path(tmp))
-                    print(f"| {variant} | {rows} | {m} | {r['per_weight']} | {r['registers']} | {r['spill_bytes']} "
-                          f"| {r['top']} |", flush=True)
+                    r = probe(variant, rows, m, pathlib.Path(tmp), args.warps)
+                    print(f"| {variant} | {rows} | {args.warps} | {m} | {r['per_weight']} | {r['registers']} "
+                          f"| {r['spill_bytes']} | {r['top']} |", flush=True)
     return 0
 
 
