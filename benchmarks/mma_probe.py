@@ -20,6 +20,14 @@ Three variants of a Q4_0-like format (codes q - 8, one scale a block), at an 8B 
 - `f16-nosub-x`: as `f16-nosub` with the offset left out of the kernel altogether, as if the caller took
   sum_b c s[n, b] X[b, m] (a [N, K / 32] x [K / 32, M] product) apart: the floor of the design.
 
+And one of a Q4_K-like format (codes q, w = d sc_j q - dmin m_j, eight 32-element sub-blocks a 256-element
+super-block), at the same shape:
+- `kq-scq`: the sub-block's integer scale folded into the operand exactly: from the pair t = 1024 + q (lop3),
+  `fma.rn.f16x2` t * sc - 1024 sc = sc * q, an integer up to 945, exact in f16 (nibbles 1 and 3: t * sc / 16
+  - 64 sc); the eight sub-blocks' dots share one accumulator, which d scales once a super-block (M / 256 a
+  weight); the mins, dmin m_j in f16 ([N, K / 32], made at load), come off as one [rows, 16] x [16, M] dot
+  against the sub-blocks' sums of x every two super-blocks.
+
 It prints the SASS instructions a weight element in the K loop, as `scripts/kernel_report.py` counts them
 (pip's triton: `pip install triton==3.9.0`). It measures code shape only: these kernels are not on any
 model's path and their numerics are not checked here (inline asm has no interpret mode).
@@ -48,7 +56,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import kernel_report  # noqa: E402
 
 N = K = 4096
-VARIANTS = ("f32", "f16-a", "f16-acc", "f16-nosub", "f16-nosub-x")
+VARIANTS = ("f32", "f16-a", "f16-acc", "f16-nosub", "f16-nosub-x", "kq-scq")
 
 
 def _f16x2(v: float) -> str:
@@ -103,6 +111,51 @@ def _kernel(w_ref, s_ref, xt_ref, xs_ref, o_ref, *, variant: str, rows: int, m: 
     o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((rows, m), jnp.float32))
 
 
+def _scaled_pairs(u, j: int, sc, neg):
+    """sc * q of nibble j of each uint16 of u, two at a time in f16: the pair 1024 + q (or 1024 + 16 q) times
+    sc (or sc / 16) plus neg = -1024 sc (or -64 sc) in one `fma.rn.f16x2`, exact (sc, neg: f16, u's shape)."""
+    shift = "shr.b32 t, $1, 8;" if j >= 2 else "mov.b32 t, $1;"
+    mask = "0x00F000F0" if j % 2 else "0x000F000F"
+    asm = f"{{.reg .b32 t; {shift} lop3.b32 t, t, {mask}, 0x64006400, 0xEA; fma.rn.f16x2 $0, t, $2, $3;}}"
+    [out] = pltriton.elementwise_inline_asm(asm, args=[u, sc, neg], constraints="=r,r,r,r", pack=2,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(u.shape, jnp.float16)])
+    return out
+
+
+def _kq_kernel(w_ref, sc_ref, d_ref, mins_ref, xt_ref, xs_ref, o_ref, *, rows: int, m: int, steps: int):
+    """`kq-scq`, a step of two super-blocks: sc [N, K / 32] f16 integers, d [N, K / 256] f32, mins
+    [N, K / 32] f16 (dmin m_j), xs [K / 32, M] f16 the sub-blocks' sums of x."""
+    r0 = pl.program_id(0) * rows
+
+    def body(step, acc):
+        mins = mins_ref[pl.ds(r0, rows), pl.ds(step * 16, 16)]
+        acc = acc - jnp.dot(mins, xs_ref[pl.ds(step * 16, 16), :], preferred_element_type=jnp.float32)
+        for h in range(2):  # super-block 2 step + h: tiles t = 0, 1 of 32 elements, nibble j sub-block 4 t + j
+            sb = jnp.zeros((rows, m), jnp.float32)
+            for t in range(2):
+                words = w_ref[pl.ds(r0, rows), pl.ds(step * 128 + 64 * h + 32 * t, 32)]
+                for j in range(4):
+                    b = 8 * h + 4 * t + j
+                    sc = sc_ref[pl.ds(r0, rows), pl.ds(step * 16 + b, 1)]
+                    f, c = (1.0 / 16, -64.0) if j % 2 else (1.0, -1024.0)
+                    a = _scaled_pairs(words, j, jnp.broadcast_to(sc * jnp.float16(f), words.shape),
+                                      jnp.broadcast_to(sc * jnp.float16(c), words.shape))
+                    xt = xt_ref[pl.ds(step * 512 + 256 * h + 32 * (4 * t + j), 32), :]
+                    sb = sb + jnp.dot(a, xt, preferred_element_type=jnp.float32)
+            acc = acc + d_ref[pl.ds(r0, rows), pl.ds(step * 2 + h, 1)] * sb
+        return acc
+
+    o_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros((rows, m), jnp.float32))
+
+
+def _kq_call(words, sc, d, mins, xt, xs, *, rows: int, m: int, warps: int):
+    return pl.pallas_call(functools.partial(_kq_kernel, rows=rows, m=m, steps=K // 512),
+                          grid=(N // rows,), out_specs=pl.BlockSpec((rows, m), lambda i: (i, 0)),
+                          out_shape=jax.ShapeDtypeStruct((N, m), jnp.float32),
+                          compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=3),
+                          )(words, sc, d, mins, xt, xs)
+
+
 def _call(words, scales, xt, xs, *, variant: str, rows: int, m: int, warps: int):
     return pl.pallas_call(functools.partial(_kernel, variant=variant, rows=rows, m=m, steps=K // 256),
                           grid=(N // rows,), out_specs=pl.BlockSpec((rows, m), lambda i: (i, 0)),
@@ -111,16 +164,25 @@ def _call(words, scales, xt, xs, *, variant: str, rows: int, m: int, warps: int)
 
 
 def probe(variant: str, rows: int, m: int, workdir: pathlib.Path, warps: int = 4) -> dict:
-    exact = variant == "f32"  # f32 scales and bf16 x, as the Triton GEMM takes them; f16 for the others
-    words = jax.ShapeDtypeStruct((N, K // 8), jnp.uint32) if exact else jax.ShapeDtypeStruct((N, K // 4), jnp.uint16)
-    args = (words, jax.ShapeDtypeStruct((N, K // 32), jnp.float32 if exact else jnp.float16),
-            jax.ShapeDtypeStruct((K, m), jnp.bfloat16 if exact else jnp.float16),
-            jax.ShapeDtypeStruct((K // 32, m), jnp.float32))  # c x each block's sum of x (f16-nosub)
-    [kernel] = kernel_report.capture_triton(functools.partial(_call, variant=variant, rows=rows, m=m, warps=warps),
-                                            *args)
-    cost = kernel_report._sass_cost(kernel, workdir, weights_per_step=rows * 256, weights_per_program=rows * K,
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    step = 256
+    if variant == "kq-scq":
+        step, fn = 512, functools.partial(_kq_call, rows=rows, m=m, warps=warps)
+        args = (sds((N, K // 4), jnp.uint16), sds((N, K // 32), jnp.float16), sds((N, K // 256), jnp.float32),
+                sds((N, K // 32), jnp.float16), sds((K, m), jnp.float16), sds((K // 32, m), jnp.float16))
+    else:
+        exact = variant == "f32"  # f32 scales and bf16 x, as the Triton GEMM takes them; f16 for the others
+        fn = functools.partial(_call, variant=variant, rows=rows, m=m, warps=warps)
+        args = (sds((N, K // 8), jnp.uint32) if exact else sds((N, K // 4), jnp.uint16),
+                sds((N, K // 32), jnp.float32 if exact else jnp.float16),
+                sds((K, m), jnp.bfloat16 if exact else jnp.float16),
+                sds((K // 32, m), jnp.float32))  # c x each block's sum of x (f16-nosub)
+    [kernel] = kernel_report.capture_triton(fn, *args)
+    cost = kernel_report._sass_cost(kernel, workdir, weights_per_step=rows * step, weights_per_program=rows * K,
                                     trips=1)
-    top = ", ".join(f"{op} {n * 32 * warps / (rows * 256):.2f}" for op, n in cost["ops"].most_common(6))
+    top = ", ".join(f"{op} {n * 32 * warps / (rows * step):.2f}" for op, n in cost["ops"].most_common(6))
     return {"variant": variant, "rows": rows, "m": m, "warps": warps, "per_weight": round(cost["per_weight"], 3),
             "registers": cost["registers"], "spill_bytes": cost["spill_bytes"], "scope": cost["scope"], "top": top}
 
