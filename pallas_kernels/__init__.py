@@ -10,6 +10,10 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
     mma          the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.mma.gemm`) on the same
                  lanes: each weight dequantized once in registers for all the rows of x a program holds (up
                  to 64 in one tile for decode, tiles of 128 for prefill; mma, wgmma)
+    blockdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_0 and Q4_1
+                 (`pallas_kernels.blockdot.gemm`) on a layout of its own (block planes: the codes of a row
+                 contiguous along K), one dot a quantization block, the codes fed to the wgmma from registers:
+                 1-16 rows of x (the `triton_blocks` backend, a candidate beside the two above)
     tpu          Mosaic TPU (`pallas_kernels.tpu.matmul`), both families on one body that calls the
                  format's tile function from `realm_jax.quant`
     mosaic_gpu   the Mosaic GPU prefill GEMM for Hopper: plgpu.kernel, wgmma (`pallas_kernels.mosaic_gpu`), on the
@@ -19,7 +23,7 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
 Tiles come from one heuristic per kernel family. On a CPU the kernels run in interpret mode, which is how
 the test suite checks them against the XLA reference.
 
-The kernels are the bodies of the linear layer's Pallas backends (`realm_jax.linear.triton`,
+The kernels are the bodies of the linear layer's Pallas backends (`realm_jax.linear.triton`, `blocks`,
 `mosaic_gpu`, `mosaic_tpu`), which declare the formats they serve, lay out and validate the inputs and run
 a kernel per shard on a mesh: use `realm_jax.linear` (or `realm_jax.qmatmul(x, w, impl=...)`) rather than
 the kernels directly. This package imports `realm_jax.quant` for the format math (and `realm_jax.errors`),

@@ -336,6 +336,43 @@ def mma_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     }
 
 
+def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The block-dot decode GEMM (`pallas_kernels.blockdot`: the `triton_blocks` backend, up to MAX_ROWS rows
+    of x) as the backend runs it, and the instructions per weight of its K loop (a step of 256 elements),
+    from the same kernel with fewer K splits where the backend's tiling leaves one step a program."""
+    from pallas_kernels import blockdot
+
+    w = abstract_weight("triton_blocks", fmt, n, k)
+    x = jax.ShapeDtypeStruct((m, k), BF16)
+    (kernel,) = capture_triton(_matmul("triton_blocks"), x, w)
+    t = blockdot.tiling_for(n, k, m)
+    steps = k // blockdot.STEP
+    per_step = t.rows * blockdot.STEP
+    program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, 1)
+    looped = dataclasses.replace(t, splits=max(1, t.splits // 4) if steps // t.splits < 2 else t.splits)
+    (loop_kernel,) = capture_triton(lambda x, w: blockdot.gemm(x, w.planes, fmt=fmt, tiling=looped), x, w)
+    loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
+    counted = 1 if loop["scope"] == "loop" else steps // looped.splits
+    if loop["wgmma_macs"] * loop_kernel["num_warps"] // 4 != t.x_rows * per_step * counted:
+        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['wgmma_macs']} wgmma MACs counted in the {loop['scope']}, "
+                           f"not {counted} steps of [{t.rows}, 256] x [256, {t.x_rows}]: the loop was misread")
+    grid = kernel["grid"]
+    return {
+        "kernel": "triton_blocks", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
+        "ttir_ops": ttir_ops(kernel["ttir"]),
+        "registers": program["registers"], "spill_bytes": program["spill_bytes"],
+        "compile_s": round(program["compile_s"], 2),
+        "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
+        "instructions_per_weight": round(loop["per_weight"], 3),
+        "program_instructions_per_weight": round(program["per_weight"], 3),
+        "rows_per_program": t.x_rows,
+        "ldg128_per_weight": round(loop["ldg128"], 4),
+        "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
+        "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
+        "weight_copies": weight_copies("triton_blocks", fmt, m, n, k),
+    }
+
+
 def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     """The Triton kernel for m rows of x: the GEMV up to GEMV_ROWS (where the format has one), else the
     tensor-core GEMM (past DECODE_ROWS its prefill tiles, which the backend takes where measured faster)."""
@@ -396,7 +433,8 @@ def mosaic_row(fmt: str, m: int, n: int, k: int) -> dict:
 
 def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
     """The Triton kernels for every format, rows of x and shape (the GEMV, or the tensor-core GEMM past
-    GEMV_ROWS rows); the Mosaic GPU GEMM at PREFILL_ROWS rows and the first shape."""
+    GEMV_ROWS rows; the `triton_blocks` backend's block-dot GEMM where it takes the format and rows); the
+    Mosaic GPU GEMM at PREFILL_ROWS rows and the first shape."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in formats:
@@ -404,6 +442,9 @@ def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
                 for n, k in shapes:
                     if linear.choose(fmt, (n, k), "triton").backend == "triton":
                         out.append(decode_row(fmt, m, n, k, pathlib.Path(tmp)))
+                    blocks = linear.BACKENDS["triton_blocks"]
+                    if linear.choose(fmt, (n, k), blocks.name).backend == blocks.name and m <= blocks.max_rows:
+                        out.append(blocks_row(fmt, m, n, k, pathlib.Path(tmp)))
                 print(f"  {fmt} M={m} done", file=sys.stderr, flush=True)
             if mosaic and linear.choose(fmt, shapes[0], "mosaic_gpu").backend == "mosaic_gpu":
                 out.append(mosaic_row(fmt, PREFILL_ROWS, *shapes[0]))
@@ -417,7 +458,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         copies = "; ".join(r["weight_copies"]) or "none"
-        if r["kernel"] in ("triton", "triton_mma"):
+        if r["kernel"] in ("triton", "triton_mma", "triton_blocks"):
             lines.append(f"| {r['kernel']} | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | "
                          f"{r['registers']} | {r['spill_bytes']} | {r['instructions_per_weight']} "
                          f"({r['program_instructions_per_weight']}) | {r['ldg128_per_weight']} | {r['barriers']} / "

@@ -62,6 +62,23 @@ def test_mma_loop_instructions_and_spills(fmt, m, bound, tmp_path):
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
 
 
+# The block-dot GEMM (`triton_blocks`, 1-16 rows of x, Q4_0 and Q4_1): 2.44 / 2.83 instructions a weight up to
+# 8 rows, 2.95 / 3.36 at 16, against the lanes GEMM's 6.1-6.2 (BENCHMARKS.md); its wrapper copies no weight.
+@pytest.mark.parametrize("fmt,m,bound", [("Q4_0", 8, 2.5), ("Q4_1", 16, 3.4)])
+def test_blocks_loop_instructions_and_spills(fmt, m, bound, tmp_path):
+    pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
+    row = kernel_report.blocks_row(fmt, m, 14336, 4096, tmp_path)
+    assert row["programs"] >= 2 * kernel_report.SMS, row
+    assert row["instructions_per_weight"] <= bound, row
+    assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
+    assert row["weight_copies"] == [], row
+
+
+def test_blocks_wrapper_copies_no_weight():
+    for m in (1, 16):
+        assert kernel_report.weight_copies("triton_blocks", "Q4_1", m, 4096, 4096) == []
+
+
 @pytest.mark.parametrize("fmt", ["Q4_K", "Q6_K"])
 def test_mosaic_gemm_ops_per_k_step_do_not_grow_and_it_copies_no_weight(fmt):
     """The Mosaic GPU GEMM reads the lanes as laid out at load (no transpose of the planes per call)."""

@@ -24,6 +24,7 @@ from realm_jax.linear import routes
 from realm_jax.linear.triton import DECODE_ROWS, GEMV_ROWS, TRITON
 from realm_jax.precision import Policy
 from realm_jax.quant import dequantize, quantize
+from decode_agreement import assert_decode_agrees
 from helpers import assert_matmul_close, random_qtensor
 from linear_base import LinearTests, LoweringTests
 
@@ -237,31 +238,6 @@ def test_eight_rows_a_thread(n, rng):
     np.testing.assert_allclose(y[:1, :n], want, rtol=0, atol=2e-3 * np.abs(want).max())
 
 
-def decode_step(model):
-    """One decode step of `model` (one token over the KV cache), jitted once per model: every prompt of a
-    model reuses the compiled step (the cache's length is a multiple of 256, so the shapes repeat)."""
-    from realm_jax.models.transformer import forward
-
-    if "_decode_step" not in model.__dict__:
-        model._decode_step = jax.jit(
-            lambda params, tok, pos, cache: forward(model.config, params, tok, pos, cache, policy=model.policy,
-                                                    last=jnp.zeros((1,), jnp.int32), impl=model.impl),
-            donate_argnums=(3,))
-    return model._decode_step
-
-
-def decode_logits(model, ids: list[int]) -> np.ndarray:
-    """Teacher-forced logits of every position of `ids` computed the way decoding computes them: one token
-    at a time over the KV cache (one row of x for every linear layer: the decode GEMV)."""
-    step = decode_step(model)
-    cache = model._new_cache(1, -(-(len(ids) + 1) // 256) * 256)
-    rows = []
-    for p, tok in enumerate(ids):
-        logits, cache = step(model.params, jnp.array([[tok]], jnp.int32), jnp.array([[p]], jnp.int32), cache)
-        rows.append(np.asarray(logits[0], np.float32))
-    return np.stack(rows)
-
-
 # On a CPU the kernel runs interpreted: one file, its first 150 positions (the compile of the interpreted
 # step costs far more than the steps, so the positions cost little once it is shared). On a GPU (the device
 # script), both files, every position.
@@ -274,30 +250,12 @@ def test_decode_agrees_with_llama_cpp(name):
     token at a time, against llama.cpp's recorded logits, with the model tests' thresholds
     (tests/test_llama_reference.py). Q4_K_M has Q4_K and Q6_K layers, Q5_K_M Q5_K and Q6_K."""
     import realm_jax
-    from realm_jax.reference import CONFIDENT_MARGIN, compare_logits, load_reference, reference_dir
+    from realm_jax.reference import reference_dir
 
     model = realm_jax.load(reference_dir().parent / "synthetic" / f"{name}.gguf", impl="triton", policy="bf16",
                            progress=False)
     assert model.impl == "triton"
-    hits, confident, kl, seen = [], [], [], 0
-    for ref in load_reference(name):
-        if ON_CPU and seen >= 150:
-            break
-        if ON_CPU and seen + len(ref.ids) > 150:  # a prefix of a prompt: its positions are teacher-forced too
-            n = 150 - seen
-            ref = dataclasses.replace(ref, ids=ref.ids[:n], topk_ids=ref.topk_ids[:n], topk_logits=ref.topk_logits[:n],
-                                      lse=ref.lse[:n], token_by_token=None)
-        ours = decode_logits(model, list(ref.ids))
-        stats = compare_logits(ours, ref)
-        hit = ours.argmax(axis=1) == ref.topk_ids[:, 0]
-        hits.append(hit)
-        confident.append(hit[ref.margin >= CONFIDENT_MARGIN])
-        kl.append(stats["kl_mean"] * stats["n_positions"])
-        seen += len(hit)
-    hits, confident = np.concatenate(hits), np.concatenate(confident)
-    assert confident.mean() >= 0.99, f"{name}: top-1 at confident positions {confident.mean():.4f}"
-    assert hits.mean() >= 0.95, f"{name}: top-1 over all positions {hits.mean():.4f}"
-    assert sum(kl) / len(hits) <= 0.01, f"{name}: mean KL {sum(kl) / len(hits):.5f}"
+    assert_decode_agrees(model, name, 150 if ON_CPU else None)
 
 
 def test_benchmark_writes_the_routes(tmp_path):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from realm_jax.errors import DTypeError, NativeBuildError, QTensorError, ShapeMismatchError, ShardingError
 from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight, place_qtensor
+from realm_jax.linear.blocks import TRITON_BLOCKS
 from realm_jax.linear.mosaic_gpu import MOSAIC_GPU
 from realm_jax.linear.mosaic_tpu import MOSAIC_TPU
 from realm_jax.linear.native import NATIVE
@@ -31,10 +32,10 @@ __all__ = ["BACKENDS", "IMPLS", "REFERENCE", "Choice", "backend_of", "choose", "
 
 log = logging.getLogger("realm_jax.linear")
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (XLA, NATIVE, TRITON, MOSAIC_GPU, MOSAIC_TPU)}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (XLA, NATIVE, TRITON, TRITON_BLOCKS, MOSAIC_GPU, MOSAIC_TPU)}
 REFERENCE = XLA.name  # the backend every other one is checked against and falls back on
 # "auto": the platform's best; "pallas": the platform's Pallas kernels (interpreted on a CPU).
-IMPLS = ("auto", "pallas", "xla", "native", "triton", "mosaic_gpu", "mosaic_tpu")
+IMPLS = ("auto", "pallas", "xla", "native", "triton", "triton_blocks", "mosaic_gpu", "mosaic_tpu")
 _PALLAS = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu", "cpu": "mosaic_tpu"}
 _FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
@@ -71,6 +72,9 @@ def resolve(impl: str, platform: str | None = None, *, devices: int = 1) -> str:
             raise NativeBuildError(native.reason())
     elif not backend.runs_on(platform):
         raise ValueError(f"impl={impl!r} runs on {', '.join(backend.platforms)}, not on {platform}")
+    elif impl == TRITON_BLOCKS.name and devices > 1:
+        raise ShardingError(f"impl={impl!r} runs on one device, not on a mesh of {devices}: use impl='triton' or "
+                            f"'auto'")
     return impl
 
 
@@ -194,8 +198,8 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, impl: str = 
         which its own backend multiplies whatever `impl` says.
       compute_dtype, out_dtype: as `matmul`.
       impl: "auto" (the platform's best backend: `resolve`), "pallas", or a backend's name ("xla",
-        "native", "triton", "mosaic_gpu", "mosaic_tpu"). On a CPU the Pallas kernels run in interpret
-        mode. A format or shape a backend does not support goes to the XLA reference.
+        "native", "triton", "triton_blocks", "mosaic_gpu", "mosaic_tpu"). On a CPU the Pallas kernels run in
+        interpret mode. A format or shape a backend does not support goes to the XLA reference.
 
     Returns:
       [B..., N] in out_dtype.
