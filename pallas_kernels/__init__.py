@@ -10,7 +10,7 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
     mma          the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.mma.gemm`) on the same
                  lanes: each weight dequantized once in registers for all the rows of x a program holds (up
                  to 64 in one tile for decode, tiles of 128 for prefill; mma, wgmma)
-    blockdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_0 and Q4_1
+    blockdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_0, Q4_1 and Q4_K
                  (`pallas_kernels.blockdot.gemm`) on a layout of its own (block planes: the codes of a row
                  contiguous along K), one dot a quantization block, the codes fed to the wgmma from registers:
                  1-16 rows of x (the `triton_blocks` backend, a candidate beside the two above)

@@ -1,23 +1,29 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
-per quantization block, the weight's codes fed to the `wgmma` from registers, for Q4_0 and Q4_1.
+per 32-element block, the weight's codes fed to the `wgmma` from registers, for Q4_0, Q4_1 and Q4_K.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
-rows of x (Q4_0, `scripts/kernel_report.py`). Here a weight costs about one instruction whatever the rows:
+rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.6 instructions a weight whatever the
+rows, and a block's scale and offset one or two FFMA an output (M / 32 - M / 16 a weight): 2.4-4.0 in all
+(Q4_0 2.44 up to 8 rows, Q4_K 3.97 at 16; the lanes GEMM 6.1-6.7):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
-  w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales stay as stored, [N, K / 32] f16.
+  w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales stay as stored: [N, K / 32] f16
+  (Q4_0, Q4_1); Q4_K's six-bit sub-block scales and mins unpacked to bytes [N, K / 32], d and dmin
+  [N, K / 256] (a step of the loop is one super-block).
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, no shared memory (Triton loads the words in the operand's layout
   because nothing between the load and the dot changes the tile's shape).
 - **The offset, off the f32 accumulators**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1
   or 16) against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and
-  X = the block's sum of x, sum (d q + o) x = d (P - c X) + o X with c = 1024 + ... (`_OFFSET`): per output
-  and block an FFMA or two on f32 accumulators, where 1024 X costs ~8 of their 24 bits (a bf16 weight has 8).
+  X = the block's sum of x, sum (d q + o) x = d (P - c X) + o X with c = 1024, or 64 where x was divided by
+  16 (`_offsets`): per output and block an FFMA or two on f32 accumulators, where 1024 X costs ~8 of their 24
+  bits (a bf16 weight has 8).
   Q4_0 (o = -8 d) folds o into c: acc += d (P - c X), c X made with x ([K / 32, M], f32, outside the loop).
+  Q4_K is Q4_1's form with d = d sc and o = -dmin m of the sub-block, made in f32 (exact) in the loop.
 - **x in f16**, each row scaled by a power of two (exact; undone on the output) so that its largest value
   is in [2^14, 2^15): any magnitude of activation fits f16's range, and bf16 x converts exactly.
 
@@ -26,8 +32,9 @@ it) with x rounded to f16: closer to the f64 product than the reference.
 
 The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles), K split into
 `splits` ranges of whole 256-element steps so that every SM has at least two programs at an 8B llama's
-shapes; partial sums [splits, M', N'] f32, summed by the caller. On a CPU the kernel runs in Pallas
-interpret mode, the lop3 written in jnp (the same bits).
+shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums [splits, M', N']
+f32, summed here (at 4096 x 4096 and 16 rows of x, 16 splits write and read 4 MB beside the weight's 9.4).
+On a CPU the kernel runs in Pallas interpret mode, the lop3 written in jnp (the same bits).
 
 `benchmarks/mma_probe.py` is where the design was measured without a GPU (instructions a weight, against
 the variants that lost); no device has timed this kernel yet.
@@ -46,11 +53,15 @@ from jax.experimental.pallas import triton as pltriton
 
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor
+from realm_jax.quant.common import split_nibbles
 
 __all__ = ["FORMATS", "MAX_ROWS", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
            "tiling_for", "to_blocks"]
 
-FORMATS = ("Q4_0", "Q4_1")
+FORMATS = ("Q4_0", "Q4_1", "Q4_K")
+# The planes besides the codes: per block (32 elements of K) and per step (256).
+_PER_BLOCK = {"Q4_0": ("d",), "Q4_1": ("d", "m"), "Q4_K": ("sc", "mn")}
+_PER_STEP = {"Q4_0": (), "Q4_1": (), "Q4_K": ("d", "dmin")}
 MAX_ROWS = 16  # rows of x the kernel takes (padded to 8 or 16: the wgmma's N)
 ROW_ALIGN = 128  # weight rows are padded to a multiple of this (a program's rows)
 STEP = 256  # elements of K a loop step takes: eight blocks, two [rows, 32] tiles of code words
@@ -91,27 +102,40 @@ def _check_format(fmt: str) -> None:
         raise UnsupportedFormatError(f"blockdot: {fmt} has no kernel; formats: {', '.join(FORMATS)}")
 
 
+def _codes(w: QTensor) -> jax.Array:
+    """The 4-bit codes of a QTensor (or a stack), uint8 [..., N, K / 32, 32] in element order."""
+    qs = jnp.asarray(w.planes["qs"])
+    if w.fmt == "Q4_K":  # 32-byte chunks: byte j holds element j of block 2c (low) and of block 2c + 1 (high)
+        return split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
+    qs = qs.reshape(*qs.shape[:-1], -1, 16)
+    return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
 def to_blocks(w: QTensor) -> dict[str, jax.Array]:
-    """A Q4_0 / Q4_1 QTensor (N, K), or a stack of them ([L, N, ...] planes), -> its block planes: "q" uint16
-    [..., N', K' / 4] (the codes, four to an element: see the module's docstring), "d" (and "m") f16
-    [..., N', K' / 32] as stored; N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs (padding:
-    zero codes and zero scales, which multiply to zero). Traceable."""
+    """A Q4_0 / Q4_1 / Q4_K QTensor (N, K), or a stack of them ([L, N, ...] planes), -> its block planes: "q"
+    uint16 [..., N', K' / 4] (the codes, four to an element: see the module's docstring), and per block
+    "d" (and "m") f16 [..., N', K' / 32] as stored, or (Q4_K) "sc", "mn" uint8 [..., N', K' / 32] and per
+    step "d", "dmin" f16 [..., N', K' / 256]; N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs
+    (padding: zero codes and zero scales, which multiply to zero). Traceable."""
     _check_format(w.fmt)
     n, k = w.shape
-    qs = jnp.asarray(w.planes["qs"])
-    lead = qs.shape[:-2]
-    nb, nb_pad = k // _BLOCK, _steps(k) * (STEP // _BLOCK)
-    pad = [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, nb_pad - nb)]
-    qs = qs.reshape(*lead, n, nb, 16)
-    codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(jnp.uint16)  # [..., n, nb, 32] element order
-    codes = jnp.pad(codes, pad + [(0, 0)])
+    codes = _codes(w).astype(jnp.uint16)
+    lead = codes.shape[:-3]
+    steps = _steps(k)
+
+    def pad(a, per_step: int):  # rows to ROW_ALIGN, [..., n, k / per_step] to whole steps
+        return jnp.pad(a, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * per_step - a.shape[-1])])
+
+    codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * 8 - k // _BLOCK), (0, 0)])
     rows = codes.shape[-3]
-    codes = codes.reshape(*lead, rows, -1, 2, 4, _BLOCK)  # (step s, tile t, nibble j, element w)
+    codes = codes.reshape(*lead, rows, steps, 2, 4, _BLOCK)  # (step s, tile t, nibble j, element w)
     words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (4 * j) for j in range(4)])
     out = {"q": words.reshape(*lead, rows, -1)}
-    for name in ("d", "m"):
-        if name in w.planes:
-            out[name] = jnp.pad(jnp.asarray(w.planes[name]), pad)
+    names = {"sc": "scales", "mn": "mins"}
+    for name in _PER_BLOCK[w.fmt]:
+        out[name] = pad(jnp.asarray(w.planes[names.get(name, name)]), STEP // _BLOCK)
+    for name in _PER_STEP[w.fmt]:
+        out[name] = pad(jnp.asarray(w.planes[name]), 1)
     return out
 
 
@@ -126,8 +150,14 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     words = q.reshape(rows, -1, 2, 1, _BLOCK)
     codes = (words >> (4 * jnp.arange(4, dtype=jnp.uint16)).reshape(4, 1)) & 0xF  # [rows, s, 2, 4, 32]
     codes = codes.reshape(rows, -1, _BLOCK)[:n, :nb].astype(jnp.uint8)  # [n, nb, 32] element order
-    qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, nb * 16)
-    out = {"qs": qs} | {name: planes[name][:n, :nb] for name in ("d", "m") if name in planes}
+    if fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
+        pairs = codes.reshape(n, -1, 4, 2, _BLOCK)
+        out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(n, -1),
+               "scales": planes["sc"][:n, :nb], "mins": planes["mn"][:n, :nb],
+               "d": planes["d"][:n, : k // STEP], "dmin": planes["dmin"][:n, : k // STEP]}
+    else:
+        qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, nb * 16)
+        out = {"qs": qs} | {name: planes[name][:n, :nb] for name in _PER_BLOCK[fmt]}
     return QTensor(fmt, (n, k), out)
 
 
@@ -144,7 +174,7 @@ def _offsets(fmt: str, blocks: int) -> jax.Array:
 def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M, K] -> (x^T [K', M'] f16, sums [K' / 32, M'] f32, row scales [M] f32): each row times a power of
     two (its largest magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16;
-    `sums`: c X (Q4_0) or X (Q4_1) of each block, X the block's sum of the scaled f16 row (`_offsets`); the
+    `sums`: c X (Q4_0) or X (the others) of each block, X the block's sum of the scaled f16 row (`_offsets`); the
     row scales undo the powers of two on the output."""
     m, k = x.shape
     xf = x.astype(jnp.float32)
@@ -178,32 +208,45 @@ def _pairs(words, j: int, *, interpret: bool) -> jax.Array:
 
 def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpret: bool):
     if stacked:
-        layer_ref, xt_ref, sums_ref, q_ref, d_ref, *rest = refs
+        layer_ref, *refs = refs
         lead = (layer_ref[0],)
     else:
-        xt_ref, sums_ref, q_ref, d_ref, *rest = refs
         lead = ()
-    m_ref, o_ref = rest if fmt == "Q4_1" else (None, *rest)
+    xt_ref, sums_ref, q_ref, *plane_refs, o_ref = refs
+    planes = dict(zip(_PER_BLOCK[fmt] + _PER_STEP[fmt], plane_refs))
     r0 = pl.program_id(0) * t.rows
     s0 = pl.program_id(1) * steps
     rows = pl.ds(r0, t.rows)
 
     def body(i, acc):
         step = s0 + i
+
+        def per_step(name):  # [rows, 1] f32
+            return planes[name][(*lead, rows, pl.ds(step, 1))].astype(jnp.float32)
+
+        if fmt == "Q4_K":
+            d, dmin = per_step("d"), per_step("dmin")
         for tile in range(2):
             words = q_ref[(*lead, rows, pl.ds(step * (STEP // 4) + 32 * tile, 32))]  # [rows, 32] uint16
             for j in range(4):
                 b = 4 * tile + j  # nibble j of the tile is block b of the step
                 col = pl.ds(step * (STEP // _BLOCK) + b, 1)
+
+                def per_block(name):  # [rows, 1] f32
+                    return planes[name][(*lead, rows, col)].astype(jnp.float32)
+
                 x = xt_ref[pl.ds(step * STEP + _BLOCK * b, _BLOCK), :]  # [32, x_rows]
                 p = jnp.dot(_pairs(words, j, interpret=interpret), x, preferred_element_type=jnp.float32)
-                d = d_ref[(*lead, rows, col)].astype(jnp.float32)  # [rows, 1]
                 s = sums_ref[col, :]  # [1, x_rows]
+                c = 64.0 if b % 2 else 1024.0  # the pair's 1024 (x divided by 16 where the nibble is at bit 4)
                 if fmt == "Q4_0":  # d (P - c X)
-                    acc = acc + d * (p - s)
-                else:  # d P + (m - c d) X
-                    e = m_ref[(*lead, rows, col)].astype(jnp.float32) - (64.0 if b % 2 else 1024.0) * d
-                    acc = acc + d * p + e * s
+                    acc = acc + per_block("d") * (p - s)
+                else:  # w = a q + o: a P + (o - c a) X
+                    if fmt == "Q4_1":
+                        a, o = per_block("d"), per_block("m")
+                    else:
+                        a, o = d * per_block("sc"), -(dmin * per_block("mn"))
+                    acc = acc + a * p + (o - c * a) * s
         return acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
@@ -218,7 +261,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     Args:
       x: the activations [M, K], any float dtype (rounded to f16 after a power-of-two scale a row).
       planes: the weight's block planes; with `layer`, stacks of them [L, ...].
-      fmt: "Q4_0" or "Q4_1".
+      fmt: one of FORMATS.
       layer: None, or an int32 scalar: the layer of the stacked planes to multiply, read in place.
       tiling: overrides `tiling_for`.
       interpret: Pallas interpret mode (CPU).
@@ -236,7 +279,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:
         raise ShapeMismatchError(f"blockdot: {t} does not divide {n_pad} rows and {steps} steps for {m} rows of x")
     xt, sums, scale = prepare_x(x, fmt, k_pad, t.x_rows)
-    args = (xt, sums, q, planes["d"], *([planes["m"]] if fmt == "Q4_1" else []))
+    args = (xt, sums, q, *(planes[name] for name in _PER_BLOCK[fmt] + _PER_STEP[fmt]))
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, t=t, steps=steps // t.splits, stacked=stacked, interpret=interpret)

@@ -7,8 +7,9 @@
 #   2. the decode kernel table: device time (CUPTI) of each Triton path (GEMV, tensor-core GEMM, XLA on the
 #      lanes) against XLA's dequantize+dot and the dense bf16 dot, M = 1, 8, 16, at 8B shapes, with the copy
 #      bandwidth measured in the same run (kernels.md), ~2 min at most;
-#   2b. the `triton_blocks` backend (the block-dot decode GEMM, Q4_0 and Q4_1): its compiled cases against the
-#      reference, then Q4_0 at M = 1, 8, 16 against the triton paths (blocks.md; its routes too), 60 s at most;
+#   2b. the `triton_blocks` backend (the block-dot decode GEMM, Q4_0, Q4_1, Q4_K): its compiled cases against
+#      the reference, then Q4_0 at M = 1, 8, 16 against the triton paths (blocks.md) and Q4_K (blocks_q4k.md,
+#      against step 2's triton rows); their routes too; 90 s at most;
 #   3. the prefill table: the same at M = 128, 512, 2048 (the GEMM's prefill tiles against XLA), ~2 min;
 #      steps 2 and 3 record the fastest path per format and M in $OUT/routes.json (commit it as
 #      realm_jax/linear/routes.json: the registry then routes by it on this device kind); then the Mosaic
@@ -52,9 +53,11 @@ step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton
 step kernels 120 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q8_0,Q5_K \
   --shapes 4096x4096,14336x4096 --m 1,8,16 --runs 3 --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" \
   --write-routes "$OUT/routes.json"
-step blocks 60 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton_blocks.py -k compiled_on_device; \
+step blocks 90 bash -c "python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton_blocks.py -k compiled_on_device; \
   python3 benchmarks/kernels.py --impls triton,triton_blocks --formats Q4_0 --shapes 4096x4096,14336x4096 --m 1,8,16 \
-  --runs 3 --json '$OUT/blocks.json' --markdown '$OUT/blocks.md' --write-routes '$OUT/routes.json'"
+  --runs 3 --json '$OUT/blocks.json' --markdown '$OUT/blocks.md' --write-routes '$OUT/routes.json'; \
+  python3 benchmarks/kernels.py --impls triton_blocks --formats Q4_K --shapes 4096x4096,14336x4096 --m 1,8,16 \
+  --runs 3 --json '$OUT/blocks_q4k.json' --markdown '$OUT/blocks_q4k.md' --write-routes '$OUT/routes.json'"
 step prefill 100 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q8_0 \
   --shapes 4096x4096,14336x4096 --m 128,512,2048 --runs 3 --json "$OUT/prefill.json" --markdown "$OUT/prefill.md" \
   --write-routes "$OUT/routes.json"

@@ -2,7 +2,7 @@
 `pallas_kernels.blockdot` on its block planes, in interpret mode on CPU against the reference (the shared
 cases); lowering for CUDA (an abstract H100) at an 8B llama's shapes; the layout's round trip; the kernel's
 arithmetic exactly where x is exact in f16; x of any magnitude; its tiling; one device only; SmolLM2 (Q4_1)
-decoding on it against llama.cpp."""
+and a synthetic Q4_K_M model decoding on it against llama.cpp."""
 
 from __future__ import annotations
 
@@ -39,15 +39,16 @@ class TestTritonBlocksLowering(LoweringTests):
             return jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("fmt,n,k", [("Q4_0", 200, 576), ("Q4_1", 130, 4096), ("Q4_0", 128, 32)])
+@pytest.mark.parametrize("fmt,n,k", [("Q4_0", 200, 576), ("Q4_1", 130, 4096), ("Q4_0", 128, 32), ("Q4_K", 70, 768)])
 def test_layout_round_trip(fmt, n, k, rng):
-    """to_blocks keeps every bit of the planes (rows padded to 128, K to whole steps of 256, with zeros):
-    from_blocks gives the QTensor back."""
+    """to_blocks keeps every bit of the planes (rows padded to 128, K to whole steps of 256, with zeros; Q4_K's
+    codes in the order of its sub-blocks): from_blocks gives the QTensor back."""
     w = random_qtensor(fmt, n, k, rng)
     planes = blockdot.to_blocks(w)
     k_pad = -(-k // blockdot.STEP) * blockdot.STEP
     assert planes["q"].shape == (-(-n // 128) * 128, k_pad // 4) and planes["q"].dtype == jnp.uint16
-    assert planes["d"].shape == (planes["q"].shape[0], k_pad // 32)
+    per_block = "sc" if fmt == "Q4_K" else "d"
+    assert planes[per_block].shape == (planes["q"].shape[0], k_pad // 32)
     back = blockdot.from_blocks(fmt, w.shape, planes).check()
     for name, plane in w.planes.items():
         np.testing.assert_array_equal(np.asarray(back.planes[name]), np.asarray(plane), err_msg=f"{fmt} {name}")
@@ -126,23 +127,36 @@ def test_one_device_only():
 
 
 def test_other_formats_go_to_the_reference():
-    choice = linear.choose("Q4_K", (256, 256), "triton_blocks")
-    assert choice.backend == "xla" and "Q4_K" in choice.reason
+    choice = linear.choose("Q6_K", (256, 256), "triton_blocks")
+    assert choice.backend == "xla" and "Q6_K" in choice.reason
 
 
 ON_CPU = jax.default_backend() == "cpu"
 
 
-def test_smollm2_decodes_on_it_in_agreement_with_llama_cpp():
-    """The real Q4_1 model (its Q8_0 embedding and output go to the reference) decoding on the block-dot GEMM
-    under the bf16 policy, one token at a time, against llama.cpp's recorded logits with the model tests'
-    thresholds: its first 60 positions on a CPU (interpreted: ~40 s), every one on a GPU. Measured here:
-    top-1 1.0 at all 60 (43 confident), mean KL 0.0038 (the reference path 0.0036, triton 0.0035)."""
+def _served(model) -> dict[str, set[str]]:
+    """Backend -> the formats of the model's weights it serves."""
+    out: dict[str, set[str]] = {}
+    for w in jax.tree.leaves(model.params, is_leaf=lambda v: isinstance(v, linear.Prepared)):
+        if isinstance(w, linear.Prepared):
+            out.setdefault(w.backend, set()).add(w.fmt)
+    return out
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct-q4_1", "llama-k-q4_k_m"])
+def test_models_decode_on_it_in_agreement_with_llama_cpp(name):
+    """The real Q4_1 model (its Q8_0 embedding and output on the reference) and the synthetic Q4_K_M one (its
+    Q6_K layers on the reference) decoding on the block-dot GEMM under the bf16 policy, one token at a time,
+    against llama.cpp's recorded logits with the model tests' thresholds: 60 and 150 positions on a CPU
+    (interpreted: ~25 s each), every one on a GPU. Measured on SmolLM2: top-1 1.0 at all 60 (43 confident),
+    mean KL 0.0038 (the reference path 0.0036, triton 0.0035)."""
     import realm_jax
     from realm_jax import assets
+    from realm_jax.reference import reference_dir
 
-    name = "smollm2-135m-instruct-q4_1"
-    model = realm_jax.load(assets.model_path(name), impl="triton_blocks", policy="bf16", progress=False)
+    path = (assets.model_path(name) if name.startswith("smollm2")
+            else reference_dir().parent / "synthetic" / f"{name}.gguf")
+    model = realm_jax.load(path, impl="triton_blocks", policy="bf16", progress=False)
     assert model.impl == "triton_blocks"
-    assert "triton_blocks" in linear.describe(model.params["layers"][0].params["wqkv"])
-    assert_decode_agrees(model, name, 60 if ON_CPU else None)
+    assert _served(model)["triton_blocks"] == ({"Q4_1"} if name.startswith("smollm2") else {"Q4_K"})
+    assert_decode_agrees(model, name, (60 if name.startswith("smollm2") else 150) if ON_CPU else None)

@@ -1,14 +1,15 @@
-"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0 and Q4_1, on the
+"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1 and Q4_K, on the
 weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute dtype, for up to
 `blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and every other format go to the XLA reference
 (from the block planes, or as `choose` routes a weight it does not support).
 
 A candidate beside the `triton` backend's GEMV and tensor-core GEMM, chosen with `impl="triton_blocks"`:
-one tensor-core dot per quantization block with the codes fed to the wgmma from registers, about 2.4-3.4
-instructions a weight at 1-16 rows of x against the lanes GEMM's 6.1 and more (`scripts/kernel_report.py`).
+one tensor-core dot per 32-element block with the codes fed to the wgmma from registers, 2.4-4.0
+instructions a weight at 1-16 rows of x against the lanes GEMM's 6.1-6.7 (`scripts/kernel_report.py`).
 Its block planes are a layout of their own (the codes of a row contiguous along K), so it is a backend and
-not a path of `triton`, whose GEMV reads the lanes: which of the two serves Q4_0 and Q4_1 on a device is for
-`benchmarks/kernels.py` to measure (no device has timed it yet).
+not a path of `triton`, whose GEMV reads the lanes: which of the two serves these formats on a device is for
+`benchmarks/kernels.py` to measure (no device has timed it yet; Q4_K_M files have Q6_K layers too, which
+go to the reference here).
 
 One device: its weights are not placed on a mesh (`resolve` refuses it for more than one device).
 """
@@ -71,7 +72,7 @@ class TritonBlocks(Backend):
     name = "triton_blocks"
     platforms = ("gpu",)
     interprets = True
-    formats = frozenset({"Q4_0", "Q4_1"})  # blockdot.FORMATS (not imported here: the kernels load lazily)
+    formats = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # blockdot.FORMATS (not imported here: the kernels load lazily)
     max_rows = 16  # blockdot.MAX_ROWS
     paths = ("blockdot", "xla")
 
