@@ -5,25 +5,27 @@ Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruct
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
 rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.6 instructions a weight whatever the
-rows, and a block's scale and offset one or two FFMA an output (M / 32 - M / 16 a weight): 2.4-4.0 in all
-(Q4_0 2.44 up to 8 rows, Q4_K 3.97 at 16; the lanes GEMM 6.1-6.7):
+rows, and a block's scale one FFMA an output (M / 32 a weight): 2.5-3.6 in all (Q4_0 2.46 up to 8 rows,
+Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
   w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales stay as stored: [N, K / 32] f16
-  (Q4_0, Q4_1); Q4_K's six-bit sub-block scales and mins unpacked to bytes [N, K / 32], d and dmin
-  [N, K / 256] (a step of the loop is one super-block).
+  (Q4_0, Q4_1); Q4_K's six-bit sub-block scales and mins unpacked to bytes, a super-block's eight scales
+  then its eight mins ("scm" [N, K / 16]), d and dmin [N, K / 256] (a step of the loop is one super-block).
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, no shared memory (Triton loads the words in the operand's layout
   because nothing between the load and the dot changes the tile's shape).
-- **The offset, off the f32 accumulators**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1
+- **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1
   or 16) against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and
-  X = the block's sum of x, sum (d q + o) x = d (P - c X) + o X with c = 1024, or 64 where x was divided by
-  16 (`_offsets`): per output and block an FFMA or two on f32 accumulators, where 1024 X costs ~8 of their 24
-  bits (a bf16 weight has 8).
-  Q4_0 (o = -8 d) folds o into c: acc += d (P - c X), c X made with x ([K / 32, M], f32, outside the loop).
-  Q4_K is Q4_1's form with d = d sc and o = -dmin m of the sub-block, made in f32 (exact) in the loop.
+  X = the block's sum of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by
+  16 (`_offsets`). A block costs one FFMA an output, d P; a step's offsets, sum_b (c d_b - o_b) X_b over its
+  eight blocks, are two or four [rows, 16] x [16, M] dots (`_OFFSET_DOTS`): A the step's scales (and mins:
+  Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X and X in two f16 parts each (~22 bits
+  together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a bf16 weight has 8): the
+  product is within ~2e-5 of the f64 one (against 5-7e-6 with each block's offset taken off its own dot,
+  an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight).
 - **x in f16**, each row scaled by a power of two (exact; undone on the output) so that its largest value
   is in [2^14, 2^15): any magnitude of activation fits f16's range, and bf16 x converts exactly.
 
@@ -55,13 +57,27 @@ from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor
 from realm_jax.quant.common import split_nibbles
 
-__all__ = ["FORMATS", "MAX_ROWS", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
+__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
            "tiling_for", "to_blocks"]
 
 FORMATS = ("Q4_0", "Q4_1", "Q4_K")
-# The planes besides the codes: per block (32 elements of K) and per step (256).
-_PER_BLOCK = {"Q4_0": ("d",), "Q4_1": ("d", "m"), "Q4_K": ("sc", "mn")}
-_PER_STEP = {"Q4_0": (), "Q4_1": (), "Q4_K": ("d", "dmin")}
+# The planes besides the codes, and their elements a step (256 elements of K): the legacy formats' scales
+# (and mins) one a block (eight more at the end: a step's offset dots read 16 from its first); Q4_K's
+# super-block d and dmin, and "scm" its eight sub-block scales then eight mins (uint8).
+_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"d": 8, "m": 8}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}}
+_TAIL = 8  # the legacy planes' extra columns
+# A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (its eight blocks
+# and, unused, the next step's eight; Q4_K: the eight scales and the eight mins), B 16 rows of c X or X (x's
+# block sums) in two f16 parts, at A's places of the step's blocks (0-7, or Q4_K's mins 8-15), zeros at
+# the others. Per format: (A's plane, B's value, B's places) a dot; their sum, with each plane's sign and
+# multiplier, is what comes off the blocks' dots (`_kernel`).
+_OFFSET_DOTS = {
+    "Q4_0": (("d", "cx", 0),) * 2,  # d (c + 8) X
+    "Q4_1": (("d", "cx", 0),) * 2 + (("m", "x", 0),) * 2,  # d c X - m X
+    "Q4_K": (("scm", "cx", 0),) * 2 + (("scm", "x", 8),) * 2,  # d sc c X + dmin mn X
+}
+OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
+_CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's block sums scaled into f16's range
 MAX_ROWS = 16  # rows of x the kernel takes (padded to 8 or 16: the wgmma's N)
 ROW_ALIGN = 128  # weight rows are padded to a multiple of this (a program's rows)
 STEP = 256  # elements of K a loop step takes: eight blocks, two [rows, 32] tiles of code words
@@ -114,9 +130,10 @@ def _codes(w: QTensor) -> jax.Array:
 def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     """A Q4_0 / Q4_1 / Q4_K QTensor (N, K), or a stack of them ([L, N, ...] planes), -> its block planes: "q"
     uint16 [..., N', K' / 4] (the codes, four to an element: see the module's docstring), and per block
-    "d" (and "m") f16 [..., N', K' / 32] as stored, or (Q4_K) "sc", "mn" uint8 [..., N', K' / 32] and per
-    step "d", "dmin" f16 [..., N', K' / 256]; N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs
-    (padding: zero codes and zero scales, which multiply to zero). Traceable."""
+    "d" (and "m") f16 [..., N', K' / 32 + 8] as stored (and eight zeros: a step's offset dots read sixteen
+    from its first), or (Q4_K) "scm" uint8 [..., N', K' / 16] (a super-block's eight scales, then its eight
+    mins) and per step "d", "dmin" f16 [..., N', K' / 256]; N' = N padded to ROW_ALIGN rows, K' = K padded
+    to whole STEPs (padding: zero codes and zero scales, which multiply to zero). Traceable."""
     _check_format(w.fmt)
     n, k = w.shape
     codes = _codes(w).astype(jnp.uint16)
@@ -131,11 +148,14 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     codes = codes.reshape(*lead, rows, steps, 2, 4, _BLOCK)  # (step s, tile t, nibble j, element w)
     words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (4 * j) for j in range(4)])
     out = {"q": words.reshape(*lead, rows, -1)}
-    names = {"sc": "scales", "mn": "mins"}
-    for name in _PER_BLOCK[w.fmt]:
-        out[name] = pad(jnp.asarray(w.planes[names.get(name, name)]), STEP // _BLOCK)
-    for name in _PER_STEP[w.fmt]:
-        out[name] = pad(jnp.asarray(w.planes[name]), 1)
+    planes = {name: jnp.asarray(v) for name, v in w.planes.items()}
+    if w.fmt == "Q4_K":  # per super-block: the eight scales, then the eight mins
+        per = [planes[name].reshape(*planes[name].shape[:-1], -1, 8) for name in ("scales", "mins")]
+        planes["scm"] = jnp.concatenate(per, axis=-1).reshape(*per[0].shape[:-2], -1)
+    for name, width in _PLANES[w.fmt].items():
+        out[name] = pad(planes[name], width)
+        if w.fmt != "Q4_K":
+            out[name] = jnp.pad(out[name], [(0, 0)] * (out[name].ndim - 1) + [(0, _TAIL)])
     return out
 
 
@@ -152,12 +172,13 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     codes = codes.reshape(rows, -1, _BLOCK)[:n, :nb].astype(jnp.uint8)  # [n, nb, 32] element order
     if fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
         pairs = codes.reshape(n, -1, 4, 2, _BLOCK)
+        scm = planes["scm"][:n, : k // STEP * 16].reshape(n, -1, 2, 8)
         out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(n, -1),
-               "scales": planes["sc"][:n, :nb], "mins": planes["mn"][:n, :nb],
+               "scales": scm[:, :, 0].reshape(n, nb), "mins": scm[:, :, 1].reshape(n, nb),
                "d": planes["d"][:n, : k // STEP], "dmin": planes["dmin"][:n, : k // STEP]}
     else:
         qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, nb * 16)
-        out = {"qs": qs} | {name: planes[name][:n, :nb] for name in _PER_BLOCK[fmt]}
+        out = {"qs": qs} | {name: planes[name][:n, :nb] for name in _PLANES[fmt]}
     return QTensor(fmt, (n, k), out)
 
 
@@ -172,10 +193,12 @@ def _offsets(fmt: str, blocks: int) -> jax.Array:
 
 
 def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [M, K] -> (x^T [K', M'] f16, sums [K' / 32, M'] f32, row scales [M] f32): each row times a power of
-    two (its largest magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16;
-    `sums`: c X (Q4_0) or X (the others) of each block, X the block's sum of the scaled f16 row (`_offsets`); the
-    row scales undo the powers of two on the output."""
+    """x [M, K] -> (x^T [K', M'] f16, B, row scales [M] f32): each row times a power of two (its largest
+    magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16; the row scales
+    undo the powers of two on the output. B: the offset dots' B operands (`_OFFSET_DOTS`), [OFFSET_K a
+    step, M'] f16, from X, each block's sum of the scaled f16 row, and c X (`_offsets`), times
+    _CORRECTION_SCALE, each in two f16 parts (hi, lo: ~22 bits together, as the cancellation against the
+    blocks' dots, 1024 X of them, needs)."""
     m, k = x.shape
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=1)
@@ -184,12 +207,18 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     x16 = (xf * jnp.exp2(e)[:, None]).astype(jnp.float16)
     x16 = jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k)))
     blocks = k_padded // _BLOCK
-    sums = jnp.sum(x16.astype(jnp.float32).reshape(-1, blocks, _BLOCK), axis=-1)  # [M', blocks]
-    if fmt == "Q4_0":
-        sums = sums * _offsets(fmt, blocks)
     place = jnp.where(jnp.arange(blocks) % 2 == 1, 1.0 / 16, 1.0).astype(jnp.float16)
     xt = (x16.reshape(-1, blocks, _BLOCK) * place[None, :, None]).reshape(-1, k_padded).T
-    return xt, sums.T, jnp.exp2(-e)
+    sums = jnp.sum(x16.astype(jnp.float32).reshape(-1, blocks, _BLOCK), axis=-1) * _CORRECTION_SCALE
+    values = {"x": sums, "cx": sums * _offsets(fmt, blocks)}  # [M', blocks]
+    parts, zero = [], jnp.zeros((sums.shape[0], blocks // 8, 8), jnp.float16)
+    for i, (_, value, at) in enumerate(_OFFSET_DOTS[fmt]):
+        v = values[value].reshape(-1, blocks // 8, 8)
+        hi = v.astype(jnp.float16)
+        part = hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16)  # hi, then lo
+        parts += [part, zero] if at == 0 else [zero, part]
+    b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']
+    return xt, b, jnp.exp2(-e)
 
 
 # --- the kernel ---------------------------------------------------------------------------------------
@@ -212,41 +241,38 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
         lead = (layer_ref[0],)
     else:
         lead = ()
-    xt_ref, sums_ref, q_ref, *plane_refs, o_ref = refs
-    planes = dict(zip(_PER_BLOCK[fmt] + _PER_STEP[fmt], plane_refs))
+    xt_ref, b_ref, q_ref, *plane_refs, o_ref = refs
+    planes = dict(zip(_PLANES[fmt], plane_refs))
     r0 = pl.program_id(0) * t.rows
     s0 = pl.program_id(1) * steps
     rows = pl.ds(r0, t.rows)
+    unscale = 1 / _CORRECTION_SCALE
 
     def body(i, acc):
         step = s0 + i
 
-        def per_step(name):  # [rows, 1] f32
-            return planes[name][(*lead, rows, pl.ds(step, 1))].astype(jnp.float32)
+        def plane(name, index, count: int = 1):  # [rows, count]: the plane's values from the step's index-th
+            return planes[name][(*lead, rows, pl.ds(step * _PLANES[fmt][name] + index, count))]
 
-        if fmt == "Q4_K":
-            d, dmin = per_step("d"), per_step("dmin")
+        # The offsets: each pair of dots (hi, lo parts of B) one term, [rows, x_rows] f32.
+        dots = [jnp.dot(plane(name, 0, 16).astype(jnp.float16), b_ref[pl.ds(step * OFFSET_K[fmt] + 16 * i, 16), :],
+                        preferred_element_type=jnp.float32) for i, (name, _, _) in enumerate(_OFFSET_DOTS[fmt])]
+        terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
+        if fmt == "Q4_K":  # less d sum_b sc_b c X_b + dmin sum_b mn_b X_b
+            d, dmin = plane("d", 0).astype(jnp.float32), plane("dmin", 0).astype(jnp.float32)
+            acc = acc - (d * unscale) * terms[0] - (dmin * unscale) * terms[1]
+        elif fmt == "Q4_1":  # less sum_b d_b c X_b - m_b X_b
+            acc = acc - unscale * (terms[0] - terms[1])
+        else:  # less sum_b d_b (c + 8) X_b
+            acc = acc - unscale * terms[0]
         for tile in range(2):
             words = q_ref[(*lead, rows, pl.ds(step * (STEP // 4) + 32 * tile, 32))]  # [rows, 32] uint16
             for j in range(4):
                 b = 4 * tile + j  # nibble j of the tile is block b of the step
-                col = pl.ds(step * (STEP // _BLOCK) + b, 1)
-
-                def per_block(name):  # [rows, 1] f32
-                    return planes[name][(*lead, rows, col)].astype(jnp.float32)
-
                 x = xt_ref[pl.ds(step * STEP + _BLOCK * b, _BLOCK), :]  # [32, x_rows]
                 p = jnp.dot(_pairs(words, j, interpret=interpret), x, preferred_element_type=jnp.float32)
-                s = sums_ref[col, :]  # [1, x_rows]
-                c = 64.0 if b % 2 else 1024.0  # the pair's 1024 (x divided by 16 where the nibble is at bit 4)
-                if fmt == "Q4_0":  # d (P - c X)
-                    acc = acc + per_block("d") * (p - s)
-                else:  # w = a q + o: a P + (o - c a) X
-                    if fmt == "Q4_1":
-                        a, o = per_block("d"), per_block("m")
-                    else:
-                        a, o = d * per_block("sc"), -(dmin * per_block("mn"))
-                    acc = acc + a * p + (o - c * a) * s
+                a = d * plane("scm", b).astype(jnp.float32) if fmt == "Q4_K" else plane("d", b).astype(jnp.float32)
+                acc = acc + a * p  # the block's scale times its dot
         return acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
@@ -278,8 +304,8 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     steps = k_pad // STEP
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:
         raise ShapeMismatchError(f"blockdot: {t} does not divide {n_pad} rows and {steps} steps for {m} rows of x")
-    xt, sums, scale = prepare_x(x, fmt, k_pad, t.x_rows)
-    args = (xt, sums, q, *(planes[name] for name in _PER_BLOCK[fmt] + _PER_STEP[fmt]))
+    xt, b, scale = prepare_x(x, fmt, k_pad, t.x_rows)
+    args = (xt, b, q, *(planes[name] for name in _PLANES[fmt]))
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, t=t, steps=steps // t.splits, stacked=stacked, interpret=interpret)

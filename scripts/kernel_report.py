@@ -353,9 +353,11 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     (loop_kernel,) = capture_triton(lambda x, w: blockdot.gemm(x, w.planes, fmt=fmt, tiling=looped), x, w)
     loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
-    if loop["wgmma_macs"] * loop_kernel["num_warps"] // 4 != t.x_rows * per_step * counted:
+    step_k = blockdot.STEP + blockdot.OFFSET_K.get(fmt, 0)  # the blocks' dots, and Q4_K's offset dots
+    if loop["wgmma_macs"] * loop_kernel["num_warps"] // 4 != t.x_rows * t.rows * step_k * counted:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['wgmma_macs']} wgmma MACs counted in the {loop['scope']}, "
-                           f"not {counted} steps of [{t.rows}, 256] x [256, {t.x_rows}]: the loop was misread")
+                           f"not {counted} steps of [{t.rows}, {step_k}] x [{step_k}, {t.x_rows}]: the loop was "
+                           f"misread")
     grid = kernel["grid"]
     return {
         "kernel": "triton_blocks", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],

@@ -47,8 +47,10 @@ def test_layout_round_trip(fmt, n, k, rng):
     planes = blockdot.to_blocks(w)
     k_pad = -(-k // blockdot.STEP) * blockdot.STEP
     assert planes["q"].shape == (-(-n // 128) * 128, k_pad // 4) and planes["q"].dtype == jnp.uint16
-    per_block = "sc" if fmt == "Q4_K" else "d"
-    assert planes[per_block].shape == (planes["q"].shape[0], k_pad // 32)
+    # Q4_K: eight scales, eight mins a super-block; the others: eight scales a step, and eight more at the end
+    # (a step's offset dots read sixteen from its first)
+    scales, width, tail = ("scm", 16, 0) if fmt == "Q4_K" else ("d", 8, 8)
+    assert planes[scales].shape == (planes["q"].shape[0], k_pad // 256 * width + tail)
     back = blockdot.from_blocks(fmt, w.shape, planes).check()
     for name, plane in w.planes.items():
         np.testing.assert_array_equal(np.asarray(back.planes[name]), np.asarray(plane), err_msg=f"{fmt} {name}")
@@ -67,8 +69,10 @@ def test_layout_puts_nibble_j_of_a_tile_on_block_4t_plus_j(rng):
 @pytest.mark.parametrize("fmt", blockdot.FORMATS)
 def test_arithmetic_is_exact_where_x_is(fmt, rng):
     """x exact in f16 after each row's power-of-two scale (integers below 2^11 times a power of two from
-    2^-40 to 2^40 a row): the product is the float64 one up to the f32 accumulators (the offset's
-    cancellation costs ~8 of their 24 bits), whatever each row's magnitude."""
+    2^-40 to 2^40 a row): the product is the float64 one up to the f32 accumulators, whatever each row's
+    magnitude. The offsets cancel ~8 of their 24 bits, and a step's eight blocks' offsets reach the
+    accumulator at once (the offset dots): 1.3e-5 to 2.1e-5 measured, against 5-7e-6 where each block's
+    offset came off its own dot (`f16-nosub`, one FADD an output a block more)."""
     m, n, k = 7, 130, 768
     w = random_qtensor(fmt, n, k, rng)
     x = rng.integers(-2047, 2048, (m, k)).astype(np.float64) * 2.0 ** rng.integers(-40, 40, (m, 1))
@@ -77,7 +81,7 @@ def test_arithmetic_is_exact_where_x_is(fmt, rng):
     assert y.shape == (m, 256)
     np.testing.assert_array_equal(y[:, n:], 0.0)
     err = np.abs(y[:, :n] - want).max(axis=1) / np.abs(want).max(axis=1)
-    assert err.max() <= 2e-5, err
+    assert err.max() <= 4e-5, err
 
 
 def test_rows_of_zeros_and_huge_rows(rng):
