@@ -49,26 +49,19 @@ def test_decode_loop_instructions_and_spills(fmt, shape, bound, tmp_path):
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
 
 
-# The tensor-core GEMM (5-64 rows of x): its cost a weight barely grows with the rows (one dequantization
-# for all of them); today's figures at 4096x4096 (Q4_K 6.67 / Q5_0 6.94 at 16 rows, Q6_K 7.64 at 64),
-# guarded with a little room: the codes placed where they lie (`mma._placed`) and the fifth and sixth
-# bits joined four codes at a time (`mma._code_words`) took them from 7.25 / 8.88 / 10.09.
-@pytest.mark.parametrize("fmt,m,bound", [("Q4_K", 16, 7.0), ("Q5_0", 16, 7.3), ("Q6_K", 64, 8.0)])
-def test_mma_loop_instructions_and_spills(fmt, m, bound, tmp_path):
+# The tensor-core GEMMs' K loops. The lanes GEMM (`triton`'s "mma" path, 5-64 rows of x) at 4096x4096: Q4_K 6.67
+# / Q5_0 6.94 at 16 rows, Q6_K 7.64 at 64 (the codes placed where they lie, `mma._placed`, and the fifth and
+# sixth bits joined four codes at a time, `mma._code_words`, took them from 7.25 / 8.88 / 10.09). The
+# block-dot GEMM (`triton_blocks`, 1-16 rows) at 14336x4096 (4096x4096 makes one step a program): Q4_0 /
+# Q4_1 / Q4_K 2.46 / 2.65 / 3.21 up to 8 rows, 2.77 / 3.00 / 3.55 at 16 (BENCHMARKS.md). Guarded with a
+# little room.
+@pytest.mark.parametrize("kernel,fmt,m,shape,bound", [
+    ("mma", "Q4_K", 16, (4096, 4096), 7.0), ("mma", "Q5_0", 16, (4096, 4096), 7.3),
+    ("mma", "Q6_K", 64, (4096, 4096), 8.0), ("blocks", "Q4_0", 8, (14336, 4096), 2.5),
+    ("blocks", "Q4_1", 16, (14336, 4096), 3.05), ("blocks", "Q4_K", 16, (14336, 4096), 3.6)])
+def test_gemm_loop_instructions_and_spills(kernel, fmt, m, shape, bound, tmp_path):
     pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
-    row = kernel_report.mma_row(fmt, m, 4096, 4096, tmp_path)
-    assert row["programs"] >= 2 * kernel_report.SMS, row
-    assert row["instructions_per_weight"] <= bound, row
-    assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
-
-
-# The block-dot GEMM (`triton_blocks`, 1-16 rows of x): Q4_0 / Q4_1 / Q4_K 2.46 / 2.65 / 3.21 instructions a
-# weight up to 8 rows, 2.77 / 3.00 / 3.55 at 16, against the lanes GEMM's 6.1 / 6.2 / 6.7 (BENCHMARKS.md); its
-# wrapper copies no weight.
-@pytest.mark.parametrize("fmt,m,bound", [("Q4_0", 8, 2.5), ("Q4_1", 16, 3.05), ("Q4_K", 16, 3.6)])
-def test_blocks_loop_instructions_and_spills(fmt, m, bound, tmp_path):
-    pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
-    row = kernel_report.blocks_row(fmt, m, 14336, 4096, tmp_path)
+    row = (kernel_report.mma_row if kernel == "mma" else kernel_report.blocks_row)(fmt, m, *shape, tmp_path)
     assert row["programs"] >= 2 * kernel_report.SMS, row
     assert row["instructions_per_weight"] <= bound, row
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row
