@@ -58,7 +58,7 @@ from realm_jax.quant import QTensor
 from realm_jax.quant.common import split_nibbles
 
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
-           "tiling_for", "to_blocks"]
+           "split_columns", "tiling_for", "to_blocks"]
 
 FORMATS = ("Q4_0", "Q4_1", "Q4_K")
 # The planes besides the codes, and their elements a step (256 elements of K): the legacy formats' scales
@@ -156,6 +156,22 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
         out[name] = pad(planes[name], width)
         if w.fmt != "Q4_K":
             out[name] = jnp.pad(out[name], [(0, 0)] * (out[name].ndim - 1) + [(0, _TAIL)])
+    return out
+
+
+def split_columns(fmt: str, planes: dict[str, jax.Array], shards: int) -> dict[str, jax.Array]:
+    """Block planes laid out for K split into `shards` equal ranges of whole steps: each plane's columns in
+    `shards` equal parts, each part the planes of its range alone (the legacy scale planes' eight tail
+    columns after each part), so that an even split of the last axis gives every shard its own planes."""
+    out = {}
+    for name, a in planes.items():
+        width, tail = (STEP // 4, 0) if name == "q" else (_PLANES[fmt][name], 0 if fmt == "Q4_K" else _TAIL)
+        body = a[..., : a.shape[-1] - tail].reshape(*a.shape[:-1], shards, -1)
+        if body.shape[-1] % width:
+            raise ShapeMismatchError(f"blockdot: {fmt} plane {name} {a.shape} does not split into {shards} ranges "
+                                     f"of whole steps")
+        body = jnp.pad(body, [(0, 0)] * (body.ndim - 1) + [(0, tail)])
+        out[name] = body.reshape(*a.shape[:-1], -1)
     return out
 
 

@@ -1,8 +1,9 @@
 """The `triton_blocks` backend (`realm_jax.linear.blocks`): the block-dot decode GEMM of
 `pallas_kernels.blockdot` on its block planes, in interpret mode on CPU against the reference (the shared
 cases); lowering for CUDA (an abstract H100) at an 8B llama's shapes; the layout's round trip; the kernel's
-arithmetic exactly where x is exact in f16; x of any magnitude; its tiling; one device only; SmolLM2 (Q4_1)
-and a synthetic Q4_K_M model decoding on it against llama.cpp."""
+arithmetic exactly where x is exact in f16; x of any magnitude; its tiling; its planes split along K for a
+mesh; SmolLM2 (Q4_1) and a synthetic Q4_K_M model decoding on it against llama.cpp (on a mesh:
+tests/test_sharded_kernels.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import blockdot
 from realm_jax import linear
-from realm_jax.errors import ShapeMismatchError, ShardingError, UnsupportedFormatError
+from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import dequantize
 from decode_agreement import assert_decode_agrees
 from helpers import random_qtensor
@@ -123,11 +124,23 @@ def test_bad_arguments(rng):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q8_0", interpret=True)
 
 
-def test_one_device_only():
-    """The backend's weights are not placed on a mesh: `resolve` says so for more than one device."""
-    with pytest.raises(ShardingError, match="one device"):
-        linear.resolve("triton_blocks", "gpu", devices=8)
-    assert linear.resolve("triton_blocks", "cpu") == "triton_blocks"  # interpret mode
+def test_split_columns_gives_each_k_range_its_own_planes(rng):
+    """Planes laid out for K split in two: each half of every plane's columns is exactly the block planes of
+    that half of the weight (the legacy scales' tail repeated per part)."""
+    for fmt, k in (("Q4_0", 1024), ("Q4_K", 1024)):
+        w = random_qtensor(fmt, 128, k, rng)
+        split = blockdot.split_columns(fmt, blockdot.to_blocks(w), 2)
+        for half in range(2):
+            f = w.format
+            part = {name: v.reshape(128, k // f.block_size, -1)[:, half * k // 2 // f.block_size:][
+                :, : k // 2 // f.block_size].reshape(128, -1) for name, v in w.planes.items()}
+            want = blockdot.to_blocks(type(w)(fmt, (128, k // 2), part))
+            for name, a in split.items():
+                width = a.shape[-1] // 2
+                np.testing.assert_array_equal(np.asarray(a[:, half * width:(half + 1) * width]),
+                                              np.asarray(want[name]), err_msg=f"{fmt} {name} half {half}")
+    with pytest.raises(ShapeMismatchError, match="whole steps"):
+        blockdot.split_columns("Q4_0", blockdot.to_blocks(random_qtensor("Q4_0", 128, 256, rng)), 2)
 
 
 def test_other_formats_go_to_the_reference():

@@ -72,9 +72,6 @@ def resolve(impl: str, platform: str | None = None, *, devices: int = 1) -> str:
             raise NativeBuildError(native.reason())
     elif not backend.runs_on(platform):
         raise ValueError(f"impl={impl!r} runs on {', '.join(backend.platforms)}, not on {platform}")
-    elif impl == TRITON_BLOCKS.name and devices > 1:
-        raise ShardingError(f"impl={impl!r} runs on one device, not on a mesh of {devices}: use impl='triton' or "
-                            f"'auto'")
     return impl
 
 

@@ -11,7 +11,8 @@ not a path of `triton`, whose GEMV reads the lanes: which of the two serves thes
 `benchmarks/kernels.py` to measure (no device has timed it yet; Q4_K_M files have Q6_K layers too, which
 go to the reference here).
 
-One device: its weights are not placed on a mesh (`resolve` refuses it for more than one device).
+On a mesh each device runs the kernel on its shard inside shard_map (rows split: its outputs; K split in
+whole steps of 256: partial products and one psum), as the `triton` backend does.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from realm_jax.errors import RoutesError, ShardingError
 from realm_jax.linear import routes
-from realm_jax.linear.base import Backend, Prepared, xla_matmul
+from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
 from realm_jax.quant import QTensor
 
@@ -40,16 +43,20 @@ def _blockdot():
     return blockdot
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["planes", "layer"], meta_fields=["fmt", "shape"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["planes", "layer"],
+                   meta_fields=["fmt", "shape", "axes"])
 @dataclasses.dataclass(frozen=True)
 class BlocksWeight(Prepared):
     """The `triton_blocks` backend's weight: its block planes (`blockdot.to_blocks`: rows padded to 128, K
     to whole steps of 256).
 
     Attributes:
-      planes: "q" [N', K' / 4] uint16, "d" (and "m") [N', K' / 32] f16; with `layer`, stacks [L, ...].
+      planes: `blockdot.to_blocks`'s ("q" [N', K' / 4] uint16 and the scale planes); with `layer`, stacks
+        [L, ...]; once placed on a mesh, each shard's rows padded to whole 128-row tiles of their own and the
+        columns laid out per K range (`blockdot.split_columns`).
       fmt, shape: the format and the logical (N, K).
       layer: None, or inside a scan over stacked layers the traced index of the layer (`unstack`).
+      axes: the mesh axes its (rows, K) are split over once placed on a mesh, or None.
     """
 
     backend: ClassVar[str] = "triton_blocks"
@@ -57,6 +64,7 @@ class BlocksWeight(Prepared):
     fmt: str
     shape: tuple[int, int]
     layer: jax.Array | None = None
+    axes: tuple[str | None, str | None] | None = None
 
     def layer_planes(self) -> dict[str, jax.Array]:
         """The planes of this weight's one layer: sliced out of the stack (a copy) where it is a layer of one,
@@ -98,6 +106,8 @@ class TritonBlocks(Backend):
         return BlocksWeight(_blockdot().to_blocks(qt), qt.fmt, tuple(qt.shape))
 
     def matmul(self, x, w: BlocksWeight, *, compute_dtype, out_dtype, interpret: bool | None = None) -> jax.Array:
+        if w.axes is not None:
+            return self._per_shard(x, w, compute_dtype, out_dtype, interpret)
         return self.matmul_path(x, w, self.path(w.fmt, x.shape[0], compute_dtype), compute_dtype=compute_dtype,
                                 out_dtype=out_dtype, interpret=interpret)
 
@@ -112,7 +122,7 @@ class TritonBlocks(Backend):
         return y[:, : w.shape[0]].astype(out_dtype)
 
     def concat(self, ws: list[BlocksWeight]) -> BlocksWeight | None:
-        if len({(w.fmt, w.shape[1]) for w in ws}) != 1 or any(w.layer is not None for w in ws):
+        if len({(w.fmt, w.shape[1]) for w in ws}) != 1 or any(w.layer is not None or w.axes for w in ws):
             return None
         n = sum(w.shape[0] for w in ws)
         align = _blockdot().ROW_ALIGN
@@ -130,9 +140,56 @@ class TritonBlocks(Backend):
     def unstack(self, sliced: BlocksWeight, whole: Any, index: jax.Array) -> BlocksWeight:
         return dataclasses.replace(sliced, planes=whole, layer=index)
 
-    def place(self, w: BlocksWeight, spec, mesh, what: str) -> BlocksWeight:
-        raise ShardingError(f"{what}: the {self.name} backend runs on one device; its weights are not placed on a "
-                            f"mesh (use impl='triton' or 'auto')")
+    def place(self, w: BlocksWeight, spec: PartitionSpec, mesh, what: str) -> BlocksWeight:
+        """Rows split over spec[-2], each shard's rows padded to whole 128-row tiles of their own; K over
+        spec[-1] in whole steps of 256 (`blockdot.split_columns`)."""
+        blockdot = _blockdot()
+        lead, rows, cols = tuple(spec)[:-2], spec[-2], spec[-1]
+        (n, k), planes = w.shape, w.planes
+        if rows is not None:
+            shards = mesh.shape[rows]
+            if n % shards:
+                raise ShardingError(f"{what}: {n} rows cannot be split over {rows}={shards}")
+            local = n // shards
+            pad = -local % blockdot.ROW_ALIGN
+
+            def per_shard(a):  # [..., N', W] -> [..., shards * (local + pad), W]
+                a = a[..., :n, :].reshape(*a.shape[:-2], shards, local, a.shape[-1])
+                a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)])
+                return a.reshape(*a.shape[:-3], shards * (local + pad), a.shape[-1])
+
+            planes = {name: per_shard(a) for name, a in planes.items()}
+        if cols is not None:
+            shards = mesh.shape[cols]
+            if k % (shards * blockdot.STEP):
+                raise ShardingError(f"{what}: K={k} of {w.fmt} cannot be split over {cols}={shards} in whole steps "
+                                    f"of {blockdot.STEP}")
+            planes = blockdot.split_columns(w.fmt, planes, shards)
+
+        def put(a):
+            return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*lead, rows, cols)))
+
+        axes = (rows, cols) if rows or cols else None
+        return dataclasses.replace(w, planes={name: put(a) for name, a in planes.items()}, axes=axes)
+
+    def _per_shard(self, x, w: BlocksWeight, compute_dtype, out_dtype, interpret) -> jax.Array:
+        """The kernel per shard inside shard_map (XLA cannot partition a kernel): rows split, each device
+        computes its slice of the outputs; K split, partial products summed with one psum."""
+        rows_axis, cols_axis = w.axes
+        n_local, k_local = local_shape(w.shape, w.axes, w)
+
+        def local(x, planes):
+            part = BlocksWeight(planes, w.fmt, (n_local, k_local), w.layer)
+            y = self.matmul(x, part, compute_dtype=compute_dtype, out_dtype=jnp.float32 if cols_axis else out_dtype,
+                            interpret=interpret)
+            return lax.psum(y, cols_axis).astype(out_dtype) if cols_axis else y
+
+        lead = [None] if w.layer is not None else []
+        spec = PartitionSpec(*lead, rows_axis, cols_axis)
+        return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                             in_specs=(PartitionSpec(None, cols_axis), {name: spec for name in w.planes}),
+                             out_specs=PartitionSpec(None, rows_axis), axis_names={a for a in w.axes if a},
+                             check_vma=False)(x, w.planes)
 
     def decode_attention(self, q, k_cache, v_cache, scores_dtype):
         """The `triton` backend's decode attention (`pallas_kernels.attention`, the stacked cache read in
