@@ -15,19 +15,22 @@ Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
   then its eight mins ("scm" [N, K / 16]), d and dmin [N, K / 256] (a step of the loop is one super-block).
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
-  exact, no conversion instruction, no shared memory (Triton loads the words in the operand's layout
-  because nothing between the load and the dot changes the tile's shape).
+  exact, no conversion instruction, and no trip of a dequantized tile through shared memory (the code words
+  come in through Triton's pipelined copies and `ldmatrix` straight into the operand's layout, because
+  nothing between the load and the dot changes the tile's shape).
 - **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1
   or 16) against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and
   X = the block's sum of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by
   16 (`_offsets`). A block costs one FFMA an output, d P; a step's offsets, sum_b (c d_b - o_b) X_b over its
   eight blocks, are two or four [rows, 16] x [16, M] dots (`_OFFSET_DOTS`): A the step's scales (and mins:
   Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X and X in two f16 parts each (~22 bits
-  together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a bf16 weight has 8): the
-  product is within ~2e-5 of the f64 one (against 5-7e-6 with each block's offset taken off its own dot,
-  an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight).
-- **x in f16**, each row scaled by a power of two (exact; undone on the output) so that its largest value
-  is in [2^14, 2^15): any magnitude of activation fits f16's range, and bf16 x converts exactly.
+  together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a bf16 weight has 8): for x
+  exact in f16 the product is within ~2e-5 of the f64 one (5-7e-6 with each block's offset taken off its
+  own dot, an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight), and
+  within 4-7e-5 (1.2e-4 for a row of one block) of the product of x rounded to f16 otherwise.
+- **x in f16**, each row scaled by a power of two (made from its exponent bits: exact; undone on the
+  output) so that its largest value is in [2^14, 2^15): any finite magnitude of activation fits f16's
+  range, and bf16 x converts exactly. A row holding an inf or a NaN comes out NaN.
 
 The product is then the exact f32 dot of the weight (not rounded to bf16, as XLA's reference path rounds
 it) with x rounded to f16: closer to the f64 product than the reference.
@@ -208,6 +211,11 @@ def _offsets(fmt: str, blocks: int) -> jax.Array:
     return base + (8.0 if fmt == "Q4_0" else 0.0)
 
 
+def _pow2(e: jax.Array) -> jax.Array:
+    """float32 2^e of int32 e in [-126, 127], from its exponent bits (exact)."""
+    return lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
 def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M, K] -> (x^T [K', M'] f16, B, row scales [M] f32): each row times a power of two (its largest
     magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16; the row scales
@@ -218,9 +226,11 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     m, k = x.shape
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=1)
-    e = jnp.where(amax > 0, _X_MAX_EXP - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))), 0.0)
-    e = jnp.clip(e, -126.0, 126.0)
-    x16 = (xf * jnp.exp2(e)[:, None]).astype(jnp.float16)
+    # the exponent of amax from its bits (log2 and exp2 are approximations on some backends: XLA:CPU's
+    # exp2(13) is 8192.0039), and 2^e, 2^-e made from exponent bits: exact, both normal for |e| <= 126
+    exponent = (lax.bitcast_convert_type(amax, jnp.int32) >> 23) - 127  # subnormal amax: -127
+    e = jnp.clip(jnp.where(amax > 0, _X_MAX_EXP - exponent, 0), -126, 126)
+    x16 = (xf * _pow2(e)[:, None]).astype(jnp.float16)
     x16 = jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k)))
     blocks = k_padded // _BLOCK
     place = jnp.where(jnp.arange(blocks) % 2 == 1, 1.0 / 16, 1.0).astype(jnp.float16)
@@ -234,7 +244,7 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
         part = hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16)  # hi, then lo
         parts += [part, zero] if at == 0 else [zero, part]
     b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']
-    return xt, b, jnp.exp2(-e)
+    return xt, b, _pow2(-e)
 
 
 # --- the kernel ---------------------------------------------------------------------------------------
@@ -311,11 +321,20 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     _check_format(fmt)
     m, k = x.shape
     stacked = layer is not None
+    missing = {"q", *_PLANES[fmt]} - set(planes)
+    if missing:
+        raise ShapeMismatchError(f"blockdot: {fmt} block planes lack {sorted(missing)} (have {sorted(planes)})")
     q = planes["q"]
     n_pad, k_pad = q.shape[-2], q.shape[-1] * 4
-    if not 1 <= m <= MAX_ROWS or k_pad != _steps(k) * STEP or n_pad % ROW_ALIGN or q.ndim != 2 + stacked:
+    if not 1 <= m <= MAX_ROWS:
+        raise ShapeMismatchError(f"blockdot: x {x.shape}: 1 to {MAX_ROWS} rows of x")
+    if q.ndim != 2 + stacked:
+        raise ShapeMismatchError(f"blockdot: planes q {q.shape} with layer={'a layer' if stacked else None}: "
+                                 f"{'[L, N, K / 4] (a stack)' if stacked else '[N, K / 4]'} expected")
+    if k_pad != _steps(k) * STEP or n_pad % ROW_ALIGN:
         raise ShapeMismatchError(f"blockdot: x {x.shape} against {fmt} block planes "
-                                 f"{ {key: v.shape for key, v in planes.items()} } (at most {MAX_ROWS} rows of x)")
+                                 f"{ {key: v.shape for key, v in planes.items()} }: K {k} padded to whole steps "
+                                 f"of {STEP} and rows to {ROW_ALIGN}")
     t = tiling or tiling_for(n_pad, k, m)
     steps = k_pad // STEP
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:

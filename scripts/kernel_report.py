@@ -349,11 +349,12 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     steps = k // blockdot.STEP
     per_step = t.rows * blockdot.STEP
     program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, 1)
-    looped = dataclasses.replace(t, splits=max(1, t.splits // 4) if steps // t.splits < 2 else t.splits)
+    fewer = max(s for s in range(1, max(1, t.splits // 4) + 1) if steps % s == 0)  # a divisor of the steps
+    looped = dataclasses.replace(t, splits=fewer if steps // t.splits < 2 else t.splits)
     (loop_kernel,) = capture_triton(lambda x, w: blockdot.gemm(x, w.planes, fmt=fmt, tiling=looped), x, w)
     loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
-    step_k = blockdot.STEP + blockdot.OFFSET_K.get(fmt, 0)  # the blocks' dots, and Q4_K's offset dots
+    step_k = blockdot.STEP + blockdot.OFFSET_K[fmt]  # the blocks' dots, and the step's offset dots
     if loop["wgmma_macs"] * loop_kernel["num_warps"] // 4 != t.x_rows * t.rows * step_k * counted:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['wgmma_macs']} wgmma MACs counted in the {loop['scope']}, "
                            f"not {counted} steps of [{t.rows}, {step_k}] x [{step_k}, {t.x_rows}]: the loop was "

@@ -168,6 +168,10 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
     assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (1, 3, 4, 5, 130, 1024, 1025, 4096)] == [
         "gemv", "gemv", "gemv", "mma", "mma", "mma", "xla", "xla"]  # 4 and 1024: ties take the smaller
     assert TRITON.path("Q6_K", 130, jnp.bfloat16) == "xla"  # no entry: the heuristic
+    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q4_K": [[1, "gemv"], [16, "gemv"]]}))
+    # past twice the rows measured, the heuristic: a decode route does not serve prefill
+    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (32, 33, 2048)] == ["gemv", "mma", "xla"]
+    monkeypatch.setattr(routes, "table", lambda: table)
     assert TRITON.path("Q4_K", 130, jnp.float32) == "xla"
     w = random_qtensor("Q4_K", 130, 256, rng)
     x = jnp.asarray(rng.standard_normal((130, 256)), jnp.bfloat16)

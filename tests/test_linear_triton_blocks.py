@@ -16,6 +16,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 from pallas_kernels import blockdot
 from realm_jax import linear
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
+from realm_jax.precision import Policy
 from realm_jax.quant import dequantize
 from decode_agreement import assert_decode_agrees
 from helpers import random_qtensor
@@ -86,19 +87,24 @@ def test_arithmetic_is_exact_where_x_is(fmt, rng):
 
 
 def test_rows_of_zeros_and_huge_rows(rng):
-    """A row of zeros gives zeros; a row past f16's range (1e30) and one of tiny values (1e-30) are scaled
-    into it and come back at their own magnitude."""
+    """A row of zeros gives zeros; rows past f16's range (1e30) and of tiny values (1e-30; 1e-36, below
+    2^-111, where the scale is at its largest, 2^126) are scaled into it and come back at their own
+    magnitude; an inf makes its row NaN; no rows of x give no rows."""
     n, k = 128, 256
     w = random_qtensor("Q4_1", n, k, rng)
-    x = rng.standard_normal((3, k))
+    x = rng.standard_normal((5, k))
     x[0] = 0.0
     x[1] *= 1e30
     x[2] *= 1e-30
+    x[3] *= 1e-36
+    x[4, 7] = np.inf
     y = np.asarray(blockdot.gemm(jnp.asarray(x, jnp.float32), blockdot.to_blocks(w), fmt="Q4_1", interpret=True))
-    want = x @ np.asarray(dequantize(w), np.float64).T
-    assert np.all(np.isfinite(y)) and np.all(y[0] == 0.0)
-    for r in (1, 2):
+    want = x[:4] @ np.asarray(dequantize(w), np.float64).T
+    assert np.all(np.isfinite(y[:4])) and np.all(y[0] == 0.0) and np.all(np.isnan(y[4]))
+    for r in (1, 2, 3):
         assert np.abs(y[r, :n] - want[r]).max() <= 2e-3 * np.abs(want[r]).max()
+    empty = linear.matmul(jnp.zeros((0, k)), linear.prepare(w, Policy.of("bf16"), impl="triton_blocks"))
+    assert empty.shape == (0, n)
 
 
 def test_tiling_fills_the_gpu_at_the_8b_shapes():
@@ -116,10 +122,14 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
 def test_bad_arguments(rng):
     w = random_qtensor("Q4_0", 128, 256, rng)
     planes = blockdot.to_blocks(w)
-    with pytest.raises(ShapeMismatchError, match="at most 16 rows"):
+    with pytest.raises(ShapeMismatchError, match="1 to 16 rows"):
         blockdot.gemm(jnp.ones((17, 256)), planes, fmt="Q4_0", interpret=True)
-    with pytest.raises(ShapeMismatchError, match="block planes"):
+    with pytest.raises(ShapeMismatchError, match="K 512 padded"):
         blockdot.gemm(jnp.ones((1, 512)), planes, fmt="Q4_0", interpret=True)
+    with pytest.raises(ShapeMismatchError, match=r"lack \['m'\]"):
+        blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_1", interpret=True)
+    with pytest.raises(ShapeMismatchError, match="a stack"):
+        blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_0", layer=0, interpret=True)
     with pytest.raises(UnsupportedFormatError, match="Q8_0 has no kernel"):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q8_0", interpret=True)
 

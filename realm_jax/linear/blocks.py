@@ -117,8 +117,13 @@ class TritonBlocks(Backend):
         blockdot = _blockdot()
         if path == "xla" or x.shape[0] > blockdot.MAX_ROWS:
             return xla_matmul(x, blockdot.from_blocks(w.fmt, w.shape, w.layer_planes()), compute_dtype, out_dtype)
+        if x.shape[0] == 0:
+            return jnp.zeros((0, w.shape[0]), out_dtype)
         interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-        y = blockdot.gemm(x.astype(compute_dtype), w.planes, fmt=w.fmt, layer=w.layer, interpret=interpret)
+        # The kernel rounds x to f16 after a power-of-two scale a row: under f16 compute that is the cast,
+        # without its overflow; under bf16 x is rounded to bf16 first, as the compute dtype asks.
+        x = x if jnp.dtype(compute_dtype) == jnp.float16 else x.astype(compute_dtype)
+        y = blockdot.gemm(x, w.planes, fmt=w.fmt, layer=w.layer, interpret=interpret)
         return y[:, : w.shape[0]].astype(out_dtype)
 
     def concat(self, ws: list[BlocksWeight]) -> BlocksWeight | None:
@@ -128,8 +133,8 @@ class TritonBlocks(Backend):
         align = _blockdot().ROW_ALIGN
 
         def join(*planes):  # the parts' real rows one after another, then one padding at the end
-            a = jnp.concatenate([p[: w.shape[0]] for p, w in zip(planes, ws)])
-            return jnp.pad(a, [(0, -n % align), (0, 0)])
+            a = jnp.concatenate([p[..., : w.shape[0], :] for p, w in zip(planes, ws)], axis=-2)
+            return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, -n % align), (0, 0)])
 
         return BlocksWeight({name: join(*(w.planes[name] for w in ws)) for name in ws[0].planes}, ws[0].fmt,
                             (n, ws[0].shape[1]))

@@ -66,9 +66,11 @@ def table() -> dict:
 
 
 def measured(backend: str, device_kind: str, fmt: str, m: int, routes: dict | None = None) -> str | None:
-    """The measured path for m rows of x, or None where the table has no entry."""
+    """The path measured fastest at the rows of x nearest m (on a log scale), or None where the table has no
+    entry or m lies more than a factor of two outside the rows measured (a decode route does not serve
+    prefill, nor a prefill route decode)."""
     entry = (table() if routes is None else routes).get(device_kind)
     rows = entry["backends"].get(backend, {}).get(fmt) if entry else None
-    if not rows:
+    if not rows or not min(r[0] for r in rows) <= 2 * m <= 4 * max(r[0] for r in rows):
         return None
     return min(rows, key=lambda r: (abs(math.log2(r[0]) - math.log2(m)), r[0]))[1]
