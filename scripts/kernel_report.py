@@ -4,7 +4,8 @@ For every format and rows of x it lowers the linear layer's GPU backends for an 
 path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` calls them) and reports:
 
 - Triton (`triton` backend: `pallas_kernels.decode`, the GEMV, up to GEMV_ROWS rows of x, and
-  `pallas_kernels.mma`, the tensor-core GEMM, past them; `--rows 512` reports its prefill tiles): the
+  `pallas_kernels.mma`, the tensor-core GEMM, past them, `--rows 512` for its prefill tiles; and the
+  `triton_blocks` backend's block-dot GEMM, `pallas_kernels.blockdot`, up to 16 rows of x): the
   Triton IR, after Triton's TTIR passes as the device runs them, compiled to a cubin by pip's
   `triton` (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers,
   spills) and `cuobjdump -sass`: the CPU seconds of that compile, machine instructions per weight element
