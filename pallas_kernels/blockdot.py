@@ -1,33 +1,36 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
-per 32-element block, the weight's codes fed to the `wgmma` from registers, for Q4_0, Q4_1 and Q4_K.
+per 32-element block, the weight's codes fed to the `wgmma` from registers, for Q4_0, Q4_1, Q4_K and Q8_0.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
-rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.6 instructions a weight whatever the
-rows, and a block's scale one FFMA an output (M / 32 a weight): 2.5-3.6 in all (Q4_0 2.46 up to 8 rows,
-Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
+rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.5-0.6 instructions a weight whatever
+the rows, and a block's scale one FFMA an output (M / 32 a weight): 2.5-3.6 in all (Q4_0 2.46 up to 8
+rows, Q8_0 2.50, Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
   w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales stay as stored: [N, K / 32] f16
   (Q4_0, Q4_1); Q4_K's six-bit sub-block scales and mins unpacked to bytes, a super-block's eight scales
   then its eight mins ("scm" [N, K / 16]), d and dmin [N, K / 256] (a step of the loop is one super-block).
+  Q8_0: two codes to a uint16, each q + 128 (a byte): element (n, 128 s + 32 t + w) holds in byte j that of
+  element w of block 8 s + 2 t + j.
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, and no trip of a dequantized tile through shared memory (the code words
   come in through Triton's pipelined copies and `ldmatrix` straight into the operand's layout, because
-  nothing between the load and the dot changes the tile's shape).
-- **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1
-  or 16) against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and
-  X = the block's sum of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by
-  16 (`_offsets`). A block costs one FFMA an output, d P; a step's offsets, sum_b (c d_b - o_b) X_b over its
-  eight blocks, are two or four [rows, 16] x [16, M] dots (`_OFFSET_DOTS`): A the step's scales (and mins:
-  Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X and X in two f16 parts each (~22 bits
+  nothing between the load and the dot changes the tile's shape). Q8_0's byte j is one prmt for two codes,
+  1024 + (q + 128).
+- **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1 or 16)
+  against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and X = the block's sum
+  of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by 16 (`_offsets`; Q8_0:
+  c = 1024 + 128 every block). A block costs one FFMA an output, d P; a step's offsets, sum_b (c d_b - o_b)
+  X_b over its eight blocks, are two or four [rows, 16] x [16, M] dots (`_OFFSET_DOTS`): A the step's scales
+  (and mins: Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X and X in two f16 parts each (~22 bits
   together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a bf16 weight has 8): for x
-  exact in f16 the product is within ~2e-5 of the f64 one (5-7e-6 with each block's offset taken off its
-  own dot, an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight), and
-  within 4-7e-5 (1.2e-4 for a row of one block) of the product of x rounded to f16 otherwise.
+  exact in f16 the product is within ~2e-5 of the f64 one (5-7e-6 with each block's offset taken off its own
+  dot, an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight), and within
+  4-7e-5 (1.2e-4 for a row of one block) of the product of x rounded to f16 otherwise.
 - **x in f16**, each row scaled by a power of two (made from its exponent bits: exact; undone on the
   output) so that its largest value is in [2^14, 2^15): any finite magnitude of activation fits f16's
   range, and bf16 x converts exactly. A row holding an inf or a NaN comes out NaN.
@@ -63,11 +66,13 @@ from realm_jax.quant.common import split_nibbles
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
            "split_columns", "tiling_for", "to_blocks"]
 
-FORMATS = ("Q4_0", "Q4_1", "Q4_K")
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
+# Codes a uint16 of the "q" plane: four nibbles, or (Q8_0) two bytes, each code q + 128.
+_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 2}
 # The planes besides the codes, and their elements a step (256 elements of K): the legacy formats' scales
 # (and mins) one a block (eight more at the end: a step's offset dots read 16 from its first); Q4_K's
 # super-block d and dmin, and "scm" its eight sub-block scales then eight mins (uint8).
-_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"d": 8, "m": 8}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}}
+_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"d": 8, "m": 8}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q8_0": {"d": 8}}
 _TAIL = 8  # the legacy planes' extra columns
 # A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (its eight blocks
 # and, unused, the next step's eight; Q4_K: the eight scales and the eight mins), B 16 rows of c X or X (x's
@@ -76,6 +81,7 @@ _TAIL = 8  # the legacy planes' extra columns
 # multiplier, is what comes off the blocks' dots (`_kernel`).
 _OFFSET_DOTS = {
     "Q4_0": (("d", "cx", 0),) * 2,  # d (c + 8) X
+    "Q8_0": (("d", "cx", 0),) * 2,  # d (c + 128) X
     "Q4_1": (("d", "cx", 0),) * 2 + (("m", "x", 0),) * 2,  # d c X - m X
     "Q4_K": (("scm", "cx", 0),) * 2 + (("scm", "x", 8),) * 2,  # d sc c X + dmin mn X
 }
@@ -122,8 +128,12 @@ def _check_format(fmt: str) -> None:
 
 
 def _codes(w: QTensor) -> jax.Array:
-    """The 4-bit codes of a QTensor (or a stack), uint8 [..., N, K / 32, 32] in element order."""
+    """The codes of a QTensor (or a stack), uint8 [..., N, K / 32, 32] in element order: 4-bit, or (Q8_0)
+    q + 128."""
     qs = jnp.asarray(w.planes["qs"])
+    if w.fmt == "Q8_0":
+        # q + 128: the sign bit flipped
+        return (lax.bitcast_convert_type(qs, jnp.uint8) ^ 0x80).reshape(*qs.shape[:-1], -1, _BLOCK)
     if w.fmt == "Q4_K":  # 32-byte chunks: byte j holds element j of block 2c (low) and of block 2c + 1 (high)
         return split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
     qs = qs.reshape(*qs.shape[:-1], -1, 16)
@@ -148,8 +158,9 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
 
     codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * 8 - k // _BLOCK), (0, 0)])
     rows = codes.shape[-3]
-    codes = codes.reshape(*lead, rows, steps, 2, 4, _BLOCK)  # (step s, tile t, nibble j, element w)
-    words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (4 * j) for j in range(4)])
+    per = _PER_WORD[w.fmt]
+    codes = codes.reshape(*lead, rows, steps, 8 // per, per, _BLOCK)  # (step s, tile t, code j, element w)
+    words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (16 // per * j) for j in range(per)])
     out = {"q": words.reshape(*lead, rows, -1)}
     planes = {name: jnp.asarray(v) for name, v in w.planes.items()}
     if w.fmt == "Q4_K":  # per super-block: the eight scales, then the eight mins
@@ -162,42 +173,51 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     return out
 
 
-def split_columns(fmt: str, planes: dict[str, jax.Array], shards: int) -> dict[str, jax.Array]:
-    """Block planes laid out for K split into `shards` equal ranges of whole steps: each plane's columns in
-    `shards` equal parts, each part the planes of its range alone (the legacy scale planes' eight tail
-    columns after each part), so that an even split of the last axis gives every shard its own planes."""
-    out = {}
-    for name, a in planes.items():
-        width, tail = (STEP // 4, 0) if name == "q" else (_PLANES[fmt][name], 0 if fmt == "Q4_K" else _TAIL)
-        body = a[..., : a.shape[-1] - tail].reshape(*a.shape[:-1], shards, -1)
-        if body.shape[-1] % width:
-            raise ShapeMismatchError(f"blockdot: {fmt} plane {name} {a.shape} does not split into {shards} ranges "
-                                     f"of whole steps")
-        body = jnp.pad(body, [(0, 0)] * (body.ndim - 1) + [(0, tail)])
-        out[name] = body.reshape(*a.shape[:-1], -1)
-    return out
+def split_columns(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array], shards: int) -> dict[str, jax.Array]:
+    """Block planes (of a weight of logical `shape`, or a stack) laid out for K split into `shards` equal
+    ranges: each range's own block planes (`to_blocks` of that slice of the weight: K padded to whole steps
+    a range), one after another along the last axis, so that an even split of it gives every shard its own
+    planes. A range must hold whole blocks of the format (32 elements; Q4_K's super-blocks, 256)."""
+    n, k = shape
+    unit = STEP if fmt == "Q4_K" else _BLOCK
+    if k % shards or (k // shards) % unit:
+        raise ShapeMismatchError(f"blockdot: {fmt} {shape}: K={k} does not split into {shards} ranges of whole "
+                                 f"{unit}-element blocks")
+    qt = from_blocks(fmt, shape, planes)
+    width = k // shards
+    parts = []
+    for i in range(shards):  # each plane holds a fixed number of values an element of K
+        part = {name: a[..., a.shape[-1] * i // shards: a.shape[-1] * (i + 1) // shards]
+                for name, a in qt.planes.items()}
+        parts.append(to_blocks(QTensor(fmt, (n, width), part)))
+    return {name: jnp.concatenate([p[name] for p in parts], axis=-1) for name in parts[0]}
 
 
 def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) -> QTensor:
-    """The inverse of `to_blocks` for one weight: the QTensor (N, K) the block planes hold. Traceable;
-    under jit XLA fuses it into what reads the planes (the XLA path dequantizes from it)."""
+    """The inverse of `to_blocks`: the QTensor (N, K) the block planes hold (a stack of them where the planes
+    are [L, ...]). Traceable; under jit XLA fuses it into what reads the planes (the XLA path dequantizes
+    from it)."""
     _check_format(fmt)
     n, k = shape
     nb = k // _BLOCK
     q = planes["q"]
-    rows = q.shape[-2]
-    words = q.reshape(rows, -1, 2, 1, _BLOCK)
-    codes = (words >> (4 * jnp.arange(4, dtype=jnp.uint16)).reshape(4, 1)) & 0xF  # [rows, s, 2, 4, 32]
-    codes = codes.reshape(rows, -1, _BLOCK)[:n, :nb].astype(jnp.uint8)  # [n, nb, 32] element order
-    if fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
-        pairs = codes.reshape(n, -1, 4, 2, _BLOCK)
-        scm = planes["scm"][:n, : k // STEP * 16].reshape(n, -1, 2, 8)
-        out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(n, -1),
-               "scales": scm[:, :, 0].reshape(n, nb), "mins": scm[:, :, 1].reshape(n, nb),
-               "d": planes["d"][:n, : k // STEP], "dmin": planes["dmin"][:n, : k // STEP]}
+    lead, rows, per = q.shape[:-2], q.shape[-2], _PER_WORD[fmt]
+    words = q.reshape(*lead, rows, -1, 8 // per, 1, _BLOCK)
+    bits = 16 // per
+    codes = (words >> (bits * jnp.arange(per, dtype=jnp.uint16)).reshape(per, 1)) & (2**bits - 1)  # [.., s, t, j, 32]
+    codes = codes.reshape(*lead, rows, -1, _BLOCK)[..., :n, :nb, :].astype(jnp.uint8)  # [.., n, nb, 32] in order
+    if fmt == "Q8_0":
+        out = {"qs": lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK),
+               "d": planes["d"][..., :n, :nb]}
+    elif fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
+        pairs = codes.reshape(*lead, n, -1, 4, 2, _BLOCK)
+        scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
+        out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*lead, n, -1),
+               "scales": scm[..., 0, :].reshape(*lead, n, nb), "mins": scm[..., 1, :].reshape(*lead, n, nb),
+               "d": planes["d"][..., :n, : k // STEP], "dmin": planes["dmin"][..., :n, : k // STEP]}
     else:
-        qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, nb * 16)
-        out = {"qs": qs} | {name: planes[name][:n, :nb] for name in _PLANES[fmt]}
+        qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16)
+        out = {"qs": qs} | {name: planes[name][..., :n, :nb] for name in _PLANES[fmt]}
     return QTensor(fmt, (n, k), out)
 
 
@@ -205,7 +225,9 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
 def _offsets(fmt: str, blocks: int) -> jax.Array:
     """c of each block, f32 [blocks]: what d multiplies the block's sum of x by, less its dot: 1024 (+ 8
     for Q4_0's offset) where the nibble sits at bit 0 (even blocks of a step), 64 (+ 8) where x was divided
-    by 16 for a nibble at bit 4 (odd blocks)."""
+    by 16 for a nibble at bit 4 (odd blocks); Q8_0: 1024 + 128, every block."""
+    if fmt == "Q8_0":
+        return jnp.full((blocks,), 1152.0)
     odd = jnp.arange(blocks) % 2 == 1
     base = jnp.where(odd, 64.0, 1024.0)
     return base + (8.0 if fmt == "Q4_0" else 0.0)
@@ -233,7 +255,8 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     x16 = (xf * _pow2(e)[:, None]).astype(jnp.float16)
     x16 = jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k)))
     blocks = k_padded // _BLOCK
-    place = jnp.where(jnp.arange(blocks) % 2 == 1, 1.0 / 16, 1.0).astype(jnp.float16)
+    odd = (jnp.arange(blocks) % 2 == 1) & (_PER_WORD[fmt] == 4)  # a nibble at bit 4
+    place = jnp.where(odd, 1.0 / 16, 1.0).astype(jnp.float16)
     xt = (x16.reshape(-1, blocks, _BLOCK) * place[None, :, None]).reshape(-1, k_padded).T
     sums = jnp.sum(x16.astype(jnp.float32).reshape(-1, blocks, _BLOCK), axis=-1) * _CORRECTION_SCALE
     values = {"x": sums, "cx": sums * _offsets(fmt, blocks)}  # [M', blocks]
@@ -248,8 +271,20 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
 
 
 # --- the kernel ---------------------------------------------------------------------------------------
-def _pairs(words, j: int, *, interpret: bool) -> jax.Array:
-    """Nibble j of each uint16 of `words` as f16: 1024 + q (j = 0, 2) or 1024 + 16 q (j = 1, 3), exact."""
+def _pairs(words, j: int, per: int, *, interpret: bool) -> jax.Array:
+    """Code j of each uint16 of `words` as f16, exact: nibble j (per = 4) 1024 + q (j = 0, 2) or 1024 + 16 q
+    (j = 1, 3); byte j (per = 2) 1024 + b, one prmt for two."""
+    if per == 2:
+        if interpret:
+            return lax.bitcast_convert_type((((words >> (8 * j)) & 0xFF) | 0x6400).astype(jnp.uint16), jnp.float16)
+        # bytes j and j + 2 of the pair of words under 0x64 each: the f16 pair 1024 + b
+        # 0x64646464 made from a value ptxas cannot fold (ctaid.x < 2^30): as a constant, the selector took a
+        # register move a PRMT; in a register, the selector is PRMT's immediate (ptxas computes it once)
+        asm = ("{.reg .b32 k; mov.u32 k, %ctaid.x; shr.u32 k, k, 30; or.b32 k, k, 0x64646464; "
+               f"prmt.b32 $0, $1, k, {0x4240 + 0x101 * j:#06x};}}")
+        [out] = pltriton.elementwise_inline_asm(asm, args=[words], constraints="=r,r", pack=2,
+                                                result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float16)])
+        return out
     mask = 0xF0 if j % 2 else 0x0F
     if interpret:
         bits = ((words >> (8 if j >= 2 else 0)) & mask) | 0x6400
@@ -289,14 +324,15 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
             acc = acc - (d * unscale) * terms[0] - (dmin * unscale) * terms[1]
         elif fmt == "Q4_1":  # less sum_b d_b c X_b - m_b X_b
             acc = acc - unscale * (terms[0] - terms[1])
-        else:  # less sum_b d_b (c + 8) X_b
+        else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128)
             acc = acc - unscale * terms[0]
-        for tile in range(2):
-            words = q_ref[(*lead, rows, pl.ds(step * (STEP // 4) + 32 * tile, 32))]  # [rows, 32] uint16
-            for j in range(4):
-                b = 4 * tile + j  # nibble j of the tile is block b of the step
+        per = _PER_WORD[fmt]
+        for tile in range(8 // per):
+            words = q_ref[(*lead, rows, pl.ds(step * (STEP // per) + 32 * tile, 32))]  # [rows, 32] uint16
+            for j in range(per):
+                b = per * tile + j  # code j of the tile is block b of the step
                 x = xt_ref[pl.ds(step * STEP + _BLOCK * b, _BLOCK), :]  # [32, x_rows]
-                p = jnp.dot(_pairs(words, j, interpret=interpret), x, preferred_element_type=jnp.float32)
+                p = jnp.dot(_pairs(words, j, per, interpret=interpret), x, preferred_element_type=jnp.float32)
                 a = d * plane("scm", b).astype(jnp.float32) if fmt == "Q4_K" else plane("d", b).astype(jnp.float32)
                 acc = acc + a * p  # the block's scale times its dot
         return acc
@@ -325,7 +361,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     if missing:
         raise ShapeMismatchError(f"blockdot: {fmt} block planes lack {sorted(missing)} (have {sorted(planes)})")
     q = planes["q"]
-    n_pad, k_pad = q.shape[-2], q.shape[-1] * 4
+    n_pad, k_pad = q.shape[-2], q.shape[-1] * _PER_WORD[fmt]
     if not 1 <= m <= MAX_ROWS:
         raise ShapeMismatchError(f"blockdot: x {x.shape}: 1 to {MAX_ROWS} rows of x")
     if q.ndim != 2 + stacked:

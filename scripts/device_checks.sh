@@ -6,7 +6,7 @@
 #      decoding on the triton kernels against llama.cpp's recorded logits (both files, every position),
 #      110 s at most;
 #   2. the decode kernel table: device time (CUPTI) of each Triton path (GEMV, tensor-core GEMM, XLA on the
-#      lanes; and the `triton_blocks` backend's block-dot GEMM where it takes the format: Q4_K, Q4_0) against
+#      lanes; and the `triton_blocks` backend's block-dot GEMM where it takes the format: Q4_K, Q8_0, Q4_0) against
 #      XLA's dequantize+dot and the dense bf16 dot, M = 1, 8, 16, at 8B shapes, with the copy bandwidth
 #      measured in the same run (kernels.md), 150 s at most;
 #   3. the prefill table: the same at M = 512, 2048 (the GEMM's prefill tiles against XLA), 70 s at most;
@@ -51,7 +51,7 @@ cp realm_jax/linear/routes.json "$OUT/routes.json"
 step tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_linear_triton.py tests/test_decode_attention.py \
   tests/test_linear_triton_blocks.py -k "compiled_on_device or agrees_with_llama_cpp or matches_attention" \
   --durations=10
-step kernels 150 python3 benchmarks/kernels.py --impls triton,triton_blocks --formats Q4_K,Q6_K,Q8_0,Q5_K,Q4_0 \
+step kernels 150 python3 benchmarks/kernels.py --impls triton,triton_blocks --formats Q4_K,Q6_K,Q8_0,Q4_0,Q5_K \
   --shapes 4096x4096,14336x4096 --m 1,8,16 --runs 3 --json "$OUT/kernels.json" --markdown "$OUT/kernels.md" \
   --write-routes "$OUT/routes.json"
 step prefill 70 python3 benchmarks/kernels.py --impls triton --formats Q4_K,Q6_K,Q8_0 \

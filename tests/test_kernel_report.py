@@ -54,12 +54,13 @@ def test_decode_loop_instructions_and_spills(fmt, shape, bound, tmp_path):
 # / Q5_0 6.94 at 16 rows, Q6_K 7.64 at 64 (the codes placed where they lie, `mma._placed`, and the fifth and
 # sixth bits joined four codes at a time, `mma._code_words`, took them from 7.25 / 8.88 / 10.09). The
 # block-dot GEMM (`triton_blocks`, 1-16 rows) at 14336x4096 (4096x4096 makes one step a program): Q4_0 /
-# Q4_1 / Q4_K 2.46 / 2.65 / 3.21 up to 8 rows, 2.77 / 3.00 / 3.55 at 16 (BENCHMARKS.md). Guarded with a
-# little room.
+# Q4_1 / Q4_K / Q8_0 2.46 / 2.65 / 3.21 / 2.50 up to 8 rows, 2.77 / 3.00 / 3.55 / 2.82 at 16 (BENCHMARKS.md).
+# Guarded with a little room.
 @pytest.mark.parametrize("kernel,fmt,m,shape,bound", [
     ("mma", "Q4_K", 16, (4096, 4096), 7.0), ("mma", "Q5_0", 16, (4096, 4096), 7.3),
     ("mma", "Q6_K", 64, (4096, 4096), 8.0), ("blocks", "Q4_0", 8, (14336, 4096), 2.5),
-    ("blocks", "Q4_1", 16, (14336, 4096), 3.05), ("blocks", "Q4_K", 16, (14336, 4096), 3.6)])
+    ("blocks", "Q4_1", 16, (14336, 4096), 3.05), ("blocks", "Q4_K", 16, (14336, 4096), 3.6),
+    ("blocks", "Q8_0", 16, (14336, 4096), 2.9)])
 def test_gemm_loop_instructions_and_spills(kernel, fmt, m, shape, bound, tmp_path):
     pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
     row = (kernel_report.mma_row if kernel == "mma" else kernel_report.blocks_row)(fmt, m, *shape, tmp_path)

@@ -41,14 +41,16 @@ class TestTritonBlocksLowering(LoweringTests):
             return jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("fmt,n,k", [("Q4_0", 200, 576), ("Q4_1", 130, 4096), ("Q4_0", 128, 32), ("Q4_K", 70, 768)])
+@pytest.mark.parametrize("fmt,n,k", [("Q4_0", 200, 576), ("Q4_1", 130, 4096), ("Q4_0", 128, 32), ("Q4_K", 70, 768),
+                                     ("Q8_0", 130, 576)])
 def test_layout_round_trip(fmt, n, k, rng):
     """to_blocks keeps every bit of the planes (rows padded to 128, K to whole steps of 256, with zeros; Q4_K's
     codes in the order of its sub-blocks): from_blocks gives the QTensor back."""
     w = random_qtensor(fmt, n, k, rng)
     planes = blockdot.to_blocks(w)
     k_pad = -(-k // blockdot.STEP) * blockdot.STEP
-    assert planes["q"].shape == (-(-n // 128) * 128, k_pad // 4) and planes["q"].dtype == jnp.uint16
+    per_word = 2 if fmt == "Q8_0" else 4  # codes a uint16
+    assert planes["q"].shape == (-(-n // 128) * 128, k_pad // per_word) and planes["q"].dtype == jnp.uint16
     # Q4_K: eight scales, eight mins a super-block; the others: eight scales a step, and eight more at the end
     # (a step's offset dots read sixteen from its first)
     scales, width, tail = ("scm", 16, 0) if fmt == "Q4_K" else ("d", 8, 8)
@@ -66,6 +68,16 @@ def test_layout_puts_nibble_j_of_a_tile_on_block_4t_plus_j(rng):
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [n, block, element]
     for s, t, j, e in [(0, 0, 0, 0), (0, 1, 3, 31), (1, 0, 2, 17), (1, 1, 1, 5)]:
         assert (q[:, 64 * s + 32 * t + e] >> (4 * j)) & 0xF == pytest.approx(codes[:, 8 * s + 4 * t + j, e])
+
+
+def test_layout_puts_byte_j_of_a_q8_0_tile_on_block_2t_plus_j(rng):
+    """Q8_0: element (n, 128 s + 32 t + w) holds in byte j q + 128 of element w of block 8 s + 2 t + j."""
+    w = random_qtensor("Q8_0", 128, 512, rng)
+    q = np.asarray(blockdot.to_blocks(w)["q"])
+    codes = np.asarray(w.planes["qs"]).astype(np.int32).reshape(128, 16, 32) + 128  # [n, block, element]
+    assert codes.min() < 64 and codes.max() > 192  # both signs
+    for s, t, j, e in [(0, 0, 0, 0), (0, 3, 1, 31), (1, 2, 0, 17), (1, 1, 1, 5)]:
+        np.testing.assert_array_equal((q[:, 128 * s + 32 * t + e] >> (8 * j)) & 0xFF, codes[:, 8 * s + 2 * t + j, e])
 
 
 @pytest.mark.parametrize("fmt", blockdot.FORMATS)
@@ -130,27 +142,33 @@ def test_bad_arguments(rng):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_1", interpret=True)
     with pytest.raises(ShapeMismatchError, match="a stack"):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_0", layer=0, interpret=True)
-    with pytest.raises(UnsupportedFormatError, match="Q8_0 has no kernel"):
-        blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q8_0", interpret=True)
+    with pytest.raises(UnsupportedFormatError, match="Q6_K has no kernel"):
+        blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q6_K", interpret=True)
 
 
 def test_split_columns_gives_each_k_range_its_own_planes(rng):
-    """Planes laid out for K split in two: each half of every plane's columns is exactly the block planes of
-    that half of the weight (the legacy scales' tail repeated per part)."""
-    for fmt, k in (("Q4_0", 1024), ("Q4_K", 1024)):
-        w = random_qtensor(fmt, 128, k, rng)
-        split = blockdot.split_columns(fmt, blockdot.to_blocks(w), 2)
-        for half in range(2):
-            f = w.format
-            part = {name: v.reshape(128, k // f.block_size, -1)[:, half * k // 2 // f.block_size:][
-                :, : k // 2 // f.block_size].reshape(128, -1) for name, v in w.planes.items()}
-            want = blockdot.to_blocks(type(w)(fmt, (128, k // 2), part))
-            for name, a in split.items():
-                width = a.shape[-1] // 2
-                np.testing.assert_array_equal(np.asarray(a[:, half * width:(half + 1) * width]),
-                                              np.asarray(want[name]), err_msg=f"{fmt} {name} half {half}")
-    with pytest.raises(ShapeMismatchError, match="whole steps"):
-        blockdot.split_columns("Q4_0", blockdot.to_blocks(random_qtensor("Q4_0", 128, 256, rng)), 2)
+    """Planes laid out for K split in two (or three): each part of every plane's columns is exactly the block
+    planes of that range of the weight, padded to whole steps where the range is not (Q8_0's 2 x 128, Q4_0's
+    3 x 96); a stack of layers splits the same way; a range of part of a block is refused."""
+    for fmt, k, shards, lead in (("Q4_0", 1024, 2, ()), ("Q4_K", 1024, 2, (2,)), ("Q8_0", 256, 2, ()),
+                                 ("Q4_0", 288, 3, ())):
+        ws = [random_qtensor(fmt, 128, k, rng) for _ in range(lead[0] if lead else 1)]
+        planes = blockdot.to_blocks(ws[0]) if not lead else {
+            name: jnp.stack([blockdot.to_blocks(w)[name] for w in ws]) for name in blockdot.to_blocks(ws[0])}
+        split = blockdot.split_columns(fmt, (128, k), planes, shards)
+        for i, w in enumerate(ws):
+            f, per = w.format, k // shards
+            for part in range(shards):
+                cols = {name: v.reshape(128, k // f.block_size, -1)[:, part * per // f.block_size:][
+                    :, : per // f.block_size].reshape(128, -1) for name, v in w.planes.items()}
+                want = blockdot.to_blocks(type(w)(fmt, (128, per), cols))
+                for name, a in split.items():
+                    a = a[i] if lead else a
+                    width = a.shape[-1] // shards
+                    np.testing.assert_array_equal(np.asarray(a[:, part * width:(part + 1) * width]),
+                                                  np.asarray(want[name]), err_msg=f"{fmt} {name} part {part}")
+    with pytest.raises(ShapeMismatchError, match="whole 32-element blocks"):
+        blockdot.split_columns("Q4_0", (128, 256), blockdot.to_blocks(random_qtensor("Q4_0", 128, 256, rng)), 16)
 
 
 def test_other_formats_go_to_the_reference():
@@ -185,5 +203,5 @@ def test_models_decode_on_it_in_agreement_with_llama_cpp(name):
             else reference_dir().parent / "synthetic" / f"{name}.gguf")
     model = realm_jax.load(path, impl="triton_blocks", policy="bf16", progress=False)
     assert model.impl == "triton_blocks"
-    assert _served(model)["triton_blocks"] == ({"Q4_1"} if name.startswith("smollm2") else {"Q4_K"})
+    assert _served(model)["triton_blocks"] == ({"Q4_1", "Q8_0"} if name.startswith("smollm2") else {"Q4_K"})
     assert_decode_agrees(model, name, (60 if name.startswith("smollm2") else 150) if ON_CPU else None)

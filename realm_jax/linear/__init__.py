@@ -4,7 +4,7 @@
     native       realm_jax.native's C++ kernels on one CPU device (decode on the planes as stored; prefill
                  on the same planes dequantized a panel at a time, or a dense copy)
     triton       the Pallas Triton kernels (GPU)
-    triton_blocks  the Pallas Triton block-dot decode GEMM for Q4_0, Q4_1, Q4_K on a layout of its own
+    triton_blocks  the Pallas Triton block-dot decode GEMM for Q4_0, Q4_1, Q4_K, Q8_0 on a layout of its own
                  (GPU; a candidate beside triton's decode kernels, chosen with impl="triton_blocks")
     mosaic_gpu   the Pallas Mosaic GPU kernels (Hopper)
     mosaic_tpu   the Pallas Mosaic TPU kernels (TPU)

@@ -1,4 +1,4 @@
-"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1 and Q4_K, on the
+"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1, Q4_K and Q8_0, on the
 weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute dtype, for up to
 `blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and every other format go to the XLA reference
 (from the block planes, or as `choose` routes a weight it does not support).
@@ -12,7 +12,8 @@ not a path of `triton`, whose GEMV reads the lanes: which of the two serves thes
 go to the reference here).
 
 On a mesh each device runs the kernel on its shard inside shard_map (rows split: its outputs; K split in
-whole steps of 256: partial products and one psum), as the `triton` backend does.
+whole blocks, each shard's range padded to whole steps of 256: partial products and one psum), as the
+`triton` backend does.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class TritonBlocks(Backend):
     name = "triton_blocks"
     platforms = ("gpu",)
     interprets = True
-    formats = frozenset({"Q4_0", "Q4_1", "Q4_K"})  # blockdot.FORMATS (not imported here: the kernels load lazily)
+    # blockdot.FORMATS (not imported here: the kernels load lazily)
+    formats = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q8_0"})
     max_rows = 16  # blockdot.MAX_ROWS
     paths = ("blockdot", "xla")
 
@@ -147,7 +149,7 @@ class TritonBlocks(Backend):
 
     def place(self, w: BlocksWeight, spec: PartitionSpec, mesh, what: str) -> BlocksWeight:
         """Rows split over spec[-2], each shard's rows padded to whole 128-row tiles of their own; K over
-        spec[-1] in whole steps of 256 (`blockdot.split_columns`)."""
+        spec[-1] in whole blocks, each shard's range padded to whole steps of 256 (`blockdot.split_columns`)."""
         blockdot = _blockdot()
         lead, rows, cols = tuple(spec)[:-2], spec[-2], spec[-1]
         (n, k), planes = w.shape, w.planes
@@ -165,11 +167,11 @@ class TritonBlocks(Backend):
 
             planes = {name: per_shard(a) for name, a in planes.items()}
         if cols is not None:
-            shards = mesh.shape[cols]
-            if k % (shards * blockdot.STEP):
-                raise ShardingError(f"{what}: K={k} of {w.fmt} cannot be split over {cols}={shards} in whole steps "
-                                    f"of {blockdot.STEP}")
-            planes = blockdot.split_columns(w.fmt, planes, shards)
+            shards, unit = mesh.shape[cols], blockdot.STEP if w.fmt == "Q4_K" else 32
+            if k % (shards * unit):
+                raise ShardingError(f"{what}: K={k} of {w.fmt} cannot be split over {cols}={shards} in whole "
+                                    f"blocks of {unit}")
+            planes = blockdot.split_columns(w.fmt, (planes["q"].shape[-2], k), planes, shards)
 
         def put(a):
             return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*lead, rows, cols)))
