@@ -40,8 +40,9 @@ it) with x rounded to f16: closer to the f64 product than the reference.
 
 The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles), K split into
 `splits` ranges of whole 256-element steps so that every SM has at least two programs at an 8B llama's
-shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums [splits, M', N']
-f32, summed here (at 4096 x 4096 and 16 rows of x, 16 splits write and read 4 MB beside the weight's 9.4).
+shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums [splits, M, N']
+f32, summed here: the rows of x padding the wgmma's N are not stored (at 4096 x 4096 Q4_0, 16 splits write
+and read 256 KB at one row of x, 4 MB at 16, beside the weight's 9.4 MB).
 On a CPU the kernel runs in Pallas interpret mode, the lop3 written in jnp (the same bits).
 
 `benchmarks/mma_probe.py` is where the design was measured without a GPU (instructions a weight, against
@@ -385,10 +386,10 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
         grid=(n_pad // t.rows, t.splits),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, t.x_rows, n_pad), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((t.splits, m, n_pad), jnp.float32),  # the rows of x past m: not stored
         compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=3),
         interpret=interpret,
         name=f"blockdot_{fmt.lower()}",
     )(*args)
     y = part[0] if t.splits == 1 else jnp.sum(part, axis=0)
-    return y[:m] * scale[:, None]
+    return y * scale[:m, None]
