@@ -112,14 +112,19 @@ def _steps(k: int) -> int:
 
 
 def tiling_for(n: int, k: int, m: int) -> BlockTiling:
-    """128 weight rows a program, and the fewest K splits (whole steps each, dividing the steps) that give
-    every SM two programs; the most there are where none does."""
-    rows = ROW_ALIGN
-    tiles = -(-n // rows)
+    """The fewest K splits (whole steps each, dividing the steps) that give every SM two programs, with 256
+    weight rows a program (four m64 wgmma tiles a warpgroup: the loop's fixed costs over twice the weights)
+    where x has at most 8 rows and that many programs are to be had, else 128; the most splits there are
+    where none gives two programs an SM. (At 16 rows of x, 256 rows a program spill.)"""
+    x_rows = 8 if m <= 8 else 16
     steps = _steps(k)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    splits = next((s for s in divisors if tiles * s >= 2 * _SMS), divisors[-1])
-    return BlockTiling(rows=rows, splits=splits, x_rows=8 if m <= 8 else 16)
+    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 else (ROW_ALIGN,):
+        if n % rows == 0:
+            splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None)
+            if splits is not None:
+                return BlockTiling(rows=rows, splits=splits, x_rows=x_rows)
+    return BlockTiling(rows=ROW_ALIGN, splits=divisors[-1], x_rows=x_rows)
 
 
 # --- the layout ---------------------------------------------------------------------------------------
@@ -320,23 +325,28 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
         dots = [jnp.dot(plane(name, 0, 16).astype(jnp.float16), b_ref[pl.ds(step * OFFSET_K[fmt] + 16 * i, 16), :],
                         preferred_element_type=jnp.float32) for i, (name, _, _) in enumerate(_OFFSET_DOTS[fmt])]
         terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
-        if fmt == "Q4_K":  # less d sum_b sc_b c X_b + dmin sum_b mn_b X_b
+        if fmt == "Q4_K":  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
             d, dmin = plane("d", 0).astype(jnp.float32), plane("dmin", 0).astype(jnp.float32)
-            acc = acc - (d * unscale) * terms[0] - (dmin * unscale) * terms[1]
+            acc = acc - (dmin * unscale) * terms[1]
+            step_sum = -unscale * terms[0]  # Q4_K: sum_b sc_b (P_b - c X_b), times d once a step
         elif fmt == "Q4_1":  # less sum_b d_b c X_b - m_b X_b
             acc = acc - unscale * (terms[0] - terms[1])
         else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128)
             acc = acc - unscale * terms[0]
         per = _PER_WORD[fmt]
+        # the step's eight block scales in one load, split into columns
+        scales = jnp.split(plane("scm" if fmt == "Q4_K" else "d", 0, 8).astype(jnp.float32), 8, axis=1)
         for tile in range(8 // per):
             words = q_ref[(*lead, rows, pl.ds(step * (STEP // per) + 32 * tile, 32))]  # [rows, 32] uint16
             for j in range(per):
                 b = per * tile + j  # code j of the tile is block b of the step
                 x = xt_ref[pl.ds(step * STEP + _BLOCK * b, _BLOCK), :]  # [32, x_rows]
                 p = jnp.dot(_pairs(words, j, per, interpret=interpret), x, preferred_element_type=jnp.float32)
-                a = d * plane("scm", b).astype(jnp.float32) if fmt == "Q4_K" else plane("d", b).astype(jnp.float32)
-                acc = acc + a * p  # the block's scale times its dot
-        return acc
+                if fmt == "Q4_K":  # the sub-block's integer scale times its dot
+                    step_sum = step_sum + scales[b] * p
+                else:  # the block's scale times its dot
+                    acc = acc + scales[b] * p
+        return acc + d * step_sum if fmt == "Q4_K" else acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
     o_ref[0] = acc.T
