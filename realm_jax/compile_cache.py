@@ -11,6 +11,10 @@ first token comes ~2-3x sooner (BENCHMARKS.md), and on a GPU it skips the kernel
   (where the `filelock` package JAX's eviction needs is installed; without it the cache is unbounded).
 - A cache directory set by the user (``jax.config.update("jax_compilation_cache_dir", ...)`` or
   ``JAX_COMPILATION_CACHE_DIR``) is kept as it is.
+- Off in a process that `jax.distributed` joined to others (`realm-jax launch`): JAX writes entries from
+  process 0 only, and on the CPU the other processes' keys differ from process 0's, so they compile anyway
+  and the run waits for them; and under jax 0.12.1 an executable read from the cache in one process,
+  against the same program compiled in another, deadlocks in their first collective (CPU, Gloo).
 - A directory that cannot be created or written gives one warning and a run without the cache; an entry
   that cannot be read (corrupt, truncated) gives JAX's warning and is compiled again. Never an error.
 
@@ -63,7 +67,8 @@ def _writable(path: pathlib.Path) -> str | None:
 def enable() -> pathlib.Path | None:
     """Turn JAX's persistent compilation cache on at `location()` (once a process; later calls return the
     first answer). Returns the directory in use: the user's own where one was set, None where the cache is
-    off or its directory unusable (with a warning)."""
+    off, its directory unusable (with a warning) or this process one of several (after `jax.distributed`
+    joined them: call this after that)."""
     global _done
     with _lock:
         if _done is not False:
@@ -77,7 +82,7 @@ def _enable() -> pathlib.Path | None:
     if own:  # the user's cache, with the user's settings
         return pathlib.Path(own)
     path = location()
-    if path is None:
+    if path is None or jax.process_count() > 1:  # several processes: see the module's docstring
         return None
     why = _writable(path)
     if why is not None:

@@ -111,3 +111,15 @@ def test_off_and_the_users_own_directory(tmp_path, monkeypatch, no_cache_dir):
     jax.config.update("jax_compilation_cache_dir", own)
     assert compile_cache._enable() == pathlib.Path(own)  # the user's own, untouched
     assert not (tmp_path / "root" / "xla").exists()
+
+
+def test_off_in_one_of_several_processes(tmp_path, monkeypatch, no_cache_dir):
+    """After `jax.distributed` joined processes, the cache stays off: JAX writes from process 0 only, the
+    others' keys differ on the CPU, and under jax 0.12.1 a cached executable in one process against a fresh
+    compile in another deadlocked their first collective (the launch test hung on a warm cache)."""
+    monkeypatch.setenv("REALM_JAX_COMPILE_CACHE", str(tmp_path / "xla"))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compile_cache._enable() is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "xla").exists()

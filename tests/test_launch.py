@@ -230,6 +230,55 @@ def test_a_peer_that_dies_mid_run_ends_the_launch():
     assert "process 1 (pid " in proc.stderr and "failing at 'generate'" in proc.stderr  # after its first piece
 
 
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (Linux: /proc)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers' parent-death signal is Linux's")
+def test_workers_die_with_a_killed_supervisor():
+    """A supervisor killed by SIGKILL (as a timeout kills it) runs none of its cleanup: its workers get
+    SIGKILL from the kernel, rather than running on as orphans (a worker stuck in a collective whose peer
+    still answers never times out)."""
+    sup = subprocess.Popen([sys.executable, "scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2",
+                            "--", *GENERATE, "--max-new-tokens", "400", "--mesh", "model=4"], cwd=ROOT, env=_env(),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(sup.pid)) < 2 and time.monotonic() < deadline and sup.poll() is None:
+            time.sleep(0.1)
+        assert len(workers) == 2, (workers, sup.poll())
+    finally:
+        sup.kill()
+        sup.wait()
+    deadline = time.monotonic() + 5  # the kernel's SIGKILL is at once; the run would take longer
+    while (left := set(workers) & set(_all_live())) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # not to leave them running when this fails
+        os.kill(pid, 9)
+    assert not left, f"workers {sorted(left)} outlived their supervisor"
+
+
+def _all_live() -> list[int]:
+    """Every live (not zombie) process (Linux: /proc)."""
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
 def _worker(rank: int, address: str, *options: str, env=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "launch", "--process-id", str(rank),
                              "--num-processes", "2", "--coordinator", address, "--cpu-devices", "2", *options,

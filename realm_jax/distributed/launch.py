@@ -5,7 +5,8 @@ A worker is `realm-jax launch --process-id I --num-processes N --coordinator HOS
 (or `realm-jax launch --cluster -- ...` under Slurm, Open MPI or Kubernetes); `realm-jax launch
 --processes N` starts N of them on 127.0.0.1 and watches them: when one exits with an error or is killed,
 it stops the others at once and names the one that failed. Workers bound their own waits as well
-(`coordinator.join`), which is what ends a cluster run that has no supervisor.
+(`coordinator.join`), which is what ends a cluster run that has no supervisor. On Linux a worker is killed
+with its supervisor, however the supervisor ends.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def run_local(n: int, command: Sequence[str], options: WorkerOptions, *, poll_s:
         address = f"127.0.0.1:{stack.enter_context(reserved_port())}"
         stack.callback(lambda: _stop([p for p in procs if p.poll() is None]))
         for r in range(n):
-            procs.append(subprocess.Popen(worker_argv(r, n, address, command, options, program=program)))
+            procs.append(subprocess.Popen(worker_argv(r, n, address, command, options, program=program),
+                                          preexec_fn=_die_with(os.getpid())))
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -125,6 +127,23 @@ def run_local(n: int, command: Sequence[str], options: WorkerOptions, *, poll_s:
         others += [f"killed process {r} (pid {p.pid})" for r, p in running]
         raise PeerError(f"lost process {rank} of {n} (127.0.0.1, pid {procs[rank].pid}): it {_describe(code)}"
                         + (f"; {', '.join(others)}" if others else ""))
+
+
+def _die_with(parent: int):
+    """A Popen `preexec_fn` (Linux; None elsewhere): the worker gets SIGKILL when the supervisor dies, even
+    by SIGKILL (which runs none of its cleanup): a worker stuck in a collective whose peers still answer
+    would otherwise run on as an orphan."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the supervisor died before the line above
+            os._exit(1)
+
+    return arm
 
 
 def _describe(code: int) -> str:
