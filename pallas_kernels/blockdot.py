@@ -10,9 +10,10 @@ rows, Q8_0 2.50, Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
-  w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales stay as stored: [N, K / 32] f16
-  (Q4_0, Q4_1); Q4_K's six-bit sub-block scales and mins unpacked to bytes, a super-block's eight scales
-  then its eight mins ("scm" [N, K / 16]), d and dmin [N, K / 256] (a step of the loop is one super-block).
+  w of block 8 s + 4 t + j (K = 256 s + 32 (4 t + j) + w). The scales as stored, [N, K / 32] f16 (Q4_0,
+  Q8_0); Q4_1's a step's eight scales then its eight mins ("dm" [N, K / 16]); Q4_K's six-bit sub-block
+  scales and mins unpacked to bytes, the same way ("scm" [N, K / 16]), d and dmin [N, K / 256] (a step of
+  the loop is one super-block).
   Q8_0: two codes to a uint16, each q + 128 (a byte): element (n, 128 s + 32 t + w) holds in byte j that of
   element w of block 8 s + 2 t + j.
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
@@ -25,12 +26,12 @@ rows, Q8_0 2.50, Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
   against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and X = the block's sum
   of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by 16 (`_offsets`; Q8_0:
   c = 1024 + 128 every block). A block costs one FFMA an output, d P; a step's offsets, sum_b (c d_b - o_b)
-  X_b over its eight blocks, are two or four [rows, 16] x [16, M] dots (`_OFFSET_DOTS`): A the step's scales
-  (and mins: Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X and X in two f16 parts each (~22 bits
-  together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a bf16 weight has 8): for x
-  exact in f16 the product is within ~2e-5 of the f64 one (5-7e-6 with each block's offset taken off its own
-  dot, an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions a weight), and within
-  4-7e-5 (1.2e-4 for a row of one block) of the product of x rounded to f16 otherwise.
+  X_b over its eight blocks, are two [rows, 16] x [16, M] dots (Q4_K: four; `_OFFSET_DOTS`): A the step's
+  scales (and mins: Q4_1's m, Q4_K's six-bit sc and m, all exact in f16), B c X (and -X or X) in two f16
+  parts, a dot each (~22 bits together). 1024 X against 1024 X costs ~8 of the f32 accumulators' 24 bits (a
+  bf16 weight has 8): for x exact in f16 the product is within ~2e-5 of the f64 one (5-7e-6 with each block's
+  offset taken off its own dot, an FADD an output a block more; at 16 rows of x Q4_K 3.97 -> 3.55 instructions
+  a weight), and within 4-7e-5 (1.2e-4 for a row of one block) of the product of x rounded to f16 otherwise.
 - **x in f16**, each row scaled by a power of two (made from its exponent bits: exact; undone on the
   output) so that its largest value is in [2^14, 2^15): any finite magnitude of activation fits f16's
   range, and bf16 x converts exactly. A row holding an inf or a NaN comes out NaN.
@@ -70,21 +71,23 @@ __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling"
 FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
 # Codes a uint16 of the "q" plane: four nibbles, or (Q8_0) two bytes, each code q + 128.
 _PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 2}
-# The planes besides the codes, and their elements a step (256 elements of K): the legacy formats' scales
-# (and mins) one a block (eight more at the end: a step's offset dots read 16 from its first); Q4_K's
-# super-block d and dmin, and "scm" its eight sub-block scales then eight mins (uint8).
-_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"d": 8, "m": 8}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q8_0": {"d": 8}}
-_TAIL = 8  # the legacy planes' extra columns
-# A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (its eight blocks
-# and, unused, the next step's eight; Q4_K: the eight scales and the eight mins), B 16 rows of c X or X (x's
-# block sums) in two f16 parts, at A's places of the step's blocks (0-7, or Q4_K's mins 8-15), zeros at
-# the others. Per format: (A's plane, B's value, B's places) a dot; their sum, with each plane's sign and
-# multiplier, is what comes off the blocks' dots (`_kernel`).
+# The planes besides the codes, and their elements a step (256 elements of K): Q4_0's and Q8_0's scales one
+# a block (eight more at the end: a step's offset dots read 16 from its first); Q4_1's "dm", a step's eight
+# scales then its eight mins; Q4_K's super-block d and dmin, and "scm" its eight sub-block scales then eight
+# mins (uint8).
+_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"dm": 16}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q8_0": {"d": 8}}
+_SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q8_0": "d"}  # the plane whose first 8 a step scale blocks
+_TAIL = {"Q4_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
+# A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (Q4_0, Q8_0: its
+# eight blocks and, unused, the next step's eight; Q4_1, Q4_K: the eight scales and the eight mins), B 16
+# rows: at places 0-7 and 8-15, a value of x's block sums (c X, X or -X) or zeros, in two f16 parts (a dot
+# each). Per format: (A's plane, B's value at 0-7, at 8-15) a dot; their sum, with each term's multiplier,
+# is what comes off the blocks' dots (`_kernel`).
 _OFFSET_DOTS = {
-    "Q4_0": (("d", "cx", 0),) * 2,  # d (c + 8) X
-    "Q8_0": (("d", "cx", 0),) * 2,  # d (c + 128) X
-    "Q4_1": (("d", "cx", 0),) * 2 + (("m", "x", 0),) * 2,  # d c X - m X
-    "Q4_K": (("scm", "cx", 0),) * 2 + (("scm", "x", 8),) * 2,  # d sc c X + dmin mn X
+    "Q4_0": (("d", "cx", None),) * 2,  # d (c + 8) X
+    "Q8_0": (("d", "cx", None),) * 2,  # d (c + 128) X
+    "Q4_1": (("dm", "cx", "-x"),) * 2,  # d c X - m X
+    "Q4_K": (("scm", "cx", None),) * 2 + (("scm", None, "x"),) * 2,  # d sc c X + dmin mn X
 }
 OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
 _CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's block sums scaled into f16's range
@@ -99,27 +102,33 @@ _X_MAX_EXP = 14  # each row of x is scaled so that its largest magnitude lies in
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockTiling:
     """rows: weight rows a program; splits: programs along K (each a range of whole steps); x_rows: rows of x
-    (8 or 16, the wgmma's N); num_warps: warps a program."""
+    (8 or 16, the wgmma's N); num_warps: warps a program; num_stages: Triton's pipelined copies."""
 
     rows: int = 128
     splits: int = 1
     x_rows: int = 8
     num_warps: int = 4
+    num_stages: int = 3
 
 
 def _steps(k: int) -> int:
     return -(-k // STEP)
 
 
-def tiling_for(n: int, k: int, m: int) -> BlockTiling:
+# Formats whose program takes 256 weight rows at up to 8 rows of x: at 256 rows Q4_K spills (64 bytes of
+# stack, `scripts/kernel_report.py`), and so does every format at 16 rows of x.
+_WIDE = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def tiling_for(fmt: str, n: int, k: int, m: int) -> BlockTiling:
     """The fewest K splits (whole steps each, dividing the steps) that give every SM two programs, with 256
     weight rows a program (four m64 wgmma tiles a warpgroup: the loop's fixed costs over twice the weights)
-    where x has at most 8 rows and that many programs are to be had, else 128; the most splits there are
-    where none gives two programs an SM. (At 16 rows of x, 256 rows a program spill.)"""
+    for the formats of _WIDE at up to 8 rows of x where that many programs are to be had, else 128; the most
+    splits there are where none gives two programs an SM."""
     x_rows = 8 if m <= 8 else 16
     steps = _steps(k)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 else (ROW_ALIGN,):
+    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 and fmt in _WIDE else (ROW_ALIGN,):
         if n % rows == 0:
             splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None)
             if splits is not None:
@@ -147,12 +156,13 @@ def _codes(w: QTensor) -> jax.Array:
 
 
 def to_blocks(w: QTensor) -> dict[str, jax.Array]:
-    """A Q4_0 / Q4_1 / Q4_K QTensor (N, K), or a stack of them ([L, N, ...] planes), -> its block planes: "q"
-    uint16 [..., N', K' / 4] (the codes, four to an element: see the module's docstring), and per block
-    "d" (and "m") f16 [..., N', K' / 32 + 8] as stored (and eight zeros: a step's offset dots read sixteen
-    from its first), or (Q4_K) "scm" uint8 [..., N', K' / 16] (a super-block's eight scales, then its eight
-    mins) and per step "d", "dmin" f16 [..., N', K' / 256]; N' = N padded to ROW_ALIGN rows, K' = K padded
-    to whole STEPs (padding: zero codes and zero scales, which multiply to zero). Traceable."""
+    """A QTensor (N, K) of FORMATS, or a stack of them ([L, N, ...] planes), -> its block planes: "q" uint16
+    [..., N', K' / 4] (the codes, four to an element; Q8_0 [..., N', K' / 2], two: see the module's
+    docstring), and: Q4_0, Q8_0 "d" f16 [..., N', K' / 32 + 8], a scale a block as stored (and eight zeros:
+    a step's offset dots read sixteen from its first); Q4_1 "dm" f16 [..., N', K' / 16], a step's eight
+    scales then its eight mins; Q4_K "scm" uint8 [..., N', K' / 16] (a super-block's eight scales, then its
+    eight mins) and per step "d", "dmin" f16 [..., N', K' / 256]. N' = N padded to ROW_ALIGN rows, K' = K
+    padded to whole STEPs (padding: zero codes and zero scales, which multiply to zero). Traceable."""
     _check_format(w.fmt)
     n, k = w.shape
     codes = _codes(w).astype(jnp.uint16)
@@ -160,7 +170,7 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     steps = _steps(k)
 
     def pad(a, per_step: int):  # rows to ROW_ALIGN, [..., n, k / per_step] to whole steps
-        return jnp.pad(a, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * per_step - a.shape[-1])])
+        return jnp.pad(a, [(0, 0)] * len(lead) + [(0, -a.shape[-2] % ROW_ALIGN), (0, steps * per_step - a.shape[-1])])
 
     codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * 8 - k // _BLOCK), (0, 0)])
     rows = codes.shape[-3]
@@ -169,13 +179,15 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (16 // per * j) for j in range(per)])
     out = {"q": words.reshape(*lead, rows, -1)}
     planes = {name: jnp.asarray(v) for name, v in w.planes.items()}
-    if w.fmt == "Q4_K":  # per super-block: the eight scales, then the eight mins
-        per = [planes[name].reshape(*planes[name].shape[:-1], -1, 8) for name in ("scales", "mins")]
-        planes["scm"] = jnp.concatenate(per, axis=-1).reshape(*per[0].shape[:-2], -1)
+    pairs = {"Q4_K": ("scm", "scales", "mins"), "Q4_1": ("dm", "d", "m")}
+    if w.fmt in pairs:  # per step: the eight scales, then the eight mins
+        name, *parts = pairs[w.fmt]
+        per = [pad(planes[p], 8).reshape(*lead, rows, steps, 8) for p in parts]
+        planes[name] = jnp.concatenate(per, axis=-1).reshape(*lead, rows, steps * 16)
     for name, width in _PLANES[w.fmt].items():
         out[name] = pad(planes[name], width)
-        if w.fmt != "Q4_K":
-            out[name] = jnp.pad(out[name], [(0, 0)] * (out[name].ndim - 1) + [(0, _TAIL)])
+        if name == "d" and w.fmt in _TAIL:
+            out[name] = jnp.pad(out[name], [(0, 0)] * (out[name].ndim - 1) + [(0, _TAIL[w.fmt])])
     return out
 
 
@@ -215,6 +227,10 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     if fmt == "Q8_0":
         out = {"qs": lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK),
                "d": planes["d"][..., :n, :nb]}
+    elif fmt == "Q4_1":
+        dm = planes["dm"][..., :n, : _steps(k) * 16].reshape(*lead, n, -1, 2, 8)
+        out = {"qs": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16),
+               "d": dm[..., 0, :].reshape(*lead, n, -1)[..., :nb], "m": dm[..., 1, :].reshape(*lead, n, -1)[..., :nb]}
     elif fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
         pairs = codes.reshape(*lead, n, -1, 4, 2, _BLOCK)
         scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
@@ -265,13 +281,16 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     place = jnp.where(odd, 1.0 / 16, 1.0).astype(jnp.float16)
     xt = (x16.reshape(-1, blocks, _BLOCK) * place[None, :, None]).reshape(-1, k_padded).T
     sums = jnp.sum(x16.astype(jnp.float32).reshape(-1, blocks, _BLOCK), axis=-1) * _CORRECTION_SCALE
-    values = {"x": sums, "cx": sums * _offsets(fmt, blocks)}  # [M', blocks]
+    values = {"x": sums, "-x": -sums, "cx": sums * _offsets(fmt, blocks)}  # [M', blocks]
     parts, zero = [], jnp.zeros((sums.shape[0], blocks // 8, 8), jnp.float16)
-    for i, (_, value, at) in enumerate(_OFFSET_DOTS[fmt]):
-        v = values[value].reshape(-1, blocks // 8, 8)
-        hi = v.astype(jnp.float16)
-        part = hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16)  # hi, then lo
-        parts += [part, zero] if at == 0 else [zero, part]
+    for i, (_, *places) in enumerate(_OFFSET_DOTS[fmt]):
+        for value in places:  # places 0-7, then 8-15
+            if value is None:
+                parts.append(zero)
+                continue
+            v = values[value].reshape(-1, blocks // 8, 8)
+            hi = v.astype(jnp.float16)
+            parts.append(hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16))  # hi, then lo
     b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']
     return xt, b, _pow2(-e)
 
@@ -323,19 +342,17 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
 
         # The offsets: each pair of dots (hi, lo parts of B) one term, [rows, x_rows] f32.
         dots = [jnp.dot(plane(name, 0, 16).astype(jnp.float16), b_ref[pl.ds(step * OFFSET_K[fmt] + 16 * i, 16), :],
-                        preferred_element_type=jnp.float32) for i, (name, _, _) in enumerate(_OFFSET_DOTS[fmt])]
+                        preferred_element_type=jnp.float32) for i, (name, *_) in enumerate(_OFFSET_DOTS[fmt])]
         terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
         if fmt == "Q4_K":  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
             d, dmin = plane("d", 0).astype(jnp.float32), plane("dmin", 0).astype(jnp.float32)
             acc = acc - (dmin * unscale) * terms[1]
             step_sum = -unscale * terms[0]  # Q4_K: sum_b sc_b (P_b - c X_b), times d once a step
-        elif fmt == "Q4_1":  # less sum_b d_b c X_b - m_b X_b
-            acc = acc - unscale * (terms[0] - terms[1])
-        else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128)
+        else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128; Q4_1: less m_b X_b)
             acc = acc - unscale * terms[0]
         per = _PER_WORD[fmt]
         # the step's eight block scales in one load, split into columns
-        scales = jnp.split(plane("scm" if fmt == "Q4_K" else "d", 0, 8).astype(jnp.float32), 8, axis=1)
+        scales = jnp.split(plane(_SCALES[fmt], 0, 8).astype(jnp.float32), 8, axis=1)
         for tile in range(8 // per):
             words = q_ref[(*lead, rows, pl.ds(step * (STEP // per) + 32 * tile, 32))]  # [rows, 32] uint16
             for j in range(per):
@@ -382,7 +399,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
         raise ShapeMismatchError(f"blockdot: x {x.shape} against {fmt} block planes "
                                  f"{ {key: v.shape for key, v in planes.items()} }: K {k} padded to whole steps "
                                  f"of {STEP} and rows to {ROW_ALIGN}")
-    t = tiling or tiling_for(n_pad, k, m)
+    t = tiling or tiling_for(fmt, n_pad, k, m)
     steps = k_pad // STEP
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:
         raise ShapeMismatchError(f"blockdot: {t} does not divide {n_pad} rows and {steps} steps for {m} rows of x")
@@ -397,7 +414,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((t.splits, m, n_pad), jnp.float32),  # the rows of x past m: not stored
-        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=3),
+        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
         interpret=interpret,
         name=f"blockdot_{fmt.lower()}",
     )(*args)

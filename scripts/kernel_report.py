@@ -189,15 +189,19 @@ def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     end = resource.getrusage(resource.RUSAGE_SELF)
     seconds = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime  # CPU: this machine may be shared
     (workdir / "kernel.ptx").write_text(compiled.asm["ptx"])
-    (workdir / "kernel.cubin").write_bytes(compiled.asm["cubin"])
-    ptxas = next(p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists())
-    info = subprocess.run([str(ptxas), "-v", "-arch=sm_90a", str(workdir / "kernel.ptx"), "-o", "/dev/null"],
-                          capture_output=True, text=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", info).group(1))
-    spills = [int(v) for v in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info).groups()]
-    sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(workdir / "kernel.cubin")],
-                          capture_output=True, text=True).stdout
-    return {"registers": regs, "spill_bytes": sum(spills), "sass": sass, "compile_s": seconds}
+    cubin = workdir / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    # Registers and spills of this very cubin (a separate `ptxas -v` of the PTX, without Triton's ptxas flags,
+    # allocated differently: it read 0 spill bytes where this cubin has a 64-byte stack of spills). A Triton
+    # kernel has no local arrays: its stack frame is spilled registers.
+    usage = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
+                           text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage {cubin}: no resource line in {usage!r}")
+    regs, stack, local = map(int, found.groups())
+    sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return {"registers": regs, "spill_bytes": stack + local, "sass": sass, "compile_s": seconds}
 
 
 def sass_body(sass: str, trips: int = 1) -> tuple[str, list[str]]:
@@ -349,7 +353,7 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     w = abstract_weight("triton_blocks", fmt, n, k)
     x = jax.ShapeDtypeStruct((m, k), BF16)
     (kernel,) = capture_triton(_matmul("triton_blocks"), x, w)
-    t = blockdot.tiling_for(n, k, m)
+    t = blockdot.tiling_for(fmt, n, k, m)
     steps = k // blockdot.STEP
     per_step = t.rows * blockdot.STEP
     program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, 1)

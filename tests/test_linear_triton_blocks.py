@@ -51,9 +51,9 @@ def test_layout_round_trip(fmt, n, k, rng):
     k_pad = -(-k // blockdot.STEP) * blockdot.STEP
     per_word = 2 if fmt == "Q8_0" else 4  # codes a uint16
     assert planes["q"].shape == (-(-n // 128) * 128, k_pad // per_word) and planes["q"].dtype == jnp.uint16
-    # Q4_K: eight scales, eight mins a super-block; the others: eight scales a step, and eight more at the end
+    # Q4_K, Q4_1: eight scales, eight mins a step; the others: eight scales a step, and eight more at the end
     # (a step's offset dots read sixteen from its first)
-    scales, width, tail = ("scm", 16, 0) if fmt == "Q4_K" else ("d", 8, 8)
+    scales, width, tail = {"Q4_K": ("scm", 16, 0), "Q4_1": ("dm", 16, 0)}.get(fmt, ("d", 8, 8))
     assert planes[scales].shape == (planes["q"].shape[0], k_pad // 256 * width + tail)
     back = blockdot.from_blocks(fmt, w.shape, planes).check()
     for name, plane in w.planes.items():
@@ -121,14 +121,18 @@ def test_rows_of_zeros_and_huge_rows(rng):
 
 def test_tiling_fills_the_gpu_at_the_8b_shapes():
     """At least two programs an SM at an 8B llama's shapes where the K steps allow (the k/v projection's
-    8 row tiles cannot, K = 4096 being 16 steps: 128 programs); the splits divide the steps."""
-    for m in (1, 8, 16):
-        for n, k in SHAPES_8B:
-            t = blockdot.tiling_for(n, k, m)
-            steps = k // blockdot.STEP
-            assert n % t.rows == 0 and steps % t.splits == 0 and t.x_rows == (8 if m <= 8 else 16), t
-            programs = n // t.rows * t.splits
-            assert programs >= 2 * 132 or t.splits == steps, (m, n, k, t)
+    8 row tiles cannot, K = 4096 being 16 steps: 128 programs); the splits divide the steps; 256 rows a
+    program for Q4_0, Q4_1 and Q8_0 up to 8 rows of x where the programs allow (gate, up, down), else 128."""
+    for fmt in blockdot.FORMATS:
+        for m in (1, 8, 16):
+            for n, k in SHAPES_8B:
+                t = blockdot.tiling_for(fmt, n, k, m)
+                steps = k // blockdot.STEP
+                assert n % t.rows == 0 and steps % t.splits == 0 and t.x_rows == (8 if m <= 8 else 16), t
+                programs = n // t.rows * t.splits
+                assert programs >= 2 * 132 or t.splits == steps, (m, n, k, t)
+                wide = fmt in ("Q4_0", "Q4_1", "Q8_0") and m <= 8 and max(n, k) == 14336
+                assert t.rows == (256 if wide else 128), (fmt, m, n, k, t)
 
 
 def test_bad_arguments(rng):
@@ -138,7 +142,7 @@ def test_bad_arguments(rng):
         blockdot.gemm(jnp.ones((17, 256)), planes, fmt="Q4_0", interpret=True)
     with pytest.raises(ShapeMismatchError, match="K 512 padded"):
         blockdot.gemm(jnp.ones((1, 512)), planes, fmt="Q4_0", interpret=True)
-    with pytest.raises(ShapeMismatchError, match=r"lack \['m'\]"):
+    with pytest.raises(ShapeMismatchError, match=r"lack \['dm'\]"):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_1", interpret=True)
     with pytest.raises(ShapeMismatchError, match="a stack"):
         blockdot.gemm(jnp.ones((1, 256)), planes, fmt="Q4_0", layer=0, interpret=True)
