@@ -5,8 +5,8 @@ Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruct
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
 rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.5-0.6 instructions a weight whatever
-the rows, and a block's scale one FFMA an output (M / 32 a weight): 2.5-3.6 in all (Q4_0 2.46 up to 8
-rows, Q8_0 2.50, Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
+the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.8-3.3 in all (Q4_0 1.81 and Q8_0
+1.86 up to 8 rows on an 8B llama's large shapes, Q4_K 3.29 at 16; the lanes GEMM 6.1-6.7):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
@@ -39,9 +39,10 @@ rows, Q8_0 2.50, Q4_K 3.55 at 16; the lanes GEMM 6.1-6.7):
 The product is then the exact f32 dot of the weight (not rounded to bf16, as XLA's reference path rounds
 it) with x rounded to f16: closer to the f64 product than the reference.
 
-The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles), K split into
-`splits` ranges of whole 256-element steps so that every SM has at least two programs at an 8B llama's
-shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums [splits, M, N']
+The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles; 256 for Q4_0 and Q8_0
+up to 8 rows of x where the programs allow, `tiling_for`), K split into `splits` ranges of whole 256-element
+steps so that every SM has at least two programs at an 8B llama's shapes (all but the k/v projection, whose
+8 row tiles and 16 steps make 128); partial sums [splits, M, N']
 f32, summed here: the rows of x padding the wgmma's N are not stored (at 4096 x 4096 Q4_0, 16 splits write
 and read 256 KB at one row of x, 4 MB at 16, beside the weight's 9.4 MB).
 On a CPU the kernel runs in Pallas interpret mode, the lop3 written in jnp (the same bits).

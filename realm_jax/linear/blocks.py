@@ -4,7 +4,7 @@ weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit 
 (from the block planes, or as `choose` routes a weight it does not support).
 
 A candidate beside the `triton` backend's GEMV and tensor-core GEMM, chosen with `impl="triton_blocks"`:
-one tensor-core dot per 32-element block with the codes fed to the wgmma from registers, 2.4-3.6
+one tensor-core dot per 32-element block with the codes fed to the wgmma from registers, 1.8-3.3
 instructions a weight at 1-16 rows of x against the lanes GEMM's 6.1-6.7 (`scripts/kernel_report.py`).
 Its block planes are a layout of their own (the codes of a row contiguous along K), so it is a backend and
 not a path of `triton`, whose GEMV reads the lanes: which of the two serves these formats on a device is for
