@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
-from realm_jax.quant import QTensor
+from realm_jax.quant import QTensor, get_format
 from realm_jax.quant.common import split_nibbles
 
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
@@ -103,13 +103,12 @@ _X_MAX_EXP = 14  # each row of x is scaled so that its largest magnitude lies in
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockTiling:
     """rows: weight rows a program; splits: programs along K (each a range of whole steps); x_rows: rows of x
-    (8 or 16, the wgmma's N); num_warps: warps a program; num_stages: Triton's pipelined copies."""
+    (8 or 16, the wgmma's N); num_warps: warps a program."""
 
     rows: int = 128
     splits: int = 1
     x_rows: int = 8
     num_warps: int = 4
-    num_stages: int = 3
 
 
 def _steps(k: int) -> int:
@@ -183,8 +182,8 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     pairs = {"Q4_K": ("scm", "scales", "mins"), "Q4_1": ("dm", "d", "m")}
     if w.fmt in pairs:  # per step: the eight scales, then the eight mins
         name, *parts = pairs[w.fmt]
-        per = [pad(planes[p], 8).reshape(*lead, rows, steps, 8) for p in parts]
-        planes[name] = jnp.concatenate(per, axis=-1).reshape(*lead, rows, steps * 16)
+        eights = [pad(planes[p], 8).reshape(*lead, rows, steps, 8) for p in parts]
+        planes[name] = jnp.concatenate(eights, axis=-1).reshape(*lead, rows, steps * 16)
     for name, width in _PLANES[w.fmt].items():
         out[name] = pad(planes[name], width)
         if name == "d" and w.fmt in _TAIL:
@@ -198,7 +197,7 @@ def split_columns(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]
     a range), one after another along the last axis, so that an even split of it gives every shard its own
     planes. A range must hold whole blocks of the format (32 elements; Q4_K's super-blocks, 256)."""
     n, k = shape
-    unit = STEP if fmt == "Q4_K" else _BLOCK
+    unit = get_format(fmt).block_size
     if k % shards or (k // shards) % unit:
         raise ShapeMismatchError(f"blockdot: {fmt} {shape}: K={k} does not split into {shards} ranges of whole "
                                  f"{unit}-element blocks")
@@ -225,22 +224,23 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     bits = 16 // per
     codes = (words >> (bits * jnp.arange(per, dtype=jnp.uint16)).reshape(per, 1)) & (2**bits - 1)  # [.., s, t, j, 32]
     codes = codes.reshape(*lead, rows, -1, _BLOCK)[..., :n, :nb, :].astype(jnp.uint8)  # [.., n, nb, 32] in order
-    if fmt == "Q8_0":
-        out = {"qs": lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK),
-               "d": planes["d"][..., :n, :nb]}
-    elif fmt == "Q4_1":
-        dm = planes["dm"][..., :n, : _steps(k) * 16].reshape(*lead, n, -1, 2, 8)
-        out = {"qs": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16),
-               "d": dm[..., 0, :].reshape(*lead, n, -1)[..., :nb], "m": dm[..., 1, :].reshape(*lead, n, -1)[..., :nb]}
-    elif fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
+    if fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
         pairs = codes.reshape(*lead, n, -1, 4, 2, _BLOCK)
         scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
         out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*lead, n, -1),
                "scales": scm[..., 0, :].reshape(*lead, n, nb), "mins": scm[..., 1, :].reshape(*lead, n, nb),
                "d": planes["d"][..., :n, : k // STEP], "dmin": planes["dmin"][..., :n, : k // STEP]}
     else:
-        qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16)
-        out = {"qs": qs} | {name: planes[name][..., :n, :nb] for name in _PLANES[fmt]}
+        if fmt == "Q8_0":
+            qs = lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK)
+        else:
+            qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16)
+        if fmt == "Q4_1":  # a step's eight scales, then its eight mins
+            dm = planes["dm"][..., :n, : _steps(k) * 16].reshape(*lead, n, -1, 2, 8)
+            scales = {name: dm[..., i, :].reshape(*lead, n, -1)[..., :nb] for i, name in enumerate(("d", "m"))}
+        else:
+            scales = {"d": planes["d"][..., :n, :nb]}
+        out = {"qs": qs} | scales
     return QTensor(fmt, (n, k), out)
 
 
@@ -395,7 +395,8 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
         raise ShapeMismatchError(f"blockdot: x {x.shape}: 1 to {MAX_ROWS} rows of x")
     if q.ndim != 2 + stacked:
         raise ShapeMismatchError(f"blockdot: planes q {q.shape} with layer={'a layer' if stacked else None}: "
-                                 f"{'[L, N, K / 4] (a stack)' if stacked else '[N, K / 4]'} expected")
+                                 f"{'[L, N, K / w] (a stack)' if stacked else '[N, K / w]'} expected, w = "
+                                 f"{_PER_WORD[fmt]} codes a uint16")
     if k_pad != _steps(k) * STEP or n_pad % ROW_ALIGN:
         raise ShapeMismatchError(f"blockdot: x {x.shape} against {fmt} block planes "
                                  f"{ {key: v.shape for key, v in planes.items()} }: K {k} padded to whole steps "
@@ -415,7 +416,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((t.splits, m, n_pad), jnp.float32),  # the rows of x past m: not stored
-        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=3),
         interpret=interpret,
         name=f"blockdot_{fmt.lower()}",
     )(*args)

@@ -31,7 +31,7 @@ from realm_jax.errors import RoutesError, ShardingError
 from realm_jax.linear import routes
 from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
-from realm_jax.quant import QTensor
+from realm_jax.quant import QTensor, get_format
 
 __all__ = ["BlocksWeight", "TRITON_BLOCKS", "TritonBlocks"]
 
@@ -167,7 +167,7 @@ class TritonBlocks(Backend):
 
             planes = {name: per_shard(a) for name, a in planes.items()}
         if cols is not None:
-            shards, unit = mesh.shape[cols], blockdot.STEP if w.fmt == "Q4_K" else 32
+            shards, unit = mesh.shape[cols], get_format(w.fmt).block_size
             if k % (shards * unit):
                 raise ShardingError(f"{what}: K={k} of {w.fmt} cannot be split over {cols}={shards} in whole "
                                     f"blocks of {unit}")
