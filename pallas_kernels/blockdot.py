@@ -1,12 +1,14 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
-per 32-element block, the weight's codes fed to the `wgmma` from registers, for Q4_0, Q4_1, Q4_K and Q8_0.
+per 32-element block (Q6_K: 16-element sub-block), the weight's codes fed to the `wgmma` from registers, for
+Q4_0, Q4_1, Q4_K, Q6_K and Q8_0.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
 rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.5-0.6 instructions a weight whatever
 the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.8-3.3 in all (Q4_0 1.81 and Q8_0
-1.86 up to 8 rows on an 8B llama's large shapes, Q4_K 3.29 at 16; the lanes GEMM 6.1-6.7):
+1.86 up to 8 rows on an 8B llama's large shapes, Q4_K 3.29 at 16; Q6_K, whose sixteen int8 scales a
+super-block each cost a load, a conversion and an FFMA an output, 4.1 and 4.7; the lanes GEMM 6.1-7.6):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
@@ -16,12 +18,18 @@ the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.8-3.3 in a
   the loop is one super-block).
   Q8_0: two codes to a uint16, each q + 128 (a byte): element (n, 128 s + 32 t + w) holds in byte j that of
   element w of block 8 s + 2 t + j.
+  Q6_K: its sixteen 16-element sub-blocks are the blocks, [rows, 16] tiles: "q" holds the codes' low four
+  bits as above (element (n, 64 s + 16 t + w), nibble j: sub-block 16 s + 4 t + j), "qh" their high two,
+  eight to a uint16 (element (n, 32 s + 16 h + w), sub-block 16 s + 8 h + i at bits 2 _HIGH_PAIR[i]), "sc"
+  the int8 scales, "d" [N, K / 256].
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, and no trip of a dequantized tile through shared memory (the code words
   come in through Triton's pipelined copies and `ldmatrix` straight into the operand's layout, because
   nothing between the load and the dot changes the tile's shape). Q8_0's byte j is one prmt for two codes,
-  1024 + (q + 128).
+  1024 + (q + 128). Q6_K's is the nibble's lop3 and one more that ORs in the high bits, a shift of their
+  word (shared by two codes) having put them at bits 4-5 or 8-9: 1024 + q or 1024 + 16 q, q of six bits
+  (+ 32), against the same x (`_six`).
 - **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1 or 16)
   against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and X = the block's sum
   of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by 16 (`_offsets`; Q8_0:
@@ -66,29 +74,43 @@ from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 from realm_jax.quant.common import split_nibbles
 
-__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "prepare_x",
-           "split_columns", "tiling_for", "to_blocks"]
+__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm",
+           "prepare_x", "split_columns", "tiling_for", "to_blocks"]
 
-FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q8_0")
-# Codes a uint16 of the "q" plane: four nibbles, or (Q8_0) two bytes, each code q + 128.
-_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q8_0": 2}
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0")
+# Codes a uint16 of the "q" plane: four nibbles (Q6_K: the codes' low four bits), or (Q8_0) two bytes, each
+# code q + 128.
+_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 4, "Q8_0": 2}
+# Elements a block: a dot and its scale (Q6_K's sub-blocks: 16).
+_BLOCK_K = {"Q6_K": 16}
 # The planes besides the codes, and their elements a step (256 elements of K): Q4_0's and Q8_0's scales one
 # a block (eight more at the end: a step's offset dots read 16 from its first); Q4_1's "dm", a step's eight
 # scales then its eight mins; Q4_K's super-block d and dmin, and "scm" its eight sub-block scales then eight
-# mins (uint8).
-_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"dm": 16}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q8_0": {"d": 8}}
-_SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q8_0": "d"}  # the plane whose first 8 a step scale blocks
+# mins (uint8); Q6_K's d and "sc", its sixteen int8 sub-block scales.
+_PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"dm": 16}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q6_K": {"sc": 16, "d": 1},
+           "Q8_0": {"d": 8}}
+_SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q6_K": "sc", "Q8_0": "d"}  # the plane of the blocks' scales
 _TAIL = {"Q4_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
+# Planes the kernel reads as [.., N, steps, width] ([rows, 1, width] a load): Q6_K's int8 scales, whose
+# [rows, 16] tile would share the code words' (Triton's coalescing gives loads of one shape in a kernel the
+# most elements a thread of any: 16, 32 bytes of code words, too many for an asynchronous copy, and the words
+# would go through shared memory to the wgmma).
+_BY_STEP = {"Q6_K": ("sc",)}
+# Formats whose codes have bits above the four of "q": their bits a code, in a plane "qh" of uint16 words,
+# 16 / bits codes each (`_high`).
+_HIGH = {"Q6_K": 2}
 # A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (Q4_0, Q8_0: its
-# eight blocks and, unused, the next step's eight; Q4_1, Q4_K: the eight scales and the eight mins), B 16
-# rows: at places 0-7 and 8-15, a value of x's block sums (c X, X or -X) or zeros, in two f16 parts (a dot
-# each). Per format: (A's plane, B's value at 0-7, at 8-15) a dot; their sum, with each term's multiplier,
-# is what comes off the blocks' dots (`_kernel`).
+# eight blocks and, unused, the next step's eight; Q4_1, Q4_K: the eight scales and the eight mins; Q6_K: its
+# sixteen sub-blocks' scales), B 16 rows: at places 0-7 and 8-15, a value of x's block sums (c X, X or -X;
+# "+": of the step's blocks 8-15) or zeros, in two f16 parts (a dot each). Per format: (A's plane, B's value
+# at 0-7, at 8-15) a dot; their sum, with each term's multiplier, is what comes off the blocks' dots
+# (`_kernel`).
 _OFFSET_DOTS = {
     "Q4_0": (("d", "cx", None),) * 2,  # d (c + 8) X
     "Q8_0": (("d", "cx", None),) * 2,  # d (c + 128) X
     "Q4_1": (("dm", "cx", "-x"),) * 2,  # d c X - m X
     "Q4_K": (("scm", "cx", None),) * 2 + (("scm", None, "x"),) * 2,  # d sc c X + dmin mn X
+    "Q6_K": (("sc", "cx", "cx+"),) * 2,  # d sc (c + 32) X
 }
 OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
 _CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's block sums scaled into f16's range
@@ -98,6 +120,16 @@ STEP = 256  # elements of K a loop step takes: eight blocks, two [rows, 32] tile
 _BLOCK = 32
 _SMS = 132
 _X_MAX_EXP = 14  # each row of x is scaled so that its largest magnitude lies in [2^14, 2^15)
+# Q6_K's high two bits: code i of a "qh" word (block 8 h + i of the step, h the word's tile: code j of the
+# step's "q" tile 2 h + i // 4, j = i % 4) sits at bits 2 _HIGH_PAIR[i], so that one shift of the word
+# (_HIGH_SHIFT, right; negative: left) puts two codes where the nibble they extend wants them: bits 4-5 (j
+# even: the nibble at bits 0-3) and 8-9 (j odd: at 4-7). Four shifts a word, each shared by two codes.
+_HIGH_PAIR = (0, 2, 1, 3, 4, 6, 5, 7)
+_HIGH_SHIFT = (-4, -4, -2, -2, 4, 4, 6, 6)
+
+
+def _block_k(fmt: str) -> int:
+    return _BLOCK_K.get(fmt, _BLOCK)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -143,16 +175,42 @@ def _check_format(fmt: str) -> None:
 
 
 def _codes(w: QTensor) -> jax.Array:
-    """The codes of a QTensor (or a stack), uint8 [..., N, K / 32, 32] in element order: 4-bit, or (Q8_0)
-    q + 128."""
-    qs = jnp.asarray(w.planes["qs"])
+    """The codes of a QTensor (or a stack), uint8 [..., N, K / B, B] in element order (B the block's
+    elements, `_block_k`): 4-bit, 6-bit (Q6_K: q + 32), or (Q8_0) q + 128."""
+    qs = jnp.asarray(w.planes["ql" if w.fmt == "Q6_K" else "qs"])
+    bk = _block_k(w.fmt)
     if w.fmt == "Q8_0":
         # q + 128: the sign bit flipped
         return (lax.bitcast_convert_type(qs, jnp.uint8) ^ 0x80).reshape(*qs.shape[:-1], -1, _BLOCK)
     if w.fmt == "Q4_K":  # 32-byte chunks: byte j holds element j of block 2c (low) and of block 2c + 1 (high)
         return split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
+    if w.fmt == "Q6_K":  # a half super-block: ql's 64 bytes (low nibbles, then high), qh's 32 (four 2-bit fields)
+        qh = jnp.asarray(w.planes["qh"]).reshape(*qs.shape[:-1], -1, 1, 32)
+        high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., halves, 4, 32]
+        codes = split_nibbles(qs, 64) | (high.reshape(*high.shape[:-2], 128) << 4)
+        return codes.reshape(*qs.shape[:-1], -1, bk)
     qs = qs.reshape(*qs.shape[:-1], -1, 16)
     return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
+def _words(codes: jax.Array, per: int, bits: int, slots=None) -> jax.Array:
+    """[..., rows, steps, blocks a step, B] codes (< 2^bits) -> uint16 words [..., rows, steps * W]: per
+    codes a word, those of blocks per t + j (j < per) of the step at bits `bits` slots[j] (default j), the
+    words of t then t + 1, each B long."""
+    *lead, rows, steps, blocks, bk = codes.shape
+    slots = range(per) if slots is None else slots
+    codes = codes.astype(jnp.uint16).reshape(*lead, rows, steps, blocks // per, per, bk)
+    words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (bits * slots[j]) for j in range(per)])
+    return words.reshape(*lead, rows, -1)
+
+
+def _unwords(words: jax.Array, per: int, bits: int, bk: int, slots=None) -> jax.Array:
+    """The inverse of `_words`: [..., rows, steps * W] -> codes [..., rows, blocks, B] (uint8)."""
+    *lead, rows, _ = words.shape
+    slots = range(per) if slots is None else slots
+    w = words.reshape(*lead, rows, -1, 1, bk)
+    codes = (w >> jnp.asarray([bits * s for s in slots], jnp.uint16).reshape(per, 1)) & (2**bits - 1)
+    return codes.reshape(*lead, rows, -1, bk).astype(jnp.uint8)
 
 
 def to_blocks(w: QTensor) -> dict[str, jax.Array]:
@@ -161,29 +219,36 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     docstring), and: Q4_0, Q8_0 "d" f16 [..., N', K' / 32 + 8], a scale a block as stored (and eight zeros:
     a step's offset dots read sixteen from its first); Q4_1 "dm" f16 [..., N', K' / 16], a step's eight
     scales then its eight mins; Q4_K "scm" uint8 [..., N', K' / 16] (a super-block's eight scales, then its
-    eight mins) and per step "d", "dmin" f16 [..., N', K' / 256]. N' = N padded to ROW_ALIGN rows, K' = K
-    padded to whole STEPs (padding: zero codes and zero scales, which multiply to zero). Traceable."""
+    eight mins) and per step "d", "dmin" f16 [..., N', K' / 256]; Q6_K "qh" uint16 [..., N', K' / 8] (the
+    codes' high two bits, eight to an element), "sc" int8 [..., N', K' / 16] and "d" f16 [..., N', K' / 256].
+    N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs (padding: zero codes and zero scales, which
+    multiply to zero). Traceable."""
     _check_format(w.fmt)
     n, k = w.shape
-    codes = _codes(w).astype(jnp.uint16)
+    bk = _block_k(w.fmt)
+    codes = _codes(w)
     lead = codes.shape[:-3]
     steps = _steps(k)
 
     def pad(a, per_step: int):  # rows to ROW_ALIGN, [..., n, k / per_step] to whole steps
         return jnp.pad(a, [(0, 0)] * len(lead) + [(0, -a.shape[-2] % ROW_ALIGN), (0, steps * per_step - a.shape[-1])])
 
-    codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * 8 - k // _BLOCK), (0, 0)])
-    rows = codes.shape[-3]
+    codes = jnp.pad(codes, [(0, 0)] * len(lead) + [(0, -n % ROW_ALIGN), (0, steps * STEP // bk - k // bk), (0, 0)])
+    codes = codes.reshape(*lead, codes.shape[-3], steps, STEP // bk, bk)  # (step, block of the step, element)
     per = _PER_WORD[w.fmt]
-    codes = codes.reshape(*lead, rows, steps, 8 // per, per, _BLOCK)  # (step s, tile t, code j, element w)
-    words = functools.reduce(jnp.bitwise_or, [codes[..., j, :] << (16 // per * j) for j in range(per)])
-    out = {"q": words.reshape(*lead, rows, -1)}
+    if w.fmt in _HIGH:
+        bits = _HIGH[w.fmt]
+        out = {"q": _words(codes & 0xF, per, 4), "qh": _words(codes >> 4, 16 // bits, bits, _HIGH_PAIR)}
+    else:
+        out = {"q": _words(codes, per, 16 // per)}
     planes = {name: jnp.asarray(v) for name, v in w.planes.items()}
     pairs = {"Q4_K": ("scm", "scales", "mins"), "Q4_1": ("dm", "d", "m")}
     if w.fmt in pairs:  # per step: the eight scales, then the eight mins
         name, *parts = pairs[w.fmt]
-        eights = [pad(planes[p], 8).reshape(*lead, rows, steps, 8) for p in parts]
-        planes[name] = jnp.concatenate(eights, axis=-1).reshape(*lead, rows, steps * 16)
+        eights = [pad(planes[p], 8).reshape(*lead, -1, steps, 8) for p in parts]
+        planes[name] = jnp.concatenate(eights, axis=-1).reshape(*lead, -1, steps * 16)
+    if w.fmt == "Q6_K":
+        planes["sc"] = planes["scales"]
     for name, width in _PLANES[w.fmt].items():
         out[name] = pad(planes[name], width)
         if name == "d" and w.fmt in _TAIL:
@@ -217,14 +282,23 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     from it)."""
     _check_format(fmt)
     n, k = shape
-    nb = k // _BLOCK
+    bk = _block_k(fmt)
+    nb = k // bk
     q = planes["q"]
-    lead, rows, per = q.shape[:-2], q.shape[-2], _PER_WORD[fmt]
-    words = q.reshape(*lead, rows, -1, 8 // per, 1, _BLOCK)
-    bits = 16 // per
-    codes = (words >> (bits * jnp.arange(per, dtype=jnp.uint16)).reshape(per, 1)) & (2**bits - 1)  # [.., s, t, j, 32]
-    codes = codes.reshape(*lead, rows, -1, _BLOCK)[..., :n, :nb, :].astype(jnp.uint8)  # [.., n, nb, 32] in order
-    if fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
+    lead, per = q.shape[:-2], _PER_WORD[fmt]
+    codes = _unwords(q, per, 16 // per, bk)
+    if fmt in _HIGH:
+        bits = _HIGH[fmt]
+        codes = codes | (_unwords(planes["qh"], 16 // bits, bits, bk, _HIGH_PAIR) << 4)
+    codes = codes[..., :n, :nb, :]  # [.., n, nb, B] in element order
+    if fmt == "Q6_K":  # a half super-block (four groups g of 32): ql[32 (g % 2) + j] nibble g // 2, qh[j] bits 2g
+        c = codes.reshape(*lead, n, -1, 4, 32)
+        lo, hi = c & 0xF, c >> 4
+        ql = jnp.concatenate([lo[..., 0, :] | (lo[..., 2, :] << 4), lo[..., 1, :] | (lo[..., 3, :] << 4)], axis=-1)
+        qh = functools.reduce(jnp.bitwise_or, [hi[..., g, :] << (2 * g) for g in range(4)])
+        out = {"ql": ql.reshape(*lead, n, -1), "qh": qh.reshape(*lead, n, -1), "scales": planes["sc"][..., :n, :nb],
+               "d": planes["d"][..., :n, : k // STEP]}
+    elif fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
         pairs = codes.reshape(*lead, n, -1, 4, 2, _BLOCK)
         scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
         out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*lead, n, -1),
@@ -247,13 +321,13 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
 # --- x --------------------------------------------------------------------------------------------------
 def _offsets(fmt: str, blocks: int) -> jax.Array:
     """c of each block, f32 [blocks]: what d multiplies the block's sum of x by, less its dot: 1024 (+ 8
-    for Q4_0's offset) where the nibble sits at bit 0 (even blocks of a step), 64 (+ 8) where x was divided
-    by 16 for a nibble at bit 4 (odd blocks); Q8_0: 1024 + 128, every block."""
+    for Q4_0's offset, + 32 for Q6_K's) where the code sits at bit 0 (even blocks of a step), 64 (+ 8, + 32)
+    where x was divided by 16 for a code at bit 4 (odd blocks); Q8_0: 1024 + 128, every block."""
     if fmt == "Q8_0":
         return jnp.full((blocks,), 1152.0)
     odd = jnp.arange(blocks) % 2 == 1
     base = jnp.where(odd, 64.0, 1024.0)
-    return base + (8.0 if fmt == "Q4_0" else 0.0)
+    return base + {"Q4_0": 8.0, "Q6_K": 32.0}.get(fmt, 0.0)
 
 
 def _pow2(e: jax.Array) -> jax.Array:
@@ -264,11 +338,12 @@ def _pow2(e: jax.Array) -> jax.Array:
 def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [M, K] -> (x^T [K', M'] f16, B, row scales [M] f32): each row times a power of two (its largest
     magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16; the row scales
-    undo the powers of two on the output. B: the offset dots' B operands (`_OFFSET_DOTS`), [OFFSET_K a
-    step, M'] f16, from X, each block's sum of the scaled f16 row, and c X (`_offsets`), times
+    undo the powers of two on the output. B: the offset dots' B operands (`_OFFSET_DOTS`),
+    [OFFSET_K a step, M'] f16, from X, each block's sum of the scaled f16 row, and c X (`_offsets`), times
     _CORRECTION_SCALE, each in two f16 parts (hi, lo: ~22 bits together, as the cancellation against the
     blocks' dots, 1024 X of them, needs)."""
     m, k = x.shape
+    bk = _block_k(fmt)
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=1)
     # the exponent of amax from its bits (log2 and exp2 are approximations on some backends: XLA:CPU's
@@ -277,19 +352,21 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     e = jnp.clip(jnp.where(amax > 0, _X_MAX_EXP - exponent, 0), -126, 126)
     x16 = (xf * _pow2(e)[:, None]).astype(jnp.float16)
     x16 = jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k)))
-    blocks = k_padded // _BLOCK
+    blocks, steps = k_padded // bk, k_padded // STEP
     odd = (jnp.arange(blocks) % 2 == 1) & (_PER_WORD[fmt] == 4)  # a nibble at bit 4
     place = jnp.where(odd, 1.0 / 16, 1.0).astype(jnp.float16)
-    xt = (x16.reshape(-1, blocks, _BLOCK) * place[None, :, None]).reshape(-1, k_padded).T
-    sums = jnp.sum(x16.astype(jnp.float32).reshape(-1, blocks, _BLOCK), axis=-1) * _CORRECTION_SCALE
+    by_block = x16.reshape(-1, blocks, bk)
+    xt = (by_block * place[None, :, None]).reshape(-1, k_padded).T
+    sums = jnp.sum(by_block.astype(jnp.float32), axis=-1) * _CORRECTION_SCALE
     values = {"x": sums, "-x": -sums, "cx": sums * _offsets(fmt, blocks)}  # [M', blocks]
-    parts, zero = [], jnp.zeros((sums.shape[0], blocks // 8, 8), jnp.float16)
+    parts, zero = [], jnp.zeros((sums.shape[0], steps, 8), jnp.float16)
     for i, (_, *places) in enumerate(_OFFSET_DOTS[fmt]):
         for value in places:  # places 0-7, then 8-15
             if value is None:
                 parts.append(zero)
                 continue
-            v = values[value].reshape(-1, blocks // 8, 8)
+            first = 8 if value.endswith("+") else 0  # of the step's blocks
+            v = values[value.rstrip("+")].reshape(-1, steps, STEP // bk)[..., first: first + 8]
             hi = v.astype(jnp.float16)
             parts.append(hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16))  # hi, then lo
     b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']
@@ -322,23 +399,51 @@ def _pairs(words, j: int, per: int, *, interpret: bool) -> jax.Array:
     return out
 
 
+def _six(words, high, j: int, i: int, *, interpret: bool) -> jax.Array:
+    """Q6_K: code j of each uint16 of "q" (the low four bits) with code i of the "qh" word beside it (the high
+    two) as f16, exact: 1024 + q (j even) or 1024 + 16 q (j odd), the nibble's lop3 (`_pairs`) and one more
+    for the high bits, moved by a shift shared by two codes (`_HIGH_SHIFT`) to bits 4-5 or 8-9."""
+    mask, shift = (0xF0 if j % 2 else 0x0F), _HIGH_SHIFT[i]
+    high_mask = 0x300 if j % 2 else 0x30
+    if interpret:
+        low = (words >> (8 if j >= 2 else 0)) & mask
+        moved = high >> shift if shift > 0 else high << -shift
+        return lax.bitcast_convert_type((low | (moved & high_mask) | 0x6400).astype(jnp.uint16), jnp.float16)
+    # the two lanes of a 32-bit register shift as one: what crosses into a lane lies outside its masks
+    low = "shr.b32 a, $1, 8;" if j >= 2 else "mov.b32 a, $1;"
+    move = f"shr.b32 h, $2, {shift};" if shift > 0 else f"shl.b32 h, $2, {-shift};"
+    asm = (f"{{.reg .b32 a, h; {low} {move} lop3.b32 a, a, {mask << 16 | mask:#010x}, 0x64006400, 0xEA; "
+           f"lop3.b32 $0, h, {high_mask << 16 | high_mask:#010x}, a, 0xEA;}}")
+    [out] = pltriton.elementwise_inline_asm(asm, args=[words, high], constraints="=r,r,r", pack=2,
+                                            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.float16)])
+    return out
+
+
 def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpret: bool):
     if stacked:
         layer_ref, *refs = refs
         lead = (layer_ref[0],)
     else:
         lead = ()
-    xt_ref, b_ref, q_ref, *plane_refs, o_ref = refs
+    high = fmt in _HIGH
+    xt_ref, b_ref, q_ref, *refs = refs
+    qh_ref = refs.pop(0) if high else None
+    *plane_refs, o_ref = refs
     planes = dict(zip(_PLANES[fmt], plane_refs))
     r0 = pl.program_id(0) * t.rows
     s0 = pl.program_id(1) * steps
     rows = pl.ds(r0, t.rows)
     unscale = 1 / _CORRECTION_SCALE
+    bk = _block_k(fmt)
+    blocks = STEP // bk  # a step's
+    per = _PER_WORD[fmt]
 
     def body(i, acc):
         step = s0 + i
 
         def plane(name, index, count: int = 1):  # [rows, count]: the plane's values from the step's index-th
+            if name in _BY_STEP.get(fmt, ()):  # [.., N, steps, width]: loaded as [rows, 1, count]
+                return planes[name][(*lead, rows, pl.ds(step, 1), pl.ds(index, count))].reshape(t.rows, count)
             return planes[name][(*lead, rows, pl.ds(step * _PLANES[fmt][name] + index, count))]
 
         # The offsets: each pair of dots (hi, lo parts of B) one term, [rows, x_rows] f32.
@@ -346,25 +451,32 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
                         preferred_element_type=jnp.float32) for i, (name, *_) in enumerate(_OFFSET_DOTS[fmt])]
         terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
         if fmt == "Q4_K":  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
-            d, dmin = plane("d", 0).astype(jnp.float32), plane("dmin", 0).astype(jnp.float32)
-            acc = acc - (dmin * unscale) * terms[1]
-            step_sum = -unscale * terms[0]  # Q4_K: sum_b sc_b (P_b - c X_b), times d once a step
+            acc = acc - (plane("dmin", 0).astype(jnp.float32) * unscale) * terms[1]
+        if fmt in ("Q4_K", "Q6_K"):  # sum_b sc_b (P_b - c X_b), times d once a step
+            d = plane("d", 0).astype(jnp.float32)
+            step_sum = -unscale * terms[0]
         else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128; Q4_1: less m_b X_b)
             acc = acc - unscale * terms[0]
-        per = _PER_WORD[fmt]
-        # the step's eight block scales in one load, split into columns
-        scales = jnp.split(plane(_SCALES[fmt], 0, 8).astype(jnp.float32), 8, axis=1)
-        for tile in range(8 // per):
-            words = q_ref[(*lead, rows, pl.ds(step * (STEP // per) + 32 * tile, 32))]  # [rows, 32] uint16
-            for j in range(per):
-                b = per * tile + j  # code j of the tile is block b of the step
-                x = xt_ref[pl.ds(step * STEP + _BLOCK * b, _BLOCK), :]  # [32, x_rows]
-                p = jnp.dot(_pairs(words, j, per, interpret=interpret), x, preferred_element_type=jnp.float32)
-                if fmt == "Q4_K":  # the sub-block's integer scale times its dot
-                    step_sum = step_sum + scales[b] * p
-                else:  # the block's scale times its dot
-                    acc = acc + scales[b] * p
-        return acc + d * step_sum if fmt == "Q4_K" else acc
+        # the step's block scales in one load, split into columns
+        scales = jnp.split(plane(_SCALES[fmt], 0, blocks).astype(jnp.float32), blocks, axis=1)
+        if bk < _BLOCK:  # x of the whole step in one load, split: a [16, 8] tile is one f16 a thread, too few
+            x_all = jnp.split(xt_ref[pl.ds(step * STEP, STEP), :], blocks, axis=0)  # for an asynchronous copy
+        for b in range(blocks):  # code b % per of tile b // per, loaded where first used
+            if b % per == 0:
+                words = q_ref[(*lead, rows, pl.ds(step * (STEP // per) + bk * (b // per), bk))]  # [rows, B] uint16
+            x = x_all[b] if bk < _BLOCK else xt_ref[pl.ds(step * STEP + bk * b, bk), :]  # [B, x_rows]
+            if high:  # the code's high bits from "qh": code b % 8 of its word
+                if b % 8 == 0:
+                    high_words = qh_ref[(*lead, rows, pl.ds(step * (STEP // 8) + bk * (b // 8), bk))]
+                codes = _six(words, high_words, b % per, b % 8, interpret=interpret)
+            else:
+                codes = _pairs(words, b % per, per, interpret=interpret)
+            p = jnp.dot(codes, x, preferred_element_type=jnp.float32)
+            if fmt in ("Q4_K", "Q6_K"):  # the sub-block's integer scale times its dot
+                step_sum = step_sum + scales[b] * p
+            else:  # the block's scale times its dot
+                acc = acc + scales[b] * p
+        return acc + d * step_sum if fmt in ("Q4_K", "Q6_K") else acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
     o_ref[0] = acc.T
@@ -386,7 +498,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     _check_format(fmt)
     m, k = x.shape
     stacked = layer is not None
-    missing = {"q", *_PLANES[fmt]} - set(planes)
+    missing = {"q", *_PLANES[fmt], *(("qh",) if fmt in _HIGH else ())} - set(planes)
     if missing:
         raise ShapeMismatchError(f"blockdot: {fmt} block planes lack {sorted(missing)} (have {sorted(planes)})")
     q = planes["q"]
@@ -406,7 +518,9 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:
         raise ShapeMismatchError(f"blockdot: {t} does not divide {n_pad} rows and {steps} steps for {m} rows of x")
     xt, b, scale = prepare_x(x, fmt, k_pad, t.x_rows)
-    args = (xt, b, q, *(planes[name] for name in _PLANES[fmt]))
+    codes = (q, planes["qh"]) if fmt in _HIGH else (q,)
+    by_step = {name: planes[name].reshape(*planes[name].shape[:-1], steps, -1) for name in _BY_STEP.get(fmt, ())}
+    args = (xt, b, *codes, *(by_step.get(name, planes[name]) for name in _PLANES[fmt]))
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, t=t, steps=steps // t.splits, stacked=stacked, interpret=interpret)

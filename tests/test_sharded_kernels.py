@@ -85,7 +85,7 @@ SCRIPT = textwrap.dedent("""
                      "scale": float(np.abs(want_t).max()),
                      "greedy_same": m.generate_ids([ids], max_new_tokens=4) == greedy_t,
                      "weights": sorted({type(v).__name__ for v in weights(m.params["layers"][0])})}
-    # The block-dot decode GEMM per shard the same way (its Q4_K and Q8_0 weights; Q6_K on the reference).
+    # The block-dot decode GEMM per shard the same way (its Q4_K, Q6_K and Q8_0 weights).
     single = realm_jax.load(dst, policy="bf16", impl="triton_blocks", progress=False)
     want_b, greedy_b = single.logits(ids), single.generate_ids([ids], max_new_tokens=4)
     m = realm_jax.load(dst, policy="bf16", impl="triton_blocks", mesh=make_mesh(devices=jax.devices()[:2], model=2),
