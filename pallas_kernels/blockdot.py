@@ -1,6 +1,6 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
 per 32-element block (Q6_K: 16-element sub-block), the weight's codes fed to the `wgmma` from registers, for
-Q4_0, Q4_1, Q4_K, Q6_K and Q8_0.
+Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
@@ -20,16 +20,18 @@ super-block each cost a load, a conversion and an FFMA an output, 4.1 and 4.7; t
   element w of block 8 s + 2 t + j.
   Q6_K: its sixteen 16-element sub-blocks are the blocks, [rows, 16] tiles: "q" holds the codes' low four
   bits as above (element (n, 64 s + 16 t + w), nibble j: sub-block 16 s + 4 t + j), "qh" their high two,
-  eight to a uint16 (element (n, 32 s + 16 h + w), sub-block 16 s + 8 h + i at bits 2 _HIGH_PAIR[i]), "sc"
+  eight to a uint16 (element (n, 32 s + 16 h + w), sub-block 16 s + 8 h + i at bits 2 _HIGH_SLOTS[2][0][i]), "sc"
   the int8 scales, "d" [N, K / 256].
+  Q5_0, Q5_1, Q5_K: "q" and the scale planes as for Q4_0, Q4_1, Q4_K; "qh" uint8 [N, K / 8], each element
+  the fifth bits of eight codes (element (n, 32 s + w): block 8 s + i at bit _HIGH_SLOTS[1][0][i]).
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, and no trip of a dequantized tile through shared memory (the code words
   come in through Triton's pipelined copies and `ldmatrix` straight into the operand's layout, because
   nothing between the load and the dot changes the tile's shape). Q8_0's byte j is one prmt for two codes,
-  1024 + (q + 128). Q6_K's is the nibble's lop3 and one more that ORs in the high bits, a shift of their
-  word (shared by two codes) having put them at bits 4-5 or 8-9: 1024 + q or 1024 + 16 q, q of six bits
-  (+ 32), against the same x (`_six`).
+  1024 + (q + 128). Q5's and Q6_K's is the nibble's lop3 and one more that ORs in the high bits, a shift of
+  their element (shared by two codes) having put them at bit 4 or 8: 1024 + q or 1024 + 16 q, q of five or
+  six bits, against the same x (`_with_high`).
 - **The offsets, on the tensor cores**: the block's dot P = sum (1024 + p q) x (p the nibble's place, 1 or 16)
   against x in f16. With x of the blocks whose nibbles sit at 16 divided by 16 (exact) and X = the block's sum
   of x, sum (d q + o) x = d P - (c d - o) X with c = 1024, or 64 where x was divided by 16 (`_offsets`; Q8_0:
@@ -77,10 +79,10 @@ from realm_jax.quant.common import split_nibbles
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm",
            "prepare_x", "split_columns", "tiling_for", "to_blocks"]
 
-FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0")
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 # Codes a uint16 of the "q" plane: four nibbles (Q6_K: the codes' low four bits), or (Q8_0) two bytes, each
 # code q + 128.
-_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q6_K": 4, "Q8_0": 2}
+_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 4, "Q5_1": 4, "Q5_K": 4, "Q6_K": 4, "Q8_0": 2}
 # Elements a block: a dot and its scale (Q6_K's sub-blocks: 16).
 _BLOCK_K = {"Q6_K": 16}
 # The planes besides the codes, and their elements a step (256 elements of K): Q4_0's and Q8_0's scales one
@@ -89,16 +91,19 @@ _BLOCK_K = {"Q6_K": 16}
 # mins (uint8); Q6_K's d and "sc", its sixteen int8 sub-block scales.
 _PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"dm": 16}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q6_K": {"sc": 16, "d": 1},
            "Q8_0": {"d": 8}}
-_SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q6_K": "sc", "Q8_0": "d"}  # the plane of the blocks' scales
-_TAIL = {"Q4_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
+_PLANES |= {"Q5_0": _PLANES["Q4_0"], "Q5_1": _PLANES["Q4_1"], "Q5_K": _PLANES["Q4_K"]}  # their scales: the 4-bit's
+_SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q5_0": "d", "Q5_1": "dm", "Q5_K": "scm", "Q6_K": "sc",
+           "Q8_0": "d"}  # the plane of the blocks' scales
+_TAIL = {"Q4_0": 8, "Q5_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
+_SUPER = ("Q4_K", "Q5_K", "Q6_K")  # integer sub-block scales: summed over a step, times its d once
 # Planes the kernel reads as [.., N, steps, width] ([rows, 1, width] a load): Q6_K's int8 scales, whose
 # [rows, 16] tile would share the code words' (Triton's coalescing gives loads of one shape in a kernel the
 # most elements a thread of any: 16, 32 bytes of code words, too many for an asynchronous copy, and the words
 # would go through shared memory to the wgmma).
 _BY_STEP = {"Q6_K": ("sc",)}
-# Formats whose codes have bits above the four of "q": their bits a code, in a plane "qh" of uint16 words,
-# 16 / bits codes each (`_high`).
-_HIGH = {"Q6_K": 2}
+# Formats whose codes have bits above the four of "q": their bits a code, in a plane "qh" of eight codes an
+# element (Q6_K: uint16; the five-bit formats: uint8, read as [rows, 1, 32] for the reason of _BY_STEP).
+_HIGH = {"Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 2}
 # A step's offset dots: [rows, 16] x [16, M], A a plane's 16 values from the step's first (Q4_0, Q8_0: its
 # eight blocks and, unused, the next step's eight; Q4_1, Q4_K: the eight scales and the eight mins; Q6_K: its
 # sixteen sub-blocks' scales), B 16 rows: at places 0-7 and 8-15, a value of x's block sums (c X, X or -X;
@@ -112,6 +117,7 @@ _OFFSET_DOTS = {
     "Q4_K": (("scm", "cx", None),) * 2 + (("scm", None, "x"),) * 2,  # d sc c X + dmin mn X
     "Q6_K": (("sc", "cx", "cx+"),) * 2,  # d sc (c + 32) X
 }
+_OFFSET_DOTS |= {"Q5_0": _OFFSET_DOTS["Q4_0"], "Q5_1": _OFFSET_DOTS["Q4_1"], "Q5_K": _OFFSET_DOTS["Q4_K"]}
 OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
 _CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's block sums scaled into f16's range
 MAX_ROWS = 16  # rows of x the kernel takes (padded to 8 or 16: the wgmma's N)
@@ -120,12 +126,13 @@ STEP = 256  # elements of K a loop step takes: eight blocks, two [rows, 32] tile
 _BLOCK = 32
 _SMS = 132
 _X_MAX_EXP = 14  # each row of x is scaled so that its largest magnitude lies in [2^14, 2^15)
-# Q6_K's high two bits: code i of a "qh" word (block 8 h + i of the step, h the word's tile: code j of the
-# step's "q" tile 2 h + i // 4, j = i % 4) sits at bits 2 _HIGH_PAIR[i], so that one shift of the word
-# (_HIGH_SHIFT, right; negative: left) puts two codes where the nibble they extend wants them: bits 4-5 (j
-# even: the nibble at bits 0-3) and 8-9 (j odd: at 4-7). Four shifts a word, each shared by two codes.
-_HIGH_PAIR = (0, 2, 1, 3, 4, 6, 5, 7)
-_HIGH_SHIFT = (-4, -4, -2, -2, 4, 4, 6, 6)
+# The high bits: code i of a "qh" element (block 8 h + i of the step, h the element's tile: code j of the
+# step's "q" tile 2 h + i // 4, j = i % 4) sits in slot _HIGH_SLOT[i] (at bits `bits` slot), so that one
+# shift of the element (the second tuple, right; negative: left) puts two codes where the nibble they extend
+# wants them: at bit 4 (j even: the nibble at bits 0-3) and 8 (j odd: at 4-7). Four shifts an element,
+# each shared by two codes. Per bits a code: (slots, shifts).
+_HIGH_SLOTS = {2: ((0, 2, 1, 3, 4, 6, 5, 7), (-4, -4, -2, -2, 4, 4, 6, 6)),
+               1: ((0, 4, 1, 5, 2, 6, 3, 7), (-4, -4, -3, -3, -2, -2, -1, -1))}
 
 
 def _block_k(fmt: str) -> int:
@@ -150,22 +157,25 @@ def _steps(k: int) -> int:
 # Formats whose program takes 256 weight rows at up to 8 rows of x: at 256 rows Q4_1 and Q4_K spill (32-40
 # and 64 bytes of stack, `scripts/kernel_report.py`), and so does every format at 16 rows of x.
 _WIDE = ("Q4_0", "Q8_0")
+# Formats whose program takes 64 weight rows at 16 rows of x: at 128 Q5_K spills (16 bytes).
+_NARROW = ("Q5_K",)
 
 
 def tiling_for(fmt: str, n: int, k: int, m: int) -> BlockTiling:
     """The fewest K splits (whole steps each, dividing the steps) that give every SM two programs, with 256
     weight rows a program (four m64 wgmma tiles a warpgroup: the loop's fixed costs over twice the weights)
-    for the formats of _WIDE at up to 8 rows of x where that many programs are to be had, else 128; the most
-    splits there are where none gives two programs an SM."""
+    for the formats of _WIDE at up to 8 rows of x where that many programs are to be had, else 128 (64 for
+    those of _NARROW at 16 rows of x); the most splits there are where none gives two programs an SM."""
     x_rows = 8 if m <= 8 else 16
     steps = _steps(k)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 and fmt in _WIDE else (ROW_ALIGN,):
+    base = ROW_ALIGN // 2 if x_rows == 16 and fmt in _NARROW else ROW_ALIGN
+    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 and fmt in _WIDE else (base,):
         if n % rows == 0:
             splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None)
             if splits is not None:
                 return BlockTiling(rows=rows, splits=splits, x_rows=x_rows)
-    return BlockTiling(rows=ROW_ALIGN, splits=divisors[-1], x_rows=x_rows)
+    return BlockTiling(rows=base, splits=divisors[-1], x_rows=x_rows)
 
 
 # --- the layout ---------------------------------------------------------------------------------------
@@ -182,15 +192,23 @@ def _codes(w: QTensor) -> jax.Array:
     if w.fmt == "Q8_0":
         # q + 128: the sign bit flipped
         return (lax.bitcast_convert_type(qs, jnp.uint8) ^ 0x80).reshape(*qs.shape[:-1], -1, _BLOCK)
-    if w.fmt == "Q4_K":  # 32-byte chunks: byte j holds element j of block 2c (low) and of block 2c + 1 (high)
-        return split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
+    if w.fmt in ("Q4_K", "Q5_K"):  # 32-byte chunks: byte j, element j of block 2c (low) and of 2c + 1 (high)
+        codes = split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
+        if w.fmt == "Q5_K":  # qh's 32 bytes a super-block: bit b of byte j, bit 4 of element 32 b + j
+            qh = jnp.asarray(w.planes["qh"]).reshape(*qs.shape[:-1], -1, 1, 32)
+            codes = codes | (((qh >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1).reshape(codes.shape) << 4)
+        return codes
     if w.fmt == "Q6_K":  # a half super-block: ql's 64 bytes (low nibbles, then high), qh's 32 (four 2-bit fields)
         qh = jnp.asarray(w.planes["qh"]).reshape(*qs.shape[:-1], -1, 1, 32)
         high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., halves, 4, 32]
         codes = split_nibbles(qs, 64) | (high.reshape(*high.shape[:-2], 128) << 4)
         return codes.reshape(*qs.shape[:-1], -1, bk)
     qs = qs.reshape(*qs.shape[:-1], -1, 16)
-    return jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
+    codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
+    if w.fmt in ("Q5_0", "Q5_1"):  # qh, a uint32 a block: bit w, bit 4 of element w
+        qh = jnp.asarray(w.planes["qh"])[..., None] >> jnp.arange(32, dtype=jnp.uint32)
+        codes = codes | ((qh & 1).astype(jnp.uint8) << 4)
+    return codes
 
 
 def _words(codes: jax.Array, per: int, bits: int, slots=None) -> jax.Array:
@@ -220,7 +238,9 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     a step's offset dots read sixteen from its first); Q4_1 "dm" f16 [..., N', K' / 16], a step's eight
     scales then its eight mins; Q4_K "scm" uint8 [..., N', K' / 16] (a super-block's eight scales, then its
     eight mins) and per step "d", "dmin" f16 [..., N', K' / 256]; Q6_K "qh" uint16 [..., N', K' / 8] (the
-    codes' high two bits, eight to an element), "sc" int8 [..., N', K' / 16] and "d" f16 [..., N', K' / 256].
+    codes' high two bits, eight to an element), "sc" int8 [..., N', K' / 16] and "d" f16 [..., N', K' / 256];
+    Q5_0, Q5_1, Q5_K those of Q4_0, Q4_1, Q4_K and "qh" uint8 [..., N', K' / 8] (the fifth bits, eight to an
+    element).
     N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs (padding: zero codes and zero scales, which
     multiply to zero). Traceable."""
     _check_format(w.fmt)
@@ -238,11 +258,13 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     per = _PER_WORD[w.fmt]
     if w.fmt in _HIGH:
         bits = _HIGH[w.fmt]
-        out = {"q": _words(codes & 0xF, per, 4), "qh": _words(codes >> 4, 16 // bits, bits, _HIGH_PAIR)}
+        high = _words(codes >> 4, 8, bits, _HIGH_SLOTS[bits][0])
+        out = {"q": _words(codes & 0xF, per, 4), "qh": high if bits == 2 else high.astype(jnp.uint8)}
     else:
         out = {"q": _words(codes, per, 16 // per)}
     planes = {name: jnp.asarray(v) for name, v in w.planes.items()}
-    pairs = {"Q4_K": ("scm", "scales", "mins"), "Q4_1": ("dm", "d", "m")}
+    pairs = {"Q4_K": ("scm", "scales", "mins"), "Q5_K": ("scm", "scales", "mins"), "Q4_1": ("dm", "d", "m"),
+             "Q5_1": ("dm", "d", "m")}
     if w.fmt in pairs:  # per step: the eight scales, then the eight mins
         name, *parts = pairs[w.fmt]
         eights = [pad(planes[p], 8).reshape(*lead, -1, steps, 8) for p in parts]
@@ -289,7 +311,7 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
     codes = _unwords(q, per, 16 // per, bk)
     if fmt in _HIGH:
         bits = _HIGH[fmt]
-        codes = codes | (_unwords(planes["qh"], 16 // bits, bits, bk, _HIGH_PAIR) << 4)
+        codes = codes | (_unwords(planes["qh"], 8, bits, bk, _HIGH_SLOTS[bits][0]) << 4)
     codes = codes[..., :n, :nb, :]  # [.., n, nb, B] in element order
     if fmt == "Q6_K":  # a half super-block (four groups g of 32): ql[32 (g % 2) + j] nibble g // 2, qh[j] bits 2g
         c = codes.reshape(*lead, n, -1, 4, 32)
@@ -298,36 +320,46 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
         qh = functools.reduce(jnp.bitwise_or, [hi[..., g, :] << (2 * g) for g in range(4)])
         out = {"ql": ql.reshape(*lead, n, -1), "qh": qh.reshape(*lead, n, -1), "scales": planes["sc"][..., :n, :nb],
                "d": planes["d"][..., :n, : k // STEP]}
-    elif fmt == "Q4_K":  # chunk c of a super-block: byte j = element j of block 2c | element j of 2c + 1 << 4
-        pairs = codes.reshape(*lead, n, -1, 4, 2, _BLOCK)
+    elif fmt in ("Q4_K", "Q5_K"):  # chunk c of a super-block: byte j = element j of block 2c | of 2c + 1 << 4
+        pairs = (codes & 0xF).reshape(*lead, n, -1, 4, 2, _BLOCK)
         scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
         out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*lead, n, -1),
                "scales": scm[..., 0, :].reshape(*lead, n, nb), "mins": scm[..., 1, :].reshape(*lead, n, nb),
                "d": planes["d"][..., :n, : k // STEP], "dmin": planes["dmin"][..., :n, : k // STEP]}
+        if fmt == "Q5_K":  # byte j of a super-block's 32: bit b, bit 4 of element 32 b + j
+            high = (codes >> 4).reshape(*lead, n, -1, 8, _BLOCK)
+            out["qh"] = functools.reduce(jnp.bitwise_or, [high[..., b, :] << b for b in range(8)]).reshape(*lead, n, -1)
     else:
         if fmt == "Q8_0":
             qs = lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK)
         else:
-            qs = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(*lead, n, nb * 16)
-        if fmt == "Q4_1":  # a step's eight scales, then its eight mins
+            low = codes & 0xF
+            qs = (low[..., :16] | (low[..., 16:] << 4)).reshape(*lead, n, nb * 16)
+        if fmt in ("Q5_0", "Q5_1"):  # a uint32 a block: bit w, bit 4 of element w
+            high = (codes >> 4).astype(jnp.uint32) << jnp.arange(_BLOCK, dtype=jnp.uint32)
+            qs = {"qs": qs, "qh": jnp.sum(high, axis=-1, dtype=jnp.uint32)}
+        else:
+            qs = {"qs": qs}
+        if fmt in ("Q4_1", "Q5_1"):  # a step's eight scales, then its eight mins
             dm = planes["dm"][..., :n, : _steps(k) * 16].reshape(*lead, n, -1, 2, 8)
             scales = {name: dm[..., i, :].reshape(*lead, n, -1)[..., :nb] for i, name in enumerate(("d", "m"))}
         else:
             scales = {"d": planes["d"][..., :n, :nb]}
-        out = {"qs": qs} | scales
+        out = qs | scales
     return QTensor(fmt, (n, k), out)
 
 
 # --- x --------------------------------------------------------------------------------------------------
 def _offsets(fmt: str, blocks: int) -> jax.Array:
     """c of each block, f32 [blocks]: what d multiplies the block's sum of x by, less its dot: 1024 (+ 8
-    for Q4_0's offset, + 32 for Q6_K's) where the code sits at bit 0 (even blocks of a step), 64 (+ 8, + 32)
-    where x was divided by 16 for a code at bit 4 (odd blocks); Q8_0: 1024 + 128, every block."""
+    for Q4_0's offset, + 16 for Q5_0's, + 32 for Q6_K's) where the code sits at bit 0 (even blocks of a
+    step), 64 (+ 8, + 16, + 32) where x was divided by 16 for a code at bit 4 (odd blocks); Q8_0: 1024 + 128,
+    every block."""
     if fmt == "Q8_0":
         return jnp.full((blocks,), 1152.0)
     odd = jnp.arange(blocks) % 2 == 1
     base = jnp.where(odd, 64.0, 1024.0)
-    return base + {"Q4_0": 8.0, "Q6_K": 32.0}.get(fmt, 0.0)
+    return base + {"Q4_0": 8.0, "Q5_0": 16.0, "Q6_K": 32.0}.get(fmt, 0.0)
 
 
 def _pow2(e: jax.Array) -> jax.Array:
@@ -399,12 +431,13 @@ def _pairs(words, j: int, per: int, *, interpret: bool) -> jax.Array:
     return out
 
 
-def _six(words, high, j: int, i: int, *, interpret: bool) -> jax.Array:
-    """Q6_K: code j of each uint16 of "q" (the low four bits) with code i of the "qh" word beside it (the high
-    two) as f16, exact: 1024 + q (j even) or 1024 + 16 q (j odd), the nibble's lop3 (`_pairs`) and one more
-    for the high bits, moved by a shift shared by two codes (`_HIGH_SHIFT`) to bits 4-5 or 8-9."""
-    mask, shift = (0xF0 if j % 2 else 0x0F), _HIGH_SHIFT[i]
-    high_mask = 0x300 if j % 2 else 0x30
+def _with_high(words, high, j: int, i: int, bits: int, *, interpret: bool) -> jax.Array:
+    """Code j of each uint16 of "q" (the low four bits) with code i of the "qh" element beside it (the high
+    `bits`, zero-extended to 16) as f16, exact: 1024 + q (j even) or 1024 + 16 q (j odd), the nibble's lop3
+    (`_pairs`) and one more for the high bits, moved by a shift shared by two codes (`_HIGH_SLOTS`) to bit 4
+    or 8."""
+    mask, shift = (0xF0 if j % 2 else 0x0F), _HIGH_SLOTS[bits][1][i]
+    high_mask = (2**bits - 1) << (8 if j % 2 else 4)
     if interpret:
         low = (words >> (8 if j >= 2 else 0)) & mask
         moved = high >> shift if shift > 0 else high << -shift
@@ -450,9 +483,9 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
         dots = [jnp.dot(plane(name, 0, 16).astype(jnp.float16), b_ref[pl.ds(step * OFFSET_K[fmt] + 16 * i, 16), :],
                         preferred_element_type=jnp.float32) for i, (name, *_) in enumerate(_OFFSET_DOTS[fmt])]
         terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
-        if fmt == "Q4_K":  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
+        if fmt in ("Q4_K", "Q5_K"):  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
             acc = acc - (plane("dmin", 0).astype(jnp.float32) * unscale) * terms[1]
-        if fmt in ("Q4_K", "Q6_K"):  # sum_b sc_b (P_b - c X_b), times d once a step
+        if fmt in _SUPER:  # sum_b sc_b (P_b - c X_b), times d once a step
             d = plane("d", 0).astype(jnp.float32)
             step_sum = -unscale * terms[0]
         else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128; Q4_1: less m_b X_b)
@@ -467,16 +500,18 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
             x = x_all[b] if bk < _BLOCK else xt_ref[pl.ds(step * STEP + bk * b, bk), :]  # [B, x_rows]
             if high:  # the code's high bits from "qh": code b % 8 of its word
                 if b % 8 == 0:
-                    high_words = qh_ref[(*lead, rows, pl.ds(step * (STEP // 8) + bk * (b // 8), bk))]
-                codes = _six(words, high_words, b % per, b % 8, interpret=interpret)
+                    # [.., N, steps, STEP / 8]: a [rows, 1, B] load, not one of the code words' shape
+                    high_words = qh_ref[(*lead, rows, pl.ds(step, 1), pl.ds(bk * (b // 8), bk))].reshape(t.rows, bk)
+                    high_words = high_words.astype(jnp.uint16)
+                codes = _with_high(words, high_words, b % per, b % 8, _HIGH[fmt], interpret=interpret)
             else:
                 codes = _pairs(words, b % per, per, interpret=interpret)
             p = jnp.dot(codes, x, preferred_element_type=jnp.float32)
-            if fmt in ("Q4_K", "Q6_K"):  # the sub-block's integer scale times its dot
+            if fmt in _SUPER:  # the sub-block's integer scale times its dot
                 step_sum = step_sum + scales[b] * p
             else:  # the block's scale times its dot
                 acc = acc + scales[b] * p
-        return acc + d * step_sum if fmt in ("Q4_K", "Q6_K") else acc
+        return acc + d * step_sum if fmt in _SUPER else acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
     o_ref[0] = acc.T
@@ -518,7 +553,7 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     if n_pad % t.rows or steps % t.splits or t.x_rows not in (8, 16) or t.x_rows < m:
         raise ShapeMismatchError(f"blockdot: {t} does not divide {n_pad} rows and {steps} steps for {m} rows of x")
     xt, b, scale = prepare_x(x, fmt, k_pad, t.x_rows)
-    codes = (q, planes["qh"]) if fmt in _HIGH else (q,)
+    codes = (q, planes["qh"].reshape(*planes["qh"].shape[:-1], steps, -1)) if fmt in _HIGH else (q,)
     by_step = {name: planes[name].reshape(*planes[name].shape[:-1], steps, -1) for name in _BY_STEP.get(fmt, ())}
     args = (xt, b, *codes, *(by_step.get(name, planes[name]) for name in _PLANES[fmt]))
     if stacked:

@@ -6,7 +6,7 @@
 #      decoding on the triton kernels against llama.cpp's recorded logits (both files, every position),
 #      110 s at most;
 #   2. the decode kernel table: device time (CUPTI) of each Triton path (GEMV, tensor-core GEMM, XLA on the
-#      lanes; and the `triton_blocks` backend's block-dot GEMM where it takes the format: Q4_K, Q6_K, Q8_0, Q4_0) against
+#      lanes; and the `triton_blocks` backend's block-dot GEMM, which takes each of these formats) against
 #      XLA's dequantize+dot and the dense bf16 dot, M = 1, 8, 16, at 8B shapes, with the copy bandwidth
 #      measured in the same run (kernels.md), 150 s at most;
 #   3. the prefill table: the same at M = 512, 2048 (the GEMM's prefill tiles against XLA), 70 s at most;

@@ -1,16 +1,16 @@
-"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1, Q4_K, Q6_K and Q8_0, on
-the weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute dtype, for up to
-`blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and every other format go to the XLA reference
-(from the block planes, or as `choose` routes a weight it does not support).
+"""The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
+Q6_K and Q8_0, on the weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute
+dtype, for up to `blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and every other format go to the XLA
+reference (from the block planes, or as `choose` routes a weight it does not support).
 
 A candidate beside the `triton` backend's GEMV and tensor-core GEMM, chosen with `impl="triton_blocks"`:
 one tensor-core dot per 32-element block (Q6_K: 16) with the codes fed to the wgmma from registers, 1.8-3.3
-instructions a weight at 1-16 rows of x (Q6_K 4.1-4.7) against the lanes GEMM's 6.1-7.6
-(`scripts/kernel_report.py`).
+instructions a weight at 1-16 rows of x (the five- and six-bit formats more: `BENCHMARKS.md`) against the
+lanes GEMM's 6.1-7.6 (`scripts/kernel_report.py`).
 Its block planes are a layout of their own (the codes of a row contiguous along K), so it is a backend and
 not a path of `triton`, whose GEMV reads the lanes: which of the two serves these formats on a device is for
-`benchmarks/kernels.py` to measure (no device has timed it yet). Q4_K_M files' Q6_K layers run on it too;
-Q5_0, Q5_1 and Q5_K go to the reference here.
+`benchmarks/kernels.py` to measure (no device has timed it yet). Every format of the k-quant and legacy
+files' matrices (Q4_K_M's and Q5_K_M's Q6_K layers included) runs on it; the others go to the reference.
 
 On a mesh each device runs the kernel on its shard inside shard_map (rows split: its outputs; K split in
 whole blocks, each shard's range padded to whole steps of 256: partial products and one psum), as the
@@ -83,7 +83,7 @@ class TritonBlocks(Backend):
     platforms = ("gpu",)
     interprets = True
     # blockdot.FORMATS (not imported here: the kernels load lazily)
-    formats = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q8_0"})
+    formats = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
     max_rows = 16  # blockdot.MAX_ROWS
     paths = ("blockdot", "xla")
 
