@@ -1,6 +1,6 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
 per 32-element block (Q6_K: 16-element sub-block), the weight's codes fed to the `wgmma` from registers, for
-Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0.
+Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 and Q8_K.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
@@ -24,6 +24,8 @@ super-block each cost a load, a conversion and an FFMA an output, 4.1 and 4.7; t
   the int8 scales, "d" [N, K / 256].
   Q5_0, Q5_1, Q5_K: "q" and the scale planes as for Q4_0, Q4_1, Q4_K; "qh" uint8 [N, K / 8], each element
   the fifth bits of eight codes (element (n, 32 s + w): block 8 s + i at bit _HIGH_SLOTS[1][0][i]).
+  Q8_K: "q" as Q8_0's, "d" its f32 scale a super-block: a step's eight dots add up on the tensor cores, and
+  d (P - c X) is one FFMA an output a step (1.4-1.75 instructions a weight at 1-16 rows of x).
 - **The operand**: nibble j of a loaded [rows, 32] tile, two codes at a time, is one lop3 from the f16 pair
   1024 + q (nibbles 0 and 2) or 1024 + 16 q (1 and 3; the shift by 8 for nibbles 2-3 is shared by a word):
   exact, no conversion instruction, and no trip of a dequantized tile through shared memory (the code words
@@ -79,10 +81,10 @@ from realm_jax.quant.common import split_nibbles
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm",
            "prepare_x", "split_columns", "tiling_for", "to_blocks"]
 
-FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
+FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_K")
 # Codes a uint16 of the "q" plane: four nibbles (Q6_K: the codes' low four bits), or (Q8_0) two bytes, each
 # code q + 128.
-_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 4, "Q5_1": 4, "Q5_K": 4, "Q6_K": 4, "Q8_0": 2}
+_PER_WORD = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 4, "Q5_1": 4, "Q5_K": 4, "Q6_K": 4, "Q8_0": 2, "Q8_K": 2}
 # Elements a block: a dot and its scale (Q6_K's sub-blocks: 16).
 _BLOCK_K = {"Q6_K": 16}
 # The planes besides the codes, and their elements a step (256 elements of K): Q4_0's and Q8_0's scales one
@@ -90,10 +92,10 @@ _BLOCK_K = {"Q6_K": 16}
 # scales then its eight mins; Q4_K's super-block d and dmin, and "scm" its eight sub-block scales then eight
 # mins (uint8); Q6_K's d and "sc", its sixteen int8 sub-block scales.
 _PLANES = {"Q4_0": {"d": 8}, "Q4_1": {"dm": 16}, "Q4_K": {"scm": 16, "d": 1, "dmin": 1}, "Q6_K": {"sc": 16, "d": 1},
-           "Q8_0": {"d": 8}}
+           "Q8_0": {"d": 8}, "Q8_K": {"d": 1}}
 _PLANES |= {"Q5_0": _PLANES["Q4_0"], "Q5_1": _PLANES["Q4_1"], "Q5_K": _PLANES["Q4_K"]}  # their scales: the 4-bit's
 _SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q5_0": "d", "Q5_1": "dm", "Q5_K": "scm", "Q6_K": "sc",
-           "Q8_0": "d"}  # the plane of the blocks' scales
+           "Q8_0": "d", "Q8_K": None}  # the plane of the blocks' scales (Q8_K: one f32 d a step)
 _TAIL = {"Q4_0": 8, "Q5_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
 _SUPER = ("Q4_K", "Q5_K", "Q6_K")  # integer sub-block scales: summed over a step, times its d once
 # Planes the kernel reads as [.., N, steps, width] ([rows, 1, width] a load): Q6_K's int8 scales, whose
@@ -116,6 +118,7 @@ _OFFSET_DOTS = {
     "Q4_1": (("dm", "cx", "-x"),) * 2,  # d c X - m X
     "Q4_K": (("scm", "cx", None),) * 2 + (("scm", None, "x"),) * 2,  # d sc c X + dmin mn X
     "Q6_K": (("sc", "cx", "cx+"),) * 2,  # d sc (c + 32) X
+    "Q8_K": (),  # d (P - c X), c X of the step's 256 elements in f32 (B: [steps, M'])
 }
 _OFFSET_DOTS |= {"Q5_0": _OFFSET_DOTS["Q4_0"], "Q5_1": _OFFSET_DOTS["Q4_1"], "Q5_K": _OFFSET_DOTS["Q4_K"]}
 OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
@@ -154,9 +157,10 @@ def _steps(k: int) -> int:
     return -(-k // STEP)
 
 
-# Formats whose program takes 256 weight rows at up to 8 rows of x: at 256 rows Q4_1 and Q4_K spill (32-40
-# and 64 bytes of stack, `scripts/kernel_report.py`), and so does every format at 16 rows of x.
-_WIDE = ("Q4_0", "Q8_0")
+# Formats whose program takes 256 weight rows, up to the rows of x given: at 256 rows Q4_1 and Q4_K spill
+# (32-40 and 64 bytes of stack, `scripts/kernel_report.py`), and so do the others at 16 rows of x but Q8_K
+# (one scale a step: 124-158 registers).
+_WIDE = {"Q4_0": 8, "Q8_0": 8, "Q8_K": 16}
 # Formats whose program takes 64 weight rows at 16 rows of x: at 128 Q5_K spills (16 bytes).
 _NARROW = ("Q5_K",)
 
@@ -164,13 +168,13 @@ _NARROW = ("Q5_K",)
 def tiling_for(fmt: str, n: int, k: int, m: int) -> BlockTiling:
     """The fewest K splits (whole steps each, dividing the steps) that give every SM two programs, with 256
     weight rows a program (four m64 wgmma tiles a warpgroup: the loop's fixed costs over twice the weights)
-    for the formats of _WIDE at up to 8 rows of x where that many programs are to be had, else 128 (64 for
+    for the formats of _WIDE at the rows of x it gives where that many programs are to be had, else 128 (64 for
     those of _NARROW at 16 rows of x); the most splits there are where none gives two programs an SM."""
     x_rows = 8 if m <= 8 else 16
     steps = _steps(k)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
     base = ROW_ALIGN // 2 if x_rows == 16 and fmt in _NARROW else ROW_ALIGN
-    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows == 8 and fmt in _WIDE else (base,):
+    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows <= _WIDE.get(fmt, 0) else (base,):
         if n % rows == 0:
             splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None)
             if splits is not None:
@@ -189,7 +193,7 @@ def _codes(w: QTensor) -> jax.Array:
     elements, `_block_k`): 4-bit, 6-bit (Q6_K: q + 32), or (Q8_0) q + 128."""
     qs = jnp.asarray(w.planes["ql" if w.fmt == "Q6_K" else "qs"])
     bk = _block_k(w.fmt)
-    if w.fmt == "Q8_0":
+    if w.fmt in ("Q8_0", "Q8_K"):
         # q + 128: the sign bit flipped
         return (lax.bitcast_convert_type(qs, jnp.uint8) ^ 0x80).reshape(*qs.shape[:-1], -1, _BLOCK)
     if w.fmt in ("Q4_K", "Q5_K"):  # 32-byte chunks: byte j, element j of block 2c (low) and of 2c + 1 (high)
@@ -240,7 +244,7 @@ def to_blocks(w: QTensor) -> dict[str, jax.Array]:
     eight mins) and per step "d", "dmin" f16 [..., N', K' / 256]; Q6_K "qh" uint16 [..., N', K' / 8] (the
     codes' high two bits, eight to an element), "sc" int8 [..., N', K' / 16] and "d" f16 [..., N', K' / 256];
     Q5_0, Q5_1, Q5_K those of Q4_0, Q4_1, Q4_K and "qh" uint8 [..., N', K' / 8] (the fifth bits, eight to an
-    element).
+    element); Q8_K "q" as Q8_0 and "d" f32 [..., N', K' / 256].
     N' = N padded to ROW_ALIGN rows, K' = K padded to whole STEPs (padding: zero codes and zero scales, which
     multiply to zero). Traceable."""
     _check_format(w.fmt)
@@ -330,11 +334,15 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
             high = (codes >> 4).reshape(*lead, n, -1, 8, _BLOCK)
             out["qh"] = functools.reduce(jnp.bitwise_or, [high[..., b, :] << b for b in range(8)]).reshape(*lead, n, -1)
     else:
-        if fmt == "Q8_0":
+        if fmt in ("Q8_0", "Q8_K"):
             qs = lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK)
         else:
             low = codes & 0xF
             qs = (low[..., :16] | (low[..., 16:] << 4)).reshape(*lead, n, nb * 16)
+        if fmt == "Q8_K":  # and the sums of each 16 codes, as stored
+            sums = jnp.sum(qs.reshape(*lead, n, -1, 16).astype(jnp.int32), axis=-1).astype(jnp.int16)
+            out = {"qs": qs, "d": planes["d"][..., :n, : k // STEP], "bsums": sums}
+            return QTensor(fmt, (n, k), out)
         if fmt in ("Q5_0", "Q5_1"):  # a uint32 a block: bit w, bit 4 of element w
             high = (codes >> 4).astype(jnp.uint32) << jnp.arange(_BLOCK, dtype=jnp.uint32)
             qs = {"qs": qs, "qh": jnp.sum(high, axis=-1, dtype=jnp.uint32)}
@@ -355,7 +363,7 @@ def _offsets(fmt: str, blocks: int) -> jax.Array:
     for Q4_0's offset, + 16 for Q5_0's, + 32 for Q6_K's) where the code sits at bit 0 (even blocks of a
     step), 64 (+ 8, + 16, + 32) where x was divided by 16 for a code at bit 4 (odd blocks); Q8_0: 1024 + 128,
     every block."""
-    if fmt == "Q8_0":
+    if fmt in ("Q8_0", "Q8_K"):
         return jnp.full((blocks,), 1152.0)
     odd = jnp.arange(blocks) % 2 == 1
     base = jnp.where(odd, 64.0, 1024.0)
@@ -401,6 +409,8 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
             v = values[value.rstrip("+")].reshape(-1, steps, STEP // bk)[..., first: first + 8]
             hi = v.astype(jnp.float16)
             parts.append(hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16))  # hi, then lo
+    if not parts:  # Q8_K: c X of each step, f32 [steps, M']
+        return xt, jnp.sum(values["cx"].reshape(-1, steps, STEP // bk), axis=-1).T / _CORRECTION_SCALE, _pow2(-e)
     b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']
     return xt, b, _pow2(-e)
 
@@ -483,15 +493,18 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
         dots = [jnp.dot(plane(name, 0, 16).astype(jnp.float16), b_ref[pl.ds(step * OFFSET_K[fmt] + 16 * i, 16), :],
                         preferred_element_type=jnp.float32) for i, (name, *_) in enumerate(_OFFSET_DOTS[fmt])]
         terms = [dots[i] + dots[i + 1] for i in range(0, len(dots), 2)]
+        if fmt == "Q8_K":  # one f32 scale a step: the blocks' dots summed on the tensor cores, less c X, times d
+            step_sum = -b_ref[pl.ds(step, 1), :]  # [1, x_rows]
+            d = plane("d", 0)
         if fmt in ("Q4_K", "Q5_K"):  # less dmin sum_b mn_b X_b (and d sum_b sc_b c X_b, below)
             acc = acc - (plane("dmin", 0).astype(jnp.float32) * unscale) * terms[1]
         if fmt in _SUPER:  # sum_b sc_b (P_b - c X_b), times d once a step
             d = plane("d", 0).astype(jnp.float32)
             step_sum = -unscale * terms[0]
-        else:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128; Q4_1: less m_b X_b)
+        elif terms:  # less sum_b d_b c X_b (Q4_0: c + 8, Q8_0: 1024 + 128; Q4_1: less m_b X_b)
             acc = acc - unscale * terms[0]
-        # the step's block scales in one load, split into columns
-        scales = jnp.split(plane(_SCALES[fmt], 0, blocks).astype(jnp.float32), blocks, axis=1)
+        if _SCALES[fmt]:  # the step's block scales in one load, split into columns
+            scales = jnp.split(plane(_SCALES[fmt], 0, blocks).astype(jnp.float32), blocks, axis=1)
         if bk < _BLOCK:  # x of the whole step in one load, split: a [16, 8] tile is one f16 a thread, too few
             x_all = jnp.split(xt_ref[pl.ds(step * STEP, STEP), :], blocks, axis=0)  # for an asynchronous copy
         for b in range(blocks):  # code b % per of tile b // per, loaded where first used
@@ -507,11 +520,13 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
             else:
                 codes = _pairs(words, b % per, per, interpret=interpret)
             p = jnp.dot(codes, x, preferred_element_type=jnp.float32)
-            if fmt in _SUPER:  # the sub-block's integer scale times its dot
+            if fmt == "Q8_K":
+                step_sum = step_sum + p
+            elif fmt in _SUPER:  # the sub-block's integer scale times its dot
                 step_sum = step_sum + scales[b] * p
             else:  # the block's scale times its dot
                 acc = acc + scales[b] * p
-        return acc + d * step_sum if fmt in _SUPER else acc
+        return acc + d * step_sum if fmt in _SUPER or fmt == "Q8_K" else acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))
     o_ref[0] = acc.T

@@ -17,7 +17,7 @@ from pallas_kernels import blockdot
 from realm_jax import linear
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.precision import Policy
-from realm_jax.quant import dequantize
+from realm_jax.quant import dequantize, quantize
 from decode_agreement import assert_decode_agrees
 from helpers import random_qtensor
 from linear_base import LinearTests, LoweringTests
@@ -43,21 +43,23 @@ class TestTritonBlocksLowering(LoweringTests):
 
 @pytest.mark.parametrize("fmt,n,k", [("Q4_0", 200, 576), ("Q4_1", 130, 4096), ("Q4_0", 128, 32), ("Q4_K", 70, 768),
                                      ("Q8_0", 130, 576), ("Q6_K", 70, 768), ("Q5_0", 200, 576), ("Q5_1", 130, 4096),
-                                     ("Q5_K", 70, 768)])
+                                     ("Q5_K", 70, 768), ("Q8_K", 130, 512)])
 def test_layout_round_trip(fmt, n, k, rng):
     """to_blocks keeps every bit of the planes (rows padded to 128, K to whole steps of 256, with zeros; Q4_K's
-    codes in the order of its sub-blocks): from_blocks gives the QTensor back."""
-    w = random_qtensor(fmt, n, k, rng)
+    codes in the order of its sub-blocks): from_blocks gives the QTensor back (Q8_K's bsums, which the
+    kernel does not read, recomputed from its codes)."""
+    w = (random_qtensor(fmt, n, k, rng) if fmt != "Q8_K"
+         else quantize(jnp.asarray(rng.standard_normal((n, k))), "Q8_K"))
     planes = blockdot.to_blocks(w)
     k_pad = -(-k // blockdot.STEP) * blockdot.STEP
-    per_word = 2 if fmt == "Q8_0" else 4  # codes a uint16
+    per_word = 2 if fmt in ("Q8_0", "Q8_K") else 4  # codes a uint16
     assert planes["q"].shape == (-(-n // 128) * 128, k_pad // per_word) and planes["q"].dtype == jnp.uint16
     # Q4_K, Q4_1: eight scales, eight mins a step; Q6_K: sixteen scales a step, and its codes' high bits, eight
     # to a uint16; the others: eight scales a step, and eight more at the end (a step's offset dots read
     # sixteen from its first)
     # Q5_*: those of Q4_*, and the fifth bits, eight to a uint8
     scales, width, tail = {"Q4_K": ("scm", 16, 0), "Q4_1": ("dm", 16, 0), "Q6_K": ("sc", 16, 0), "Q5_K": ("scm", 16, 0),
-                           "Q5_1": ("dm", 16, 0)}.get(fmt, ("d", 8, 8))
+                           "Q5_1": ("dm", 16, 0), "Q8_K": ("d", 1, 0)}.get(fmt, ("d", 8, 8))
     assert planes[scales].shape == (planes["q"].shape[0], k_pad // 256 * width + tail)
     if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K"):
         assert planes["qh"].shape == (planes["q"].shape[0], k_pad // 8)
@@ -152,8 +154,8 @@ def test_rows_of_zeros_and_huge_rows(rng):
 def test_tiling_fills_the_gpu_at_the_8b_shapes():
     """At least two programs an SM at an 8B llama's shapes where the K steps allow (the k/v projection's
     8 row tiles cannot, K = 4096 being 16 steps: 128 programs); the splits divide the steps; 256 rows a
-    program for Q4_0 and Q8_0 up to 8 rows of x where the programs allow (gate, up, down), 64 for Q5_K at 16
-    rows of x, else 128."""
+    program for Q4_0 and Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow (gate, up, down),
+    64 for Q5_K at 16 rows of x, else 128."""
     for fmt in blockdot.FORMATS:
         for m in (1, 8, 16):
             for n, k in SHAPES_8B:
@@ -162,7 +164,7 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
                 assert n % t.rows == 0 and steps % t.splits == 0 and t.x_rows == (8 if m <= 8 else 16), t
                 programs = n // t.rows * t.splits
                 assert programs >= 2 * 132 or t.splits == steps, (m, n, k, t)
-                wide = fmt in ("Q4_0", "Q8_0") and m <= 8 and max(n, k) == 14336
+                wide = (fmt in ("Q4_0", "Q8_0") and m <= 8 or fmt == "Q8_K") and max(n, k) == 14336
                 narrow = fmt == "Q5_K" and m > 8  # at 128 it spills
                 assert t.rows == (256 if wide else 64 if narrow else 128), (fmt, m, n, k, t)
 
@@ -190,7 +192,7 @@ def test_split_columns_gives_each_k_range_its_own_planes(rng):
     3 x 96); a stack of layers splits the same way; a range of part of a block is refused."""
     for fmt, k, shards, lead in (("Q4_0", 1024, 2, ()), ("Q4_K", 1024, 2, (2,)), ("Q8_0", 256, 2, ()),
                                  ("Q4_0", 288, 3, ()), ("Q6_K", 768, 3, (2,)), ("Q5_0", 512, 2, ()),
-                                 ("Q5_1", 288, 3, ()), ("Q5_K", 512, 2, ())):
+                                 ("Q5_1", 288, 3, ()), ("Q5_K", 512, 2, ()), ("Q8_K", 512, 2, ())):
         ws = [random_qtensor(fmt, 128, k, rng) for _ in range(lead[0] if lead else 1)]
         planes = blockdot.to_blocks(ws[0]) if not lead else {
             name: jnp.stack([blockdot.to_blocks(w)[name] for w in ws]) for name in blockdot.to_blocks(ws[0])}

@@ -1,5 +1,5 @@
 """The `triton_blocks` backend (GPU): `pallas_kernels.blockdot`'s decode GEMM for Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K,
-Q6_K and Q8_0, on the weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute
+Q6_K, Q8_0 and Q8_K, on the weight's block planes (`blockdot.to_blocks`, made once at load), under a 16-bit compute
 dtype, for up to `blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and every other format go to the XLA
 reference (from the block planes, or as `choose` routes a weight it does not support).
 
@@ -83,7 +83,7 @@ class TritonBlocks(Backend):
     platforms = ("gpu",)
     interprets = True
     # blockdot.FORMATS (not imported here: the kernels load lazily)
-    formats = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
+    formats = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_K"})
     max_rows = 16  # blockdot.MAX_ROWS
     paths = ("blockdot", "xla")
 
