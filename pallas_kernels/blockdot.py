@@ -8,7 +8,8 @@ sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 i
 rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.5-0.6 instructions a weight whatever
 the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.8-3.3 in all (Q4_0 1.81 and Q8_0
 1.86 up to 8 rows on an 8B llama's large shapes, Q4_K 3.29 at 16; Q6_K, whose sixteen int8 scales a
-super-block each cost a load, a conversion and an FFMA an output, 4.1 and 4.7; the lanes GEMM 6.1-7.6):
+super-block each cost a load, a conversion and an FFMA an output, 3.9 and 4.7; Q8_K 1.4-1.75; the lanes GEMM
+6.1-7.6):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
