@@ -158,10 +158,10 @@ def _steps(k: int) -> int:
     return -(-k // STEP)
 
 
-# Formats whose program takes 256 weight rows, up to the rows of x given: at 256 rows Q4_1 and Q4_K spill
-# (32-40 and 64 bytes of stack, `scripts/kernel_report.py`), and so do the others at 16 rows of x but Q8_K
-# (one scale a step: 124-158 registers).
-_WIDE = {"Q4_0": 8, "Q8_0": 8, "Q8_K": 16}
+# Formats whose program takes 256 weight rows, up to the rows of x given: at 256 rows Q4_1, Q4_K and Q5_0
+# spill (32-40, 56-64 and 16 bytes of stack, `scripts/kernel_report.py`), and so do the others at 16 rows of x
+# but Q8_K (one scale a step: 124-158 registers).
+_WIDE = {"Q4_0": 8, "Q5_1": 8, "Q8_0": 8, "Q8_K": 16}
 # Formats whose program takes 64 weight rows at 16 rows of x: at 128 Q5_K spills (16 bytes).
 _NARROW = ("Q5_K",)
 

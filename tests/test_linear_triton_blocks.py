@@ -154,7 +154,7 @@ def test_rows_of_zeros_and_huge_rows(rng):
 def test_tiling_fills_the_gpu_at_the_8b_shapes():
     """At least two programs an SM at an 8B llama's shapes where the K steps allow (the k/v projection's
     8 row tiles cannot, K = 4096 being 16 steps: 128 programs); the splits divide the steps; 256 rows a
-    program for Q4_0 and Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow (gate, up, down),
+    program for Q4_0, Q5_1 and Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow (gate, up, down),
     64 for Q5_K at 16 rows of x, else 128."""
     for fmt in blockdot.FORMATS:
         for m in (1, 8, 16):
@@ -164,7 +164,7 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
                 assert n % t.rows == 0 and steps % t.splits == 0 and t.x_rows == (8 if m <= 8 else 16), t
                 programs = n // t.rows * t.splits
                 assert programs >= 2 * 132 or t.splits == steps, (m, n, k, t)
-                wide = (fmt in ("Q4_0", "Q8_0") and m <= 8 or fmt == "Q8_K") and max(n, k) == 14336
+                wide = (fmt in ("Q4_0", "Q5_1", "Q8_0") and m <= 8 or fmt == "Q8_K") and max(n, k) == 14336
                 narrow = fmt == "Q5_K" and m > 8  # at 128 it spills
                 assert t.rows == (256 if wide else 64 if narrow else 128), (fmt, m, n, k, t)
 
