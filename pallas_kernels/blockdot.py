@@ -52,12 +52,12 @@ super-block each cost a load, a conversion and an FFMA an output, 3.9 and 4.7; Q
 The product is then the exact f32 dot of the weight (not rounded to bf16, as XLA's reference path rounds
 it) with x rounded to f16: closer to the f64 product than the reference.
 
-The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles; 256 for Q4_0 and Q8_0
-up to 8 rows of x where the programs allow, `tiling_for`), K split into `splits` ranges of whole 256-element
-steps so that every SM has at least two programs at an 8B llama's shapes (all but the k/v projection, whose
-8 row tiles and 16 steps make 128); partial sums [splits, M, N']
-f32, summed here: the rows of x padding the wgmma's N are not stored (at 4096 x 4096 Q4_0, 16 splits write
-and read 256 KB at one row of x, 4 MB at 16, beside the weight's 9.4 MB).
+The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles; 256 for Q4_0, Q5_1 and
+Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow, 64 for Q5_K at 16, `tiling_for`), K
+split into `splits` ranges of whole 256-element steps so that every SM has at least two programs at an 8B
+llama's shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums
+[splits, M, N'] f32, summed here: the rows of x padding the wgmma's N are not stored (at 4096 x 4096 Q4_0,
+16 splits write and read 256 KB at one row of x, 4 MB at 16, beside the weight's 9.4 MB).
 On a CPU the kernel runs in Pallas interpret mode, the lop3 written in jnp (the same bits).
 
 `benchmarks/mma_probe.py` is where the design was measured without a GPU (instructions a weight, against
