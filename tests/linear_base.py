@@ -89,6 +89,7 @@ class LinearTests:
     K_BLOCKS = (1, 2, 16)  # one block, a few, many (4096 for the k-quants)
     N = 200  # not a multiple of any tile
     PATHS = ("prepared", "view")
+    DEVICE_ROWS = (1, 16, 17, 256)  # the device cases' rows of x
 
     def formats(self) -> list[str]:
         return [f for f in FORMATS if _supported(self.BACKEND, f, 256, self.N)]
@@ -110,7 +111,7 @@ class LinearTests:
             metafunc.parametrize("case", cases, ids=[c.id for c in cases])
         if "device_case" in metafunc.fixturenames:  # few: a GPU compiles each kernel in 1-40 s; none on a CPU
             cases = [Case(r["fmt"], r["rows"], r["compute"], 16, r["compute"], F32, F32, "prepared")
-                     for r in pairwise({"fmt": self.formats(), "rows": [1, 16, 17, 256], "compute": [BF16, F32]})
+                     for r in pairwise({"fmt": self.formats(), "rows": list(self.DEVICE_ROWS), "compute": [BF16, F32]})
                      if jax.default_backend() != "cpu"]
             metafunc.parametrize("device_case", cases, ids=[c.id for c in cases])
 
