@@ -77,6 +77,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
+from realm_jax.quant import kquantize, kquants, legacy
 from realm_jax.quant.common import split_nibbles
 
 __all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm",
@@ -197,22 +198,16 @@ def _codes(w: QTensor) -> jax.Array:
     if w.fmt in ("Q8_0", "Q8_K"):
         # q + 128: the sign bit flipped
         return (lax.bitcast_convert_type(qs, jnp.uint8) ^ 0x80).reshape(*qs.shape[:-1], -1, _BLOCK)
-    if w.fmt in ("Q4_K", "Q5_K"):  # 32-byte chunks: byte j, element j of block 2c (low) and of 2c + 1 (high)
-        codes = split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
-        if w.fmt == "Q5_K":  # qh's 32 bytes a super-block: bit b of byte j, bit 4 of element 32 b + j
-            qh = jnp.asarray(w.planes["qh"]).reshape(*qs.shape[:-1], -1, 1, 32)
-            codes = codes | (((qh >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1).reshape(codes.shape) << 4)
-        return codes
-    if w.fmt == "Q6_K":  # a half super-block: ql's 64 bytes (low nibbles, then high), qh's 32 (four 2-bit fields)
-        qh = jnp.asarray(w.planes["qh"]).reshape(*qs.shape[:-1], -1, 1, 32)
-        high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., halves, 4, 32]
-        codes = split_nibbles(qs, 64) | (high.reshape(*high.shape[:-2], 128) << 4)
-        return codes.reshape(*qs.shape[:-1], -1, bk)
+    if w.fmt == "Q4_K":  # 32-byte chunks: byte j holds element j of block 2c (low) and of block 2c + 1 (high)
+        return split_nibbles(qs, 32).reshape(*qs.shape[:-1], -1, _BLOCK)
+    if w.fmt == "Q5_K":
+        return kquants.q5_k_codes(qs, jnp.asarray(w.planes["qh"])).reshape(*qs.shape[:-1], -1, _BLOCK)
+    if w.fmt == "Q6_K":
+        return kquants.q6_k_codes(qs, jnp.asarray(w.planes["qh"])).reshape(*qs.shape[:-1], -1, bk)
     qs = qs.reshape(*qs.shape[:-1], -1, 16)
     codes = jnp.concatenate([qs & 0xF, qs >> 4], axis=-1)
-    if w.fmt in ("Q5_0", "Q5_1"):  # qh, a uint32 a block: bit w, bit 4 of element w
-        qh = jnp.asarray(w.planes["qh"])[..., None] >> jnp.arange(32, dtype=jnp.uint32)
-        codes = codes | ((qh & 1).astype(jnp.uint8) << 4)
+    if w.fmt in ("Q5_0", "Q5_1"):
+        codes = codes | (legacy.high_bits(jnp.asarray(w.planes["qh"])) << 4)
     return codes
 
 
@@ -318,22 +313,17 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
         bits = _HIGH[fmt]
         codes = codes | (_unwords(planes["qh"], 8, bits, bk, _HIGH_SLOTS[bits][0]) << 4)
     codes = codes[..., :n, :nb, :]  # [.., n, nb, B] in element order
-    if fmt == "Q6_K":  # a half super-block (four groups g of 32): ql[32 (g % 2) + j] nibble g // 2, qh[j] bits 2g
-        c = codes.reshape(*lead, n, -1, 4, 32)
-        lo, hi = c & 0xF, c >> 4
-        ql = jnp.concatenate([lo[..., 0, :] | (lo[..., 2, :] << 4), lo[..., 1, :] | (lo[..., 3, :] << 4)], axis=-1)
-        qh = functools.reduce(jnp.bitwise_or, [hi[..., g, :] << (2 * g) for g in range(4)])
-        out = {"ql": ql.reshape(*lead, n, -1), "qh": qh.reshape(*lead, n, -1), "scales": planes["sc"][..., :n, :nb],
-               "d": planes["d"][..., :n, : k // STEP]}
+    if fmt == "Q6_K":
+        ql, qh = kquantize.pack_q6_k(codes.reshape(*lead, n, k))
+        out = {"ql": ql, "qh": qh, "scales": planes["sc"][..., :n, :nb], "d": planes["d"][..., :n, : k // STEP]}
     elif fmt in ("Q4_K", "Q5_K"):  # chunk c of a super-block: byte j = element j of block 2c | of 2c + 1 << 4
         pairs = (codes & 0xF).reshape(*lead, n, -1, 4, 2, _BLOCK)
         scm = planes["scm"][..., :n, : k // STEP * 16].reshape(*lead, n, -1, 2, 8)
         out = {"qs": (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(*lead, n, -1),
                "scales": scm[..., 0, :].reshape(*lead, n, nb), "mins": scm[..., 1, :].reshape(*lead, n, nb),
                "d": planes["d"][..., :n, : k // STEP], "dmin": planes["dmin"][..., :n, : k // STEP]}
-        if fmt == "Q5_K":  # byte j of a super-block's 32: bit b, bit 4 of element 32 b + j
-            high = (codes >> 4).reshape(*lead, n, -1, 8, _BLOCK)
-            out["qh"] = functools.reduce(jnp.bitwise_or, [high[..., b, :] << b for b in range(8)]).reshape(*lead, n, -1)
+        if fmt == "Q5_K":
+            out["qh"] = kquantize.pack_q5_k_high(codes.reshape(*lead, n, k))
     else:
         if fmt in ("Q8_0", "Q8_K"):
             qs = lax.bitcast_convert_type(codes ^ 0x80, jnp.int8).reshape(*lead, n, nb * _BLOCK)
@@ -344,9 +334,8 @@ def from_blocks(fmt: str, shape: tuple[int, int], planes: dict[str, jax.Array]) 
             sums = jnp.sum(qs.reshape(*lead, n, -1, 16).astype(jnp.int32), axis=-1).astype(jnp.int16)
             out = {"qs": qs, "d": planes["d"][..., :n, : k // STEP], "bsums": sums}
             return QTensor(fmt, (n, k), out)
-        if fmt in ("Q5_0", "Q5_1"):  # a uint32 a block: bit w, bit 4 of element w
-            high = (codes >> 4).astype(jnp.uint32) << jnp.arange(_BLOCK, dtype=jnp.uint32)
-            qs = {"qs": qs, "qh": jnp.sum(high, axis=-1, dtype=jnp.uint32)}
+        if fmt in ("Q5_0", "Q5_1"):
+            qs = {"qs": qs, "qh": legacy.pack_high_bits(codes)}
         else:
             qs = {"qs": qs}
         if fmt in ("Q4_1", "Q5_1"):  # a step's eight scales, then its eight mins

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +191,25 @@ def _nibbles(lq):
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, QK_K // 2)
 
 
+def pack_q5_k_high(lq):
+    """Q5_K codes [..., 256 n] (values < 32) -> qh uint8 [..., 32 n]: bit b of byte j is bit 4 of element
+    32 b + j of the super-block."""
+    lead, n = lq.shape[:-1], lq.shape[-1] // QK_K  # explicit sizes: a -1 fails for no rows
+    high = ((lq >> 4) & 1).astype(jnp.uint8).reshape(*lead, n, 8, 32)
+    return functools.reduce(jnp.bitwise_or, [high[..., b, :] << b for b in range(8)]).reshape(*lead, n * 32)
+
+
+def pack_q6_k(lq):
+    """Q6_K codes [..., 256 n] (q + 32, values < 64) -> (ql uint8 [..., 128 n], qh uint8 [..., 64 n]) in GGUF
+    byte order: a half super-block's four groups g of 32, ql[32 (g % 2) + j] nibble g // 2, qh[j] bits 2g."""
+    lead, halves = lq.shape[:-1], lq.shape[-1] // 128  # explicit sizes: a -1 fails for no rows
+    q = lq.astype(jnp.uint8).reshape(*lead, halves, 4, 32)
+    lo, hi = q & 0xF, q >> 4
+    ql = jnp.concatenate([lo[..., 0, :] | (lo[..., 2, :] << 4), lo[..., 1, :] | (lo[..., 3, :] << 4)], axis=-1)
+    qh = functools.reduce(jnp.bitwise_or, [hi[..., g, :] << (2 * g) for g in range(4)])
+    return ql.reshape(*lead, halves * 64), qh.reshape(*lead, halves * 32)
+
+
 @jax.jit
 def quantize_q4_k(x):
     """Quantize to Q4_K exactly as llama.cpp's quantize_row_q4_K_ref.
@@ -216,9 +237,7 @@ def quantize_q5_k(x):
     """
     xb, shape = _superblocks(x, "Q5_K")
     d, dmin, sc, mn, lq = _quantize_q45_k(xb, 31, -0.5, 15)
-    high = ((lq >> 4) & 1).reshape(-1, 8, 32)
-    qh = sum(high[:, b] << b for b in range(8)).astype(jnp.uint8)
-    return _planes(shape, d=d, dmin=dmin, scales=sc, mins=mn, qh=qh, qs=_nibbles(lq))
+    return _planes(shape, d=d, dmin=dmin, scales=sc, mins=mn, qh=pack_q5_k_high(lq), qs=_nibbles(lq))
 
 
 @jax.jit
@@ -242,10 +261,8 @@ def quantize_q6_k(x):
     lnew = jnp.clip(_nearest_int(true_div(xs, ds[..., None])), -32, 31) + 32
     lq = jnp.where((ds == 0)[..., None], lq, lnew)
     zero = max_abs < _GROUP_MAX_EPS  # C zeroes the whole block
-    lq = jnp.where(zero[:, None, None], 0, lq).astype(jnp.uint8).reshape(-1, 2, 4, 32)
-    lo, hi = lq & 0xF, lq >> 4
-    ql = jnp.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=-1)
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    lq = jnp.where(zero[:, None, None], 0, lq).astype(jnp.uint8).reshape(xs.shape[0], QK_K)
+    ql, qh = pack_q6_k(lq)
     d = jnp.where(zero, jnp.float16(0), d)
     return _planes(shape, d=d, scales=jnp.where(zero[:, None], jnp.int8(0), sc), ql=ql, qh=qh)
 

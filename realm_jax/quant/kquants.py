@@ -101,20 +101,31 @@ def tile_q4_k(p, *, exact: bool = False) -> jax.Array:
     return _flatten(mul_add(dl, q, -ml, exact=exact))
 
 
-def tile_q5_k(p, *, exact: bool = False) -> jax.Array:
-    qh = p["qh"].reshape(*p["qh"].shape[:-1], -1, 1, 32)
+def q5_k_codes(qs: jax.Array, qh: jax.Array) -> jax.Array:
+    """Q5_K qs [..., n*128], qh [..., n*32] -> its 5-bit codes, uint8 [..., n, 8, 32] in element order."""
+    qh = qh.reshape(*qh.shape[:-1], qh.shape[-1] // 32, 1, 32)
     high = (qh >> jnp.arange(8, dtype=jnp.uint8)[:, None]) & 1  # [..., n, 8, 32]
-    q = (_nibbles_k(p["qs"]) | (high << 4)).astype(jnp.float32)
+    return _nibbles_k(qs) | (high << 4)
+
+
+def q6_k_codes(ql: jax.Array, qh: jax.Array) -> jax.Array:
+    """Q6_K ql [..., n*128], qh [..., n*64] -> its 6-bit codes q + 32, uint8 [..., n*2, 128] in element order
+    (a half super-block a row)."""
+    low = split_nibbles(ql, 64)  # [..., n*2, 128]
+    qh = qh.reshape(*qh.shape[:-1], qh.shape[-1] // 32, 1, 32)
+    high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., n*2, 4, 32]
+    return low | (high.reshape(*high.shape[:-2], 128) << 4)
+
+
+def tile_q5_k(p, *, exact: bool = False) -> jax.Array:
+    q = q5_k_codes(p["qs"], p["qh"]).astype(jnp.float32)
     dl, ml = _per_sub(p["d"], p["scales"], 8), _per_sub(p["dmin"], p["mins"], 8)
     return _flatten(mul_add(dl, q, -ml, exact=exact))
 
 
 def tile_q6_k(p, *, exact: bool = False) -> jax.Array:
     del exact  # products only: nothing to contract
-    low = split_nibbles(p["ql"], 64)  # [..., n*2, 128]
-    qh = p["qh"].reshape(*p["qh"].shape[:-1], -1, 1, 32)
-    high = (qh >> (2 * jnp.arange(4, dtype=jnp.uint8))[:, None]) & 3  # [..., n*2, 4, 32]
-    q = (low | (high.reshape(*high.shape[:-2], 128) << 4)).astype(jnp.int8) - 32
+    q = q6_k_codes(p["ql"], p["qh"]).astype(jnp.int8) - 32
     q = q.reshape(*p["ql"].shape[:-1], -1, 16, 16).astype(jnp.float32)
     return _flatten(_per_sub(p["d"], p["scales"], 16) * q)
 

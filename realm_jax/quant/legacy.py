@@ -42,7 +42,7 @@ def _f32_per_block(a: jax.Array) -> jax.Array:
     return a.astype(jnp.float32)[..., None]
 
 
-def _high_bits(qh: jax.Array) -> jax.Array:
+def high_bits(qh: jax.Array) -> jax.Array:
     """Q5 qh uint32 [..., n_blocks] -> bit 4 of each element, uint8 [..., n_blocks, 32]."""
     shifts = jnp.arange(_BLOCK, dtype=jnp.uint32)
     return ((qh[..., None] >> shifts) & 1).astype(jnp.uint8)
@@ -66,12 +66,12 @@ def tile_q4_1(p, *, exact: bool = False) -> jax.Array:
 
 def tile_q5_0(p, *, exact: bool = False) -> jax.Array:
     del exact
-    q = (split_nibbles(p["qs"], 16) | (_high_bits(p["qh"]) << 4)).astype(jnp.int8) - 16
+    q = (split_nibbles(p["qs"], 16) | (high_bits(p["qh"]) << 4)).astype(jnp.int8) - 16
     return _flatten(_f32_per_block(p["d"]) * q.astype(jnp.float32))
 
 
 def tile_q5_1(p, *, exact: bool = False) -> jax.Array:
-    q = (split_nibbles(p["qs"], 16) | (_high_bits(p["qh"]) << 4)).astype(jnp.float32)
+    q = (split_nibbles(p["qs"], 16) | (high_bits(p["qh"]) << 4)).astype(jnp.float32)
     return _flatten(mul_add(_f32_per_block(p["d"]), q, _f32_per_block(p["m"]), exact=exact))
 
 
@@ -91,7 +91,7 @@ def _inverse(d: jax.Array) -> jax.Array:
     return jnp.where(d == 0, jnp.float32(0), 1 / jnp.where(d == 0, jnp.float32(1), d))
 
 
-def _pack_high_bits(q: jax.Array) -> jax.Array:
+def pack_high_bits(q: jax.Array) -> jax.Array:
     """Values 0..31 [..., n, 32] -> Q5 qh uint32 [..., n]: bit i = bit 4 of element i."""
     bits = (q.astype(jnp.uint32) >> 4) << jnp.arange(_BLOCK, dtype=jnp.uint32)
     return jnp.sum(bits, axis=-1, dtype=jnp.uint32)  # distinct bits: the sum is an OR
@@ -128,13 +128,13 @@ def quantize_q4_1(x: jax.Array) -> dict[str, jax.Array]:
 @jax.jit
 def quantize_q5_0(x: jax.Array) -> dict[str, jax.Array]:
     d, q = _symmetric(_blocks(x, _BLOCK), 32)
-    return {"d": d, "qh": _pack_high_bits(q), "qs": join_nibbles(q & 0xF, 16)}
+    return {"d": d, "qh": pack_high_bits(q), "qs": join_nibbles(q & 0xF, 16)}
 
 
 @jax.jit
 def quantize_q5_1(x: jax.Array) -> dict[str, jax.Array]:
     d, m, q = _affine(_blocks(x, _BLOCK), 32)
-    return {"d": d, "m": m, "qh": _pack_high_bits(q), "qs": join_nibbles(q & 0xF, 16)}
+    return {"d": d, "m": m, "qh": pack_high_bits(q), "qs": join_nibbles(q & 0xF, 16)}
 
 
 @jax.jit
