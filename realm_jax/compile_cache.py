@@ -6,9 +6,13 @@ first token comes ~2-3x sooner (BENCHMARKS.md), and on a GPU it skips the kernel
 
 - Where: ``$REALM_JAX_COMPILE_CACHE`` if set to a path; else ``$REALM_JAX_CACHE/xla`` (default
   ``~/.cache/realm-jax/xla``). ``REALM_JAX_COMPILE_CACHE=0`` (or ``off``, ``false``, ``no``) turns it off.
-- What: every executable, however fast it compiled (JAX's default keeps only those that took 1 s or more,
-  which leaves out most of a small model's), up to `MAX_BYTES` on disk, least recently used first out
-  (where the `filelock` package JAX's eviction needs is installed; without it the cache is unbounded).
+- What: every executable that took `MIN_COMPILE_SECS` or more to compile (JAX's default, 1 s, leaves out
+  most of a small model's programs; the ops run one by one at load compile in milliseconds, and were ~95% of
+  the entries), up to `MAX_BYTES` on disk and `MAX_ENTRIES` entries, least recently used first out (where
+  the `filelock` package JAX's eviction needs is installed; without it the cache is unbounded). JAX's
+  eviction bounds the bytes, and reads every entry's time stamp at each write: at 18,000 entries 0.8 s a
+  compile, so a first run after a jax upgrade (whose keys are all new) crawled. `prune` keeps the count
+  down, once a process, in a background thread.
 - A cache directory set by the user (``jax.config.update("jax_compilation_cache_dir", ...)`` or
   ``JAX_COMPILATION_CACHE_DIR``) is kept as it is.
 - Off in a process that `jax.distributed` joined to others (`realm-jax launch`): JAX writes entries from
@@ -35,9 +39,12 @@ import jax
 
 from realm_jax.assets import cache_root
 
-__all__ = ["MAX_BYTES", "enable", "location"]
+__all__ = ["MAX_BYTES", "MAX_ENTRIES", "MIN_COMPILE_SECS", "enable", "location", "prune"]
 
 MAX_BYTES = 4 << 30  # the cache's size on disk: least recently used entries are removed past it
+MAX_ENTRIES = 1000  # and its entries (each write costs JAX's eviction ~40 us an entry)
+MIN_COMPILE_SECS = 0.1  # programs that compile faster are not kept
+_CACHE, _ATIME = "-cache", "-atime"  # JAX's entry files: the executable, and when it was last used (ns)
 _OFF = ("0", "off", "false", "no")
 _lock = threading.Lock()
 _done: pathlib.Path | None | bool = False  # False: not tried yet; None: off; a path: on
@@ -91,7 +98,46 @@ def _enable() -> pathlib.Path | None:
                       RuntimeWarning, stacklevel=3)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
     if importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs it (else: unbounded)
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+        threading.Thread(target=_prune_quietly, args=(path,), name="realm-jax-cache-prune", daemon=True).start()
     return path
+
+
+def prune(path: pathlib.Path, max_entries: int = MAX_ENTRIES) -> int:
+    """Remove the least recently used entries of the cache at `path` past `max_entries` (last used: JAX's
+    time stamp beside the entry, else the entry's modification time), under JAX's lock on the directory, so
+    that no process reads or writes an entry meanwhile. Returns how many were removed."""
+    import filelock
+
+    with os.scandir(path) as found:
+        keys = [e.name[: -len(_CACHE)] for e in found if e.name.endswith(_CACHE)]
+    if len(keys) <= max_entries:
+        return 0
+
+    def last_used(key: str) -> int:
+        try:
+            return int.from_bytes((path / f"{key}{_ATIME}").read_bytes(), "little")
+        except OSError:
+            try:
+                return (path / f"{key}{_CACHE}").stat().st_mtime_ns
+            except OSError:  # removed meanwhile
+                return 0
+
+    victims = sorted(keys, key=last_used)[: len(keys) - max_entries]
+    lock = filelock.FileLock(path / ".lockfile")  # JAX's LRUCache takes the same
+    for start in range(0, len(victims), 256):  # in batches: JAX's reads and writes wait at most 10 s for it
+        with lock.acquire(timeout=10):
+            for key in victims[start: start + 256]:
+                for suffix in (_CACHE, _ATIME):
+                    (path / f"{key}{suffix}").unlink(missing_ok=True)
+    return len(victims)
+
+
+def _prune_quietly(path: pathlib.Path) -> None:
+    try:
+        prune(path)
+    except Exception as e:  # a cache that cannot be pruned is still a cache: JAX bounds its bytes
+        warnings.warn(f"realm-jax: could not prune the compilation cache {path}: {type(e).__name__}: {e}",
+                      RuntimeWarning, stacklevel=1)
