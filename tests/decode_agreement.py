@@ -30,6 +30,8 @@ def decode_logits(model, ids: list[int]) -> np.ndarray:
     at a time over the KV cache."""
     step = decode_step(model)
     cache = model._new_cache(1, -(-(len(ids) + 1) // 256) * 256)
+    if model.mesh is None:  # committed, as the step returns it: else its second call compiles it again
+        cache = jax.device_put(cache, jax.devices()[0])
     rows = []
     for p, tok in enumerate(ids):
         logits, cache = step(model.params, jnp.array([[tok]], jnp.int32), jnp.array([[p]], jnp.int32), cache)

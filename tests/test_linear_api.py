@@ -9,7 +9,11 @@ import ast
 import dataclasses
 import io
 import json
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 import tokenize
 
 import jax
@@ -79,6 +83,34 @@ def test_a_split_weight_needs_its_mesh(rng):
     w = dataclasses.replace(w, qt=dataclasses.replace(w.qt, axes=("model", None)))
     with pytest.raises(ShardingError, match="lacks: call it under jax.set_mesh"):
         linear.matmul(jnp.ones((1, 512), jnp.float32), w)
+
+
+def test_an_interpreted_backends_first_call_is_not_compiled_again():
+    """A weight prepared for a Pallas backend on a CPU imports Pallas's interpreters then, not at the first
+    interpreted lowering, where one of them adds a config to JAX's tracing context and the function that
+    lowered it would be traced and compiled again at its next call (a fresh process: the import is once)."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax._src import monitoring
+        from realm_jax import linear
+        from realm_jax.precision import Policy
+        from realm_jax.quant import quantize
+        compiles = []
+        monitoring.register_event_duration_secs_listener(lambda event, secs, **kw: compiles.append(event)
+                                                         if event == "/jax/core/compile/backend_compile_duration"
+                                                         else None)
+        w = linear.prepare(quantize(np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32), "Q4_0"),
+                           Policy.of("bf16"), impl="triton_blocks")
+        x = jax.device_put(jnp.ones((2, 256), jnp.bfloat16))
+        f = jax.jit(lambda x, w: linear.matmul(x, w))
+        f(x, w).block_until_ready()
+        first = len(compiles)
+        f(x, w).block_until_ready()
+        print("compiles at the second call:", len(compiles) - first)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "REALM_JAX_COMPILE_CACHE": "0"})
+    assert "compiles at the second call: 0" in out.stdout, out.stdout + out.stderr[-3000:]
 
 
 # --- a format registered in the table alone -----------------------------------------------------------

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from realm_jax.errors import DTypeError, NativeBuildError, QTensorError, ShapeMismatchError, ShardingError
-from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight, place_qtensor
+from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight, load_interpreter, place_qtensor
 from realm_jax.linear.blocks import TRITON_BLOCKS
 from realm_jax.linear.mosaic_gpu import MOSAIC_GPU
 from realm_jax.linear.mosaic_tpu import MOSAIC_TPU
@@ -110,6 +110,8 @@ def prepare(qt: QTensor, policy: Policy, *, impl: str, many_rows: bool = True, w
     Traceable: under `jax.eval_shape` it gives the prepared weight's shapes without computing them."""
     choice = choose(qt.fmt, qt.shape, impl)
     backend = BACKENDS[choice.backend]
+    if backend.interprets and jax.default_backend() == "cpu":
+        load_interpreter()  # before the model's first jitted call: else its next call compiles it again
     w = backend.prepare(qt, policy, many_rows=many_rows)
     if log.isEnabledFor(logging.DEBUG):
         why = f" ({choice.reason})" if choice.reason else ""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, ClassVar
 
 import jax
@@ -26,8 +27,8 @@ from realm_jax.errors import ShardingError
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor, concat_rows, dequantize_tile, to_dense
 
-__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated", "local_shape",
-           "place_qtensor", "xla_matmul"]
+__all__ = ["ACTIVATIONS", "Backend", "Prepared", "QTensorWeight", "XLA", "Xla", "XlaWeight", "gated",
+           "load_interpreter", "local_shape", "place_qtensor", "xla_matmul"]
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -49,6 +50,22 @@ class Prepared:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+
+@functools.cache
+def load_interpreter() -> None:
+    """Import, before any jitted call runs a kernel in Pallas's interpret mode, the modules Pallas imports at
+    its first interpreted lowering (`pallas_call`'s lowering rule: the Mosaic TPU and GPU interpreters). One
+    of them registers a config that is part of JAX's tracing context (`pallas_fuser_disable_nested_fuse`),
+    so a function traced before that import misses the trace cache at its next call and is traced, lowered
+    and compiled again (in a fresh process: a model's first prefill, or a decode step, compiled twice).
+    Called by `api.prepare` for a backend that will run interpreted."""
+    for module in ("jax._src.pallas.mosaic.interpret.interpret_pallas_call",
+                   "jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call"):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # as Pallas's lowering rule, which goes on without them
+            pass
 
 
 class Backend:
