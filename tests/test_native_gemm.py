@@ -135,6 +135,26 @@ def test_glu_epilogue_matches_float64(m, f, k, activation, portable, rng):
     assert np.all(err <= tol), f"max excess {np.max(err - tol):.3g}"
 
 
+@pytest.mark.skipif(not native.gemm_amx(), reason="no AMX-BF16 here (or the kernel does not grant the tile state): "
+                                                "the bf16 product runs on the AVX512_BF16 tiles, tested above")
+@pytest.mark.parametrize("amx", ["0", "1"])
+def test_amx_tiles_and_the_avx512_ones_both_match_float64(amx, monkeypatch, rng):
+    """On a CPU with AMX-BF16 the bf16 product runs on its tiles (16 rows of x a block), unless
+    REALM_JAX_NATIVE_AMX=0 keeps the AVX512_BF16 tiles: both against float64, for rows around a block of 16
+    and panels cut short, plain, with the GLU's epilogue and from quantized planes."""
+    monkeypatch.setenv("REALM_JAX_NATIVE_AMX", amx)
+    assert native.gemm_amx() == (amx == "1")
+    for m, n, k in ((1, 64, 32), (17, 70, 96), (33, 130, 512)):
+        check(jnp.asarray(rng.standard_normal((m, k)), jnp.float32),
+              jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32))
+    test_glu_epilogue_matches_float64(19, 128, 64, "silu", False, rng)
+    w = random_qtensor("Q4_K", 70, 512, rng)
+    x = jnp.asarray(rng.standard_normal((21, 512)), jnp.bfloat16)
+    y = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32))(x, w)
+    dense = to_dense(w, jnp.bfloat16).planes["w"].reshape(w.shape)
+    assert_matmul_close(y, x, dense, compute_dtype=jnp.float32, out_dtype=jnp.float32)
+
+
 def test_glu_needs_whole_panels_and_a_known_activation(rng):
     p = native.pack_panels(jnp.zeros((192, 64), jnp.bfloat16))
     with pytest.raises(ShapeMismatchError, match="multiple of 64"):

@@ -11,8 +11,8 @@ the format's own formulas, multiplies them by the rows of x in f32 and splits th
 intra-op thread pool. `gemm` multiplies prefill's many rows in bf16 with f32 accumulation (vdpbf16ps,
 6 x 64 register tiles) on a weight `pack_panels` laid out at load, reading layer i of the stacked layers
 in place (XLA's dot reached 410-850 GFLOP/s on gemma3's prefill shapes and needed each layer's weight
-copied out of the stack; the gemm runs at ~860). `qgemm` runs the gemm on the quantized planes, a panel at a
-time; with ``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x
+copied out of the stack; the gemm runs at ~860), or on a CPU with AMX-BF16 with its tiles (TDPBF16PS, 16 x 64
+outputs a block: `gemm_amx`). `qgemm` runs the gemm on the quantized planes, a panel at a time; with ``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x
 quantized per group of 32. `qgemm_f32` is its f32 product (gemm_f32.h: the f32 policy's prefill, no
 AVX512_BF16 needed).
 
@@ -51,8 +51,8 @@ from realm_jax.inputs import shown
 from realm_jax.quant import QTensor
 
 __all__ = ["FORMAT_IDS", "GLU_ACTS", "MAX_ROWS", "PANEL", "available", "build", "decode_attention",
-           "exact_bf16_formats", "gemm", "gemm_available", "matmul", "int8_formats", "int8_prefill", "pack_panels",
-           "qgemm", "qgemm_f32", "quantize_x8", "reason", "supports", "unpack_panels", "vector_path"]
+           "exact_bf16_formats", "gemm", "gemm_amx", "gemm_available", "matmul", "int8_formats", "int8_prefill",
+           "pack_panels", "qgemm", "qgemm_f32", "quantize_x8", "reason", "supports", "unpack_panels", "vector_path"]
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "qmatmul.cc", _HERE / "gemm.cc", _HERE / "attention.cc")  # one library; pool.h, numeric.h
@@ -315,6 +315,14 @@ def gemm_available() -> bool:
     """Whether `gemm` runs its vector path here (AVX512_BF16); where it does not, `load` keeps a dense
     copy for XLA's dot instead of `pack_panels`' layout (the scalar path is for tests)."""
     return available() and bool(_load().realm_gemm_vector_path())
+
+
+def gemm_amx() -> bool:
+    """Whether `gemm`'s and `qgemm`'s bf16 product runs on AMX tiles here (TDPBF16PS: a CPU with AMX-BF16,
+    whose kernel grants the process the tile state; ~5x the AVX512_BF16 tiles on a 2-core Xeon,
+    BENCHMARKS.md), for weights whose K is a multiple of 32. ``REALM_JAX_NATIVE_AMX=0`` keeps the AVX512_BF16
+    tiles (read at each call)."""
+    return available() and bool(_load().realm_gemm_amx())
 
 
 def exact_bf16_formats(portable: bool = False) -> frozenset[str]:

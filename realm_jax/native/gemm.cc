@@ -15,7 +15,8 @@
 // down projection's input), which spares a pass over the [M, N] f32 product.
 //
 // With AVX512_BF16 the vector path runs (vdpbf16ps flushes subnormal inputs and outputs to zero, as XLA's
-// bf16 dot on such CPUs does); otherwise a portable scalar path computes the same sums. Two more products
+// bf16 dot on such CPUs does), on AMX tiles where the CPU has AMX-BF16 (`amx_rows`: the panels' pairs are
+// TDPBF16PS's B layout as they lie); otherwise a portable scalar path computes the same sums. Two more products
 // share the panels' machinery (launch, rows): gemm_i8.h's opt-in int8 one and gemm_f32.h's f32 one (the
 // f32 policy's prefill, realm_gemm_q_f32).
 
@@ -29,6 +30,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && !defined(REALM_PORTABLE)
 #include <immintrin.h>
 #define REALM_GEMM_BF16 1
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define REALM_GEMM_AMX 1
+#endif
 #endif
 
 #include "dequant.h"
@@ -172,6 +178,93 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uin
       _mm256_mask_storeu_epi16(y + i * half + 16 * j, lanes(cols, j), out);
     }
 }
+
+#ifdef REALM_GEMM_AMX
+// AMX (built where the compiler targets a CPU with AMX-BF16, used where the kernel grants the process the
+// tile state): a 16 x 64 block of outputs as four 16 x 16 f32 tiles, each step of 32 elements of K one
+// tile of x (16 rows of 16 pairs) against four of the panel (16 pairs of 16 of its rows): the panel's
+// [K/2, 64] pairs are the layout TDPBF16PS takes for B, read with a stride of a panel row, and x's rows are
+// its A. The sums are f32, as vdpbf16ps's, though not bit for bit theirs (both are tested against float64;
+// subnormals flushed). REALM_JAX_NATIVE_AMX=0 keeps the AVX-512 tiles (`accumulate`): tests cover both.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_usable() {
+  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: Linux grants a process the tile state on request only.
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  const char* env = std::getenv("REALM_JAX_NATIVE_AMX");
+  return granted && (env == nullptr || std::strcmp(env, "0") != 0);
+}
+
+// Tiles 0-3: the sums, r rows x 16 f32; 4: x, r rows x 16 pairs; 5-7: the panel, 16 pairs x 16 rows of W.
+void amx_config(int64_t r) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(t < 5 ? r : 16);
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Rows [m0, m0 + r) of x (r <= 16, the configured rows) against the panel at w: out[r][64] f32.
+void amx_block(const Gemm& g, int64_t m0, const uint32_t* w, float (*out)[kPanel]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const uint32_t* x = g.x + m0 * g.kp;
+  const int64_t xs = 4 * g.kp, ws = 4 * kPanel;
+  for (int64_t k = 0; k < g.kp; k += 16) {
+    const uint32_t* wk = w + k * kPanel;
+    _tile_loadd(4, x + k, xs);
+    _tile_loadd(5, wk, ws);
+    _tile_loadd(6, wk + 16, ws);
+    _tile_loadd(7, wk + 32, ws);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(5, wk + 48, ws);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+  _tile_stored(0, &out[0][0], ws);
+  _tile_stored(1, &out[0][16], ws);
+  _tile_stored(2, &out[0][32], ws);
+  _tile_stored(3, &out[0][48], ws);
+}
+
+// rows() on AMX: 16 rows of x at a time, then tile's epilogue on the sums.
+void amx_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* w, const uint32_t* up,
+              int64_t cols) {
+  alignas(64) float sums[16][kPanel], ups[16][kPanel];
+  int64_t configured = 0;
+  for (int64_t m = m0; m < m1; m += 16) {
+    const int64_t r = std::min<int64_t>(16, m1 - m);
+    if (r != configured) amx_config(configured = r);
+    amx_block(g, m, w, sums);
+    if (g.act == kNoAct) {
+      float* y = static_cast<float*>(g.y) + m * g.n + panel * kPanel;
+      for (int64_t i = 0; i < r; ++i)
+        for (int j = 0; j < 4; ++j)
+          _mm512_mask_storeu_ps(y + i * g.n + 16 * j, lanes(cols, j), _mm512_load_ps(&sums[i][16 * j]));
+      continue;
+    }
+    amx_block(g, m, up, ups);
+    const int64_t half = g.n / 2;
+    uint16_t* y = static_cast<uint16_t*>(g.y) + m * half + panel * kPanel;
+    for (int64_t i = 0; i < r; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const __m512 gate = act512(g.act, _mm512_load_ps(&sums[i][16 * j]));
+        const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(gate, _mm512_load_ps(&ups[i][16 * j])));
+        _mm256_mask_storeu_epi16(y + i * half + 16 * j, lanes(cols, j), out);
+      }
+  }
+  _tile_release();
+}
+#endif
 #else
 inline float bf16_lo(uint32_t pair) { return realm::bits_to_f32(pair << 16); }
 inline float bf16_hi(uint32_t pair) { return realm::bits_to_f32(pair & 0xffff0000u); }
@@ -223,6 +316,12 @@ void rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32_t* 
              g.n, cols);
     return;
   }
+#ifdef REALM_GEMM_AMX
+  if (g.xq == nullptr && g.kp % 16 == 0 && amx_usable()) {  // K in whole steps of 32: else the AVX-512 tiles
+    amx_rows(g, m0, m1, panel, w, up, cols);
+    return;
+  }
+#endif
   int64_t m = m0;
   if (g.xq != nullptr) {  // the int8 path: 3 x 4 f32 sums and 3 x 4 integer ones per tile
     for (; m + kRowsI8 <= m1; m += kRowsI8) tile<kRowsI8>(g, m, panel, w, up, cols);
@@ -607,6 +706,16 @@ extern "C" int realm_gemm_int8_format(int64_t fmt) { return panel_fill(fmt, true
 extern "C" int realm_gemm_vector_path() {
 #ifdef REALM_GEMM_BF16
   return 1;
+#else
+  return 0;
+#endif
+}
+
+// Whether the bf16 product runs on AMX tiles here (built for AMX-BF16, the tile state granted, and not
+// turned off by REALM_JAX_NATIVE_AMX=0).
+extern "C" int realm_gemm_amx() {
+#ifdef REALM_GEMM_AMX
+  return amx_usable() ? 1 : 0;
 #else
   return 0;
 #endif
