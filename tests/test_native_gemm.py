@@ -120,6 +120,10 @@ def glu_reference(x, w, activation):
 def test_glu_epilogue_matches_float64(m, f, k, activation, portable, rng):
     """gate|up with the activation in the epilogue: act(gate) * up rounded to bf16, within the bf16
     rounding and f32 accumulation of float64 (gates up to |8|: silu's and gelu's tails are exercised)."""
+    check_glu(m, f, k, activation, portable, rng)
+
+
+def check_glu(m, f, k, activation, portable, rng):
     x = jnp.asarray(rng.standard_normal((m, k)) * 2, jnp.float32)
     w = jnp.asarray(rng.standard_normal((2 * f, k)) / np.sqrt(k), jnp.float32)
     y = jax.jit(lambda x, p: native.gemm(x, p, 2 * f, out_dtype=jnp.float32, glu=activation, portable=portable))(
@@ -135,8 +139,8 @@ def test_glu_epilogue_matches_float64(m, f, k, activation, portable, rng):
     assert np.all(err <= tol), f"max excess {np.max(err - tol):.3g}"
 
 
-@pytest.mark.skipif(not native.gemm_amx(), reason="no AMX-BF16 here (or the kernel does not grant the tile state): "
-                                                "the bf16 product runs on the AVX512_BF16 tiles, tested above")
+@pytest.mark.skipif(not native.gemm_amx(), reason="no AMX-BF16 here (or the tile state not granted, or "
+                                                "REALM_JAX_NATIVE_AMX=0): the AVX512_BF16 tiles, tested above")
 @pytest.mark.parametrize("amx", ["0", "1"])
 def test_amx_tiles_and_the_avx512_ones_both_match_float64(amx, monkeypatch, rng):
     """On a CPU with AMX-BF16 the bf16 product runs on its tiles (16 rows of x a block), unless
@@ -147,7 +151,7 @@ def test_amx_tiles_and_the_avx512_ones_both_match_float64(amx, monkeypatch, rng)
     for m, n, k in ((1, 64, 32), (17, 70, 96), (33, 130, 512)):
         check(jnp.asarray(rng.standard_normal((m, k)), jnp.float32),
               jnp.asarray(rng.standard_normal((n, k)) * 0.05, jnp.float32))
-    test_glu_epilogue_matches_float64(19, 128, 64, "silu", False, rng)
+    check_glu(19, 128, 64, "silu", False, rng)
     w = random_qtensor("Q4_K", 70, 512, rng)
     x = jnp.asarray(rng.standard_normal((21, 512)), jnp.bfloat16)
     y = jax.jit(lambda x, w: native.qgemm(x, w, out_dtype=jnp.float32))(x, w)

@@ -12,8 +12,9 @@ intra-op thread pool. `gemm` multiplies prefill's many rows in bf16 with f32 acc
 6 x 64 register tiles) on a weight `pack_panels` laid out at load, reading layer i of the stacked layers
 in place (XLA's dot reached 410-850 GFLOP/s on gemma3's prefill shapes and needed each layer's weight
 copied out of the stack; the gemm runs at ~860), or on a CPU with AMX-BF16 with its tiles (TDPBF16PS, 16 x 64
-outputs a block: `gemm_amx`). `qgemm` runs the gemm on the quantized planes, a panel at a time; with ``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x
-quantized per group of 32. `qgemm_f32` is its f32 product (gemm_f32.h: the f32 policy's prefill, no
+outputs a block: `gemm_amx`). `qgemm` runs the gemm on the quantized planes, a panel at a time; with
+``REALM_JAX_NATIVE_PREFILL=int8`` (gemm_i8.h, opt-in: see `int8_prefill`) in int8 against x quantized per
+group of 32. `qgemm_f32` is its f32 product (gemm_f32.h: the f32 policy's prefill, no
 AVX512_BF16 needed).
 
 The C++ source is compiled at first use with the machine's C++ compiler (``$CXX``, else ``g++``/``c++``,

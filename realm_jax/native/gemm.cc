@@ -154,6 +154,17 @@ inline __m512 act512(int64_t act, __m512 g) {
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
+// Row m's 16 outputs of vector j of panel `panel` (those past `cols` not stored): f32 sums, or the GLU's
+// act(gate) * up rounded to bf16 (gate already through act512).
+inline void store_sums(const Gemm& g, int64_t m, int64_t panel, int j, int64_t cols, __m512 v) {
+  _mm512_mask_storeu_ps(static_cast<float*>(g.y) + m * g.n + panel * kPanel + 16 * j, lanes(cols, j), v);
+}
+
+inline void store_glu(const Gemm& g, int64_t m, int64_t panel, int j, int64_t cols, __m512 gate, __m512 up) {
+  uint16_t* y = static_cast<uint16_t*>(g.y) + m * (g.n / 2) + panel * kPanel + 16 * j;
+  _mm256_mask_storeu_epi16(y, lanes(cols, j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(gate, up)));
+}
+
 // R x 64 outputs of panel `panel` (the first `cols` stored): f32 y from the panel at w, or with an
 // activation the GLU's bf16 act(gate) * up, gate from the panel at w and up from the one at up.
 template <int R>
@@ -161,22 +172,16 @@ void tile(const Gemm& g, int64_t m0, int64_t panel, const uint32_t* w, const uin
   __m512 acc[R][4];
   accumulate_any<R>(g, m0, w, acc);
   if (g.act == kNoAct) {
-    float* y = static_cast<float*>(g.y) + m0 * g.n + panel * kPanel;
     for (int j = 0; j < 4; ++j)
-      for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + i * g.n + 16 * j, lanes(cols, j), acc[i][j]);
+      for (int i = 0; i < R; ++i) store_sums(g, m0 + i, panel, j, cols, acc[i][j]);
     return;
   }
   __m512 gate[R][4];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < 4; ++j) gate[i][j] = act512(g.act, acc[i][j]);
   accumulate_any<R>(g, m0, up, acc);
-  const int64_t half = g.n / 2;
-  uint16_t* y = static_cast<uint16_t*>(g.y) + m0 * half + panel * kPanel;
   for (int j = 0; j < 4; ++j)
-    for (int i = 0; i < R; ++i) {
-      const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(gate[i][j], acc[i][j]));
-      _mm256_mask_storeu_epi16(y + i * half + 16 * j, lanes(cols, j), out);
-    }
+    for (int i = 0; i < R; ++i) store_glu(g, m0 + i, panel, j, cols, gate[i][j], acc[i][j]);
 }
 
 #ifdef REALM_GEMM_AMX
@@ -245,21 +250,15 @@ void amx_rows(const Gemm& g, int64_t m0, int64_t m1, int64_t panel, const uint32
     const int64_t r = std::min<int64_t>(16, m1 - m);
     if (r != configured) amx_config(configured = r);
     amx_block(g, m, w, sums);
-    if (g.act == kNoAct) {
-      float* y = static_cast<float*>(g.y) + m * g.n + panel * kPanel;
-      for (int64_t i = 0; i < r; ++i)
-        for (int j = 0; j < 4; ++j)
-          _mm512_mask_storeu_ps(y + i * g.n + 16 * j, lanes(cols, j), _mm512_load_ps(&sums[i][16 * j]));
-      continue;
-    }
-    amx_block(g, m, up, ups);
-    const int64_t half = g.n / 2;
-    uint16_t* y = static_cast<uint16_t*>(g.y) + m * half + panel * kPanel;
+    if (g.act != kNoAct) amx_block(g, m, up, ups);
     for (int64_t i = 0; i < r; ++i)
       for (int j = 0; j < 4; ++j) {
-        const __m512 gate = act512(g.act, _mm512_load_ps(&sums[i][16 * j]));
-        const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(gate, _mm512_load_ps(&ups[i][16 * j])));
-        _mm256_mask_storeu_epi16(y + i * half + 16 * j, lanes(cols, j), out);
+        const __m512 v = _mm512_load_ps(&sums[i][16 * j]);
+        if (g.act == kNoAct) {
+          store_sums(g, m + i, panel, j, cols, v);
+        } else {
+          store_glu(g, m + i, panel, j, cols, act512(g.act, v), _mm512_load_ps(&ups[i][16 * j]));
+        }
       }
   }
   _tile_release();
