@@ -11,7 +11,7 @@ machine's speed hits them alike).
     python benchmarks/native_formats.py --formats Q4_K,Q2_K --m 1,8 --json out.json
     python benchmarks/native_formats.py --formats Q4_K,Q2_K,Q3_K --shapes 1024x4096 --resident   # compute only
     python benchmarks/native_formats.py --formats Q4_1,Q5_0 --weight-dtypes bfloat16,float32 --m 1,8
-        # the bf16 policy's two decode paths: weights rounded to bf16, or exact codes (dot_codes)
+        # weights rounded to bf16 (dot_bf16), or exact (dot_codes; the bf16 policy's decode)
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def weights(fmt: str, n: int, k: int, seed: int, resident: bool = False) -> list
     buffers."""
     x = np.random.default_rng(seed).standard_normal((min(n, 1024), k), np.float32) * 0.02
     q = quantize(x, fmt)
-    reps = (n // x.shape[0], 1)
-    w = QTensor(fmt, (n, k), {name: jnp.tile(p, reps) for name, p in q.planes.items()})
+    reps = (-(-n // x.shape[0]), 1)  # N need not be a multiple of the 1024 rows
+    w = QTensor(fmt, (n, k), {name: jnp.tile(p, reps)[:n] for name, p in q.planes.items()})
     copies = 1 if resident else max(1, -(-CACHE_BYTES // weight_bytes(w)))
     return [w] + [QTensor(fmt, (n, k), {name: jnp.array(p, copy=True) for name, p in w.planes.items()})
                   for _ in range(copies - 1)]

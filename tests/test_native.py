@@ -260,7 +260,7 @@ BF16_CASES = [("Q8_0", 32 * 19, 9), ("Q5_0", 32 * 3, 1), ("Q4_0", 32 * 17, 3), (
 
 @pytest.mark.parametrize("fmt,k,m", BF16_CASES, ids=lambda v: str(v))
 def test_bf16_weights_against_bf16_x(fmt, k, m, rng):
-    """Weights rounded to bf16 against an x of bf16 values (the bf16 policy's decode): the product of the
+    """Weights rounded to bf16 against an x of bf16 values (`native.matmul`'s weight_dtype bfloat16): the product of the
     rounded weights within f32 accumulation's tolerance, a row's result the same alone as among the others,
     an Inf scale giving non-finite rows as in the reference."""
     w = random_qtensor(fmt, N, k, rng)

@@ -45,12 +45,9 @@ class NativeWeight(Prepared):
       layer: None, or (inside a scan over stacked layers) a traced int32 scalar: `packed`'s planes are
         then the whole stack [L, ...] and the kernels read layer `layer` where it lies.
       dtype: (static, a name) "bfloat16" where `load`'s policy holds params and computes in bf16 on a CPU
-        with AVX512_BF16, else "float32". Decode rounds each dequantized weight to it (bf16: the weights a
-        bf16 copy holds, multiplied with vdpbf16ps, 32 products an instruction; f32: exact, as rounding to
-        16 bits in the f32 loop costs 1.4-2x its time), except that the `exact_bf16_formats` of
-        `realm_jax.native` multiply their exact weights by the bf16 x, which is faster still
-        (`decode_weight_dtype`). `qmatmul(impl="native")` on a QTensor uses its compute dtype, as the XLA
-        path dequantizes to it.
+        with AVX512_BF16, else "float32": what prefill's gemm rounds each weight to. Decode multiplies a
+        quantized weight's exact values whatever the dtype (`decode_weight_dtype`); a dense one is stored
+        in the dtype already.
       gemm: (static) more than MAX_ROWS rows of the weight's compute dtype run the native gemm on
         `packed`: with dtype bfloat16 `realm_jax.native.qgemm` (the weight rounded to bf16 panel by panel,
         as a bf16 copy holds it), with float32 `realm_jax.native.qgemm_f32` (the weight exact, f32 sums).
@@ -81,12 +78,13 @@ class NativeWeight(Prepared):
 
 
 def decode_weight_dtype(w: NativeWeight) -> str:
-    """The weight_dtype of `realm_jax.native.matmul` for w's decode: w.dtype, but exact weights ("float32")
-    for the formats whose codes vdpbf16ps multiplies as they are (`exact_bf16_formats`) where w.dtype is
-    bf16: faster than rounding each weight, and closer to the f32 product."""
-    if w.dtype == "bfloat16" and w.fmt in kernels.exact_bf16_formats():
-        return "float32"
-    return w.dtype
+    """The weight_dtype of `realm_jax.native.matmul` for w's decode: "float32" (the exact weights) for every
+    quantized format, w.dtype for a dense weight (held in that dtype already). Rounding each dequantized
+    weight to bf16 for vdpbf16ps (weight_dtype "bfloat16", `dot_bf16`) costs a conversion per 32 weights
+    and made one row of x 1.3-3.3x slower than the exact weights (the formats of small codes on vdpbf16ps
+    as they are, `exact_bf16_formats`; the others in f32), and 2-8 rows 0.96-2.9x as fast, on an Intel Xeon
+    (BENCHMARKS.md, "Issue 18: prefetch in decode"). The exact product is also closer to f32's."""
+    return "float32" if w.packed.format.block_size > 1 else w.dtype
 
 
 def _gemm_rows(w: NativeWeight, compute_dtype, m: int) -> bool:
@@ -108,12 +106,8 @@ class Native(Backend):
         return reason
 
     def prepare(self, qt: QTensor, policy: Policy, *, many_rows: bool = True) -> NativeWeight:
-        # Under a bf16 policy on a CPU with AVX512_BF16, decode rounds each dequantized weight to bf16 as
-        # the params dtype says (and as prefill's gemm does): vdpbf16ps then takes 32 products an
-        # instruction, where an f32 FMA takes 16; the formats of small codes multiply them exact, faster
-        # still (`decode_weight_dtype`). Elsewhere decode multiplies the weights exactly as stored
-        # (rounding them in the f32 loop costs 1.4-2x its time) and prefill's gemm or the dense copy for
-        # XLA's dot rounds them to the params dtype.
+        # Decode multiplies a quantized weight's exact values (`decode_weight_dtype`); prefill's gemm or
+        # the dense copy for XLA's dot rounds them to the params dtype.
         # Prefill (many rows) runs the native gemm on the planes under a bf16 policy where the CPU has
         # AVX512_BF16 and under the f32 policy anywhere (gemm_f32.h), so that no dense copy is made.
         quantized = qt.format.block_size > 1

@@ -281,8 +281,9 @@ def matmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, weight_dtype=
       out_dtype: y's dtype (default x.dtype).
       weight_dtype: float32 (default), bfloat16 or float16: each dequantized weight is rounded to it
         before the product, as converting the weight to that dtype would. bfloat16 with an x of bf16 values
-        runs on vdpbf16ps where the CPU has AVX512_BF16 (the same exact products, summed in another order:
-        twice the f32 loop's products an instruction, which counts once x has several rows). float32 with a
+        runs on vdpbf16ps where the CPU has AVX512_BF16 (the same exact products, summed in another order;
+        its conversion per 32 weights makes it no faster than float32: the bf16 policy decodes exact
+        weights, `realm_jax.linear.native.decode_weight_dtype`). float32 with a
         bf16 compute dtype, for the `exact_bf16_formats`, also runs on vdpbf16ps there: each code as a bf16
         value times x, the group's scale and offset applied to the group's sum (finite x below 2^64; else
         the f32 loop), within the f32 loop's tolerance.

@@ -282,6 +282,24 @@ struct Layout {
   X(kIQ3_XXS, 256, 3, {2, 64, 32}) \
   X(kIQ3_S, 256, 5, {2, 64, 8, 32, 4})
 
+// Format F's layout as a compile-time constant (for loops over its planes that the compiler unrolls).
+template <Fmt F>
+struct LayoutOf;
+#define REALM_LAYOUT_OF(f, block, n, ...) \
+  template <>                             \
+  struct LayoutOf<f> {                    \
+    static constexpr Layout value{f, block, n, __VA_ARGS__}; \
+  };
+REALM_FORMATS(REALM_LAYOUT_OF)
+#undef REALM_LAYOUT_OF
+
+// prefetch_block for each plane of block b of row r (b: a block of the layout, `per` groups of 32).
+template <Fmt F>
+__attribute__((always_inline)) inline void prefetch_ahead(const Row& r, int64_t b) {
+  constexpr Layout layout = LayoutOf<F>::value;
+  for (int64_t i = 0; i < layout.n_planes; ++i) prefetch_block(r.p[i] + layout.bytes[i] * b, layout.bytes[i]);
+}
+
 inline const Layout* layout_of(int64_t fmt) {
 #define REALM_LAYOUT(f, block, n, ...) {f, block, n, __VA_ARGS__},
   static const Layout kLayouts[] = {REALM_FORMATS(REALM_LAYOUT)};

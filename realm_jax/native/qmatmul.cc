@@ -93,19 +93,6 @@ struct Problem {
 };
 
 #if defined(REALM_AVX512) && defined(__AVX512BF16__)
-// Software prefetch of the code planes `ahead` bytes past block b of row r (a plane of at least 16 bytes a
-// block; the factors' small planes ride along): at several rows of x the loop reads a plane slowly enough
-// that the hardware prefetcher falls behind (Q8_0's 262k x 640 at 8 rows: 18 -> 14 ms; no change at one
-// row). A line holds up to four blocks of a legacy format: those prefetch once per two blocks.
-inline void prefetch_ahead(const Row& r, const Layout* layout, int64_t b, int64_t ahead) {
-  for (int64_t i = 0; i < layout->n_planes; ++i) {
-    const int64_t bytes = layout->bytes[i];
-    if (bytes < 16) continue;
-    for (int64_t off = 0; off < bytes; off += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(r.p[i] + bytes * b + ahead + off), _MM_HINT_T0);
-  }
-}
-
 // Weights rounded to bf16 against an x of bf16 values: the rounding is the conversion vdpbf16ps takes
 // (vcvtne2ps2bf16, round to nearest even, 32 weights an instruction) and each product is exact in f32, so
 // the sums are those of the f32 path (rounded weights, f32 FMA) but for their order, and cost one 512-bit
@@ -121,7 +108,6 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
   __m512 acc0[MB], acc1[MB];
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
   alignas(64) float s[16], o[16];
-  static const Layout* const layout = layout_of(F);  // a block of the layout is one of `per` groups here
   // Group g's dequantized weights (w0: elements 0..15, w1: 16..31) against the MB rows of x, into acc.
   auto accumulate = [&](__m512* acc, __m512 w0, __m512 w1, int64_t g) {
     const __m512bh w = _mm512_cvtne2ps_pbh(w1, w0);  // elements 0..15 from w0, 16..31 from w1
@@ -139,7 +125,7 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
   };
   if constexpr (per % 2 == 0) {
     for (int64_t b = 0; b < blocks; ++b) {
-      prefetch_ahead(r, layout, b, 1024);
+      prefetch_ahead<F>(r, b);
       prepare<F>(r, b, s, o);
       for (int64_t j = 0; j < per; j += 2) {
         step(b, j, acc0, s, o);
@@ -159,7 +145,7 @@ inline void dot_bf16(const Problem& p, const Row& r, int64_t m0, int64_t n) {
       prepare16<F>(r, b0, nb, sv, ov);
       int64_t e = 0;
       for (; e + 1 < nb; e += 2) {
-        prefetch_ahead(r, layout, b0 + e, 1024);
+        prefetch_ahead<F>(r, b0 + e);
         block(b0 + e, acc0, sv, ov, e);
         block(b0 + e + 1, acc1, sv, ov, e + 1);
       }
@@ -286,7 +272,6 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
   static_assert(kCodes<F>);
   __m512 acc0[MB], acc1[MB], off[MB];  // off: the offset terms
   for (int i = 0; i < MB; ++i) acc0[i] = acc1[i] = off[i] = _mm512_setzero_ps();
-  static const Layout* const layout = layout_of(F);
   const uint16_t* xb = p.xb + m0 * p.k;
   const int64_t g32 = p.k / 32;
   const float* xs32 = p.xs32 + m0 * g32;
@@ -305,7 +290,7 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
       for (int i = 0; i < MB; ++i) off[i] = _mm512_fmadd_ps(ob, _mm512_maskz_loadu_ps(lanes, xs32 + i * g32 + b0), off[i]);
       int64_t e = 0;
       for (; e + 1 < nb; e += 2) {  // blocks b0 + e, b0 + e + 1: lanes 0..7 of the sums block e's, 8..15 the next's
-        prefetch_ahead(r, layout, b0 + e, 1024);
+        prefetch_ahead<F>(r, b0 + e);
         __m512i lo, hi;
         legacy_codes2<F>(r, b0 + e, lo, hi);
         const __m512 s2 = _mm512_permutexvar_ps(_mm512_add_epi32(halves, _mm512_set1_epi32(static_cast<int>(e))), sv);
@@ -320,7 +305,7 @@ __attribute__((always_inline)) inline void dot_codes(const Problem& p, const Row
   } else {
     alignas(64) float s[16], o[16];
     for (int64_t b = 0; b < g32 / 8; ++b) {
-      prefetch_ahead(r, layout, b, 1024);
+      prefetch_ahead<F>(r, b);
       prepare<F>(r, b, s, o);
       const uint16_t* xg = xb + 256 * b;
       if constexpr (F == kQ4_K || F == kQ5_K) {
@@ -439,6 +424,7 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     constexpr int64_t per = groups_per_block<F>();
     alignas(64) float s[16], o[16];
     for (int64_t b = 0; b < groups / per; ++b) {
+      prefetch_ahead<F>(r, b);
       prepare<F>(r, b, s, o);
       for (int64_t j = 0; j < per; ++j) {
         __m512 w0, w1;
@@ -457,6 +443,7 @@ void rows(const Problem& p, int64_t m0, int64_t n0, int64_t n1) {
     float acc[MB][32] = {};
     float w[32];
     for (int64_t g = 0; g < groups; ++g) {
+      if (g % groups_per_block<F>() == 0) prefetch_ahead<F>(r, g / groups_per_block<F>());
       group_scalar<F>(r, g, w);
       if constexpr (R == kToBF16) {
         for (int e = 0; e < 32; ++e) w[e] = round_bf16(w[e]);
