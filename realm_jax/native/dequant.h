@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "iquants.h"
 #include "kquants_low.h"
@@ -293,11 +294,16 @@ struct LayoutOf;
 REALM_FORMATS(REALM_LAYOUT_OF)
 #undef REALM_LAYOUT_OF
 
-// prefetch_block for each plane of block b of row r (b: a block of the layout, `per` groups of 32).
+// prefetch_block for each plane of block b of row r (b: a block of the layout, `per` groups of 32), unrolled
+// over the planes at compile time (a loop over them reads the layout from memory at every block).
+template <Fmt F, size_t... I>
+__attribute__((always_inline)) inline void prefetch_planes(const Row& r, int64_t b, std::index_sequence<I...>) {
+  constexpr const Layout& layout = LayoutOf<F>::value;
+  (prefetch_block<layout.bytes[I]>(r.p[I] + layout.bytes[I] * b), ...);
+}
 template <Fmt F>
 __attribute__((always_inline)) inline void prefetch_ahead(const Row& r, int64_t b) {
-  constexpr Layout layout = LayoutOf<F>::value;
-  for (int64_t i = 0; i < layout.n_planes; ++i) prefetch_block(r.p[i] + layout.bytes[i] * b, layout.bytes[i]);
+  prefetch_planes<F>(r, b, std::make_index_sequence<LayoutOf<F>::value.n_planes>{});
 }
 
 inline const Layout* layout_of(int64_t fmt) {

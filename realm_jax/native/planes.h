@@ -51,9 +51,11 @@ inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); retur
 // read of the same bytes: 30), Q4_K's 14336 x 4096 from 7 to 15, Q2_K's from 7 to 15; on the AMD EPYC, Q8_0 at
 // 8 rows from 18 to 14 ms. A plane of under 16 bytes a block (the f16 factors) is left to the hardware.
 constexpr int64_t kAhead = 2048;
-__attribute__((always_inline)) inline void prefetch_block(const uint8_t* block, int64_t bytes) {
-  if (bytes < 16) return;
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(block + kAhead + off, 0, 3);
+template <int64_t Bytes>
+__attribute__((always_inline)) inline void prefetch_block(const uint8_t* block) {
+  if constexpr (Bytes >= 16) {
+    for (int64_t off = 0; off < Bytes; off += 64) __builtin_prefetch(block + kAhead + off, 0, 3);
+  }
 }
 inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 #ifdef REALM_AVX512
