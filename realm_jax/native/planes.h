@@ -9,6 +9,8 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(REALM_PORTABLE)
 #include <immintrin.h>
 #define REALM_AVX512 1
+#elif defined(__F16C__) && !defined(REALM_PORTABLE)
+#include <immintrin.h>  // F16C's conversion in f16_at
 #endif
 
 #include "numeric.h"
@@ -58,8 +60,9 @@ __attribute__((always_inline)) inline void prefetch_block(const uint8_t* block) 
   }
 }
 inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
-#ifdef REALM_AVX512
-// F16C's conversion (exact, as f16_to_f32): the scales of every block are read in the inner loops.
+#if defined(__F16C__) && !defined(REALM_PORTABLE)
+// F16C's conversion (exact, as f16_to_f32): the scales of every block are read in the inner loops (the avx2
+// build's too, where the branches of f16_to_f32 cost more than the group's arithmetic).
 inline float f16_at(const uint8_t* p, int64_t i) { return _cvtsh_ss(u16(p + 2 * i)); }
 #else
 inline float f16_at(const uint8_t* p, int64_t i) { return f16_to_f32(u16(p + 2 * i)); }
