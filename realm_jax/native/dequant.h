@@ -72,10 +72,23 @@ inline void group_scalar(const Row& r, int64_t g, float* out) {
     const int64_t b = g / 8, j = g % 8;
     float dl = f16_at(r.p[0], b) * r.p[2][g], ml = f16_at(r.p[1], b) * r.p[3][g];
     const uint8_t* qs = r.p[F == kQ5_K ? 5 : 4] + 128 * b + 32 * (j / 2);
-    for (int i = 0; i < 32; ++i) {
-      int q = (qs[i] >> (4 * (j & 1))) & 0xf;
-      if constexpr (F == kQ5_K) q |= ((r.p[4][32 * b + i] >> j) & 1) << 4;
-      out[i] = dl * q - ml;
+    auto sub_block = [&](auto jc) {  // the shifts constants: a loop the compiler vectorizes
+      constexpr int J = decltype(jc)::value;
+      for (int i = 0; i < 32; ++i) {
+        int q = (qs[i] >> (4 * (J & 1))) & 0xf;
+        if constexpr (F == kQ5_K) q |= ((r.p[4][32 * b + i] >> J) & 1) << 4;
+        out[i] = dl * q - ml;
+      }
+    };
+    switch (j) {
+      case 0: sub_block(std::integral_constant<int, 0>{}); break;
+      case 1: sub_block(std::integral_constant<int, 1>{}); break;
+      case 2: sub_block(std::integral_constant<int, 2>{}); break;
+      case 3: sub_block(std::integral_constant<int, 3>{}); break;
+      case 4: sub_block(std::integral_constant<int, 4>{}); break;
+      case 5: sub_block(std::integral_constant<int, 5>{}); break;
+      case 6: sub_block(std::integral_constant<int, 6>{}); break;
+      default: sub_block(std::integral_constant<int, 7>{}); break;
     }
   } else if constexpr (F == kQ6_K) {
     // planes: ql, qh, scales, d. Group g' = g % 8 of super-block b: half h, quarter q.
