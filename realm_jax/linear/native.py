@@ -81,9 +81,10 @@ def decode_weight_dtype(w: NativeWeight) -> str:
     """The weight_dtype of `realm_jax.native.matmul` for w's decode: "float32" (the exact weights) for every
     quantized format, w.dtype for a dense weight (held in that dtype already). Rounding each dequantized
     weight to bf16 for vdpbf16ps (weight_dtype "bfloat16", `dot_bf16`) costs a conversion per 32 weights
-    and made one row of x 1.3-3.3x slower than the exact weights (the formats of small codes on vdpbf16ps
+    and made one row of x 1.0-3.3x slower than the exact weights (the formats of small codes on vdpbf16ps
     as they are, `exact_bf16_formats`; the others in f32), and 2-8 rows 0.96-2.9x as fast, on an Intel Xeon
-    (BENCHMARKS.md, "Issue 18: prefetch in decode"). The exact product is also closer to f32's."""
+    (BENCHMARKS.md, "Issue 18: decode's prefetch compiled per format"). The exact product is also closer to
+    f32's."""
     return "float32" if w.packed.format.block_size > 1 else w.dtype
 
 

@@ -46,11 +46,12 @@ inline float f16_to_f32(uint16_t h) {
 
 inline uint16_t u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 inline uint32_t u32(const uint8_t* p) { uint32_t v; std::memcpy(&v, p, 4); return v; }
+inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
 
-// Software prefetch of a plane kAhead bytes past one block's `bytes` there, for a loop that streams W's planes.
+// Software prefetch of a plane kAhead bytes past a block of `Bytes` there, for a loop that streams W's planes.
 // The loops spend a few cycles of arithmetic on each block, which leaves the hardware prefetcher behind: at
 // one row of x on a 2-core Intel Xeon, Q8_0's 262144 x 640 went from 14 to 23 GB/s (two threads, a plain
-// read of the same bytes: 30), Q4_K's 14336 x 4096 from 7 to 15, Q2_K's from 7 to 15; on the AMD EPYC, Q8_0 at
+// read of the same bytes: 30), Q4_K's and Q2_K's 14336 x 4096 from 7 to 13.5; on the AMD EPYC, Q8_0 at
 // 8 rows from 18 to 14 ms. A plane of under 16 bytes a block (the f16 factors) is left to the hardware.
 constexpr int64_t kAhead = 2048;
 template <int64_t Bytes>
@@ -59,7 +60,7 @@ __attribute__((always_inline)) inline void prefetch_block(const uint8_t* block) 
     for (int64_t off = 0; off < Bytes; off += 64) __builtin_prefetch(block + kAhead + off, 0, 3);
   }
 }
-inline uint64_t u64(const uint8_t* p) { uint64_t v; std::memcpy(&v, p, 8); return v; }
+
 #if defined(__F16C__) && !defined(REALM_PORTABLE)
 // F16C's conversion (exact, as f16_to_f32): the scales of every block are read in the inner loops (the avx2
 // build's too, where the branches of f16_to_f32 cost more than the group's arithmetic).
