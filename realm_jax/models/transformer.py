@@ -337,8 +337,12 @@ def run_layers(config: ModelConfig, runs: list[LayerRun], x, positions, cache: K
             params = in_place(jax.tree.map(lambda a: a[0], scanned), jnp.int32(0))
             inv_freq, local = _layer_constants(config)
             tables = tuple(t[rope[1][run.first]] for t in rope[0])
+            # One position a row (a decode step) keeps it anyway: without `keep` the layer takes the in-place
+            # decode attention over the stacked cache, as the scanned layers do, where `keep`'s path would
+            # copy the layer's cache out of the stack and back (two copies of a cache's size a step).
+            keep = last if x.shape[1] > 1 else None
             x, cache = _block(config, params, x, positions, cache, run.first, jnp.asarray(inv_freq[run.first]),
-                              bool(local[run.first]), policy=policy, kv_len=kv_len, impl=impl, tables=tables, keep=last)
+                              bool(local[run.first]), policy=policy, kv_len=kv_len, impl=impl, tables=tables, keep=keep)
             return x[:, 0], cache
         x, cache = scan_layers(config, run.params, x, positions, cache, jnp.asarray(ids), ids, policy=policy,
                                kv_len=kv_len, impl=impl, rope=rope)
