@@ -348,7 +348,7 @@ __attribute__((always_inline)) inline void prefetch_planes(const Row& r, int64_t
   (prefetch_block<layout.bytes[I]>(r.p[I] + layout.bytes[I] * b), ...);
 }
 template <Fmt F>
-__attribute__((always_inline)) inline void prefetch_ahead(const Row& r, int64_t b) {
+__attribute__((always_inline)) inline void prefetch_ahead(const Row& r, int64_t b) {  // declared in planes.h
   prefetch_planes<F>(r, b, std::make_index_sequence<LayoutOf<F>::value.n_planes>{});
 }
 

@@ -177,8 +177,7 @@ struct Dequant<kQ2_K> {
         const __m512i mins = _mm512_srli_epi32(_mm512_cvtepu8_epi32(sc), 4);
         const int16_t* xq = x.q.data() + m0 * x.k + 256 * b;
         const uint8_t* qs = r.p[1] + 64 * b;
-        prefetch_block<64>(qs);
-        prefetch_block<16>(r.p[0] + 16 * b);
+        prefetch_ahead<kQ2_K>(r, b);
         __m512i dot[MB];
         const __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs)));
         fields<0, 0, MB>(v0, bytes, xq, x.k, dot);
@@ -263,9 +262,7 @@ struct Dequant<kQ3_K> {
             _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r.p[2] + 16 * b))), _mm256_set1_epi16(32));
         const __m512i offsets = _mm512_slli_epi32(_mm512_cvtepi16_epi32(scales), 2);  // 4 (s - 32) per sub-block
         const __m512i hv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p[0] + 32 * b)));
-        prefetch_block<32>(r.p[0] + 32 * b);
-        prefetch_block<64>(r.p[1] + 64 * b);
-        prefetch_block<16>(r.p[2] + 16 * b);
+        prefetch_ahead<kQ3_K>(r, b);
         __m512i dot[MB];
         const int16_t* xq = x.q.data() + m0 * x.k + 256 * b;
         const __m512i v0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r.p[1] + 64 * b)));

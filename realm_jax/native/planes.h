@@ -60,6 +60,10 @@ __attribute__((always_inline)) inline void prefetch_block(const uint8_t* block) 
     for (int64_t off = 0; off < Bytes; off += 64) __builtin_prefetch(block + kAhead + off, 0, 3);
   }
 }
+// prefetch_block for each plane of block b of row r, from the format's layout (dequant.h: defined there, after
+// the layouts; declared here for the family headers' loops).
+template <Fmt F>
+inline void prefetch_ahead(const Row& r, int64_t b);
 
 #if defined(__F16C__) && !defined(REALM_PORTABLE)
 // F16C's conversion (exact, as f16_to_f32): the scales of every block are read in the inner loops (the avx2
