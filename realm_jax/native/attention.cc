@@ -9,13 +9,14 @@
 // The math is ops.attention's: scores = (q . k) * scale in f32 over the keys at positions <= the query's
 // (and, for a local layer with a window, > position - window), softmax in f32 (exp(s - max) / sum), the
 // probabilities rounded to the cache's dtype (as XLA's path casts them to v's dtype), then summed against
-// v with f32 accumulation. Each (sequence, kv head) is independent: a row's result does not depend on the
+// v with f32 accumulation. Each (sequence, query head) is independent: a row's result does not depend on the
 // batch. q arrives in f32, already rounded to the compute dtype by the caller.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && !defined(REALM_PORTABLE)
@@ -88,41 +89,73 @@ inline void axpy(float p, const uint8_t* v, int64_t vo, int64_t hv, bool bf16, f
   for (; e < hv; ++e) out[e] += p * load(v, vo + e, bf16);
 }
 
-// Sequence bi, kv head kh: its T queries x G heads.
-void head(const Attn& a, int64_t bi, int64_t kh, std::vector<float>& scores) {
-  const int64_t g = a.n / a.kv;
+#ifdef REALM_ATTN_AVX512
+// out[0, 16 V) = sum over keys j in [lo, hi] of p[j - lo] * v_j, in j order (the same FMAs, in the same order,
+// as axpy's; the sums stay in registers instead of a load and a store of out a key).
+template <int V>
+void weighted_sum(const float* p, const uint8_t* v, int64_t vo, int64_t stride, int64_t lo, int64_t hi, bool bf16,
+                  float* out) {
+  __m512 acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t j = lo; j <= hi; ++j) {
+    const __m512 pv = _mm512_set1_ps(p[j - lo]);
+    const int64_t o = vo + j * stride;
+    for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pv, load16(v, o + 16 * i, bf16), acc[i]);
+  }
+  for (int i = 0; i < V; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+}
+
+template <int... V>
+bool weighted_sum_of(int64_t hv, std::integer_sequence<int, V...>, const float* p, const uint8_t* v, int64_t vo,
+                     int64_t stride, int64_t lo, int64_t hi, bool bf16, float* out) {
+  return ((hv == 16 * (V + 1) ? (weighted_sum<V + 1>(p, v, vo, stride, lo, hi, bf16, out), true) : false) || ...);
+}
+#endif
+
+// out[0, hv) = sum over keys j in [lo, hi] of p[j - lo] * v_j, v_j from element vo + j * stride of the cache.
+void weighted_sum_any(const float* p, const uint8_t* v, int64_t vo, int64_t stride, int64_t lo, int64_t hi,
+                      int64_t hv, bool bf16, float* out) {
+  std::fill(out, out + hv, 0.0f);
+#ifdef REALM_ATTN_AVX512
+  // Head sizes up to 256 (gemma3's), a multiple of 16: 16 accumulators at most of the 32 registers.
+  if (weighted_sum_of(hv, std::make_integer_sequence<int, 16>{}, p, v, vo, stride, lo, hi, bf16, out)) return;
+#endif
+  for (int64_t j = lo; j <= hi; ++j) axpy(p[j - lo], v, vo + j * stride, hv, bf16, out);
+}
+
+// Sequence bi, query head qh: its T queries.
+void head(const Attn& a, int64_t bi, int64_t qh, std::vector<float>& scores) {
+  const int64_t kh = qh / (a.n / a.kv);
+  const int64_t vo = (bi * a.s * a.kv + kh) * a.hv, vstride = a.kv * a.hv;
   for (int64_t ti = 0; ti < a.t; ++ti) {
     const int64_t p = a.pos[bi * a.t + ti];
     int64_t lo = 0, hi = std::min<int64_t>(p, a.kv_len - 1);  // keys [lo, hi]
     if (a.local && a.window > 0) lo = std::max<int64_t>(0, p - a.window + 1);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const int64_t qh = kh * g + gi;
-      const float* q = a.q + ((bi * a.t + ti) * a.n + qh) * a.h;
-      float* out = a.out + ((bi * a.t + ti) * a.n + qh) * a.hv;
-      std::fill(out, out + a.hv, 0.0f);
-      if (hi < lo) {
-        // No key is visible: XLA's path gives every key of [0, kv_len) the same (minimal) score.
-        const float u = a.bf16 ? realm::round_bf16(1.0f / a.kv_len) : 1.0f / a.kv_len;
-        for (int64_t j = 0; j < a.kv_len; ++j) axpy(u, a.v, ((bi * a.s + j) * a.kv + kh) * a.hv, a.hv, a.bf16, out);
-        continue;
-      }
-      float m = -INFINITY;
-      for (int64_t j = lo; j <= hi; ++j) {
-        const float sj = dot(q, a.k, ((bi * a.s + j) * a.kv + kh) * a.h, a.h, a.bf16) * a.scale;
-        scores[j - lo] = sj;
-        m = std::max(m, sj);
-      }
-      float sum = 0.0f;
-      for (int64_t j = lo; j <= hi; ++j) {
-        scores[j - lo] = std::exp(scores[j - lo] - m);
-        sum += scores[j - lo];
-      }
-      for (int64_t j = lo; j <= hi; ++j) {
-        float pj = scores[j - lo] / sum;
-        if (a.bf16) pj = realm::round_bf16(pj);
-        axpy(pj, a.v, ((bi * a.s + j) * a.kv + kh) * a.hv, a.hv, a.bf16, out);
-      }
+    const float* q = a.q + ((bi * a.t + ti) * a.n + qh) * a.h;
+    float* out = a.out + ((bi * a.t + ti) * a.n + qh) * a.hv;
+    if (hi < lo) {
+      // No key is visible: XLA's path gives every key of [0, kv_len) the same (minimal) score.
+      const float u = a.bf16 ? realm::round_bf16(1.0f / a.kv_len) : 1.0f / a.kv_len;
+      std::fill(scores.begin(), scores.begin() + a.kv_len, u);
+      weighted_sum_any(scores.data(), a.v, vo, vstride, 0, a.kv_len - 1, a.hv, a.bf16, out);
+      continue;
     }
+    float m = -INFINITY;
+    for (int64_t j = lo; j <= hi; ++j) {
+      const float sj = dot(q, a.k, ((bi * a.s + j) * a.kv + kh) * a.h, a.h, a.bf16) * a.scale;
+      scores[j - lo] = sj;
+      m = std::max(m, sj);
+    }
+    float sum = 0.0f;
+    for (int64_t j = lo; j <= hi; ++j) {
+      scores[j - lo] = std::exp(scores[j - lo] - m);
+      sum += scores[j - lo];
+    }
+    for (int64_t j = lo; j <= hi; ++j) {
+      const float pj = scores[j - lo] / sum;
+      scores[j - lo] = a.bf16 ? realm::round_bf16(pj) : pj;
+    }
+    weighted_sum_any(scores.data(), a.v, vo, vstride, lo, hi, a.hv, a.bf16, out);
   }
 }
 
@@ -168,10 +201,12 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       return ffi::Error::InvalidArgument("realm_decode_attention: a query position is outside the cache");
     }
   }
-  realm::parallel_chunks(pool, a.b * a.kv, [&a](int64_t c) {
+  // A chunk a query head: gemma3's one kv head (four query heads) and SmolLM2's three (nine) give both threads
+  // work, which chunks of a kv head did not (one chunk, or three for two threads).
+  realm::parallel_chunks(pool, a.b * a.n, [&a](int64_t c) {
     thread_local std::vector<float> scores;  // grows to the longest row once per thread
     if (static_cast<int64_t>(scores.size()) < a.kv_len) scores.resize(a.kv_len);
-    head(a, c / a.kv, c % a.kv, scores);
+    head(a, c / a.n, c % a.n, scores);
   });
   return ffi::Error::Success();
 }
