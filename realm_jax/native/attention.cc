@@ -78,6 +78,15 @@ inline float dot(const float* q, const uint8_t* k, int64_t ko, int64_t h, bool b
   return acc;
 }
 
+// Keys a loop prefetches ahead: a key's few FMAs leave the hardware prefetcher behind the strided rows of one
+// kv head (a long context's cache is read from memory: SmolLM2's 30 layers at 1.7k positions are 39 MB a token).
+constexpr int64_t kKeysAhead = 16;
+
+// Prefetch the `bytes` of a cache row at p.
+inline void prefetch_row(const uint8_t* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 // out[0, hv) += p * v (from element vo of the cache).
 inline void axpy(float p, const uint8_t* v, int64_t vo, int64_t hv, bool bf16, float* out) {
   int64_t e = 0;
@@ -97,7 +106,9 @@ void weighted_sum(const float* p, const uint8_t* v, int64_t vo, int64_t stride, 
                   float* out) {
   __m512 acc[V];
   for (int i = 0; i < V; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t size = bf16 ? 2 : 4;
   for (int64_t j = lo; j <= hi; ++j) {
+    if (j + kKeysAhead <= hi) prefetch_row(v + (vo + (j + kKeysAhead) * stride) * size, 16 * V * size);
     const __m512 pv = _mm512_set1_ps(p[j - lo]);
     const int64_t o = vo + j * stride;
     for (int i = 0; i < V; ++i) acc[i] = _mm512_fmadd_ps(pv, load16(v, o + 16 * i, bf16), acc[i]);
@@ -141,7 +152,9 @@ void head(const Attn& a, int64_t bi, int64_t qh, std::vector<float>& scores) {
       continue;
     }
     float m = -INFINITY;
+    const int64_t size = a.bf16 ? 2 : 4;
     for (int64_t j = lo; j <= hi; ++j) {
+      if (j + kKeysAhead <= hi) prefetch_row(a.k + ((bi * a.s + j + kKeysAhead) * a.kv + kh) * a.h * size, a.h * size);
       const float sj = dot(q, a.k, ((bi * a.s + j) * a.kv + kh) * a.h, a.h, a.bf16) * a.scale;
       scores[j - lo] = sj;
       m = std::max(m, sj);
