@@ -42,4 +42,43 @@ inline void parallel_chunks(xla::ffi::ThreadPool& pool, int64_t n_chunks, std::f
   }
 }
 
+// Runs body(begin, end) over the items [0, n) on the calling thread and up to pool.num_threads() - 1 pool tasks,
+// in ranges claimed from an atomic cursor, guided: each claim takes 1 / (2 threads) of what is left (at least
+// `grain` items, a multiple of `grain` but for the last), so that the first claims are large and the last small,
+// and the thread done first waits for the other's last range, a grain or so, not for 1 / 16 of the call.
+inline void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain,
+                            std::function<void(int64_t, int64_t)> body) {
+  struct Shared {
+    std::function<void(int64_t, int64_t)> body;
+    int64_t n, grain, share;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  if (n <= 0) return;
+  grain = std::max<int64_t>(1, grain);
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), (n + grain - 1) / grain);
+  auto s = std::make_shared<Shared>();
+  s->body = std::move(body);
+  s->n = n;
+  s->grain = grain;
+  s->share = 2 * threads;
+  auto work = [](Shared& sh) {
+    int64_t begin = sh.next.load(std::memory_order_relaxed);
+    while (begin < sh.n) {
+      const int64_t size = std::max<int64_t>(1, (sh.n - begin) / sh.share / sh.grain) * sh.grain;
+      const int64_t end = std::min(sh.n, begin + size);
+      if (!sh.next.compare_exchange_weak(begin, end, std::memory_order_relaxed)) continue;  // begin reloaded
+      sh.body(begin, end);
+      sh.done.fetch_add(end - begin, std::memory_order_release);
+      begin = sh.next.load(std::memory_order_relaxed);
+    }
+  };
+  for (int64_t t = 0; t < threads - 1; ++t) pool.Schedule([s, work] { work(*s); });
+  work(*s);
+  while (s->done.load(std::memory_order_acquire) < n) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
 }  // namespace realm

@@ -563,13 +563,9 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, LayerIndex lay
     p.xs32 = xs32.data();
   }
 #endif
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About 8 chunks of W's rows per thread for balance, at least 16 rows each.
-  const int64_t chunk = std::max<int64_t>(16, (p.n + threads * 8 - 1) / (threads * 8));
+  // W's rows in guided ranges of 16 rows or more.
   const Runner runner = spec->runner;
-  realm::parallel_chunks(pool, (p.n + chunk - 1) / chunk, [&p, runner, chunk](int64_t c) {
-    runner(p, c * chunk, std::min(p.n, (c + 1) * chunk));
-  });
+  realm::parallel_ranges(pool, p.n, 16, [&p, runner](int64_t n0, int64_t n1) { runner(p, n0, n1); });
   return ffi::Error::Success();
 }
 
