@@ -68,7 +68,7 @@ def test_generate_with_the_fused_kernels():
     from realm_jax.reference import reference_dir
 
     model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
-    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "6", "--precision", "f32",
+    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", "--precision", "f32",
                   "--impl", impl) for impl in ("pallas", "xla")]
     assert all(p.returncode == 0 for p in texts), texts[0].stderr
     assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("Once upon a time")

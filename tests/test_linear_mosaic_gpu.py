@@ -135,7 +135,7 @@ def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
         gemm(x, w, compute_dtype=BF16, tiling=t, interpret=True)
 
 
-@pytest.mark.parametrize("fmt,block_k", [("Q4_K", 128), ("Q6_K", 256), ("Q5_0", 256)])
+@pytest.mark.parametrize("fmt,block_k", [("Q4_K", 128), ("Q6_K", 256), ("Q4_0", 256)])
 def test_steps_of_part_of_a_unit_or_several_units(fmt, block_k, rng):
     """A step of half a k-quant unit (each plane kept per chunk read in part), of a whole one, of eight
     32-element blocks: the same product as the default one-chunk steps."""

@@ -53,11 +53,11 @@ def test_layout_round_trip(fmt, rng):
     the QTensor back (Q8_K's bsums, which the kernel does not read, recomputed from its quants)."""
     w = (random_qtensor(fmt, 200, 512, rng) if fmt != "Q8_K"
          else quantize(jnp.asarray(rng.standard_normal((200, 512))), "Q8_K"))
-    lanes = to_lanes(w)
+    lanes = jax.jit(to_lanes)(w)  # one program, not one an op
     assert all(a.shape[-1] == 256 for a in lanes.values())
     assert sum(a.size * a.dtype.itemsize for a in lanes.values()) * 200 == w.nbytes * 256 - (
         w.planes["bsums"].nbytes * 256 if fmt == "Q8_K" else 0)
-    back = from_lanes(fmt, w.shape, lanes).check()
+    back = jax.jit(from_lanes, static_argnums=(0, 1))(fmt, w.shape, lanes).check()
     for name, plane in w.planes.items():
         np.testing.assert_array_equal(np.asarray(back.planes[name]), np.asarray(plane), err_msg=f"{fmt} {name}")
 

@@ -21,7 +21,8 @@ TOL = {jnp.bfloat16: 2e-2, jnp.float32: 1e-5}
 
 @pytest.mark.parametrize("portable", BUILDS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("t,h,window,local", [(1, 32, 0, False), (3, 24, 4, True), (1, 64, 4, False), (2, 256, 0, False)],
+@pytest.mark.parametrize("t,h,window,local",
+                         [(1, 32, 0, False), (3, 24, 4, True), (1, 64, 4, False), (2, 256, 0, False)],
                          ids=["one-query", "window-ragged-head", "window-global-layer", "widest-register-head"])
 def test_matches_xla_attention(t, h, window, local, dtype, portable, rng):
     layers, b, s, kv, n, kv_len = 3, 2, 20, 2, 6, 16
