@@ -11,10 +11,24 @@
 
 namespace realm {
 
+// Runs work(*s) on `helpers` pool tasks and on the calling thread, then waits until s->done reaches `total`.
+// The work claims its items from a cursor in *s (shared, so that a pool task that starts late finds it
+// exhausted and returns without touching the call's state) and adds what it finished to s->done.
+template <class Shared, class Work>
+void run_on_pool(xla::ffi::ThreadPool& pool, int64_t helpers, const std::shared_ptr<Shared>& s, Work work,
+                 int64_t total) {
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s, work] { work(*s); });
+  work(*s);
+  while (s->done.load(std::memory_order_acquire) < total) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#endif
+  }
+}
+
 // Runs chunk(c) for every c in [0, n_chunks) on the calling thread and up to pool.num_threads() - 1 pool
 // tasks. Chunks are handed out from an atomic counter: the calling thread takes chunks too and waits only
-// for chunks another thread has claimed, so a pool task that starts late cannot stall the call (it finds
-// the counter exhausted and returns without touching `chunk`).
+// for chunks another thread has claimed.
 inline void parallel_chunks(xla::ffi::ThreadPool& pool, int64_t n_chunks, std::function<void(int64_t)> chunk) {
   struct Shared {
     std::function<void(int64_t)> chunk;
@@ -33,13 +47,7 @@ inline void parallel_chunks(xla::ffi::ThreadPool& pool, int64_t n_chunks, std::f
     }
   };
   const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n_chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([s, work] { work(*s); });
-  work(*s);
-  while (s->done.load(std::memory_order_acquire) < n_chunks) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  run_on_pool(pool, helpers, s, work, n_chunks);
 }
 
 // Runs body(begin, end) over the items [0, n) on the calling thread and up to pool.num_threads() - 1 pool tasks,
@@ -72,13 +80,7 @@ inline void parallel_ranges(xla::ffi::ThreadPool& pool, int64_t n, int64_t grain
       begin = sh.next.load(std::memory_order_relaxed);
     }
   };
-  for (int64_t t = 0; t < threads - 1; ++t) pool.Schedule([s, work] { work(*s); });
-  work(*s);
-  while (s->done.load(std::memory_order_acquire) < n) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-  }
+  run_on_pool(pool, threads - 1, s, work, n);
 }
 
 }  // namespace realm
