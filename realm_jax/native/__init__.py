@@ -529,7 +529,8 @@ def quantize_x8(x) -> np.ndarray:
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer, query_pos: jax.Array, local, *,
                      scale: float, window: int = 0, kv_len: int | None = None, portable: bool = False) -> jax.Array:
     """`realm_jax.ops.attention` for a decode step, over layer `layer` of the stacked KV cache read in place
-    (attention.cc): f32 scores and softmax, the probabilities rounded to the cache's dtype, f32 sums.
+    (attention.cc): f32 scores and softmax, the probabilities rounded to the cache's dtype, f32 sums; a long
+    row in key ranges, each kv head's range read once for all its query heads, their softmaxes merged.
 
     Args:
       q: [B, T, N, H] queries in the compute dtype (few T: a decode step).
