@@ -430,6 +430,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       return ffi::Error::InvalidArgument("realm_decode_attention: a query position is outside the cache");
     }
   }
+  if (a.b * a.t * a.n == 0) return ffi::Error::Success();  // no query: nothing to write
   // A chunk: key range r of kv head kh of sequence bi, for a set of the kv head's query heads (`cut`), every
   // query. Each range's softmax is its own (`span`); the ranges' are merged below (a flash-decoding split).
   const auto [splits, subs] = cut(a, pool.num_threads());
