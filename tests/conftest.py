@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from realm_jax import assets
+
+# Before jax starts its CPU client: run each computation inline on the thread that calls it. The Pallas
+# interpreters (Mosaic GPU's warpgroups, Mosaic TPU's cores) run each simulated thread's program from a
+# Python thread, and those programs block in barrier callbacks. Dispatched asynchronously, they wait for a
+# thread of XLA's CPU pool (as many as cores), which the blocked callbacks can all hold: on a 2-core
+# machine a warp-specialized kernel's test deadlocked that way (session 37). Inline, no program waits for
+# a pool thread; the results are the same.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture(scope="session")
