@@ -109,30 +109,6 @@ inline __m512 load16_masked(const uint8_t* base, int64_t i, bool bf16, __mmask16
   return _mm512_maskz_loadu_ps(mask, reinterpret_cast<const float*>(base) + i);
 }
 
-// exp(x) of 16 lanes, x <= 0 here (a score less the largest): 2^n exp(r), n = round(x / ln 2), |r| <= ln 2 / 2,
-// exp(r) by its Taylor polynomial of degree 7 (relative error < 1e-8 before the f32 rounding); exp(0) = 1
-// exactly, x < -104 gives 0, NaN stays NaN.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);  // NaN: the second operand, kept
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts: n ln2_hi exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
-
-// `realm::round_bf16` of 16 lanes.
-inline __m512 round_bf16_16(__m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))),
-                                     _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-  return _mm512_mask_mov_ps(_mm512_castsi512_ps(r), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
-}
-
 // The query a head's scores take: f32 (FMAs against the cache converted to f32) or, where q holds bf16
 // values (the compute dtype's rounding) and the cache is bf16, bf16 pairs for vdpbf16ps (the same products,
 // exactly, summed in another order).
@@ -341,8 +317,8 @@ void span(const Attn& a, int64_t bi, int64_t kh, const float* q, int64_t lo, int
   const __m512 top = _mm512_set1_ps(m);
   for (; j <= hi - lo; j += 16) {
     const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(16, hi - lo + 1 - j)) - 1);
-    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), top));
-    if (a.bf16) e = round_bf16_16(e);
+    __m512 e = realm::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(valid, scores + j), top));
+    if (a.bf16) e = realm::round_bf16(e);
     _mm512_mask_storeu_ps(scores + j, valid, e);
     sums = _mm512_mask_add_ps(sums, valid, sums, e);
   }

@@ -127,30 +127,13 @@ inline __mmask16 lanes(int64_t cols, int j) {
   return static_cast<__mmask16>((1u << left) - 1u);
 }
 
-// exp(x) to ~1 ulp: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for exp(r), scaled by 2^n.
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline __m512 act512(int64_t act, __m512 g) {
   __m512 z = g;
   if (act == kGeluTanh) {
     const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
     z = _mm512_mul_ps(_mm512_set1_ps(2.0f * kGeluC), _mm512_fmadd_ps(_mm512_set1_ps(kGeluA), g3, g));
   }
-  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  const __m512 e = realm::exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
   return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 

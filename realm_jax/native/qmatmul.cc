@@ -63,11 +63,7 @@ inline __m512 round_vec(__m512 w) {
 #ifdef __AVX512BF16__
     return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(w));  // round to nearest even (NaN stays NaN) and back
 #else
-    const __m512i u = _mm512_castps_si512(w);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-    r = _mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u)));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(w, w, _CMP_UNORD_Q), _mm512_castsi512_ps(r), w);
+    return realm::round_bf16(w);
 #endif
   } else if constexpr (R == kToF16) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
