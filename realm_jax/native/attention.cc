@@ -127,9 +127,8 @@ struct Query {
     }
     for (int64_t c = 0; 32 * c < h; ++c) {
       const int64_t rest = std::min<int64_t>(32, h - 32 * c);
-      const __mmask16 lo = rest >= 16 ? 0xFFFF : (1u << rest) - 1, hi = rest > 16 ? (1u << (rest - 16)) - 1 : 0;
-      qb[c] = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(rest == 32 ? 0xFFFF : hi, q + 32 * c + 16),
-                                  _mm512_maskz_loadu_ps(lo, q + 32 * c));
+      const __mmask16 lo = (1u << std::min<int64_t>(16, rest)) - 1, hi = (1u << std::max<int64_t>(0, rest - 16)) - 1;
+      qb[c] = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(hi, q + 32 * c + 16), _mm512_maskz_loadu_ps(lo, q + 32 * c));
     }
     pairs = true;
 #else
