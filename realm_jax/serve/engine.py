@@ -156,10 +156,10 @@ def _decode_group(params, cache: KVCache, token, pos, *, config, policy, impl, p
 
 @functools.partial(jax.jit, static_argnames=("config", "policy", "impl", "pipeline"), donate_argnames=("cache",))
 def _prefill_chunk(params, cache: KVCache, tokens, start, last, *, config, policy, impl, pipeline=None):
-    """Prompt tokens [1, C] at positions start + [0, C) into a cache that holds the positions before
-    them; the logits [1, V] of the chunk's row `last`."""
+    """Prompt tokens [B, C] at positions start + [0, C) into a cache that holds the positions before
+    them; the logits [B, V] of each row's position `last` [B]."""
     positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    logits, cache = forward(config, params, tokens, positions, cache, policy=policy, last=last[None],
+    logits, cache = forward(config, params, tokens, positions, cache, policy=policy, last=last,
                             layer_stack=_layer_stack(pipeline), impl=impl)
     return logits.astype(jnp.float32), cache
 
