@@ -12,7 +12,7 @@ import realm_jax
 from realm_jax.errors import MetadataError, MissingTensorError, TensorShapeError, UnsupportedArchitectureError
 from realm_jax.models import config_from_gguf
 from realm_jax.precision import Policy
-from realm_jax.runtime import _prefill, prepare_params
+from realm_jax.runtime import _prefill, build_params, prepare_params
 from realm_jax.models.transformer import forward, init_cache
 from float64_forward import float64_forward
 
@@ -170,14 +170,17 @@ def test_chunked_prefill_attention_equals_one_block():
 
 @pytest.mark.parametrize("variant", ["llama", "gemma3-sliding-window"])
 def test_last_layer_pruned_prefill_gives_the_same_rows(variant):
-    """Built by load(), the last layer is a run of its own: a prefill that needs only each row's last
-    position computes that layer's attention output and FFN for it alone; its logits are those rows of the
-    full prefill's (prompts of different lengths in one batch, padded), and the cache is the same."""
+    """With the last layer a run of its own (as load() builds it on an accelerator), a prefill that needs
+    only each row's last position computes that layer's attention output and FFN for it alone; its logits
+    are those rows of the full prefill's (prompts of different lengths in one batch, padded), and the cache
+    is the same. (On one CPU, load() keeps the last layer in the scan: `prepare_params`.)"""
     kw = dict(VARIANTS[variant])
     metadata, tensors = tiny_model(**kw)
     config = config_from_gguf(metadata, tensors, "tiny")
-    params = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices()[0])
+    params = jax.device_put(build_params(config, tensors, "tiny", Policy.full(), last_apart=True))
     assert params["layers"][-1].count == 1 and params["layers"][-1].first == config.n_layers - 1
+    on_cpu = prepare_params(config, tensors, "tiny", Policy.full(), jax.devices("cpu")[0])
+    assert [(r.first, r.count) for r in on_cpu["layers"]] == [(0, config.n_layers)]
     rng = np.random.default_rng(5)
     tokens = rng.integers(0, V, (3, 24)).astype(np.int32)
     lengths = np.array([24, 9, 17], np.int32)
