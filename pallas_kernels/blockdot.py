@@ -1,15 +1,14 @@
 """The block-dot decode GEMM (Pallas Triton): y = x @ dequant(w)^T for 1-16 rows of x, one tensor-core dot
-per 32-element block (Q6_K: 16-element sub-block), the weight's codes fed to the `wgmma` from registers, for
+per 32-element block (Q6_K: 16-element sub-block), the weight's codes fed to the `mma.sync` from registers, for
 Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 and Q8_K.
 
 Why a third GPU kernel. The GEMV (`pallas_kernels.decode`) pays half an instruction a weight for each row of
 x (`dp2a`), and the tensor-core GEMM on the lanes (`pallas_kernels.mma`) dequantizes exactly in f32 and
 sends each dequantized tile through shared memory to the wgmma's fragment: 6.1 instructions a weight at 8-16
 rows of x (Q4_0, `scripts/kernel_report.py`). Here the codes cost 0.5-0.6 instructions a weight whatever
-the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.8-3.3 in all (Q4_0 1.81 and Q8_0
-1.86 up to 8 rows on an 8B llama's large shapes, Q4_K 3.29 at 16; Q6_K, whose sixteen int8 scales a
-super-block each cost a load, a conversion and an FFMA an output, 3.9 and 4.7; Q8_K 1.4-1.75; the lanes GEMM
-6.1-7.6):
+the rows, and a block's scale one FFMA an output (M / 32 a weight): 1.6-2.2 in all for Q4_0, Q4_1, Q4_K and
+Q8_0 (2.7 for Q4_K at 16 rows of x), 1.1-1.3 for Q8_K, 2.8-4.4 for the five- and six-bit formats, whose
+high bits cost a second lop3, a shift and a widening (the lanes GEMM: 6.1-7.6):
 
 - **The layout** (`to_blocks`, made at load): the codes of a row, four to a uint16, so that a block is a
   [rows, 32] tile with no reshape. Plane element (n, 64 s + 32 t + w) holds in nibble j the code of element
@@ -52,11 +51,15 @@ super-block each cost a load, a conversion and an FFMA an output, 3.9 and 4.7; Q
 The product is then the exact f32 dot of the weight (not rounded to bf16, as XLA's reference path rounds
 it) with x rounded to f16: closer to the f64 product than the reference.
 
-The grid: 128 weight rows a program (four warps, one warpgroup: two m64 wgmma tiles; 256 for Q4_0, Q5_1 and
-Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow, 64 for Q5_K at 16, `tiling_for`), K
-split into `splits` ranges of whole 256-element steps so that every SM has at least two programs at an 8B
-llama's shapes (all but the k/v projection, whose 8 row tiles and 16 steps make 128); partial sums
-[splits, M, N'] f32, summed here: the rows of x padding the wgmma's N are not stored (at 4096 x 4096 Q4_0,
+The grid: two warps a program, so that Triton makes the dots `mma.sync` (m16n8k16, the codes' tile the A
+operand, x the B): with four, a warpgroup, it makes them `wgmma`s, and every one is fenced, committed and
+waited for, because its result is scaled at once: ~270 instructions a step and thread, ~1 a weight at 128
+weight rows (2.88 -> 1.97 for Q4_K at 8 rows of x, 3.26 -> 2.72 at 16; Q6_K 3.91 -> 3.39). 128 weight rows
+a program (`_ROWS`: 256 for Q8_K; 64 for Q6_K, and for Q4_K and Q5_K at 16 rows of x, which spill at 128;
+64 too where 128 cannot give every SM two programs, as at the k/v projection), K split into `splits` ranges
+of whole 256-element steps so that every SM has at least two programs at an 8B llama's shapes where the
+steps allow (the k/v projection, 1024 x 4096: 16 row tiles of 64 and 16 steps, 256); partial sums
+[splits, M, N'] f32, summed here: the rows of x padding the mma's N are not stored (at 4096 x 4096 Q4_0,
 16 splits write and read 256 KB at one row of x, 4 MB at 16, beside the weight's 9.4 MB).
 On a CPU the kernel runs in Pallas interpret mode, the lop3 written in jnp (the same bits).
 
@@ -100,11 +103,12 @@ _SCALES = {"Q4_0": "d", "Q4_1": "dm", "Q4_K": "scm", "Q5_0": "d", "Q5_1": "dm", 
            "Q8_0": "d", "Q8_K": None}  # the plane of the blocks' scales (Q8_K: one f32 d a step)
 _TAIL = {"Q4_0": 8, "Q5_0": 8, "Q8_0": 8}  # extra columns of the "d" plane
 _SUPER = ("Q4_K", "Q5_K", "Q6_K")  # integer sub-block scales: summed over a step, times its d once
-# Planes the kernel reads as [.., N, steps, width] ([rows, 1, width] a load): Q6_K's int8 scales, whose
-# [rows, 16] tile would share the code words' (Triton's coalescing gives loads of one shape in a kernel the
-# most elements a thread of any: 16, 32 bytes of code words, too many for an asynchronous copy, and the words
-# would go through shared memory to the wgmma).
-_BY_STEP = {"Q6_K": ("sc",)}
+# Planes the kernel reads as [.., N, steps, width] ([rows, 1, width] a load): the k-quants' integer sub-block
+# scales (Q6_K's int8, Q4_K's and Q5_K's uint8 scales and mins). As [rows, 16] tiles, Triton's coalescing gave
+# the code words (loads of the same shape) 32 bytes a thread, too many for an asynchronous copy, and sent them
+# through shared memory to the dot (Q6_K, session 32); at 64 rows a program Q4_K's tile itself went through
+# shared memory (20 STS a step: 2.51 instructions a weight against 2.16 so).
+_BY_STEP = {"Q6_K": ("sc",), "Q4_K": ("scm",), "Q5_K": ("scm",)}
 # Formats whose codes have bits above the four of "q": their bits a code, in a plane "qh" of eight codes an
 # element (Q6_K: uint16; the five-bit formats: uint8, read as [rows, 1, 32] for the reason of _BY_STEP).
 _HIGH = {"Q5_0": 1, "Q5_1": 1, "Q5_K": 1, "Q6_K": 2}
@@ -125,8 +129,9 @@ _OFFSET_DOTS = {
 _OFFSET_DOTS |= {"Q5_0": _OFFSET_DOTS["Q4_0"], "Q5_1": _OFFSET_DOTS["Q4_1"], "Q5_K": _OFFSET_DOTS["Q4_K"]}
 OFFSET_K = {fmt: 16 * len(dots) for fmt, dots in _OFFSET_DOTS.items()}  # the K of a step's offset dots
 _CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's block sums scaled into f16's range
-MAX_ROWS = 16  # rows of x the kernel takes (padded to 8 or 16: the wgmma's N)
+MAX_ROWS = 16  # rows of x the kernel takes (padded to 8 or 16: the mma's N)
 ROW_ALIGN = 128  # weight rows are padded to a multiple of this (a program's rows)
+_MIN_ROWS = 64  # the fewest weight rows a program: two warps, two m16 dots each
 STEP = 256  # elements of K a loop step takes: eight blocks, two [rows, 32] tiles of code words
 _BLOCK = 32
 _SMS = 132
@@ -147,41 +152,40 @@ def _block_k(fmt: str) -> int:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockTiling:
     """rows: weight rows a program; splits: programs along K (each a range of whole steps); x_rows: rows of x
-    (8 or 16, the wgmma's N); num_warps: warps a program."""
+    (8 or 16, the mma's N); num_warps: warps a program (two: Triton's `mma.sync` dots, where four would make
+    them `wgmma`s, each fenced and waited for: ~1 instruction a weight more)."""
 
     rows: int = 128
     splits: int = 1
     x_rows: int = 8
-    num_warps: int = 4
+    num_warps: int = 2
 
 
 def _steps(k: int) -> int:
     return -(-k // STEP)
 
 
-# Formats whose program takes 256 weight rows, up to the rows of x given: at 256 rows Q4_1, Q4_K and Q5_0
-# spill (32-40, 56-64 and 16 bytes of stack, `scripts/kernel_report.py`), and so do the others at 16 rows of x
-# but Q8_K (one scale a step: 124-158 registers).
-_WIDE = {"Q4_0": 8, "Q5_1": 8, "Q8_0": 8, "Q8_K": 16}
-# Formats whose program takes 64 weight rows at 16 rows of x: at 128 Q5_K spills (16 bytes).
-_NARROW = ("Q5_K",)
+# Weight rows a program of two warps, by rows of x (the mma's N) and format: the most that do not spill
+# (`scripts/kernel_report.py`, session 39): 256 spill for every format but Q8_K (one scale a step), 128 for Q6_K
+# (64-104 bytes of stack) and, at 16 rows of x, for Q4_K and Q5_K (56-88).
+_ROWS = {8: {"Q6_K": 64, "Q8_K": 256}, 16: {"Q4_K": 64, "Q5_K": 64, "Q6_K": 64, "Q8_K": 256}}
 
 
 def tiling_for(fmt: str, n: int, k: int, m: int) -> BlockTiling:
-    """The fewest K splits (whole steps each, dividing the steps) that give every SM two programs, with 256
-    weight rows a program (four m64 wgmma tiles a warpgroup: the loop's fixed costs over twice the weights)
-    for the formats of _WIDE at the rows of x it gives where that many programs are to be had, else 128 (64 for
-    those of _NARROW at 16 rows of x); the most splits there are where none gives two programs an SM."""
+    """The format's weight rows a program (`_ROWS`, else 128) and the fewest K splits (whole steps each,
+    dividing the steps) that give every SM two programs; where none does, half the rows (down to 64, the
+    smallest tile of two warps' m16 dots) and the most splits there are."""
     x_rows = 8 if m <= 8 else 16
     steps = _steps(k)
     divisors = [s for s in range(1, steps + 1) if steps % s == 0]
-    base = ROW_ALIGN // 2 if x_rows == 16 and fmt in _NARROW else ROW_ALIGN
-    for rows in (2 * ROW_ALIGN, ROW_ALIGN) if x_rows <= _WIDE.get(fmt, 0) else (base,):
-        if n % rows == 0:
-            splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None)
-            if splits is not None:
-                return BlockTiling(rows=rows, splits=splits, x_rows=x_rows)
-    return BlockTiling(rows=base, splits=divisors[-1], x_rows=x_rows)
+    rows = _ROWS[x_rows].get(fmt, ROW_ALIGN)
+    while True:
+        splits = next((s for s in divisors if n // rows * s >= 2 * _SMS), None) if n % rows == 0 else None
+        if splits is not None:
+            return BlockTiling(rows=rows, splits=splits, x_rows=x_rows)
+        if rows == _MIN_ROWS or n % (rows // 2):
+            return BlockTiling(rows=rows, splits=divisors[-1], x_rows=x_rows)
+        rows //= 2
 
 
 # --- the layout ---------------------------------------------------------------------------------------

@@ -363,8 +363,10 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
     step_k = blockdot.STEP + blockdot.OFFSET_K[fmt]  # the blocks' dots, and the step's offset dots
-    if loop["wgmma_macs"] * loop_kernel["num_warps"] // 4 != t.x_rows * t.rows * step_k * counted:
-        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {loop['wgmma_macs']} wgmma MACs counted in the {loop['scope']}, "
+    macs = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # mma.sync m16n8k16: one a warp
+            + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)  # wgmma: one a warpgroup
+    if macs != t.x_rows * t.rows * step_k * counted:
+        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {macs} MACs counted in the {loop['scope']}, "
                            f"not {counted} steps of [{t.rows}, {step_k}] x [{step_k}, {t.x_rows}]: the loop was "
                            f"misread")
     grid = kernel["grid"]

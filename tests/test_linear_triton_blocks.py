@@ -30,7 +30,7 @@ SHAPES_8B = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
 class TestTritonBlocks(LinearTests):
     BACKEND = "triton_blocks"
     ROWS = (1, 8, 9, blockdot.MAX_ROWS, blockdot.MAX_ROWS + 1)  # x_rows 8 and 16, the reference past them
-    # On a device: the kernel's two wgmma widths, nine formats (past 16 rows it is the XLA path, which the
+    # On a device: the kernel's two mma widths, nine formats (past 16 rows it is the XLA path, which the
     # `triton` backend's device cases run): fewer compiles, as device_checks.sh's time asks.
     DEVICE_ROWS = (1, blockdot.MAX_ROWS)
 
@@ -156,20 +156,22 @@ def test_rows_of_zeros_and_huge_rows(rng):
 
 def test_tiling_fills_the_gpu_at_the_8b_shapes():
     """At least two programs an SM at an 8B llama's shapes where the K steps allow (the k/v projection's
-    8 row tiles cannot, K = 4096 being 16 steps: 128 programs); the splits divide the steps; 256 rows a
-    program for Q4_0, Q5_1 and Q8_0 up to 8 rows of x and Q8_K up to 16 where the programs allow (gate, up, down),
-    64 for Q5_K at 16 rows of x, else 128."""
+    K = 4096 is 16 steps: 16 row tiles of 64, 256 programs); the splits divide the steps; two warps a program
+    (`mma.sync`); 128 weight rows a program, 256 for Q8_K where they give the programs, 64 for Q6_K and for
+    Q4_K and Q5_K at 16 rows of x (at 128 they spill), and 64 at the k/v projection."""
     for fmt in blockdot.FORMATS:
         for m in (1, 8, 16):
             for n, k in SHAPES_8B:
                 t = blockdot.tiling_for(fmt, n, k, m)
                 steps = k // blockdot.STEP
                 assert n % t.rows == 0 and steps % t.splits == 0 and t.x_rows == (8 if m <= 8 else 16), t
+                assert t.num_warps == 2, t
                 programs = n // t.rows * t.splits
-                assert programs >= 2 * 132 or t.splits == steps, (m, n, k, t)
-                wide = (fmt in ("Q4_0", "Q5_1", "Q8_0") and m <= 8 or fmt == "Q8_K") and max(n, k) == 14336
-                narrow = fmt == "Q5_K" and m > 8  # at 128 it spills
-                assert t.rows == (256 if wide else 64 if narrow else 128), (fmt, m, n, k, t)
+                assert programs >= 2 * 132 or (n, t.rows, t.splits) == (1024, 64, steps), (m, n, k, t)
+                narrow = fmt == "Q6_K" or fmt in ("Q4_K", "Q5_K") and m > 8
+                wide = fmt == "Q8_K" and max(n, k) == 14336  # at 4096 x 4096, 256 rows give 256 programs
+                want = 64 if narrow or n == 1024 else 256 if wide else 128
+                assert t.rows == want, (fmt, m, n, k, t)
 
 
 def test_bad_arguments(rng):

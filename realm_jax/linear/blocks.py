@@ -4,9 +4,9 @@ dtype, for up to `blockdot.MAX_ROWS` rows of x; more rows, f32 compute, and ever
 reference (from the block planes, or as `choose` routes a weight it does not support).
 
 A candidate beside the `triton` backend's GEMV and tensor-core GEMM, chosen with `impl="triton_blocks"`:
-one tensor-core dot per 32-element block (Q6_K: 16) with the codes fed to the wgmma from registers, 1.8-3.3
-instructions a weight at 1-16 rows of x (the five- and six-bit formats more: `BENCHMARKS.md`) against the
-lanes GEMM's 6.1-7.6 (`scripts/kernel_report.py`).
+one tensor-core dot per 32-element block (Q6_K: 16) with the codes fed to an `mma.sync` from registers,
+1.1-2.7 instructions a weight at 1-16 rows of x (the five- and six-bit formats 2.8-4.4: `BENCHMARKS.md`)
+against the lanes GEMM's 6.1-7.6 (`scripts/kernel_report.py`).
 Its block planes are a layout of their own (the codes of a row contiguous along K), so it is a backend and
 not a path of `triton`, whose GEMV reads the lanes: which of the two serves these formats on a device is for
 `benchmarks/kernels.py` to measure (no device has timed it yet). Every format of the k-quant and legacy
