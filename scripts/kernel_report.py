@@ -18,6 +18,10 @@ path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` 
   down; the programs in the grid.
 - Both: from `jax.make_jaxpr` of the backend's matmul, any array of at least a weight's size made per call
   outside the kernels (a transpose, a pad or a copy of the weight).
+- The decode step of the synthetic Q4_K_M and Q5_K_M models on each GPU decode backend (`step_copies`:
+  `forward` on one token a row, traced for an abstract H100): any array of at least a layer weight's size
+  made from the weights outside the kernels, and any layer weight a `scan` cuts out of the stack a step
+  (a copy wherever a kernel reads it, as XLA cannot fuse a slice into a custom call).
 
     python scripts/kernel_report.py [--formats Q4_K,Q6_K] [--rows 1,4,16] [--json out.json] [--markdown out.md]
                                     [--write-baseline]
@@ -50,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the triton the GPU machine has
 
 from realm_jax import linear  # noqa: E402
+from realm_jax.linear.base import Prepared  # noqa: E402
 from realm_jax.precision import Policy  # noqa: E402
 from realm_jax.quant import QTensor, get_format  # noqa: E402
 
@@ -91,6 +96,17 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
     w = abstract_weight(backend, fmt, n, k)
     biggest = max(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(w))
     jaxpr = jax.make_jaxpr(fn or _matmul(backend))(jax.ShapeDtypeStruct((m, k), BF16), w)
+    return copies_in(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[1:]), biggest)  # x, then the weight's arrays
+
+
+_VIEWS = ("reshape", "squeeze", "expand_dims")  # row-major: the same bytes, no copy
+_UPDATES = ("dynamic_update_slice", "scatter")  # their result is their first operand, updated
+
+
+def copies_in(jaxpr, from_weight: set, threshold: int) -> list[str]:
+    """Equations of `jaxpr` outside the kernels that make, from the variables in `from_weight` (and what is
+    made from them), an array of at least `threshold` bytes; and what a `scan` slices from them per step
+    (a layer's weight cut out of the stack: a copy wherever a kernel, not a fusion, reads it)."""
     found = []
 
     def walk(jp, from_weight: set):
@@ -101,6 +117,11 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
             if not any(inputs):
                 continue
             inners = [i for i in (getattr(p, "jaxpr", p) for p in eqn.params.values()) if hasattr(i, "eqns")]
+            if eqn.primitive.name == "scan":  # its xs: [length, ...] outside, sliced a step (consts, carry: as is)
+                for outer, inner in zip(eqn.invars, inners[0].invars):
+                    sliced = outer.aval.shape == (eqn.params["length"], *inner.aval.shape)
+                    if sliced and outer in from_weight and inner.aval.size * inner.aval.dtype.itemsize >= threshold:
+                        found.append(f"scan slices {inner.aval.dtype}{list(inner.aval.shape)} a step")
             if inners:  # a call: its equations are counted, not its results (a kernel's, past a kernel)
                 for inner in inners:  # its inputs are the equation's, in order (else all taken as the weight's)
                     same = len(inner.invars) == len(eqn.invars)
@@ -113,13 +134,46 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
                     else:
                         from_weight.update(eqn.outvars)
                 continue
-            for v in eqn.outvars:
-                from_weight.add(v)
-                if v.aval.size * v.aval.dtype.itemsize >= biggest:
-                    found.append(f"{eqn.primitive.name} -> {v.aval.dtype}{list(v.aval.shape)}")
+            if eqn.primitive.name in _UPDATES and eqn.invars[0] not in from_weight:
+                continue  # a small update of a big array (a cache write): the array is what counts
+            for v in eqn.outvars:  # what is smaller than a weight (a row of the embedding, a product) is not one
+                if v.aval.size * v.aval.dtype.itemsize >= threshold:
+                    from_weight.add(v)
+                    if eqn.primitive.name not in _VIEWS:
+                        found.append(f"{eqn.primitive.name} -> {v.aval.dtype}{list(v.aval.shape)}")
 
-    walk(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[1:]))  # x, then the weight's arrays
+    walk(jaxpr, set(from_weight))
     return found
+
+
+def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: int = 1) -> list[str]:
+    """A model's decode step (`forward` on one new token a row, the weights prepared for `backend` as `load`
+    lays them out on a GPU), traced for an abstract H100: what `copies_in` finds made from the weights
+    outside the kernels, at the size of the smallest of a layer's linear weights' largest planes."""
+    from unittest import mock
+
+    from realm_jax import runtime
+    from realm_jax.checkpoint import read_gguf
+    from realm_jax.models import config_from_gguf
+    from realm_jax.models.transformer import forward, init_cache
+
+    metadata, tensors = read_gguf(path)
+    config = config_from_gguf(metadata, tensors, str(path))
+    pol = Policy.of(policy)
+    # the backends choose their GPU code (kernels, not interpret mode) from the default backend
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"), use_abstract_mesh(H100):
+        params = jax.eval_shape(lambda: runtime.build_params(config, tensors, str(path), pol, impl=backend,
+                                                             last_apart=True))
+        cache = jax.eval_shape(lambda: init_cache(config, batch, 256, pol.kv))
+        tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda p, c, t, pos: forward(config, p, t, pos, c, policy=pol, impl=backend,
+                                                            last=jnp.zeros((batch,), jnp.int32)))(
+            params, cache, tokens, tokens)
+    layers = [lin for run in params["layers"] for lin in run.params.values() if isinstance(lin, Prepared)]
+    threshold = min(max(leaf.size // leaf.shape[0] * leaf.dtype.itemsize for leaf in jax.tree.leaves(lin))
+                    for lin in layers)
+    n_params = len(jax.tree.leaves(params))
+    return copies_in(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[:n_params]), threshold)
 
 
 # --- Triton: Triton IR -> cubin -> SASS ----------------------------------------------------------------
@@ -483,7 +537,20 @@ def report(formats, rows, shapes=SHAPES, *, mosaic: bool = True) -> list[dict]:
     return out
 
 
+STEP_MODELS = (ROOT / "tests" / "data" / "synthetic" / "llama-k-q4_k_m.gguf",
+               ROOT / "tests" / "data" / "synthetic" / "llama-k-q5_k_m.gguf")
+STEP_BACKENDS = ("triton", "triton_blocks")  # the GPU decode backends (Mosaic GPU's kernels are prefill's)
+
+
+def step_rows(models=STEP_MODELS) -> list[dict]:
+    """`step_copies` of each decode backend on each model (every format of a Q4_K_M and a Q5_K_M file)."""
+    return [{"kernel": "decode_step", "backend": backend, "model": path.name,
+             "weight_copies": step_copies(path, backend)} for path in models for backend in STEP_BACKENDS]
+
+
 def markdown(rows: list[dict]) -> str:
+    steps = [r for r in rows if r["kernel"] == "decode_step"]
+    rows = [r for r in rows if r["kernel"] != "decode_step"]
     lines = ["| kernel | format | M | N x K | programs | regs | spill B | instr / weight: K loop (program) | "
              "LDG.128 / weight | bar / shfl / smem | compile s | MLIR ops (Triton: TTIR; Mosaic: a K step) | "
              "weight copies per call |",
@@ -498,6 +565,10 @@ def markdown(rows: list[dict]) -> str:
         else:
             lines.append(f"| mosaic_gpu | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | - | - | - | "
                          f"- | - | - | {r['mlir_ops_per_k_step']} | {copies} |")
+    if steps:
+        lines += ["", "| decode step (`forward`, one token a row) | backend | weight copies per step |",
+                  "|---|---|---|"]
+        lines += [f"| {r['model']} | {r['backend']} | {'; '.join(r['weight_copies']) or 'none'} |" for r in steps]
     return "\n".join(lines) + "\n"
 
 
@@ -516,7 +587,7 @@ def main(argv=None) -> int:
         import triton  # noqa: F401
     except ImportError:
         ap.error("needs pip's triton (no GPU needed): pip install triton==3.9.0")
-    rows = report([f for f in args.formats.split(",") if f], [int(v) for v in args.rows.split(",")])
+    rows = report([f for f in args.formats.split(",") if f], [int(v) for v in args.rows.split(",")]) + step_rows()
     table = markdown(rows)
     print(table)
     if args.json:

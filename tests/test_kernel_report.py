@@ -2,7 +2,8 @@
 fills an H100/H200 and its wrapper copies no weight (from the lowering alone); the Triton GEMV's K loop
 compiles to at most ~2 instructions a weight with no spills, and both tensor-core GEMMs (the lanes GEMM and
 the block-dot GEMM) stay at today's figures (needs pip's triton, the `kernel-report` extra); the Mosaic GPU
-GEMM's MLIR ops per K step stay at or below the committed baseline."""
+GEMM's MLIR ops per K step stay at or below the committed baseline; and a model's whole decode step on the
+GPU decode backends copies no weight outside the kernels (from its jaxpr alone)."""
 
 from __future__ import annotations
 
@@ -144,3 +145,20 @@ def test_ttir_ops_count_the_module_operations():
   }
 }"""
     assert kernel_report.ttir_ops(text) == 6  # func, constant, for, addi, yield, return
+
+
+@pytest.mark.parametrize("backend", kernel_report.STEP_BACKENDS)
+@pytest.mark.parametrize("batch", (1, 16))
+def test_decode_step_copies_no_weight(backend, batch):
+    """The whole decode step on a GPU decode backend (a Q4_K_M file: Q4_K and Q6_K layers, stacked and scanned),
+    for one row and for 16 (the block-dot GEMM's most; past them `triton_blocks` multiplies on the XLA path
+    from its planes), makes no array of a layer weight's size from the weights outside the kernels, and its
+    scans slice none per layer: the kernels read each layer's planes in place from the stack."""
+    assert kernel_report.step_copies(kernel_report.STEP_MODELS[0], backend, batch=batch) == []
+
+
+def test_step_copies_finds_the_reference_path_slicing_its_layers():
+    """The check can fail: the XLA reference keeps bf16 weights on a GPU, which its scan slices a layer at a
+    time (the copy a kernel's in-place read avoids)."""
+    found = kernel_report.step_copies(kernel_report.STEP_MODELS[0], "xla")
+    assert found and all(f.startswith("scan slices bfloat16") for f in found), found
