@@ -100,7 +100,7 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
 
 
 _VIEWS = ("reshape", "squeeze", "expand_dims")  # row-major: the same bytes, no copy
-_UPDATES = ("dynamic_update_slice", "scatter")  # their result is their first operand, updated
+_UPDATES = ("dynamic_update_slice", "scatter")  # their result is their first operand, updated in place
 
 
 def copies_in(jaxpr, from_weight: set, threshold: int) -> list[str]:
@@ -134,8 +134,10 @@ def copies_in(jaxpr, from_weight: set, threshold: int) -> list[str]:
                     else:
                         from_weight.update(eqn.outvars)
                 continue
-            if eqn.primitive.name in _UPDATES and eqn.invars[0] not in from_weight:
-                continue  # a small update of a big array (a cache write): the array is what counts
+            if eqn.primitive.name in _UPDATES:  # in place: what counts is whether it updates a weight's array
+                if eqn.invars[0] in from_weight:
+                    from_weight.update(eqn.outvars)
+                continue
             for v in eqn.outvars:  # what is smaller than a weight (a row of the embedding, a product) is not one
                 if v.aval.size * v.aval.dtype.itemsize >= threshold:
                     from_weight.add(v)
@@ -149,7 +151,9 @@ def copies_in(jaxpr, from_weight: set, threshold: int) -> list[str]:
 def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: int = 1) -> list[str]:
     """A model's decode step (`forward` on one new token a row, the weights prepared for `backend` as `load`
     lays them out on a GPU), traced for an abstract H100: what `copies_in` finds made from the weights
-    outside the kernels, at the size of the smallest of a layer's linear weights' largest planes."""
+    outside the kernels, at the size of the smallest of a layer's linear weights' largest planes; and,
+    marked "cache:", from the KV cache at the size of a layer's keys (a layer's cache copied out of the
+    stack for XLA's attention, where the kernel reads it in place; the writes are in place)."""
     from unittest import mock
 
     from realm_jax import runtime
@@ -172,8 +176,11 @@ def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: i
     layers = [lin for run in params["layers"] for lin in run.params.values() if isinstance(lin, Prepared)]
     threshold = min(max(leaf.size // leaf.shape[0] * leaf.dtype.itemsize for leaf in jax.tree.leaves(lin))
                     for lin in layers)
-    n_params = len(jax.tree.leaves(params))
-    return copies_in(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[:n_params]), threshold)
+    n_params, n_cache = len(jax.tree.leaves(params)), len(jax.tree.leaves(cache))
+    invars = jaxpr.jaxpr.invars
+    per_layer = min(leaf.size // leaf.shape[0] * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    return (copies_in(jaxpr.jaxpr, set(invars[:n_params]), threshold)
+            + [f"cache: {c}" for c in copies_in(jaxpr.jaxpr, set(invars[n_params:n_params + n_cache]), per_layer)])
 
 
 # --- Triton: Triton IR -> cubin -> SASS ----------------------------------------------------------------
