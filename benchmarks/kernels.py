@@ -12,6 +12,10 @@ For each format, weight shape (N, K) and number of rows M it times:
                    `--write-routes FILE` records the fastest path per format and M (the sum over the
                    shapes) for this device kind in FILE (`realm_jax/linear/routes.json` is the one the
                    registry reads: commit it)
+  triton_blocks:wW with `--blocks-warps W`: the block-dot GEMM (`pallas_kernels.blockdot`) with W warps a
+                   program instead of its own two (4: a warpgroup, which Triton gives `wgmma`s: the design
+                   the kernel had before session 39, kept measurable so that a device can decide); not a
+                   route
   xla              the XLA reference on the weight as stored: dequantize with jnp, then a dot
   dense_bf16       a bf16 dot on the weight dequantized to bf16 beforehand (the dense peer)
 and the device's copy bandwidth (read + write of a large array). Each row gives weight GB/s (bytes of the
@@ -147,7 +151,23 @@ def backends_for(platform_name: str) -> list[str]:
     return names + ([linear.resolve("pallas", platform_name)] if platform_name == "cpu" else [])
 
 
-def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
+def blocks_warps(warps: int):
+    """x @ w^T on the block-dot GEMM with `warps` warps a program (the backend's matmul_path otherwise)."""
+    import dataclasses
+
+    from pallas_kernels import blockdot
+
+    def run(x, w):
+        t = dataclasses.replace(blockdot.tiling_for(w.fmt, w.planes["q"].shape[-2], x.shape[1], x.shape[0]),
+                                num_warps=warps)
+        y = blockdot.gemm(x.astype(jnp.bfloat16), w.planes, fmt=w.fmt, layer=w.layer, tiling=t,
+                          interpret=jax.default_backend() == "cpu")
+        return y[:, : w.shape[0]].astype(jnp.bfloat16)
+
+    return jax.jit(run)
+
+
+def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key, warps=()):
     plat = jax.default_backend()
     w0 = random_weight(fmt, n, k, key)
     wbytes = weight_bytes(w0)
@@ -176,10 +196,13 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key):
                 fn = jax.jit(functools.partial(be.matmul_path, path=path, compute_dtype=jnp.bfloat16,
                                                out_dtype=jnp.bfloat16))
                 impls[f"{b}/{path}"] = (fn, [(x, w) for w in weights])
+            if b == "triton_blocks" and m <= linear.BACKENDS[b].max_rows:
+                impls.update({f"{b}:w{v}": (blocks_warps(v), [(x, w) for w in weights]) for v in warps})
         want = np.asarray(matmul(x, ws[0]), np.float32)  # the XLA path's product: each impl's error against it
         for name, (fn, args) in impls.items():
             seconds = device_seconds(fn, args, runs) if gpu else time_call(fn, args, reps, runs)
-            interpret = name in prepared and plat not in linear.BACKENDS[name].platforms
+            base = name.partition(":")[0]
+            interpret = base in prepared and plat not in linear.BACKENDS[base].platforms
             got = np.asarray(fn(*args[0]), np.float32)
             rows.append({"format": fmt, "m": m, "n": n, "k": k, "impl": name, "us": seconds * 1e6,
                          "weight_bytes": wbytes, "interpret": interpret,
@@ -256,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="timed batches (the median is reported)")
     ap.add_argument("--json", type=pathlib.Path, help="write every row and the run's metadata here")
     ap.add_argument("--markdown", type=pathlib.Path, help="write the table here")
+    ap.add_argument("--blocks-warps", default="", metavar="W[,W]",
+                    help="also time the block-dot GEMM with W warps a program (e.g. 4: its wgmma design)")
     ap.add_argument("--write-routes", type=pathlib.Path, metavar="FILE",
                     help="merge the fastest path per format and M into this routes table (GPU)")
     args = ap.parse_args(argv)
@@ -279,6 +304,15 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"--impls: {', '.join(unknown)} not among this platform's backends ({', '.join(backends)})")
         backends = wanted
+    try:
+        warps = [int(v) for v in args.blocks_warps.split(",") if v.strip()]
+    except ValueError:
+        ap.error(f"--blocks-warps takes integers, got {args.blocks_warps!r}")
+    if any(w not in (1, 2, 4, 8) for w in warps):
+        ap.error(f"--blocks-warps {args.blocks_warps}: each must be 1, 2, 4 or 8 warps a program")
+    if warps and "triton_blocks" not in backends:
+        ap.error("--blocks-warps times the triton_blocks backend's kernel (a GPU's): it is not among this run's "
+                 f"backends ({', '.join(backends)})")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     quantized = [name for name, f in FORMATS.items() if f.block_size > 1]
     for fmt in formats:
@@ -297,7 +331,7 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     for fmt in formats:
         for n, k in shapes:
-            new = bench_shape(fmt, n, k, ms, backends=backends, reps=reps,
+            new = bench_shape(fmt, n, k, ms, backends=backends, reps=reps, warps=warps,
                               runs=args.runs, key=jax.random.fold_in(key, zlib.crc32(f"{fmt}{n}x{k}".encode())))
             add_ratios(new, copy_bps)
             rows += new
