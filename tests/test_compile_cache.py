@@ -70,11 +70,15 @@ def test_second_process_compiles_only_the_fast_programs_and_a_corrupt_cache_reco
     assert warm["hits"] == len(kept), warm
     assert warm["ids"] == cold["ids"]
 
+    corrupt = b"not an executable" * 3
     for p in entries:  # every entry corrupt: JAX warns, compiles again, and the run is the same
-        p.write_bytes(b"not an executable" * 3)
+        p.write_bytes(corrupt)
     broken = _run(str(cache))
     assert broken["ids"] == cold["ids"]
-    assert broken["hits"] == 0 and broken["misses"] > 0, broken
+    # a hit can only be an entry this run wrote again and then looked up once more (a program near
+    # MIN_COMPILE_SECS, on a loaded machine); never a corrupt one
+    rewritten = [p for p in cache.iterdir() if p.name.endswith("-cache") and p.read_bytes() != corrupt]
+    assert broken["misses"] > 0 and broken["hits"] <= len(rewritten), (broken, len(rewritten))
     assert any("persistent compilation cache" in w for w in broken["warnings"]), broken["warnings"]
 
 
