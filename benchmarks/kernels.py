@@ -40,6 +40,7 @@ median of `--runs` such batches, weights rotating through copies that exceed a 6
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -153,9 +154,7 @@ def backends_for(platform_name: str) -> list[str]:
 
 def blocks_warps(warps: int):
     """x @ w^T on the block-dot GEMM with `warps` warps a program (the backend's matmul_path otherwise)."""
-    import dataclasses
-
-    from pallas_kernels import blockdot
+    from pallas_kernels import blockdot  # lazily, as the backend loads it
 
     def run(x, w):
         t = dataclasses.replace(blockdot.tiling_for(w.fmt, w.planes["q"].shape[-2], x.shape[1], x.shape[0]),
