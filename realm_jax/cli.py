@@ -227,7 +227,13 @@ def _cmd_serve(args) -> int:
     template = None if args.chat_template is None else _read_template(args.chat_template)
     args.strategy = None
     _check_path(args.model)
-    return serve_cli.run(args, _load_on_mesh(args, progress=True), template)
+    sock = serve_cli.listen(args)  # a port in use fails here, before the load
+    try:
+        model = _load_on_mesh(args, progress=True)
+    except BaseException:
+        sock.close()
+        raise
+    return serve_cli.run(args, model, template, sock)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:

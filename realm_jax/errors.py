@@ -39,6 +39,7 @@ __all__ = [
     "TextInputError",
     "NonFiniteLogitsError",
     "ArgumentError",
+    "WriteError",
     "MemoryBudgetError",
     "TokenIdError",
     "MeshError",
@@ -189,6 +190,11 @@ class TokenIdError(RealmError, IndexError):
 # --- the command line and the machine ---------------------------------------------------------
 class ArgumentError(RealmError, ValueError):
     """A command-line option (or API argument) is empty, out of range or contradicts another; it is named."""
+
+
+class WriteError(RealmError):
+    """A file realm-jax writes (`quantize`'s output) cannot be written where it was asked: the path is not a
+    regular file, its folder is missing, or the system refused the write (its reason given)."""
 
 
 class MemoryBudgetError(RealmError):

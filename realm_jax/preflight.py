@@ -2,10 +2,11 @@
 
 The memory a generation needs is estimated from the model's shapes (`step_bytes`: the KV cache, a prefill's
 activations, the logits) and compared with what the devices have free (`free_bytes`: the host's available
-memory for CPU devices, under a cgroup's limit where there is one; the accelerators' own free memory
-otherwise). `realm_jax.Model` checks each generation and `Model.logits` call this way, and the command line
-checks its options with the same figures before it loads the model, so a huge batch, prompt or process count
-ends in a `MemoryBudgetError` that names both figures instead of in the kernel's OOM killer.
+memory for CPU devices, under a cgroup's limit and the address space `ulimit -v` leaves where there are
+those; the accelerators' own free memory otherwise). `realm_jax.Model` checks each generation and
+`Model.logits` call this way, and the command line checks its options with the same figures before it loads
+the model, so a huge batch, prompt or process count ends in a `MemoryBudgetError` that names both figures
+instead of in the kernel's OOM killer.
 """
 
 from __future__ import annotations
@@ -84,4 +85,21 @@ def _host_free() -> int | None:
             continue
         if limit.isdigit():  # "max" in v2, a huge number in v1, when there is no limit
             free = min(free, max(int(limit) - usage, 0))
-    return free
+    room = _address_space_left()
+    return free if room is None else min(free, room)
+
+
+def _address_space_left() -> int | None:
+    """What `ulimit -v` (RLIMIT_AS) leaves this process to map: its limit less the address space mapped now
+    (VmSize); None without a limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return max(limit - size, 0)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax import mixture
-from realm_jax.errors import MetadataError, UnsupportedFormatError
+from realm_jax.errors import MetadataError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "Target", "quantize_gguf", "target"]
@@ -133,6 +133,15 @@ def _requantize(raw: np.ndarray, n_elements: int, src: str, dst: str, bar) -> np
     return np.concatenate(parts)
 
 
+def _check_destination(dst: pathlib.Path) -> None:
+    """The output is written to OUT.tmp beside it, then renamed over OUT: OUT must be a regular file (a
+    link to one) or absent, in a folder that exists; a device or a folder there is refused, not replaced."""
+    if dst.exists() and not dst.is_file():
+        raise WriteError(f"{dst}: exists and is not a regular file; the output must be a file path")
+    if not dst.parent.is_dir():
+        raise WriteError(f"{dst}: the folder {dst.parent} does not exist")
+
+
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str, *,
                   progress: bool = False) -> dict[str, Any]:
     """Requantize the GGUF file `src` to `type_name` into `dst`, with llama.cpp's per-tensor mixture.
@@ -156,6 +165,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
 
     tgt = target(type_name)
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    _check_destination(dst)
     with open_gguf(src) as f:
         if int(f.metadata.get("split.count", 1)) > 1:
             raise MetadataError(f"{f.path}: a split file (split.count={f.metadata['split.count']}); merge it first")
@@ -195,9 +205,11 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                     writer.write_tensor_data(data)
             writer.close()
             tmp.replace(dst)
-        except BaseException:
+        except BaseException as e:
             writer.close()
             tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):  # the write's (a full disk, a read-only folder): the reading's are GGUFErrors
+                raise WriteError(f"{dst}: cannot be written: {e.strerror or e}") from None
             raise
     counts: dict[str, int] = {}
     for t in types.values():

@@ -529,6 +529,7 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         automatic choice.
       mesh: a `realm_jax.distributed.make_mesh(data=d, stage=s, model=m)` mesh: the layer stack split over
         s pipeline stages, each layer over m devices (tensor parallelism), batches over d (data parallelism).
+        A mesh of one device is that device: the model runs there as without a mesh (`Model.mesh` None).
       split_by: how the layers are cut into the mesh's stages: "bytes" (each stage's params as equal as a
         contiguous split allows) or "layers" (equal layer counts); see `distributed.create_model_shards`.
       impl: the user's choice of linear-layer backend, one of `realm_jax.linear.IMPLS`: "auto" (default)
@@ -556,6 +557,8 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
         raise ShardingError(f"load: split_by={split_by!r} must be one of {BY}")
     path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    if mesh is not None and mesh.size == 1:  # nothing to split: the model runs on that device alone
+        mesh = None
     policy = resolve_policy(policy, device)
     impl = linear.resolve(impl, device.platform, devices=1 if mesh is None else mesh.size)
     progress = sys.stderr.isatty() if progress is None else progress
@@ -638,14 +641,19 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     full context, and the other per-token sizes of `token_sizes`, from the file's header alone (the params'
     shapes come from `jax.eval_shape` of the very function that builds them)."""
     from realm_jax.gguf import open_gguf
-    from realm_jax.quant import format_for_ggml_type
+    from realm_jax.models import CONFIG_TENSORS
+    from realm_jax.quant import format_for_ggml_type, repack
 
     policy, impl = resolve_policy(policy), linear.resolve(impl)
     with open_gguf(path) as f:
         metadata = dict(f.metadata)
         tensors = {}
         for name, info in f.tensors.items():
-            fmt = format_for_ggml_type(info.ggml_type, what=f"{f.path}: tensor {name!r}")
+            what = f"{f.path}: tensor {name!r}"
+            fmt = format_for_ggml_type(info.ggml_type, what=what)
+            if name in CONFIG_TENSORS:  # the config reads their values (load reads them too)
+                tensors[name] = repack(f.read_tensor(name), fmt.name, info.shape, what=what)
+                continue
             n_blocks = info.shape[-1] // fmt.block_size
             planes = {p.name: jax.ShapeDtypeStruct((*info.shape[:-1], n_blocks * p.count), p.dtype) for p in fmt.planes}
             tensors[name] = QTensor(fmt.name, info.shape, planes)

@@ -11,11 +11,16 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from realm_jax.errors import SamplingError
 from realm_jax.inputs import shown
 
 __all__ = ["SamplingConfig", "first_argmax", "sample", "step_keys"]
+
+
+_F32_MAX = float(np.finfo(np.float32).max)  # the scalars are float32: past this they would be inf
+_F32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def _finite(x: int | float) -> bool:
@@ -41,14 +46,15 @@ class SamplingConfig:
 
     def __post_init__(self):
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not _finite(t) or t < 0:
-            raise SamplingError(f"temperature={shown(t)} must be a finite number >= 0 (0 is greedy)")
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not _finite(t) or not 0 <= t <= _F32_MAX:
+            raise SamplingError(f"temperature={shown(t)} must be a number in [0, {_F32_MAX:.3g}] (float32's; "
+                                f"0 is greedy)")
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise SamplingError(f"top_k={shown(k)} must be None or an int >= 1")
         if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
             raise SamplingError(f"top_p={shown(p)} must be None or a number in (0, 1]")
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not _finite(r) or r <= 0:
-            raise SamplingError(f"repetition_penalty={shown(r)} must be a finite number > 0")
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not _finite(r) or not 0 < r <= _F32_MAX:
+            raise SamplingError(f"repetition_penalty={shown(r)} must be a number in (0, {_F32_MAX:.3g}] (float32's)")
         n = self.penalty_last_n
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_PENALTY_LAST_N:
             raise SamplingError(f"penalty_last_n={shown(n)} must be an int in [1, {_MAX_PENALTY_LAST_N}]")
@@ -69,7 +75,9 @@ class SamplingConfig:
 
     @property
     def scalars(self) -> dict[str, jax.Array]:
-        return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p or 1.0),
+        # a temperature under float32's smallest normal is that (not 0: 0 / 0 is NaN for the best logit)
+        return {"temperature": jnp.float32(max(self.temperature, _F32_TINY) if self.temperature else 1.0),
+                "top_p": jnp.float32(self.top_p or 1.0),
                 "penalty": jnp.float32(self.repetition_penalty)}
 
 
@@ -111,6 +119,8 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better candidates
         values = jnp.where(before < top_p, values, -jnp.inf)  # the best candidate always stays
+    # less the best first: a temperature of 1e-38 would take a logit past float32's range (ties of +inf)
+    values = values - jnp.max(values, axis=-1, keepdims=True)
     choice = jax.vmap(jax.random.categorical)(key, values / temperature)
     if ids is None:
         return choice.astype(jnp.int32)

@@ -74,6 +74,18 @@ def test_generate_with_the_fused_kernels():
     assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("Once upon a time")
 
 
+def test_a_mesh_of_one_device_runs_as_one_device():
+    """--strategy none (and a 1x1x1 --mesh) split nothing: the model runs on the one device, the native
+    kernels included, and writes what it writes without them."""
+    from realm_jax.reference import reference_dir
+
+    model = str(reference_dir().parent / "synthetic" / "llama-s-q2_k.gguf")
+    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", *extra)
+             for extra in ((), ("--strategy", "none"), ("--mesh", "data=1,stage=1,model=1"))]
+    assert all(p.returncode == 0 for p in texts), [p.stderr for p in texts]
+    assert texts[0].stdout == texts[1].stdout == texts[2].stdout
+
+
 def test_bench_reports_tokens_per_second():
     from realm_jax import native
     from realm_jax.reference import reference_dir

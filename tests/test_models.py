@@ -91,6 +91,46 @@ def test_rope_freq_factors_are_applied():
                                atol=1e-4 * np.abs(float64_forward(metadata, tensors, ids)).max())
 
 
+@pytest.mark.parametrize("factors, error, match", [
+    (np.ones(HEAD // 2 - 1), TensorShapeError, r" has shape \(7,\), expected \(8,\)"),
+    (np.ones(1), TensorShapeError, r" has shape \(1,\)"),  # not broadcast over the frequencies
+    (np.r_[1.0, np.nan, np.ones(HEAD // 2 - 2)], MetadataError, ": factor 1 is nan"),
+    (np.r_[np.ones(HEAD // 2 - 1), -2.0], MetadataError, ": factor 7 is -2.0"),
+    (np.zeros(HEAD // 2), MetadataError, ": factor 0 is 0.0"),
+])
+def test_rope_freq_factors_are_checked(factors, error, match):
+    metadata, tensors = tiny_model()
+    tensors["rope_freqs.weight"] = realm_jax.quantize(factors.astype(np.float32), "F32")
+    with pytest.raises(error, match=r"m\.gguf: tensor 'rope_freqs\.weight'" + match):
+        config_from_gguf(metadata, tensors, "m.gguf")
+
+
+def test_memory_plan_reads_the_rope_factors(tmp_path):
+    """`memory_plan` (the CLI's preflight) builds the params from the header's shapes; the factors' values
+    are read from the file, as `load` reads them (a Llama 3.1 file has them)."""
+    metadata, tensors = tiny_model()
+    tensors["rope_freqs.weight"] = realm_jax.quantize(np.linspace(1, 8, HEAD // 2).astype(np.float32), "F32")
+    path = realm_jax.write_gguf(tmp_path / "m.gguf", tensors, arch="llama", metadata=metadata)
+    plan = realm_jax.runtime.memory_plan(path, "f32", "xla")
+    assert plan["params_bytes"] > 0 and plan["context_length"] == 128
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_block_count_past_the_tensors_is_refused_at_once(arch):
+    metadata, tensors = tiny_model(arch, tied=arch == "gemma3")
+    with pytest.raises(MetadataError, match=rf"m\.gguf: metadata key '{arch}\.block_count' is 1099511627776, more "
+                                            rf"layers than the file has tensors \({len(tensors)}\)"):
+        config_from_gguf(metadata | {f"{arch}.block_count": 2**40}, tensors, "m.gguf")
+
+
+@pytest.mark.parametrize("value", [1e300, 1e-300, 4e38])
+def test_float_metadata_float32_cannot_hold_is_refused(value):
+    """The forward pass computes in float32: an epsilon of 1e300 would give constant logits, not an error."""
+    metadata, tensors = tiny_model()
+    with pytest.raises(MetadataError, match="layer_norm_rms_epsilon' must be a positive number float32 can hold"):
+        config_from_gguf(metadata | {"llama.attention.layer_norm_rms_epsilon": value}, tensors, "m.gguf")
+
+
 def test_config_errors_name_the_key():
     metadata, tensors = tiny_model()
     with pytest.raises(UnsupportedArchitectureError, match="rope scaling type 'yarn'"):

@@ -22,7 +22,7 @@ import pytest
 import realm_jax
 from realm_jax import mixture
 from realm_jax.cli import main
-from realm_jax.errors import UnsupportedFormatError
+from realm_jax.errors import UnsupportedFormatError, WriteError
 from realm_jax.quant import unpack
 from realm_jax.requantize import quantize_gguf
 
@@ -88,6 +88,20 @@ def test_command_checks_its_paths(f32_model, tmp_path, capsys):
                         ([str(f32_model), str(tmp_path / "no" / "x.gguf")], "does not exist")]:
         assert main(["quantize", *argv, "--type", "Q8_0"]) == 2
         assert match in capsys.readouterr().err
+
+
+def test_the_output_must_be_a_file_path(f32_model, tmp_path, capsys):
+    """OUT is written beside it, then renamed over it: a device or a folder there is refused, never replaced;
+    a write the system refuses is a WriteError naming OUT."""
+    for out, match in [("/dev/null", "exists and is not a regular file"),
+                       (tmp_path, "exists and is not a regular file"), (tmp_path / "no" / "x.gguf", "does not exist")]:
+        with pytest.raises(WriteError, match=f"{out}: .*{match}"):
+            quantize_gguf(f32_model, out, "Q8_0")
+        assert main(["quantize", str(f32_model), str(out), "--type", "Q8_0"]) == 2
+        assert match in capsys.readouterr().err
+    assert pathlib.Path("/dev/null").is_char_device()
+    with pytest.raises(WriteError, match=r"/proc/x\.gguf: cannot be written: "):  # a folder no file can be made in
+        quantize_gguf(f32_model, "/proc/x.gguf", "Q8_0")
 
 
 def test_errors_name_the_file_tensor_and_type(f32_model, tmp_path):

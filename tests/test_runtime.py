@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -109,8 +110,10 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(smollm2):
     c = smollm2.generate_ids(ids, max_new_tokens=16, sampling=hot, seed=8)
     assert a == b and a != c
     k1 = SamplingConfig(temperature=0.7, top_k=1)
-    assert smollm2.generate_ids(ids, max_new_tokens=8, sampling=k1, seed=3) == \
-        smollm2.generate_ids(ids, max_new_tokens=8)
+    greedy = smollm2.generate_ids(ids, max_new_tokens=8)
+    assert smollm2.generate_ids(ids, max_new_tokens=8, sampling=k1, seed=3) == greedy
+    for t in (1e-38, 1e-50):  # logits / t would pass float32's range (ties of +inf drawn at random)
+        assert smollm2.generate_ids(ids, max_new_tokens=8, sampling=SamplingConfig(temperature=t), seed=3) == greedy
 
 
 def test_logits_are_teacher_forced_prefill(smollm2):
@@ -126,6 +129,8 @@ def test_logits_are_teacher_forced_prefill(smollm2):
     [
         (dict(temperature=-0.5), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1e300), r"temperature=1e\+300 must be a number in \[0, 3.4e\+38\]"),
+        (dict(repetition_penalty=10**400), "repetition_penalty"),
         (dict(top_k=0), "top_k"),
         (dict(top_p=1.5), "top_p"),
         (dict(repetition_penalty=0), "repetition_penalty"),
@@ -214,6 +219,34 @@ def _synthetic_path():
 @pytest.fixture(scope="module")
 def synthetic():
     return realm_jax.load(_synthetic_path(), policy="f32", progress=False)
+
+
+def test_a_large_batch_writes_the_cache_with_one_scatter(synthetic, monkeypatch):
+    """Past _UNROLLED_WRITES sequences a decode step writes the cache with one scatter, not an update each
+    (which made the program grow with the batch: minutes to compile 3000 rows): the same tokens."""
+    from realm_jax.models import transformer
+
+    prompts = [" ".join(["Once upon a time"] * (1 + i % 3)) + f" {i}" for i in range(transformer._UNROLLED_WRITES + 8)]
+    scattered = synthetic.generate(prompts, max_new_tokens=3)
+    monkeypatch.setattr(transformer, "_UNROLLED_WRITES", len(prompts))
+    jax.clear_caches()
+    assert synthetic.generate(prompts, max_new_tokens=3) == scattered
+
+
+def test_free_memory_heeds_ulimit_v():
+    """What `ulimit -v` (RLIMIT_AS) leaves bounds the memory the preflight calls free: a run past it is a
+    MemoryBudgetError before anything is allocated, not a bad_alloc minutes later."""
+    import subprocess
+    import sys
+
+    code = ("import resource\n"
+            "from realm_jax import preflight\n"
+            "size = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+            "print(preflight._host_free())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0 < int(out.stdout) <= 2**30
 
 
 def test_logits_in_chunks_are_one_prefills_rows(synthetic):

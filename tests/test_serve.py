@@ -239,6 +239,8 @@ def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):
     (json.dumps({"prompt": "hi", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
     (json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400, "temperature"),
     (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
+    (json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), 400, "temperature"),  # past float's range
+    (json.dumps({"prompt": "hi", "top_p": -10**400}).encode(), 400, "top_p"),
     (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
     (json.dumps({"prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
     (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
@@ -256,6 +258,20 @@ def test_bad_requests_are_4xx_and_the_server_goes_on(gemma, body, status, param)
     error = r.json()["error"]
     assert error["message"] and error["type"] and error["param"] == param
     assert _health(gemma)["running"]
+
+
+def test_a_port_in_use_is_an_error_before_the_load():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        model = pathlib.Path(__file__).parent / "data" / "synthetic" / "llama-s-q2_k.gguf"
+        proc = subprocess.run([sys.executable, "-m", "realm_jax.cli", "serve", "--model", str(model),
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 60
+    assert proc.stderr.strip() == (f"realm-jax: error: --host 127.0.0.1 --port {port}: cannot listen there: "
+                                   "Address already in use"), proc.stderr
 
 
 def test_api_key_models_unknown_fields_and_routes(gemma):

@@ -25,7 +25,8 @@ from realm_jax.models import gemma3, llama
 from realm_jax.models.config import ModelConfig
 from realm_jax.quant import QTensor, dequantize
 
-__all__ = ["ARCHITECTURES", "ModelConfig", "config_from_gguf", "fuse_projections", "params_from_tensors",
+__all__ = ["ARCHITECTURES", "CONFIG_TENSORS", "ModelConfig", "config_from_gguf", "fuse_projections",
+           "params_from_tensors",
            "tensor_roles"]
 
 _MODULES = {arch: module for module in (llama, gemma3) for arch in module.ARCHITECTURES}
@@ -42,7 +43,7 @@ _LAYER_TENSORS = {
 }  # fmt: skip
 
 
-_IGNORED = ("rope_freqs.weight",)  # read by the config (RoPE factors), not a param
+CONFIG_TENSORS = (llama.ROPE_FREQS,)  # tensors whose values the config reads (RoPE factors): not params
 
 
 def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, QTensor], source: str) -> ModelConfig:
@@ -51,6 +52,10 @@ def config_from_gguf(metadata: dict[str, Any], tensors: dict[str, QTensor], sour
     if arch not in _MODULES:
         raise UnsupportedArchitectureError(
             f"{source}: architecture {shown(arch)} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    layers = metadata.get(f"{arch}.block_count")
+    if isinstance(layers, int) and layers > len(tensors):  # before anything loops over the layers
+        raise MetadataError(f"{source}: metadata key '{arch}.block_count' is {layers}, more layers than the "
+                            f"file has tensors ({len(tensors)})")
     try:
         return _MODULES[arch].config_from_metadata(metadata, tensors, source)
     except MetadataError as e:
@@ -97,7 +102,7 @@ def params_from_tensors(config: ModelConfig, tensors: dict[str, QTensor], source
       output: the same for the output projection (default: `linear`).
     """
 
-    used = set(_IGNORED)
+    used = set(CONFIG_TENSORS)
 
     def take(name: str, shape: tuple[int, ...], convert: Callable[[QTensor, str], Any] = linear):
         used.add(name)

@@ -80,6 +80,9 @@ class ModelConfig:
         return bool(self.local_layers) and self.local_layers[layer]
 
 
+_F32_MIN, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # normal float32
+
+
 def get(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ..., *,
         source: str = "") -> Any:
     """metadata[key] checked to be of `kind`; MetadataError naming the file and key when missing or wrong."""
@@ -95,7 +98,9 @@ def get(metadata: dict[str, Any], key: str, kind: type | tuple[type, ...], defau
                             f"got {type(value).__name__} {shown(value)}")
     if kind is int and value <= 0 and not key.endswith("sliding_window"):
         raise MetadataError(f"{source}: metadata key {key!r} must be positive, got {value}")
-    if kind is float and not (math.isfinite(value) and value > 0):
-        # eps, rope bases and scaling factors: a zero or negative one gives NaN logits, not an error
-        raise MetadataError(f"{source}: metadata key {key!r} must be a finite positive number, got {value}")
+    if kind is float and not (math.isfinite(value) and _F32_MIN <= value <= _F32_MAX):
+        # eps, rope bases and scaling factors: a zero or negative one gives NaN logits, not an error, and one
+        # float32 cannot hold (1e300, 1e-300) constant logits: the forward pass computes in float32
+        raise MetadataError(f"{source}: metadata key {key!r} must be a positive number float32 can hold "
+                            f"(~1.2e-38 to 3.4e38), got {value}")
     return value

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import socket
 import sys
 
 from realm_jax.errors import ArgumentError
@@ -64,13 +65,26 @@ def check(args: argparse.Namespace) -> None:
         raise ArgumentError(f"serve needs the serve extra: pip install 'realm-jax[serve]' ({e})") from None
 
 
-def run(args: argparse.Namespace, model, template: str | None) -> int:
-    """Serve `model` (loaded by realm_jax.cli after `check`) with the checked options until interrupted."""
+def listen(args: argparse.Namespace) -> socket.socket:
+    """The server's listening socket on --host/--port, bound before the model loads: a port in use is an
+    ArgumentError at once, not a failure after the load, and nothing can take the port during it."""
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        return socket.create_server((args.host, args.port), family=family, backlog=2048)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise ArgumentError(f"--host {args.host} --port {args.port}: cannot listen there: {reason}") from None
+
+
+def run(args: argparse.Namespace, model, template: str | None, sock: socket.socket | None = None) -> int:
+    """Serve `model` (loaded by realm_jax.cli after `check`) with the checked options until interrupted, on
+    `sock` (`listen`'s; default: bound here)."""
     import uvicorn
 
     from realm_jax.serve.engine import Engine, RequestParams, complete
     from realm_jax.serve.server import create_app
 
+    sock = listen(args) if sock is None else sock
     engine = Engine(model, slots=args.slots, max_context=args.max_context, queue_size=args.queue_size,
                     prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).warm_up().start()
     try:
@@ -79,10 +93,13 @@ def run(args: argparse.Namespace, model, template: str | None) -> int:
         app = create_app(engine, name=model.path.stem, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                          chat_template=template, template_source=f"--chat-template {args.chat_template}")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        print(f"realm-jax: serving {model.path.name} on http://{args.host}:{args.port} ({engine.slots} slots, "
-              f"context {engine.max_context})", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
-                    timeout_keep_alive=5, log_level="warning", h11_max_incomplete_event_size=64 << 10)
+        host, port = args.host, sock.getsockname()[1]  # --port 0: the port the system chose
+        print(f"realm-jax: serving {model.path.name} on http://{f'[{host}]' if ':' in host else host}:{port} "
+              f"({engine.slots} slots, context {engine.max_context})", file=sys.stderr, flush=True)
+        config = uvicorn.Config(app, host=host, port=port, limit_concurrency=args.max_connections,
+                                timeout_keep_alive=5, log_level="warning", h11_max_incomplete_event_size=64 << 10)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         engine.stop()
+        sock.close()
     return 0

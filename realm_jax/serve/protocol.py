@@ -56,7 +56,8 @@ def _number(body: dict, key: str, default: float, low: float, high: float, *, lo
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # an int of any size compares with the bounds exactly (math.isfinite of one past 1e308 overflows)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
         raise _bad(key, f"must be a number, got {shown(v)}")
     if v < low or v > high or (low_open and v == low):
         raise _bad(key, f"{shown(v)} must be in {'(' if low_open else '['}{low}, {high}]")
