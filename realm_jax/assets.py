@@ -22,9 +22,9 @@ import sys
 import tempfile
 import zipfile
 
-from realm_jax.errors import ModelUnavailableError
+from realm_jax.errors import ModelUnavailableError, WriteError
 
-__all__ = ["KNOWN_MODELS", "cache_dir", "cache_root", "default_model_path", "model_path"]
+__all__ = ["KNOWN_MODELS", "cache_dir", "cache_root", "cache_subdir", "default_model_path", "model_path"]
 
 DEFAULT_MODEL = "gemma3-270m-q4_k_m"
 
@@ -57,11 +57,22 @@ def cache_root() -> pathlib.Path:
     return pathlib.Path(os.environ.get("REALM_JAX_CACHE") or pathlib.Path.home() / ".cache" / "realm-jax")
 
 
+def cache_subdir(name: str) -> pathlib.Path:
+    """`cache_root()` / name, made where it is missing; WriteError (naming $REALM_JAX_CACHE where it is set)
+    where it cannot be."""
+    path = cache_root() / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = os.environ.get("REALM_JAX_CACHE")
+        where = f"REALM_JAX_CACHE={where}" if where else "the realm-jax cache (REALM_JAX_CACHE moves it)"
+        raise WriteError(f"{where}: cannot make the folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def cache_dir() -> pathlib.Path:
     """The folder models are cached in: `cache_root()` / models."""
-    path = cache_root() / "models"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return cache_subdir("models")
 
 
 def default_model_path() -> pathlib.Path:

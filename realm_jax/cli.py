@@ -607,7 +607,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a GGUF file (default: the embedded gemma3-270m Q4_K_M)")
+    p.add_argument("--model", help="a GGUF file, or a known model's name (gemma3-270m-q4_k_m, "
+                   "smollm2-135m-instruct-q4_1: fetched once); default: the embedded gemma3-270m Q4_K_M")
     p.add_argument("--precision", default=None, help="precision policy: f32, bf16, f16, auto, or "
                    "params=..,compute=..,kv=.. (default: auto for the device)")
     _add_impl_option(p)
@@ -619,8 +620,8 @@ def _add_impl_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--impl", choices=IMPLS, default="auto",
                    help="the linear layers' backend: xla (the reference: weights converted at load), native (the "
                         "CPU kernels on the weights as stored), the Pallas kernels on quantized weights (pallas: "
-                        "the platform's; triton, mosaic_gpu, mosaic_tpu) (default auto: pallas on GPU/TPU; on CPU "
-                        "native where it builds, else xla); a weight the backend cannot take runs on xla (inspect "
+                        "the platform's; triton, triton_blocks, mosaic_gpu, mosaic_tpu) (default auto: pallas on "
+                        "GPU/TPU; on CPU native where it builds, else xla); a weight the backend cannot take runs on xla (inspect "
                         "says which)")
 
 
@@ -708,9 +709,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _known_models(args: argparse.Namespace) -> None:
+    """--model (or inspect's FILE) naming one of `realm_jax.assets.KNOWN_MODELS` where no such file exists:
+    that model's file, fetched into the cache on first use (``--model smollm2-135m-instruct-q4_1``)."""
+    from realm_jax.assets import KNOWN_MODELS, model_path
+
+    for name in ("model", "file"):
+        value = getattr(args, name, None)
+        if value in KNOWN_MODELS and not os.path.exists(value):
+            setattr(args, name, str(model_path(value)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _known_models(args)
         return args.func(args)
     except RealmError as e:
         print(f"realm-jax: error: {e}", file=sys.stderr)

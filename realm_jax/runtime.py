@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from realm_jax import compile_cache, linear
-from realm_jax.errors import (ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError, ShardingError,
-                              TokenIdError)
+from realm_jax.errors import (ArgumentError, ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError,
+                              ShardingError, TokenIdError)
 from realm_jax.inputs import check_text, shown
 from realm_jax.preflight import check_fits, step_bytes
 from realm_jax.checkpoint import read_gguf
@@ -219,7 +219,7 @@ class Model:
         (the prompt through the model) or "decode" (the decode loop; its body is one step). Collective bytes
         are read from it (`realm_jax.distributed.hlo`)."""
         if step not in ("prefill", "decode"):
-            raise ValueError(f"compiled_text: step={step!r} must be 'prefill' or 'decode'")
+            raise ArgumentError(f"compiled_text: step={step!r} must be 'prefill' or 'decode'")
         prompts = [[self.tokenizer.bos_id or 1] * prompt_tokens] * batch
         if step == "prefill":
             b, t = len(prompts) + (-len(prompts) % self.batch_multiple), _prompt_length(prompt_tokens)
@@ -342,10 +342,11 @@ class Model:
             what = "prompt" if single else f"prompt[{i}]"
             check_text(p, what)
             if len(p) > self.max_prompt_chars:  # before tokenizing it: a long text takes long to tokenize
+                most = self.tokenizer.max_token_chars
                 raise ContextLengthError(
-                    f"{what} has {len(p)} characters, so at least {len(p) // self.tokenizer.max_token_chars} "
-                    f"tokens (no token is longer than {self.tokenizer.max_token_chars} characters): more than the "
-                    f"model's context of {self.config.context_length} tokens")
+                    f"{self.path}: {what} has {len(p)} characters, so at least {-(-len(p) // most)} tokens (no token "
+                    f"is longer than {most} characters): more than the model's context of "
+                    f"{self.config.context_length} tokens")
         for i, text in enumerate(stop):
             check_text(text, f"stop[{i}]")
         ids = [self.tokenizer._encode(p, add_bos, True) for p in prompts]

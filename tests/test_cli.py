@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -105,6 +106,21 @@ def test_bench_reports_tokens_per_second():
     assert abs(sum(m[p] for p in parts) - m["peak_rss"]) < 1e-6 and m["peak_rss"] >= m["rss_now"] > m["jax_floor"]
     bad = _cli("bench", "--model", model, "--decode-tokens", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "realm-jax: error: decode_tokens=0 must be an int >= 1"
+
+
+def test_a_cache_that_cannot_be_made_is_one_error_line(tmp_path):
+    """$REALM_JAX_CACHE on a file: the model cache and the native build's folder cannot be made there."""
+    from realm_jax.reference import reference_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    env = {**os.environ, "REALM_JAX_CACHE": str(afile), "REALM_JAX_COMPILE_CACHE": "0"}
+    for model in ((), ("--model", str(reference_dir().parent / "synthetic" / "llama-s-q2_k.gguf"))):
+        proc = subprocess.run([sys.executable, "-m", "realm_jax.cli", "generate", "Hi", "--max-new-tokens", "2",
+                               *model], capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"realm-jax: error: REALM_JAX_CACHE={afile}: cannot "
+                                                               f"make the folder {afile}/"), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_chat_reads_stdin(smollm2_path):

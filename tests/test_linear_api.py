@@ -25,7 +25,7 @@ import realm_jax
 from realm_jax import linear, native
 from realm_jax.checkpoint import read_gguf, write_gguf
 from realm_jax.cli import main
-from realm_jax.errors import NativeBuildError, ShardingError
+from realm_jax.errors import ArgumentError, NativeBuildError, ShardingError
 from realm_jax.quant import table
 from realm_jax.quant.block import Field, Format
 from helpers import random_qtensor
@@ -42,13 +42,13 @@ def test_resolve():
     assert linear.resolve("auto", "tpu") == linear.resolve("pallas", "tpu") == "mosaic_tpu"
     assert linear.resolve("pallas", "cpu") == "mosaic_tpu"  # the TPU kernels in interpret mode
     assert linear.resolve("mosaic_gpu", "cpu") == "mosaic_gpu"  # interpret mode
-    with pytest.raises(ValueError, match="impl='mosaic_tpu' runs on tpu, not on gpu"):
+    with pytest.raises(ArgumentError, match="impl=.mosaic_tpu. runs on tpu, not on gpu"):
         linear.resolve("mosaic_tpu", "gpu")
     with pytest.raises(NativeBuildError, match="one CPU device, not on gpu"):
         linear.resolve("native", "gpu")
     with pytest.raises(ShardingError, match="not on a mesh of 2"):
         linear.resolve("native", "cpu", devices=2)
-    with pytest.raises(ValueError, match="impl='cuda' must be one of auto, pallas, xla"):
+    with pytest.raises(ArgumentError, match="impl=.cuda. must be one of auto, pallas, xla"):
         linear.resolve("cuda")
 
 

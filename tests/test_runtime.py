@@ -149,6 +149,11 @@ def test_prompt_longer_than_context(smollm2):
         smollm2.generate_ids([too_long], max_new_tokens=10)
     with pytest.raises(ContextLengthError):
         smollm2.logits([1] * (smollm2.config.context_length + 1))
+    n, most = smollm2.max_prompt_chars + 1, smollm2.tokenizer.max_token_chars  # refused before it is tokenized
+    with pytest.raises(ContextLengthError, match=rf"{smollm2.path.name}: prompt has {n} characters, so at least "
+                                                 rf"{smollm2.config.context_length + 1} tokens \(no token is longer "
+                                                 rf"than {most} characters\)"):
+        smollm2.generate("x" * n)
 
 
 @pytest.mark.parametrize("call, error", [

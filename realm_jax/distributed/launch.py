@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from realm_jax.distributed.coordinator import EXIT_PEER_LOST
@@ -108,9 +109,12 @@ def run_local(n: int, command: Sequence[str], options: WorkerOptions, *, poll_s:
     with contextlib.ExitStack() as stack:
         address = f"127.0.0.1:{stack.enter_context(reserved_port())}"
         stack.callback(lambda: _stop([p for p in procs if p.poll() is None]))
+        arm = _die_with(os.getpid())
         for r in range(n):
-            procs.append(subprocess.Popen(worker_argv(r, n, address, command, options, program=program),
-                                          preexec_fn=_die_with(os.getpid())))
+            with warnings.catch_warnings():  # JAX's at-fork warning: the child only calls prctl, then execs
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                procs.append(subprocess.Popen(worker_argv(r, n, address, command, options, program=program),
+                                              preexec_fn=arm))
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
@@ -135,11 +139,12 @@ def _die_with(parent: int):
     would otherwise run on as an orphan."""
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child imports and loads nothing
 
     def arm() -> None:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the supervisor died before the line above
             os._exit(1)
 

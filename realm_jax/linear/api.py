@@ -17,7 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from realm_jax.errors import DTypeError, NativeBuildError, QTensorError, ShapeMismatchError, ShardingError
+from realm_jax.errors import (ArgumentError, DTypeError, NativeBuildError, QTensorError, ShapeMismatchError,
+                              ShardingError)
+from realm_jax.inputs import shown
 from realm_jax.linear.base import ACTIVATIONS, XLA, Backend, Prepared, XlaWeight, load_interpreter, place_qtensor
 from realm_jax.linear.blocks import TRITON_BLOCKS
 from realm_jax.linear.mosaic_gpu import MOSAIC_GPU
@@ -49,7 +51,7 @@ def resolve(impl: str, platform: str | None = None, *, devices: int = 1) -> str:
     backend (on a CPU the TPU kernels in interpret mode). "native" anywhere but one CPU device is an error:
     it is a CPU custom call XLA cannot split over a mesh."""
     if impl not in IMPLS:
-        raise ValueError(f"qmatmul: impl={impl!r} must be one of {', '.join(IMPLS)}")
+        raise ArgumentError(f"impl={shown(impl)} must be one of {', '.join(IMPLS)}")
     platform = platform or jax.default_backend()
     if impl == "auto":
         if platform != "cpu":
@@ -71,7 +73,7 @@ def resolve(impl: str, platform: str | None = None, *, devices: int = 1) -> str:
         if not native.available():
             raise NativeBuildError(native.reason())
     elif not backend.runs_on(platform):
-        raise ValueError(f"impl={impl!r} runs on {', '.join(backend.platforms)}, not on {platform}")
+        raise ArgumentError(f"impl={impl!r} runs on {', '.join(backend.platforms)}, not on {platform}")
     return impl
 
 
@@ -180,7 +182,7 @@ def glu(x: jax.Array, w, activation: str, *, compute_dtype=None) -> jax.Array:
     projection's input either way)."""
     x, compute_dtype, _ = _check(x, w, compute_dtype, None, "glu")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"glu: activation={activation!r} must be one of {list(ACTIVATIONS)}")
+        raise ArgumentError(f"glu: activation={activation!r} must be one of {list(ACTIVATIONS)}")
     if isinstance(w, QTensor):
         w = XlaWeight(w)
     y = backend_of(w).glu(_rows(x), w, activation, compute_dtype=compute_dtype)

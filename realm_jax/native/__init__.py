@@ -23,7 +23,7 @@ compiler, the flags, jax's version and the CPU) and registered as the XLA FFI ta
 ``realm_gemm_bf16``, ``realm_gemm_q`` and ``realm_gemm_q_f32`` (prefill's gemm on the planes) and
 ``realm_decode_attention`` (attention.cc: a decode step over the stacked KV cache in place).
 ``REALM_JAX_NATIVE_VARIANT`` forces one of
-the builds in `VARIANTS` (native, avx2, portable) for everything that runs. ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
+the builds in `VARIANTS` (native, avx2, portable) for everything that runs (another name is an ArgumentError). ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
 why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
 `NativeBuildError`.
 
@@ -78,8 +78,15 @@ _NEEDS = {"avx2": ("avx2", "fma", "f16c", "bmi2")}  # CPU flags a variant's code
 
 
 def _variant(portable: bool = False) -> str:
-    """The build a call uses: "portable" when asked for, else REALM_JAX_NATIVE_VARIANT's (default native)."""
-    return "portable" if portable else os.environ.get("REALM_JAX_NATIVE_VARIANT", "native")
+    """The build a call uses: "portable" when asked for, else REALM_JAX_NATIVE_VARIANT's (default native).
+    A name not in VARIANTS is an ArgumentError, not a build that fails: impl "auto" would go on without the
+    kernels, ~4x slower, and say nothing."""
+    if portable:
+        return "portable"
+    variant = os.environ.get("REALM_JAX_NATIVE_VARIANT", "native")
+    if variant not in VARIANTS:
+        raise ArgumentError(f"REALM_JAX_NATIVE_VARIANT={shown(variant)} must be one of {', '.join(VARIANTS)}")
+    return variant
 
 
 def _target(name: str, variant: str) -> str:
@@ -124,9 +131,9 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _cache_root() -> pathlib.Path:
-    from realm_jax.assets import cache_root
+    from realm_jax.assets import cache_subdir
 
-    return cache_root() / "native"
+    return cache_subdir("native")
 
 
 def _c_array(name: str, ctype: str, values: np.ndarray) -> str:

@@ -309,8 +309,9 @@ class Engine:
                 raise EngineStoppedError("the engine is not running")
             free = sum(r is None for r in self._owner[: self.slots])  # the engine admits into these soon
             if len(self._queue) >= self.queue_size + free:
-                raise QueueFullError(f"all {self.slots} slots are busy and {len(self._queue)} requests are queued "
-                                     f"(the queue holds {self.queue_size}): retry later")
+                # (the queue holds requests bound for free slots too: its length can pass queue_size)
+                raise QueueFullError(f"the server is full ({self.slots} slots, a queue of {self.queue_size}; "
+                                     f"{len(self._queue)} requests waiting): retry later")
             self._queue.append(request)
             self._lock.notify_all()
         return request
