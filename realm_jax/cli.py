@@ -621,8 +621,8 @@ def _add_impl_option(p: argparse.ArgumentParser) -> None:
                    help="the linear layers' backend: xla (the reference: weights converted at load), native (the "
                         "CPU kernels on the weights as stored), the Pallas kernels on quantized weights (pallas: "
                         "the platform's; triton, triton_blocks, mosaic_gpu, mosaic_tpu) (default auto: pallas on "
-                        "GPU/TPU; on CPU native where it builds, else xla); a weight the backend cannot take runs on xla (inspect "
-                        "says which)")
+                        "GPU/TPU; on CPU native where it builds, else xla); a weight the backend cannot take runs "
+                        "on xla (inspect says which)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, max_new_tokens: int) -> None:

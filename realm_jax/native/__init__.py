@@ -22,9 +22,9 @@ The C++ source is compiled at first use with the machine's C++ compiler (``$CXX`
 compiler, the flags, jax's version and the CPU) and registered as the XLA FFI targets ``realm_qmatmul``,
 ``realm_gemm_bf16``, ``realm_gemm_q`` and ``realm_gemm_q_f32`` (prefill's gemm on the planes) and
 ``realm_decode_attention`` (attention.cc: a decode step over the stacked KV cache in place).
-``REALM_JAX_NATIVE_VARIANT`` forces one of
-the builds in `VARIANTS` (native, avx2, portable) for everything that runs (another name is an ArgumentError). ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says False and `reason()`
-why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
+``REALM_JAX_NATIVE_VARIANT`` forces one of the builds in `VARIANTS` (native, avx2, portable) for everything
+that runs (another name is an ArgumentError). ``REALM_JAX_NATIVE=0`` turns them off; `available()` then says
+False and `reason()` why, and impl "auto" stays on the XLA path. Asking for impl "native" where it cannot be built raises
 `NativeBuildError`.
 
 The weights these kernels read, and the choice between them by rows of x, belong to the linear layer's
