@@ -249,7 +249,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         raise ArgumentError(f"OUT {shown(args.output)}: its folder {shown(out_dir)} does not exist")
     if os.path.realpath(args.input) == os.path.realpath(args.output):
         raise ArgumentError(f"OUT {shown(args.output)} is IN: write the quantized file under another name")
-    report = quantize_gguf(args.input, args.output, args.type, progress=True)
+    report = quantize_gguf(args.input, args.output, args.type, progress=sys.stderr.isatty())  # piped: no bar
     types = ", ".join(f"{t} x{n}" for t, n in sorted(report["types"].items(), key=lambda kv: -kv[1]))
     print(f"{report['file']}: {report['file_type']}, {report['bytes_in'] / 2**20:.1f} MiB -> "
           f"{report['bytes_out'] / 2**20:.1f} MiB of tensors ({types})")
