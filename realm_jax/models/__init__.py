@@ -26,8 +26,7 @@ from realm_jax.models.config import ModelConfig
 from realm_jax.quant import QTensor, dequantize
 
 __all__ = ["ARCHITECTURES", "CONFIG_TENSORS", "ModelConfig", "config_from_gguf", "fuse_projections",
-           "params_from_tensors",
-           "tensor_roles"]
+           "params_from_tensors", "tensor_roles"]
 
 _MODULES = {arch: module for module in (llama, gemma3) for arch in module.ARCHITECTURES}
 ARCHITECTURES = tuple(_MODULES)
