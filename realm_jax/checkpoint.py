@@ -6,6 +6,7 @@ import concurrent.futures
 import mmap
 import os
 import pathlib
+import secrets
 import sys
 import threading
 from collections.abc import Mapping
@@ -13,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from realm_jax.errors import MetadataError, QTensorError, UnsupportedFormatError
+from realm_jax.errors import ArgumentError, MetadataError, QTensorError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
+from realm_jax.inputs import check_output_path, shown
 from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
 
 __all__ = ["read_gguf", "write_gguf"]
@@ -224,42 +226,216 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
                metadata: Mapping[str, Any] | None = None) -> pathlib.Path:
     """Write `QTensor`s (any supported format, Q8_K included) and metadata to a GGUF v3 file.
 
+    Everything is checked before a byte is written, and the file is written beside `path` and renamed over
+    it once complete: a write that fails leaves what was at `path`.
+
     Args:
-      path: the file to write.
-      tensors: name -> QTensor; planes may be numpy or jax arrays.
+      path: the file to write (a regular file or none yet, in a folder that exists).
+      tensors: name -> QTensor; planes may be numpy or jax arrays. Names of at most 63 UTF-8 bytes.
       arch: general.architecture.
-      metadata: extra key -> value pairs (str, bool, int, float or lists of them), typed as gguf-py's
-        writer infers them.
+      metadata: extra key -> value pairs: str, bool, int, float or non-empty lists of one of them, nested at
+        most four deep, or numpy arrays and scalars (as `read_gguf` returns them: their dtype is kept). A
+        Python float is written as FLOAT32 (the type llama.cpp reads), so it must be one float32 can hold
+        (0.1 is stored as 0.10000000149); ints as UINT32 for the keys llama.cpp reads so, else INT64/UINT64
+        (INT32 in lists that fit, as gguf-py writes them).
+
+    Raises:
+      ArgumentError: path, tensors, arch or metadata of the wrong type. MetadataError: a key or value GGUF
+      cannot hold as given, or one `read_gguf` would refuse. QTensorError, UnsupportedFormatError: a tensor.
+      WriteError: the path is not a file path, or the system refused the write.
     """
     import gguf
 
-    path = pathlib.Path(path)
+    path = check_output_path(path, "write_gguf: path")
+    if not isinstance(arch, str) or not arch:
+        raise ArgumentError(f"write_gguf: arch={shown(arch)} must be a non-empty str")
+    _utf8(arch, "arch")
+    if not isinstance(tensors, Mapping):
+        raise ArgumentError(f"write_gguf: tensors must be a mapping of names to QTensors, not a "
+                            f"{type(tensors).__name__}")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise ArgumentError(f"write_gguf: metadata must be a mapping of keys to values, not a "
+                            f"{type(metadata).__name__}")
     metadata = dict(metadata or {})
     if metadata.get("general.architecture", arch) != arch:
-        raise MetadataError(f"write_gguf: metadata general.architecture={metadata['general.architecture']!r} "
+        raise MetadataError(f"write_gguf: metadata general.architecture={shown(metadata['general.architecture'])} "
                             f"conflicts with arch={arch!r}")
     metadata.pop("general.architecture", None)
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in metadata.items():
-        value = _plain(value)
-        if key == "general.alignment":  # the writer must pad the data to it, not only record it
-            writer.add_custom_alignment(value)
-            continue
-        writer.add_key_value(key, value, _value_type(key, value))
+    values = [(key, *_typed(key, value)) for key, value in metadata.items()]
+    raws = []
     for name, qt in tensors.items():
+        if not isinstance(name, str) or not 0 < len(_utf8(name, f"tensor name {shown(name)}")) <= _MAX_NAME_BYTES:
+            raise MetadataError(f"write_gguf: tensor name {shown(name)} must be a str of 1 to {_MAX_NAME_BYTES} "
+                                "UTF-8 bytes (ggml's limit, which readers hold files to)")
         if not isinstance(qt, QTensor):
             raise QTensorError(f"write_gguf: tensor {name!r} is a {type(qt).__name__}, not a QTensor")
-        raw = unpack(qt)
         try:
             qtype = gguf.GGMLQuantizationType[qt.fmt]
         except KeyError:
             raise UnsupportedFormatError(f"write_gguf: tensor {name!r} has format {qt.fmt}") from None
-        writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        raws.append((name, unpack(qt), qtype))
+    tmp = _fresh_file(path)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        for key, value, vtype, sub_type in values:
+            if key == "general.alignment":  # the writer must pad the data to it, not only record it
+                writer.add_custom_alignment(value)
+            else:
+                writer.add_key_value(key, value, vtype, sub_type)
+        for name, raw, qtype in raws:
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot be written: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _fresh_file(path: pathlib.Path) -> pathlib.Path:
+    """A new empty file beside `path` (the umask's permissions, as `path` would get), to write and rename."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise WriteError(f"{path}: cannot be written: {e.strerror or e}") from None
+    raise WriteError(f"{path}: no free name for a temporary file beside it")
+
+
+_MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) less its NUL, as realm_jax.gguf reads
+_MAX_KEY_BYTES = 65535
+_MAX_DEPTH = 4  # nested arrays, as realm_jax.gguf reads
+_F32_MAX = float(np.finfo(np.float32).max)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MetadataError(f"write_gguf: {what} is not valid Unicode text (a lone surrogate)") from None
+
+
+def _typed(key: Any, value: Any) -> tuple[Any, Any, Any]:
+    """A metadata value checked and typed for gguf-py's writer: (value, GGUFValueType, array sub-type)."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if not isinstance(key, str):
+        raise MetadataError(f"write_gguf: metadata key {shown(key)} must be a str")
+    if len(_utf8(key, f"metadata key {shown(key)}")) > _MAX_KEY_BYTES:
+        raise MetadataError(f"write_gguf: metadata key {shown(key)} is longer than GGUF's {_MAX_KEY_BYTES} bytes")
+    what = f"metadata {key!r}"
+    if key == "general.alignment":
+        if not _is_int(value) or not 0 < int(value) < 2**32 or int(value) & (int(value) - 1):
+            raise MetadataError(f"write_gguf: {what}={shown(value)} must be a power of two under 2**32")
+        return int(value), T.UINT32, None
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype in _ARRAY_TYPES:
+        if not value.size:
+            raise MetadataError(f"write_gguf: {what} is an empty array (gguf-py writes none)")
+        if value.dtype.kind == "f" and not _fits(value.astype(np.float64), value.dtype):
+            raise MetadataError(f"write_gguf: {what} holds a value {value.dtype} cannot hold")
+        return value.tolist(), T.ARRAY, T[_ARRAY_TYPES[value.dtype]]
+    if isinstance(value, np.generic) and value.dtype in _ARRAY_TYPES and value.dtype.kind != "b":
+        return value.item(), T[_ARRAY_TYPES[value.dtype]], None
+    value = _plain(value)
+    vtype = _scalar_type(key, value, what)
+    if vtype is not None:
+        return value, vtype, None
+    if isinstance(value, list):
+        return value, T.ARRAY, _list_type(value, what, depth=1)
+    raise MetadataError(f"write_gguf: {what} has unsupported type {type(value).__name__} (str, bool, int, float, "
+                        f"a non-empty list of one of them, or a numpy array)")
+
+
+_ARRAY_TYPES = {np.dtype(t): name for t, name in (
+    (np.uint8, "UINT8"), (np.int8, "INT8"), (np.uint16, "UINT16"), (np.int16, "INT16"), (np.uint32, "UINT32"),
+    (np.int32, "INT32"), (np.uint64, "UINT64"), (np.int64, "INT64"), (np.float32, "FLOAT32"),
+    (np.float64, "FLOAT64"), (np.bool_, "BOOL"))}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _fits(values: np.ndarray, dtype) -> bool:
+    """Whether every finite value stays finite, and every nonzero one nonzero, in `dtype`."""
+    big = np.abs(values[np.isfinite(values)])
+    return bool(np.all(big <= np.finfo(dtype).max) and np.all((big == 0) | (big.astype(dtype) != 0)))
+
+
+def _scalar_type(key: str, value: Any, what: str):
+    """The GGUF type of a scalar (None for a list), checked to hold it."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if isinstance(value, bool):
+        return T.BOOL
+    if isinstance(value, int):
+        if key.endswith(_UINT32_KEYS) and 0 <= value < 2**32:
+            return T.UINT32
+        if not -(2**63) <= value < 2**64:
+            raise MetadataError(f"write_gguf: {what}={shown(value)} does not fit INT64 or UINT64")
+        return T.INT64 if value < 0 else T.UINT64
+    if isinstance(value, float):
+        if not _fits(np.array([value]), np.float32):
+            raise MetadataError(f"write_gguf: {what}={value!r} is not one float32 can hold (written as FLOAT32, "
+                                f"the type llama.cpp reads; pass np.float64(...) for FLOAT64)")
+        return T.FLOAT32
+    if isinstance(value, str):
+        _utf8(value, what)
+        return T.STRING
+    return None
+
+
+def _list_type(values: list, what: str, depth: int):
+    """The element type of a non-empty list (gguf-py writes one type an array; in nested arrays, ints as INT32
+    and floats as FLOAT32, the types it infers), each element checked."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if not values:
+        raise MetadataError(f"write_gguf: {what} holds an empty list (gguf-py writes none)")
+    if depth > _MAX_DEPTH:
+        raise MetadataError(f"write_gguf: {what} nests arrays more than {_MAX_DEPTH} deep")
+    kinds = {bool if isinstance(v, bool) else type(v) for v in values}
+    if len(kinds) > 1 or kinds - {bool, int, float, str, list}:
+        names = ", ".join(sorted(k.__name__ for k in kinds))
+        raise MetadataError(f"write_gguf: {what} mixes or holds unsupported types ({names}): a GGUF array holds one "
+                            "of str, bool, int, float or list")
+    kind = kinds.pop()
+    if kind is list:
+        for v in values:
+            _list_type(v, what, depth + 1)
+        return T.ARRAY
+    if kind is str:
+        for v in values:
+            _utf8(v, what)
+        return T.STRING
+    if kind is bool:
+        return T.BOOL
+    if kind is float:
+        if not _fits(np.array(values, np.float64), np.float32):
+            raise MetadataError(f"write_gguf: {what} holds a float that float32 cannot hold")
+        return T.FLOAT32
+    low, high = min(values), max(values)
+    if _INT32[0] <= low and high <= _INT32[1]:
+        return T.INT32
+    if depth > 1:
+        raise MetadataError(f"write_gguf: {what} nests an int outside INT32 (the type gguf-py writes there)")
+    if -(2**63) <= low and high < 2**63:
+        return T.INT64
+    if 0 <= low and high < 2**64:
+        return T.UINT64
+    raise MetadataError(f"write_gguf: {what} holds ints no one GGUF integer type holds ({low} to {high})")
 
 
 def _plain(value: Any) -> Any:
@@ -277,22 +453,3 @@ def _plain(value: Any) -> Any:
 _UINT32_KEYS = ("general.alignment", "general.file_type", "general.quantization_version", ".block_count",
                 ".context_length", ".embedding_length", ".feed_forward_length", ".head_count", ".head_count_kv",
                 ".key_length", ".value_length", ".dimension_count", ".sliding_window", ".vocab_size", "_token_id")
-
-
-def _value_type(key: str, value: Any):
-    import gguf
-
-    if isinstance(value, bool):
-        return gguf.GGUFValueType.BOOL
-    if isinstance(value, int):
-        if key.endswith(_UINT32_KEYS) and 0 <= value < 2**32:
-            return gguf.GGUFValueType.UINT32
-        return gguf.GGUFValueType.INT64 if value < 0 else gguf.GGUFValueType.UINT64
-    if isinstance(value, float):
-        return gguf.GGUFValueType.FLOAT32
-    if isinstance(value, str):
-        return gguf.GGUFValueType.STRING
-    if isinstance(value, list) and value:
-        return gguf.GGUFValueType.ARRAY
-    raise MetadataError(f"write_gguf: metadata {key!r} has unsupported type {type(value).__name__} "
-                        f"(str, bool, int, float, or a non-empty list of one of them)")

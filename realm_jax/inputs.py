@@ -1,5 +1,6 @@
 """Text from outside, checked once where it enters: the Python API, the command line, chat input and, later,
-the server all call `check_text` (and `check_messages` for chat messages) before anything else sees it.
+the server all call `check_text` (and `check_messages` for chat messages) before anything else sees it; and
+the paths files are written at (`check_output_path`).
 
 Only valid Unicode strings pass. Python hands undecodable bytes through as lone surrogates (argv and
 `surrogateescape` streams turn the byte 0xff into U+DCFF); the tokenizer and every encoder after it would
@@ -8,13 +9,15 @@ fail on them deep inside, so they end here in a `TextInputError` that names the 
 
 from __future__ import annotations
 
+import os
+import pathlib
 import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from realm_jax.errors import ChatTemplateError, TextInputError
+from realm_jax.errors import ArgumentError, ChatTemplateError, TextInputError, WriteError
 
-__all__ = ["check_messages", "check_text", "decode_line", "shown"]
+__all__ = ["check_messages", "check_output_path", "check_text", "decode_line", "shown"]
 
 
 class _Shown(reprlib.Repr):
@@ -87,3 +90,18 @@ def check_messages(messages: Any, what: str = "messages") -> list[dict[str, str]
 def decode_line(raw: bytes, what: str, *, max_chars: int | None = None) -> str:
     """One line of input bytes (chat stdin) as checked text: UTF-8, else a `TextInputError` naming the byte."""
     return check_text(raw.decode("utf-8", errors="surrogateescape"), what, max_chars=max_chars)
+
+
+def check_output_path(path: Any, what: str) -> pathlib.Path:
+    """`path` as a place to write a file at: a str or os.PathLike naming a regular file, or none yet, in a
+    folder that exists (the writers write beside it and rename over it: a device or a folder there would be
+    replaced). ArgumentError for another type or an empty one; WriteError otherwise."""
+    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ArgumentError(f"{what}={shown(path)} must be a non-empty str or os.PathLike")
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_file():
+        raise WriteError(f"{path}: exists and is not a regular file; the output must be a file path")
+    if not path.parent.is_dir():
+        raise WriteError(f"{path}: the folder {path.parent} does not exist")
+    return path
+

@@ -25,6 +25,7 @@ import numpy as np
 from realm_jax import mixture
 from realm_jax.errors import MetadataError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
+from realm_jax.inputs import check_output_path
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "Target", "quantize_gguf", "target"]
 
@@ -133,15 +134,6 @@ def _requantize(raw: np.ndarray, n_elements: int, src: str, dst: str, bar) -> np
     return np.concatenate(parts)
 
 
-def _check_destination(dst: pathlib.Path) -> None:
-    """The output is written to OUT.tmp beside it, then renamed over OUT: OUT must be a regular file (a
-    link to one) or absent, in a folder that exists; a device or a folder there is refused, not replaced."""
-    if dst.exists() and not dst.is_file():
-        raise WriteError(f"{dst}: exists and is not a regular file; the output must be a file path")
-    if not dst.parent.is_dir():
-        raise WriteError(f"{dst}: the folder {dst.parent} does not exist")
-
-
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str, *,
                   progress: bool = False) -> dict[str, Any]:
     """Requantize the GGUF file `src` to `type_name` into `dst`, with llama.cpp's per-tensor mixture.
@@ -164,8 +156,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
     from tqdm.auto import tqdm
 
     tgt = target(type_name)
-    src, dst = pathlib.Path(src), pathlib.Path(dst)
-    _check_destination(dst)
+    src, dst = pathlib.Path(src), check_output_path(dst, "OUT")
     with open_gguf(src) as f:
         if int(f.metadata.get("split.count", 1)) > 1:
             raise MetadataError(f"{f.path}: a split file (split.count={f.metadata['split.count']}); merge it first")

@@ -85,8 +85,59 @@ def test_metadata_read_back_can_be_written_again(tmp_path, rng):
         {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in read.items()}
     with pytest.raises(MetadataError, match="conflicts"):
         realm_jax.write_gguf(tmp_path / "c.gguf", {"w": q}, arch="gemma3", metadata=read)
-    with pytest.raises(MetadataError, match="unsupported type"):
+    with pytest.raises(MetadataError, match="'t.empty' holds an empty list"):
         realm_jax.write_gguf(tmp_path / "d.gguf", {"w": q}, metadata={"t.empty": []})
+
+
+def test_metadata_types_are_kept_or_refused(tmp_path, rng):
+    """numpy arrays keep their dtype; Python ints take the smallest of INT32/INT64/UINT64 a list fits; a float
+    float32 cannot hold is refused, not rounded to 0 or inf (FLOAT32 is what llama.cpp reads)."""
+    q = random_qtensor("Q8_0", 2, 64, rng)
+    meta = {"t.u64": np.array([2**40, 5], np.uint64), "t.i64": [1, 2**40], "t.u64l": [1, 2**63], "t.big": 2**63,
+            "t.f64": np.float64(1e-50), "t.nest": [[1, 2], [3]], "t.f": 0.5}
+    read, _ = realm_jax.read_gguf(realm_jax.write_gguf(tmp_path / "t.gguf", {"w": q}, metadata=meta))
+    assert read["t.u64"].dtype == np.uint64 and read["t.u64"].tolist() == [2**40, 5]
+    assert read["t.i64"].dtype == np.int64 and read["t.u64l"].dtype == np.uint64 and read["t.big"] == 2**63
+    assert read["t.f64"] == 1e-50 and [a.tolist() for a in read["t.nest"]] == [[1, 2], [3]] and read["t.f"] == 0.5
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(metadata={"t.x": 2**70}), "MetadataError", r"'t.x'=1180591620717411303424 does not fit INT64 or UINT64"),
+    (dict(metadata={"t.x": [-1, 2**63]}), "MetadataError", "ints no one GGUF integer type holds"),
+    (dict(metadata={"t.x": [[1, 2**40]]}), "MetadataError", "nests an int outside INT32"),
+    (dict(metadata={"t.x": [1, "a", 2.0]}), "MetadataError", r"mixes or holds unsupported types \(float, int, str"),
+    (dict(metadata={"t.x": [True, 5]}), "MetadataError", r"mixes or holds unsupported types \(bool, int\)"),
+    (dict(metadata={"t.x": 1e300}), "MetadataError", "'t.x'=1e\\+300 is not one float32 can hold"),
+    (dict(metadata={"t.x": 1e-50}), "MetadataError", "'t.x'=1e-50 is not one float32 can hold"),
+    (dict(metadata={"t.x": {"a": 1}}), "MetadataError", "unsupported type dict"),
+    (dict(metadata={3: "a"}), "MetadataError", "metadata key 3 must be a str"),
+    (dict(metadata={"t.\udcff": "a"}), "MetadataError", "is not valid Unicode text"),
+    (dict(metadata={"t.x": "a\udcff"}), "MetadataError", "'t.x' is not valid Unicode text"),
+    (dict(metadata={"k" * 65536: 1}), "MetadataError", "longer than GGUF's 65535 bytes"),
+    (dict(metadata={"general.alignment": 7}), "MetadataError", "'general.alignment'=7 must be a power of two"),
+    (dict(metadata="abc"), "ArgumentError", "metadata must be a mapping"),
+    (dict(tensors={"a" * 64: None}), "MetadataError", "must be a str of 1 to 63 UTF-8 bytes"),
+    (dict(tensors=[1]), "ArgumentError", "tensors must be a mapping"),
+    (dict(tensors={"w": np.zeros(3)}), "QTensorError", "tensor 'w' is a ndarray, not a QTensor"),
+    (dict(arch=None), "ArgumentError", "arch=None must be a non-empty str"),
+    (dict(path=None), "ArgumentError", "path=None must be a non-empty str or os.PathLike"),
+    (dict(path="."), "WriteError", "exists and is not a regular file"),
+    (dict(path="/dev/null"), "WriteError", "/dev/null: exists and is not a regular file"),
+    (dict(path="no/such/folder/x.gguf"), "WriteError", "the folder no/such/folder does not exist"),
+])
+def test_write_gguf_refuses_what_it_cannot_write_and_leaves_the_file(tmp_path, rng, kwargs, error, match):
+    """Everything is checked before a byte is written, and the file is written beside the path and renamed:
+    a failed write leaves the file that was there, and nothing else."""
+    from realm_jax import errors
+
+    q = random_qtensor("Q8_0", 2, 64, rng)
+    path = realm_jax.write_gguf(tmp_path / "m.gguf", {"w": q}, metadata={"t.x": 1})
+    before = path.read_bytes()
+    args = {"path": path, "tensors": {"w": q}} | kwargs
+    with pytest.raises(getattr(errors, error), match=match):
+        realm_jax.write_gguf(args.pop("path"), args.pop("tensors"), **args)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
 
 
 @pytest.mark.parametrize("readers", [1, 3])
