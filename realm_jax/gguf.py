@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import operator
 import os
 import pathlib
 import struct
@@ -33,11 +34,13 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from realm_jax.errors import (
+    ArgumentError,
     DuplicateTensorError,
     FileChangedError,
     MetadataError,
     MisalignedTensorError,
     MissingFileError,
+    MissingTensorError,
     NotGGUFError,
     ResourceLimitError,
     TensorOutOfBoundsError,
@@ -48,6 +51,7 @@ from realm_jax.errors import (
     UnreadableFileError,
     UnsupportedVersionError,
 )
+from realm_jax.inputs import shown
 
 __all__ = ["GGML_TYPES", "MEMORY_BUDGET", "GGUFFile", "TensorInfo", "open_gguf"]
 
@@ -89,6 +93,7 @@ _STR_COST = 80
 _ARRAY_COST = 128
 _KV_COST = 256
 _TENSOR_INFO_COST = 512
+_NAMES_SHOWN = 5  # tensor names a MissingTensorError lists: enough to show the file's naming scheme
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -152,6 +157,8 @@ class GGUFFile:
             long as the file is not truncated (which no mapping survives).
 
         Raises:
+            MissingTensorError: no tensor is named `name`.
+            UnreadableFileError: the file was closed.
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
         info = self._unchanged_info(name)
@@ -173,6 +180,9 @@ class GGUFFile:
             A writable uint8 array, shape ``(nbytes,)``: the start of `out` when given.
 
         Raises:
+            MissingTensorError: no tensor is named `name`.
+            UnreadableFileError: the file was closed.
+            ArgumentError: `out` is not such a buffer.
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
         return self._read(self._unchanged_info(name), out)
@@ -182,12 +192,8 @@ class GGUFFile:
         name = info.name
         if out is None:
             out = np.empty(info.nbytes, np.uint8)
-        elif out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable \
-                or out.size < info.nbytes:
-            raise ValueError(f"out must be a writable contiguous 1-D uint8 array of at least {info.nbytes} bytes "
-                             f"for tensor {name!r}, got {out.dtype}{list(out.shape)}")
         else:
-            out = out[: info.nbytes]
+            out = self._check_out(out, info)[: info.nbytes]
         done = 0
         while done < info.nbytes:  # one call reads at most ~2 GiB
             n = os.preadv(self._fd, [out[done:]], info.offset + done)
@@ -200,13 +206,38 @@ class GGUFFile:
                                    f"was read ({info.nbytes} bytes from {info.offset}); it changed after it was opened")
         return out
 
+    def _check_out(self, out: Any, info: TensorInfo) -> np.ndarray:
+        """`out` when preadv can fill its first info.nbytes bytes in place, else an ArgumentError."""
+        if not isinstance(out, np.ndarray):
+            got = type(out).__name__
+        else:
+            faults = [f for f, bad in (("not uint8", out.dtype != np.uint8), ("not 1-D", out.ndim != 1),
+                                       ("not C-contiguous", not out.flags.c_contiguous),
+                                       ("read-only", not out.flags.writeable),
+                                       (f"only {out.size} bytes", out.size < info.nbytes)) if bad]
+            if not faults:
+                return out
+            got = f"{out.dtype}{list(out.shape)}: {', '.join(faults)}"
+        raise ArgumentError(f"{self.path}: out must be a writable C-contiguous 1-D uint8 numpy array of at least "
+                            f"{info.nbytes} bytes for tensor {info.name!r}, got {got}")
+
     def read_tensor_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """`read_tensor` of rows [start, stop) of the tensor (its shape flattened to (rows, cols)): uint8
-        ``((stop - start) * row bytes,)``, the start of `out` when given."""
+        ``((stop - start) * row bytes,)``, the start of `out` when given. `start` and `stop` are ints (numpy's
+        too, not bools) with ``0 <= start <= stop <= rows``, else an ArgumentError; it raises as
+        `read_tensor` does otherwise."""
         info = self._unchanged_info(name)
         rows = int(np.prod(info.shape[:-1], dtype=np.int64))
+        valid = f"ints with 0 <= start <= stop <= {rows} (the rows of tensor {name!r})"
+        for arg, value in (("start", start), ("stop", stop)):
+            # A float or a bool would index a row by accident (True is row 1): refused, not rounded.
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise ArgumentError(f"{self.path}: {arg}={shown(value)} is a {type(value).__name__}; "
+                                    f"start and stop must be {valid}")
+        start, stop = operator.index(start), operator.index(stop)
         if not 0 <= start <= stop <= rows:
-            raise ValueError(f"rows [{start}, {stop}) are outside tensor {name!r}'s {rows} rows")
+            raise ArgumentError(f"{self.path}: rows {start=}, {stop=} are out of range; start and stop must be "
+                                f"{valid}")
         row_bytes = info.nbytes // max(rows, 1)
         part = dataclasses.replace(info, offset=info.offset + start * row_bytes, nbytes=(stop - start) * row_bytes)
         return self._read(part, out)
@@ -214,10 +245,18 @@ class GGUFFile:
     def _unchanged_info(self, name: str) -> TensorInfo:
         """The info of tensor `name` of this open file, once the file is checked to be the one parsed."""
         if self._bytes is None:
-            raise ValueError(f"{self.path}: the GGUF file is closed")
+            raise UnreadableFileError(f"{self.path}: the GGUF file is closed; tensor {name!r} is not read from "
+                                      "it. Open it again.")
+        if not isinstance(name, str):
+            raise ArgumentError(f"{self.path}: a tensor name must be a str, got {type(name).__name__} "
+                                f"{shown(name)}")
         info = self.tensors.get(name)
         if info is None:
-            raise KeyError(f"{name!r} is not a tensor of {self.path}")
+            first = ", ".join(map(repr, list(self.tensors)[:_NAMES_SHOWN]))
+            more = len(self.tensors) - _NAMES_SHOWN
+            listed = f"{first}, and {more} more" if more > 0 else first or "none"
+            raise MissingTensorError(f"{self.path}: no tensor is named {name!r}; the file's tensors "
+                                     f"({len(self.tensors)}) are {listed}")
         self._check_unchanged(f"tensor {name!r}")
         return info
 
@@ -267,21 +306,31 @@ class GGUFFile:
         )
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFFile:
+def open_gguf(path: str | bytes | os.PathLike) -> GGUFFile:
     """Open a GGUF file, parse its header and validate every tensor's type, shape and byte range.
 
     Tensor data is memory-mapped, not read.
 
     Args:
-        path: the ``.gguf`` file.
+        path: the ``.gguf`` file: a str, or bytes (decoded with `os.fsdecode`, as `open` takes them), or an
+            `os.PathLike` of either; not empty.
 
     Returns:
         A `GGUFFile` with the metadata and tensor infos in file order.
 
     Raises:
+        ArgumentError: `path` is not a str, bytes or path-like object, or is empty.
         GGUFError: a subclass per cause (see `realm_jax.errors`), naming the file and the field.
     """
-    path = pathlib.Path(os.fspath(path))
+    try:
+        # fsdecode's surrogateescape keeps every byte of a bytes path, so it names the same file.
+        name = os.fsdecode(path)
+    except TypeError:
+        raise ArgumentError(f"open_gguf: path must be a str, bytes or os.PathLike, got {type(path).__name__} "
+                            f"{shown(path)}") from None
+    if not name:  # pathlib would read "" as ".", the working folder, and call it "not a regular file"
+        raise ArgumentError("open_gguf: path is empty")
+    path = pathlib.Path(name)
     if not path.exists():
         raise MissingFileError(f"{path}: no such file")
     if not path.is_file():

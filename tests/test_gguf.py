@@ -224,14 +224,109 @@ def test_api_details(write):
     view = gf.tensor_bytes("w")
     with pytest.raises(ValueError):
         view[0] = 1
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(errors.MissingTensorError, match="nope"):
         gf.tensor_bytes("nope")
     with gf:
         pass
     assert view.sum() == 0  # a view outlives close
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(errors.UnreadableFileError, match="closed"):
         gf.tensor_bytes("w")
     gf.close()  # idempotent
+
+
+def _matrix_file(write):
+    """A file with one F32 tensor 'm' of 4 rows of 8 (32 bytes a row), values 0..31."""
+    return write(_file(tis=[_ti("m", (8, 4), Q.F32, 0)], data=np.arange(32, dtype=np.float32).tobytes()))
+
+
+_NO_M = r"case\.gguf: no tensor is named 'nope'; the file's tensors \(1\) are 'm'$"
+_OUT = (r"case\.gguf: out must be a writable C-contiguous 1-D uint8 numpy array of at least {} bytes for tensor 'm', "
+        "got ")
+_ROWS = r"case\.gguf: {}; start and stop must be ints with 0 <= start <= stop <= 4 \(the rows of tensor 'm'\)$"
+_RANGE = "rows start={}, stop={} are out of range"
+_CLOSED = r"case\.gguf: the GGUF file is closed; tensor 'm' is not read from it"
+
+
+def _read_only(n):
+    out = np.zeros(n, np.uint8)
+    out.flags.writeable = False
+    return out
+
+
+@pytest.mark.parametrize("call, cls, pattern", [
+    (lambda gf: gf.tensor_bytes("nope"), errors.MissingTensorError, _NO_M),
+    (lambda gf: gf.read_tensor("nope"), errors.MissingTensorError, _NO_M),
+    (lambda gf: gf.read_tensor_rows("nope", 0, 1), errors.MissingTensorError, _NO_M),
+    (lambda gf: gf.read_tensor(3), errors.ArgumentError, r"case\.gguf: a tensor name must be a str, got int 3$"),
+    (lambda gf: gf.read_tensor("m", out=np.zeros(10, np.float32)), errors.ArgumentError,
+     _OUT.format(128) + r"float32\[10\]: not uint8, only 10 bytes$"),
+    (lambda gf: gf.read_tensor("m", out=[0] * 10), errors.ArgumentError, _OUT.format(128) + "list$"),
+    (lambda gf: gf.read_tensor("m", out=np.zeros((2, 128), np.uint8)), errors.ArgumentError,
+     _OUT.format(128) + r"uint8\[2, 128\]: not 1-D$"),
+    (lambda gf: gf.read_tensor("m", out=np.zeros(256, np.uint8)[::2]), errors.ArgumentError,
+     _OUT.format(128) + r"uint8\[128\]: not C-contiguous$"),
+    (lambda gf: gf.read_tensor("m", out=_read_only(128)), errors.ArgumentError,
+     _OUT.format(128) + r"uint8\[128\]: read-only$"),
+    (lambda gf: gf.read_tensor_rows("m", 1, 3, out=np.zeros(63, np.uint8)), errors.ArgumentError,
+     _OUT.format(64) + r"uint8\[63\]: only 63 bytes$"),
+    (lambda gf: gf.read_tensor_rows("m", 3, 2), errors.ArgumentError, _ROWS.format(_RANGE.format(3, 2))),
+    (lambda gf: gf.read_tensor_rows("m", -1, 2), errors.ArgumentError, _ROWS.format(_RANGE.format(-1, 2))),
+    (lambda gf: gf.read_tensor_rows("m", 0, 5), errors.ArgumentError, _ROWS.format(_RANGE.format(0, 5))),
+    (lambda gf: gf.read_tensor_rows("m", 0.5, 2), errors.ArgumentError, _ROWS.format(r"start=0\.5 is a float")),
+    (lambda gf: gf.read_tensor_rows("m", 0, 2.0), errors.ArgumentError, _ROWS.format(r"stop=2\.0 is a float")),
+    (lambda gf: gf.read_tensor_rows("m", True, 2), errors.ArgumentError, _ROWS.format(r"start=True is a bool")),
+    (lambda gf: gf.read_tensor_rows("m", 0, "2"), errors.ArgumentError, _ROWS.format(r"stop='2' is a str")),
+    (lambda gf: (gf.close(), gf.tensor_bytes("m")), errors.UnreadableFileError, _CLOSED),
+    (lambda gf: (gf.close(), gf.read_tensor("m")), errors.UnreadableFileError, _CLOSED),
+    (lambda gf: (gf.close(), gf.read_tensor_rows("m", 0, 1)), errors.UnreadableFileError, _CLOSED),
+], ids=["missing-bytes", "missing-read", "missing-rows", "name-int", "out-float32", "out-list", "out-2d",
+        "out-strided", "out-read-only", "out-short", "rows-reversed", "rows-negative", "rows-past-end",
+        "start-float", "stop-float", "start-bool", "stop-str", "closed-bytes", "closed-read", "closed-rows"])
+def test_bad_tensor_reads_raise_one_named_error(write, call, cls, pattern):
+    """A missing tensor, a bad `out`, rows out of range or not ints, a closed file: one RealmError each,
+    naming the file and the tensor or argument, never a KeyError or TypeError from inside."""
+    with open_gguf(_matrix_file(write)) as gf:
+        with pytest.raises(cls) as info:
+            call(gf)
+        assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+        assert info.match(pattern)
+
+
+def test_read_tensor_rows_takes_numpy_ints(write):
+    with open_gguf(_matrix_file(write)) as gf:
+        rows = gf.read_tensor_rows("m", np.int64(1), np.uint32(3), out=np.zeros(64, np.uint8))
+        assert rows.view(np.float32).tolist() == list(range(8, 24))
+        assert gf.read_tensor_rows("m", 2, 2).shape == (0,)
+        assert gf.read_tensor_rows("m", 0, 4).view(np.float32).tolist() == list(range(32))
+
+
+@pytest.mark.parametrize("path, pattern", [
+    (None, r"^open_gguf: path must be a str, bytes or os\.PathLike, got NoneType None$"),
+    (3, r"^open_gguf: path must be a str, bytes or os\.PathLike, got int 3$"),
+    (["a.gguf"], r"got list \['a\.gguf'\]$"),
+    ("", r"^open_gguf: path is empty$"),
+    (b"", r"^open_gguf: path is empty$"),
+], ids=["none", "int", "list", "empty-str", "empty-bytes"])
+def test_open_gguf_refuses_a_path_that_is_not_one(path, pattern):
+    with pytest.raises(errors.ArgumentError, match=pattern) as info:
+        open_gguf(path)
+    assert type(info.value) is errors.ArgumentError
+
+
+def test_open_gguf_takes_bytes_paths(write, tmp_path):
+    """As `open` does: bytes, or a path-like object giving bytes, name the file their decoded str names."""
+    path = write(_file(tis=[F32_ROW], data=np.arange(8, dtype=np.float32).tobytes()))
+
+    class BytesPath:
+        def __fspath__(self):
+            return os.fsencode(path)
+
+    for given in (os.fsencode(path), BytesPath()):
+        with open_gguf(given) as gf:
+            assert gf.path == path
+            assert gf.read_tensor("w").view(np.float32).tolist() == list(range(8))
+    with pytest.raises(errors.MissingFileError, match="nope.gguf: no such file"):
+        open_gguf(os.fsencode(tmp_path / "nope.gguf"))
 
 
 def test_ggml_types_match_gguf_py():
@@ -478,7 +573,7 @@ def test_a_file_changed_after_opening_is_not_read(write, change, needle):
         assert gf.tensor_bytes("a").view(np.float32).tolist() == list(range(8))
         assert gf.read_tensor("a").view(np.float32).tolist() == list(range(8))
         assert gf.read_tensor("a", out=np.zeros(40, np.uint8)).view(np.float32).tolist() == list(range(8))
-        with pytest.raises(ValueError, match="at least 32 bytes"):
+        with pytest.raises(errors.ArgumentError, match="at least 32 bytes"):
             gf.read_tensor("a", out=np.zeros(31, np.uint8))
         change(path)
         for read in (gf.tensor_bytes, gf.read_tensor):
