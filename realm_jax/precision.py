@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from realm_jax.conversions import convert
 from realm_jax.errors import DTypeError
+from realm_jax.inputs import shown
 
 __all__ = ["Policy", "PrecisionMode", "auto_dtype", "cast_floating", "convert", "resolve_policy"]
 
@@ -93,7 +94,14 @@ class Policy:
 
     @classmethod
     def parse(cls, text: str, device: jax.Device | None = None) -> Policy:
-        """``"bf16"``, ``"auto"`` (for `device`, default the first) or ``"params=f32,compute=bf16,output=f32"``."""
+        """``"bf16"``, ``"auto"`` (for `device`, default the first) or ``"params=f32,compute=bf16,output=f32"``.
+
+        Raises:
+          DTypeError: `text` is not a str, or names no dtype or field realm-jax knows.
+        """
+        if not isinstance(text, str):
+            raise DTypeError(f"precision: text={shown(text)} must be a str such as 'bf16' or "
+                             f"'params=f32,compute=bf16' (got {type(text).__name__})")
         text = text.strip()
         if "=" not in text:
             if text.lower() == PrecisionMode.AUTO.value:

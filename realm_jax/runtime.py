@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import operator
 import os
 import pathlib
 import sys
@@ -34,7 +35,7 @@ from realm_jax.models.transformer import KVCache, forward, init_cache, project, 
 from realm_jax.precision import Policy, resolve_policy
 from realm_jax.quant import QTensor
 from realm_jax.sampling import SamplingConfig, sample, step_keys
-from realm_jax.tokenizer import Tokenizer
+from realm_jax.tokenizer import Tokenizer, int_list
 
 __all__ = ["Model", "load"]
 
@@ -56,6 +57,30 @@ def _prompt_length(n: int) -> int:
     Every path that prefills (generate, logits, the server) pads alike, so a prompt meets the same kernels
     whichever runs it."""
     return next((b for b in _SHORT_PROMPTS if n <= b), None) or _round_up(n, _PROMPT_BUCKET)
+
+
+def _whole(value: Any) -> int | None:
+    """`value` as an int if it is an integer: a Python, numpy or 0-d JAX int (`operator.index`); None for
+    anything else, a bool (True is not a count) and a float included."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _flag(value: Any) -> bool | None:
+    """`value` as a bool if it is a Python or numpy bool, else None: a truthy "no" must not pass as True."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else None
+
+
+def _check_path(path: Any, what: str) -> pathlib.Path:
+    """`path` (a str or os.PathLike naming it as text) as a Path; ArgumentError naming `what` otherwise."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise ArgumentError(f"{what}: path={shown(path)} must be a str or os.PathLike, got {type(path).__name__}")
+    return pathlib.Path(text)
 
 
 def _layer_stack(pipeline):
@@ -204,12 +229,8 @@ class Model:
     def _check_positions(self, positions, n: int) -> np.ndarray:
         if positions is None:
             return np.arange(n)
-        if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
-            raise TokenIdError(f"positions must be a sequence of ints, got {type(positions).__name__}")
-        positions = list(positions)
-        if not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in positions):
-            raise TokenIdError(f"positions must hold ints, got {[type(p).__name__ for p in positions[:3]]}...")
-        bad = [int(p) for p in positions if not -n <= p < n]
+        positions = int_list(positions, "positions", "ints")
+        bad = [p for p in positions if not -n <= p < n]
         if bad:
             raise TokenIdError(f"positions {shown(bad[:5])} are outside the {n} tokens of the prompt")
         return np.asarray(positions, np.int64) % n
@@ -264,12 +285,10 @@ class Model:
         return jax.device_put(cache, cache_sharding(self.config, self.mesh))
 
     def _check_ids(self, ids, *, what: str = "the prompt", allow_empty: bool = False) -> list[int]:
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
-            raise TokenIdError(f"{what} must be a sequence of token ids, got {type(ids).__name__}")
-        ids = list(ids)
-        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-            raise TokenIdError(f"{what} must hold ints (token ids), got {[type(i).__name__ for i in ids[:3]]}...")
-        ids = [int(i) for i in ids]
+        """`ids` as a list of ints, each in the vocabulary and all within the context: the check every entry
+        point of token ids shares (logits, generate_ids' prompts and stop_ids, the server). `tokenizer.int_list`
+        refuses what is not a sequence of ints (a str, bytes, a dict, a set, None)."""
+        ids = int_list(ids, what)
         if not ids and not allow_empty:
             raise SamplingError(f"{what} is empty: at least one token is needed")
         bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
@@ -285,20 +304,31 @@ class Model:
     def start(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: SamplingConfig,
               seed: int = 0, stop_ids: Sequence[int] | None = None) -> _Generation:
         """Prefill token-id prompts and sample each one's first new token; `_Generation.step` continues.
-        `stop_ids` (default: the tokenizer's end-of-generation tokens) end a sequence."""
+        `stop_ids` (default: the tokenizer's end-of-generation tokens) end a sequence. `seed` and
+        `max_new_tokens` are ints (Python or numpy, not bools); `sampling` a `SamplingConfig`."""
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple, np.ndarray)) for p in prompts):
             raise SamplingError("prompts must be a list of token-id lists")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        whole = _whole(seed)
+        if whole is None or not 0 <= whole < 2**32:
             raise SamplingError(f"seed={shown(seed)} must be an int in [0, 2**32)")
+        if not isinstance(sampling, SamplingConfig):  # None too: the default, SamplingConfig(), is greedy
+            raise SamplingError(f"sampling={shown(sampling)} must be a realm_jax.sampling.SamplingConfig "
+                                f"(SamplingConfig() is greedy), got {type(sampling).__name__}")
         stop_ids = sorted(self.tokenizer.stop_ids) if stop_ids is None else self._check_ids(stop_ids, what="stop_ids",
                                                                                             allow_empty=True)
-        return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, int(seed), stop_ids)
+        return _Generation(self, [self._check_ids(p) for p in prompts], max_new_tokens, sampling, whole, stop_ids)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
                      stop_ids: Sequence[int] | None = None) -> list[list[int]]:
         """New token ids for each token-id prompt, in one prefill and one decode dispatch; a sequence ends
-        at the first of `stop_ids` (default: the tokenizer's end-of-generation tokens; included)."""
+        at the first of `stop_ids` (default: the tokenizer's end-of-generation tokens; included).
+
+        Raises:
+          SamplingError: `sampling` is not a `SamplingConfig` (None included: leave it out for greedy), or
+            `max_new_tokens` or `seed` is not an int in range (numpy ints pass, bools and floats do not).
+          TokenIdError: a prompt or `stop_ids` is not a sequence of ids of the vocabulary (`_check_ids`).
+        """
         gen = self.start(prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids)
         blocks = [gen.first]
         while not gen.finished:
@@ -314,14 +344,14 @@ class Model:
 
         Args:
           prompt: a string, or a list of strings generated together (their lengths may differ).
-          max_new_tokens: at most this many tokens per prompt.
+          max_new_tokens: at most this many tokens per prompt (an int >= 1; numpy ints pass).
           temperature, top_k, top_p, repetition_penalty: sampling (temperature 0 is greedy).
           seed: the PRNG seed of the sampling (an int in [0, 2**32)); prompt i of a list samples with
             seed + i, exactly as it would alone with that seed.
           stop: strings that end a sequence (not included in the result).
-          stream: return an iterator of text pieces as they are generated (one prompt only).
-          add_bos: prepend BOS (default: as the file says; pass False for text that holds its own BOS, such
-            as a rendered chat template).
+          stream: True returns an iterator of text pieces as they are generated (one prompt only); a bool.
+          add_bos: prepend BOS (None, the default: as the file says; pass False for text that holds its own
+            BOS, such as a rendered chat template); None or a bool.
 
         Returns:
           The generated text (a list of texts for a list of prompts), or an iterator of pieces if `stream`.
@@ -336,6 +366,12 @@ class Model:
         if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or \
                 not all(isinstance(s, str) and s for s in stop):
             raise SamplingError(f"stop={shown(stop)} must be a list of non-empty strings")
+        stream_flag, bos_flag = _flag(stream), _flag(add_bos)
+        if stream_flag is None:
+            raise SamplingError(f"stream={shown(stream)} must be True or False")
+        if add_bos is not None and bos_flag is None:
+            raise SamplingError(f"add_bos={shown(add_bos)} must be None, True or False")
+        stream, add_bos = stream_flag, bos_flag
         if stream and not single:
             raise SamplingError("stream=True takes one prompt, not a list")
         for i, p in enumerate(prompts):
@@ -376,8 +412,10 @@ class _Generation:
 
     def __init__(self, model: Model, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
                  seed: int, stop_ids: list[int]):
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        whole = _whole(max_new_tokens)
+        if whole is None or whole < 1:
             raise SamplingError(f"max_new_tokens={shown(max_new_tokens)} must be an int >= 1")
+        max_new_tokens = whole
         if not prompts:
             raise SamplingError("no prompts given")
         config, policy = model.config, model.policy
@@ -546,17 +584,23 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
 
     Returns:
       A `Model`.
+
+    Raises:
+      ArgumentError: `path` is not a str or os.PathLike.
+      MeshError: `mesh` is not a `jax.sharding.Mesh`, has an axis other than data / stage / model, or holds a
+        device twice.
+      GGUFError: the file cannot be used (a subclass per cause).
     """
+    path = _check_path(path, "load")
     compile_cache.enable()  # a later process with the same model and shapes compiles nothing
     if mesh is not None:
         from realm_jax.distributed import mesh_shape
 
-        mesh_shape(mesh)  # unknown axes are an error before the file is read
+        mesh_shape(mesh)  # not a Mesh, unknown axes, a device twice: an error before the file is read
     from realm_jax.distributed.pipeline import BY
 
     if split_by not in BY:
         raise ShardingError(f"load: split_by={split_by!r} must be one of {BY}")
-    path = pathlib.Path(os.fspath(path))
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     if mesh is not None and mesh.size == 1:  # nothing to split: the model runs on that device alone
         mesh = None
@@ -645,6 +689,7 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     from realm_jax.models import CONFIG_TENSORS
     from realm_jax.quant import format_for_ggml_type, repack
 
+    _check_path(path, "memory_plan")
     policy, impl = resolve_policy(policy), linear.resolve(impl)
     with open_gguf(path) as f:
         metadata = dict(f.metadata)

@@ -29,13 +29,13 @@ import functools
 import heapq
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import numpy as np
 
 from realm_jax.chat_template import DEFAULT_BUDGET, TemplateBudget, render
-from realm_jax.errors import MetadataError, ResourceLimitError, TokenIdError
+from realm_jax.errors import ArgumentError, MetadataError, ResourceLimitError, TokenIdError
 from realm_jax.inputs import check_messages, check_text, shown
 
 __all__ = ["Tokenizer"]
@@ -191,6 +191,40 @@ class _Vocab:
     eog_ids: frozenset[int]
 
 
+# --- ids from outside -------------------------------------------------------------------------------------
+# Iterable, but not a sequence of ids: text and bytes would pass as their characters or byte values, a mapping
+# as its keys, a set in no order of the caller's.
+_NOT_IDS = (str, bytes, bytearray, memoryview, Mapping, Set)
+
+
+def int_list(values: Any, what: str, kind: str = "token ids") -> list[int]:
+    """`values` as a list of Python ints: the one check of ids from outside, which `Tokenizer.detokenize`,
+    `Model.logits`, `Model.generate_ids` and the server share.
+
+    Args:
+      values: a list, tuple, range or iterator of ints (Python or numpy), or a 1-D integer array (numpy, JAX).
+      what: what error messages call it ("ids", "the prompt", "stop_ids").
+      kind: what the ints are, for the messages.
+
+    Raises:
+      TokenIdError: `values` is None, a str, bytes, a dict, a set or an array that is not 1-D, or it holds
+        something other than an int (a float, a bool).
+    """
+    if hasattr(values, "__array__") and hasattr(values, "ndim"):  # numpy and JAX arrays
+        if values.ndim != 1:
+            raise TokenIdError(f"{what} must be a 1-D array of {kind}, got an array of shape {tuple(values.shape)}")
+        values = np.asarray(values)
+        values = values.tolist() if values.dtype.kind in "iu" else list(values)  # others fail the check below
+    elif isinstance(values, _NOT_IDS) or not isinstance(values, Iterable):
+        raise TokenIdError(f"{what} must be a sequence of {kind} (a list, tuple or 1-D integer array), got "
+                           f"{type(values).__name__}")
+    values = list(values)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TokenIdError(f"{what} must hold ints ({kind}): [{i}] is {shown(v)}, a {type(v).__name__}")
+    return [int(v) for v in values]
+
+
 class Tokenizer:
     """Tokenizer of a GGUF model, identical to llama.cpp's for the same file.
 
@@ -239,8 +273,12 @@ class Tokenizer:
 
         Raises:
           MetadataError: a tokenizer key is missing, has the wrong type or a value llama.cpp rejects or
-            realm-jax does not implement; the message names the key and the value.
+            realm-jax does not implement (the message names the key and the value), or `metadata` is not a
+            mapping.
         """
+        if not isinstance(metadata, Mapping):
+            raise MetadataError(f"{source}: metadata must be a mapping of GGUF keys to values (as "
+                                f"open_gguf(path).metadata), got {type(metadata).__name__}")
         vocab = _load_vocab(metadata, source)
         template = metadata.get("tokenizer.chat_template")
         if template is not None and not isinstance(template, str):
@@ -255,8 +293,12 @@ class Tokenizer:
 
         Raises:
           GGUFError: the file cannot be read (a subclass per cause); MetadataError for bad tokenizer keys.
+          ArgumentError: `path` is not a str or os.PathLike.
         """
         from realm_jax.gguf import open_gguf
+
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentError(f"Tokenizer.from_gguf: path must be a str or os.PathLike, got {type(path).__name__}")
 
         with open_gguf(path) as f:
             metadata = f.metadata
@@ -278,8 +320,15 @@ class Tokenizer:
 
         Raises:
           TextInputError: `text` is not a str of valid Unicode text (a lone surrogate, for instance).
+          ArgumentError: `add_bos` is not None or a bool, or `parse_special` is not a bool.
         """
-        return self._encode(check_text(text, "text"), add_bos, parse_special)
+        # A truthy "no" or a falsy 0.0 would choose for the caller; numpy's bools are bools.
+        if add_bos is not None and not isinstance(add_bos, (bool, np.bool_)):
+            raise ArgumentError(f"encode: add_bos={shown(add_bos)} must be None, True or False")
+        if not isinstance(parse_special, (bool, np.bool_)):
+            raise ArgumentError(f"encode: parse_special={shown(parse_special)} must be True or False")
+        add_bos = None if add_bos is None else bool(add_bos)
+        return self._encode(check_text(text, "text"), add_bos, bool(parse_special))
 
     def _encode(self, text: str, add_bos: bool | None, parse_special: bool) -> list[int]:
         # `encode` for text checked already (Model.generate checks its prompts once, where they enter).
@@ -328,14 +377,17 @@ class Tokenizer:
         """llama.cpp's ``llama_detokenize``: the bytes of a token sequence.
 
         Args:
-          ids: token ids.
+          ids: token ids: a list, tuple or iterator of ints, or a 1-D integer array.
           remove_special: drop a leading BOS / trailing EOS where the file adds them.
           unparse_special: render control and unknown tokens as their text.
+
+        Raises:
+          TokenIdError: `ids` is not such a sequence (a str, bytes, dict, set or None: `int_list`), or an id
+            is outside the vocabulary.
         """
-        ids = list(ids)
+        ids = int_list(ids, "ids")
         for i in ids:
             self._check_id(i)
-        ids = [int(i) for i in ids]
         remove_space = self._vocab.add_space_prefix
         if remove_special and self.add_bos and ids and ids[0] == self.bos_id:
             remove_space = False
@@ -356,8 +408,11 @@ class Tokenizer:
         """The text of ``ids``, as llama.cpp detokenizes it (invalid UTF-8 becomes U+FFFD).
 
         Args:
-          ids: token ids.
+          ids: token ids: a list, tuple or iterator of ints, or a 1-D integer array.
           skip_special: render control tokens (BOS, ``<end_of_turn>``...) as nothing instead of their text.
+
+        Raises:
+          TokenIdError: as `detokenize`.
         """
         return self.detokenize(ids, unparse_special=not skip_special).decode("utf-8", errors="replace")
 

@@ -11,9 +11,11 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from realm_jax import assets
+from realm_jax.distributed import MeshShape, parse_mesh
 from realm_jax.reference import reference_dir
 import background
 
@@ -216,3 +218,51 @@ def test_collective_argument_errors():
     with pytest.raises(MeshError, match="root=1"):
         broadcast(np.ones((1, 2)), mesh, "model", root=1)
     assert np.asarray(scatter(np.ones((2, 2)), mesh, "model")).shape == (2, 2)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda mm, d0: mm(bogus=2), r"^make_mesh: 'bogus' is not a mesh axis; the axes are data, stage, model$"),
+    (lambda mm, d0: mm(devices=5), r"^devices must be a list of jax devices .*got int$"),
+    (lambda mm, d0: mm(devices="cpu"), r"got str$"),
+    (lambda mm, d0: mm(devices={d0}), r"got set$"),  # a set has no order to place the devices in
+    (lambda mm, d0: mm(devices=[None]), r"^devices\[0\]=None is a NoneType, not a jax device$"),
+    (lambda mm, d0: mm(devices=np.array([[0]])), r"^devices\.flat\[0\]=0 is a int, not a jax device$"),
+    (lambda mm, d0: mm("x"), r"^make_mesh: shape='x' must be a MeshShape"),
+    (lambda mm, d0: mm((2, 2)), r"^make_mesh: shape=\(2, 2\) must be a MeshShape"),
+    (lambda mm, d0: mm(MeshShape(), model=1), r"^make_mesh: give shape=.* or axis sizes \{'model': 1\}, not both$"),
+    (lambda mm, d0: mm(devices=[d0, d0], model=2),
+     r"^devices: device .* is given twice \(devices\[0\] and \[1\]\); a mesh holds each device once$"),
+    (lambda mm, d0: parse_mesh(5), r"^mesh spec=5 must be a str such as 'model=2,data=2', got int$"),
+])
+def test_make_mesh_argument_errors(call, match):
+    import jax
+
+    from realm_jax.distributed import make_mesh
+    from realm_jax.errors import MeshError
+
+    with pytest.raises(MeshError, match=match):
+        call(make_mesh, jax.devices()[0])
+
+
+@pytest.mark.parametrize("mesh", ["model=2", {"model": 2}, 5, "raw twice", "raw grid twice"])
+def test_load_refuses_a_mesh_that_is_not_one_of_distinct_devices(mesh):
+    """Before the file is read: a device twice in a raw jax Mesh otherwise dies in JAX's dispatch (a bare
+    AssertionError), and anything but a Mesh on a missing attribute."""
+    import re
+
+    import jax
+    from jax.sharding import Mesh
+
+    import realm_jax
+    from realm_jax.errors import MeshError
+
+    d0 = jax.devices()[0]
+    if mesh == "raw twice":
+        mesh = Mesh(np.array([d0, d0]), ("model",))
+        match = rf"^mesh\.devices: device {re.escape(repr(d0))} is given twice \(mesh\.devices\[0\] and \[1\]\)"
+    elif mesh == "raw grid twice":
+        mesh, match = Mesh(np.array([[d0, d0]]), ("data", "model")), r"^mesh\.devices\.flat: device .* is given twice"
+    else:
+        match = rf"^mesh=.* must be a jax\.sharding\.Mesh, e\.g\. .*got {type(mesh).__name__}$"
+    with pytest.raises(MeshError, match=match):
+        realm_jax.load(SYNTHETIC, mesh=mesh, progress=False)

@@ -69,3 +69,10 @@ def test_auto_per_device(platform, cc, want):
 
 def test_logits_dtype_is_the_output_dtype():
     assert Policy.parse("compute=bf16,output=f16").logits == F16
+
+
+@pytest.mark.parametrize("text", [5, None, b"bf16", ["bf16"]])
+def test_policy_text_that_is_not_a_str_is_refused(text):
+    with pytest.raises(DTypeError, match=rf"^precision: text=.* must be a str such as 'bf16' .*\(got "
+                                         rf"{type(text).__name__}\)$"):
+        Policy.parse(text)

@@ -8,6 +8,7 @@ import pytest
 
 import realm_jax
 from realm_jax.errors import (
+    ArgumentError,
     ContextLengthError,
     TokenIdError,
     MissingFileError,
@@ -15,6 +16,7 @@ from realm_jax.errors import (
     SamplingError,
     UnsupportedArchitectureError,
 )
+from realm_jax.runtime import memory_plan
 from realm_jax.sampling import SamplingConfig
 
 
@@ -297,3 +299,55 @@ def test_non_finite_logits_stop_the_generation(synthetic, tmp_path):
     with pytest.raises(NonFiniteLogitsError, match=r"embd\.gguf: the logits of generation step 1 \(new token 2\) "
                                                    r"of prompt 0"):
         model.generate(PROMPT, max_new_tokens=8)
+
+
+# --- arguments of the wrong kind: one RealmError naming the argument -----------------------------------------
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda m: m.logits({1: 2}), TokenIdError,  # not its keys
+     r"^the prompt must be a sequence of token ids \(a list, tuple or 1-D integer array\), got dict$"),
+    (lambda m: m.logits(b"\x01\x02"), TokenIdError, r"^the prompt must be a sequence of token ids .*got bytes$"),
+    (lambda m: m.logits({1, 2}), TokenIdError, r"got set$"),
+    (lambda m: m.logits(np.array(3)), TokenIdError, r"^the prompt must be a 1-D array of token ids, got an array "
+                                                     r"of shape \(\)$"),
+    (lambda m: m.logits([1, 2], positions={0: 1}), TokenIdError, r"^positions must be a sequence of ints .*got dict$"),
+    (lambda m: m.generate_ids([[1, 2]], max_new_tokens=2, stop_ids={3: 4}), TokenIdError,
+     r"^stop_ids must be a sequence of token ids .*got dict$"),
+    (lambda m: m.generate_ids([[1, 2]], max_new_tokens=3, sampling=None), SamplingError,
+     r"^sampling=None must be a realm_jax\.sampling\.SamplingConfig \(SamplingConfig\(\) is greedy\), got NoneType$"),
+    (lambda m: m.generate_ids([[1, 2]], max_new_tokens=3, sampling={}), SamplingError, r"^sampling=\{\} must be a "),
+    (lambda m: m.generate("hi", max_new_tokens=2, add_bos="yes"), SamplingError,
+     r"^add_bos='yes' must be None, True or False$"),
+    (lambda m: m.generate("hi", max_new_tokens=2, add_bos=0), SamplingError, r"^add_bos=0 must be None, True or "),
+    (lambda m: m.generate("hi", max_new_tokens=2, stream="yes"), SamplingError, r"^stream='yes' must be True or "),
+    (lambda m: m.generate("hi", max_new_tokens=2, stream=None), SamplingError, r"^stream=None must be True or False$"),
+    (lambda m: realm_jax.load(None), ArgumentError, r"^load: path=None must be a str or os\.PathLike, got NoneType$"),
+    (lambda m: realm_jax.load(5), ArgumentError, r"^load: path=5 must be a str or os\.PathLike, got int$"),
+    (lambda m: realm_jax.load(b"x.gguf"), ArgumentError, r"got bytes$"),
+    (lambda m: memory_plan(None), ArgumentError, r"^memory_plan: path=None must be a str or os\.PathLike"),
+])
+def test_arguments_of_the_wrong_kind_are_named(synthetic, call, error, match):
+    with pytest.raises(error, match=match):
+        call(synthetic)
+
+
+def test_numpy_ints_count_as_ints_bools_and_floats_do_not(synthetic):
+    """max_new_tokens and seed take what `operator.index` takes (numpy ints, as seed did alone), never a bool
+    or a float."""
+    ids = [1, 2, 3]
+    want = synthetic.generate_ids([ids], max_new_tokens=3, seed=3)
+    assert synthetic.generate_ids([ids], max_new_tokens=np.int64(3), seed=np.int64(3)) == want
+    assert synthetic.generate_ids([ids], max_new_tokens=np.uint8(3), seed=np.uint32(3)) == want
+    for bad in (True, np.True_, 3.0, np.float64(3)):
+        with pytest.raises(SamplingError, match=r"^max_new_tokens=.* must be an int >= 1$"):
+            synthetic.generate_ids([ids], max_new_tokens=bad)
+        with pytest.raises(SamplingError, match=r"^seed=.* must be an int in \[0, 2\*\*32\)$"):
+            synthetic.generate_ids([ids], max_new_tokens=3, seed=bad)
+
+
+def test_token_ids_in_a_1d_integer_array_are_a_list_of_them(synthetic):
+    import jax.numpy as jnp
+
+    ids = [1, 5, 9, 2]
+    want = synthetic.logits(ids)
+    np.testing.assert_array_equal(synthetic.logits(jnp.asarray(ids)), want)
+    np.testing.assert_array_equal(synthetic.logits(np.array(ids, np.uint16), positions=jnp.asarray([3])), want[3:])

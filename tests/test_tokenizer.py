@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from realm_jax import open_gguf
-from realm_jax.errors import ChatTemplateError, MetadataError
+from realm_jax.errors import ChatTemplateError, MetadataError, TokenIdError
 from realm_jax.tokenizer import Tokenizer
 
 DATA = pathlib.Path(__file__).parent / "data"
@@ -541,3 +541,62 @@ def test_bad_messages_are_the_callers_fault(messages):
     tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.chat_template": "{{ messages[0].content }}"}))
     with pytest.raises(ChatTemplateError, match="messages must be"):
         tok.apply_chat_template(messages)
+
+
+# --- ids from outside: one check (`tokenizer.int_list`) for every entry point -------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    return Tokenizer.from_metadata(tiny_gpt2())
+
+
+@pytest.mark.parametrize(("ids", "match"), [
+    (None, r"^ids must be a sequence of token ids \(a list, tuple or 1-D integer array\), got NoneType$"),
+    (5, r"got int$"),
+    (b"abc", r"got bytes$"),  # not the ids 97, 98, 99
+    (bytearray(b"abc"), r"got bytearray$"),
+    ("abc", r"got str$"),
+    ({1: 2}, r"got dict$"),  # not its keys
+    ({1, 2}, r"got set$"),  # no order
+    (np.array(3), r"^ids must be a 1-D array of token ids, got an array of shape \(\)$"),
+    (np.ones((2, 2), np.int64), r"got an array of shape \(2, 2\)$"),
+    ([1, 2.0], r"^ids must hold ints \(token ids\): \[1\] is 2\.0, a float$"),
+    (np.array([1.0]), r"\[0\] is np\.float64\(1\.0\), a float64$"),
+    ([1, True], r"\[1\] is True, a bool$"),
+])
+def test_ids_that_are_not_a_sequence_of_ints_are_refused(tiny, ids, match):
+    for call in (tiny.decode, tiny.detokenize):
+        with pytest.raises(TokenIdError, match=match):
+            call(ids)
+
+
+def test_ids_in_any_sequence_or_1d_integer_array_decode_alike(tiny):
+    import array
+
+    import jax.numpy as jnp
+
+    ids = tiny.encode("a th<|endoftext|>")
+    want = tiny.decode(ids)
+    for same in (tuple(ids), (i for i in ids), np.array(ids, np.int32), np.array(ids, np.uint16), jnp.asarray(ids),
+                 array.array("i", ids), np.array(ids, object)):
+        assert tiny.decode(same) == want, type(same)
+    assert tiny.decode(np.array([])) == tiny.decode(range(0)) == ""
+
+
+@pytest.mark.parametrize("metadata", [None, [("tokenizer.ggml.model", "gpt2")], "tokenizer.ggml.model"])
+def test_metadata_that_is_not_a_mapping_is_refused(metadata):
+    with pytest.raises(MetadataError, match=r"^x\.gguf: metadata must be a mapping of GGUF keys to values .*got "
+                                            rf"{type(metadata).__name__}$"):
+        Tokenizer.from_metadata(metadata, source="x.gguf")
+
+
+def test_encode_and_from_gguf_argument_types(tiny):
+    from realm_jax.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"^Tokenizer\.from_gguf: path must be a str or os\.PathLike, got NoneType"):
+        Tokenizer.from_gguf(None)
+    for bad in ("yes", 1, 0.0):  # each truthy or falsy, none a choice the caller made
+        with pytest.raises(ArgumentError, match=r"^encode: add_bos=.* must be None, True or False$"):
+            tiny.encode("a", add_bos=bad)
+        with pytest.raises(ArgumentError, match=r"^encode: parse_special=.* must be True or False$"):
+            tiny.encode("a", parse_special=bad)
+    assert tiny.encode("a", add_bos=np.True_) == tiny.encode("a", add_bos=True)

@@ -17,6 +17,7 @@ import dataclasses
 
 from realm_jax.distributed.mesh import AXES, MeshShape
 from realm_jax.errors import CoordinatorError, MeshError
+from realm_jax.inputs import shown
 
 STRATEGIES = ("none", "tensor", "pipeline", "data", "hybrid")
 _STRATEGY_AXIS = {"tensor": "model", "pipeline": "stage", "data": "data"}
@@ -35,6 +36,8 @@ def strategy_of(shape: MeshShape) -> str:
 
 def parse_mesh(spec: str) -> MeshShape:
     """A mesh shape from text such as "model=2,data=2" (axes left out are 1)."""
+    if not isinstance(spec, str):
+        raise MeshError(f"mesh spec={shown(spec)} must be a str such as 'model=2,data=2', got {type(spec).__name__}")
     sizes: dict[str, int] = {}
     for part in spec.split(","):
         axis, eq, size = part.strip().partition("=")
