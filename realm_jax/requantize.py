@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax import mixture
-from realm_jax.errors import MetadataError, UnsupportedFormatError, WriteError
+from realm_jax.errors import ArgumentError, MetadataError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
 from realm_jax.inputs import check_output_path
 
@@ -192,7 +192,10 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                         data = raw
                         bar.update(info.nbytes)
                     else:
-                        data = _requantize(raw, math.prod(info.shape), info.type_name, t, bar)
+                        try:
+                            data = _requantize(raw, math.prod(info.shape), info.type_name, t, bar)
+                        except ArgumentError as e:  # values the type cannot hold (the index is of a chunk)
+                            raise ArgumentError(f"{f.path}: tensor {name!r} ({info.type_name} -> {t}): {e}") from None
                     writer.write_tensor_data(data)
             writer.close()
             tmp.replace(dst)

@@ -11,7 +11,7 @@ import pytest
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 import realm_jax
-from realm_jax.errors import QTensorError, UnsupportedFormatError
+from realm_jax.errors import DTypeError, MemoryBudgetError, QTensorError, UnsupportedFormatError
 from realm_jax.gguf import open_gguf
 from realm_jax.quant import FORMATS, QTensor, dequantize, get_format, repack, unpack
 from helpers import random_blocks
@@ -230,6 +230,71 @@ def test_malformed_qtensor_is_rejected(mutate, match, rng):
     mutate(planes)
     with pytest.raises(QTensorError, match=match):
         dequantize(QTensor("Q4_K", (2, 256), planes))
+
+
+@pytest.mark.parametrize(
+    "planes, match",
+    [
+        (None, r"planes must be a dict of Q4_0's planes \['d', 'qs'\], got NoneType"),
+        ([("d", 1), ("qs", 2)], r"planes must be a dict of Q4_0's planes \['d', 'qs'\], got list"),
+        ({"d": [[1.0]], "qs": np.zeros((1, 16), np.uint8)}, r"Q4_0 plane 'd' must be an array \(numpy or jax\), "
+         r"got list"),
+        ({"d": np.ones((1, 1), np.float16), "qs": None}, r"Q4_0 plane 'qs' must be an array .*, got NoneType"),
+    ],
+    ids=["none", "list", "list-plane", "none-plane"],
+)
+def test_planes_that_are_not_arrays_are_named(planes, match):
+    with pytest.raises(QTensorError, match=f"^dequantize: qt: {match}"):
+        dequantize(QTensor("Q4_0", (1, 32), planes))
+
+
+@pytest.mark.parametrize("shape", [256, "ab", (True, 32), (1.0, 32), None, (2, None)])
+def test_qtensor_shape_must_be_ints(shape):
+    with pytest.raises(QTensorError, match=r"^QTensor: shape=.* must be a tuple of ints"):
+        QTensor("Q4_0", shape, {})
+
+
+def test_qtensor_shape_is_kept_as_a_tuple_and_rebuilt_from_any_leaves(rng):
+    planes = repack(random_blocks("Q4_0", 2, 1, rng), "Q4_0", (2, 32)).planes
+    qt = QTensor("Q4_0", [np.int64(2), 32], planes)
+    assert qt.shape == (2, 32) and all(type(d) is int for d in qt.shape)  # hashable: a static field
+    assert jax.tree.map(lambda p: None, qt).planes == {"d": None, "qs": None}  # jax rebuilds with placeholders
+    assert jax.eval_shape(dequantize, qt).shape == (2, 32)
+
+
+@pytest.mark.parametrize(
+    "qt, dtype, error, match",
+    [
+        (np.ones((2, 32), np.float32), jnp.float32, QTensorError, r"qt must be a QTensor, got ndarray"),
+        (None, jnp.float32, QTensorError, r"qt must be a QTensor, got NoneType"),
+        ("Q4_0", "foo", DTypeError, r"dtype='foo' is not a dtype"),
+        ("Q4_0", np.float64, DTypeError, r"dtype=float64 needs jax_enable_x64"),  # JAX would return float32
+    ],
+    ids=["ndarray", "none", "unknown-dtype", "float64"],
+)
+def test_dequantize_bad_arguments_are_named(qt, dtype, error, match, rng):
+    if isinstance(qt, str):  # a valid one
+        qt = repack(random_blocks("Q4_0", 2, 1, rng), "Q4_0", (2, 32))
+    with pytest.raises(error, match=f"^dequantize: {match}"):
+        dequantize(qt, dtype)
+
+
+def _huge_q8_0() -> QTensor:
+    """A Q8_0 tensor of 2**39 values whose planes are broadcast views: they hold 3 bytes, dense it is 2 TiB."""
+    n, k = 1 << 24, 1 << 15
+    return QTensor("Q8_0", (n, k), {"d": np.broadcast_to(np.float16(1), (n, k // 32)),
+                                    "qs": np.broadcast_to(np.int8(1), (n, k))})
+
+
+@pytest.mark.parametrize("op", ["dequantize", "qmatmul"])
+def test_huge_results_are_refused_before_allocating(op):
+    qt = _huge_q8_0()
+    with pytest.raises(MemoryBudgetError, match=rf"^{op}: .*QTensor\(Q8_0, shape=\(16777216, 32768\)\).* needs "
+                       r"at least \d+\.\d\d GiB .* more than the .* free"):
+        if op == "dequantize":
+            dequantize(qt)
+        else:
+            realm_jax.qmatmul(np.ones((1, 1 << 15), np.float32), qt, impl="xla")
 
 
 def test_bad_shapes_are_rejected(rng):

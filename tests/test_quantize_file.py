@@ -104,6 +104,19 @@ def test_the_output_must_be_a_file_path(f32_model, tmp_path, capsys):
         quantize_gguf(f32_model, "/proc/x.gguf", "Q8_0")
 
 
+def test_values_the_type_cannot_hold_name_the_tensor(tmp_path):
+    from realm_jax.errors import ArgumentError
+
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    x[3, 7] = np.nan
+    src = realm_jax.write_gguf(tmp_path / "nan.gguf", {"blk.0.ffn_up.weight": realm_jax.quantize(x, "F32")},
+                               arch="llama", metadata={"llama.block_count": 1})
+    with pytest.raises(ArgumentError, match=r"nan\.gguf: tensor 'blk\.0\.ffn_up\.weight' \(F32 -> Q8_0\): .*=nan is "
+                                            "not finite"):
+        quantize_gguf(src, tmp_path / "out.gguf", "Q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
+
+
 def test_errors_name_the_file_tensor_and_type(f32_model, tmp_path):
     out = tmp_path / "out.gguf"
     with pytest.raises(UnsupportedFormatError, match=r"llama-s-f32\.gguf: tensor 'blk\.0\.attn_k\.weight' gets type "

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from realm_jax.errors import DTypeError, ShapeMismatchError
-from realm_jax.quant import FORMATS, dequantize, quantize, unpack
+from realm_jax.errors import ArgumentError, DTypeError, ShapeMismatchError
+from realm_jax.quant import FORMATS, QTensor, dequantize, quantize, unpack
 from test_kquantize import EDGE, _libggml_base, _varied_data
 
 QUANTIZED = ["Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4"]
@@ -50,8 +50,10 @@ def stacked(fmt: str):
     the varied rows as rows of 512, stacked [4, 197, 512] (leading dims, as a stack of layers has). Returns
     (the QTensor, its bytes and its dequantized values as rows of 512, split into the three parts)."""
     x = np.concatenate([EDGE_X, RMS_X, VARIED_X.reshape(-1, 512)]).reshape(4, -1, 512)
-    qt = quantize(jnp.asarray(x), fmt)
     f = FORMATS[fmt]
+    # The format's own quantizer, as libggml's: the varied rows' 1e6-scaled blocks overflow Q2_K's f16 scale to
+    # inf in both, and `quantize` refuses them (`test_values_a_format_cannot_hold_are_refused`).
+    qt = QTensor(fmt, x.shape, f.quantize(jnp.asarray(x)))
     raw = unpack(qt).reshape(-1, 512 // f.block_size * f.type_size)
     y = np.asarray(dequantize(qt)).reshape(-1, 512)
     cuts = np.cumsum(ROWS)[:-1]
@@ -125,7 +127,7 @@ def test_bit_exact_with_libggml(fmt):
 
 def test_mxfp4_exponent_at_powers_of_two(rng):
     """MXFP4's floor(log2f(amax)): block maxima just below powers of two (which log2f rounds up to them),
-    from 2^-122 to 2^127, subnormal and infinite ones."""
+    from 2^-122 to 2^127, and subnormal ones (an infinite one is refused: `test_infinite_x_is_refused`)."""
     rows = []
     for k in range(-120, 128, 4):
         for j in (1, 2, 3, 8, 21, 55, 144):
@@ -133,10 +135,17 @@ def test_mxfp4_exponent_at_powers_of_two(rng):
             b = (rng.standard_normal(32) * top / 4).astype(np.float32)
             b[rng.integers(32)] = top * rng.choice([-1, 1])
             rows.append(b)
-    rows += [rng.standard_normal(32) * s for s in (1e-38, 1e-39, 1e-41, 1e-44)] + [np.full(32, np.inf)]
+    rows += [rng.standard_normal(32) * s for s in (1e-38, 1e-39, 1e-41, 1e-44)]
     x = np.array(rows, np.float32)
     ours, _ = roundtrip("MXFP4", x)
     ref = _llama_bytes("MXFP4", x)
     np.testing.assert_array_equal(ours[:, 0], ref[:, 0])  # every exponent
     normal = np.abs(x).min(axis=1) >= np.float32(2.0**-126)  # XLA:CPU reads subnormal inputs as zero
     assert _differing_blocks("MXFP4", ours[normal], ref[normal]).size == 0
+
+
+def test_infinite_x_is_refused():
+    """llama.cpp quantizes an infinite block to something; a block that cannot be represented is refused here."""
+    with pytest.raises(ArgumentError, match=r"x\[0, 0\]=inf is not finite"):
+        quantize(np.full((1, 32), np.inf, np.float32), "MXFP4")
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,8 @@ from realm_jax.linear.mosaic_tpu import MOSAIC_TPU
 from realm_jax.linear.native import NATIVE
 from realm_jax.linear.triton import TRITON
 from realm_jax.precision import Policy
-from realm_jax.quant import QTensor, concat_rows, get_format
+from realm_jax.quant import DENSE_FORMATS, QTensor, concat_rows, get_format
+from realm_jax.quant.checks import as_array, check_fits, copied_bytes, is_concrete
 
 __all__ = ["BACKENDS", "IMPLS", "REFERENCE", "Choice", "backend_of", "choose", "concat", "describe", "glu", "matmul",
            "place", "plan", "prepare", "products", "decode_attention", "qmatmul", "resolve", "split_stacked"]
@@ -130,25 +132,48 @@ def describe(w: Prepared) -> str:
     return backend_of(w).describe(w)
 
 
-def _check(x, w, compute_dtype, out_dtype, what: str):
+def _check(x, w, compute_dtype, out_dtype, what: str, *, impl: str | None = None):
+    """x as a jax array and the two dtypes, once the operands are checked and (for concrete ones) the memory
+    the product materialises is known to fit. `impl`: qmatmul's, for a QTensor w (None: the XLA reference
+    multiplies it, as `matmul` does)."""
     if isinstance(w, QTensor):
         w.check(f"{what}: w")
     elif not isinstance(w, Prepared):
         raise QTensorError(f"{what}: w must be a QTensor or a prepared weight (realm_jax.linear.Prepared), got "
                            f"{type(w).__name__}")
-    x = jnp.asarray(x)
-    if x.dtype not in _FLOATS:
-        raise DTypeError(f"{what}: x.dtype={x.dtype} must be one of float32, float16, bfloat16")
+    x = as_array(x, what, dtypes=_FLOATS)  # not on the device yet: a broadcast view stays one until checked
     if w.ndim != 2:
         raise ShapeMismatchError(f"{what}: w.shape={w.shape} must be 2-D (N, K)")
     if x.ndim < 1 or x.shape[-1] != w.shape[1]:
         raise ShapeMismatchError(f"{what}: x.shape={x.shape} must end in K={w.shape[1]} (w.shape={w.shape})")
-    compute_dtype = jnp.dtype(x.dtype if compute_dtype is None else compute_dtype)
-    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
+    dtypes = []
     for name, dt in (("compute_dtype", compute_dtype), ("out_dtype", out_dtype)):
+        try:
+            dt = jnp.dtype(x.dtype if dt is None else dt)
+        except TypeError:
+            raise DTypeError(f"{what}: {name}={shown(dt)} is not a dtype") from None
         if dt not in _FLOATS:
             raise DTypeError(f"{what}: {name}={dt} must be one of float32, float16, bfloat16")
-    return x, compute_dtype, out_dtype
+        dtypes.append(dt)
+    compute_dtype, out_dtype = dtypes
+    if is_concrete(x, w):
+        _check_fits(x, w, compute_dtype, out_dtype, what, impl)
+    return jnp.asarray(x), compute_dtype, out_dtype
+
+
+def _check_fits(x, w, compute_dtype, out_dtype, what: str, impl: str | None) -> None:
+    """MemoryBudgetError unless the product's output, the device copies of host operands and, where the XLA
+    reference serves w, w dequantized to compute_dtype fit (a lower bound of what it holds)."""
+    n, k = w.shape
+    rows = math.prod(x.shape[:-1])
+    need = rows * n * out_dtype.itemsize + copied_bytes([x, *jax.tree.leaves(w)])
+    if isinstance(w, QTensor):
+        reference = impl is None or choose(w.fmt, w.shape, resolve(impl)).backend == REFERENCE
+    else:
+        reference = isinstance(w, XlaWeight)
+    if reference and w.fmt != DENSE_FORMATS.get(compute_dtype):  # a weight dense in compute_dtype is used as is
+        need += n * k * compute_dtype.itemsize
+    check_fits(f"{what}: x{list(x.shape)} @ {w}^T", need, (x, w))
 
 
 def _rows(x: jax.Array) -> jax.Array:
@@ -204,8 +229,16 @@ def qmatmul(x: jax.Array, w, *, compute_dtype=None, out_dtype=None, impl: str = 
 
     Returns:
       [B..., N] in out_dtype.
+
+    Raises:
+      QTensorError: w is not a well-formed QTensor or prepared weight.
+      DTypeError: x is not an array of float32/float16/bfloat16 (None, a string, ints, objects), or
+        compute_dtype/out_dtype is not one of those dtypes.
+      ShapeMismatchError: x is ragged, or its last dim is not w's K.
+      MemoryBudgetError (concrete operands only): the output, the device copies of host operands and, where the
+        XLA reference multiplies, w dequantized to compute_dtype do not fit; checked before anything is allocated.
     """
-    x, compute_dtype, out_dtype = _check(x, w, compute_dtype, out_dtype, "qmatmul")
+    x, compute_dtype, out_dtype = _check(x, w, compute_dtype, out_dtype, "qmatmul", impl=impl)
     if isinstance(w, QTensor):
         backend = BACKENDS[choose(w.fmt, w.shape, resolve(impl)).backend]
         w = backend.view(w, compute_dtype)

@@ -5,7 +5,7 @@ One module per format family (`floats`, `plain`, `legacy`, `kquants`, `kquants_l
 dequantization that the XLA path and the Pallas kernels share, and the quantizer where realm-jax writes the
 format. `table` collects them: the format table every other part reads.
 `block` describes a format (`Format`), `qtensor` holds a tensor's planes (`QTensor`), `formats` the
-operations every format shares.
+operations every format shares, `checks` what those operations (and `qmatmul`) check of their arguments.
 """
 
 from realm_jax.quant.block import Field, Format

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
+from realm_jax.quant.checks import (as_array, check_dtype, check_fits, check_quantized, copied_bytes, is_concrete,
+                                    to_float32)
 from realm_jax.quant.qtensor import QTensor
 from realm_jax.quant.table import get_format
 
@@ -85,17 +88,26 @@ def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
     With dtype=float32 the values are bit-identical to `gguf.quants.dequantize` of the same bytes.
     (On XLA:CPU one exception exists: a Q8_K block with a subnormal f32 scale, whose products XLA flushes
     to zero.)
+
+    Raises:
+      QTensorError: `qt` is not a well-formed QTensor (`QTensor.check`).
+      DTypeError: `dtype` is not a floating dtype JAX holds (float64 needs jax_enable_x64).
+      MemoryBudgetError: the result (and the copy of host planes to the device) does not fit the device's
+        free memory; checked before anything is allocated, for concrete planes.
     """
-    qt.check()
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise DTypeError(f"dequantize: dtype={dtype} must be a floating dtype")
+    if not isinstance(qt, QTensor):
+        raise QTensorError(f"dequantize: qt must be a QTensor, got {type(qt).__name__}")
+    qt.check("dequantize: qt")
+    dtype = check_dtype(dtype, "dequantize")
+    if is_concrete(qt.planes):
+        planes = list(qt.planes.values())
+        check_fits(f"dequantize: {qt} to {dtype}", qt.size * dtype.itemsize + copied_bytes(planes), planes)
     return _dequantize(qt, dtype)
 
 
 def to_dense(qt: QTensor, dtype) -> QTensor:
     """`qt` in the dense format of `dtype` (F32, F16 or BF16): its values dequantized, or just cast."""
-    dtype = jnp.dtype(dtype)
+    dtype = check_dtype(dtype, "to_dense")
     if dtype not in DENSE_FORMATS:
         raise DTypeError(f"to_dense: dtype={dtype} must be float32, float16 or bfloat16")
     return QTensor(DENSE_FORMATS[dtype], qt.shape, {"w": dequantize(qt, dtype)})
@@ -108,18 +120,37 @@ def quantize(x, fmt: str) -> QTensor:
     reference quantizers (`quantize_row_*_ref`) for Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_XS and MXFP4, and
     its `quantize_iq4_nl` without an importance matrix for IQ4_NL. The other formats are read only
     (UnsupportedFormatError). Values are taken as f32.
+
+    Raises:
+      UnsupportedFormatError: `fmt` is unknown, or a format realm-jax only reads.
+      DTypeError: `x` is not an array of floats (None, a string, ints, objects).
+      ShapeMismatchError: `x` is ragged, or its last dim is not a positive multiple of the block size.
+      ArgumentError (concrete `x` only; skipped under jit): a value the format cannot hold: a NaN or inf for a
+        quantized format (F32, F16 and BF16 keep them), a finite value that would become inf (past float32's
+        range, past F16's or BF16's, or a block too large for its f16 scale). It names the element or block.
+      MemoryBudgetError (concrete `x` only): the device copy of x and the planes do not fit the device's free
+        memory; checked before anything is allocated.
     """
     f = get_format(fmt)
     if f.quantize is None:
         raise UnsupportedFormatError(f"quantize: realm-jax cannot produce {fmt}")
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise DTypeError(f"quantize: x.dtype={x.dtype} must be floating")
+    x = as_array(x, "quantize")
     if x.ndim == 0 or x.shape[-1] % f.block_size or min(x.shape) == 0:
         raise ShapeMismatchError(f"quantize: x.shape={x.shape} must have a last dim that is a positive "
                                  f"multiple of {fmt}'s block_size={f.block_size}")
-    planes = f.quantize(x.astype(jnp.float32))
-    return QTensor(f.name, tuple(x.shape), dict(planes))
+    if is_concrete(x):  # what the device holds at least: x as f32 (where that is a new array) and the planes
+        size = math.prod(x.shape)
+        if isinstance(x, np.ndarray):
+            x_bytes = copied_bytes([x], 4)
+        else:
+            x_bytes = 0 if x.dtype == jnp.float32 else size * 4
+        plane_bytes = size // f.block_size * sum(p.nbytes for p in f.planes)
+        check_fits(f"quantize: x{list(x.shape)} to {f.name}", x_bytes + plane_bytes, x)
+    x32 = to_float32(x, "quantize")
+    planes = dict(f.quantize(x32))
+    if is_concrete(x32, planes):  # neither traced nor inside a jit that closes over a concrete x
+        check_quantized(x32, planes, f, "quantize")
+    return QTensor(f.name, tuple(x.shape), planes)
 
 
 def concat_rows(qts) -> QTensor:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from realm_jax.errors import QTensorError
+from realm_jax.inputs import shown
 from realm_jax.quant.block import Format
 from realm_jax.quant.table import get_format
 
@@ -31,9 +34,12 @@ class QTensor:
 
     Attributes:
       fmt: the GGUF type name ("Q4_K", "F32", ...), static.
-      shape: the logical shape (..., rows, cols), static; the order of `gguf.quants.dequantize`.
+      shape: the logical shape (..., rows, cols), static; the order of `gguf.quants.dequantize`. Any sequence
+        of ints is kept as a tuple of ints; anything else is a QTensorError at construction.
       planes: plane name -> array of shape (..., rows, cols // block_size * count); numpy on the host
-        (as `read_gguf` returns them) or jax arrays on devices.
+        (as `read_gguf` returns them) or jax arrays on devices. Not checked at construction (jax rebuilds
+        QTensors with placeholder leaves): `check` (which `dequantize`, `unpack` and `qmatmul`
+        call) does.
       axes: the mesh axes its (rows, cols) are split over once placed on a mesh (None: not split), static:
         the Pallas kernels run per shard inside shard_map with it (`realm_jax.linear.pallas`).
     """
@@ -42,6 +48,21 @@ class QTensor:
     shape: tuple[int, ...]
     planes: dict[str, Any]
     axes: tuple[str | None, str | None] | None = None
+
+    def __post_init__(self):
+        # Only the static metadata is checked here: jax rebuilds a QTensor from its leaves (tracers, abstract
+        # values, None or any placeholder) through this constructor, so the planes are checked by `check`.
+        # shape is normalised to a tuple of ints, as a static field must be hashable.
+        shape = self.shape
+        if type(shape) is tuple and all(type(d) is int for d in shape):
+            return
+        try:
+            if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
+                raise TypeError
+            shape = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise QTensorError(f"QTensor: shape={shown(self.shape)} must be a tuple of ints") from None
+        object.__setattr__(self, "shape", shape)
 
     @property
     def format(self) -> Format:
@@ -75,16 +96,23 @@ class QTensor:
     def check(self, what: str = "QTensor") -> QTensor:
         """Raise QTensorError unless the planes match the format and shape; return self."""
         fmt = self.format
-        if not self.shape or any((not isinstance(d, int)) or d <= 0 for d in self.shape):
+        if not self.shape or min(self.shape) <= 0:
             raise QTensorError(f"{what}: shape={self.shape} must be a non-empty tuple of positive ints")
         if self.shape[-1] % fmt.block_size:
             raise QTensorError(f"{what}: cols={self.shape[-1]} must be a multiple of {fmt.name}'s "
                                f"block_size={fmt.block_size}")
         expected = {p.name: np.dtype(p.dtype) for p in fmt.planes}
+        if not isinstance(self.planes, Mapping):
+            raise QTensorError(f"{what}: planes must be a dict of {fmt.name}'s planes {sorted(expected)}, got "
+                               f"{type(self.planes).__name__}")
         if set(self.planes) != set(expected):
-            raise QTensorError(f"{what}: {fmt.name} planes must be {sorted(expected)}, got {sorted(self.planes)}")
+            raise QTensorError(f"{what}: {fmt.name} planes must be {sorted(expected)}, got "
+                               f"{sorted(map(str, self.planes))}")
         for name, shape in self.plane_shapes().items():
             plane = self.planes[name]
+            if not _is_array(plane):
+                raise QTensorError(f"{what}: {fmt.name} plane {name!r} must be an array (numpy or jax), got "
+                                   f"{type(plane).__name__}")
             if tuple(plane.shape) != shape or np.dtype(plane.dtype) != expected[name]:
                 raise QTensorError(f"{what}: {fmt.name} plane {name!r} must be {expected[name]}{list(shape)} for "
                                    f"shape={self.shape}, got {np.dtype(plane.dtype)}{list(plane.shape)}")
@@ -92,3 +120,12 @@ class QTensor:
 
     def __repr__(self) -> str:
         return f"QTensor({self.fmt}, shape={self.shape})"
+
+
+def _is_array(v) -> bool:
+    """An array or an abstract one (a tracer, a ShapeDtypeStruct): a shape of ints and a numpy dtype."""
+    try:
+        np.dtype(v.dtype)
+        return isinstance(v.shape, tuple) and all(isinstance(d, int) for d in v.shape)
+    except (AttributeError, TypeError):
+        return False
