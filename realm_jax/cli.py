@@ -27,6 +27,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -645,6 +646,7 @@ def _add_mesh_options(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="realm-jax", description="GGUF-quantized language models on JAX.")
+    parser.add_argument("--version", action="version", version=f"realm-jax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("generate", help="stream a continuation of a prompt")
     p.add_argument("prompt")
@@ -709,6 +711,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("realm-jax")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as the errors are: one line on stderr, not a source location and the line it points to."""
+    text = str(message).removeprefix("realm-jax: ")
+    print(f"realm-jax: warning: {text}", file=sys.stderr if file is None else file)
+
+
 def _known_models(args: argparse.Namespace) -> None:
     """--model (or inspect's FILE) naming one of `realm_jax.assets.KNOWN_MODELS` where no such file exists:
     that model's file, fetched into the cache on first use (``--model smollm2-135m-instruct-q4_1``)."""
@@ -723,8 +740,10 @@ def _known_models(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _known_models(args)
-        return args.func(args)
+        with warnings.catch_warnings():  # restored on return: main may run inside a longer-lived process
+            warnings.showwarning = _one_line_warning
+            _known_models(args)
+            return args.func(args)
     except RealmError as e:
         print(f"realm-jax: error: {e}", file=sys.stderr)
         return 2

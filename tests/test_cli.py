@@ -123,6 +123,24 @@ def test_a_cache_that_cannot_be_made_is_one_error_line(tmp_path):
         assert proc.stderr.count("\n") == 1, proc.stderr
 
 
+def test_version_and_warnings_are_one_line(tmp_path):
+    from realm_jax.reference import reference_dir
+
+    version = _cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("realm-jax 0.") and version.stdout.count("\n") == 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    env = {**os.environ, "REALM_JAX_COMPILE_CACHE": str(afile / "xla")}  # a cache that cannot be: a warning
+    model = str(reference_dir().parent / "synthetic" / "llama-s-q2_k.gguf")
+    proc = subprocess.run([sys.executable, "-m", "realm_jax.cli", "generate", "Hi", "--max-new-tokens", "2",
+                           "--model", model], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (f"realm-jax: warning: the compilation cache {afile / 'xla'} cannot be used (NotADirectoryError: Not a "
+            "directory); compiling without it (set REALM_JAX_COMPILE_CACHE to another directory, or to 0 to turn it "
+            "off)") in proc.stderr.splitlines(), proc.stderr
+    assert "Warning:" not in proc.stderr, proc.stderr  # Python's form: "file.py:N: RuntimeWarning: ..." and its line
+
+
 def test_chat_reads_stdin(smollm2_path):
     proc = _cli("chat", "--model", str(smollm2_path), "--max-new-tokens", "16",
                 stdin="What is the capital of France?\n")
