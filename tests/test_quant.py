@@ -335,3 +335,18 @@ def test_real_models_bit_exact_and_lossless(real_model_path):
             assert got.shape == ref.shape, name
             assert np.array_equal(bits(got), bits(ref)), name
     assert seen >= {"F32", "Q8_0"}
+
+
+@pytest.mark.parametrize("fmt", ["Q3_K", "Q4_K", "Q5_K", "IQ4_XS"])
+def test_six_bit_scales_past_63_are_refused(fmt):
+    """A hand-built QTensor whose 6-bit scales do not fit 6 bits: XLA's dequantization would read them whole
+    and the native kernels their 6 bits (two answers), so dequantize and qmatmul refuse it."""
+    w = realm_jax.quantize(np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32), fmt)
+    planes = {k: np.array(v) for k, v in w.planes.items()}
+    planes["scales"][0, 0] = 200
+    bad = realm_jax.QTensor(fmt, w.shape, planes)
+    with pytest.raises(QTensorError, match="dequantize: qt: plane 'scales' holds values above 63"):
+        realm_jax.dequantize(bad)
+    with pytest.raises(QTensorError, match="qmatmul: w: plane 'scales' holds values above 63"):
+        realm_jax.qmatmul(np.ones((1, 256), np.float32), bad, impl="xla")
+

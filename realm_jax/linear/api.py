@@ -29,6 +29,7 @@ from realm_jax.linear.native import NATIVE
 from realm_jax.linear.triton import TRITON
 from realm_jax.precision import Policy
 from realm_jax.quant import DENSE_FORMATS, QTensor, concat_rows, get_format
+from realm_jax.quant.formats import check_values
 from realm_jax.quant.checks import as_array, check_fits, copied_bytes, is_concrete
 
 __all__ = ["BACKENDS", "IMPLS", "REFERENCE", "Choice", "backend_of", "choose", "concat", "describe", "glu", "matmul",
@@ -138,6 +139,7 @@ def _check(x, w, compute_dtype, out_dtype, what: str, *, impl: str | None = None
     multiplies it, as `matmul` does)."""
     if isinstance(w, QTensor):
         w.check(f"{what}: w")
+        check_values(w, f"{what}: w")
     elif not isinstance(w, Prepared):
         raise QTensorError(f"{what}: w must be a QTensor or a prepared weight (realm_jax.linear.Prepared), got "
                            f"{type(w).__name__}")

@@ -58,10 +58,19 @@ def unpack(qt: QTensor) -> np.ndarray:
     return blocks.reshape(*qt.shape[:-1], -1)
 
 
-def _check_packable(qt: QTensor) -> None:
+def _check_packable(qt: QTensor, what: str | None = None) -> None:
     for name in ("scales", "mins"):  # the unpacked 6-bit values of the formats that pack them
         if name in qt.planes and int(np.max(np.asarray(qt.planes[name]), initial=0)) > 63:
-            raise QTensorError(f"{qt}: plane {name!r} holds values above 63, which do not fit in 6 bits")
+            raise QTensorError(f"{what or qt}: plane {name!r} holds values above 63, which do not fit in 6 bits")
+
+
+def check_values(qt: QTensor, what: str) -> None:
+    """QTensorError where a concrete QTensor's planes hold values its format cannot (the 6-bit scales and mins
+    that Q3_K, Q4_K, Q5_K and IQ4_XS pack, past 63): the backends would read them differently (XLA's
+    dequantization whole, the native kernels' 6 bits), so the product would depend on the backend. Planes
+    made by `quantize` or read from a file always fit; traced ones are not read."""
+    if qt.format.packing is not None and is_concrete(qt.planes):
+        _check_packable(qt, what)
 
 
 def dequantize_tile(fmt: str, planes, *, dtype=jnp.float32, exact: bool = False) -> jax.Array:
@@ -98,6 +107,7 @@ def dequantize(qt: QTensor, dtype=jnp.float32) -> jax.Array:
     if not isinstance(qt, QTensor):
         raise QTensorError(f"dequantize: qt must be a QTensor, got {type(qt).__name__}")
     qt.check("dequantize: qt")
+    check_values(qt, "dequantize: qt")
     dtype = check_dtype(dtype, "dequantize")
     if is_concrete(qt.planes):
         planes = list(qt.planes.values())
