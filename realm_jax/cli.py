@@ -262,7 +262,14 @@ def _check_sampling(args: argparse.Namespace) -> None:
     from realm_jax.errors import SamplingError
     from realm_jax.sampling import SamplingConfig
 
-    SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    try:
+        SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except SamplingError as e:  # its message names the parameter ("top_p=2.0 must be ..."): name the flag
+        message = str(e)
+        for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+            if message.startswith(f"{name}="):
+                message = "--" + name.replace("_", "-") + message[len(name):]
+        raise SamplingError(message) from None
     if args.max_new_tokens < 1:
         raise SamplingError(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
     if not 0 <= args.seed < 2**32:

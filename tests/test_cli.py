@@ -149,8 +149,9 @@ def test_chat_reads_stdin(smollm2_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "2"], "top_p"),
+    (["--temperature", "-1"], "--temperature=-1.0 must be"),
+    (["--top-p", "2"], "--top-p=2.0 must be"),
+    (["--repetition-penalty", "0"], "--repetition-penalty=0.0 must be"),
     (["--top-k", "abc"], "--top-k"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--model", "/nonexistent/model.gguf"], "no such file"),
