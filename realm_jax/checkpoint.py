@@ -246,7 +246,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
     """
     import gguf
 
-    path = check_output_path(path, "write_gguf: path")
+    path = check_output_path(path, "write_gguf")
     if not isinstance(arch, str) or not arch:
         raise ArgumentError(f"write_gguf: arch={shown(arch)} must be a non-empty str")
     _utf8(arch, "arch")

@@ -51,7 +51,7 @@ from realm_jax.errors import (
     UnreadableFileError,
     UnsupportedVersionError,
 )
-from realm_jax.inputs import shown
+from realm_jax.inputs import as_path, shown
 
 __all__ = ["GGML_TYPES", "MEMORY_BUDGET", "GGUFFile", "TensorInfo", "open_gguf"]
 
@@ -322,15 +322,7 @@ def open_gguf(path: str | bytes | os.PathLike) -> GGUFFile:
         ArgumentError: `path` is not a str, bytes or path-like object, or is empty.
         GGUFError: a subclass per cause (see `realm_jax.errors`), naming the file and the field.
     """
-    try:
-        # fsdecode's surrogateescape keeps every byte of a bytes path, so it names the same file.
-        name = os.fsdecode(path)
-    except TypeError:
-        raise ArgumentError(f"open_gguf: path must be a str, bytes or os.PathLike, got {type(path).__name__} "
-                            f"{shown(path)}") from None
-    if not name:  # pathlib would read "" as ".", the working folder, and call it "not a regular file"
-        raise ArgumentError("open_gguf: path is empty")
-    path = pathlib.Path(name)
+    path = as_path(path, "open_gguf")
     if not path.exists():
         raise MissingFileError(f"{path}: no such file")
     if not path.is_file():

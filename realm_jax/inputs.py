@@ -17,7 +17,7 @@ from typing import Any
 
 from realm_jax.errors import ArgumentError, ChatTemplateError, TextInputError, WriteError
 
-__all__ = ["check_messages", "check_output_path", "check_text", "decode_line", "shown"]
+__all__ = ["as_path", "check_messages", "check_output_path", "check_text", "decode_line", "shown"]
 
 
 class _Shown(reprlib.Repr):
@@ -92,13 +92,25 @@ def decode_line(raw: bytes, what: str, *, max_chars: int | None = None) -> str:
     return check_text(raw.decode("utf-8", errors="surrogateescape"), what, max_chars=max_chars)
 
 
+def as_path(path: Any, what: str) -> pathlib.Path:
+    """`path` (a str, bytes or os.PathLike of either, not empty) as a Path; ArgumentError naming `what`
+    otherwise. Bytes are decoded as `open` takes them (`os.fsdecode`: surrogateescape keeps every byte, so the
+    Path names the same file); an empty path is refused, where pathlib would read it as ".", the working folder."""
+    try:
+        name = os.fsdecode(path)
+    except TypeError:
+        raise ArgumentError(f"{what}: path must be a str, bytes or os.PathLike, got {type(path).__name__} "
+                            f"{shown(path)}") from None
+    if not name:
+        raise ArgumentError(f"{what}: path is empty")
+    return pathlib.Path(name)
+
+
 def check_output_path(path: Any, what: str) -> pathlib.Path:
-    """`path` as a place to write a file at: a str or os.PathLike naming a regular file, or none yet, in a
-    folder that exists (the writers write beside it and rename over it: a device or a folder there would be
-    replaced). ArgumentError for another type or an empty one; WriteError otherwise."""
-    if isinstance(path, bytes) or not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ArgumentError(f"{what}={shown(path)} must be a non-empty str or os.PathLike")
-    path = pathlib.Path(path)
+    """`path` (`as_path`) as a place to write a file at: a regular file, or none yet, in a folder that exists
+    (the writers write beside it and rename over it: a device or a folder there would be replaced).
+    ArgumentError for what is no path; WriteError otherwise."""
+    path = as_path(path, what)
     if path.exists() and not path.is_file():
         raise WriteError(f"{path}: exists and is not a regular file; the output must be a file path")
     if not path.parent.is_dir():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 import sys
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from realm_jax import mixture
 from realm_jax.errors import ArgumentError, MetadataError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
-from realm_jax.inputs import check_output_path
+from realm_jax.inputs import as_path, check_output_path
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "Target", "quantize_gguf", "target"]
 
@@ -156,7 +155,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
     from tqdm.auto import tqdm
 
     tgt = target(type_name)
-    src, dst = pathlib.Path(src), check_output_path(dst, "OUT")
+    src, dst = as_path(src, "IN"), check_output_path(dst, "OUT")
     with open_gguf(src) as f:
         if int(f.metadata.get("split.count", 1)) > 1:
             raise MetadataError(f"{f.path}: a split file (split.count={f.metadata['split.count']}); merge it first")

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from realm_jax import compile_cache, linear
 from realm_jax.errors import (ArgumentError, ContextLengthError, MetadataError, NonFiniteLogitsError, SamplingError,
                               ShardingError, TokenIdError)
-from realm_jax.inputs import check_text, shown
+from realm_jax.inputs import as_path, check_text, shown
 from realm_jax.preflight import check_fits, step_bytes
 from realm_jax.checkpoint import read_gguf
 from realm_jax.models import ModelConfig, config_from_gguf, fuse_projections, params_from_tensors
@@ -73,14 +73,6 @@ def _whole(value: Any) -> int | None:
 def _flag(value: Any) -> bool | None:
     """`value` as a bool if it is a Python or numpy bool, else None: a truthy "no" must not pass as True."""
     return bool(value) if isinstance(value, (bool, np.bool_)) else None
-
-
-def _check_path(path: Any, what: str) -> pathlib.Path:
-    """`path` (a str or os.PathLike naming it as text) as a Path; ArgumentError naming `what` otherwise."""
-    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-    if not isinstance(text, str):
-        raise ArgumentError(f"{what}: path={shown(path)} must be a str or os.PathLike, got {type(path).__name__}")
-    return pathlib.Path(text)
 
 
 def _layer_stack(pipeline):
@@ -586,12 +578,12 @@ def load(path: str | os.PathLike, *, policy: Policy | str | None = None, mesh: M
       A `Model`.
 
     Raises:
-      ArgumentError: `path` is not a str or os.PathLike.
+      ArgumentError: `path` is not a str, bytes or os.PathLike, or is empty.
       MeshError: `mesh` is not a `jax.sharding.Mesh`, has an axis other than data / stage / model, or holds a
         device twice.
       GGUFError: the file cannot be used (a subclass per cause).
     """
-    path = _check_path(path, "load")
+    path = as_path(path, "load")
     compile_cache.enable()  # a later process with the same model and shapes compiles nothing
     if mesh is not None:
         from realm_jax.distributed import mesh_shape
@@ -689,7 +681,7 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     from realm_jax.models import CONFIG_TENSORS
     from realm_jax.quant import format_for_ggml_type, repack
 
-    _check_path(path, "memory_plan")
+    as_path(path, "memory_plan")
     policy, impl = resolve_policy(policy), linear.resolve(impl)
     with open_gguf(path) as f:
         metadata = dict(f.metadata)

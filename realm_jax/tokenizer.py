@@ -36,7 +36,7 @@ import numpy as np
 
 from realm_jax.chat_template import DEFAULT_BUDGET, TemplateBudget, render
 from realm_jax.errors import ArgumentError, MetadataError, ResourceLimitError, TokenIdError
-from realm_jax.inputs import check_messages, check_text, shown
+from realm_jax.inputs import as_path, check_messages, check_text, shown
 
 __all__ = ["Tokenizer"]
 
@@ -293,16 +293,14 @@ class Tokenizer:
 
         Raises:
           GGUFError: the file cannot be read (a subclass per cause); MetadataError for bad tokenizer keys.
-          ArgumentError: `path` is not a str or os.PathLike.
+          ArgumentError: `path` is not a str, bytes or os.PathLike, or is empty (`realm_jax.inputs.as_path`).
         """
         from realm_jax.gguf import open_gguf
 
-        if not isinstance(path, (str, os.PathLike)):
-            raise ArgumentError(f"Tokenizer.from_gguf: path must be a str or os.PathLike, got {type(path).__name__}")
-
+        path = as_path(path, "Tokenizer.from_gguf")
         with open_gguf(path) as f:
             metadata = f.metadata
-        return cls.from_metadata(metadata, source=os.fspath(path))
+        return cls.from_metadata(metadata, source=str(path))
 
     # --- encoding -------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:

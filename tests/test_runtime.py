@@ -320,10 +320,12 @@ def test_non_finite_logits_stop_the_generation(synthetic, tmp_path):
     (lambda m: m.generate("hi", max_new_tokens=2, add_bos=0), SamplingError, r"^add_bos=0 must be None, True or "),
     (lambda m: m.generate("hi", max_new_tokens=2, stream="yes"), SamplingError, r"^stream='yes' must be True or "),
     (lambda m: m.generate("hi", max_new_tokens=2, stream=None), SamplingError, r"^stream=None must be True or False$"),
-    (lambda m: realm_jax.load(None), ArgumentError, r"^load: path=None must be a str or os\.PathLike, got NoneType$"),
-    (lambda m: realm_jax.load(5), ArgumentError, r"^load: path=5 must be a str or os\.PathLike, got int$"),
-    (lambda m: realm_jax.load(b"x.gguf"), ArgumentError, r"got bytes$"),
-    (lambda m: memory_plan(None), ArgumentError, r"^memory_plan: path=None must be a str or os\.PathLike"),
+    (lambda m: realm_jax.load(None), ArgumentError,
+     r"^load: path must be a str, bytes or os\.PathLike, got NoneType None$"),
+    (lambda m: realm_jax.load(5), ArgumentError, r"^load: path must be a str, bytes or os\.PathLike, got int 5$"),
+    (lambda m: realm_jax.load(b""), ArgumentError, r"^load: path is empty$"),  # bytes name a file, as open() takes
+    (lambda m: memory_plan(None), ArgumentError,
+     r"^memory_plan: path must be a str, bytes or os\.PathLike, got NoneType None$"),
 ])
 def test_arguments_of_the_wrong_kind_are_named(synthetic, call, error, match):
     with pytest.raises(error, match=match):

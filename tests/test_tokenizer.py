@@ -592,7 +592,8 @@ def test_metadata_that_is_not_a_mapping_is_refused(metadata):
 def test_encode_and_from_gguf_argument_types(tiny):
     from realm_jax.errors import ArgumentError
 
-    with pytest.raises(ArgumentError, match=r"^Tokenizer\.from_gguf: path must be a str or os\.PathLike, got NoneType"):
+    with pytest.raises(ArgumentError,
+                       match=r"^Tokenizer\.from_gguf: path must be a str, bytes or os\.PathLike, got NoneType None$"):
         Tokenizer.from_gguf(None)
     for bad in ("yes", 1, 0.0):  # each truthy or falsy, none a choice the caller made
         with pytest.raises(ArgumentError, match=r"^encode: add_bos=.* must be None, True or False$"):
