@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.errors import ArgumentError, MetadataError, QTensorError, UnsupportedFormatError, WriteError
-from realm_jax.gguf import open_gguf
+from realm_jax.gguf import MAX_ARRAY_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES, open_gguf
 from realm_jax.inputs import check_output_path, shown
 from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
 
@@ -264,8 +264,8 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
     values = [(key, *_typed(key, value)) for key, value in metadata.items()]
     raws = []
     for name, qt in tensors.items():
-        if not isinstance(name, str) or not 0 < len(_utf8(name, f"tensor name {shown(name)}")) <= _MAX_NAME_BYTES:
-            raise MetadataError(f"write_gguf: tensor name {shown(name)} must be a str of 1 to {_MAX_NAME_BYTES} "
+        if not isinstance(name, str) or not 0 < len(_utf8(name, f"tensor name {shown(name)}")) <= MAX_NAME_BYTES:
+            raise MetadataError(f"write_gguf: tensor name {shown(name)} must be a str of 1 to {MAX_NAME_BYTES} "
                                 "UTF-8 bytes (ggml's limit, which readers hold files to)")
         if not isinstance(qt, QTensor):
             raise QTensorError(f"write_gguf: tensor {name!r} is a {type(qt).__name__}, not a QTensor")
@@ -310,10 +310,6 @@ def _fresh_file(path: pathlib.Path) -> pathlib.Path:
     raise WriteError(f"{path}: no free name for a temporary file beside it")
 
 
-_MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) less its NUL, as realm_jax.gguf reads
-_MAX_KEY_BYTES = 65535
-_MAX_DEPTH = 4  # nested arrays, as realm_jax.gguf reads
-_F32_MAX = float(np.finfo(np.float32).max)
 _INT32 = (-(2**31), 2**31 - 1)
 
 
@@ -331,8 +327,8 @@ def _typed(key: Any, value: Any) -> tuple[Any, Any, Any]:
     T = gguf.GGUFValueType
     if not isinstance(key, str):
         raise MetadataError(f"write_gguf: metadata key {shown(key)} must be a str")
-    if len(_utf8(key, f"metadata key {shown(key)}")) > _MAX_KEY_BYTES:
-        raise MetadataError(f"write_gguf: metadata key {shown(key)} is longer than GGUF's {_MAX_KEY_BYTES} bytes")
+    if len(_utf8(key, f"metadata key {shown(key)}")) > MAX_KEY_BYTES:
+        raise MetadataError(f"write_gguf: metadata key {shown(key)} is longer than GGUF's {MAX_KEY_BYTES} bytes")
     what = f"metadata {key!r}"
     if key == "general.alignment":
         if not _is_int(value) or not 0 < int(value) < 2**32 or int(value) & (int(value) - 1):
@@ -404,8 +400,8 @@ def _list_type(values: list, what: str, depth: int):
     T = gguf.GGUFValueType
     if not values:
         raise MetadataError(f"write_gguf: {what} holds an empty list (gguf-py writes none)")
-    if depth > _MAX_DEPTH:
-        raise MetadataError(f"write_gguf: {what} nests arrays more than {_MAX_DEPTH} deep")
+    if depth > MAX_ARRAY_DEPTH:
+        raise MetadataError(f"write_gguf: {what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
     kinds = {bool if isinstance(v, bool) else type(v) for v in values}
     if len(kinds) > 1 or kinds - {bool, int, float, str, list}:
         names = ", ".join(sorted(k.__name__ for k in kinds))

@@ -53,7 +53,8 @@ from realm_jax.errors import (
 )
 from realm_jax.inputs import as_path, shown
 
-__all__ = ["GGML_TYPES", "MEMORY_BUDGET", "GGUFFile", "TensorInfo", "open_gguf"]
+__all__ = ["GGML_TYPES", "MAX_ARRAY_DEPTH", "MAX_KEY_BYTES", "MAX_NAME_BYTES", "MEMORY_BUDGET", "GGUFFile",
+           "TensorInfo", "open_gguf"]
 
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
     int(t): (t.name, *GGML_QUANT_SIZES[t]) for t in GGMLQuantizationType
@@ -63,7 +64,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _MAX_DIMS = 4  # GGML_MAX_DIMS
-_MAX_ARRAY_DEPTH = 4  # llama.cpp rejects nested arrays; gguf-py writes them, real files have none
+MAX_ARRAY_DEPTH = 4  # llama.cpp rejects nested arrays; gguf-py writes them, real files have none
 _MAX_ELEMENTS = 2**63 - 1  # ggml counts elements in int64_t
 
 # GGUF value type ids (gguf.constants.GGUFValueType).
@@ -77,8 +78,8 @@ _VALUE_TYPE_NAMES = {
 }  # fmt: skip
 # The fewest bytes one element of each type can occupy: a bound on how many elements a file can hold.
 _MIN_VALUE_SIZE = {t: d.itemsize for t, d in _SCALAR_DTYPES.items()} | {_STRING: 8, _ARRAY: 12}
-_MAX_KEY_BYTES = 65535  # the GGUF spec's longest metadata key
-_MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) less its NUL: llama.cpp refuses longer tensor names
+MAX_KEY_BYTES = 65535  # the GGUF spec's longest metadata key
+MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME (64) less its NUL: llama.cpp refuses longer tensor names
 _MIN_KV_SIZE = 8 + 4 + 1  # empty key, type, a one-byte value
 _MIN_TENSOR_INFO_SIZE = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 
@@ -516,7 +517,7 @@ class _Parser:
         alignment = _DEFAULT_ALIGNMENT
         for i in range(n_kv):
             key_pos = self.pos
-            key = self._str(f"metadata key #{i}", max_bytes=_MAX_KEY_BYTES)
+            key = self._str(f"metadata key #{i}", max_bytes=MAX_KEY_BYTES)
             if key in metadata:
                 raise MetadataError(f"{self.path}: metadata key {key!r} (offset {key_pos}) appears twice")
             vtype = self._u32(f"value type of metadata key {key!r}")
@@ -558,9 +559,9 @@ class _Parser:
         )
 
     def _array(self, key: str, depth: int) -> Any:
-        if depth > _MAX_ARRAY_DEPTH:
+        if depth > MAX_ARRAY_DEPTH:
             raise ResourceLimitError(
-                f"{self.path}: metadata key {key!r} nests arrays {depth} deep (limit {_MAX_ARRAY_DEPTH})"
+                f"{self.path}: metadata key {key!r} nests arrays {depth} deep (limit {MAX_ARRAY_DEPTH})"
             )
         etype = self._u32(f"element type of metadata key {key!r}")
         count = self._u64(f"element count of metadata key {key!r}")
@@ -645,7 +646,7 @@ class _Parser:
         infos = []
         names: set[str] = set()
         for i in range(n_tensors):
-            name = self._str(f"name of tensor #{i}", max_bytes=_MAX_NAME_BYTES)
+            name = self._str(f"name of tensor #{i}", max_bytes=MAX_NAME_BYTES)
             if name in names:
                 raise DuplicateTensorError(
                     f"{self.path}: tensor {name!r} appears twice (second is tensor #{i})"
