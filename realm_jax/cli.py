@@ -245,9 +245,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     for name, path in (("IN", args.input), ("OUT", args.output)):
         if not path.strip():
             raise ArgumentError(f"{name} is empty: give a GGUF file")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise ArgumentError(f"OUT {shown(args.output)}: its folder {shown(out_dir)} does not exist")
     if os.path.realpath(args.input) == os.path.realpath(args.output):
         raise ArgumentError(f"OUT {shown(args.output)} is IN: write the quantized file under another name")
     report = quantize_gguf(args.input, args.output, args.type, progress=sys.stderr.isatty())  # piped: no bar
