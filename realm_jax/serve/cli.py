@@ -76,15 +76,14 @@ def listen(args: argparse.Namespace) -> socket.socket:
         raise ArgumentError(f"--host {args.host} --port {args.port}: cannot listen there: {reason}") from None
 
 
-def run(args: argparse.Namespace, model, template: str | None, sock: socket.socket | None = None) -> int:
-    """Serve `model` (loaded by realm_jax.cli after `check`) with the checked options until interrupted, on
-    `sock` (`listen`'s; default: bound here)."""
+def run(args: argparse.Namespace, model, template: str | None, sock: socket.socket) -> int:
+    """Serve `model` (loaded by realm_jax.cli after `check`) with the checked options on `sock` (`listen`'s,
+    bound before the load) until interrupted."""
     import uvicorn
 
     from realm_jax.serve.engine import Engine, RequestParams, complete
     from realm_jax.serve.server import create_app
 
-    sock = listen(args) if sock is None else sock
     engine = Engine(model, slots=args.slots, max_context=args.max_context, queue_size=args.queue_size,
                     prefill_chunk=args.prefill_chunk, batch_invariant=not args.batch_dependent).warm_up().start()
     try:
