@@ -60,7 +60,12 @@ def unpack(qt: QTensor) -> np.ndarray:
 
 def _check_packable(qt: QTensor, what: str | None = None) -> None:
     for name in ("scales", "mins"):  # the unpacked 6-bit values of the formats that pack them
-        if name in qt.planes and int(np.max(np.asarray(qt.planes[name]), initial=0)) > 63:
+        plane = qt.planes.get(name)
+        if plane is None:
+            continue
+        # a plane on a device is reduced there: only its maximum comes to the host, not the plane
+        top = jnp.max(plane) if isinstance(plane, jax.Array) else np.max(np.asarray(plane), initial=0)
+        if int(top) > 63:
             raise QTensorError(f"{what or qt}: plane {name!r} holds values above 63, which do not fit in 6 bits")
 
 
