@@ -16,7 +16,7 @@ import numpy as np
 from realm_jax.errors import SamplingError
 from realm_jax.inputs import shown
 
-__all__ = ["SamplingConfig", "first_argmax", "sample", "step_keys"]
+__all__ = ["SamplingConfig", "first_argmax", "penalize", "sample", "step_keys"]
 
 
 _F32_MAX = float(np.finfo(np.float32).max)  # the scalars are float32: past this they would be inf
@@ -84,6 +84,14 @@ class SamplingConfig:
 _MAX_PENALTY_LAST_N = 1 << 16
 
 
+def penalize(logits: jax.Array, recent: jax.Array, penalty: jax.Array) -> jax.Array:
+    """llama.cpp's repetition penalty: the logit [B, V] of each token among a row's `recent` [B, R] (-1: an
+    empty place) divided by `penalty` (a scalar, or [B, 1]) where positive, multiplied where negative."""
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], recent.shape)
+    seen = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(recent, 0)].max(recent >= 0)
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingConfig,
            scalars: dict[str, jax.Array] | None = None) -> jax.Array:
     """Draw one token per row.
@@ -101,11 +109,7 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
     scalars = cfg.scalars if scalars is None else scalars
     temperature, top_p, penalty = scalars["temperature"], scalars["top_p"], scalars["penalty"]
     if cfg.repetition_penalty != 1.0:
-        b = logits.shape[0]
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], recent.shape)
-        seen = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(recent, 0)].max(recent >= 0)
-        penalized = jnp.where(logits > 0, logits / penalty, logits * penalty)
-        logits = jnp.where(seen, penalized, logits)
+        logits = penalize(logits, recent, penalty)
     if cfg.greedy:
         return first_argmax(logits)
     if cfg.top_k is not None:

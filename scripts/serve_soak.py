@@ -1,6 +1,7 @@
 """A hostile soak of `realm-jax serve`: N requests (1000 by default) from a bounded pool of clients, mixing
 valid greedy completions with malformed JSON, wrong types, huge max_tokens, over-long prompts, oversized
-bodies, wrong API keys and streams dropped after their first chunk.
+bodies, wrong API keys, bad logit biases, tool calls (not served) and streams dropped after their first
+chunk.
 
 Pass: no 5xx and no connection failure, every valid request's text equals the server's own idle answer
 for that prompt (greedy, batch-invariant: the crowd does not change it), every hostile one is a 4xx with
@@ -65,6 +66,9 @@ def _cases(max_context: int) -> list[tuple[str, object]]:
         ("lone_surrogate", b'{"prompt": "\\udc80 hi"}'),
         ("deep_nesting", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
         ("chat_bad_messages", {"messages": [{"role": 5, "content": "hi"}]}),
+        ("bad_logit_bias", {"prompt": "hi", "logit_bias": {"9" * 5000: 1, "x": 1e308}}),
+        ("chat_tools", {"messages": [{"role": "user", "content": "hi"}],
+                        "tools": [{"type": "function", "function": {"name": "f"}}]}),
     ]
 
 

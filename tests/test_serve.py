@@ -5,9 +5,10 @@ Checked: completions and chat, streamed and not, on the default model (with a ch
 --chat-template: the file has none) and on SmolLM2 (its own template); 16 concurrent greedy requests of
 different lengths each get `Model.generate`'s tokens; a request's log-probabilities are bit for bit the
 same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
-that span tokens; a prompt longer than a prefill chunk matches generate until a near tie; a cancelled
-stream frees its slot (/health); a full queue answers 429; malformed bodies, wrong types, over-long
-prompts and bad keys are 4xx with OpenAI's error JSON and leave the server serving. SmolLM2's server runs
+that span tokens; chat's logprobs, logit_bias and fields not served (400); a prompt longer than a prefill
+chunk matches generate until a near tie; a cancelled stream frees its slot (/health); a full queue
+answers 429; malformed bodies, wrong types, over-long prompts and bad keys are 4xx with OpenAI's error JSON
+and leave the server serving. SmolLM2's server runs
 with --batch-dependent (all slots in one group): it answers many rows at once. `--mesh data=2` on two
 simulated CPU devices: a server in a process of its own (in the background, tests/background.py) gives
 `generate`'s greedy tokens on the same mesh to concurrent requests.
@@ -164,6 +165,36 @@ def test_streaming_completion_and_chat(gemma, smollm):
     assert "Paris" in reply.choices[0].message.content  # SmolLM2 knows
 
 
+def test_chat_logprobs_logit_bias_and_what_is_not_served(gemma, model):
+    """Chat's logprobs (streamed and not: the same entries), a token forced by logit_bias, and fields asking
+    for what realm-jax does not do: a 400 naming the field."""
+    client, tok = _client(gemma), model.tokenizer
+    kw = dict(model="m", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0,
+              logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**kw)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the best one
+        assert e.top_logprobs[0].logprob == e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") == e.token
+    streamed = [c.choices[0].logprobs for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    assert [e for lp in streamed if lp for e in lp.content] == content
+    forced = tok.encode(" blue", add_bos=False)[0]
+    r = client.completions.create(model="m", prompt="My favourite colour is", max_tokens=3, temperature=0,
+                                  logit_bias={str(forced): 100})
+    assert r.choices[0].text == tok.decode([forced] * 3)
+    assert client.models.retrieve("gemma-3-270m-q4_k_m").id == "gemma-3-270m-q4_k_m"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra in ({"tools": [tool]}, {"response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="m", messages=kw["messages"], max_tokens=1, **extra)
+        assert e.value.body["param"] == next(iter(extra))
+    assert _health(gemma)["running"]
+
+
 def test_sampling_stop_strings_and_utf8(gemma):
     client = _client(gemma)
     kw = dict(model="m", prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
@@ -276,7 +307,7 @@ def test_a_port_in_use_is_an_error_before_the_load():
 
 def test_api_key_models_unknown_fields_and_routes(gemma):
     ok = httpx.post(f"{gemma}/v1/completions", json={"prompt": "hi", "max_tokens": 1, "unknown_field": [1],
-                                                     "presence_penalty": 0.5, "user": "x"},
+                                                     "presence_penalty": 0.5, "user": "x", "metadata": {}},
                     headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 1
     assert httpx.get(f"{gemma}/v1/models", timeout=10).status_code == 401

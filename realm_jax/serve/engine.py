@@ -13,8 +13,9 @@ same compiled functions serve every mix of live slots. By default `group` is 8 o
 reads a weight once per 8 rows) and a row's arithmetic is the same whether it shares its step with 0 or 15
 others, so its greedy tokens are `Model.generate`'s (`batch_invariant=False` puts all slots in one group:
 faster past 8 rows on CPU, where more rows take the bf16 gemm, but a row's answer then depends on the
-batch). Greedy steps take their tokens from the decode step itself; a step with a sampled row or one that
-asks for log-probabilities runs `sample_rows` on its logits.
+batch). Greedy steps take their tokens from the decode step itself; a step with a sampled row, one that
+asks for log-probabilities or one with logits processing (a logit bias, penalties) runs `sample_rows` on
+its logits.
 
 A prompt of at most `prefill_chunk` tokens is prefilled exactly as `generate` prefills it (one
 `runtime._prefill` of the prompt padded to 64); a longer one runs in chunks of `prefill_chunk` tokens
@@ -45,7 +46,7 @@ from realm_jax.errors import ContextLengthError, RealmError, SamplingError
 from realm_jax.inputs import shown
 from realm_jax.models.transformer import KVCache, forward
 from realm_jax.runtime import _PROMPT_BUCKET, Model, _layer_stack, _prefill, _prompt_length, _round_up, _TextCollector
-from realm_jax.sampling import first_argmax
+from realm_jax.sampling import SamplingConfig, first_argmax
 from realm_jax.serve.sampling import TOP_LOGPROBS, sample_rows
 
 __all__ = ["Engine", "EngineStoppedError", "Event", "QueueFullError", "Request", "RequestParams", "complete"]
@@ -53,6 +54,9 @@ __all__ = ["Engine", "EngineStoppedError", "Event", "QueueFullError", "Request",
 log = logging.getLogger("realm_jax.serve")
 
 _CACHE_BUCKET = 256
+MAX_LOGIT_BIAS = 300  # entries a request's logit_bias may hold
+_BIAS_BUCKET = 16  # a step's bias arrays are [G, L], L a power of two from this: few compiled samplers
+PENALTY_LAST_N = SamplingConfig.penalty_last_n  # the tokens repetition_penalty looks back on, as generate's
 
 
 class QueueFullError(RealmError):
@@ -69,7 +73,11 @@ class RequestParams:
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable them; seed None draws a random one; stop: strings
     that end the text (not included); logprobs: None, or how many top log-probabilities to return per
-    token (0..5; the chosen token's own is always returned then)."""
+    token (0..TOP_LOGPROBS; the chosen token's own is always returned then). OpenAI's logits processing:
+    logit_bias, (token id, value in [-100, 100]) pairs added to the token's logit at every step;
+    presence_penalty and frequency_penalty (in [-2, 2]) subtracted from the logit of each token the
+    completion holds so far, once and once per occurrence; and llama.cpp's (and `generate`'s)
+    repetition_penalty over the last PENALTY_LAST_N tokens of prompt and completion (1: off)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -78,6 +86,10 @@ class RequestParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def check(self, vocab_size: int) -> RequestParams:
         t, k, p, s, n = self.temperature, self.top_k, self.top_p, self.seed, self.max_tokens
@@ -96,7 +108,31 @@ class RequestParams:
             raise SamplingError(f"logprobs={shown(self.logprobs)} must be an int in [0, {TOP_LOGPROBS}]")
         if not all(isinstance(x, str) and x for x in self.stop):
             raise SamplingError(f"stop={shown(self.stop)} must hold non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise SamplingError(f"{name}={shown(v)} must be a number in [-2, 2]")
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1e6:
+            raise SamplingError(f"repetition_penalty={shown(r)} must be a number in (0, 1e6] (1 is off)")
+        bias = self.logit_bias
+        ok = isinstance(bias, tuple) and len(bias) <= MAX_LOGIT_BIAS and all(
+            isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
+            and 0 <= e[0] < vocab_size and isinstance(e[1], (int, float)) and not isinstance(e[1], bool)
+            and -100 <= e[1] <= 100 for e in bias)
+        if not ok or len({e[0] for e in bias}) != len(bias):
+            raise SamplingError(f"logit_bias={shown(bias)} must be at most {MAX_LOGIT_BIAS} (token id in [0, "
+                                f"{vocab_size}), value in [-100, 100]) pairs, each id once")
         return self
+
+    def bias(self, counts: dict[int, int]) -> dict[int, float]:
+        """What this request adds to the logits at a step, given how often each token occurs in its
+        completion so far: {token id: value}, empty for none."""
+        out = dict(self.logit_bias)
+        if self.presence_penalty or self.frequency_penalty:
+            for t, c in counts.items():
+                out[t] = out.get(t, 0.0) - self.presence_penalty - self.frequency_penalty * c
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +169,8 @@ class Request:
         self.prefilled = 0  # prompt tokens prefilled so far
         self.generated = 0  # tokens sampled so far
         self.last = -1  # the last sampled token, fed at the next decode step
+        self.counts: collections.Counter[int] = collections.Counter()  # the completion's tokens (penalties)
+        self.recent = collections.deque(prompt[-PENALTY_LAST_N:], maxlen=PENALTY_LAST_N)  # (repetition_penalty)
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
 
@@ -475,7 +513,9 @@ class Engine:
         ps = [r.params for r in requests]
         top_n = TOP_LOGPROBS if any(p.logprobs is not None for p in ps) else 0
         sampled = any(p.temperature > 0 for p in ps)
-        if greedy is not None and not sampled and not top_n:
+        biases = [r.params.bias(r.counts) for r in requests]
+        repeats = any(p.repetition_penalty != 1 for p in ps)
+        if greedy is not None and not sampled and not top_n and not any(biases) and not repeats:
             out = jax.device_get(greedy)
         else:
             # Padded to the group's rows: one compiled sampler per setting whatever the step's rows. The
@@ -488,9 +528,16 @@ class Engine:
             for i, r in zip(rows, requests):
                 settings[:, i] = (r.params.temperature, r.params.top_k, r.params.top_p, r.seed, r.generated)
             t, k, p, seed, count = settings
+            bias = _bias_arrays(biases, rows, b) if any(biases) else (None, None)
+            recent, penalty = None, None
+            if repeats:
+                recent, penalty = np.full((b, PENALTY_LAST_N), -1, np.int32), np.ones(b, np.float32)
+                for i, r in zip(rows, requests):
+                    recent[i, : len(r.recent)] = r.recent
+                    penalty[i] = r.params.repetition_penalty
             out = jax.device_get(sample_rows(logits, t.astype(np.float32), k.astype(np.int32), p.astype(np.float32),
-                                             seed.astype(np.uint32), count.astype(np.int32), sampled=sampled,
-                                             top_n=top_n))
+                                             seed.astype(np.uint32), count.astype(np.int32), *bias, recent, penalty,
+                                             sampled=sampled, top_n=top_n))
         for i, r in zip(rows, requests):
             try:
                 self._advance(r, out, i)
@@ -508,6 +555,8 @@ class Engine:
         tok = int(tokens[i])
         r.last = tok
         r.generated += 1
+        r.counts[tok] += 1
+        r.recent.append(tok)
         piece = r.text.add(np.array([[tok]]))[0]
         stop_token = tok in self.model.tokenizer.stop_ids
         if stop_token:
@@ -526,6 +575,17 @@ class Engine:
             self._finish(r, "length")
         elif r.cancelled.is_set():
             self._release(r)
+
+
+def _bias_arrays(biases: list[dict[int, float]], rows: list[int], b: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's {token id: value} at its row of [b, L] (ids int32, values f32; L a power of two of at
+    least _BIAS_BUCKET), other places id 0 with 0."""
+    width = max(_BIAS_BUCKET, 1 << (max(map(len, biases)) - 1).bit_length())
+    ids, values = np.zeros((b, width), np.int32), np.zeros((b, width), np.float32)
+    for i, bias in zip(rows, biases):
+        ids[i, : len(bias)] = list(bias)
+        values[i, : len(bias)] = list(bias.values())
+    return ids, values
 
 
 def complete(engine: Engine, prompt: Sequence[int], params: RequestParams, timeout: float = 600.0) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The OpenAI request bodies the server takes, checked field by field.
 
 Known fields with a wrong type or value are an `ApiError` (HTTP 400, OpenAI's error JSON, naming the
-field); fields realm-jax does not implement (presence_penalty, user, tools, ...) are ignored, as
-OpenAI-compatible servers do. Text goes through `realm_jax.inputs.check_text` like every other input.
+field). A field that would change the answer in a way realm-jax does not implement (tools, a JSON
+response_format, n > 1, echo, best_of, suffix, audio) is a 400 too unless it asks for the default:
+answering as if it had been honoured would be a silent wrong answer. Other fields (user, metadata,
+store, parallel_tool_calls, ...) are ignored, as OpenAI-compatible servers do. Text goes through
+`realm_jax.inputs.check_text` like every other input.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import math
 from typing import Any
 
 from realm_jax.inputs import check_text, shown
+from realm_jax.serve.engine import MAX_LOGIT_BIAS
+from realm_jax.serve.sampling import TOP_LOGPROBS
 
 __all__ = ["ApiError", "Body", "parse_body"]
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+COMPLETION_LOGPROBS = 5  # the most `logprobs` a completion may ask for (OpenAI's limit; chat: TOP_LOGPROBS)
 
 
 class ApiError(Exception):
@@ -45,7 +51,11 @@ class Body:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
-    logprobs: int | None
+    logprobs: int | None  # top log-probabilities a token (None: no log-probabilities)
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -106,6 +116,47 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
+def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": value in [-100, 100]}."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", f"must be an object of at most {MAX_LOGIT_BIAS} token ids, got {shown(value)}")
+    out = []
+    for key, v in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 12 and int(key) < vocab_size):
+            raise _bad("logit_bias", f"key {shown(key)} must be a token id in [0, {vocab_size})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise _bad("logit_bias", f"the value of {shown(key)}, {shown(v)}, must be a number in [-100, 100]")
+        out.append((int(key), float(v)))
+    if len({t for t, _ in out}) != len(out):  # "7" and "007"
+        raise _bad("logit_bias", "names a token id twice")
+    return tuple(out)
+
+
+def _repetition_penalty(body: dict) -> float:
+    """llama.cpp's repetition penalty, by vLLM's name or llama.cpp server's ("repeat_penalty")."""
+    given = [key for key in ("repetition_penalty", "repeat_penalty") if body.get(key) is not None]
+    if len(given) == 2 and body[given[0]] != body[given[1]]:
+        raise _bad("repeat_penalty", "and repetition_penalty differ: they are the same setting")
+    return _number(body, given[0], 1.0, 0.0, 1e6, low_open=True) if given else 1.0
+
+
+def _unsupported(body: dict) -> None:
+    """A 400 for each field that asks for something realm-jax does not do (its default values pass)."""
+    default = {"tools": lambda v: v in (None, []), "functions": lambda v: v in (None, []),
+               "tool_choice": lambda v: v in (None, "none", "auto"),
+               "function_call": lambda v: v in (None, "none", "auto"),
+               "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+               "best_of": lambda v: v is None or (v == 1 and not isinstance(v, bool)),
+               "suffix": lambda v: v in (None, ""), "audio": lambda v: v is None,
+               "modalities": lambda v: v in (None, ["text"])}
+    for key, ok in default.items():
+        if key in body and not ok(body[key]):
+            raise _bad(key, f"{shown(body[key])} is not served: realm-jax answers in plain text, without tool "
+                       "calls, JSON modes, audio, a suffix or best_of")
+
+
 def _prompt(value: Any, vocab_size: int) -> str | list[int]:
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]  # a batch of one
@@ -153,9 +204,17 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
         raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOP}, got {shown(body.get('stop'))}")
     stop = tuple(_text(s, f"stop[{i}]") for i, s in enumerate(stop))
     max_tokens = _int(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens", 1, 2**31)
-    logprobs = None
-    if not chat:  # chat's logprobs/top_logprobs are not served: ignored like other unimplemented fields
-        logprobs = _int(body, "logprobs", 0, 5)
+    _unsupported(body)
+    if chat:  # "logprobs": true, and "top_logprobs": how many besides the chosen token's
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise _bad("logprobs", f"must be a boolean, got {shown(wanted)}")
+        top = _int(body, "top_logprobs", 0, TOP_LOGPROBS)
+        if top and not wanted:
+            raise _bad("top_logprobs", "needs logprobs: true")
+        logprobs = (top or 0) if wanted else None
+    else:
+        logprobs = _int(body, "logprobs", 0, COMPLETION_LOGPROBS)
     return Body(
         prompt=None if chat else _prompt(body.get("prompt"), vocab_size),
         messages=_messages(body.get("messages")) if chat else None,
@@ -168,4 +227,8 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
         stream=bool(body.get("stream", False)),
         include_usage=bool((options or {}).get("include_usage", False)),
         logprobs=logprobs,
+        logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_repetition_penalty(body),
     )

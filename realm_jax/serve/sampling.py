@@ -1,15 +1,21 @@
-"""Per-row sampling for the server's batch: every row has its own temperature, top_k, top_p and seed.
+"""Per-row sampling for the server's batch: every row has its own temperature, top_k, top_p, seed and logit
+bias.
 
 `realm_jax.sampling.sample` takes one setting for the whole batch (its static part shapes the computation);
 a server's rows belong to different requests. Here the settings are [B] arrays and each row's draw reads
 only its own row, so a request's tokens do not depend on who else shares the step.
 
-The order is llama.cpp's, as `sample`'s: top-k, then top-p on the probabilities of the raw logits, then the
-temperature, then the draw. The draw is an inverse-CDF draw from one uniform per row and step (keyed by the
-request's seed and its own token index), over the kept candidates in descending order: it reads only
-those candidates, so it gives the same token whether the candidates came from the first `CANDIDATES` of a
-`lax.top_k` or from a full sort. The full sort over the vocabulary runs only for a step with a row whose
-kept set does not fit in `CANDIDATES` (no top_k, and top_p needing more).
+The order is llama.cpp's, as `sample`'s: top-k, then top-p on the probabilities of the logits, then the
+temperature, then the draw. A request's logits processing comes first: llama.cpp's repetition penalty
+over its recent tokens (`recent`, `penalty`), then its logit bias and presence and frequency penalties, as
+sparse per-row additions (`bias_ids`, `bias_values`). Greedy picks, top-k, top-p and the
+log-probabilities all see the processed logits.
+
+The draw is an inverse-CDF draw from one uniform per row and step (keyed by the request's seed and its own
+token index), over the kept candidates in descending order: it reads only those candidates, so it gives
+the same token whether the candidates came from the first `CANDIDATES` of a `lax.top_k` or from a full
+sort. The full sort over the vocabulary runs only for a step with a row whose kept set does not fit in
+`CANDIDATES` (no top_k, and top_p needing more).
 
 Legend: B rows, V vocab, C candidates.
 """
@@ -23,12 +29,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from realm_jax.ops import row_sum
-from realm_jax.sampling import first_argmax
+from realm_jax.sampling import first_argmax, penalize
 
 __all__ = ["CANDIDATES", "TOP_LOGPROBS", "sample_rows"]
 
 CANDIDATES = 64  # candidates the fast path keeps per row
-TOP_LOGPROBS = 5  # the most `logprobs` a completion may ask for (OpenAI's limit)
+TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's chat limit; completions': 5)
 
 
 def _cumsum(x):
@@ -60,7 +66,8 @@ def _draw(values, ids, keep, temperature, u):
 
 
 @functools.partial(jax.jit, static_argnames=("sampled", "top_n"))
-def sample_rows(logits, temperature, top_k, top_p, seeds, counts, *, sampled: bool, top_n: int):
+def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None, bias_values=None, recent=None,
+                penalty=None, *, sampled: bool, top_n: int):
     """One token per row of logits [B, V] f32, each row by its own settings.
 
     Args:
@@ -68,6 +75,10 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, *, sampled: bo
       top_k: [B] int32, 0 disables it; top_p: [B] f32, 1 disables it.
       seeds: [B] uint32; counts: [B] int32, the index of the token being drawn in its request: the
         uniform of a draw is fold_in(PRNGKey(seed), count), the same whichever step and row it runs on.
+      bias_ids, bias_values: None, or [B, L] int32 token ids and f32 values added to the row's logits at
+        them (repeated ids add up; padding: any id with 0); the finite check reads the logits before.
+      recent, penalty: None, or [B, R] int32 each row's last tokens (-1: none) and [B] f32 its repetition
+        penalty (1: off; `realm_jax.sampling.penalize`).
       sampled: whether any row has temperature > 0 (static: an all-greedy step skips the draw).
       top_n: 0, or the number of top log-probabilities to return per row.
 
@@ -76,6 +87,10 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, *, sampled: bo
       chosen tokens' log-probabilities [B], the top_n log-probabilities [B, top_n] and their ids).
     """
     finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    if recent is not None:
+        logits = penalize(logits, recent, penalty[:, None])
+    if bias_ids is not None:
+        logits = logits.at[jnp.arange(logits.shape[0])[:, None], bias_ids].add(bias_values)
     tokens = first_argmax(logits)
     if sampled:
         m = jnp.max(logits, axis=-1)

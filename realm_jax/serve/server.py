@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP API over an `Engine` (Starlette on uvicorn: the `serve` extra).
 
 POST /v1/completions and /v1/chat/completions (streamed as server-sent events in OpenAI's chunk format,
-ending with `data: [DONE]`, or not), GET /v1/models, GET /health (slots busy and free, the queue). Every
-error is OpenAI's JSON error object with a 4xx status for the client's mistakes (malformed JSON, wrong
-types, a prompt over the context: 400; a missing or wrong API key: 401; a body over the limit: 413; the
-queue full: 429) and 503 while the engine is down; a failure inside one request fails that request alone.
-A client that disconnects cancels its sequence and frees its slot.
+ending with `data: [DONE]`, or not; log-probabilities in each endpoint's own format), GET /v1/models and
+/v1/models/{id}, GET /health (slots busy and free, the queue). Every error is OpenAI's JSON error object
+with a 4xx status for the client's mistakes (malformed JSON, wrong types, a prompt over the context, a
+field asking for what is not served: 400; a missing or wrong API key: 401; an unknown model or route: 404;
+a body over the limit: 413; the queue full: 429) and 503 while the engine is down; a failure inside one
+request fails that request alone. A client that disconnects cancels its sequence and frees its slot.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.routing import Route
 
 from realm_jax.errors import (ChatTemplateError, ContextLengthError, MetadataError, SamplingError,
                               TextInputError, TokenIdError)
+from realm_jax.inputs import shown
 from realm_jax.serve.engine import Engine, EngineStoppedError, Event, QueueFullError, RequestParams
 from realm_jax.serve.protocol import ApiError, Body, parse_body
 
@@ -115,7 +117,9 @@ class _Api:
         else:
             max_tokens = body.max_tokens
         return RequestParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
-                             seed=body.seed, stop=body.stop, logprobs=body.logprobs)
+                             seed=body.seed, stop=body.stop, logprobs=body.logprobs, logit_bias=body.logit_bias,
+                             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                             repetition_penalty=body.repetition_penalty)
 
     # --- endpoints ----------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -128,8 +132,21 @@ class _Api:
             self._authorize(request)
         except ApiError as e:
             return _error(e)
-        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                                          "owned_by": "realm-jax"}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            name = request.path_params["name"]
+            if name != self.name:
+                raise ApiError(404, f"model {shown(name)} is not served here (this server serves {self.name!r})",
+                               param="model", code="model_not_found")
+        except ApiError as e:
+            return _error(e)
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "realm-jax"}
 
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, chat=False)
@@ -167,8 +184,8 @@ class _Api:
         text = "".join(e.text for e in pieces)
         usage = _usage(done)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": done.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._chat_logprobs(pieces, body), "finish_reason": done.finish_reason}
             return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                                  "model": self.name, "choices": [choice], "usage": usage})
         choice = {"index": 0, "text": text, "logprobs": self._logprobs(pieces, body),
@@ -205,6 +222,19 @@ class _Api:
                 "top_logprobs": [{piece(t): v for t, v in e.top} for e in tokens] if body.logprobs else None,
                 "text_offset": offsets}
 
+    def _chat_logprobs(self, pieces: list[Event], body: Body) -> dict[str, Any] | None:
+        """Chat's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]} for the tokens in `pieces`."""
+        if body.logprobs is None:
+            return None
+        raw = self.model.tokenizer.token_to_piece
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            b = raw(token)
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
+        return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, v) for t, v in e.top]}
+                            for e in pieces if e.token >= 0], "refusal": None}
+
     async def _stream(self, request: Request, job, events: asyncio.Queue, rid: str, chat: bool, n_prompt: int,
                       body: Body):
         created = int(time.time())
@@ -228,11 +258,11 @@ class _Api:
                         return
                     continue
                 if event.kind == "token":
-                    if not event.text and (chat or body.logprobs is None):
+                    if not event.text and (body.logprobs is None or event.token < 0):
                         continue
                     if chat:
-                        yield chunk({"index": 0, "delta": {"content": event.text}, "logprobs": None,
-                                     "finish_reason": None})
+                        yield chunk({"index": 0, "delta": {"content": event.text},
+                                     "logprobs": self._chat_logprobs([event], body), "finish_reason": None})
                     else:
                         yield chunk({"index": 0, "text": event.text, "logprobs": self._logprobs([event], body),
                                      "finish_reason": None})
@@ -274,6 +304,7 @@ def create_app(engine: Engine, *, name: str, api_key: str | None = None, max_bod
         return _error(_api_error(exc))
 
     routes = [Route("/health", api.health, methods=["GET"]), Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{name:path}", api.retrieve_model, methods=["GET"]),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
