@@ -96,6 +96,17 @@ def _project(params, x, rows, *, policy: Policy):
     return project(params, x[rows], policy)
 
 
+@functools.partial(jax.jit, static_argnames=("top_n",))
+def _logprob_rows(logits, after, *, top_n: int):
+    """For logits [R, V] and the token after each row [R]: its log-probability [R] and the top_n [R, top_n]
+    (values f32, ids int32)."""
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    logp = logits - (top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True)))
+    values, ids = jax.lax.top_k(logp, top_n)
+    return jnp.take_along_axis(logp, after[:, None], axis=-1)[:, 0], values, ids.astype(jnp.int32)
+
+
 def _mark_nonfinite(bad, logits, live, step):
     """bad [B] (the step each row's logits were first not finite, -1 if never) with `step` set for the `live`
     rows [B] of logits [B, V] that hold a NaN or an infinity now: each row its own (no cross-row reduction,
@@ -199,24 +210,55 @@ class Model:
         """
         ids = self._check_ids(ids)
         rows = self._check_positions(positions, len(ids))
+        out = np.empty((len(rows), self.config.vocab_size), np.float32)
+        for start, logits in self._logit_chunks(ids, rows, f"the logits of {len(rows)} of {len(ids)} positions",
+                                                out_rows=len(rows)):
+            out[start : start + _LOGITS_ROWS] = np.asarray(logits[: len(out) - start], np.float32)
+        return out
+
+    def prompt_logprobs(self, ids: Sequence[int], top_n: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The log-probability of each token of `ids` after the ones before it, teacher-forced (one prefill,
+        as `logits`): float32 [len(ids) - 1] for tokens 1.., and the top_n most likely tokens at each of
+        those places, log-probabilities float32 [len(ids) - 1, top_n] (descending) and ids int32. Reduced
+        on the device: the host gets these, not [T, V] logits.
+
+        Raises:
+          TokenIdError: `ids` is not a sequence of ids of the vocabulary; SamplingError: top_n is not an
+            int in [0, 20].
+        """
+        ids = self._check_ids(ids)
+        if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or not 0 <= top_n <= 20:
+            raise SamplingError(f"top_n={shown(top_n)} must be an int in [0, 20]")
+        n = len(ids) - 1
+        chosen = np.empty(n, np.float32)
+        values, which = np.empty((n, top_n), np.float32), np.empty((n, top_n), np.int32)
+        after = np.asarray(ids[1:] + [0] * _LOGITS_ROWS, np.int32)
+        for start, logits in self._logit_chunks(ids, np.arange(n), f"the log-probabilities of {n} tokens",
+                                                out_rows=0):
+            end = min(start + _LOGITS_ROWS, n)
+            c, v, w = (np.asarray(a)[: end - start] for a in
+                       _logprob_rows(logits, after[start : start + _LOGITS_ROWS], top_n=top_n))
+            chosen[start:end], values[start:end], which[start:end] = c, v, w
+        return chosen, values, which
+
+    def _logit_chunks(self, ids: list[int], rows: np.ndarray, what: str, *, out_rows: int):
+        """(start, logits [_LOGITS_ROWS, V] on the device) of rows[start: start + _LOGITS_ROWS] of the
+        prompt `ids`' teacher-forced logits, a chunk at a time after one prefill (the last chunk padded by
+        repeating its last row: one compiled shape). out_rows: the rows the caller keeps on the host."""
         t = _prompt_length(len(ids))
         b = self.batch_multiple  # the data axis needs a row per shard: the extra rows repeat this one
-        self._check_fits(f"the logits of {len(rows)} of {len(ids)} positions", batch=b, prompt_tokens=t,
-                         cache_tokens=t, logits_rows=_LOGITS_ROWS + len(rows))
+        self._check_fits(what, batch=b, prompt_tokens=t, cache_tokens=t, logits_rows=_LOGITS_ROWS + out_rows)
         tokens = np.zeros((b, t), np.int32)
         tokens[:, : len(ids)] = ids
         with self.mesh_context():
             x = _prefill(self.params, tokens, np.full((b,), len(ids), np.int32), self._new_cache(b, t),
                          config=self.config, policy=self.policy, all_logits=True, pipeline=self.pipeline,
                          impl=self.impl, logits=False)[0][0]  # the cache is not needed after
-        out = np.empty((len(rows), self.config.vocab_size), np.float32)
         for start in range(0, len(rows), _LOGITS_ROWS):
             chunk = rows[start : start + _LOGITS_ROWS]
-            padded = np.pad(chunk, (0, _LOGITS_ROWS - len(chunk)), mode="edge")  # one compiled shape
+            padded = np.pad(chunk, (0, _LOGITS_ROWS - len(chunk)), mode="edge")
             with self.mesh_context():
-                logits = _project(self.params, x, padded.astype(np.int32), policy=self.policy)
-            out[start : start + len(chunk)] = np.asarray(logits[: len(chunk)], np.float32)
-        return out
+                yield start, _project(self.params, x, padded.astype(np.int32), policy=self.policy)
 
     def _check_positions(self, positions, n: int) -> np.ndarray:
         if positions is None:

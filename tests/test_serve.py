@@ -5,7 +5,7 @@ Checked: completions and chat, streamed and not, on the default model (with a ch
 --chat-template: the file has none) and on SmolLM2 (its own template); 16 concurrent greedy requests of
 different lengths each get `Model.generate`'s tokens; a request's log-probabilities are bit for bit the
 same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
-that span tokens; chat's logprobs, logit_bias and fields not served (400); a prompt longer than a prefill
+that span tokens; chat's logprobs, logit_bias, echo and fields not served (400); a prompt longer than a prefill
 chunk matches generate until a near tie; a cancelled stream frees its slot (/health); a full queue
 answers 429; malformed bodies, wrong types, over-long prompts and bad keys are 4xx with OpenAI's error JSON
 and leave the server serving. SmolLM2's server runs
@@ -165,9 +165,10 @@ def test_streaming_completion_and_chat(gemma, smollm):
     assert "Paris" in reply.choices[0].message.content  # SmolLM2 knows
 
 
-def test_chat_logprobs_logit_bias_and_what_is_not_served(gemma, model):
-    """Chat's logprobs (streamed and not: the same entries), a token forced by logit_bias, and fields asking
-    for what realm-jax does not do: a 400 naming the field."""
+def test_chat_logprobs_logit_bias_echo_and_what_is_not_served(gemma, model):
+    """Chat's logprobs (streamed and not: the same entries), a token forced by logit_bias, echo's prompt
+    log-probabilities (those of `Model.prompt_logprobs` here), and fields asking for what realm-jax does
+    not do: a 400 naming the field."""
     client, tok = _client(gemma), model.tokenizer
     kw = dict(model="m", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=6, temperature=0,
               logprobs=True, top_logprobs=3)
@@ -184,6 +185,17 @@ def test_chat_logprobs_logit_bias_and_what_is_not_served(gemma, model):
     r = client.completions.create(model="m", prompt="My favourite colour is", max_tokens=3, temperature=0,
                                   logit_bias={str(forced): 100})
     assert r.choices[0].text == tok.decode([forced] * 3)
+    ids = tok.encode("The capital of France is")
+    scored = client.completions.create(model="m", prompt=ids, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    lp = scored.choices[0].logprobs
+    chosen, values, _ = model.prompt_logprobs(ids, 1)  # the same file and policy as the server's
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids) + 1 == len(lp.top_logprobs)
+    np.testing.assert_allclose(lp.token_logprobs[1:-1], chosen, atol=1e-4)
+    np.testing.assert_allclose([max(t.values()) for t in lp.top_logprobs[1:-1]], values[:, 0], atol=1e-4)
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # the greedy token
+    assert scored.choices[0].text.startswith(tok.decode(ids, skip_special=True))
+    alone = client.completions.create(model="m", prompt=ids, echo=True, logprobs=0, max_tokens=0)
+    assert alone.usage.completion_tokens == 0 and alone.choices[0].logprobs.token_logprobs == lp.token_logprobs[:-1]
     assert client.models.retrieve("gemma-3-270m-q4_k_m").id == "gemma-3-270m-q4_k_m"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")

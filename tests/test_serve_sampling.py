@@ -1,7 +1,8 @@
 """The serve engine's logits processing and the request fields that reach it, in process (no server): OpenAI's
 logit_bias and presence and frequency penalties, exact to the logit and per row (a biased request does not
 move its neighbour's tokens); llama.cpp's repetition penalty, as `generate` applies it; chat's logprobs and
-top_logprobs; and the fields asking for what is not served (tools, JSON modes, ...) refused with the field
+top_logprobs; echo's prompt log-probabilities (`Model.prompt_logprobs`, scored on the engine's thread through
+`Engine.call`); and the fields asking for what is not served (tools, JSON modes, ...) refused with the field
 named, their defaults accepted."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 import realm_jax
-from realm_jax.errors import SamplingError
-from realm_jax.serve.engine import MAX_LOGIT_BIAS, Engine, RequestParams, complete
+from realm_jax.errors import SamplingError, TokenIdError
+from realm_jax.serve.engine import MAX_LOGIT_BIAS, Engine, EngineStoppedError, RequestParams, complete
 from realm_jax.serve.protocol import ApiError, parse_body
 
 MODEL = pathlib.Path(__file__).parent / "data" / "synthetic" / "llama-k-q4_k_m.gguf"
@@ -175,3 +176,42 @@ def test_bias_arrays_hold_each_rows_entries():
     assert list(ids[0, :2]) == [4, 9] and list(values[0, :2]) == [1.0, -2.0] and not values[0, 2:].any()
     assert not values[1].any() and not values[2].any()
     np.testing.assert_array_equal(ids[3, :20], np.arange(20))
+
+
+def test_prompt_logprobs_are_the_logits_log_softmax(engine):
+    """Past one chunk of projected rows (128), against a float64 log-softmax of `Model.logits`."""
+    model = engine.model
+    ids = model.tokenizer.encode("the prompt's own log-probabilities, teacher-forced; " * 8)
+    assert len(ids) > 128
+    chosen, values, which = model.prompt_logprobs(ids, 4)
+    logits = model.logits(ids).astype(np.float64)[:-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    np.testing.assert_allclose(chosen, logp[np.arange(len(ids) - 1), ids[1:]], atol=2e-5)
+    np.testing.assert_allclose(values, -np.sort(-logp, axis=-1)[:, :4], atol=2e-5)
+    np.testing.assert_array_equal(which[:, 0], logp.argmax(-1))
+    assert [a.shape for a in model.prompt_logprobs(ids[:1])] == [(0,), (0, 0), (0, 0)]
+    with pytest.raises(SamplingError):
+        model.prompt_logprobs(ids, 21)
+    with pytest.raises(TokenIdError):
+        model.prompt_logprobs([10**9])
+
+
+def test_engine_call_runs_between_steps_and_fails_after_stop():
+    model = realm_jax.load(MODEL, progress=False)
+    e = Engine(model, slots=1, max_context=64).start()
+    assert e.call(lambda: 41 + 1).result(60) == 42
+    with pytest.raises(ZeroDivisionError):
+        e.call(lambda: 1 / 0).result(60)
+    e.stop()
+    with pytest.raises(EngineStoppedError):
+        e.call(lambda: 0)
+
+
+def test_echo_allows_max_tokens_0_and_chat_has_none():
+    body = _parse(echo=True, max_tokens=0, logprobs=1)
+    assert body.echo and body.max_tokens == 0 and body.logprobs == 1
+    with pytest.raises(ApiError) as e:
+        _parse(max_tokens=0)
+    assert e.value.param == "max_tokens"
+    assert not _parse(chat=True, echo=True).echo

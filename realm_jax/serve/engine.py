@@ -27,6 +27,7 @@ Legend: B slots, G rows per group, S cache length (max_context), V vocab.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -286,6 +287,7 @@ class Engine:
         self._owner: list[Request | None] = [None] * b
         self._queue: collections.deque[Request] = collections.deque()
         self._prefilling: collections.deque[Request] = collections.deque()
+        self._calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []  # (`call`)
         self._lock = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -354,6 +356,21 @@ class Engine:
             self._lock.notify_all()
         return request
 
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the engine's thread between two steps (work on the model that must not race its
+        steps, such as scoring a prompt: `Model.prompt_logprobs`); its result or exception in the future.
+
+        Raises:
+          EngineStoppedError: the engine has stopped.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                raise EngineStoppedError("the engine is not running")
+            self._calls.append((fn, future))
+            self._lock.notify_all()
+        return future
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             busy = sum(r is not None for r in self._owner[: self.slots])
@@ -370,11 +387,19 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._queue and not self._prefilling and not any(self._owner):
+                while (not self._stopping and not self._queue and not self._prefilling and not any(self._owner)
+                       and not self._calls):
                     self._lock.wait()
                 if self._stopping:
                     break
                 self._admit()
+                calls, self._calls = self._calls, []
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as e:  # noqa: BLE001 - the caller's to handle
+                        future.set_exception(e)
             try:
                 self._drop_cancelled()
                 self._prefill_step()
@@ -384,6 +409,10 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
                 self._new_caches()  # a failed step may have consumed (donated) the caches it was given
         self._fail_all("the server is shutting down")
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for _, future in calls:
+            future.set_exception(EngineStoppedError("the server is shutting down"))
 
     def _admit(self) -> None:
         while self._queue:

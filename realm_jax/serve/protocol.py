@@ -2,7 +2,7 @@
 
 Known fields with a wrong type or value are an `ApiError` (HTTP 400, OpenAI's error JSON, naming the
 field). A field that would change the answer in a way realm-jax does not implement (tools, a JSON
-response_format, n > 1, echo, best_of, suffix, audio) is a 400 too unless it asks for the default:
+response_format, n > 1, best_of, suffix, audio) is a 400 too unless it asks for the default:
 answering as if it had been honoured would be a silent wrong answer. Other fields (user, metadata,
 store, parallel_tool_calls, ...) are ignored, as OpenAI-compatible servers do. Text goes through
 `realm_jax.inputs.check_text` like every other input.
@@ -56,6 +56,7 @@ class Body:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    echo: bool = False  # completions: the prompt before the completion (its logprobs too, the first None)
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -189,8 +190,6 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
     for key in ("stream", "echo"):
         if body.get(key) is not None and not isinstance(body[key], bool):
             raise _bad(key, f"must be a boolean, got {shown(body[key])}")
-    if body.get("echo"):
-        raise _bad("echo", "echo=true is not served")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict)
                                 or not isinstance(options.get("include_usage", False), bool)):
@@ -203,7 +202,10 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOP}, got {shown(body.get('stop'))}")
     stop = tuple(_text(s, f"stop[{i}]") for i, s in enumerate(stop))
-    max_tokens = _int(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens", 1, 2**31)
+    echo = bool(body.get("echo")) and not chat  # (chat has no echo: ignored there)
+    # max_tokens 0 scores an echoed prompt without generating
+    max_tokens = _int(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens",
+                      0 if echo else 1, 2**31)
     _unsupported(body)
     if chat:  # "logprobs": true, and "top_logprobs": how many besides the chosen token's
         wanted = body.get("logprobs")
@@ -231,4 +233,5 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_repetition_penalty(body),
+        echo=echo,
     )

@@ -12,6 +12,7 @@ request fails that request alone. A client that disconnects cancels its sequence
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -19,6 +20,7 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -165,17 +167,19 @@ class _Api:
             self._authorize(request)
             body = parse_body(await self._read(request), chat=chat, vocab_size=self.model.config.vocab_size)
             prompt = await run_in_threadpool(self._tokenize, body)
-            job = self.engine.submit(prompt, self._params(body, len(prompt)), sink)
+            echo = await self._echo(body, prompt) if body.echo else None
+            # max_tokens 0 (with echo): the prompt alone, nothing generated
+            job = None if body.max_tokens == 0 else self.engine.submit(prompt, self._params(body, len(prompt)), sink)
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - every failure becomes its request's JSON error
             return _error(_api_error(e))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(self._stream(request, job, events, rid, chat, len(prompt), body),
+            return StreamingResponse(self._stream(request, job, events, rid, chat, len(prompt), body, echo),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done, pieces = await self._collect(request, job, events)
+            done, pieces = await self._collect(request, job, events) if job else (_nothing(len(prompt)), [])
         except ClientDisconnect:
             job.cancel()
             return Response(status_code=499)
@@ -188,10 +192,40 @@ class _Api:
                       "logprobs": self._chat_logprobs(pieces, body), "finish_reason": done.finish_reason}
             return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                                  "model": self.name, "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(pieces, body),
-                  "finish_reason": done.finish_reason}
+        logprobs = self._logprobs(pieces, body, at=len(echo[0]) if echo else 0)
+        if echo:
+            text = echo[0] + text
+            logprobs = logprobs and {key: echo[1][key] + logprobs[key] if logprobs[key] is not None else None
+                                     for key in logprobs}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason}
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name,
                              "choices": [choice], "usage": usage})
+
+    async def _echo(self, body: Body, prompt: list[int]) -> tuple[str, dict[str, list] | None]:
+        """echo: the prompt's text (as given; an id prompt's detokenized, control tokens as nothing) and,
+        with logprobs, its tokens' completions-style logprobs (the first token has none), scored on the
+        engine's thread. A token's text_offset counts the pieces before it (control tokens as nothing)."""
+        tok = self.model.tokenizer
+        if len(prompt) > self.engine.max_context:
+            raise ContextLengthError(f"the prompt's {len(prompt)} tokens exceed the server's context of "
+                                     f"{self.engine.max_context} tokens")
+        text = body.prompt if isinstance(body.prompt, str) else tok.decode(prompt, skip_special=True)
+        if body.logprobs is None:
+            return text, None
+        n = body.logprobs
+        chosen, values, ids = await asyncio.wrap_future(self.engine.call(
+            functools.partial(self.model.prompt_logprobs, prompt, n)))
+        if not (np.isfinite(chosen).all() and np.isfinite(values).all()):
+            raise ApiError(500, f"{self.model.path.name}: the prompt's logits hold NaN or infinite values",
+                           type="server_error")
+        piece = lambda t: tok.token_to_piece(t).decode("utf-8", errors="replace")  # noqa: E731
+        offsets, at = [], 0
+        for t in prompt:  # each token's piece, control tokens (BOS) as nothing
+            offsets.append(at)
+            at += len(tok.token_to_piece(t, special=False).decode("utf-8", errors="replace"))
+        top = [None] + [{piece(int(i)): float(v) for i, v in zip(row_ids, row)} for row_ids, row in zip(ids, values)]
+        return text, {"tokens": [piece(t) for t in prompt], "token_logprobs": [None, *chosen.tolist()],
+                      "top_logprobs": top if n else None, "text_offset": offsets}
 
     async def _collect(self, request: Request, job, events: asyncio.Queue) -> tuple[Event, list[Event]]:
         """Wait for the request's events; a client that goes away cancels it (ClientDisconnect)."""
@@ -208,12 +242,13 @@ class _Api:
             else:
                 return event, pieces
 
-    def _logprobs(self, pieces: list[Event], body: Body) -> dict[str, Any] | None:
+    def _logprobs(self, pieces: list[Event], body: Body, at: int = 0) -> dict[str, Any] | None:
+        """Completions' logprobs of the tokens in `pieces`, their text offsets counted from `at`."""
         if body.logprobs is None:
             return None
         piece = lambda t: self.model.tokenizer.token_to_piece(t).decode("utf-8", errors="replace")  # noqa: E731
         tokens = [e for e in pieces if e.token >= 0]
-        offsets, at = [], 0
+        offsets = []
         for e in pieces:
             if e.token >= 0:
                 offsets.append(at)
@@ -236,9 +271,10 @@ class _Api:
                             for e in pieces if e.token >= 0], "refusal": None}
 
     async def _stream(self, request: Request, job, events: asyncio.Queue, rid: str, chat: bool, n_prompt: int,
-                      body: Body):
+                      body: Body, echo: tuple[str, dict[str, list] | None] | None = None):
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
+        at = 0  # text sent so far (completions' text offsets)
 
         def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
             out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
@@ -250,13 +286,19 @@ class _Api:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
+            if echo:
+                yield chunk({"index": 0, "text": echo[0], "logprobs": echo[1], "finish_reason": None})
+                at = len(echo[0])
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                if job is None:  # max_tokens 0
+                    event = _nothing(n_prompt)
+                else:
+                    try:
+                        event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 if event.kind == "token":
                     if not event.text and (body.logprobs is None or event.token < 0):
                         continue
@@ -264,8 +306,9 @@ class _Api:
                         yield chunk({"index": 0, "delta": {"content": event.text},
                                      "logprobs": self._chat_logprobs([event], body), "finish_reason": None})
                     else:
-                        yield chunk({"index": 0, "text": event.text, "logprobs": self._logprobs([event], body),
+                        yield chunk({"index": 0, "text": event.text, "logprobs": self._logprobs([event], body, at),
                                      "finish_reason": None})
+                        at += len(event.text)
                     continue
                 if event.kind == "error":
                     err = ApiError(500, event.message, type="server_error").body()
@@ -282,7 +325,13 @@ class _Api:
                 yield "data: [DONE]\n\n"
                 return
         finally:  # done, or the client went away (the response task is cancelled): free the slot
-            job.cancel()
+            if job is not None:
+                job.cancel()
+
+
+def _nothing(n_prompt: int) -> Event:
+    """The end of a request that generates nothing (max_tokens 0 with echo)."""
+    return Event("done", finish_reason="length", prompt_tokens=n_prompt)
 
 
 def _usage(done: Event) -> dict[str, int]:
