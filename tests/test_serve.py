@@ -5,11 +5,11 @@ Checked: completions and chat, streamed and not, on the default model (with a ch
 --chat-template: the file has none) and on SmolLM2 (its own template); 16 concurrent greedy requests of
 different lengths each get `Model.generate`'s tokens; a request's log-probabilities are bit for bit the
 same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
-that span tokens; chat's logprobs, logit_bias, echo and fields not served (400); a prompt longer than a prefill
-chunk matches generate until a near tie; a cancelled stream frees its slot (/health); a full queue
-answers 429; malformed bodies, wrong types, over-long prompts and bad keys are 4xx with OpenAI's error JSON
-and leave the server serving. SmolLM2's server runs
-with --batch-dependent (all slots in one group): it answers many rows at once. `--mesh data=2` on two
+that span tokens; n choices and lists of prompts; chat's logprobs, logit_bias, echo and fields not served
+(400); a prompt longer than a prefill chunk matches generate until a near tie; a cancelled stream frees
+its slot (/health); a full queue answers 429; malformed bodies, wrong types, over-long prompts and bad
+keys are 4xx with OpenAI's error JSON and leave the server serving. SmolLM2's server runs with
+--batch-dependent (all slots in one group): it answers many rows at once. `--mesh data=2` on two
 simulated CPU devices: a server in a process of its own (in the background, tests/background.py) gives
 `generate`'s greedy tokens on the same mesh to concurrent requests.
 """
@@ -207,6 +207,30 @@ def test_chat_logprobs_logit_bias_echo_and_what_is_not_served(gemma, model):
     assert _health(gemma)["running"]
 
 
+def test_n_choices_and_prompt_batches(gemma):
+    """n choices a prompt and lists of prompts: choice i n + j is prompt i's j-th, sampled with seed + j, as a
+    request of its own with that seed; usage counts each prompt once. Streamed: the same texts by index."""
+    client = _client(gemma)
+    kw = dict(model="m", max_tokens=8, temperature=1.0, seed=11)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+    r = client.completions.create(prompt=prompts, n=3, **kw)
+    assert [c.index for c in r.choices] == list(range(6))
+    alone = [client.completions.create(prompt=p, **{**kw, "seed": 11 + j}) for p in prompts for j in range(3)]
+    assert [c.text for c in r.choices] == [a.choices[0].text for a in alone]
+    assert len({c.text for c in r.choices}) > 2  # the seeds differ: so do (most of) the samples
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens + alone[3].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    texts = {}
+    for chunk in client.completions.create(prompt=prompts, n=3, stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(6)] == [c.text for c in r.choices]
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(model="m", messages=messages, n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message == chat.choices[1].message
+    assert _health(gemma)["busy"] == 0
+
+
 def test_sampling_stop_strings_and_utf8(gemma):
     client = _client(gemma)
     kw = dict(model="m", prompt="Once upon a time", max_tokens=10, temperature=0.9, top_p=0.95, seed=7)
@@ -284,7 +308,9 @@ def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):
     (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
     (json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), 400, "temperature"),  # past float's range
     (json.dumps({"prompt": "hi", "top_p": -10**400}).encode(), 400, "top_p"),
-    (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+    (json.dumps({"prompt": "hi", "n": 65}).encode(), 400, "n"),
+    (json.dumps({"prompt": ["hi"] * 33, "n": 2}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": ["hi", [1, 10**9]]}).encode(), 400, "prompt[1]"),
     (json.dumps({"prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
     (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
     (json.dumps({"prompt": 5}).encode(), 400, "prompt"),

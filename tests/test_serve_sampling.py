@@ -144,7 +144,8 @@ def test_request_fields_reach_the_params():
     ok = _parse(chat=True, tools=[], tool_choice="none", response_format={"type": "text"}, modalities=["text"],
                 user="u", parallel_tool_calls=False)
     assert ok.messages == [{"role": "user", "content": "hi"}]
-    assert _parse(best_of=1, suffix="").prompt == "hi"
+    assert _parse(best_of=1, suffix="").prompts == ["hi"]
+    assert _parse(prompt=[[1, 2], "x", [3]], n=2).prompts == [[1, 2], "x", [3]]
 
 
 @pytest.mark.parametrize("chat,fields,param", [

@@ -2,7 +2,7 @@
 
 Known fields with a wrong type or value are an `ApiError` (HTTP 400, OpenAI's error JSON, naming the
 field). A field that would change the answer in a way realm-jax does not implement (tools, a JSON
-response_format, n > 1, best_of, suffix, audio) is a 400 too unless it asks for the default:
+response_format, best_of, suffix, audio) is a 400 too unless it asks for the default:
 answering as if it had been honoured would be a silent wrong answer. Other fields (user, metadata,
 store, parallel_tool_calls, ...) are ignored, as OpenAI-compatible servers do. Text goes through
 `realm_jax.inputs.check_text` like every other input.
@@ -22,6 +22,7 @@ from realm_jax.serve.sampling import TOP_LOGPROBS
 __all__ = ["ApiError", "Body", "parse_body"]
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_CHOICES = 64  # choices a request may ask for: n times the prompts (each takes a slot or a queue place)
 COMPLETION_LOGPROBS = 5  # the most `logprobs` a completion may ask for (OpenAI's limit; chat: TOP_LOGPROBS)
 
 
@@ -39,9 +40,10 @@ class ApiError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Body:
-    """A checked request: `prompt` (completions: text, or token ids) or `messages` (chat)."""
+    """A checked request: `prompts` (completions: texts or token ids, each answered n times) or `messages`
+    (chat, answered n times)."""
 
-    prompt: str | list[int] | None
+    prompts: list[str | list[int]] | None
     messages: list[dict[str, str]] | None
     max_tokens: int | None
     temperature: float
@@ -57,6 +59,7 @@ class Body:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     echo: bool = False  # completions: the prompt before the completion (its logprobs too, the first None)
+    n: int = 1  # choices a prompt (each its own sequence; seeded: seed + j for the j-th)
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -158,19 +161,37 @@ def _unsupported(body: dict) -> None:
                        "calls, JSON modes, audio, a suffix or best_of")
 
 
-def _prompt(value: Any, vocab_size: int) -> str | list[int]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one
-    if isinstance(value, str):
-        return _text(value, "prompt")
-    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        bad = [t for t in value if not 0 <= t < vocab_size]
-        if bad:
-            raise _bad("prompt", f"token ids {shown(bad[:5])} are outside the vocabulary [0, {vocab_size})")
-        return value
-    if isinstance(value, list) and len(value) > 1:
-        raise _bad("prompt", "takes one prompt (a string or a list of token ids): batches of prompts are not served")
-    raise _bad("prompt", f"must be a string or a non-empty list of token ids, got {shown(value)}")
+def _ids(value: list, vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in value if not 0 <= t < vocab_size]
+    if bad:
+        raise _bad(param, f"token ids {shown(bad[:5])} are outside the vocabulary [0, {vocab_size})")
+    return value
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def _prompts(value: Any, vocab_size: int, most: int) -> list[str | list[int]]:
+    """A completion's prompts: a string, a list of token ids, or a non-empty list of either (at most `most`)."""
+    if isinstance(value, str) or _is_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise _bad("prompt", f"must be a string, a non-empty list of token ids or a list of those, got {shown(value)}")
+    if len(value) > most:
+        raise _bad("prompt", f"{len(value)} prompts: at most {most} at this n (n times the prompts: at most "
+                   f"{MAX_CHOICES} choices)")
+    out = []
+    for i, v in enumerate(value):
+        where = "prompt" if len(value) == 1 else f"prompt[{i}]"
+        if isinstance(v, str):
+            out.append(_text(v, where))
+        elif _is_ids(v):
+            out.append(_ids(v, vocab_size, where))
+        else:
+            raise _bad(where, f"must be a string or a non-empty list of token ids, got {shown(v)}")
+    return out
 
 
 def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
@@ -184,9 +205,7 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model", f"must be a string, got {shown(model)}")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad("n", f"{shown(n)}: only n=1 is served")
+    n = _int(body, "n", 1, MAX_CHOICES) or 1
     for key in ("stream", "echo"):
         if body.get(key) is not None and not isinstance(body[key], bool):
             raise _bad(key, f"must be a boolean, got {shown(body[key])}")
@@ -218,7 +237,8 @@ def parse_body(raw: bytes, *, chat: bool, vocab_size: int) -> Body:
     else:
         logprobs = _int(body, "logprobs", 0, COMPLETION_LOGPROBS)
     return Body(
-        prompt=None if chat else _prompt(body.get("prompt"), vocab_size),
+        prompts=None if chat else _prompts(body.get("prompt"), vocab_size, MAX_CHOICES // n),
+        n=n,
         messages=_messages(body.get("messages")) if chat else None,
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),

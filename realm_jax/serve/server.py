@@ -1,23 +1,26 @@
 """The OpenAI-compatible HTTP API over an `Engine` (Starlette on uvicorn: the `serve` extra).
 
-POST /v1/completions and /v1/chat/completions (streamed as server-sent events in OpenAI's chunk format,
-ending with `data: [DONE]`, or not; log-probabilities in each endpoint's own format), GET /v1/models and
-/v1/models/{id}, GET /health (slots busy and free, the queue). Every error is OpenAI's JSON error object
-with a 4xx status for the client's mistakes (malformed JSON, wrong types, a prompt over the context, a
-field asking for what is not served: 400; a missing or wrong API key: 401; an unknown model or route: 404;
-a body over the limit: 413; the queue full: 429) and 503 while the engine is down; a failure inside one
-request fails that request alone. A client that disconnects cancels its sequence and frees its slot.
+POST /v1/completions (a prompt or a list of them; echo) and /v1/chat/completions, n choices a prompt, each
+an engine request of its own (streamed as server-sent events in OpenAI's chunk format, ending with `data:
+[DONE]`, or not; log-probabilities in each endpoint's own format), GET /v1/models and /v1/models/{id}, GET
+/health (slots busy and free, the queue). Every error is OpenAI's JSON error object with a 4xx status for
+the client's mistakes (malformed JSON, wrong types, a prompt over the context, a field asking for what is
+not served: 400; a missing or wrong API key: 401; an unknown model or route: 404; a body over the limit:
+413; the queue full: 429) and 503 while the engine is down; a failure inside one request fails that
+request alone. A client that disconnects cancels its sequences and frees their slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -92,22 +95,21 @@ class _Api:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _tokenize(self, body: Body) -> list[int]:
-        """The prompt's token ids (in a worker thread: tokenizing and the template's sandbox take time)."""
-        tok, model = self.model.tokenizer, self.model
+    def _tokenize(self, body: Body) -> list[list[int]]:
+        """Each prompt's token ids (in a worker thread: tokenizing and the template's sandbox take time)."""
+        tok = self.model.tokenizer
         if body.messages is None:
-            if isinstance(body.prompt, list):
-                return body.prompt
-            text, add_bos = body.prompt, None
-        else:
-            text = tok.apply_chat_template(body.messages, add_generation_prompt=True, template=self.chat_template,
-                                           template_source=self.template_source)
-            bos = tok.bos_id  # a template that writes its BOS must not get a second one
-            add_bos = False if bos is not None and text.startswith(tok.token_text(bos)) else None
-        if len(text) > model.max_prompt_chars:  # before tokenizing: a long text takes long to tokenize
+            return [p if isinstance(p, list) else self._encode(p, None) for p in body.prompts]
+        text = tok.apply_chat_template(body.messages, add_generation_prompt=True, template=self.chat_template,
+                                       template_source=self.template_source)
+        bos = tok.bos_id  # a template that writes its BOS must not get a second one
+        return [self._encode(text, False if bos is not None and text.startswith(tok.token_text(bos)) else None)]
+
+    def _encode(self, text: str, add_bos: bool | None) -> list[int]:
+        if len(text) > self.model.max_prompt_chars:  # before tokenizing: a long text takes long to tokenize
             raise ContextLengthError(f"the prompt has {len(text)} characters: more tokens than the server's context "
                                      f"of {self.engine.max_context}")
-        return tok.encode(text, add_bos=add_bos)
+        return self.model.tokenizer.encode(text, add_bos=add_bos)
 
     def _params(self, body: Body, n_prompt: int) -> RequestParams:
         room = self.engine.max_context - n_prompt
@@ -158,50 +160,73 @@ class _Api:
 
     async def _complete(self, request: Request, *, chat: bool) -> Response:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def sink(event: Event) -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        def sink(index: int) -> Callable[[Event], None]:  # called on the engine's thread
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
         try:
             self._authorize(request)
             body = parse_body(await self._read(request), chat=chat, vocab_size=self.model.config.vocab_size)
-            prompt = await run_in_threadpool(self._tokenize, body)
-            echo = await self._echo(body, prompt) if body.echo else None
-            # max_tokens 0 (with echo): the prompt alone, nothing generated
-            job = None if body.max_tokens == 0 else self.engine.submit(prompt, self._params(body, len(prompt)), sink)
+            prompts = await run_in_threadpool(self._tokenize, body)
+            choices = await self._submit(body, prompts, sink)
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - every failure becomes its request's JSON error
             return _error(_api_error(e))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        usage = functools.partial(_usage, choices, prompts)
         if body.stream:
-            return StreamingResponse(self._stream(request, job, events, rid, chat, len(prompt), body, echo),
+            return StreamingResponse(self._stream(request, choices, events, rid, chat, body, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done, pieces = await self._collect(request, job, events) if job else (_nothing(len(prompt)), [])
+            await self._collect(request, choices, events)
         except ClientDisconnect:
-            job.cancel()
             return Response(status_code=499)
-        if done.kind == "error":
-            return _error(ApiError(500, done.message, type="server_error"))
-        text = "".join(e.text for e in pieces)
-        usage = _usage(done)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self._chat_logprobs(pieces, body), "finish_reason": done.finish_reason}
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                                 "model": self.name, "choices": [choice], "usage": usage})
-        logprobs = self._logprobs(pieces, body, at=len(echo[0]) if echo else 0)
-        if echo:
-            text = echo[0] + text
-            logprobs = logprobs and {key: echo[1][key] + logprobs[key] if logprobs[key] is not None else None
-                                     for key in logprobs}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason}
-        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.name,
-                             "choices": [choice], "usage": usage})
+        finally:  # done, failed or gone: free the slots
+            for c in choices:
+                c.cancel()
+        failed = next((c.done for c in choices if c.done.kind == "error"), None)
+        if failed is not None:
+            return _error(ApiError(500, failed.message, type="server_error"))
+        out = []
+        for c in choices:
+            text = "".join(e.text for e in c.pieces)
+            if chat:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "logprobs": self._chat_logprobs(c.pieces, body), "finish_reason": c.done.finish_reason})
+                continue
+            logprobs = self._logprobs(c.pieces, body, at=len(c.echo[0]) if c.echo else 0)
+            if c.echo:
+                text = c.echo[0] + text
+                logprobs = logprobs and {key: c.echo[1][key] + logprobs[key] if logprobs[key] is not None else None
+                                         for key in logprobs}
+            out.append({"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": c.done.finish_reason})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.name, "choices": out, "usage": usage()})
 
-    async def _echo(self, body: Body, prompt: list[int]) -> tuple[str, dict[str, list] | None]:
+    async def _submit(self, body: Body, prompts: list[list[int]], sink) -> list[_Choice]:
+        """The request's choices, n a prompt (choice i n + j: prompt i's j-th; seeded: seed + j), each
+        submitted to the engine (none where max_tokens is 0), their echoes scored first. All or none:
+        where one cannot be queued, those already queued are cancelled."""
+        params = [None if body.max_tokens == 0 else self._params(body, len(p)) for p in prompts]  # context first
+        echoes = [await self._echo(body, i, p) for i, p in enumerate(prompts)] if body.echo else [None] * len(prompts)
+        choices: list[_Choice] = []
+        try:
+            for i, (prompt, param, echo) in enumerate(zip(prompts, params, echoes)):
+                for j in range(body.n):
+                    index, job = i * body.n + j, None
+                    if param is not None:
+                        seed = None if body.seed is None else (body.seed + j) % 2**32
+                        job = self.engine.submit(prompt, dataclasses.replace(param, seed=seed), sink(index))
+                    choices.append(_Choice(index, job, echo, len(prompt)))
+        except BaseException:
+            for c in choices:
+                c.cancel()
+            raise
+        return choices
+
+    async def _echo(self, body: Body, i: int, prompt: list[int]) -> tuple[str, dict[str, list] | None]:
         """echo: the prompt's text (as given; an id prompt's detokenized, control tokens as nothing) and,
         with logprobs, its tokens' completions-style logprobs (the first token has none), scored on the
         engine's thread. A token's text_offset counts the pieces before it (control tokens as nothing)."""
@@ -209,7 +234,8 @@ class _Api:
         if len(prompt) > self.engine.max_context:
             raise ContextLengthError(f"the prompt's {len(prompt)} tokens exceed the server's context of "
                                      f"{self.engine.max_context} tokens")
-        text = body.prompt if isinstance(body.prompt, str) else tok.decode(prompt, skip_special=True)
+        given = body.prompts[i]
+        text = given if isinstance(given, str) else tok.decode(prompt, skip_special=True)
         if body.logprobs is None:
             return text, None
         n = body.logprobs
@@ -227,20 +253,27 @@ class _Api:
         return text, {"tokens": [piece(t) for t in prompt], "token_logprobs": [None, *chosen.tolist()],
                       "top_logprobs": top if n else None, "text_offset": offsets}
 
-    async def _collect(self, request: Request, job, events: asyncio.Queue) -> tuple[Event, list[Event]]:
-        """Wait for the request's events; a client that goes away cancels it (ClientDisconnect)."""
-        pieces: list[Event] = []
-        while True:
+    async def _collect(self, request: Request, choices: list[_Choice], events: asyncio.Queue) -> None:
+        """Wait for every choice's events (its `pieces`, then `done`); a client that goes away raises
+        ClientDisconnect."""
+        pending = 0
+        for c in choices:
+            if c.job is None:  # max_tokens 0
+                c.done = _nothing(c.n_prompt)
+            else:
+                pending += 1
+        while pending:
             try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
+                index, event = await asyncio.wait_for(events.get(), timeout=0.5)
             except TimeoutError:
                 if await request.is_disconnected():
                     raise ClientDisconnect() from None
                 continue
+            c = choices[index]
             if event.kind == "token":
-                pieces.append(event)
+                c.pieces.append(event)
             else:
-                return event, pieces
+                c.done, pending = event, pending - 1
 
     def _logprobs(self, pieces: list[Event], body: Body, at: int = 0) -> dict[str, Any] | None:
         """Completions' logprobs of the tokens in `pieces`, their text offsets counted from `at`."""
@@ -270,11 +303,11 @@ class _Api:
         return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, v) for t, v in e.top]}
                             for e in pieces if e.token >= 0], "refusal": None}
 
-    async def _stream(self, request: Request, job, events: asyncio.Queue, rid: str, chat: bool, n_prompt: int,
-                      body: Body, echo: tuple[str, dict[str, list] | None] | None = None):
+    async def _stream(self, request: Request, choices: list[_Choice], events: asyncio.Queue, rid: str, chat: bool,
+                      body: Body, usage: Callable[[], dict[str, int]]):
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
-        at = 0  # text sent so far (completions' text offsets)
+        single = len(choices) == 1  # its last chunk carries the usage too
 
         def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
             out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
@@ -282,51 +315,73 @@ class _Api:
                 out["usage"] = usage
             return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
 
+        def last(c: _Choice) -> str:
+            choice = {"index": c.index, "logprobs": None, "finish_reason": c.done.finish_reason,
+                      **({"delta": {}} if chat else {"text": ""})}
+            return chunk(choice, usage() if single else None)
+
         try:
-            if chat:
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None})
-            if echo:
-                yield chunk({"index": 0, "text": echo[0], "logprobs": echo[1], "finish_reason": None})
-                at = len(echo[0])
-            while True:
-                if job is None:  # max_tokens 0
-                    event = _nothing(n_prompt)
-                else:
-                    try:
-                        event = await asyncio.wait_for(events.get(), timeout=1.0)
-                    except TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        continue
+            for c in choices:
+                if chat:
+                    yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})
+                if c.echo:
+                    yield chunk({"index": c.index, "text": c.echo[0], "logprobs": c.echo[1], "finish_reason": None})
+                    c.at = len(c.echo[0])
+                if c.job is None:  # max_tokens 0
+                    c.done = _nothing(c.n_prompt)
+                    yield last(c)
+            pending = sum(c.job is not None for c in choices)
+            while pending:
+                try:
+                    index, event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                c = choices[index]
                 if event.kind == "token":
                     if not event.text and (body.logprobs is None or event.token < 0):
                         continue
                     if chat:
-                        yield chunk({"index": 0, "delta": {"content": event.text},
+                        yield chunk({"index": c.index, "delta": {"content": event.text},
                                      "logprobs": self._chat_logprobs([event], body), "finish_reason": None})
                     else:
-                        yield chunk({"index": 0, "text": event.text, "logprobs": self._logprobs([event], body, at),
-                                     "finish_reason": None})
-                        at += len(event.text)
+                        yield chunk({"index": c.index, "text": event.text,
+                                     "logprobs": self._logprobs([event], body, c.at), "finish_reason": None})
+                        c.at += len(event.text)
                     continue
                 if event.kind == "error":
                     err = ApiError(500, event.message, type="server_error").body()
                     yield f"data: {json.dumps(err)}\n\n"
                     return
-                usage = _usage(event)
-                last = {"index": 0, "logprobs": None, "finish_reason": event.finish_reason,
-                        **({"delta": {}} if chat else {"text": ""})}
-                yield chunk(last, usage)
-                if body.include_usage:  # OpenAI's usage-only chunk
-                    out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [],
-                           "usage": usage}
-                    yield f"data: {json.dumps(out)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-        finally:  # done, or the client went away (the response task is cancelled): free the slot
-            if job is not None:
-                job.cancel()
+                c.done, pending = event, pending - 1
+                yield last(c)
+            if body.include_usage:  # OpenAI's usage-only chunk
+                out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [],
+                       "usage": usage()}
+                yield f"data: {json.dumps(out)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # done, or the client went away (the response task is cancelled): free the slots
+            for c in choices:
+                c.cancel()
+
+
+@dataclasses.dataclass
+class _Choice:
+    """One answer of a request: its engine job (None: max_tokens 0), its echo, and what has come back."""
+
+    index: int
+    job: Any
+    echo: tuple[str, dict[str, list] | None] | None
+    n_prompt: int
+    pieces: list[Event] = dataclasses.field(default_factory=list)
+    done: Event | None = None
+    at: int = 0  # the text streamed so far (completions' text offsets)
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
 
 
 def _nothing(n_prompt: int) -> Event:
@@ -334,9 +389,11 @@ def _nothing(n_prompt: int) -> Event:
     return Event("done", finish_reason="length", prompt_tokens=n_prompt)
 
 
-def _usage(done: Event) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage(choices: list[_Choice], prompts: list[list[int]]) -> dict[str, int]:
+    """Each prompt's tokens once (whatever its n), and every choice's completion tokens."""
+    prompt = sum(map(len, prompts))
+    completion = sum(c.done.completion_tokens for c in choices if c.done is not None)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def create_app(engine: Engine, *, name: str, api_key: str | None = None, max_body_bytes: int = 4 << 20,
