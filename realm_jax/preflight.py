@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from realm_jax.errors import MemoryBudgetError
 
-__all__ = ["check_fits", "free_bytes", "step_bytes"]
+__all__ = ["check_fits", "free_bytes", "host_free", "step_bytes"]
 
 _SCORE_ROWS = 512  # queries attended at once (ops._QUERY_CHUNK): the scores are [B, rows, N, S] f32
 _CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -45,7 +45,7 @@ def free_bytes(devices: Sequence | None = None) -> int | None:
 
     devices = list(devices) if devices is not None else jax.devices()[:1]
     if all(d.platform == "cpu" for d in devices):
-        return _host_free()
+        return host_free()
     total = 0
     for d in devices:
         stats = d.memory_stats() or {}
@@ -69,7 +69,7 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
 
 
-def _host_free() -> int | None:
+def host_free() -> int | None:
     """MemAvailable from /proc/meminfo, or less where a cgroup (v2 or v1) limits this process."""
     try:
         with open("/proc/meminfo") as f:

@@ -286,9 +286,13 @@ def _huge_q8_0() -> QTensor:
                                     "qs": np.broadcast_to(np.int8(1), (n, k))})
 
 
-@pytest.mark.parametrize("op", ["dequantize", "qmatmul"])
+@pytest.mark.parametrize("op", ["dequantize", "qmatmul", "unpack"])
 def test_huge_results_are_refused_before_allocating(op):
     qt = _huge_q8_0()
+    if op == "unpack":  # its GGUF bytes: 34 bytes a block, 544 GiB
+        with pytest.raises(MemoryBudgetError, match=r"^unpack of Q8_0\[16777216, 32768\] needs at least 544\.00 GiB"):
+            unpack(qt)
+        return
     with pytest.raises(MemoryBudgetError, match=rf"^{op}: .*QTensor\(Q8_0, shape=\(16777216, 32768\)\).* needs "
                        r"at least \d+\.\d\d GiB .* more than the .* free"):
         if op == "dequantize":

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from realm_jax import preflight
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.checks import (as_array, check_dtype, check_fits, check_quantized, copied_bytes, is_concrete,
                                     to_float32)
@@ -49,9 +50,16 @@ def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "te
 
 
 def unpack(qt: QTensor) -> np.ndarray:
-    """A `QTensor` -> its GGUF bytes, uint8 of shape (..., rows, bytes per row) as gguf-py's reader gives."""
+    """A `QTensor` -> its GGUF bytes, uint8 of shape (..., rows, bytes per row) as gguf-py's reader gives.
+
+    Raises:
+      MemoryBudgetError: the bytes do not fit in the host's free memory (planes of broadcast views can
+        describe a tensor far larger than they hold).
+    """
     qt.check()
     f = qt.format
+    need = math.prod(qt.shape[:-1]) * (qt.shape[-1] // f.block_size) * f.type_size
+    preflight.check_fits(f"unpack of {qt.fmt}{list(qt.shape)}", need, free=preflight.host_free())
     if f.packing is not None:
         _check_packable(qt)
     blocks = f.join(qt.planes)
