@@ -291,7 +291,7 @@ def _check_path(path: str | None, name: str = "--model") -> None:
         raise ArgumentError(f"{name} is empty: give a GGUF file, or leave it out for the default model")
 
 
-def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_tokens: int,
+def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_tokens: int, asked: str | None = None,
                processes: int = 1, devices: int | None = None) -> None:
     """The sizes a command asks for against the model's header and the machine, before the model loads:
     ContextLengthError when they do not fit the context, SamplingError for a top-k past the vocabulary,
@@ -313,8 +313,8 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     plan = memory_plan(path, args.precision, linear.resolve(args.impl, jax.default_backend(), devices=devices))
     context = plan["context_length"]
     if prompt_tokens + new_tokens > context:
-        raise ContextLengthError(f"{path}: {prompt_tokens} prompt token(s) and {new_tokens} new ones exceed the "
-                                 f"model's context of {context} tokens")
+        asked = asked or f"{prompt_tokens} prompt token(s) and {new_tokens} new ones"
+        raise ContextLengthError(f"{path}: {asked} exceed the model's context of {context} tokens")
     top_k = getattr(args, "top_k", None)
     if top_k is not None and top_k > plan["vocab_size"]:
         raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
@@ -396,7 +396,10 @@ def _cmd_bench(args: argparse.Namespace, *, progress: bool = True, after_first_p
     # Before the model loads: the sizes, then against the model's context and the machine's memory.
     _check_bench(args)
     _check_path(args.model)
-    _preflight(args, batch=args.batch or 1, prompt_tokens=args.prompt_tokens, new_tokens=args.decode_tokens + 1)
+    # the prefill makes the first new token, then --decode-tokens more
+    _preflight(args, batch=args.batch or 1, prompt_tokens=args.prompt_tokens, new_tokens=args.decode_tokens + 1,
+               asked=f"--prompt-tokens {args.prompt_tokens}, the prefill's token and --decode-tokens "
+                     f"{args.decode_tokens} ({args.prompt_tokens + args.decode_tokens + 1} tokens)")
     if args.memory:
         import jax
         import jax.numpy as jnp

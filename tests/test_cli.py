@@ -106,6 +106,10 @@ def test_bench_reports_tokens_per_second():
     assert abs(sum(m[p] for p in parts) - m["peak_rss"]) < 1e-6 and m["peak_rss"] >= m["rss_now"] > m["jax_floor"]
     bad = _cli("bench", "--model", model, "--decode-tokens", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "realm-jax: error: decode_tokens=0 must be an int >= 1"
+    long = _cli("bench", "--model", model, "--prompt-tokens", "24", "--decode-tokens", "1000")
+    assert long.returncode == 2 and long.stderr.strip() == (
+        f"realm-jax: error: {model}: --prompt-tokens 24, the prefill's token and --decode-tokens 1000 (1025 tokens) "
+        "exceed the model's context of 1024 tokens")
 
 
 def test_a_cache_that_cannot_be_made_is_one_error_line(tmp_path):
