@@ -229,7 +229,7 @@ class Model:
         ids = self._check_ids(ids)
         if isinstance(top_n, bool) or not isinstance(top_n, (int, np.integer)) or not 0 <= top_n <= 20:
             raise SamplingError(f"top_n={shown(top_n)} must be an int in [0, 20]")
-        n = len(ids) - 1
+        n, top_n = len(ids) - 1, min(top_n, self.config.vocab_size)
         chosen = np.empty(n, np.float32)
         values, which = np.empty((n, top_n), np.float32), np.empty((n, top_n), np.int32)
         after = np.asarray(ids[1:] + [0] * _LOGITS_ROWS, np.int32)

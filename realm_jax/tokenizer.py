@@ -24,6 +24,7 @@ llama.cpp (`src/llama-vocab.cpp`) is the reference. Its rules are reproduced her
 from __future__ import annotations
 
 import array
+import codecs
 import dataclasses
 import functools
 import heapq
@@ -413,6 +414,25 @@ class Tokenizer:
           TokenIdError: as `detokenize`.
         """
         return self.detokenize(ids, unparse_special=not skip_special).decode("utf-8", errors="replace")
+
+    def text_offsets(self, ids: Iterable[int]) -> tuple[str, list[int]]:
+        """`decode(ids, skip_special=True)` and the character offset in it at which each token's text begins
+        (a control token's is empty; the tokens of a UTF-8 character split across several all start where
+        it does). Exact but where the detokenizer's clean-up removed a space before punctuation: the offsets
+        past it are then at most that many characters high (capped at the text's length)."""
+        ids = int_list(ids, "ids")
+        for i in ids:
+            self._check_id(i)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        remove_space, at, offsets = self._vocab.add_space_prefix, 0, []
+        for n, i in enumerate(ids):
+            piece = self.token_to_piece(i, special=False)
+            if n == 0 and remove_space and piece.startswith(b" "):  # as `detokenize`
+                piece = piece[1:]
+            offsets.append(at)
+            at += len(decoder.decode(piece))
+        text = self.decode(ids, skip_special=True)
+        return text, [min(o, len(text)) for o in offsets]
 
     def token_text(self, id: int) -> str:
         """The token's text as the vocabulary stores it (``▁`` for spaces, GPT-2 byte characters)."""

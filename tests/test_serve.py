@@ -7,11 +7,11 @@ different lengths each get `Model.generate`'s tokens; a request's log-probabilit
 same alone and among 15 others (batch-invariant numerics); seeded sampling is reproducible; stop strings
 that span tokens; n choices and lists of prompts; chat's logprobs, logit_bias, echo and fields not served
 (400); a prompt longer than a prefill chunk matches generate until a near tie; a cancelled stream frees
-its slot (/health); a full queue answers 429; malformed bodies, wrong types, over-long prompts and bad
-keys are 4xx with OpenAI's error JSON and leave the server serving. SmolLM2's server runs with
---batch-dependent (all slots in one group): it answers many rows at once. `--mesh data=2` on two
-simulated CPU devices: a server in a process of its own (in the background, tests/background.py) gives
-`generate`'s greedy tokens on the same mesh to concurrent requests.
+its slot (/health), and so does a client gone before a whole answer; a full queue answers 429; malformed
+bodies, wrong types, over-long prompts and bad keys are 4xx with OpenAI's error JSON and leave the server
+serving. SmolLM2's server runs with --batch-dependent (all slots in one group): it answers many rows at
+once. `--mesh data=2` on two simulated CPU devices: a server in a process of its own (in the background,
+tests/background.py) gives `generate`'s greedy tokens on the same mesh to concurrent requests.
 """
 
 from __future__ import annotations
@@ -300,6 +300,22 @@ def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):
         time.sleep(0.1)
 
 
+def test_a_client_gone_before_its_answer_frees_its_slots(gemma, model):
+    """Not streamed, n=2, 480 tokens each (end-of-generation tokens barred): the client gives up after a second;
+    its two sequences end within a few steps of that, not 480 (counted in decode steps, not seconds)."""
+    never = {str(t): -100 for t in model.tokenizer.stop_ids}
+    body = {"prompt": "Once upon a time", "max_tokens": 480, "temperature": 0, "n": 2, "logit_bias": never}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gemma}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(60, read=1.0))
+    steps = _health(gemma)["decode_steps"]
+    deadline = time.monotonic() + 60
+    while (h := _health(gemma))["busy"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    assert h["decode_steps"] - steps < 150, (steps, h)
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
@@ -309,6 +325,7 @@ def test_a_dropped_stream_frees_its_slot_and_a_full_queue_is_429(gemma):
     (json.dumps({"prompt": "hi", "temperature": 10**400}).encode(), 400, "temperature"),  # past float's range
     (json.dumps({"prompt": "hi", "top_p": -10**400}).encode(), 400, "top_p"),
     (json.dumps({"prompt": "hi", "n": 65}).encode(), 400, "n"),
+    (json.dumps({"prompt": "hi", "n": 19}).encode(), 400, "n"),  # past the 16 slots and queue of 2
     (json.dumps({"prompt": ["hi"] * 33, "n": 2}).encode(), 400, "prompt"),
     (json.dumps({"prompt": ["hi", [1, 10**9]]}).encode(), 400, "prompt[1]"),
     (json.dumps({"prompt": "hi", "stop": [1]}).encode(), 400, "stop"),

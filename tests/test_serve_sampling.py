@@ -120,7 +120,7 @@ def test_a_biased_request_does_not_move_its_neighbours_tokens(engine, prompt):
     {"logit_bias": ((5, 1.0), (5, 2.0))}, {"logit_bias": ((True, 1.0),)}, {"logit_bias": [(5, 1.0)]},
     {"logit_bias": tuple((i, 1.0) for i in range(MAX_LOGIT_BIAS + 1))}, {"presence_penalty": 2.5},
     {"frequency_penalty": float("nan")}, {"presence_penalty": "1"}, {"repetition_penalty": 0.0},
-    {"repetition_penalty": float("inf")}])
+    {"repetition_penalty": float("inf")}, {"repetition_penalty": 1e-38}, {"repetition_penalty": 101.0}])
 def test_bad_bias_and_penalties_are_sampling_errors(kw):
     with pytest.raises(SamplingError):
         RequestParams(max_tokens=1, **kw).check(1000)
@@ -156,6 +156,8 @@ def test_request_fields_reach_the_params():
     (False, {"frequency_penalty": "a"}, "frequency_penalty"), (False, {"logprobs": 6}, "logprobs"),
     (False, {"repetition_penalty": 0}, "repetition_penalty"), (True, {"repeat_penalty": -1}, "repeat_penalty"),
     (False, {"repeat_penalty": 1.1, "repetition_penalty": 1.2}, "repeat_penalty"),
+    (False, {"repetition_penalty": 1, "repeat_penalty": True}, "repeat_penalty"),
+    (False, {"repetition_penalty": 1e-38}, "repetition_penalty"),
     (True, {"logprobs": 1}, "logprobs"), (True, {"top_logprobs": 3}, "top_logprobs"),
     (True, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
@@ -216,3 +218,21 @@ def test_echo_allows_max_tokens_0_and_chat_has_none():
         _parse(max_tokens=0)
     assert e.value.param == "max_tokens"
     assert not _parse(chat=True, echo=True).echo
+
+
+def test_text_offsets_index_the_decoded_text():
+    """Each token's offset is where its text starts in decode(ids, skip_special=True): pieces with the space
+    prefix, a character split over byte tokens (both at its start), and control tokens (none)."""
+    from realm_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(MODEL)
+    for s in ("hello", "h\u00e9llo  w\u00f6rld\n\n", "\u65e5\u672c\u8a9e"):
+        ids = tok.encode(s)
+        text, offsets = tok.text_offsets(ids)
+        assert text == tok.decode(ids, skip_special=True) and offsets == sorted(offsets)
+        for i, t in enumerate(ids):  # a whole-character piece lies at its offset
+            piece = tok.token_to_piece(t, special=False).decode("utf-8", errors="replace")
+            if piece and "\ufffd" not in piece:  # (a byte of a split character decodes to U+FFFD alone)
+                assert text[offsets[i]: offsets[i] + len(piece)] == piece, (s, i, piece)
+    text, offsets = tok.text_offsets(tok.encode("h\u00e9"))  # [BOS, " h", 0xC3, 0xA9]: both bytes at the \u00e9
+    assert text == " h\u00e9" and offsets == [0, 0, 2, 2]

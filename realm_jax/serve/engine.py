@@ -58,6 +58,9 @@ _CACHE_BUCKET = 256
 MAX_LOGIT_BIAS = 300  # entries a request's logit_bias may hold
 _BIAS_BUCKET = 16  # a step's bias arrays are [G, L], L a power of two from this: few compiled samplers
 PENALTY_LAST_N = SamplingConfig.penalty_last_n  # the tokens repetition_penalty looks back on, as generate's
+# repetition_penalty's range (llama.cpp's usual values are 1-1.5): past it, a logit divided or multiplied by it
+# can leave float32's range, and a request's log-probabilities would be NaN
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 class QueueFullError(RealmError):
@@ -114,8 +117,9 @@ class RequestParams:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2 <= v <= 2:
                 raise SamplingError(f"{name}={shown(v)} must be a number in [-2, 2]")
         r = self.repetition_penalty
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1e6:
-            raise SamplingError(f"repetition_penalty={shown(r)} must be a number in (0, 1e6] (1 is off)")
+        low, high = MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not low <= r <= high:
+            raise SamplingError(f"repetition_penalty={shown(r)} must be a number in [{low}, {high}] (1 is off)")
         bias = self.logit_bias
         ok = isinstance(bias, tuple) and len(bias) <= MAX_LOGIT_BIAS and all(
             isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], int) and not isinstance(e[0], bool)
@@ -540,7 +544,7 @@ class Engine:
         greedy: the step's (greedy tokens [R], finite [R]), enough when no request samples or asks for
         log-probabilities."""
         ps = [r.params for r in requests]
-        top_n = TOP_LOGPROBS if any(p.logprobs is not None for p in ps) else 0
+        top_n = min(TOP_LOGPROBS, logits.shape[-1]) if any(p.logprobs is not None for p in ps) else 0
         sampled = any(p.temperature > 0 for p in ps)
         biases = [r.params.bias(r.counts) for r in requests]
         repeats = any(p.repetition_penalty != 1 for p in ps)

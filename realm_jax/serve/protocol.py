@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 from realm_jax.inputs import check_text, shown
-from realm_jax.serve.engine import MAX_LOGIT_BIAS
+from realm_jax.serve.engine import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 from realm_jax.serve.sampling import TOP_LOGPROBS
 
 __all__ = ["ApiError", "Body", "parse_body"]
@@ -139,11 +139,13 @@ def _logit_bias(value: Any, vocab_size: int) -> tuple[tuple[int, float], ...]:
 
 
 def _repetition_penalty(body: dict) -> float:
-    """llama.cpp's repetition penalty, by vLLM's name or llama.cpp server's ("repeat_penalty")."""
-    given = [key for key in ("repetition_penalty", "repeat_penalty") if body.get(key) is not None]
-    if len(given) == 2 and body[given[0]] != body[given[1]]:
+    """llama.cpp's repetition penalty, by vLLM's name or llama.cpp server's ("repeat_penalty"), in
+    [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY]."""
+    values = {key: _number(body, key, 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+              for key in ("repetition_penalty", "repeat_penalty") if body.get(key) is not None}
+    if len(set(values.values())) > 1:
         raise _bad("repeat_penalty", "and repetition_penalty differ: they are the same setting")
-    return _number(body, given[0], 1.0, 0.0, 1e6, low_open=True) if given else 1.0
+    return next(iter(values.values()), 1.0)
 
 
 def _unsupported(body: dict) -> None:

@@ -76,21 +76,21 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
       seeds: [B] uint32; counts: [B] int32, the index of the token being drawn in its request: the
         uniform of a draw is fold_in(PRNGKey(seed), count), the same whichever step and row it runs on.
       bias_ids, bias_values: None, or [B, L] int32 token ids and f32 values added to the row's logits at
-        them (repeated ids add up; padding: any id with 0); the finite check reads the logits before.
+        them (repeated ids add up; padding: any id with 0).
       recent, penalty: None, or [B, R] int32 each row's last tokens (-1: none) and [B] f32 its repetition
         penalty (1: off; `realm_jax.sampling.penalize`).
       sampled: whether any row has temperature > 0 (static: an all-greedy step skips the draw).
       top_n: 0, or the number of top log-probabilities to return per row.
 
     Returns:
-      (tokens [B] int32, finite [B] bool: the row's logits hold no NaN or infinity, and with top_n: the
+      (tokens [B] int32, finite [B] bool: the row's processed logits hold no NaN or infinity, and with top_n: the
       chosen tokens' log-probabilities [B], the top_n log-probabilities [B, top_n] and their ids).
     """
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
     if recent is not None:
         logits = penalize(logits, recent, penalty[:, None])
     if bias_ids is not None:
         logits = logits.at[jnp.arange(logits.shape[0])[:, None], bias_ids].add(bias_values)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
     tokens = first_argmax(logits)
     if sampled:
         m = jnp.max(logits, axis=-1)

@@ -207,35 +207,46 @@ class _Api:
 
     async def _submit(self, body: Body, prompts: list[list[int]], sink) -> list[_Choice]:
         """The request's choices, n a prompt (choice i n + j: prompt i's j-th; seeded: seed + j), each
-        submitted to the engine (none where max_tokens is 0), their echoes scored first. All or none:
-        where one cannot be queued, those already queued are cancelled."""
+        submitted to the engine (none where max_tokens is 0), then their echoes scored. All or none: where
+        one cannot be queued (or an echo fails), those already queued are cancelled."""
+        engine, count = self.engine, len(prompts) * body.n
+        if count > engine.slots + engine.queue_size:  # (all or none: it could never be queued)
+            raise ApiError(400, f"{len(prompts)} prompt(s) times n={body.n} make {count} choices: more than this "
+                           f"server's {engine.slots} slots and queue of {engine.queue_size} hold", param="n",
+                           code="invalid_value")
+        if not engine.stats()["running"]:
+            raise EngineStoppedError("the engine is not running")
         params = [None if body.max_tokens == 0 else self._params(body, len(p)) for p in prompts]  # context first
-        echoes = [await self._echo(body, i, p) for i, p in enumerate(prompts)] if body.echo else [None] * len(prompts)
         choices: list[_Choice] = []
         try:
-            for i, (prompt, param, echo) in enumerate(zip(prompts, params, echoes)):
+            for i, (prompt, param) in enumerate(zip(prompts, params)):
                 for j in range(body.n):
                     index, job = i * body.n + j, None
                     if param is not None:
                         seed = None if body.seed is None else (body.seed + j) % 2**32
-                        job = self.engine.submit(prompt, dataclasses.replace(param, seed=seed), sink(index))
-                    choices.append(_Choice(index, job, echo, len(prompt)))
+                        job = engine.submit(prompt, dataclasses.replace(param, seed=seed), sink(index))
+                    choices.append(_Choice(index, job, None, len(prompt)))
+            if body.echo:  # scored between the engine's steps, while the choices wait or run
+                for i, prompt in enumerate(prompts):
+                    echo = await self._echo(body, prompt)
+                    for c in choices[i * body.n: (i + 1) * body.n]:
+                        c.echo = echo
         except BaseException:
             for c in choices:
                 c.cancel()
             raise
         return choices
 
-    async def _echo(self, body: Body, i: int, prompt: list[int]) -> tuple[str, dict[str, list] | None]:
-        """echo: the prompt's text (as given; an id prompt's detokenized, control tokens as nothing) and,
-        with logprobs, its tokens' completions-style logprobs (the first token has none), scored on the
-        engine's thread. A token's text_offset counts the pieces before it (control tokens as nothing)."""
+    async def _echo(self, body: Body, prompt: list[int]) -> tuple[str, dict[str, list] | None]:
+        """echo: the prompt's text (its tokens detokenized, control tokens as nothing: the basis of the text
+        offsets) and, with logprobs, its tokens' completions-style logprobs (the first token has none),
+        scored on the engine's thread."""
         tok = self.model.tokenizer
+        self.model._check_ids(prompt)  # (an empty prompt)
         if len(prompt) > self.engine.max_context:
             raise ContextLengthError(f"the prompt's {len(prompt)} tokens exceed the server's context of "
                                      f"{self.engine.max_context} tokens")
-        given = body.prompts[i]
-        text = given if isinstance(given, str) else tok.decode(prompt, skip_special=True)
+        text, offsets = tok.text_offsets(prompt)
         if body.logprobs is None:
             return text, None
         n = body.logprobs
@@ -245,10 +256,6 @@ class _Api:
             raise ApiError(500, f"{self.model.path.name}: the prompt's logits hold NaN or infinite values",
                            type="server_error")
         piece = lambda t: tok.token_to_piece(t).decode("utf-8", errors="replace")  # noqa: E731
-        offsets, at = [], 0
-        for t in prompt:  # each token's piece, control tokens (BOS) as nothing
-            offsets.append(at)
-            at += len(tok.token_to_piece(t, special=False).decode("utf-8", errors="replace"))
         top = [None] + [{piece(int(i)): float(v) for i, v in zip(row_ids, row)} for row_ids, row in zip(ids, values)]
         return text, {"tokens": [piece(t) for t in prompt], "token_logprobs": [None, *chosen.tolist()],
                       "top_logprobs": top if n else None, "text_offset": offsets}
@@ -262,12 +269,18 @@ class _Api:
                 c.done = _nothing(c.n_prompt)
             else:
                 pending += 1
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while pending:
             try:
                 index, event = await asyncio.wait_for(events.get(), timeout=0.5)
             except TimeoutError:
+                event = None
+            if loop.time() - checked >= 0.5:  # while tokens flow too: a client gone frees its slots at once
+                checked = loop.time()
                 if await request.is_disconnected():
                     raise ClientDisconnect() from None
+            if event is None:
                 continue
             c = choices[index]
             if event.kind == "token":
@@ -307,21 +320,20 @@ class _Api:
                       body: Body, usage: Callable[[], dict[str, int]]):
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
-        single = len(choices) == 1  # its last chunk carries the usage too
-
         def chunk(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
             out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [choice]}
             if usage is not None:
                 out["usage"] = usage
             return f"data: {json.dumps(out, ensure_ascii=False)}\n\n"
 
-        def last(c: _Choice) -> str:
+        def last(c: _Choice, final: bool) -> str:  # the final chunk of the last choice to end carries the usage
             choice = {"index": c.index, "logprobs": None, "finish_reason": c.done.finish_reason,
                       **({"delta": {}} if chat else {"text": ""})}
-            return chunk(choice, usage() if single else None)
+            return chunk(choice, usage() if final else None)
 
         try:
-            for c in choices:
+            pending = sum(c.job is not None for c in choices)
+            for k, c in enumerate(choices):
                 if chat:
                     yield chunk({"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})
@@ -330,8 +342,7 @@ class _Api:
                     c.at = len(c.echo[0])
                 if c.job is None:  # max_tokens 0
                     c.done = _nothing(c.n_prompt)
-                    yield last(c)
-            pending = sum(c.job is not None for c in choices)
+                    yield last(c, not pending and k == len(choices) - 1)
             while pending:
                 try:
                     index, event = await asyncio.wait_for(events.get(), timeout=1.0)
@@ -356,7 +367,7 @@ class _Api:
                     yield f"data: {json.dumps(err)}\n\n"
                     return
                 c.done, pending = event, pending - 1
-                yield last(c)
+                yield last(c, not pending)
             if body.include_usage:  # OpenAI's usage-only chunk
                 out = {"id": rid, "object": kind, "created": created, "model": self.name, "choices": [],
                        "usage": usage()}
