@@ -236,8 +236,9 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
       metadata: extra key -> value pairs: str, bool, int, float or non-empty lists of one of them, nested at
         most four deep, or numpy arrays and scalars (as `read_gguf` returns them: their dtype is kept). A
         Python float is written as FLOAT32 (the type llama.cpp reads), so it must be one float32 can hold
-        (0.1 is stored as 0.10000000149); ints as UINT32 for the keys llama.cpp reads so, else INT64/UINT64
-        (INT32 in lists that fit, as gguf-py writes them).
+        (0.1 is stored as 0.10000000149); an int as UINT32 where it fits (the type llama.cpp reads its
+        integer keys as), else INT32, INT64 or UINT64 (INT32 in lists that fit, as gguf-py writes them).
+        general.alignment: a power of two up to MAX_ALIGNMENT.
 
     Raises:
       ArgumentError: path, tensors, arch or metadata of the wrong type. MetadataError: a key or value GGUF
@@ -269,6 +270,9 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
                                 "UTF-8 bytes (ggml's limit, which readers hold files to)")
         if not isinstance(qt, QTensor):
             raise QTensorError(f"write_gguf: tensor {name!r} is a {type(qt).__name__}, not a QTensor")
+        if len(qt.shape) > 4:
+            raise QTensorError(f"write_gguf: tensor {name!r} has {len(qt.shape)} dimensions {list(qt.shape)}; GGUF "
+                               "holds at most 4 (ggml's GGML_MAX_DIMS)")
         try:
             qtype = gguf.GGMLQuantizationType[qt.fmt]
         except KeyError:
@@ -311,6 +315,7 @@ def _fresh_file(path: pathlib.Path) -> pathlib.Path:
 
 
 _INT32 = (-(2**31), 2**31 - 1)
+MAX_ALIGNMENT = 1 << 16  # the largest general.alignment write_gguf writes (llama.cpp's files use 32)
 
 
 def _utf8(text: str, what: str) -> bytes:
@@ -331,8 +336,9 @@ def _typed(key: Any, value: Any) -> tuple[Any, Any, Any]:
         raise MetadataError(f"write_gguf: metadata key {shown(key)} is longer than GGUF's {MAX_KEY_BYTES} bytes")
     what = f"metadata {key!r}"
     if key == "general.alignment":
-        if not _is_int(value) or not 0 < int(value) < 2**32 or int(value) & (int(value) - 1):
-            raise MetadataError(f"write_gguf: {what}={shown(value)} must be a power of two under 2**32")
+        if not _is_int(value) or not 0 < int(value) <= MAX_ALIGNMENT or int(value) & (int(value) - 1):
+            raise MetadataError(f"write_gguf: {what}={shown(value)} must be a power of two up to {MAX_ALIGNMENT} "
+                                "(each tensor is padded to it)")
         return int(value), T.UINT32, None
     if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype in _ARRAY_TYPES:
         if not value.size:
@@ -375,9 +381,11 @@ def _scalar_type(key: str, value: Any, what: str):
     T = gguf.GGUFValueType
     if isinstance(value, bool):
         return T.BOOL
-    if isinstance(value, int):
-        if key.endswith(_UINT32_KEYS) and 0 <= value < 2**32:
+    if isinstance(value, int):  # llama.cpp reads its integer keys as UINT32 (and checks the type)
+        if 0 <= value < 2**32:
             return T.UINT32
+        if _INT32[0] <= value < 0:
+            return T.INT32
         if not -(2**63) <= value < 2**64:
             raise MetadataError(f"write_gguf: {what}={shown(value)} does not fit INT64 or UINT64")
         return T.INT64 if value < 0 else T.UINT64
@@ -445,7 +453,3 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# Keys llama.cpp reads as 32-bit: written as such so llama.cpp (and open_gguf, for the alignment) accept them.
-_UINT32_KEYS = ("general.alignment", "general.file_type", "general.quantization_version", ".block_count",
-                ".context_length", ".embedding_length", ".feed_forward_length", ".head_count", ".head_count_kv",
-                ".key_length", ".value_length", ".dimension_count", ".sliding_window", ".vocab_size", "_token_id")

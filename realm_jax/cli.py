@@ -756,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # `realm-jax inspect | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line (the commands leave no partial file behind), the shell's status
+        print("realm-jax: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ class GGUFFile:
         self._bytes: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8)
         self._fd: int | None = fd
         self._identity = identity  # taken before the header was read: a change during the parse shows too
+        # Each key's GGUF value type as stored, by name ("UINT32", ...), with an array's element type (else
+        # None): the metadata's ints are Python ints, and a writer that copies the file needs the types.
+        self.metadata_types: dict[str, tuple[str, str | None]] = {}
 
     @property
     def architecture(self) -> str | None:
@@ -342,8 +345,11 @@ def open_gguf(path: str | bytes | os.PathLike) -> GGUFFile:
             mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from e
-        parsed = _Parser(path, fd, size).parse()
-        return GGUFFile(path, *parsed, mapping=mapping, fd=fd, identity=_identity(st))
+        parser = _Parser(path, fd, size)
+        parsed = parser.parse()
+        f = GGUFFile(path, *parsed, mapping=mapping, fd=fd, identity=_identity(st))
+        f.metadata_types = parser.types
+        return f
     except BaseException:
         os.close(fd)
         if mapping is not None:
@@ -372,6 +378,7 @@ class _Parser:
         self.buf = b""  # the file's bytes [base, base + len(buf))
         self.base = 0
         self.budget = MEMORY_BUDGET  # bytes the parsed header may still take
+        self.types: dict[str, tuple[str, str | None]] = {}  # each metadata key's value type (`metadata_types`)
 
     def _read(self, start: int, n: int) -> bytes:
         """The file's `n` bytes from `start` (within the size it had when opened)."""
@@ -521,7 +528,12 @@ class _Parser:
             if key in metadata:
                 raise MetadataError(f"{self.path}: metadata key {key!r} (offset {key_pos}) appears twice")
             vtype = self._u32(f"value type of metadata key {key!r}")
+            etype = None
+            if vtype == _ARRAY and self.pos + 4 <= self.size:  # the element type, which `_value` reads again
+                at = self._at(self.pos, 4)  # first: it may read a new window into self.buf
+                etype = _U32.unpack_from(self.buf, at)[0]
             value = self._value(vtype, key, depth=0)
+            self.types[key] = (_VALUE_TYPE_NAMES[vtype], None if etype is None else _VALUE_TYPE_NAMES[etype])
             if key == "general.alignment":
                 if vtype != _UINT32 or value <= 0 or value & (value - 1):
                     raise MetadataError(

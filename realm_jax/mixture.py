@@ -20,9 +20,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
 from realm_jax.errors import MetadataError, UnsupportedFormatError
+from realm_jax.inputs import shown
 
 __all__ = ["FILE_TYPES", "Hparams", "allows_quantization", "file_type_id", "hparams_from_metadata", "llama_order",
            "plan", "requires_imatrix"]
@@ -93,8 +95,12 @@ def hparams_from_metadata(metadata: Mapping[str, Any], *, what: str = "model") -
         value = metadata.get(f"{arch}.{key}", default)
         if value is None:
             raise MetadataError(f"{what}: {arch}.{key} is missing")
-        if not isinstance(value, (int, float)):  # a per-layer array: llama.cpp's rules read layer 0
-            value = next(iter(value), 0)
+        if isinstance(value, (np.ndarray, list)):  # a per-layer array: llama.cpp's rules read layer 0
+            value = value[0] if len(value) else 0
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
+                or not 0 <= value < 2**31:
+            raise MetadataError(f"{what}: {arch}.{key}={shown(value)} must be an integer in [0, 2**31) (or an "
+                                "array of them)")
         return int(value)
 
     n_head = first("attention.head_count", 0)

@@ -16,21 +16,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 from typing import Any
 
 import numpy as np
 
-from realm_jax import mixture
+from realm_jax import mixture, preflight
+from realm_jax.checkpoint import _fresh_file
 from realm_jax.errors import ArgumentError, MetadataError, UnsupportedFormatError, WriteError
 from realm_jax.gguf import open_gguf
-from realm_jax.inputs import as_path, check_output_path
+from realm_jax.inputs import as_path, check_output_path, shown
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "Target", "quantize_gguf", "target"]
 
 CHUNK_ELEMENTS = 1 << 20  # elements quantized per call (4 MiB of f32; a power of two, a multiple of every block)
 MIN_CHUNK = 1 << 18  # smaller chunks are padded to this: quantizing 2^18 elements takes ~0.03 s, compiling ~1.5 s
 _QUANTIZATION_VERSION = 2  # GGML_QNT_VERSION
+_NOT_WEIGHTS = ("I8", "I16", "I32", "I64", "F64")  # tensor types llama.cpp's quantize cannot convert
 _DROPPED_KEYS = ("general.quantization_version", "general.file_type", "split.no", "split.count",
                  "split.tensors.count")
 
@@ -82,21 +85,34 @@ def _check_writable(path, types: dict[str, str], infos, tgt: Target) -> None:
             raise UnsupportedFormatError(f"{path}: tensor {name!r} gets type {t} under {tgt.name}, which realm-jax "
                                          f"cannot write; it writes {', '.join(writable)}")
         format_for_ggml_type(info.ggml_type, what=f"{path}: tensor {name!r}")
+        if info.type_name in _NOT_WEIGHTS:
+            raise UnsupportedFormatError(f"{path}: tensor {name!r} is {info.type_name}, which holds no weights to "
+                                         f"quantize (llama.cpp refuses to convert it); it would get type {t}")
 
 
-def _copy_metadata(path, writer) -> None:
-    """Every key of the file with its value type (gguf-py's reader keeps them), as gguf_new_metadata does."""
+def _copy_metadata(f, writer) -> None:
+    """Every key of the open file `f` with its value type as stored (`GGUFFile.metadata_types`), as
+    gguf_new_metadata copies them; arrays of arrays (which llama.cpp does not read) and empty arrays (which
+    gguf-py cannot write) are refused."""
     import gguf
 
-    for field in gguf.GGUFReader(path).fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in _DROPPED_KEYS:
+    T = gguf.GGUFValueType
+    for key, value in f.metadata.items():
+        if key == "general.architecture" or key in _DROPPED_KEYS:
             continue
-        if field.name == "general.alignment":  # the writer must pad the data to it, not only record it
-            writer.add_custom_alignment(int(field.contents()))
+        if key == "general.alignment":  # the writer must pad the data to it, not only record it
+            writer.add_custom_alignment(int(value))
             continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        vtype, etype = f.metadata_types[key]
+        if vtype == "ARRAY":
+            if etype == "ARRAY":
+                raise MetadataError(f"{f.path}: metadata key {key!r} holds arrays of arrays, which llama.cpp does "
+                                    "not read; realm-jax does not copy them (remove the key first)")
+            value = value.tolist() if isinstance(value, np.ndarray) else list(value)
+            if not value:
+                raise MetadataError(f"{f.path}: metadata key {key!r} is an empty array, which gguf-py's writer "
+                                    "cannot write (remove the key first)")
+        writer.add_key_value(key, value, T[vtype], sub_type=T[etype] if etype else None)
 
 
 def _convert(raw: np.ndarray, src: str, dst: str, n_elements: int) -> np.ndarray:
@@ -119,16 +135,26 @@ def _convert(raw: np.ndarray, src: str, dst: str, n_elements: int) -> np.ndarray
     return out.reshape(-1)[: n_elements // fd.block_size * fd.type_size]
 
 
-def _requantize(raw: np.ndarray, n_elements: int, src: str, dst: str, bar) -> np.ndarray:
-    """A tensor's bytes in `src` -> in `dst`, in chunks of at most CHUNK_ELEMENTS elements."""
+def _requantize(raw: np.ndarray, shape: tuple[int, ...], src: str, dst: str, bar) -> np.ndarray:
+    """A tensor's bytes in `src` -> in `dst`, in chunks of at most CHUNK_ELEMENTS elements. A value `dst`
+    cannot hold is an ArgumentError naming its element (or block) in the tensor's `shape`."""
     from realm_jax.quant import get_format
 
-    fs = get_format(src)
+    fs, block = get_format(src), get_format(dst).block_size
+    n_elements = math.prod(shape)
     parts = []
     for start in range(0, n_elements, CHUNK_ELEMENTS):
         n = min(CHUNK_ELEMENTS, n_elements - start)
         lo, hi = start // fs.block_size * fs.type_size, (start + n) // fs.block_size * fs.type_size
-        parts.append(_convert(raw[lo:hi], src, dst, n))
+        try:
+            parts.append(_convert(raw[lo:hi], src, dst, n))
+        except ArgumentError as e:  # its index is one of the chunk as [blocks, block]: made the tensor's
+            def at(m: re.Match) -> str:
+                first = start + int(m[1]) * block + int(m[2])
+                where = [int(i) for i in np.unravel_index(first, shape)]
+                return f"x[{', '.join(map(str, where[:-1] + [f'{where[-1]}:{where[-1] + block}']))}]" if m[3] \
+                    else f"x{where}"
+            raise ArgumentError(re.sub(r"x\[(\d+), (\d+)(:\d+)?\]", at, str(e), count=1)) from None
         bar.update(hi - lo)
     return np.concatenate(parts)
 
@@ -154,6 +180,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
     import gguf
     from tqdm.auto import tqdm
 
+    if not isinstance(type_name, str):
+        raise ArgumentError(f"quantize_gguf: type_name={shown(type_name)} must be a str (a file type such as "
+                            "Q4_K_M, or a tensor type)")
     tgt = target(type_name)
     src, dst = as_path(src, "IN"), check_output_path(dst, "OUT")
     with open_gguf(src) as f:
@@ -163,10 +192,14 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
         types = mixture.plan({n: (i.shape, i.type_name) for n, i in f.tensors.items()}, tgt.file_type, hp,
                              pure=tgt.pure, default=tgt.default)
         _check_writable(f.path, types, f.tensors, tgt)
-        tmp = dst.with_name(dst.name + ".tmp")
+        # Each tensor read with pread into one buffer (as read_gguf does): a file cut under a map is a SIGBUS.
+        largest = max((t.nbytes for t in f.tensors.values()), default=0)
+        preflight.check_fits(f"{f.path}: quantizing its largest tensor ({largest:,} bytes)", largest,
+                             free=preflight.host_free())
+        tmp = _fresh_file(dst)  # a new name beside OUT (never an existing file: the input's, or OUT.tmp)
         writer = gguf.GGUFWriter(tmp, hp.arch)
         try:
-            _copy_metadata(f.path, writer)
+            _copy_metadata(f, writer)
             writer.add_quantization_version(_QUANTIZATION_VERSION)
             writer.add_file_type(tgt.file_type_id)
             sizes = {}
@@ -180,8 +213,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             total = sum(f.tensors[n].nbytes for n in types)
-            # Each tensor read with pread into one buffer (as read_gguf does): a file cut under a map is a SIGBUS.
-            buffer = np.empty(max((t.nbytes for t in f.tensors.values()), default=0), np.uint8)
+            buffer = np.empty(largest, np.uint8)
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"quantizing {src.name} to {tgt.name}",
                       disable=not progress, file=sys.stderr) as bar:
                 for name, t in types.items():
@@ -192,8 +224,8 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
                         bar.update(info.nbytes)
                     else:
                         try:
-                            data = _requantize(raw, math.prod(info.shape), info.type_name, t, bar)
-                        except ArgumentError as e:  # values the type cannot hold (the index is of a chunk)
+                            data = _requantize(raw, tuple(info.shape), info.type_name, t, bar)
+                        except ArgumentError as e:  # values the type cannot hold
                             raise ArgumentError(f"{f.path}: tensor {name!r} ({info.type_name} -> {t}): {e}") from None
                     writer.write_tensor_data(data)
             writer.close()

@@ -99,6 +99,12 @@ def test_metadata_types_are_kept_or_refused(tmp_path, rng):
     assert read["t.u64"].dtype == np.uint64 and read["t.u64"].tolist() == [2**40, 5]
     assert read["t.i64"].dtype == np.int64 and read["t.u64l"].dtype == np.uint64 and read["t.big"] == 2**63
     assert read["t.f64"] == 1e-50 and [a.tolist() for a in read["t.nest"]] == [[1, 2], [3]] and read["t.f"] == 0.5
+    # A Python int scalar: UINT32 where it fits, the type llama.cpp checks its integer keys for (an MoE's
+    # llama.expert_count as UINT64 made llama.cpp refuse the file); else INT32, INT64, UINT64.
+    ints = {"llama.expert_count": 8, "t.zero": 0, "t.neg": -3, "t.u": 2**32, "t.n": -(2**40)}
+    with realm_jax.open_gguf(realm_jax.write_gguf(tmp_path / "i.gguf", {"w": q}, metadata=ints)) as f:
+        assert [f.metadata_types[k][0] for k in ints] == ["UINT32", "UINT32", "INT32", "UINT64", "INT64"]
+        assert [f.metadata[k] for k in ints] == list(ints.values())
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -115,6 +121,10 @@ def test_metadata_types_are_kept_or_refused(tmp_path, rng):
     (dict(metadata={"t.x": "a\udcff"}), "MetadataError", "'t.x' is not valid Unicode text"),
     (dict(metadata={"k" * 65536: 1}), "MetadataError", "longer than GGUF's 65535 bytes"),
     (dict(metadata={"general.alignment": 7}), "MetadataError", "'general.alignment'=7 must be a power of two"),
+    (dict(metadata={"general.alignment": 2**17}), "MetadataError", r"'general\.alignment'=131072 must be a power of "
+                                                                    r"two up to 65536"),
+    (dict(tensors={"w": realm_jax.quantize(np.ones((1, 1, 2, 2, 32), np.float32), "Q8_0")}), "QTensorError",
+     r"tensor 'w' has 5 dimensions \[1, 1, 2, 2, 32\]; GGUF holds at most 4"),
     (dict(metadata="abc"), "ArgumentError", "metadata must be a mapping"),
     (dict(tensors={"a" * 64: None}), "MetadataError", "must be a str of 1 to 63 UTF-8 bytes"),
     (dict(tensors=[1]), "ArgumentError", "tensors must be a mapping"),

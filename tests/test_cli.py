@@ -64,6 +64,24 @@ def test_generate_streams_a_continuation(smollm2_path):
     assert proc.stdout.startswith("The capital of France is Paris")
 
 
+def test_ctrl_c_is_one_line_and_status_130():
+    """SIGINT while generating (after the first text is out): `realm-jax: interrupted`, no traceback, 130."""
+    import signal
+
+    from realm_jax.reference import reference_dir
+
+    model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
+    proc = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "generate", "Once upon a time", "--model", model,
+                             "--max-new-tokens", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(4)  # generating
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode() == "realm-jax: interrupted\n", err.decode()[-2000:]
+
+
 def test_generate_with_the_fused_kernels():
     """--impl pallas keeps the weights quantized and runs the kernels (interpret mode on CPU): same text."""
     from realm_jax.reference import reference_dir

@@ -310,6 +310,13 @@ def test_bad_shapes_are_rejected(rng):
     qt = repack(raw, "Q4_0", (2, 32))
     with pytest.raises(QTensorError, match="block_size"):
         dequantize(QTensor("Q4_0", (2, 31), qt.planes))
+    for shape in (32, (1.5, 32), "32", (True, 32)):  # ints only, as QTensor takes them (1.5 was taken as 1)
+        with pytest.raises(QTensorError, match=r"shape=.* must be a tuple of ints"):
+            repack(raw, "Q4_0", shape)
+    with pytest.raises(QTensorError, match=r"Q4_0\[8589934592, 2147483648, 32\] needs 332041393326771929088 bytes"):
+        repack(np.zeros(0, np.uint8), "Q4_0", (2**33, 2**31, 32))  # np.prod's int64 wrapped to 0 bytes
+    with pytest.raises(QTensorError, match="unpack: needs a QTensor, got ndarray"):
+        unpack(np.zeros(3))
 
 
 def test_unpack_refuses_scales_wider_than_6_bits(rng):

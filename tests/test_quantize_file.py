@@ -111,10 +111,74 @@ def test_values_the_type_cannot_hold_name_the_tensor(tmp_path):
     x[3, 7] = np.nan
     src = realm_jax.write_gguf(tmp_path / "nan.gguf", {"blk.0.ffn_up.weight": realm_jax.quantize(x, "F32")},
                                arch="llama", metadata={"llama.block_count": 1})
-    with pytest.raises(ArgumentError, match=r"nan\.gguf: tensor 'blk\.0\.ffn_up\.weight' \(F32 -> Q8_0\): .*=nan is "
-                                            "not finite"):
+    # the element of the tensor, not of a chunk of it
+    with pytest.raises(ArgumentError, match=r"nan\.gguf: tensor 'blk\.0\.ffn_up\.weight' \(F32 -> Q8_0\): quantize: "
+                                            r"x\[3, 7\]=nan is not finite"):
+        quantize_gguf(src, tmp_path / "out.gguf", "Q8_0")
+    x[3, 7], x[40, 100] = 0, 1e30  # a block past an f16 scale: named in the tensor's rows too
+    src = realm_jax.write_gguf(src, {"blk.0.ffn_up.weight": realm_jax.quantize(x, "F32")}, arch="llama",
+                               metadata={"llama.block_count": 1})
+    with pytest.raises(ArgumentError, match=r"the block x\[40, 96:128\] is too large for Q8_0"):
         quantize_gguf(src, tmp_path / "out.gguf", "Q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.gguf"]
+
+
+def test_the_temporary_file_is_a_fresh_name(f32_model, tmp_path):
+    """OUT is written under a new name beside it: an input called OUT.tmp, or a file there, is never touched."""
+    src = tmp_path / "m.gguf.tmp"
+    src.write_bytes(f32_model.read_bytes())
+    other = tmp_path / "n.gguf.tmp"
+    other.write_text("mine")
+    quantize_gguf(src, tmp_path / "m.gguf", "Q8_0")
+    quantize_gguf(src, tmp_path / "n.gguf", "Q8_0")
+    assert src.read_bytes() == f32_model.read_bytes() and other.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.tmp", "n.gguf", "n.gguf.tmp"]
+
+
+def _source(path, metadata, tensor_type=gguf.GGMLQuantizationType.F32):
+    """A one-tensor llama file whose metadata is written as given (gguf-py's writer, with its types)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, (value, vtype, sub) in metadata.items():
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    data = np.zeros((4, 64), np.int32 if tensor_type == gguf.GGMLQuantizationType.I32 else np.float32)
+    writer.add_tensor("blk.0.ffn_up.weight", data, raw_dtype=tensor_type)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_metadata_is_copied_with_its_types_and_bad_hparams_are_named(tmp_path):
+    from realm_jax.errors import MetadataError
+    from realm_jax.gguf import open_gguf
+
+    T = gguf.GGUFValueType
+    one = {"llama.block_count": (1, T.UINT32, None)}
+    src = _source(tmp_path / "typed.gguf", one | {"x.i32": (7, T.INT32, None), "x.u64": (7, T.UINT64, None),
+                                                 "x.i8s": ([1, -2], T.ARRAY, T.INT8), "GGUF.own": ("k", T.STRING, None),
+                                                 "x.strs": (["a", "b"], T.ARRAY, T.STRING)})
+    quantize_gguf(src, tmp_path / "out.gguf", "Q8_0")
+    with open_gguf(tmp_path / "out.gguf") as f:
+        types = f.metadata_types
+        assert (types["x.i32"], types["x.u64"], types["x.i8s"], types["x.strs"]) == (
+            ("INT32", None), ("UINT64", None), ("ARRAY", "INT8"), ("ARRAY", "STRING"))
+        assert f.metadata["GGUF.own"] == "k" and list(f.metadata["x.i8s"]) == [1, -2]
+    nested = _source(tmp_path / "nested.gguf", one | {"x.n": ([[1, 2], [3]], T.ARRAY, T.ARRAY)})
+    with pytest.raises(MetadataError, match=r"nested\.gguf: metadata key 'x\.n' holds arrays of arrays"):
+        quantize_gguf(nested, tmp_path / "out2.gguf", "Q8_0")
+    for value, vtype in [(float("nan"), T.FLOAT32), ("12", T.STRING), (-5, T.INT32), (2**40, T.UINT64)]:
+        bad = _source(tmp_path / "bad.gguf", {"llama.block_count": (value, vtype, None)})
+        with pytest.raises(MetadataError,
+                           match=r"bad\.gguf: llama\.block_count=.* must be an integer in \[0, 2\*\*31\)"):
+            quantize_gguf(bad, tmp_path / "out3.gguf", "Q8_0")
+    ints = _source(tmp_path / "i32.gguf", one, gguf.GGMLQuantizationType.I32)
+    with pytest.raises(UnsupportedFormatError,
+                       match=r"i32\.gguf: tensor 'blk\.0\.ffn_up\.weight' is I32, which holds no weights"):
+        quantize_gguf(ints, tmp_path / "out4.gguf", "Q8_0")
+    from realm_jax.errors import ArgumentError
+
+    with pytest.raises(ArgumentError, match="type_name=None must be a str"):
+        quantize_gguf(src, tmp_path / "out5.gguf", None)
+    assert not list(tmp_path.glob("out[2-5].gguf")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_errors_name_the_file_tensor_and_type(f32_model, tmp_path):

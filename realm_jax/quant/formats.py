@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from realm_jax import preflight
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.checks import (as_array, check_dtype, check_fits, check_quantized, copied_bytes, is_concrete,
                                     to_float32)
+from realm_jax.inputs import shown
 from realm_jax.quant.qtensor import QTensor
 from realm_jax.quant.table import get_format
 
@@ -35,13 +37,18 @@ def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "te
       A QTensor whose planes are new arrays, never views of `raw` (a reader may reuse its buffer).
     """
     f = get_format(fmt)
-    shape = tuple(int(d) for d in shape)
+    try:  # ints only: 1.5 or "32" is no shape (as QTensor's own check)
+        if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
+            raise TypeError
+        shape = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise QTensorError(f"{what}: shape={shown(shape)} must be a tuple of ints") from None
     if not shape or min(shape) <= 0 or shape[-1] % f.block_size:
         raise QTensorError(f"{what}: shape={shape} is not a valid {fmt} shape (cols must be a positive "
                            f"multiple of block_size={f.block_size})")
     n_blocks = shape[-1] // f.block_size
     raw = np.asarray(raw)
-    expected = int(np.prod(shape[:-1], dtype=np.int64)) * n_blocks * f.type_size
+    expected = math.prod(shape[:-1]) * n_blocks * f.type_size  # exact (np.prod would wrap past 2**63)
     if raw.dtype != np.uint8 or raw.size != expected:
         raise QTensorError(f"{what}: {fmt}{list(shape)} needs {expected} bytes (uint8), got {raw.size} "
                            f"({raw.dtype})")
@@ -56,6 +63,8 @@ def unpack(qt: QTensor) -> np.ndarray:
       MemoryBudgetError: the bytes do not fit in the host's free memory (planes of broadcast views can
         describe a tensor far larger than they hold).
     """
+    if not isinstance(qt, QTensor):
+        raise QTensorError(f"unpack: needs a QTensor, got {type(qt).__name__}")
     qt.check()
     f = qt.format
     need = math.prod(qt.shape[:-1]) * (qt.shape[-1] // f.block_size) * f.type_size
