@@ -443,6 +443,7 @@ def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Names
     if command[0] not in ("generate", "bench"):
         raise CoordinatorError(f"launch runs generate or bench on every process; got {command[0]!r}")
     gen = _parser().parse_args(command)
+    _known_models(gen)  # a known model's name, as the commands take it alone
     if command[0] == "generate":
         _check_sampling(gen)
     else:
@@ -482,17 +483,40 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         launch.run_local(args.processes, command, options)
         return 0
     if args.hosts is not None:
-        hosts = args.hosts.split(",")
+        hosts = [h.strip() for h in args.hosts.split(",")]
         if options.cpu_devices is not None:
             coordinator.plan_mesh(_distributed_config(gen), len(hosts), options.cpu_devices)
         for host, line in zip(hosts, launch.cluster_commands(hosts, args.port or 1234, command, options)):
             print(f"# on {host}\n{line}")
         return 0
-    return _run_worker(args, gen, options)
+    return _run_worker(args, gen, options, command)
 
 
-def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options) -> int:
-    """One process of a launch: join the others, generate over the global mesh, leave together."""
+def _model_identity(path) -> dict[str, Any]:
+    """What tells two copies of a model file apart, cheaply: its size and a hash of its first and last MiB
+    (the header, and tensor data); a MissingFileError or UnreadableFileError where it cannot be read."""
+    import hashlib
+
+    from realm_jax.errors import MissingFileError, UnreadableFileError
+    from realm_jax.inputs import as_path
+
+    path = as_path(path, "--model")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest = hashlib.sha256(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read(1 << 20))
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UnreadableFileError(f"{path}: cannot be read: {e.strerror or e}") from None
+    return {"bytes": size, "sha256 of its first and last MiB": digest.hexdigest()[:16]}
+
+
+def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options, command: list[str]) -> int:
+    """One process of a launch: check its model, join the others (which must have been given the same
+    command, CPU devices and model file), generate over the global mesh, leave together."""
     import contextlib
     import os
 
@@ -510,8 +534,13 @@ def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options) -> i
             launch.fault_point("join", rank)
         coord = None
         try:
+            from realm_jax.assets import default_model_path
+
+            # before the join: a file missing here fails at once, not in a collective the others wait in
+            agreement = {"command": command, "cpu devices": options.cpu_devices,
+                         "model file": _model_identity(gen.model or default_model_path())}
             coord = coordinator.join(config, init_timeout=options.init_timeout,
-                                     heartbeat_timeout=options.heartbeat_timeout)
+                                     heartbeat_timeout=options.heartbeat_timeout, agreement=agreement)
             with contextlib.ExitStack() as stack:
                 if not coord.is_main:  # process 0 prints the text
                     stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))

@@ -145,6 +145,13 @@ TP2 = [*GENERATE, "--mesh", "model=2"]
     (["--hosts", "a,a", "--", *TP2], "names a host twice"),
     (["--process-id", "2", "--num-processes", "2", "--coordinator", "h:1", "--", *TP2], "process_id=2"),
     (["--process-id", "0", "--num-processes", "2", "--coordinator", "h", "--", *TP2], "HOST:PORT"),
+    (["--process-id", "0", "--num-processes", "2", "--coordinator", "h:\u00b2\u00b3", "--", *TP2], "HOST:PORT"),
+    (["--process-id", "0", "--num-processes", "2", "--coordinator", "a b:1234", "--", *TP2], "host 'a b' must be"),
+    (["--process-id", "0", "--num-processes", "2", "--coordinator", "::1:1234", "--", *TP2], "IPv6 address in"),
+    (["--hosts", "node0:8476,node1", "--", *TP2], "host 'node0:8476' must be a host name"),
+    (["--processes", "2", "--heartbeat-timeout", "0.01", "--", *TP2], "heartbeat_timeout=0.01 must be a number of "
+                                                                          "seconds in [2, 3600]"),
+    (["--processes", "2", "--", *TP2[:-1], "model=2_0"], "the size of 'model' must be an int, got '2_0'"),
 ])
 def test_bad_launch_arguments(capsys, args, message):
     assert main(["launch", *args]) == 2
@@ -161,6 +168,15 @@ def test_generate_mesh_errors(capsys, args, message):
     assert main([*GENERATE, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_strategy_none_runs_on_one_of_several_devices():
+    """No parallelism asked on a host of two devices: the first device, and generate's own text."""
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    outs = [_run(["-m", "realm_jax.cli", *GENERATE, *mesh], env=env)[0] for mesh in
+            ([], ["--strategy", "none"], ["--mesh", "data=1"])]
+    assert all(p.returncode == 0 for p in outs), [p.stderr[-2000:] for p in outs]
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
 
 
 def test_cluster_mode_needs_a_cluster():
@@ -298,6 +314,23 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[i
                 p.kill()
                 p.wait()
     return out
+
+
+def test_workers_given_other_arguments_refuse_to_run():
+    """By hand, process 1 gets another prompt: every process says so at the join (naming the other and the
+    argument) and exits 2, rather than running the same collectives on different tokens (a wrong text, exit 0)."""
+    with reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "launch", "--process-id", str(rank),
+                                   "--num-processes", "2", "--coordinator", f"127.0.0.1:{port}", "--cpu-devices",
+                                   "2", "--", "generate", prompt, *GENERATE[2:], "--mesh", "model=4"], cwd=ROOT,
+                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank, prompt in ((0, PROMPT), (1, "The cat sat down"))]
+        results = _finish(procs)
+    for rank, (code, err, elapsed) in enumerate(results):
+        other = 1 - rank
+        assert code == 2 and elapsed < LOST_WITHIN_S, err[-3000:]
+        assert re.search(rf"process {rank} of 2 .*: process {other} \(.+, pid \d+\) was started with other "
+                         r"arguments: command argument 2: .* here, .* there", _errors(err)[-1]), err[-3000:]
 
 
 def test_without_a_supervisor_a_missing_peer_is_named():

@@ -14,6 +14,7 @@ Give either one and the other follows: `DistributedConfig(strategy="tensor")` pu
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from realm_jax.distributed.mesh import AXES, MeshShape
 from realm_jax.errors import CoordinatorError, MeshError
@@ -45,17 +46,27 @@ def parse_mesh(spec: str) -> MeshShape:
             raise MeshError(f"mesh {spec!r}: {part.strip()!r} is not AXIS=SIZE with AXIS one of {', '.join(AXES)}")
         if axis in sizes:
             raise MeshError(f"mesh {spec!r}: axis {axis!r} is given twice")
-        try:
-            sizes[axis] = int(size)
-        except ValueError:
-            raise MeshError(f"mesh {spec!r}: the size of {axis!r} must be an int, got {size!r}") from None
+        if re.fullmatch(r"[0-9]+", size.strip()) is None:  # int() also takes "2_0" and "٢"
+            raise MeshError(f"mesh {spec!r}: the size of {axis!r} must be an int, got {size!r}")
+        sizes[axis] = int(size)
     return MeshShape(**sizes)
+
+
+def check_host(host: str, what: str) -> str:
+    """A host name or IPv4 address (ASCII, no space, no colon), or an IPv6 address in brackets ([::1])."""
+    ok = isinstance(host, str) and re.fullmatch(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", host) is not None
+    if not ok:
+        raise CoordinatorError(f"{what}: host {shown(host)} must be a host name or an IPv4 address, or an IPv6 "
+                               "address in brackets ([::1])")
+    return host
 
 
 def _check_address(address: str) -> None:
     host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CoordinatorError(f"coordinator_address={address!r} must be HOST:PORT with a port in 1..65535")
+    # ASCII digits only: str.isdigit also takes "²³" and "١٢٣٤"
+    if not colon or re.fullmatch(r"[0-9]{1,5}", port) is None or not 0 < int(port) < 65536:
+        raise CoordinatorError(f"coordinator_address={shown(address)} must be HOST:PORT with a port in 1..65535")
+    check_host(host, f"coordinator_address={shown(address)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import socket
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,6 +37,7 @@ from jax.sharding import Mesh
 from realm_jax.distributed.config import DistributedConfig
 from realm_jax.distributed.mesh import MeshShape, make_mesh
 from realm_jax.errors import CoordinatorError, MeshError, PeerError
+from realm_jax.inputs import shown
 
 EXIT_PEER_LOST = 3  # the exit status of a process that stops because a peer was lost
 _KEY = "realm_jax"  # prefix of this module's keys in the coordination service's store
@@ -149,8 +152,8 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_timeout: float | None = 15.0
-         ) -> Coordinator:
+def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_timeout: float | None = 15.0,
+         agreement: dict[str, Any] | None = None) -> Coordinator:
     """Join the other processes through `jax.distributed.initialize`; call before anything else uses JAX.
 
     Args:
@@ -159,6 +162,11 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
       init_timeout: seconds to wait for every process to join; after them the missing ones are named and
         this process exits with EXIT_PEER_LOST.
       heartbeat_timeout: seconds of silence after which a peer counts as lost (None: no watchdog).
+      agreement: what every process must have been given alike (JSON values: a command's arguments, the
+        identity of its model file): each publishes its own, and one that differs from this process's is a
+        CoordinatorError naming that process and the first item that differs, on every process. Workers given
+        other prompts, seeds or files would otherwise run the same collectives on different data: a wrong
+        answer, or a collective that waits forever.
 
     Returns:
       A `Coordinator` (rank, world size, local devices, peers, global meshes, shutdown).
@@ -171,8 +179,10 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
         if cluster is None:
             raise CoordinatorError(f"{process_name()}: no Slurm, Open MPI or Kubernetes environment found to join; "
                                    "give num_processes, process_id and coordinator_address (HOST:PORT of process 0)")
-    if init_timeout <= 0 or (heartbeat_timeout is not None and heartbeat_timeout <= 0):
-        raise CoordinatorError(f"init_timeout={init_timeout} and heartbeat_timeout={heartbeat_timeout} must be > 0")
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+               for t in (init_timeout, 1.0 if heartbeat_timeout is None else heartbeat_timeout)):
+        raise CoordinatorError(f"init_timeout={shown(init_timeout)} and heartbeat_timeout={shown(heartbeat_timeout)} "
+                               "must be finite numbers of seconds > 0")
     rank, n, address = config.process_id, config.num_processes, config.coordinator_address
     timer = threading.Timer(init_timeout, _join_timed_out, (rank, n, address, init_timeout))
     timer.daemon = True
@@ -193,7 +203,7 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
         timer.cancel()
     rank, n = jax.process_index(), jax.process_count()
     address = address or _state().coordinator_address
-    peers = _exchange_peers(rank, n, init_timeout)
+    peers = _exchange_peers(rank, n, init_timeout, agreement)
     watchdog = None
     if n > 1 and heartbeat_timeout is not None:
         watchdog = _Watchdog(rank, peers, heartbeat_timeout)
@@ -220,14 +230,15 @@ def _listening(address: str) -> bool:
         return False
 
 
-def _exchange_peers(rank: int, n: int, timeout: float) -> list[Peer]:
-    """Every process's host and pid, published through the coordination service's key-value store."""
+def _exchange_peers(rank: int, n: int, timeout: float, agreement: dict[str, Any] | None = None) -> list[Peer]:
+    """Every process's host and pid (and `agreement`, checked against this process's), published through the
+    coordination service's key-value store."""
     me = Peer(rank, socket.gethostname(), os.getpid())
     if n == 1:
         return [me]
     client = _client()
-    client.key_value_set(f"{_KEY}/peer/{rank}", json.dumps({"host": me.host, "pid": me.pid}))
-    peers = []
+    client.key_value_set(f"{_KEY}/peer/{rank}", json.dumps({"host": me.host, "pid": me.pid, "agree": agreement}))
+    peers, differ = [], []
     for r in range(n):
         if r == rank:
             peers.append(me)
@@ -238,7 +249,33 @@ def _exchange_peers(rank: int, n: int, timeout: float) -> list[Peer]:
             raise PeerError(f"{process_name(rank, n)}: process {r} joined but did not publish its host within "
                             f"{timeout:.0f} s: {_first_line(e)}") from None
         peers.append(Peer(r, info["host"], int(info["pid"])))
+        if info.get("agree") != json.loads(json.dumps(agreement)):  # (as the peer's went through JSON)
+            differ.append((peers[-1], _first_difference(agreement or {}, info.get("agree") or {})))
+    if differ:
+        peer, what = differ[0]
+        raise CoordinatorError(f"{process_name(rank, n)}: process {peer.rank} ({peer.host}, pid {peer.pid}) was "
+                               f"started with other arguments: {what}; every process of a launch must be given the "
+                               "same command and model file")
     return peers
+
+
+def _first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str:
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if json.dumps(a) == json.dumps(b):
+            continue
+        if isinstance(a, list) and isinstance(b, list):  # a command line: the first argument that differs
+            i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            x = a[i] if i < len(a) else "(none)"
+            y = b[i] if i < len(b) else "(none)"
+            return f"{key} argument {i + 1}: {_short(x)} here, {_short(y)} there"
+        return f"{key}: {_short(a)} here, {_short(b)} there"
+    return "(nothing)"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class _Watchdog:
@@ -337,6 +374,10 @@ def global_mesh(config: DistributedConfig | MeshShape | None = None) -> Mesh:
         raise MeshError(f"the processes hold different numbers of devices ({counts}, process: devices); a global "
                         "mesh needs the same number on each")
     local = next(iter(counts.values()))
+    if len(counts) == 1:  # one process: a mesh of one device (strategy "none") takes the first of several
+        wanted = config.shape_for(len(devices)) if isinstance(config, DistributedConfig) else config
+        if isinstance(wanted, MeshShape) and wanted.size == 1:
+            return make_mesh(wanted, devices[:1])
     shape = plan_mesh(config, len(counts), local)
     if len(counts) == 1:
         return make_mesh(shape, devices)

@@ -23,6 +23,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+from realm_jax.distributed.config import check_host
 from realm_jax.distributed.coordinator import EXIT_PEER_LOST
 from realm_jax.errors import CoordinatorError, PeerError
 
@@ -30,6 +31,9 @@ FAULT_ENV = "REALM_JAX_LAUNCH_FAULT"  # test hook, see fault_point
 _FAULT_PHASES = ("join", "generate")
 # Simulated CPU devices per process: XLA builds each one up front (20,000 took 65 s and 4.6 GB here).
 MAX_CPU_DEVICES = 1024
+
+
+MIN_TIMEOUT = 2.0  # the shortest init or heartbeat timeout a launch takes (the heartbeat beats every second)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +57,9 @@ class WorkerOptions:
             raise CoordinatorError(f"cpu_devices={self.cpu_devices!r} must be an int in [1, {MAX_CPU_DEVICES}]")
         for name in ("init_timeout", "heartbeat_timeout"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value <= 3600:
-                raise CoordinatorError(f"{name}={value!r} must be a number of seconds in (0, 3600]")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not MIN_TIMEOUT <= value <= 3600:
+                # (under a second or two, a healthy peer's beat or join reads as lost)
+                raise CoordinatorError(f"{name}={value!r} must be a number of seconds in [{MIN_TIMEOUT:g}, 3600]")
 
     def argv(self) -> list[str]:
         cpu = [] if self.cpu_devices is None else ["--cpu-devices", str(self.cpu_devices)]
@@ -85,8 +90,10 @@ def worker_argv(rank: int, n: int, address: str, command: Sequence[str], options
 
 def cluster_commands(hosts: Sequence[str], port: int, command: Sequence[str], options: WorkerOptions) -> list[str]:
     """One shell command per host (in order: the first host runs process 0 and the coordinator)."""
-    if not hosts or not all(h and not h.startswith("-") and "," not in h for h in hosts):
-        raise CoordinatorError(f"hosts={list(hosts)!r} must be one or more host names")
+    if not hosts:
+        raise CoordinatorError("hosts must name one or more hosts")
+    for h in hosts:
+        check_host(h, f"--hosts {','.join(hosts)}")
     if len(set(hosts)) != len(hosts):
         raise CoordinatorError(f"hosts={list(hosts)!r} names a host twice; give one process per host")
     if not 0 < port < 65536:
