@@ -22,6 +22,7 @@ all of them and names it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -292,7 +293,7 @@ def _check_path(path: str | None, name: str = "--model") -> None:
 
 
 def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_tokens: int, asked: str | None = None,
-               processes: int = 1, devices: int | None = None) -> None:
+               processes: int = 1, devices: int | None = None, mesh=None) -> None:
     """The sizes a command asks for against the model's header and the machine, before the model loads:
     ContextLengthError when they do not fit the context, SamplingError for a top-k past the vocabulary,
     MemoryBudgetError when the params, KV cache and activations need more memory than is free. `devices`:
@@ -315,6 +316,10 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     if prompt_tokens + new_tokens > context:
         asked = asked or f"{prompt_tokens} prompt token(s) and {new_tokens} new ones"
         raise ContextLengthError(f"{path}: {asked} exceed the model's context of {context} tokens")
+    if mesh is not None:  # (a launch's, before its workers start: they would each find it after a load)
+        from realm_jax.distributed.rules import check_model_axis
+
+        check_model_axis(plan["n_heads"], plan["ffn_dim"], mesh.model, str(path), dataclasses.asdict(mesh))
     top_k = getattr(args, "top_k", None)
     if top_k is not None and top_k > plan["vocab_size"]:
         raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
@@ -456,8 +461,6 @@ def _launch_command(args: argparse.Namespace) -> tuple[list[str], argparse.Names
 
 
 def _cmd_launch(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from realm_jax.distributed import coordinator, launch
 
     command, gen = _launch_command(args)
@@ -478,8 +481,9 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         options = dataclasses.replace(options, cpu_devices=options.cpu_devices or 1)  # one host: CPU devices
         if args.processes < 1:
             raise CoordinatorError(f"--processes={args.processes} must be >= 1")
-        coordinator.plan_mesh(_distributed_config(gen), args.processes, options.cpu_devices)
-        _preflight(gen, processes=args.processes, devices=args.processes * options.cpu_devices, **_command_sizes(gen))
+        shape = coordinator.plan_mesh(_distributed_config(gen), args.processes, options.cpu_devices)
+        _preflight(gen, processes=args.processes, devices=args.processes * options.cpu_devices, mesh=shape,
+                   **_command_sizes(gen))
         launch.run_local(args.processes, command, options)
         return 0
     if args.hosts is not None:

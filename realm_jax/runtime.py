@@ -743,7 +743,7 @@ def memory_plan(path: str | os.PathLike, policy: Policy | str | None = None, imp
     params = sum(leaf.size * leaf.dtype.itemsize for leaf in shapes)
     sizes = token_sizes(config, policy)
     return {"policy": str(policy), "impl": impl, "params_bytes": int(params), **sizes,
-            "context_length": config.context_length,
+            "context_length": config.context_length, "n_heads": config.n_heads, "ffn_dim": config.ffn_dim,
             "kv_bytes_full_context": sizes["kv_bytes_per_token"] * config.context_length}
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -140,6 +141,8 @@ TP2 = [*GENERATE, "--mesh", "model=2"]
     (["--processes", "2", "--cpu-devices", "2", "--", *GENERATE, "--mesh", "model=3"],
      "model=3 = 3 devices does not match the 4 devices of 2 process(es) (2 each)"),
     (["--processes", "2", "--cpu-devices", "2", "--", *GENERATE, "--mesh", "data=4"], "data=4 must divide"),
+    (["--processes", "2", "--cpu-devices", "4", "--", *GENERATE, "--mesh", "model=8"],  # before any worker starts
+     "llama-k-q4_k_m.gguf: 4 query heads cannot be split over a model axis of 8 devices"),
     (["--processes", "2", "--", *TP2, "--strategy", "data"], "strategy='data' does not"),
     (["--processes", "2", "--", *TP2, "--temperature", "-1"], "temperature"),
     (["--hosts", "a,a", "--", *TP2], "names a host twice"),
@@ -331,6 +334,17 @@ def test_workers_given_other_arguments_refuse_to_run():
         assert code == 2 and elapsed < LOST_WITHIN_S, err[-3000:]
         assert re.search(rf"process {rank} of 2 .*: process {other} \(.+, pid \d+\) was started with other "
                          r"arguments: command argument 2: .* here, .* there", _errors(err)[-1]), err[-3000:]
+
+
+def test_a_coordinator_port_in_use_is_refused():
+    """Something listens at the address (another run's coordinator): process 0 says so at once, rather than
+    starting a second coordinator on it (gRPC's SO_REUSEPORT), which aborted both runs."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        (code, err, elapsed), = _finish([_worker(0, f"127.0.0.1:{port}")])
+    assert code == 2 and elapsed < 60, err[-2000:]
+    assert _errors(err)[-1].endswith(f"the coordinator address 127.0.0.1:{port} is already in use (another run's "
+                                     "coordinator?): give another port"), err[-2000:]
 
 
 def test_without_a_supervisor_a_missing_peer_is_named():

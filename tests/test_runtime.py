@@ -250,7 +250,7 @@ def test_free_memory_heeds_ulimit_v():
             "from realm_jax import preflight\n"
             "size = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmSize:'))\n"
             "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
-            "print(preflight._host_free())\n")
+            "print(preflight.host_free())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert 0 < int(out.stdout) <= 2**30

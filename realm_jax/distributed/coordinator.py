@@ -184,6 +184,12 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
         raise CoordinatorError(f"init_timeout={shown(init_timeout)} and heartbeat_timeout={shown(heartbeat_timeout)} "
                                "must be finite numbers of seconds > 0")
     rank, n, address = config.process_id, config.num_processes, config.coordinator_address
+    if rank == 0 and address is not None and _listening(address):
+        # gRPC binds with SO_REUSEPORT: a second coordinator on the port would start, and both runs abort
+        raise CoordinatorError(f"{process_name(rank, n)}: the coordinator address {address} is already in use "
+                               "(another run's coordinator?): give another port")
+    # SIGTERM ends a worker (JAX's preemption service would take it as a notice and run on)
+    jax.config.update("jax_enable_preemption_service", False)
     timer = threading.Timer(init_timeout, _join_timed_out, (rank, n, address, init_timeout))
     timer.daemon = True
     timer.start()

@@ -45,13 +45,19 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # [L, B, S, K, H]
 
 
+def check_model_axis(n_heads: int, ffn_dim: int, tp: int, name: str, mesh: dict[str, int]) -> None:
+    """ShardingError unless a model axis of `tp` devices splits the query heads and the FFN width (also the
+    launch supervisor's check, from the file's header, before any worker starts)."""
+    if n_heads % tp:
+        raise ShardingError(f"{name}: {n_heads} query heads cannot be split over a model axis of {tp} devices "
+                            f"(mesh {mesh})")
+    if ffn_dim % tp:
+        raise ShardingError(f"{name}: ffn width {ffn_dim} cannot be split over a model axis of {tp} devices")
+
+
 def _rules(config: ModelConfig, mesh: Mesh, name: str) -> dict[str, str | None]:
     tp = int(mesh.shape.get("model", 1))
-    if config.n_heads % tp:
-        raise ShardingError(f"{name}: {config.n_heads} query heads cannot be split over a model axis of {tp} "
-                            f"devices (mesh {dict(mesh.shape)})")
-    if config.ffn_dim % tp:
-        raise ShardingError(f"{name}: ffn width {config.ffn_dim} cannot be split over a model axis of {tp} devices")
+    check_model_axis(config.n_heads, config.ffn_dim, tp, name, dict(mesh.shape))
     rules = dict(RULES)
     if config.n_kv_heads % tp:
         rules["kv_heads"] = None  # fewer KV heads than shards: every shard keeps all of them
