@@ -189,8 +189,11 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
         if int(f.metadata.get("split.count", 1)) > 1:
             raise MetadataError(f"{f.path}: a split file (split.count={f.metadata['split.count']}); merge it first")
         hp = mixture.hparams_from_metadata(f.metadata, what=str(f.path))
-        types = mixture.plan({n: (i.shape, i.type_name) for n, i in f.tensors.items()}, tgt.file_type, hp,
-                             pure=tgt.pure, default=tgt.default)
+        try:
+            types = mixture.plan({n: (i.shape, i.type_name) for n, i in f.tensors.items()}, tgt.file_type, hp,
+                                 pure=tgt.pure, default=tgt.default)
+        except UnsupportedFormatError as e:  # it names the tensor: and the file
+            raise UnsupportedFormatError(f"{f.path}: {e}") from None
         _check_writable(f.path, types, f.tensors, tgt)
         # Each tensor read with pread into one buffer (as read_gguf does): a file cut under a map is a SIGBUS.
         largest = max((t.nbytes for t in f.tensors.values()), default=0)
