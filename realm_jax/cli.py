@@ -316,10 +316,6 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     if prompt_tokens + new_tokens > context:
         asked = asked or f"{prompt_tokens} prompt token(s) and {new_tokens} new ones"
         raise ContextLengthError(f"{path}: {asked} exceed the model's context of {context} tokens")
-    if mesh is not None:  # (a launch's, before its workers start: they would each find it after a load)
-        from realm_jax.distributed.rules import check_model_axis
-
-        check_model_axis(plan["n_heads"], plan["ffn_dim"], mesh.model, str(path), dataclasses.asdict(mesh))
     top_k = getattr(args, "top_k", None)
     if top_k is not None and top_k > plan["vocab_size"]:
         raise SamplingError(f"--top-k={top_k} exceeds the model's vocabulary of {plan['vocab_size']} tokens")
@@ -330,6 +326,10 @@ def _preflight(args: argparse.Namespace, *, batch: int, prompt_tokens: int, new_
     held = processes * (params + os.path.getsize(path) + _PROCESS_BYTES)
     check_fits(f"{path}: {shown(processes)} process(es) with {shown(batch)} x ({prompt_tokens} + {new_tokens}) tokens",
                held + need)
+    if mesh is not None:  # (a launch's, before its workers start: they would each find it after a load)
+        from realm_jax.distributed.rules import check_model_axis
+
+        check_model_axis(plan["n_heads"], plan["ffn_dim"], mesh.model, str(path), dataclasses.asdict(mesh))
 
 
 def _command_sizes(args: argparse.Namespace) -> dict[str, int]:
