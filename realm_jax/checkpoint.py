@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from realm_jax.errors import ArgumentError, MetadataError, QTensorError, UnsupportedFormatError, WriteError
+from realm_jax import gguf as gguf_reader
 from realm_jax.gguf import MAX_ARRAY_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES, open_gguf
 from realm_jax.inputs import check_output_path, shown
 from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
@@ -262,6 +263,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
         raise MetadataError(f"write_gguf: metadata general.architecture={shown(metadata['general.architecture'])} "
                             f"conflicts with arch={arch!r}")
     metadata.pop("general.architecture", None)
+    _check_read_cost(metadata, len(tensors) if isinstance(tensors, Mapping) else 0)  # before any .tolist()
     values = [(key, *_typed(key, value)) for key, value in metadata.items()]
     raws = []
     for name, qt in tensors.items():
@@ -298,6 +300,35 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _read_cost(value: Any) -> int:
+    """About what `read_gguf` charges its memory budget for a metadata value (`realm_jax.gguf`'s costs)."""
+    if isinstance(value, str):
+        return gguf_reader._STR_COST + len(value)
+    if isinstance(value, np.ndarray):
+        return gguf_reader._ARRAY_COST + value.size * value.dtype.itemsize
+    if isinstance(value, (list, tuple)):
+        # numbers read back as one numpy array (at most 8 bytes each); a string array's slot, length and bytes;
+        # a nested array's slot and its own cost
+        return gguf_reader._ARRAY_COST + sum(
+            8 if isinstance(v, (int, float, np.generic)) else
+            gguf_reader._STR_COST + 8 + len(v) if isinstance(v, str) else gguf_reader._STR_COST + _read_cost(v)
+            for v in value)
+    return 0
+
+
+def _check_read_cost(metadata: Mapping[str, Any], n_tensors: int) -> None:
+    """MetadataError where `read_gguf` would refuse the file for its header's size (before anything is
+    converted: a huge numpy array would go through .tolist())."""
+    budget = gguf_reader.MEMORY_BUDGET - (len(metadata) + 1) * gguf_reader._KV_COST \
+        - n_tensors * gguf_reader._TENSOR_INFO_COST
+    for key, value in metadata.items():
+        budget -= gguf_reader._STR_COST + (len(key) if isinstance(key, str) else 0) + _read_cost(value)
+        if budget < 0:
+            raise MetadataError(f"write_gguf: the metadata (by key {shown(key)}) would take more memory to read back "
+                                f"than read_gguf allows a header ({gguf_reader.MEMORY_BUDGET:,} bytes): it would "
+                                "refuse the file")
 
 
 def _fresh_file(path: pathlib.Path) -> pathlib.Path:

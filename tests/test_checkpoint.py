@@ -121,6 +121,10 @@ def test_metadata_types_are_kept_or_refused(tmp_path, rng):
     (dict(metadata={"t.x": "a\udcff"}), "MetadataError", "'t.x' is not valid Unicode text"),
     (dict(metadata={"k" * 65536: 1}), "MetadataError", "longer than GGUF's 65535 bytes"),
     (dict(metadata={"general.alignment": 7}), "MetadataError", "'general.alignment'=7 must be a power of two"),
+    # more than read_gguf's 512 MiB header budget: refused before anything is converted (a view: no memory)
+    (dict(metadata={"t.x": np.broadcast_to(np.float32(0), (150_000_000,))}), "MetadataError",
+     r"the metadata \(by key 't\.x'\) would take more memory to read back than read_gguf allows"),
+    (dict(metadata={"t.x": ["a"] * 6_100_000}), "MetadataError", "would take more memory to read back"),
     (dict(metadata={"general.alignment": 2**17}), "MetadataError", r"'general\.alignment'=131072 must be a power of "
                                                                     r"two up to 65536"),
     (dict(tensors={"w": realm_jax.quantize(np.ones((1, 1, 2, 2, 32), np.float32), "Q8_0")}), "QTensorError",
