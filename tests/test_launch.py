@@ -347,6 +347,17 @@ def test_a_coordinator_port_in_use_is_refused():
                                      "coordinator?): give another port"), err[-2000:]
 
 
+def test_one_process_that_cannot_reach_its_own_coordinator_says_so():
+    """192.0.2.1 (TEST-NET-1) is no address of this host: not "a peer failed to start" with no peer named."""
+    proc = subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "launch", "--process-id", "0", "--num-processes",
+                             "1", "--coordinator", "192.0.2.1:23456", "--cpu-devices", "2", "--init-timeout", "3",
+                             "--", *GENERATE, "--mesh", "model=2"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    (code, err, elapsed), = _finish([proc])
+    assert code in (2, 3) and elapsed < LOST_WITHIN_S, err[-2000:]
+    assert "peer" not in _errors(err)[-1] and "192.0.2.1:23456" in _errors(err)[-1], err[-2000:]
+
+
 def test_without_a_supervisor_a_missing_peer_is_named():
     """The cluster case: each worker alone bounds its wait to join and names who did not come."""
     with reserved_port() as port0, reserved_port() as port1:

@@ -203,8 +203,8 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
                                    int(2 * heartbeat_timeout) + 30,
                                    shutdown_timeout_seconds=int(init_timeout) + 10)
     except (ValueError, RuntimeError) as e:
-        raise CoordinatorError(f"{process_name(rank, n)}: jax.distributed.initialize failed: {_first_line(e)}"
-                               ) from None
+        raise CoordinatorError(f"{process_name(rank, n)}: jax.distributed.initialize failed (coordinator "
+                               f"{address or '(cluster)'}): {_first_line(e)}") from None
     finally:
         timer.cancel()
     rank, n = jax.process_index(), jax.process_count()
@@ -221,10 +221,14 @@ def _join_timed_out(rank: int | None, n: int | None, address: str | None, timeou
     if rank is not None and rank > 0 and address is not None and not _listening(address):
         _die(f"{process_name(rank, n)}: nothing listens at the coordinator address {address} after {timeout:.0f} "
              "s: process 0 (the coordinator) did not start")
+    if n == 1:  # no peer to wait for: this process could not reach the coordinator it runs
+        _die(f"{process_name(rank, n)}: could not join the coordinator at {address or '(cluster)'} within "
+             f"{timeout:.0f} s: does that address reach this host?")
     # JAX does not say which processes have registered: name every other one.
     missing = "some of the others" if n is None else "process(es) " + ", ".join(str(r) for r in range(n) if r != rank)
+    hint = f" (or {address}, which process 0 serves, does not reach its host)" if rank == 0 and address else ""
     _die(f"{process_name(rank, n)}: the processes did not all join the coordinator at {address or '(cluster)'} "
-         f"within {timeout:.0f} s; no word from one or more of {missing}: a peer failed to start")
+         f"within {timeout:.0f} s; no word from one or more of {missing}: a peer failed to start{hint}")
 
 
 def _listening(address: str) -> bool:
