@@ -7,6 +7,7 @@ import mmap
 import os
 import pathlib
 import secrets
+import stat
 import sys
 import threading
 from collections.abc import Mapping
@@ -332,11 +333,21 @@ def _check_read_cost(metadata: Mapping[str, Any], n_tensors: int) -> None:
 
 
 def _fresh_file(path: pathlib.Path) -> pathlib.Path:
-    """A new empty file beside `path` (the umask's permissions, as `path` would get), to write and rename."""
+    """A new empty file beside `path`, to write and rename over it: with the permissions of the file at
+    `path` where there is one (a 0600 file stays 0600), else the umask's."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = None
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
             return tmp
         except FileExistsError:
             continue

@@ -256,3 +256,14 @@ def test_each_structures_layers_placed_side_by_side(tmp_path, rng):
         for name in ("attn_q.weight", "ffn_down.weight"):
             assert isinstance(stacked(name, layers), np.ndarray), (name, layers)
     assert not isinstance(stacked("attn_q.weight", (1, 2)), np.ndarray)  # two structures: not side by side
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path, rng):
+    """Written beside it and renamed over it: the new file takes the old one's mode (0600 stays 0600)."""
+    import stat
+
+    q = random_qtensor("Q8_0", 2, 64, rng)
+    path = realm_jax.write_gguf(tmp_path / "m.gguf", {"w": q})
+    path.chmod(0o600)
+    realm_jax.write_gguf(path, {"w": q}, metadata={"t.x": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and realm_jax.read_gguf(path)[0]["t.x"] == 2
