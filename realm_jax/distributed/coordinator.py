@@ -188,8 +188,10 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
         # gRPC binds with SO_REUSEPORT: a second coordinator on the port would start, and both runs abort
         raise CoordinatorError(f"{process_name(rank, n)}: the coordinator address {address} is already in use "
                                "(another run's coordinator?): give another port")
-    # SIGTERM ends a worker (JAX's preemption service would take it as a notice and run on)
-    jax.config.update("jax_enable_preemption_service", False)
+    # SIGTERM ends a worker (JAX's preemption service would take it as a notice and run on); a jax without
+    # the option has no such service
+    if "jax_enable_preemption_service" in jax.config.values:
+        jax.config.update("jax_enable_preemption_service", False)
     timer = threading.Timer(init_timeout, _join_timed_out, (rank, n, address, init_timeout))
     timer.daemon = True
     timer.start()
