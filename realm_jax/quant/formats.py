@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,7 @@ from realm_jax import preflight
 from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant.checks import (as_array, check_dtype, check_fits, check_quantized, copied_bytes, is_concrete,
                                     to_float32)
-from realm_jax.inputs import shown
-from realm_jax.quant.qtensor import QTensor
+from realm_jax.quant.qtensor import QTensor, int_shape
 from realm_jax.quant.table import get_format
 
 __all__ = ["DENSE_FORMATS", "concat_rows", "dequantize", "dequantize_tile", "quantize", "repack", "to_dense", "unpack"]
@@ -37,12 +35,7 @@ def repack(raw: np.ndarray, fmt: str, shape: tuple[int, ...], *, what: str = "te
       A QTensor whose planes are new arrays, never views of `raw` (a reader may reuse its buffer).
     """
     f = get_format(fmt)
-    try:  # ints only: 1.5 or "32" is no shape (as QTensor's own check)
-        if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
-            raise TypeError
-        shape = tuple(operator.index(d) for d in shape)
-    except TypeError:
-        raise QTensorError(f"{what}: shape={shown(shape)} must be a tuple of ints") from None
+    shape = int_shape(shape, what)  # ints only: 1.5 or "32" is no shape
     if not shape or min(shape) <= 0 or shape[-1] % f.block_size:
         raise QTensorError(f"{what}: shape={shape} is not a valid {fmt} shape (cols must be a positive "
                            f"multiple of block_size={f.block_size})")

@@ -24,7 +24,18 @@ from realm_jax.inputs import shown
 from realm_jax.quant.block import Format
 from realm_jax.quant.table import get_format
 
-__all__ = ["QTensor"]
+__all__ = ["QTensor", "int_shape"]
+
+
+def int_shape(shape: Any, what: str) -> tuple[int, ...]:
+    """`shape` as a tuple of ints (any sequence of ints, numpy's included); QTensorError naming `what` for
+    anything else (1.5, "32", True, an int alone)."""
+    try:
+        if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
+            raise TypeError
+        return tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise QTensorError(f"{what}: shape={shown(shape)} must be a tuple of ints") from None
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["planes"], meta_fields=["fmt", "shape", "axes"])
@@ -56,13 +67,7 @@ class QTensor:
         shape = self.shape
         if type(shape) is tuple and all(type(d) is int for d in shape):
             return
-        try:
-            if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
-                raise TypeError
-            shape = tuple(operator.index(d) for d in shape)
-        except TypeError:
-            raise QTensorError(f"QTensor: shape={shown(self.shape)} must be a tuple of ints") from None
-        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "shape", int_shape(shape, "QTensor"))
 
     @property
     def format(self) -> Format:
