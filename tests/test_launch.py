@@ -173,13 +173,14 @@ def test_generate_mesh_errors(capsys, args, message):
     assert len(err) == 1 and message in err[0], err
 
 
-def test_strategy_none_runs_on_one_of_several_devices():
-    """No parallelism asked on a host of two devices: the first device, and generate's own text."""
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+def test_one_process_runs_a_mesh_on_its_first_devices():
+    """A mesh of fewer devices than the host has (4 here): no parallelism asked (one device), or model=2 (two);
+    generate's own text each time."""
+    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
     outs = [_run(["-m", "realm_jax.cli", *GENERATE, *mesh], env=env)[0] for mesh in
-            ([], ["--strategy", "none"], ["--mesh", "data=1"])]
+            ([], ["--strategy", "none"], ["--mesh", "data=1"], ["--mesh", "model=2"])]
     assert all(p.returncode == 0 for p in outs), [p.stderr[-2000:] for p in outs]
-    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout == outs[3].stdout
 
 
 def test_cluster_mode_needs_a_cluster():

@@ -354,12 +354,14 @@ class _Watchdog:
 
 def plan_mesh(config: DistributedConfig | MeshShape | None, processes: int, devices_per_process: int) -> MeshShape:
     """The mesh shape `global_mesh` will build for `processes` processes of `devices_per_process` devices
-    each; MeshError if it cannot (checkable before any process starts)."""
+    each (one process: at most its devices, the first ones; several: all of them); MeshError if it cannot
+    (checkable before any process starts)."""
     if not isinstance(config, DistributedConfig):
         config = DistributedConfig(mesh=config)
     n = processes * devices_per_process
     shape = config.shape_for(n)
-    if shape.size != n:
+    # one process may take fewer devices than it has (its first ones: `global_mesh`); processes span them all
+    if shape.size > n or (processes > 1 and shape.size != n):
         raise MeshError(f"a mesh of data={shape.data} x stage={shape.stage} x model={shape.model} = {shape.size} "
                         f"devices does not match the {n} devices of {processes} process(es) ({devices_per_process} "
                         "each)")
@@ -386,13 +388,9 @@ def global_mesh(config: DistributedConfig | MeshShape | None = None) -> Mesh:
         raise MeshError(f"the processes hold different numbers of devices ({counts}, process: devices); a global "
                         "mesh needs the same number on each")
     local = next(iter(counts.values()))
-    if len(counts) == 1:  # one process: a mesh of one device (strategy "none") takes the first of several
-        wanted = config.shape_for(len(devices)) if isinstance(config, DistributedConfig) else config
-        if isinstance(wanted, MeshShape) and wanted.size == 1:
-            return make_mesh(wanted, devices[:1])
     shape = plan_mesh(config, len(counts), local)
-    if len(counts) == 1:
-        return make_mesh(shape, devices)
+    if len(counts) == 1:  # its first devices, as many as the mesh takes (strategy "none": one)
+        return make_mesh(shape, devices[: shape.size])
     cols = local // shape.data
     grid = np.concatenate([np.array(sorted(ds, key=lambda d: d.id), dtype=object).reshape(shape.data, cols)
                            for _, ds in sorted(by_process.items())], axis=1)  # [data, processes x cols]
