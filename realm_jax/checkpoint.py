@@ -18,7 +18,7 @@ import numpy as np
 from realm_jax.errors import ArgumentError, MetadataError, QTensorError, UnsupportedFormatError, WriteError
 from realm_jax import gguf as gguf_reader
 from realm_jax.gguf import MAX_ARRAY_DEPTH, MAX_KEY_BYTES, MAX_NAME_BYTES, open_gguf
-from realm_jax.inputs import check_output_path, shown
+from realm_jax.inputs import check_output_path, shown, write_error
 from realm_jax.quant import QTensor, format_for_ggml_type, repack, unpack
 
 __all__ = ["read_gguf", "write_gguf"]
@@ -297,7 +297,7 @@ def write_gguf(path: str | os.PathLike, tensors: Mapping[str, QTensor], *, arch:
         writer.close()
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(f"{path}: cannot be written: {e.strerror or e}") from None
+        raise write_error(path, e) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -352,7 +352,7 @@ def _fresh_file(path: pathlib.Path) -> pathlib.Path:
         except FileExistsError:
             continue
         except OSError as e:
-            raise WriteError(f"{path}: cannot be written: {e.strerror or e}") from None
+            raise write_error(path, e) from None
     raise WriteError(f"{path}: no free name for a temporary file beside it")
 
 

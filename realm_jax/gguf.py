@@ -185,7 +185,7 @@ class GGUFFile:
 
         Raises:
             MissingTensorError: no tensor is named `name`.
-            UnreadableFileError: the file was closed.
+            UnreadableFileError: the file was closed, or reading it failed (an I/O error).
             ArgumentError: `out` is not such a buffer.
             FileChangedError: the file was truncated, rewritten or replaced since it was opened.
         """
@@ -200,7 +200,11 @@ class GGUFFile:
             out = self._check_out(out, info)[: info.nbytes]
         done = 0
         while done < info.nbytes:  # one call reads at most ~2 GiB
-            n = os.preadv(self._fd, [out[done:]], info.offset + done)
+            try:
+                n = os.preadv(self._fd, [out[done:]], info.offset + done)
+            except OSError as e:  # an I/O error of the disk or a network file system
+                raise UnreadableFileError(f"{self.path}: tensor {name!r} cannot be read at byte {info.offset + done}: "
+                                          f"{e.strerror or e}") from None
             if n == 0:
                 break
             done += n
@@ -382,7 +386,10 @@ class _Parser:
 
     def _read(self, start: int, n: int) -> bytes:
         """The file's `n` bytes from `start` (within the size it had when opened)."""
-        data = os.pread(self.fd, n, start)
+        try:
+            data = os.pread(self.fd, n, start)
+        except OSError as e:
+            raise self._io_error(e, start) from None
         if len(data) < n:  # one call reads at most ~2 GiB, or the file is shorter now
             out = bytearray(n)
             out[: len(data)] = data
@@ -390,11 +397,18 @@ class _Parser:
             data = bytes(out)
         return data
 
+    def _io_error(self, e: OSError, at: int) -> UnreadableFileError:
+        """A read's I/O error (of the disk or a network file system), named by the file and the byte."""
+        return UnreadableFileError(f"{self.path}: its header cannot be read at byte {at}: {e.strerror or e}")
+
     def _read_into(self, out, start: int) -> None:
         """Fill the writable buffer `out` with the file's bytes from `start`."""
         view, done = memoryview(out).cast("B"), 0
         while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], start + done)
+            try:
+                n = os.preadv(self.fd, [view[done:]], start + done)
+            except OSError as e:
+                raise self._io_error(e, start + done) from None
             if n == 0:
                 raise FileChangedError(
                     f"{self.path}: the file ended at byte {start + done} while its header was read "

@@ -117,3 +117,17 @@ def check_output_path(path: Any, what: str) -> pathlib.Path:
         raise WriteError(f"{path}: the folder {path.parent} does not exist")
     return path
 
+
+def write_error(path: pathlib.Path, e: OSError) -> WriteError:
+    """The WriteError for an OSError while `path` (or a file beside it) was written: the system's reason, or,
+    for numpy's short write (which carries none: "N requested and M written"), that the disk took less than
+    written; with the bytes free on the folder's file system, where it can say."""
+    reason = e.strerror or (f"the file system took less than was written ({e})" if "requested and" in str(e)
+                            else str(e) or type(e).__name__)
+    try:
+        st = os.statvfs(path.parent)
+        reason += f"; {st.f_bavail * st.f_frsize:,} bytes free on its file system"
+    except (OSError, AttributeError):
+        pass
+    return WriteError(f"{path}: cannot be written: {reason}")
+

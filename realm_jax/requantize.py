@@ -24,9 +24,9 @@ import numpy as np
 
 from realm_jax import mixture, preflight
 from realm_jax.checkpoint import _fresh_file
-from realm_jax.errors import ArgumentError, MetadataError, UnsupportedFormatError, WriteError
+from realm_jax.errors import ArgumentError, MetadataError, UnsupportedFormatError
 from realm_jax.gguf import open_gguf
-from realm_jax.inputs import as_path, check_output_path, shown
+from realm_jax.inputs import as_path, check_output_path, shown, write_error
 
 __all__ = ["CHUNK_ELEMENTS", "MIN_CHUNK", "Target", "quantize_gguf", "target"]
 
@@ -237,7 +237,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, type_name: str
             writer.close()
             tmp.unlink(missing_ok=True)
             if isinstance(e, OSError):  # the write's (a full disk, a read-only folder): the reading's are GGUFErrors
-                raise WriteError(f"{dst}: cannot be written: {e.strerror or e}") from None
+                raise write_error(dst, e) from None
             raise
     counts: dict[str, int] = {}
     for t in types.values():

@@ -521,6 +521,27 @@ def test_unreadable_file(tmp_path, monkeypatch):
         open_gguf(path)
 
 
+def test_an_io_error_while_reading_names_the_file_and_where(write, monkeypatch):
+    """EIO from the disk or a network file system, in the header or in a tensor's bytes, is an
+    UnreadableFileError naming the file and the byte (and the tensor), not a bare OSError."""
+    from realm_jax import gguf as reader
+
+    path = write(_file([ARCH], tis=[F32_ROW], data=np.arange(8, dtype=np.float32).tobytes()))
+
+    def eio(*args):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(reader.os, "pread", eio)
+        _raises(path, errors.UnreadableFileError, "header cannot be read at byte 0: Input/output error")
+    with open_gguf(path) as gf:
+        name = next(iter(gf.tensors))
+        monkeypatch.setattr(reader.os, "preadv", eio)
+        with pytest.raises(errors.UnreadableFileError, match=rf"case\.gguf: tensor '{name}' cannot be read at "
+                                                                r"byte \d+: Input/output error"):
+            gf.read_tensor(name)
+
+
 # --- memory, not only the file: a sparse file claims gigabytes that take no room on disk --------------
 def _sparse(path, head: bytes, size: int, at: dict[int, bytes] | None = None):
     """A file of `size` bytes that holds `head`, and `at`'s bytes at their offsets, and zeros that take no

@@ -104,6 +104,37 @@ def test_the_output_must_be_a_file_path(f32_model, tmp_path, capsys):
         quantize_gguf(f32_model, "/proc/x.gguf", "Q8_0")
 
 
+def test_a_read_error_names_the_input_not_the_output(f32_model, tmp_path, monkeypatch):
+    """EIO while a tensor of the input is read is the input's UnreadableFileError, not OUT's WriteError;
+    nothing is left beside OUT."""
+    from realm_jax import gguf as reader
+    from realm_jax.errors import UnreadableFileError
+
+    def eio(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(reader.os, "preadv", eio)
+    with pytest.raises(UnreadableFileError, match=rf"{f32_model.name}: tensor '.+' cannot be read at byte \d+: "):
+        quantize_gguf(f32_model, tmp_path / "out.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError("4096 requested and 0 written")])
+def test_a_full_disk_says_so(f32_model, tmp_path, monkeypatch, error):
+    """ENOSPC, and numpy's short write (which carries no errno), name OUT, the cause and the bytes free
+    there; nothing is left beside OUT."""
+    import gguf
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", full)
+    cause = "No space left on device" if error.errno else r"the file system took less than was written \(4096 requested"
+    with pytest.raises(WriteError, match=rf"out\.gguf: cannot be written: {cause}.*; [\d,]+ bytes free on its file system"):
+        quantize_gguf(f32_model, tmp_path / "out.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_values_the_type_cannot_hold_name_the_tensor(tmp_path):
     from realm_jax.errors import ArgumentError
 
