@@ -26,6 +26,16 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def top1_and_kl(reference, logits, chunk: int = 16) -> tuple[float, float]:
+    """Top-1 agreement of two [T, V] logits and the mean KL(reference || logits), in float64 a chunk of rows
+    at a time (the [T, V] float64 temporaries of gemma3's vocabulary took seconds to fault in)."""
+    kl = []
+    for i in range(0, len(reference), chunk):
+        r, o = log_softmax(reference[i : i + chunk]), log_softmax(logits[i : i + chunk])
+        kl.append((np.exp(r) * (r - o)).sum(-1))
+    return float((logits.argmax(1) == reference.argmax(1)).mean()), float(np.concatenate(kl).mean())
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_policies_against_f32(name):
     text = load_manifest()["prompts"][-1]
@@ -40,10 +50,8 @@ def test_policies_against_f32(name):
         for leaf in jax.tree.leaves(gen.cache):
             assert leaf.dtype == model.policy.kv and np.isfinite(np.asarray(leaf, np.float32)).all(), (name, policy)
         if reference is None:
-            reference = log_softmax(logits)
+            reference = logits
             continue
-        ours = log_softmax(logits)
-        top1 = (ours.argmax(1) == reference.argmax(1)).mean()
-        kl = (np.exp(reference) * (reference - ours)).sum(-1).mean()
+        top1, kl = top1_and_kl(reference, logits)
         assert top1 >= 0.97, f"{name} {policy}: top-1 vs f32 {top1:.4f}"
         assert kl <= 2e-3, f"{name} {policy}: mean KL vs f32 {kl:.2e}"
