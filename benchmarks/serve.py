@@ -1,12 +1,14 @@
 """Serving throughput and latency with the official openai client: realm-jax's server (and llama.cpp's,
 through llama-cpp-python's server extra, when it is installed) on the same GGUF file, same machine, same run.
 
-For 1, 4 and 16 concurrent clients (--clients), each client sends --requests greedy completions of
---max-tokens tokens in turn, streamed; the script reports the generated tokens per second over all clients,
+For 1, 4 and 16 concurrent clients (--clients), each client sends --requests completions of --max-tokens
+tokens in turn, streamed: greedy, or sampled with --temperature (and --top-p, --top-k; request j of a client
+seeded j); the script reports the generated tokens per second over all clients,
 the time to first token (TTFT) and the inter-token time (p50 and p99). `--ttft-under-load` also measures
 the TTFT of a short request on an idle server and while a long one decodes (the continuous-batching figure).
 
-    python benchmarks/serve.py [--model FILE] [--clients 1,4,16] [--llama-python VENV/bin/python] [--json out.json]
+    python benchmarks/serve.py [--model FILE] [--clients 1,4,16] [--temperature 1.0 [--top-p 0.95] [--top-k 40]]
+                               [--llama-python VENV/bin/python] [--json out.json]
 
 Only 127.0.0.1 is used; each server is a subprocess on a free port, killed at the end.
 """
@@ -58,12 +60,20 @@ def server(command: list[str], port: int, timeout: float = 600.0, env: dict | No
         log.close()
 
 
-def one(client, model: str, prompt: str, max_tokens: int) -> dict:
-    """One streamed greedy completion: its TTFT, inter-token gaps and token count."""
+GREEDY = {"temperature": 0.0}
+
+
+def one(client, model: str, prompt: str, max_tokens: int, sampling: dict = GREEDY, seed: int = 0) -> dict:
+    """One streamed completion: its TTFT, inter-token gaps and token count. sampling: temperature, top_p
+    and top_k (an extra field of llama.cpp's server and realm-jax's; 0 is off in both)."""
     start = time.perf_counter()
     times = []
-    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                                       stream=True, stream_options={"include_usage": True})
+    # top_k always sent when sampling: llama-cpp-python's server would otherwise apply its own 40
+    extra = {"top_k": sampling.get("top_k", 0)} if sampling["temperature"] > 0 else None
+    stream = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                       temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0),
+                                       seed=seed, extra_body=extra, stream=True,
+                                       stream_options={"include_usage": True})
     tokens = 0
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -76,15 +86,15 @@ def one(client, model: str, prompt: str, max_tokens: int) -> dict:
             "end": time.perf_counter()}
 
 
-def run_level(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+def run_level(base: str, model: str, clients: int, requests: int, max_tokens: int, sampling: dict = GREEDY) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=base, api_key="none", timeout=600, max_retries=0)
 
     def worker(i):
-        return [one(client, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens) for j in range(requests)]
+        return [one(client, model, PROMPTS[(i + j) % len(PROMPTS)], max_tokens, sampling, j) for j in range(requests)]
 
-    one(client, model, "Warm up", 4)
+    one(client, model, "Warm up", 4, sampling)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(worker, range(clients)) for r in rs]
@@ -122,6 +132,9 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after the other")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 (the default): off")
     p.add_argument("--ttft-under-load", action="store_true")
     p.add_argument("--llama-python", default=sys.executable, help="the Python whose llama-cpp-python[server] "
                    "runs llama.cpp's server (default: this one; a separate venv keeps the peer out of the project's)")
@@ -131,27 +144,28 @@ def main() -> int:
 
     path = args.model or str(default_model_path())
     levels = [int(c) for c in args.clients.split(",")]
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     out: dict = {"model": pathlib.Path(path).name, "cpus": os.cpu_count(), "max_tokens": args.max_tokens,
-                 "requests_per_client": args.requests, "servers": {}}
+                 "requests_per_client": args.requests, "sampling": sampling, "servers": {}}
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "realm_jax.cli", "serve", "--model", path, "--port", str(port),
                "--slots", str(args.slots), "--max-context", "1024"]
     with server(command, port, env=env) as base:
-        rows = [run_level(base, "realm-jax", c, args.requests, args.max_tokens) for c in levels]
+        rows = [run_level(base, "realm-jax", c, args.requests, args.max_tokens, sampling) for c in levels]
         result = {"levels": rows}
         if args.ttft_under_load:
             result["ttft_under_load"] = ttft_under_load(base, "realm-jax")
         out["servers"]["realm-jax"] = result
     report("realm-jax", result)
     write(args.json, out)  # kept whatever happens to the peer
-    out["servers"]["llama.cpp"] = result = llama_cpp_peer(args, path, levels)
+    out["servers"]["llama.cpp"] = result = llama_cpp_peer(args, path, levels, sampling)
     report("llama.cpp", result)
     write(args.json, out)
     return 0
 
 
-def llama_cpp_peer(args, path: str, levels: list[int]) -> dict:
+def llama_cpp_peer(args, path: str, levels: list[int], sampling: dict) -> dict:
     """llama.cpp's server through llama-cpp-python on the same file and levels, or {"skipped": why}."""
     # Importing llama_cpp.server alone succeeds without the [server] extra; its app needs the extra's
     # packages (fastapi, sse-starlette, pydantic-settings), as `python -m llama_cpp.server` does.
@@ -169,7 +183,7 @@ def llama_cpp_peer(args, path: str, levels: list[int]) -> dict:
     try:
         with server(command, port) as base:
             return {"version": probe.stdout.strip(),
-                    "levels": [run_level(base, path, c, args.requests, args.max_tokens) for c in levels]}
+                    "levels": [run_level(base, path, c, args.requests, args.max_tokens, sampling) for c in levels]}
     except ServerFailed as e:
         return {"skipped": f"llama.cpp's server did not start: {e}"}
 

@@ -11,6 +11,7 @@ import json
 import pathlib
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -236,3 +237,74 @@ def test_text_offsets_index_the_decoded_text():
                 assert text[offsets[i]: offsets[i] + len(piece)] == piece, (s, i, piece)
     text, offsets = tok.text_offsets(tok.encode("h\u00e9"))  # [BOS, " h", 0xC3, 0xA9]: both bytes at the \u00e9
     assert text == " h\u00e9" and offsets == [0, 0, 2, 2]
+
+
+# --- the draw itself (`sample_rows`), without a model ----------------------------------------------------
+def _expected(logits, t, k, p):
+    """The distribution llama.cpp's order gives one row: top-k, then top-p on the probabilities of the
+    logits, then the temperature."""
+    order = np.argsort(-logits, kind="stable")
+    values = logits[order].astype(np.float64)
+    probs = np.exp(values - values[0]) / np.exp(values - values[0]).sum()
+    keep = np.ones(len(values), bool) if k == 0 else np.arange(len(values)) < k
+    cum = np.cumsum(np.where(keep, probs, 0))
+    keep &= (cum - probs < p) | (np.arange(len(values)) == 0)
+    w = np.where(keep, np.exp((values - values[0]) / t), 0)
+    out = np.zeros(len(values))
+    out[order] = w / w.sum()
+    return out
+
+
+def _draws(logits, settings, n, seed=5):
+    """n draws from each row of logits [R, V] under its (temperature, top_k, top_p): every row repeated n
+    times, with token indices (`counts`) 0..n-1, in one call; a second try from the top 128 candidates (not
+    `WIDE`'s 1024: past these 600 tokens). [R, n] tokens."""
+    from realm_jax.serve.sampling import sample_rows
+
+    r = len(logits)
+    t, k, p = (np.repeat(np.asarray(c, dt), n) for c, dt in zip(zip(*settings), (np.float32, np.int32, np.float32)))
+    tokens, finite = sample_rows(np.repeat(logits, n, axis=0), t, k, p, np.full(r * n, seed, np.uint32),
+                                 np.tile(np.arange(n, dtype=np.int32), r), sampled=True, top_n=0, wide=128)
+    assert np.asarray(finite).all()
+    return np.asarray(tokens).reshape(r, n)
+
+
+def test_each_rows_draws_follow_its_settings():
+    """Rows that keep every token (drawn in id order, `_draw_all`: 600 is two blocks and part of a third),
+    and rows whose kept set ends in the first 64 candidates, in the first 128 (the second try) and past
+    them (the vocabulary sorted), in one call: each row's 2000 draws follow its own distribution (every
+    token within 5 standard deviations, nothing outside the kept set), and a row draws the same tokens
+    alone as beside the others."""
+    from realm_jax.serve.sampling import CANDIDATES
+
+    rng, vocab = np.random.default_rng(0), 600
+    flat = rng.standard_normal(vocab).astype(np.float32)
+    peaked = (flat * 4).astype(np.float32)
+    settings = [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 0.5), (1.0, 0, 0.9), (2.0, 100, 1.0),
+                (1.0, 0, 0.45)]
+    logits = np.stack([flat, peaked, flat, peaked, flat, flat, flat])
+    kept = [np.count_nonzero(_expected(row, *s)) for row, s in zip(logits, settings)]
+    assert kept[:2] == [vocab, vocab] and kept[2] == 5 and kept[3] <= CANDIDATES < kept[5] <= 128 < kept[4]
+    assert CANDIDATES < kept[6] <= 128
+    n = 2000
+    draws = _draws(logits, settings, n)
+    for row, (t, k, p) in enumerate(settings):
+        want = _expected(logits[row], t, k, p)
+        got = np.bincount(draws[row], minlength=vocab)
+        assert not got[want == 0].any(), (row, np.flatnonzero(got * (want == 0)))
+        sigma = np.sqrt(n * want * (1 - want))
+        assert (np.abs(got - n * want) <= 5 * sigma + 1).all(), (row, np.max(np.abs(got - n * want) / (sigma + 1e-9)))
+    for row in (0, 3):  # alone, the step runs no second try, nor the first for row 0
+        assert (_draws(logits[row : row + 1], [settings[row]], n) == draws[row]).all(), row
+
+
+def test_a_draw_over_every_token_never_gives_one_of_weight_0():
+    """`_draw_all` at the ends of the uniform's range: the first and the last token of positive weight,
+    across blocks and the padding of the last one."""
+    from realm_jax.serve.sampling import _draw_all
+
+    logits = np.full((3, 700), -np.inf, np.float32)
+    logits[:, [3, 255, 256, 600]] = [0.0, 1.0, 2.0, 0.5]
+    u = np.array([0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))], np.float32)
+    drawn = np.asarray(jax.jit(_draw_all)(logits, logits.max(1), np.ones(3, np.float32), u))
+    assert drawn[0] == 3 and drawn[2] == 600 and drawn[1] in (255, 256, 600)

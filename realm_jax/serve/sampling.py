@@ -13,9 +13,12 @@ log-probabilities all see the processed logits.
 
 The draw is an inverse-CDF draw from one uniform per row and step (keyed by the request's seed and its own
 token index), over the kept candidates in descending order: it reads only those candidates, so it gives
-the same token whether the candidates came from the first `CANDIDATES` of a `lax.top_k` or from a full
-sort. The full sort over the vocabulary runs only for a step with a row whose kept set does not fit in
-`CANDIDATES` (no top_k, and top_p needing more).
+the same token whether the candidates came from the first `CANDIDATES` of a `lax.top_k`, from the first
+`WIDE` or from a full sort. A row whose kept set does not fit in `CANDIDATES` (no top_k, or one past them,
+and a top_p needing more) is drawn again from the first `WIDE` (~8 ms for 8 rows of gemma3's 262k on a
+2-core CPU), and only where those do not hold it either from the vocabulary sorted (~160 ms, ten decode
+steps). A row that keeps every token (no top_k, top_p 1: OpenAI's defaults) needs no order: its
+draw goes over the vocabulary in id order (`_draw_all`), a block of `_BLOCK` tokens and then a token in it.
 
 Legend: B rows, V vocab, C candidates.
 """
@@ -31,9 +34,11 @@ from jax import lax
 from realm_jax.ops import row_sum
 from realm_jax.sampling import first_argmax, penalize
 
-__all__ = ["CANDIDATES", "TOP_LOGPROBS", "sample_rows"]
+__all__ = ["CANDIDATES", "TOP_LOGPROBS", "WIDE", "sample_rows"]
 
 CANDIDATES = 64  # candidates the fast path keeps per row
+WIDE = 1024  # candidates of the second try, for a row whose kept set the first CANDIDATES do not hold
+_BLOCK = 256  # tokens a block of `_draw_all`'s first step
 TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's chat limit; completions': 5)
 
 
@@ -65,9 +70,33 @@ def _draw(values, ids, keep, temperature, u):
     return jnp.take_along_axis(ids, idx[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("sampled", "top_n"))
+def _last_positive(w):
+    """[...] the index of the last positive weight of w [..., n] (0 if none)."""
+    return jnp.max(jnp.where(w > 0, jnp.arange(w.shape[-1]), 0), axis=-1)
+
+
+def _draw_all(logits, m, temperature, u):
+    """The inverse-CDF draw of u [B] over every token in id order, weights exp((logits - m) / temperature):
+    first the block of `_BLOCK` tokens (cumulative sums of the blocks' sums), then the token in it, so that
+    no [B, V] cumulative sum is made (8.8 ms for 8 rows of 262k on a 2-core CPU; this, ~2 ms). Where
+    rounding takes the threshold past the last weight, the last positive one is drawn, never a token of
+    weight 0."""
+    b, v = logits.shape
+    blocks = -(-v // _BLOCK)
+    w = jnp.exp((logits - m[:, None]) / jnp.where(temperature > 0, temperature, 1.0)[:, None])
+    w = jnp.pad(w, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
+    cum = _cumsum(row_sum(w)[..., 0])  # [B, blocks]
+    threshold = u * cum[:, -1]
+    sums = cum - jnp.pad(cum, ((0, 0), (1, 0)))[:, :-1]  # the blocks' own sums, as the scan has them
+    block = jnp.minimum(jnp.sum(cum <= threshold[:, None], axis=-1), _last_positive(sums))
+    inside = jnp.take_along_axis(w, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
+    before = jnp.where(block > 0, jnp.take_along_axis(cum, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
+    at = jnp.minimum(jnp.sum(_cumsum(inside) <= (threshold - before)[:, None], axis=-1), _last_positive(inside))
+    return (block * _BLOCK + at).astype(jnp.int32)
+
+
 def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None, bias_values=None, recent=None,
-                penalty=None, *, sampled: bool, top_n: int):
+                penalty=None, *, sampled: bool, top_n: int, wide: int = WIDE):
     """One token per row of logits [B, V] f32, each row by its own settings.
 
     Args:
@@ -81,40 +110,104 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
         penalty (1: off; `realm_jax.sampling.penalize`).
       sampled: whether any row has temperature > 0 (static: an all-greedy step skips the draw).
       top_n: 0, or the number of top log-probabilities to return per row.
+      wide: the candidates of the second try, for the rows whose kept set the first `CANDIDATES` do not hold.
 
     Returns:
       (tokens [B] int32, finite [B] bool: the row's processed logits hold no NaN or infinity, and with top_n: the
       chosen tokens' log-probabilities [B], the top_n log-probabilities [B, top_n] and their ids).
+
+    Programs compiled apart: `_sample` for every step, and `_sample_wider` for the rows whose kept set
+    `_sample` found past its `CANDIDATES` (first from the top `wide`, then from the whole vocabulary sorted),
+    only then: the full sort's [B, V] scans took 48 MB of temporaries, which XLA:CPU allocates at every run
+    of a program that holds them, run or not (~5 ms a step). Whether a step needs the next is read on the
+    host between them.
     """
+    args = (logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty)
+    tokens, finite, wider, *logprobs = _sample(*args, sampled=sampled, top_n=top_n)
+    vocab = logits.shape[-1]
+    for k in sorted({min(wide, vocab), vocab}):
+        if not sampled or k <= CANDIDATES or not bool(jnp.any(wider)):
+            continue
+        tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, top_n=top_n)
+    return (tokens, finite, *logprobs)
+
+
+def _processed(logits, bias_ids, bias_values, recent, penalty):
+    """The logits after the request's processing: the repetition penalty, then the bias."""
     if recent is not None:
         logits = penalize(logits, recent, penalty[:, None])
     if bias_ids is not None:
         logits = logits.at[jnp.arange(logits.shape[0])[:, None], bias_ids].add(bias_values)
-    finite = jnp.all(jnp.isfinite(logits), axis=-1)
-    tokens = first_argmax(logits)
-    if sampled:
-        m = jnp.max(logits, axis=-1)
-        z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counts)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+    return logits
 
-        def pick(values, ids):
-            keep, ends = _keep(values, z, m, top_k, top_p)
-            return _draw(values, ids, keep, safe_t, u), ends
 
-        fast, ends = pick(*lax.top_k(logits, min(CANDIDATES, logits.shape[-1])))
-        greedy = temperature <= 0
+def _uniforms(seeds, counts):
+    """[B] the uniform of each row's draw: fold_in(PRNGKey(seed), count)."""
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counts)
+    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
 
-        def full():
-            return jnp.where(ends, fast, pick(*lax.top_k(logits, logits.shape[-1]))[0])
 
-        drawn = lax.cond(jnp.all(ends | greedy), lambda: fast, full)
-        tokens = jnp.where(greedy, tokens, drawn)
-    if not top_n:
-        return tokens, finite
+def _pick(logits, values, ids, m, temperature, top_k, top_p, u):
+    """The draw of each row from its candidates values [B, C] (descending) and their ids, and [B] whether its
+    kept set ends inside them."""
+    z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
+    keep, ends = _keep(values, z, m, top_k, top_p)
+    return _draw(values, ids, keep, jnp.where(temperature > 0, temperature, 1.0), u), ends
+
+
+def _logprobs(logits, tokens, top_n: int):
+    """The chosen tokens' log-probabilities [B], and the top_n log-probabilities [B, top_n] and their ids."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     logp = logits - (top + jnp.log(row_sum(jnp.exp(logits - top))))
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     top_values, top_ids = lax.top_k(logp, top_n)
-    return tokens, finite, chosen, top_values, top_ids
+    return chosen, top_values, top_ids
+
+
+@functools.partial(jax.jit, static_argnames=("sampled", "top_n"))
+def _sample(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty, *,
+            sampled: bool, top_n: int):
+    """`sample_rows` from the top CANDIDATES: (tokens, finite, [B] the rows whose kept set goes past them,
+    *log-probabilities)."""
+    logits = _processed(logits, bias_ids, bias_values, recent, penalty)
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    tokens = first_argmax(logits)
+    wider = jnp.zeros(tokens.shape, bool)
+    if sampled:
+        m = jnp.max(logits, axis=-1)
+        u = _uniforms(seeds, counts)
+        greedy = temperature <= 0
+        everything = (top_k == 0) & (top_p >= 1.0)  # keeps every token: drawn in id order, no sort
+
+        def cut():  # the rows that keep some tokens: from the top CANDIDATES
+            # The barrier keeps XLA's TopK: slices of its outputs (the scan's) would otherwise merge into those
+            # of a sort, and the fast path become a full sort of the vocabulary.
+            values, ids = lax.optimization_barrier(lax.top_k(logits, min(CANDIDATES, logits.shape[-1])))
+            return _pick(logits, values, ids, m, temperature, top_k, top_p, u)
+
+        drawn, ends = lax.cond(jnp.all(everything | greedy), lambda: (tokens, jnp.ones(tokens.shape, bool)), cut)
+        drawn = lax.cond(jnp.any(everything & ~greedy),
+                         lambda: jnp.where(everything, _draw_all(logits, m, temperature, u), drawn), lambda: drawn)
+        tokens = jnp.where(greedy, tokens, drawn)
+        wider = ~(ends | greedy | everything)
+    if not top_n:
+        return tokens, finite, wider
+    return tokens, finite, wider, *_logprobs(logits, tokens, top_n)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "top_n"))
+def _sample_wider(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty,
+                  tokens, rows, *, k: int, top_n: int):
+    """The tokens of `_sample` with those of `rows` drawn from the top k candidates (k = V: the vocabulary
+    sorted): the same draw as from fewer (so the rows whose kept set ended in fewer would get their tokens
+    again); (tokens, the rows whose kept set goes past these k too, *log-probabilities)."""
+    logits = _processed(logits, bias_ids, bias_values, recent, penalty)
+    m = jnp.max(logits, axis=-1)
+    top = lax.top_k(logits, k)
+    drawn, ends = _pick(logits, *(top if k == logits.shape[-1] else lax.optimization_barrier(top)), m, temperature,
+                        top_k, top_p, _uniforms(seeds, counts))
+    tokens = jnp.where(rows, drawn, tokens)
+    rows = rows & ~ends & (k < logits.shape[-1])
+    if not top_n:
+        return tokens, rows
+    return tokens, rows, *_logprobs(logits, tokens, top_n)
