@@ -15,10 +15,11 @@ The draw is an inverse-CDF draw from one uniform per row and step (keyed by the 
 token index), over the kept candidates in descending order: it reads only those candidates, so it gives
 the same token whether the candidates came from the first `CANDIDATES` of a `lax.top_k`, from the first
 `WIDE` or from a full sort. A row whose kept set does not fit in `CANDIDATES` (no top_k, or one past them,
-and a top_p needing more) is drawn again from the first `WIDE` (~8 ms for 8 rows of gemma3's 262k on a
-2-core CPU), and only where those do not hold it either from the vocabulary sorted (~160 ms, ten decode
-steps). A row that keeps every token (no top_k, top_p 1: OpenAI's defaults) needs no order: its
-draw goes over the vocabulary in id order (`_draw_all`), a block of `_BLOCK` tokens and then a token in it.
+and a top_p needing more) is drawn again from the first `WIDE` (~1-2 ms a row of gemma3's 262k on a 2-core
+CPU), and only where those do not hold it either from the vocabulary sorted (~45 ms for one row, ~230 for
+eight at once: four and ten decode steps). A row that keeps every token (no top_k, top_p 1: OpenAI's
+defaults) needs no order: its draw goes over the vocabulary in id order (`_draw_all`), a block of `_BLOCK`
+tokens and then a token in it.
 
 Legend: B rows, V vocab, C candidates.
 """
@@ -126,9 +127,9 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
     tokens, finite, wider, *logprobs = _sample(*args, sampled=sampled, top_n=top_n)
     vocab = logits.shape[-1]
     for k in sorted({min(wide, vocab), vocab}):
-        if not sampled or k <= CANDIDATES or not bool(jnp.any(wider)):
-            continue
-        tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, top_n=top_n)
+        n = int(jnp.sum(wider)) if sampled and k > CANDIDATES else 0
+        if n:  # one row at a time where at most half the rows need it (a row's sort of 262k: ~45 ms; 8 rows': ~230)
+            tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, each=2 * n <= len(wider), top_n=top_n)
     return (tokens, finite, *logprobs)
 
 
@@ -195,19 +196,33 @@ def _sample(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_val
     return tokens, finite, wider, *_logprobs(logits, tokens, top_n)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "top_n"))
+@functools.partial(jax.jit, static_argnames=("k", "each", "top_n"))
 def _sample_wider(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty,
-                  tokens, rows, *, k: int, top_n: int):
+                  tokens, rows, *, k: int, each: bool, top_n: int):
     """The tokens of `_sample` with those of `rows` drawn from the top k candidates (k = V: the vocabulary
     sorted): the same draw as from fewer (so the rows whose kept set ended in fewer would get their tokens
-    again); (tokens, the rows whose kept set goes past these k too, *log-probabilities)."""
+    again); (tokens, the rows whose kept set goes past these k too, *log-probabilities). each: one row at a
+    time, only the rows asked for (else every row at once)."""
     logits = _processed(logits, bias_ids, bias_values, recent, penalty)
     m = jnp.max(logits, axis=-1)
-    top = lax.top_k(logits, k)
-    drawn, ends = _pick(logits, *(top if k == logits.shape[-1] else lax.optimization_barrier(top)), m, temperature,
-                        top_k, top_p, _uniforms(seeds, counts))
-    tokens = jnp.where(rows, drawn, tokens)
-    rows = rows & ~ends & (k < logits.shape[-1])
+    full = k == logits.shape[-1]
+
+    def draw(x, *settings):
+        top = lax.top_k(x, k)
+        drawn, ends = _pick(x, *(top if full else lax.optimization_barrier(top)), *settings)
+        return drawn, ~ends & (not full)
+
+    settings = (m, temperature, top_k, top_p, _uniforms(seeds, counts))
+    if each:
+        def row(args):
+            x, asked, tok, *one = args
+            return lax.cond(asked, lambda: tuple(v[0] for v in draw(x[None], *(v[None] for v in one))),
+                            lambda: (tok, jnp.zeros((), bool)))
+
+        tokens, rows = lax.map(row, (logits, rows, tokens, *settings))
+    else:
+        drawn, past = draw(logits, *settings)
+        tokens, rows = jnp.where(rows, drawn, tokens), rows & past
     if not top_n:
         return tokens, rows
     return tokens, rows, *_logprobs(logits, tokens, top_n)
