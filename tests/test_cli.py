@@ -82,27 +82,30 @@ def test_ctrl_c_is_one_line_and_status_130():
     assert proc.returncode == 130 and err.decode() == "realm-jax: interrupted\n", err.decode()[-2000:]
 
 
-def test_generate_with_the_fused_kernels():
+def test_generate_with_the_fused_kernels(capsys):
     """--impl pallas keeps the weights quantized and runs the kernels (interpret mode on CPU): same text."""
     from realm_jax.reference import reference_dir
 
     model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
-    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", "--precision", "f32",
-                  "--impl", impl) for impl in ("pallas", "xla")]
-    assert all(p.returncode == 0 for p in texts), texts[0].stderr
-    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("Once upon a time")
+    texts = []
+    for impl in ("pallas", "xla"):  # in this process: a subprocess each cost ~9 s more
+        assert main(["generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", "--precision", "f32",
+                     "--impl", impl]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("Once upon a time")
 
 
-def test_a_mesh_of_one_device_runs_as_one_device():
+def test_a_mesh_of_one_device_runs_as_one_device(capsys):
     """--strategy none (and a 1x1x1 --mesh) split nothing: the model runs on the one device, the native
     kernels included, and writes what it writes without them."""
     from realm_jax.reference import reference_dir
 
     model = str(reference_dir().parent / "synthetic" / "llama-s-q2_k.gguf")
-    texts = [_cli("generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", *extra)
-             for extra in ((), ("--strategy", "none"), ("--mesh", "data=1,stage=1,model=1"))]
-    assert all(p.returncode == 0 for p in texts), [p.stderr for p in texts]
-    assert texts[0].stdout == texts[1].stdout == texts[2].stdout
+    texts = []
+    for extra in ((), ("--strategy", "none"), ("--mesh", "data=1,stage=1,model=1")):  # in this process (one device)
+        assert main(["generate", "Once upon a time", "--model", model, "--max-new-tokens", "4", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) > len("Once upon a time")
 
 
 def test_bench_reports_tokens_per_second():
