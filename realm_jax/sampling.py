@@ -15,8 +15,13 @@ import numpy as np
 
 from realm_jax.errors import SamplingError
 from realm_jax.inputs import shown
+from realm_jax.ops import row_sum
 
-__all__ = ["SamplingConfig", "first_argmax", "penalize", "sample", "step_keys"]
+__all__ = ["CANDIDATES", "WIDE", "SamplingConfig", "cumsum_rows", "draw_candidate", "first_argmax", "kept_candidates",
+           "penalize", "sample", "step_keys"]
+
+CANDIDATES = 64  # the candidates a top-p draw takes from a lax.top_k first
+WIDE = 1024  # and then, where they do not hold some row's kept set, before it sorts the vocabulary
 
 
 _F32_MAX = float(np.finfo(np.float32).max)  # the scalars are float32: past this they would be inf
@@ -115,8 +120,7 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
     if cfg.top_k is not None:
         values, ids = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))
     elif cfg.top_p is not None:
-        ids = jnp.argsort(-logits, axis=-1)
-        values = jnp.take_along_axis(logits, ids, axis=-1)
+        return _top_p_draw(logits, key, temperature, top_p)
     else:
         values, ids = logits, None
     if cfg.top_p is not None:
@@ -129,6 +133,65 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
     if ids is None:
         return choice.astype(jnp.int32)
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def cumsum_rows(x):
+    """Cumulative sums over the last axis from elementwise adds (a row's do not depend on the batch, as
+    `ops.row_sum`'s)."""
+    return jax.lax.associative_scan(jnp.add, x, axis=-1)
+
+
+def kept_candidates(values, z, m, top_k, top_p):
+    """[B, C] mask of the candidates values [B, C] (descending) that top_k [B] (0: off) and top_p [B]
+    (1: off) keep, and [B] whether the kept set ends inside these C candidates. m [B]: the row's largest
+    logit; z [B]: its sum of exp(logits - m) over the whole vocabulary."""
+    c = values.shape[-1]
+    rank = jnp.arange(c)[None, :]
+    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
+    probs = jnp.exp(values - m[:, None]) / z[:, None]  # of the whole vocabulary: z sums over V
+    cum = cumsum_rows(jnp.where(keep, probs, 0.0))
+    keep &= (cum - probs < top_p[:, None]) | (rank == 0)  # the best candidate always stays
+    ends = ((top_k > 0) & (top_k <= c)) | ((top_p < 1.0) & (cum[:, -1] >= top_p))
+    return keep, ends
+
+
+def draw_candidate(values, ids, keep, temperature, u):
+    """The inverse-CDF draw of u [B] over the kept candidates (values [B, C] descending, their ids), weights
+    exp((value - best) / temperature [B]): it reads only the kept ones, so it gives the same token from the
+    first C candidates as from the whole vocabulary sorted."""
+    w = jnp.where(keep, jnp.exp((values - values[:, :1]) / temperature[:, None]), 0.0)
+    cum = cumsum_rows(w)
+    idx = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
+    idx = jnp.minimum(idx, jnp.sum(keep, axis=-1) - 1)  # u * total rounding up past the last kept one
+    return jnp.take_along_axis(ids, idx[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _top_p_draw(logits, key, temperature, top_p):
+    """top_p alone: the inverse-CDF draw over the kept set in descending order, from the first `CANDIDATES`
+    of a lax.top_k; in a step where they do not hold some row's kept set, from the first `WIDE`; and only
+    where those do not either, from the vocabulary sorted (the same token each way: a row's draw does not
+    depend on its batch). A sort of gemma3's 262k logits a token had taken ~45 ms on a 2-core CPU, four
+    decode steps; with top_p 0.95 at temperature 0.8, generate went 14 -> 62 tok/s (greedy: 58-62)."""
+    b = logits.shape[0]
+    m = jnp.max(logits, axis=-1)
+    z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
+    t, p, off = jnp.broadcast_to(temperature, (b,)), jnp.broadcast_to(top_p, (b,)), jnp.zeros((b,), jnp.int32)
+
+    def pick(values, ids):
+        keep, ends = kept_candidates(values, z, m, off, p)
+        return draw_candidate(values, ids, keep, t, u), ends
+
+    def tries(k: int, *after: int):  # the draw from the top k, or where a row's kept set goes past them, more
+        # The barrier keeps XLA's TopK: the scans' slices of its outputs would merge into slices of a sort.
+        top = jax.lax.top_k(logits, k)
+        drawn, ends = pick(*(jax.lax.optimization_barrier(top) if after else top))
+        if not after:
+            return drawn
+        return jax.lax.cond(jnp.all(ends), lambda: drawn, lambda: jnp.where(ends, drawn, tries(*after)))
+
+    v = logits.shape[-1]
+    return tries(*sorted({min(CANDIDATES, v), min(WIDE, v), v}))
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:

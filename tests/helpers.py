@@ -81,3 +81,18 @@ def random_blocks(fmt: str, n_rows: int, n_blocks: int, rng: np.random.Generator
 def random_qtensor(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> QTensor:
     f = get_format(fmt)
     return repack(random_blocks(fmt, rows, cols // f.block_size, rng), fmt, (rows, cols))
+
+
+def expected_distribution(logits, t, k, p):
+    """The distribution llama.cpp's order gives one row of logits: top-k (0: off), then top-p on the
+    probabilities of the logits, then the temperature t."""
+    order = np.argsort(-logits, kind="stable")
+    values = logits[order].astype(np.float64)
+    probs = np.exp(values - values[0]) / np.exp(values - values[0]).sum()
+    keep = np.ones(len(values), bool) if k == 0 else np.arange(len(values)) < k
+    cum = np.cumsum(np.where(keep, probs, 0))
+    keep &= (cum - probs < p) | (np.arange(len(values)) == 0)
+    w = np.where(keep, np.exp((values - values[0]) / t), 0)
+    out = np.zeros(len(values))
+    out[order] = w / w.sum()
+    return out

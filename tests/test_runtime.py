@@ -353,3 +353,35 @@ def test_token_ids_in_a_1d_integer_array_are_a_list_of_them(synthetic):
     want = synthetic.logits(ids)
     np.testing.assert_array_equal(synthetic.logits(jnp.asarray(ids)), want)
     np.testing.assert_array_equal(synthetic.logits(np.array(ids, np.uint16), positions=jnp.asarray([3])), want[3:])
+
+
+def test_top_p_draws_follow_the_kept_distribution():
+    """`sample` with top_p alone draws from the first 64 candidates, the first 1024 or the sorted vocabulary,
+    whichever holds the step's kept sets: rows whose kept set ends in each, in one batch, follow their own
+    distribution over 1000 keys (every token within 5 standard deviations, nothing outside the kept set),
+    and a row draws the same tokens alone as beside the others."""
+    import jax.numpy as jnp
+
+    from helpers import expected_distribution
+    from realm_jax.sampling import CANDIDATES, WIDE, sample
+
+    rng, vocab, n = np.random.default_rng(1), 1500, 1000
+    flat = rng.standard_normal(vocab).astype(np.float32)
+    rows = [flat * 3, flat * 1.5, flat * 0.5]
+    cfg = SamplingConfig(temperature=0.8, top_p=0.9)
+    kept = [np.count_nonzero(expected_distribution(x, 0.8, 0, 0.9)) for x in rows]
+    assert kept[0] <= CANDIDATES < kept[1] <= WIDE < kept[2]
+    keys = jax.random.split(jax.random.PRNGKey(3), n)
+    step = jax.jit(lambda x, k, s: sample(x, k, None, cfg.static, s))
+
+    def draws(chosen):
+        logits = np.concatenate([np.repeat(rows[i][None], n, 0) for i in chosen])
+        return np.asarray(step(logits, jnp.tile(keys, (len(chosen), 1)), cfg.scalars)).reshape(len(chosen), n)
+
+    together = draws([0, 1, 2])
+    for i, x in enumerate(rows):
+        want = expected_distribution(x, 0.8, 0, 0.9)
+        got = np.bincount(together[i], minlength=vocab)
+        assert not got[want == 0].any(), i
+        assert (np.abs(got - n * want) <= 5 * np.sqrt(n * want * (1 - want)) + 1).all(), i
+    assert (draws([0])[0] == together[0]).all() and (draws([1])[0] == together[1]).all()

@@ -19,6 +19,7 @@ import realm_jax
 from realm_jax.errors import SamplingError, TokenIdError
 from realm_jax.serve.engine import MAX_LOGIT_BIAS, Engine, EngineStoppedError, RequestParams, complete
 from realm_jax.serve.protocol import ApiError, parse_body
+from helpers import expected_distribution
 
 MODEL = pathlib.Path(__file__).parent / "data" / "synthetic" / "llama-k-q4_k_m.gguf"
 
@@ -240,21 +241,6 @@ def test_text_offsets_index_the_decoded_text():
 
 
 # --- the draw itself (`sample_rows`), without a model ----------------------------------------------------
-def _expected(logits, t, k, p):
-    """The distribution llama.cpp's order gives one row: top-k, then top-p on the probabilities of the
-    logits, then the temperature."""
-    order = np.argsort(-logits, kind="stable")
-    values = logits[order].astype(np.float64)
-    probs = np.exp(values - values[0]) / np.exp(values - values[0]).sum()
-    keep = np.ones(len(values), bool) if k == 0 else np.arange(len(values)) < k
-    cum = np.cumsum(np.where(keep, probs, 0))
-    keep &= (cum - probs < p) | (np.arange(len(values)) == 0)
-    w = np.where(keep, np.exp((values - values[0]) / t), 0)
-    out = np.zeros(len(values))
-    out[order] = w / w.sum()
-    return out
-
-
 def _draws(logits, settings, n, seed=5):
     """n draws from each row of logits [R, V] under its (temperature, top_k, top_p): every row repeated n
     times, with token indices (`counts`) 0..n-1, in one call; a second try from the top 128 candidates (not
@@ -283,13 +269,13 @@ def test_each_rows_draws_follow_its_settings():
     settings = [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 5, 1.0), (0.7, 0, 0.5), (1.0, 0, 0.9), (2.0, 100, 1.0),
                 (1.0, 0, 0.45)]
     logits = np.stack([flat, peaked, flat, peaked, flat, flat, flat])
-    kept = [np.count_nonzero(_expected(row, *s)) for row, s in zip(logits, settings)]
+    kept = [np.count_nonzero(expected_distribution(row, *s)) for row, s in zip(logits, settings)]
     assert kept[:2] == [vocab, vocab] and kept[2] == 5 and kept[3] <= CANDIDATES < kept[5] <= 128 < kept[4]
     assert CANDIDATES < kept[6] <= 128
     n = 2000
     draws = _draws(logits, settings, n)
     for row, (t, k, p) in enumerate(settings):
-        want = _expected(logits[row], t, k, p)
+        want = expected_distribution(logits[row], t, k, p)
         got = np.bincount(draws[row], minlength=vocab)
         assert not got[want == 0].any(), (row, np.flatnonzero(got * (want == 0)))
         sigma = np.sqrt(n * want * (1 - want))

@@ -33,42 +33,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from realm_jax.ops import row_sum
-from realm_jax.sampling import first_argmax, penalize
+from realm_jax.sampling import CANDIDATES, WIDE, cumsum_rows, draw_candidate, first_argmax, kept_candidates, penalize
 
 __all__ = ["CANDIDATES", "TOP_LOGPROBS", "WIDE", "sample_rows"]
 
-CANDIDATES = 64  # candidates the fast path keeps per row
-WIDE = 1024  # candidates of the second try, for a row whose kept set the first CANDIDATES do not hold
 _BLOCK = 256  # tokens a block of `_draw_all`'s first step
 TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's chat limit; completions': 5)
-
-
-def _cumsum(x):
-    """Cumulative sums over the last axis from elementwise adds (a row's do not depend on the batch, as
-    `ops.row_sum`'s)."""
-    return lax.associative_scan(jnp.add, x, axis=-1)
-
-
-def _keep(values, z, m, top_k, top_p):
-    """[B, C] mask of the candidates values [B, C] (descending) that top_k [B] (0: off) and top_p [B]
-    (1: off) keep, and [B] whether the kept set ends inside these C candidates."""
-    c = values.shape[-1]
-    rank = jnp.arange(c)[None, :]
-    keep = (top_k[:, None] == 0) | (rank < top_k[:, None])
-    probs = jnp.exp(values - m[:, None]) / z[:, None]  # of the whole vocabulary: z sums over V
-    cum = _cumsum(jnp.where(keep, probs, 0.0))
-    keep &= (cum - probs < top_p[:, None]) | (rank == 0)  # the best candidate always stays
-    ends = ((top_k > 0) & (top_k <= c)) | ((top_p < 1.0) & (cum[:, -1] >= top_p))
-    return keep, ends
-
-
-def _draw(values, ids, keep, temperature, u):
-    """The candidate whose cumulative weight first passes u [B] of the kept candidates' total."""
-    w = jnp.where(keep, jnp.exp((values - values[:, :1]) / temperature[:, None]), 0.0)
-    cum = _cumsum(w)
-    idx = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
-    idx = jnp.minimum(idx, jnp.sum(keep, axis=-1) - 1)  # u * total rounding up past the last kept one
-    return jnp.take_along_axis(ids, idx[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def _last_positive(w):
@@ -86,13 +56,13 @@ def _draw_all(logits, m, temperature, u):
     blocks = -(-v // _BLOCK)
     w = jnp.exp((logits - m[:, None]) / jnp.where(temperature > 0, temperature, 1.0)[:, None])
     w = jnp.pad(w, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
-    cum = _cumsum(row_sum(w)[..., 0])  # [B, blocks]
+    cum = cumsum_rows(row_sum(w)[..., 0])  # [B, blocks]
     threshold = u * cum[:, -1]
     sums = cum - jnp.pad(cum, ((0, 0), (1, 0)))[:, :-1]  # the blocks' own sums, as the scan has them
     block = jnp.minimum(jnp.sum(cum <= threshold[:, None], axis=-1), _last_positive(sums))
     inside = jnp.take_along_axis(w, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
     before = jnp.where(block > 0, jnp.take_along_axis(cum, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
-    at = jnp.minimum(jnp.sum(_cumsum(inside) <= (threshold - before)[:, None], axis=-1), _last_positive(inside))
+    at = jnp.minimum(jnp.sum(cumsum_rows(inside) <= (threshold - before)[:, None], axis=-1), _last_positive(inside))
     return (block * _BLOCK + at).astype(jnp.int32)
 
 
@@ -152,8 +122,8 @@ def _pick(logits, values, ids, m, temperature, top_k, top_p, u):
     """The draw of each row from its candidates values [B, C] (descending) and their ids, and [B] whether its
     kept set ends inside them."""
     z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
-    keep, ends = _keep(values, z, m, top_k, top_p)
-    return _draw(values, ids, keep, jnp.where(temperature > 0, temperature, 1.0), u), ends
+    keep, ends = kept_candidates(values, z, m, top_k, top_p)
+    return draw_candidate(values, ids, keep, jnp.where(temperature > 0, temperature, 1.0), u), ends
 
 
 def _logprobs(logits, tokens, top_n: int):
