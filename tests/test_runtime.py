@@ -359,7 +359,7 @@ def test_top_p_draws_follow_the_kept_distribution():
     """`sample` with top_p alone draws from the first 64 candidates, the first 1024 or the sorted vocabulary,
     whichever holds the step's kept sets: rows whose kept set ends in each, in one batch, follow their own
     distribution over 1000 keys (every token within 5 standard deviations, nothing outside the kept set),
-    and a row draws the same tokens alone as beside the others."""
+    and a row draws the same tokens alone as beside the others. With no limit at all (in id order), too."""
     import jax.numpy as jnp
 
     from helpers import expected_distribution
@@ -385,3 +385,9 @@ def test_top_p_draws_follow_the_kept_distribution():
         assert not got[want == 0].any(), i
         assert (np.abs(got - n * want) <= 5 * np.sqrt(n * want * (1 - want)) + 1).all(), i
     assert (draws([0])[0] == together[0]).all() and (draws([1])[0] == together[1]).all()
+    every = SamplingConfig(temperature=0.8)  # no limit: drawn in id order, one uniform a row
+    step = jax.jit(lambda x, k: sample(x, k, None, every.static, every.scalars))
+    got = np.asarray(step(np.repeat(rows[1][None], n, 0), keys))
+    want = expected_distribution(rows[1], 0.8, 0, 1.0)
+    got = np.bincount(got, minlength=vocab)
+    assert (np.abs(got - n * want) <= 5 * np.sqrt(n * want * (1 - want)) + 1).all()

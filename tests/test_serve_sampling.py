@@ -256,7 +256,7 @@ def _draws(logits, settings, n, seed=5):
 
 
 def test_each_rows_draws_follow_its_settings():
-    """Rows that keep every token (drawn in id order, `_draw_all`: 600 is two blocks and part of a third),
+    """Rows that keep every token (drawn in id order, `draw_in_id_order`: 600 is two blocks and part of a third),
     and rows whose kept set ends in the first 64 candidates, in the first 128 (the second try) and past
     them (the vocabulary sorted), in one call: each row's 2000 draws follow its own distribution (every
     token within 5 standard deviations, nothing outside the kept set), and a row draws the same tokens
@@ -287,12 +287,12 @@ def test_each_rows_draws_follow_its_settings():
 
 
 def test_a_draw_over_every_token_never_gives_one_of_weight_0():
-    """`_draw_all` at the ends of the uniform's range: the first and the last token of positive weight,
+    """`draw_in_id_order` at the ends of the uniform's range: the first and the last token of positive weight,
     across blocks and the padding of the last one."""
-    from realm_jax.serve.sampling import _draw_all
+    from realm_jax.sampling import draw_in_id_order
 
     logits = np.full((3, 700), -np.inf, np.float32)
     logits[:, [3, 255, 256, 600]] = [0.0, 1.0, 2.0, 0.5]
     u = np.array([0.0, 0.5, np.nextafter(np.float32(1), np.float32(0))], np.float32)
-    drawn = np.asarray(jax.jit(_draw_all)(logits, logits.max(1), np.ones(3, np.float32), u))
+    drawn = np.asarray(jax.jit(draw_in_id_order)(logits, logits.max(1), np.ones(3, np.float32), u))
     assert drawn[0] == 3 and drawn[2] == 600 and drawn[1] in (255, 256, 600)

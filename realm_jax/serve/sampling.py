@@ -18,8 +18,7 @@ the same token whether the candidates came from the first `CANDIDATES` of a `lax
 and a top_p needing more) is drawn again from the first `WIDE` (~1-2 ms a row of gemma3's 262k on a 2-core
 CPU), and only where those do not hold it either from the vocabulary sorted (~45 ms for one row, ~230 for
 eight at once: four and ten decode steps). A row that keeps every token (no top_k, top_p 1: OpenAI's
-defaults) needs no order: its draw goes over the vocabulary in id order (`_draw_all`), a block of `_BLOCK`
-tokens and then a token in it.
+defaults) needs no order: its draw goes over the vocabulary in id order (`realm_jax.sampling.draw_in_id_order`).
 
 Legend: B rows, V vocab, C candidates.
 """
@@ -33,37 +32,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from realm_jax.ops import row_sum
-from realm_jax.sampling import CANDIDATES, WIDE, cumsum_rows, draw_candidate, first_argmax, kept_candidates, penalize
+from realm_jax.sampling import (CANDIDATES, WIDE, draw_candidate, draw_in_id_order, first_argmax, kept_candidates,
+                                penalize)
 
 __all__ = ["CANDIDATES", "TOP_LOGPROBS", "WIDE", "sample_rows"]
 
-_BLOCK = 256  # tokens a block of `_draw_all`'s first step
 TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's chat limit; completions': 5)
-
-
-def _last_positive(w):
-    """[...] the index of the last positive weight of w [..., n] (0 if none)."""
-    return jnp.max(jnp.where(w > 0, jnp.arange(w.shape[-1]), 0), axis=-1)
-
-
-def _draw_all(logits, m, temperature, u):
-    """The inverse-CDF draw of u [B] over every token in id order, weights exp((logits - m) / temperature):
-    first the block of `_BLOCK` tokens (cumulative sums of the blocks' sums), then the token in it, so that
-    no [B, V] cumulative sum is made (8.8 ms for 8 rows of 262k on a 2-core CPU; this, ~2 ms). Where
-    rounding takes the threshold past the last weight, the last positive one is drawn, never a token of
-    weight 0."""
-    b, v = logits.shape
-    blocks = -(-v // _BLOCK)
-    w = jnp.exp((logits - m[:, None]) / jnp.where(temperature > 0, temperature, 1.0)[:, None])
-    w = jnp.pad(w, ((0, 0), (0, blocks * _BLOCK - v))).reshape(b, blocks, _BLOCK)
-    cum = cumsum_rows(row_sum(w)[..., 0])  # [B, blocks]
-    threshold = u * cum[:, -1]
-    sums = cum - jnp.pad(cum, ((0, 0), (1, 0)))[:, :-1]  # the blocks' own sums, as the scan has them
-    block = jnp.minimum(jnp.sum(cum <= threshold[:, None], axis=-1), _last_positive(sums))
-    inside = jnp.take_along_axis(w, block[:, None, None], axis=1)[:, 0]  # [B, _BLOCK]
-    before = jnp.where(block > 0, jnp.take_along_axis(cum, jnp.maximum(block - 1, 0)[:, None], axis=1)[:, 0], 0.0)
-    at = jnp.minimum(jnp.sum(cumsum_rows(inside) <= (threshold - before)[:, None], axis=-1), _last_positive(inside))
-    return (block * _BLOCK + at).astype(jnp.int32)
 
 
 def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None, bias_values=None, recent=None,
@@ -158,7 +132,8 @@ def _sample(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_val
 
         drawn, ends = lax.cond(jnp.all(everything | greedy), lambda: (tokens, jnp.ones(tokens.shape, bool)), cut)
         drawn = lax.cond(jnp.any(everything & ~greedy),
-                         lambda: jnp.where(everything, _draw_all(logits, m, temperature, u), drawn), lambda: drawn)
+                         lambda: jnp.where(everything, draw_in_id_order(logits, m, temperature, u), drawn),
+                         lambda: drawn)
         tokens = jnp.where(greedy, tokens, drawn)
         wider = ~(ends | greedy | everything)
     if not top_n:
