@@ -16,9 +16,10 @@ token index), over the kept candidates in descending order: it reads only those 
 the same token whether the candidates came from the first `CANDIDATES` of a `lax.top_k`, from the first
 `WIDE` or from a full sort. A row whose kept set does not fit in `CANDIDATES` (no top_k, or one past them,
 and a top_p needing more) is drawn again from the first `WIDE` (~1-2 ms a row of gemma3's 262k on a 2-core
-CPU), and only where those do not hold it either from the vocabulary sorted (~45 ms for one row, ~230 for
-eight at once: four and ten decode steps). A row that keeps every token (no top_k, top_p 1: OpenAI's
-defaults) needs no order: its draw goes over the vocabulary in id order (`realm_jax.sampling.draw_in_id_order`).
+CPU), then from the first 16 x `WIDE` (~9 ms a row), and only where those do not hold it either from the
+vocabulary sorted (~45 ms for one row, ~230 for eight at once: four and ten decode steps). A row that
+keeps every token (no top_k, top_p 1: OpenAI's defaults) needs no order: its draw goes over the vocabulary
+in id order (`realm_jax.sampling.draw_in_id_order`).
 
 Legend: B rows, V vocab, C candidates.
 """
@@ -55,14 +56,15 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
         penalty (1: off; `realm_jax.sampling.penalize`).
       sampled: whether any row has temperature > 0 (static: an all-greedy step skips the draw).
       top_n: 0, or the number of top log-probabilities to return per row.
-      wide: the candidates of the second try, for the rows whose kept set the first `CANDIDATES` do not hold.
+      wide: the candidates of the second try, for the rows whose kept set the first `CANDIDATES` do not hold
+        (the third: 16 x wide).
 
     Returns:
       (tokens [B] int32, finite [B] bool: the row's processed logits hold no NaN or infinity, and with top_n: the
       chosen tokens' log-probabilities [B], the top_n log-probabilities [B, top_n] and their ids).
 
     Programs compiled apart: `_sample` for every step, and `_sample_wider` for the rows whose kept set
-    `_sample` found past its `CANDIDATES` (first from the top `wide`, then from the whole vocabulary sorted),
+    `_sample` found past its `CANDIDATES` (from the top `wide`, then 16 x `wide`, then the vocabulary sorted),
     only then: the full sort's [B, V] scans took 48 MB of temporaries, which XLA:CPU allocates at every run
     of a program that holds them, run or not (~5 ms a step). Whether a step needs the next is read on the
     host between them.
@@ -70,7 +72,7 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
     args = (logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty)
     tokens, finite, wider, *logprobs = _sample(*args, sampled=sampled, top_n=top_n)
     vocab = logits.shape[-1]
-    for k in sorted({min(wide, vocab), vocab}):
+    for k in sorted({min(wide, vocab), min(16 * wide, vocab), vocab}):
         n = int(jnp.sum(wider)) if sampled and k > CANDIDATES else 0
         if n:  # one row at a time where at most half the rows need it (a row's sort of 262k: ~45 ms; 8 rows': ~230)
             tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, each=2 * n <= len(wider), top_n=top_n)
