@@ -127,7 +127,7 @@ def write_error(path: pathlib.Path, e: OSError) -> WriteError:
     try:
         st = os.statvfs(path.parent)
         reason += f"; {st.f_bavail * st.f_frsize:,} bytes free on its file system"
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # no statvfs (not POSIX), or the folder cannot say: the reason alone
         pass
     return WriteError(f"{path}: cannot be written: {reason}")
 

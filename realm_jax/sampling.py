@@ -22,8 +22,9 @@ from realm_jax.errors import SamplingError
 from realm_jax.inputs import shown
 from realm_jax.ops import row_sum
 
-__all__ = ["BLOCK", "CANDIDATES", "WIDE", "SamplingConfig", "cumsum_rows", "draw_candidate", "draw_in_id_order",
-           "first_argmax", "kept_candidates", "penalize", "sample", "step_keys"]
+__all__ = ["BLOCK", "CANDIDATES", "WIDE", "SamplingConfig", "candidate_tiers", "cumsum_rows", "draw_candidate",
+           "draw_in_id_order", "first_argmax", "kept_candidates", "penalize", "pick_candidate", "sample", "step_keys",
+           "uniforms"]
 
 CANDIDATES = 64  # the candidates a top-p draw takes from a lax.top_k first
 WIDE = 1024  # and then, where they do not hold some row's kept set, 16 x WIDE, before it sorts the vocabulary
@@ -129,7 +130,7 @@ def sample(logits: jax.Array, key: jax.Array, recent: jax.Array, cfg: SamplingCo
         return _top_p_draw(logits, key, temperature, top_p)
     else:  # every token kept: one uniform a row, not a Gumbel a token (~5 ms for gemma3's 262k at one row)
         return draw_in_id_order(logits, jnp.max(logits, axis=-1), jnp.broadcast_to(temperature, logits.shape[:1]),
-                                _uniforms(key))
+                                uniforms(key))
     if cfg.top_p is not None:
         probs = jax.nn.softmax(values, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better candidates
@@ -196,37 +197,45 @@ def draw_in_id_order(logits, m, temperature, u):
     return (block * BLOCK + at).astype(jnp.int32)
 
 
-def _uniforms(key):
-    """[B] one uniform in [0, 1) from each row's key [B]."""
+def uniforms(key):
+    """[B] one uniform in [0, 1) from each row's key [B]: the inverse-CDF draws' one random number a row."""
     return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
+
+
+def candidate_tiers(vocab: int, wide: int = WIDE) -> list[int]:
+    """The candidates a top-p draw tries, in order: the first `CANDIDATES`, `wide`, 16 x `wide`, and then the
+    vocabulary sorted (each at most the vocabulary, none below CANDIDATES, none twice)."""
+    return sorted({min(max(k, CANDIDATES), vocab) for k in (CANDIDATES, wide, 16 * wide, vocab)})
+
+
+def pick_candidate(logits, values, ids, m, temperature, top_k, top_p, u):
+    """The draw of each row of logits [B, V] from its candidates values [B, C] (descending) and their ids under
+    its top_k [B] (0: off), top_p [B] and temperature [B] (0 counts as 1), and [B] whether its kept set ends
+    inside these candidates. m [B]: the row's largest logit; u [B]: its uniform."""
+    z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
+    keep, ends = kept_candidates(values, z, m, top_k, top_p)
+    return draw_candidate(values, ids, keep, jnp.where(temperature > 0, temperature, 1.0), u), ends
 
 
 def _top_p_draw(logits, key, temperature, top_p):
     """top_p alone: the inverse-CDF draw over the kept set in descending order, from the first `CANDIDATES`
-    of a lax.top_k; in a step where they do not hold some row's kept set, from the first `WIDE`, then 16 x
-    `WIDE`; and only where those do not either, from the vocabulary sorted (the same token each way: a row's
-    draw does not depend on its batch). A sort of gemma3's 262k logits a token had taken ~45 ms on a 2-core CPU, four
-    decode steps; with top_p 0.95 at temperature 0.8, generate went 14 -> 62 tok/s (greedy: 58-62)."""
+    of a lax.top_k; in a step where they do not hold some row's kept set, from more (`candidate_tiers`), and
+    only where none does, from the vocabulary sorted (the same token each way: a row's draw does not depend on
+    its batch). A sort of gemma3's 262k logits a token had taken ~45 ms on a 2-core CPU, four decode steps;
+    with top_p 0.95 at temperature 0.8, generate went 14 -> 62 tok/s (greedy: 58-62)."""
     b = logits.shape[0]
-    m = jnp.max(logits, axis=-1)
-    z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
-    u = _uniforms(key)
-    t, p, off = jnp.broadcast_to(temperature, (b,)), jnp.broadcast_to(top_p, (b,)), jnp.zeros((b,), jnp.int32)
-
-    def pick(values, ids):
-        keep, ends = kept_candidates(values, z, m, off, p)
-        return draw_candidate(values, ids, keep, t, u), ends
+    settings = (jnp.max(logits, axis=-1), jnp.broadcast_to(temperature, (b,)), jnp.zeros((b,), jnp.int32),
+                jnp.broadcast_to(top_p, (b,)), uniforms(key))
 
     def tries(k: int, *after: int):  # the draw from the top k, or where a row's kept set goes past them, more
         # The barrier keeps XLA's TopK: the scans' slices of its outputs would merge into slices of a sort.
         top = jax.lax.top_k(logits, k)
-        drawn, ends = pick(*(jax.lax.optimization_barrier(top) if after else top))
+        drawn, ends = pick_candidate(logits, *(jax.lax.optimization_barrier(top) if after else top), *settings)
         if not after:
             return drawn
         return jax.lax.cond(jnp.all(ends), lambda: drawn, lambda: jnp.where(ends, drawn, tries(*after)))
 
-    v = logits.shape[-1]
-    return tries(*sorted({min(CANDIDATES, v), min(WIDE, v), min(16 * WIDE, v), v}))
+    return tries(*candidate_tiers(logits.shape[-1]))
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:

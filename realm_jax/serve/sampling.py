@@ -30,11 +30,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from realm_jax.ops import row_sum
-from realm_jax.sampling import (CANDIDATES, WIDE, draw_candidate, draw_in_id_order, first_argmax, kept_candidates,
-                                penalize)
+from realm_jax.sampling import (CANDIDATES, WIDE, candidate_tiers, draw_in_id_order, first_argmax, penalize,
+                                pick_candidate, uniforms)
 
 __all__ = ["CANDIDATES", "TOP_LOGPROBS", "WIDE", "sample_rows"]
 
@@ -71,11 +72,12 @@ def sample_rows(logits, temperature, top_k, top_p, seeds, counts, bias_ids=None,
     """
     args = (logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_values, recent, penalty)
     tokens, finite, wider, *logprobs = _sample(*args, sampled=sampled, top_n=top_n)
-    vocab = logits.shape[-1]
-    for k in sorted({min(wide, vocab), min(16 * wide, vocab), vocab}):
-        n = int(jnp.sum(wider)) if sampled and k > CANDIDATES else 0
-        if n:  # one row at a time where at most half the rows need it (a row's sort of 262k: ~45 ms; 8 rows': ~230)
-            tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, each=2 * n <= len(wider), top_n=top_n)
+    for k in candidate_tiers(logits.shape[-1], wide)[1:] if sampled else ():
+        n = int(np.count_nonzero(np.asarray(wider)))  # read on the host between the programs
+        if not n:
+            break
+        # one row at a time where at most half the rows need it (a row's sort of 262k: ~45 ms; 8 rows': ~230)
+        tokens, wider, *logprobs = _sample_wider(*args, tokens, wider, k=k, each=2 * n <= len(wider), top_n=top_n)
     return (tokens, finite, *logprobs)
 
 
@@ -89,17 +91,8 @@ def _processed(logits, bias_ids, bias_values, recent, penalty):
 
 
 def _uniforms(seeds, counts):
-    """[B] the uniform of each row's draw: fold_in(PRNGKey(seed), count)."""
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counts)
-    return jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
-
-
-def _pick(logits, values, ids, m, temperature, top_k, top_p, u):
-    """The draw of each row from its candidates values [B, C] (descending) and their ids, and [B] whether its
-    kept set ends inside them."""
-    z = row_sum(jnp.exp(logits - m[:, None]))[:, 0]
-    keep, ends = kept_candidates(values, z, m, top_k, top_p)
-    return draw_candidate(values, ids, keep, jnp.where(temperature > 0, temperature, 1.0), u), ends
+    """[B] the uniform of each row's draw: of the key fold_in(PRNGKey(seed), count)."""
+    return uniforms(jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counts))
 
 
 def _logprobs(logits, tokens, top_n: int):
@@ -130,7 +123,7 @@ def _sample(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bias_val
             # The barrier keeps XLA's TopK: slices of its outputs (the scan's) would otherwise merge into those
             # of a sort, and the fast path become a full sort of the vocabulary.
             values, ids = lax.optimization_barrier(lax.top_k(logits, min(CANDIDATES, logits.shape[-1])))
-            return _pick(logits, values, ids, m, temperature, top_k, top_p, u)
+            return pick_candidate(logits, values, ids, m, temperature, top_k, top_p, u)
 
         drawn, ends = lax.cond(jnp.all(everything | greedy), lambda: (tokens, jnp.ones(tokens.shape, bool)), cut)
         drawn = lax.cond(jnp.any(everything & ~greedy),
@@ -156,7 +149,7 @@ def _sample_wider(logits, temperature, top_k, top_p, seeds, counts, bias_ids, bi
 
     def draw(x, *settings):
         top = lax.top_k(x, k)
-        drawn, ends = _pick(x, *(top if full else lax.optimization_barrier(top)), *settings)
+        drawn, ends = pick_candidate(x, *(top if full else lax.optimization_barrier(top)), *settings)
         return drawn, ~ends & (not full)
 
     settings = (m, temperature, top_k, top_p, _uniforms(seeds, counts))
