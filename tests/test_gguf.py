@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import struct
+import sys
 import time
 
 import gguf
@@ -12,8 +14,12 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as V
 
-from realm_jax import errors
+from realm_jax import assets, errors
 from realm_jax.gguf import GGML_TYPES, open_gguf
+import background
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REAL_MODELS = ("gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1")  # conftest's real_model_path
 
 
 # --- comparison with gguf-py ------------------------------------------------------------------
@@ -69,25 +75,42 @@ def assert_matches_reader(gf, reader: gguf.GGUFReader) -> None:
         assert np.array_equal(data, np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
 
 
+def check_real_models(paths: list[str]) -> None:
+    """`assert_matches_reader` on each file (the background check below runs it)."""
+    for path in paths:
+        with open_gguf(path) as gf:
+            assert_matches_reader(gf, gguf.GGUFReader(path))
+        print("matches gguf-py:", path)
+
+
+# gguf-py's reader parses gemma3's 262k-token vocabulary in pure Python (~18 s, SmolLM2's ~7 s): a check of its
+# own process, which runs while the in-process tests do (tests/background.py).
+@background.job(__file__, "reader_check")
+def _reader_job():
+    paths = [str(assets.model_path(name)) for name in REAL_MODELS]
+    script = "import sys; from test_gguf import check_real_models; check_real_models(sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return [sys.executable, "-c", script, *paths], env, 600
+
+
+def test_real_models_match_reader(reader_check):
+    assert reader_check.returncode == 0, reader_check.stderr[-3000:]
+    assert reader_check.stdout.count("matches gguf-py:") == len(REAL_MODELS)
+
+
 @pytest.fixture(scope="module")
-def real_pair(real_model_path):
-    reader = gguf.GGUFReader(real_model_path)  # slow (seconds): once per model per module
+def reader_check():
+    return background.result(__file__, "reader_check")
+
+
+def test_real_model_summary(real_model_path):
     with open_gguf(real_model_path) as gf:
-        yield gf, reader
-
-
-def test_real_model_matches_reader(real_pair):
-    assert_matches_reader(*real_pair)
-
-
-def test_real_model_summary(real_pair):
-    gf, _ = real_pair
-    assert gf.architecture in ("gemma3", "llama")
-    types = {info.type_name for info in gf.tensors.values()}
-    expected = {"gemma3": {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}, "llama": {"F32", "Q8_0", "Q4_1"}}
-    assert types == expected[gf.architecture]
-    tokens = gf.metadata["tokenizer.ggml.tokens"]
-    assert isinstance(tokens, list) and all(isinstance(t, str) for t in tokens[:100])
+        assert gf.architecture in ("gemma3", "llama")
+        types = {info.type_name for info in gf.tensors.values()}
+        expected = {"gemma3": {"F32", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}, "llama": {"F32", "Q8_0", "Q4_1"}}
+        assert types == expected[gf.architecture]
+        tokens = gf.metadata["tokenizer.ggml.tokens"]
+        assert isinstance(tokens, list) and all(isinstance(t, str) for t in tokens[:100])
 
 
 def _write_with_gguf_py(path, *, alignment=None):

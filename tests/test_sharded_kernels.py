@@ -76,14 +76,14 @@ SCRIPT = textwrap.dedent("""
                                                                                   unknown_trips=1)]
         out["runs"].append(row)
     # The GPU decode GEMV per shard (interpret mode; bf16, which it takes): k/v's 128 rows split in two
-    # shards of 64, each padded to a tile of its own; up to 16 rows of x (this prompt) run the kernel.
-    single = realm_jax.load(dst, policy="bf16", impl="triton", progress=False)
-    want_t, greedy_t = single.logits(ids), single.generate_ids([ids], max_new_tokens=4)
+    # shards of 64, each padded to a tile of its own; up to 16 rows of x (this prompt) run the kernel. Its
+    # logits only: generating took 25 of this check's ~95 s, and the block-dot GEMM's run below generates
+    # through the same sharded decode step.
+    want_t = realm_jax.load(dst, policy="bf16", impl="triton", progress=False).logits(ids)
     m = realm_jax.load(dst, policy="bf16", impl="triton", mesh=make_mesh(devices=jax.devices()[:2], model=2),
                        progress=False)
     out["triton"] = {"backend": m.impl, "rows": len(ids), "max_diff": float(np.abs(m.logits(ids) - want_t).max()),
                      "scale": float(np.abs(want_t).max()),
-                     "greedy_same": m.generate_ids([ids], max_new_tokens=4) == greedy_t,
                      "weights": sorted({type(v).__name__ for v in weights(m.params["layers"][0])})}
     # The block-dot decode GEMM per shard the same way (its Q4_K, Q6_K and Q8_0 weights).
     single = realm_jax.load(dst, policy="bf16", impl="triton_blocks", progress=False)
@@ -128,11 +128,10 @@ def test_logits_and_greedy_match_single_device(results, impl):
 
 def test_triton_decode_gemv_per_shard(results):
     """The Triton backend's weights split over model=2 (rows padded per shard, K in whole units) give the
-    single-device logits within bf16 rounding of differently ordered f32 sums, and the same greedy tokens."""
+    single-device logits within bf16 rounding of differently ordered f32 sums."""
     r = results["triton"]
     assert r["backend"] == "triton" and "LanesWeight" in r["weights"] and r["rows"] <= 16, r
     assert r["max_diff"] <= 2e-2 * r["scale"], r
-    assert r["greedy_same"], r
 
 
 def test_triton_blocks_per_shard(results):
