@@ -14,6 +14,11 @@ from realm_jax import assets
 # thread of XLA's CPU pool (as many as cores), which the blocked callbacks can all hold: on a 2-core
 # machine a warp-specialized kernel's test deadlocked that way (session 37). Inline, no program waits for
 # a pool thread; the results are the same.
+# This setting does not cover every case: XLA's thunk executor still hands independent parts of a large
+# program to the pool. In session 43 a Mosaic GPU interpreter test hung that way, three threads blocked
+# on a pool of two, twice in about six runs. Both times the background checks were running at `nice 19`,
+# a change that was then reverted. Before it, the hang had not been seen since session 37. A hang prints
+# every thread's stack after 10 minutes (faulthandler_timeout, pyproject.toml).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
