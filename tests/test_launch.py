@@ -25,6 +25,7 @@ from realm_jax.distributed import (DistributedConfig, MeshShape, cluster_environ
                                    strategy_of)
 from realm_jax.distributed.launch import FAULT_ENV, reserved_port
 from realm_jax.errors import CoordinatorError, MeshError
+import background
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "tests" / "data" / "synthetic" / "llama-k-q4_k_m.gguf")
@@ -181,12 +182,26 @@ def one_process_text():
     return PROMPT + realm_jax.load(MODEL, policy="f32", progress=False).generate(PROMPT, max_new_tokens=8) + "\n"
 
 
+# The runs that only check what comes out (no time bound) are background checks (tests/background.py): they
+# run while the in-process tests do, which otherwise waited ~60 s for them.
+def _check(key: str, test: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Registers `_run(args, env)` (a script by its path under ROOT) as the background check `key`, which the
+    test function named `test` reads."""
+    args = [str(ROOT / a) if a.startswith("scripts/") else a for a in args]
+    background.job(__file__, key, wants=lambda item: item.originalname == test)(
+        lambda: ([sys.executable, *args], env or _env(), 300))
+
+
+_FIRST_DEVICES = {"none": ["--strategy", "none"], "model2": ["--mesh", "model=2"]}
+for _key, _mesh in _FIRST_DEVICES.items():
+    _check(f"first_devices_{_key}", "test_one_process_runs_a_mesh_on_its_first_devices",
+           ["-m", "realm_jax.cli", *GENERATE, *_mesh], _env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+
+
 def test_one_process_runs_a_mesh_on_its_first_devices(one_process_text):
     """A mesh of fewer devices than the host has (4 here): no parallelism asked (one device), or model=2 (two);
     generate's own text each time."""
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    outs = [_run(["-m", "realm_jax.cli", *GENERATE, *mesh], env=env)[0] for mesh in
-            (["--strategy", "none"], ["--mesh", "model=2"])]
+    outs = [background.result(__file__, f"first_devices_{key}") for key in _FIRST_DEVICES]
     assert all(p.returncode == 0 for p in outs), [p.stderr[-2000:] for p in outs]
     assert outs[0].stdout == outs[1].stdout == one_process_text
 
@@ -209,23 +224,33 @@ def test_hosts_print_one_command_each():
 
 
 # --- runs of several processes -------------------------------------------------------------------------
+def _launch_args(*options: str, mesh: str = "model=2,data=2") -> list[str]:
+    return ["scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2", *options, "--", *GENERATE,
+            "--mesh", mesh]
+
+
 def _launch(*options: str, mesh: str = "model=2,data=2", env=None, timeout: float = 300):
-    return _run(["scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2", *options, "--", *GENERATE,
-                 "--mesh", mesh], env=env, timeout=timeout)
+    return _run(_launch_args(*options, mesh=mesh), env=env, timeout=timeout)
+
+
+_check("two_processes", "test_two_processes_give_the_tokens_of_one", _launch_args())
 
 
 def test_two_processes_give_the_tokens_of_one(one_process_text):
-    proc, _ = _launch()
+    proc = background.result(__file__, "two_processes")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == one_process_text  # process 0 prints; stdout carries only the text
     assert not _errors(proc.stderr)
 
 
+_check("bench_two_processes", "test_bench_over_two_processes",
+       ["scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2", "--", "bench", "--model", MODEL,
+        "--mesh", "model=4", "--prompt-tokens", "16", "--decode-tokens", "4", "--runs", "1", "--json"])
+
+
 def test_bench_over_two_processes():
     """launch forwards bench too: one JSON report from process 0 for a mesh over both processes' devices."""
-    proc, _ = _run(["scripts/launch_multihost.py", "--processes", "2", "--cpu-devices", "2", "--", "bench", "--model",
-                    MODEL, "--mesh", "model=4", "--prompt-tokens", "16", "--decode-tokens", "4", "--runs", "1",
-                    "--json"])
+    proc = background.result(__file__, "bench_two_processes")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["devices"] == 4 and report["mesh"] == {"data": 1, "stage": 1, "model": 4}
