@@ -16,9 +16,9 @@ from realm_jax import assets
 # a pool thread; the results are the same.
 # This setting does not cover every case: XLA's thunk executor still hands independent parts of a large
 # program to the pool. In session 43 a Mosaic GPU interpreter test hung that way, three threads blocked
-# on a pool of two, twice in about six runs. Both times the background checks were running at `nice 19`,
-# a change that was then reverted. Before it, the hang had not been seen since session 37. A hang prints
-# every thread's stack after 10 minutes (faulthandler_timeout, pyproject.toml).
+# on a pool of two, each time beside a background check: QUIET below runs those tests after the checks.
+# A hang prints every thread's stack after 10 minutes (faulthandler_timeout, pyproject.toml). A lasting
+# fix: run them in a process of 3-4 CPU devices (XLA's pool has max(devices, cores) threads).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
@@ -45,21 +45,24 @@ def rng():
 
 
 # --- subprocess checks in the background (tests/background.py) -------------------------------------
-# Modules whose tests bound their own wall time tightly (a case against a benign run plus 10 s, 2 s a fuzz
-# case): they run after every background check is done, on a machine as quiet as before.
-TIMED = ("test_hostile.py", "test_gguf_fuzz.py")
+# Modules that run after every background check is done, on a machine as quiet as before: those whose tests
+# bound their own wall time tightly (a case against a benign run plus 10 s, 2 s a fuzz case), and the Mosaic
+# GPU interpreter's, whose warpgroups can deadlock XLA's CPU pool (above). In session 43 they hung three
+# times beside other work (a background check, or a load at `nice 19`), each time at a `test_matches_reference`
+# case of 17 rows of x, and never on a quiet machine.
+QUIET = ("test_linear_mosaic_gpu.py", "test_hostile.py", "test_gguf_fuzz.py")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items):
     """The tests that use a background check's result run after the others (in their modules' order, each
-    module's together), so the in-process tests run while the checks do; then the TIMED modules."""
+    module's together), so the in-process tests run while the checks do; then the QUIET modules."""
     import background
 
     later = [item for item in items if background.jobs_for(item)]
-    timed = [item for item in items if item.path.name in TIMED and item not in later]
-    moved = set(map(id, later + timed))
-    items[:] = [item for item in items if id(item) not in moved] + later + timed
+    quiet = [item for item in items if item.path.name in QUIET and item not in later]
+    moved = set(map(id, later + quiet))
+    items[:] = [item for item in items if id(item) not in moved] + later + quiet
 
 
 def pytest_collection_finish(session):
