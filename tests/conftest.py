@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from realm_jax import assets
+from helpers import REAL_MODELS
 
 # Before jax starts its CPU client: run each computation inline on the thread that calls it. The Pallas
 # interpreters (Mosaic GPU's warpgroups, Mosaic TPU's cores) run each simulated thread's program from a
@@ -34,7 +35,7 @@ def smollm2_path():
     return assets.model_path("smollm2-135m-instruct-q4_1")
 
 
-@pytest.fixture(scope="session", params=["gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1"])
+@pytest.fixture(scope="session", params=REAL_MODELS)
 def real_model_path(request):
     return assets.model_path(request.param)
 

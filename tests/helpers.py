@@ -9,6 +9,8 @@ import numpy as np
 
 from realm_jax.quant import QTensor, get_format, repack
 
+REAL_MODELS = ("gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1")  # conftest's `real_model_path`, test_gguf's check
+
 # The one tolerance table: a dot of length K computed in `dtype` may differ from the f32 HIGHEST reference
 # by TOL[dtype] * sqrt(K) * rms(x) * rms(w). Measured worst cases over every format, M in {1, 16, 128},
 # K in {256, 4096} (in units of the dtype's eps): f32 46 eps (sequential f32 accumulation grows like K, the

@@ -17,9 +17,9 @@ from gguf import GGUFValueType as V
 from realm_jax import assets, errors
 from realm_jax.gguf import GGML_TYPES, open_gguf
 import background
+from helpers import REAL_MODELS
 
 TESTS = pathlib.Path(__file__).resolve().parent
-REAL_MODELS = ("gemma3-270m-q4_k_m", "smollm2-135m-instruct-q4_1")  # conftest's real_model_path
 
 
 # --- comparison with gguf-py ------------------------------------------------------------------
