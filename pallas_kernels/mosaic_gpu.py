@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -574,10 +575,12 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     output tiles) each loop over the tiles.
 
     In the interpreter, each warpgroup of a CTA is a program on XLA's CPU client, all of them blocking on
-    each other's barriers at once; the client runs about one program per CPU device (at least one per core)
-    at a time, so a CTA's compute_wgs + 1 warpgroups need that many devices
-    (`--xla_force_host_platform_device_count`), or they wait on each other forever. The default tiling
-    takes one compute warpgroup where there are fewer; an explicit one raises."""
+    each other's barriers at once, while the calling program waits in the callback that started them. The
+    client's thread pool (one thread per CPU device, at least one per core) can run parts of any of them, so
+    the CTA's compute_wgs + 1 warpgroups and the caller need compute_wgs + 2 of its threads, or they may
+    wait on each other forever (seen on two cores with one device, under load). The default tiling takes
+    one compute warpgroup where there are too few for two; a tiling that cannot run raises, naming
+    `--xla_force_host_platform_device_count`."""
     if fmt not in FORMATS:
         raise UnsupportedFormatError(f"gemm_lanes: no kernel for {fmt}; formats: {', '.join(sorted(FORMATS))}")
     compute_dtype, out_dtype = _dtypes("gemm_lanes", x.dtype, compute_dtype, out_dtype)
@@ -590,10 +593,11 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     interpret = _interpret(interpret)
     t = tiling or _default_tiling(fmt, m, n, k, out_dtype, interpret)
     _validate("gemm_lanes", fmt, t, compute_dtype, out_dtype)
-    if interpret and t.compute_wgs + 1 > _interpreter_threads():
+    if interpret and t.compute_wgs + 2 > _interpreter_threads():
         raise ValueError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
-                         f"runs them at once only on as many CPU devices (this process has "
-                         f"{_interpreter_threads()}: set --xla_force_host_platform_device_count)")
+                         f"runs them and their caller at once only on {t.compute_wgs + 2} threads of XLA's CPU "
+                         f"client, and this process's has {_interpreter_threads()} (one a CPU device, at least "
+                         f"one a core): set --xla_force_host_platform_device_count={t.compute_wgs + 2} or more")
     if ctas is not None and ctas < 1:
         raise ValueError(f"gemm_lanes: ctas={ctas} must be >= 1")
     if k % t.block_k or n % (t.block_n * t.compute_wgs):
@@ -603,13 +607,19 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
 
 
 def _interpreter_threads() -> int:
-    return max(len(jax.devices("cpu")), 2)
+    """The threads of XLA's CPU client pool: one per CPU device, at least one per core this process may
+    run on (measured on two cores: 2 with one device, 4 with four)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(len(jax.devices("cpu")), cores)
 
 
 def _default_tiling(fmt: str, m: int, n: int, k: int, out_dtype, interpret) -> MosaicGpuTiling:
     """`tiling_for`'s, with one compute warpgroup where the interpreter cannot run two at once."""
     t = tiling_for(fmt, m, n, k, out_dtype)
-    if interpret and t.compute_wgs + 1 > _interpreter_threads():
+    if interpret and t.compute_wgs + 2 > _interpreter_threads():
         return dataclasses.replace(t, compute_wgs=1)
     return t
 

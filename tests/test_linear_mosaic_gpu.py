@@ -1,12 +1,8 @@
 """The Mosaic GPU backend (`realm_jax.linear.mosaic_gpu`, its prefill GEMM in `pallas_kernels.mosaic_gpu`;
-up to 16 rows and f32 compute, the XLA reference): the shared cases in the Mosaic GPU interpreter on CPU,
-lowering for CUDA (an abstract H100) at real shapes, races, and its tilings.
-
-The interpreter runs about 0.1 s per pipeline step, so the cases keep K to one or two pipeline steps and
-the rows to the edge between the two kernels; N is never a multiple of the 128-row tile. It runs a CTA's
-warpgroups as programs on XLA's CPU client, which runs about one at a time per CPU device: this process
-has one, so its cases take one compute warpgroup (with the TMA warpgroup, two programs), and the kernel's
-two compute warpgroups run in a process of its own with four devices.
+up to 16 rows and f32 compute, the XLA reference): lowering for CUDA (an abstract H100) at real shapes, its
+tilings, and its cases in the Mosaic GPU interpreter on CPU: test_linear_mosaic_gpu_interpret.py, run here
+in a process of four CPU devices where this one's XLA thread pool is too small for the interpreter (two
+cores), and the kernel's two compute warpgroups likewise.
 """
 
 from __future__ import annotations
@@ -15,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import sys
 
 import background
@@ -29,19 +26,12 @@ from pallas_kernels import DECODE_ROWS, mosaic_gpu
 from pallas_kernels.mosaic_gpu import MosaicGpuTiling, gemm, tiling_for
 from realm_jax.errors import DTypeError, UnsupportedFormatError
 from realm_jax.linear.pallas import KERNEL_FORMATS
-from realm_jax.quant import dequantize, quantize
-from helpers import assert_matmul_close, random_qtensor
-from linear_base import BF16, LinearTests, LoweringTests
+from realm_jax.quant import quantize
+from helpers import random_qtensor
+from linear_base import BF16, LoweringTests
 
 _H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NVIDIA H100 80GB HBM3",
                                                                    num_cores=132, platform="gpu"))
-
-
-class TestMosaicGpuInterpret(LinearTests):
-    BACKEND = "mosaic_gpu"
-    ROWS = (DECODE_ROWS, DECODE_ROWS + 1)  # the reference up to DECODE_ROWS rows, wgmma past it
-    K_BLOCKS = (1, 2)
-    N = 130  # two 128-row tiles, the second ragged
 
 
 class TestMosaicGpuLowering(LoweringTests):
@@ -53,28 +43,6 @@ class TestMosaicGpuLowering(LoweringTests):
     def lower(self, fn, x, w) -> str:
         with use_abstract_mesh(_H100):
             return jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-
-
-def test_no_races_in_a_persistent_loop(rng):
-    """The stores of the dequantized tile into two buffers, the inputs released a step late and the
-    persistent loop (two CTAs over three tiles, eight steps each, four in flight) are race-free (the
-    detector raises)."""
-    w, x = random_qtensor("Q4_K", 130, 512, rng), jnp.asarray(rng.standard_normal((130, 512)), jnp.float32)
-    t = tiling_for("Q4_K", 130, 130, 512)
-    assert (t.w_buffers, t.max_concurrent_steps) == (2, 4), t
-    t = dataclasses.replace(t, compute_wgs=1, block_m=64)  # three row tiles
-    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, tiling=t, ctas=2,
-             interpret=plgpu.InterpretGPUParams(detect_races=True))
-    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
-
-
-@pytest.mark.parametrize("fmt,m", [("Q4_K", 63), ("Q8_0", 65), ("Q6_K", 128), ("Q5_0", 129)])
-def test_rows_around_the_tile_edges(fmt, m, rng):
-    """x's rows just under, at and past a 64-row and a 128-row tile (the default tiling's block_m), N ragged."""
-    w, x = random_qtensor(fmt, 200, 256, rng), jnp.asarray(rng.standard_normal((m, 256)), jnp.float32)
-    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, interpret=True)
-    assert y.shape == (m, 200)
-    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
 
 
 # Two compute warpgroups (and the TMA one) in a process with four CPU devices: Q4_K and Q8_0 (rows of the
@@ -121,38 +89,52 @@ def test_two_compute_warpgroups_in_a_persistent_loop(two_warpgroups):
     assert two_warpgroups == [["Q4_K", 2, 2], ["Q8_0", 2, 2], ["Q6_K", 2, 1]]
 
 
+# The interpreter's cases where this process cannot run them (test_linear_mosaic_gpu_interpret.py skips itself).
+_INTERPRET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_linear_mosaic_gpu_interpret.py")
+_IN_PROCESS = mosaic_gpu._interpreter_threads() >= 3
+
+
+@background.job(__file__, "interpreter_process",
+                wants=lambda item: not _IN_PROCESS and "interpreter_process" in getattr(item, "fixturenames", ()))
+def _interpreter_job():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", _INTERPRET], env, 1200
+
+
+@pytest.fixture(scope="module")
+def interpreter_process():
+    return background.result(__file__, "interpreter_process")
+
+
+@pytest.mark.skipif(_IN_PROCESS, reason="this process runs test_linear_mosaic_gpu_interpret.py itself")
+def test_interpreter_cases_in_a_process_of_four_devices(interpreter_process):
+    """test_linear_mosaic_gpu_interpret.py passes there, its 40-odd cases run (pytest's summary line; the
+    device cases are skipped on a CPU, as in every backend's module)."""
+    proc = interpreter_process
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    counts = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", summary)}
+    assert counts.get("passed", 0) >= 40, tail
+
+
 def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
-    """In this one-device process, the default tiling takes one compute warpgroup; an explicit two raises
-    instead of waiting forever."""
+    """In this one-device process (XLA's pool: a thread a core), the default tiling takes one compute
+    warpgroup unless the pool has the four threads two need with their caller; a tiling the pool cannot run
+    raises instead of risking a wait forever (two cores: even one compute warpgroup)."""
     w, x = random_qtensor("Q4_0", 256, 256, rng), jnp.ones((64, 256), jnp.float32)
+    threads = mosaic_gpu._interpreter_threads()
+    assert threads == max(len(jax.devices("cpu")), len(os.sched_getaffinity(0)))
     t = tiling_for("Q4_0", 2048, 4096, 4096)
     assert t.compute_wgs == 2
     default = functools.partial(mosaic_gpu._default_tiling, "Q4_0", 2048, 4096, 4096, jnp.float32)
-    assert default(plgpu.InterpretGPUParams()).compute_wgs == 1
+    assert default(plgpu.InterpretGPUParams()).compute_wgs == (2 if threads >= 4 else 1)
     assert default(None) == t  # compiled: as chosen
-    t = dataclasses.replace(tiling_for("Q4_0", 64, 256, 256), compute_wgs=2)
-    with pytest.raises(ValueError, match="xla_force_host_platform_device_count"):
-        gemm(x, w, compute_dtype=BF16, tiling=t, interpret=True)
-
-
-@pytest.mark.parametrize("fmt,block_k", [("Q4_K", 128), ("Q6_K", 256), ("Q4_0", 256)])
-def test_steps_of_part_of_a_unit_or_several_units(fmt, block_k, rng):
-    """A step of half a k-quant unit (each plane kept per chunk read in part), of a whole one, of eight
-    32-element blocks: the same product as the default one-chunk steps."""
-    w, x = random_qtensor(fmt, 130, 512, rng), jnp.asarray(rng.standard_normal((64, 512)), jnp.float32)
-    t = dataclasses.replace(tiling_for(fmt, 64, 130, 512), block_k=block_k, max_concurrent_steps=2, compute_wgs=1,
-                            w_buffers=1 if block_k > 128 else 2)
-    y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, tiling=t, interpret=True)
-    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
-
-
-def test_gemm_on_a_real_quantization_with_an_explicit_tiling():
-    """Weights quantized by realm-jax (not random bytes), two 256-row tiles, the second ragged."""
-    rng = np.random.default_rng(3)
-    w = quantize(jnp.asarray(rng.standard_normal((300, 512)) * 0.05, jnp.float32), "Q5_1")
-    x = jnp.asarray(rng.standard_normal((20, 512)), jnp.bfloat16)
-    y = gemm(x, w, tiling=MosaicGpuTiling(block_n=256, block_k=128, block_m=64), interpret=True)
-    assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=BF16)
+    for wgs in (1, 2):
+        t = dataclasses.replace(tiling_for("Q4_0", 64, 256, 256), compute_wgs=wgs)
+        if wgs + 2 > threads:
+            with pytest.raises(ValueError, match=f"xla_force_host_platform_device_count={wgs + 2}"):
+                gemm(x, w, compute_dtype=BF16, tiling=t, interpret=True)
 
 
 @pytest.mark.parametrize("fmt", sorted(KERNEL_FORMATS))
