@@ -124,7 +124,6 @@ def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
     raises instead of risking a wait forever (two cores: even one compute warpgroup)."""
     w, x = random_qtensor("Q4_0", 256, 256, rng), jnp.ones((64, 256), jnp.float32)
     threads = mosaic_gpu._interpreter_threads()
-    assert threads == max(len(jax.devices("cpu")), len(os.sched_getaffinity(0)))
     t = tiling_for("Q4_0", 2048, 4096, 4096)
     assert t.compute_wgs == 2
     default = functools.partial(mosaic_gpu._default_tiling, "Q4_0", 2048, 4096, 4096, jnp.float32)

@@ -38,7 +38,6 @@ class TestMosaicGpuInterpret(LinearTests):
     N = 130  # two 128-row tiles, the second ragged
 
 
-
 def test_no_races_in_a_persistent_loop(rng):
     """The stores of the dequantized tile into two buffers, the inputs released a step late and the
     persistent loop (two CTAs over three tiles, eight steps each, four in flight) are race-free (the
@@ -59,7 +58,6 @@ def test_rows_around_the_tile_edges(fmt, m, rng):
     y = gemm(x, w, compute_dtype=BF16, out_dtype=jnp.float32, interpret=True)
     assert y.shape == (m, 200)
     assert_matmul_close(y, x, dequantize(w), compute_dtype=BF16, out_dtype=jnp.float32)
-
 
 
 @pytest.mark.parametrize("fmt,block_k", [("Q4_K", 128), ("Q6_K", 256), ("Q4_0", 256)])
