@@ -368,7 +368,9 @@ def int8_prefill(fmt: str, portable: bool = False) -> bool:
     ``REALM_JAX_NATIVE_PREFILL=int8`` asks for it, and `int8_formats` has the format. The default,
     ``REALM_JAX_NATIVE_PREFILL=bf16``, keeps every format on bf16 panels: quantizing x to int8 per group of
     32 costs ~10x the bf16 policy's divergence from f32 on the real models (mean KL 1.7e-3-2.1e-3 against
-    1.3e-4-1.7e-4, over the precision table's bound on SmolLM2; BENCHMARKS.md), for ~1.25x prefill."""
+    1.1e-4-1.7e-4, over the precision table's bound on SmolLM2), and on models without outlier activations
+    (the synthetic ones: ~3.2e-3, simulated) ~5x bf16's rounding error, which no outlier treatment helps
+    (BENCHMARKS.md, sessions 24 and 44); for ~1.25x prefill."""
     choice = os.environ.get("REALM_JAX_NATIVE_PREFILL", "bf16")
     if choice not in ("int8", "bf16"):
         raise ArgumentError(f"REALM_JAX_NATIVE_PREFILL={shown(choice)}: expected 'bf16' (the default) or 'int8'")
