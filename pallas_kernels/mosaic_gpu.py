@@ -72,7 +72,7 @@ from jax.extend import core as jex_core
 
 from pallas_kernels import mma
 from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN, to_lanes
-from realm_jax.errors import DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
+from realm_jax.errors import ArgumentError, DTypeError, QTensorError, ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 
 __all__ = ["MosaicGpuTiling", "gemm", "gemm_lanes", "num_sms", "supports", "tiling_for"]
@@ -579,8 +579,8 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     client's thread pool (one thread per CPU device, at least one per core) can run parts of any of them, so
     the CTA's compute_wgs + 1 warpgroups and the caller need compute_wgs + 2 of its threads, or they may
     wait on each other forever (seen on two cores with one device, under load). The default tiling takes
-    one compute warpgroup where there are too few for two; a tiling that cannot run raises, naming
-    `--xla_force_host_platform_device_count`."""
+    one compute warpgroup where there are too few for two; a tiling that cannot run raises an ArgumentError
+    (a ValueError) naming `--xla_force_host_platform_device_count`."""
     if fmt not in FORMATS:
         raise UnsupportedFormatError(f"gemm_lanes: no kernel for {fmt}; formats: {', '.join(sorted(FORMATS))}")
     compute_dtype, out_dtype = _dtypes("gemm_lanes", x.dtype, compute_dtype, out_dtype)
@@ -594,10 +594,11 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     t = tiling or _default_tiling(fmt, m, n, k, out_dtype, interpret)
     _validate("gemm_lanes", fmt, t, compute_dtype, out_dtype)
     if interpret and t.compute_wgs + 2 > _interpreter_threads():
-        raise ValueError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
-                         f"runs them and their caller at once only on {t.compute_wgs + 2} threads of XLA's CPU "
-                         f"client, and this process's has {_interpreter_threads()} (one a CPU device, at least "
-                         f"one a core): set --xla_force_host_platform_device_count={t.compute_wgs + 2} or more")
+        raise ArgumentError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
+                            f"runs them and their caller at once only on {t.compute_wgs + 2} threads of XLA's CPU "
+                            f"client, and this process's has {_interpreter_threads()} (one a CPU device, at least one "
+                            f"a core): start it with XLA_FLAGS=--xla_force_host_platform_device_count="
+                            f"{t.compute_wgs + 2} (or more)")
     if ctas is not None and ctas < 1:
         raise ValueError(f"gemm_lanes: ctas={ctas} must be >= 1")
     if k % t.block_k or n % (t.block_n * t.compute_wgs):

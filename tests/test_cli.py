@@ -95,6 +95,26 @@ def test_generate_with_the_fused_kernels(capsys):
     assert texts[0] == texts[1] and len(texts[0]) > len("Once upon a time")
 
 
+def test_mosaic_gpu_interpreter_without_the_threads_it_needs_is_one_line(capsys):
+    """--impl mosaic_gpu on a CPU whose XLA pool cannot run the interpreter's warpgroups (two cores, one
+    device; `pallas_kernels.mosaic_gpu._interpreter_threads`): one error line naming the flag that gives it
+    them, status 2, at the first prompt past the decode rows; where the pool can, the text."""
+    from pallas_kernels import mosaic_gpu
+    from realm_jax.reference import reference_dir
+
+    model = str(reference_dir().parent / "synthetic" / "llama-k-q4_k_m.gguf")
+    prompt = " ".join(["Once upon a time"] * 6)  # more tokens than the decode kernels' rows: the GEMM
+    code = main(["generate", prompt, "--model", model, "--max-new-tokens", "1", "--precision", "bf16",
+                 "--impl", "mosaic_gpu"])
+    out, err = capsys.readouterr()
+    if mosaic_gpu._interpreter_threads() >= 3:
+        assert code == 0 and out.startswith(prompt), err[-2000:]
+    else:
+        assert code == 2 and err.count("\n") == 1, err[-2000:]
+        assert err.startswith("realm-jax: error: gemm_lanes: ")
+        assert "XLA_FLAGS=--xla_force_host_platform_device_count=3" in err
+
+
 def test_a_mesh_of_one_device_runs_as_one_device(capsys):
     """--strategy none (and a 1x1x1 --mesh) split nothing: the model runs on the one device, the native
     kernels included, and writes what it writes without them."""

@@ -24,7 +24,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from pallas_kernels import DECODE_ROWS, mosaic_gpu
 from pallas_kernels.mosaic_gpu import MosaicGpuTiling, gemm, tiling_for
-from realm_jax.errors import DTypeError, UnsupportedFormatError
+from realm_jax.errors import ArgumentError, DTypeError, UnsupportedFormatError
 from realm_jax.linear.pallas import KERNEL_FORMATS
 from realm_jax.quant import quantize
 from helpers import random_qtensor
@@ -121,7 +121,8 @@ def test_interpreter_cases_in_a_process_of_four_devices(interpreter_process):
 def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
     """In this one-device process (XLA's pool: a thread a core), the default tiling takes one compute
     warpgroup unless the pool has the four threads two need with their caller; a tiling the pool cannot run
-    raises instead of risking a wait forever (two cores: even one compute warpgroup)."""
+    raises instead of risking a wait forever (two cores: even one compute warpgroup), an ArgumentError that
+    the command line reports in one line."""
     w, x = random_qtensor("Q4_0", 256, 256, rng), jnp.ones((64, 256), jnp.float32)
     threads = mosaic_gpu._interpreter_threads()
     t = tiling_for("Q4_0", 2048, 4096, 4096)
@@ -132,7 +133,7 @@ def test_two_compute_warpgroups_need_as_many_interpreter_devices(rng):
     for wgs in (1, 2):
         t = dataclasses.replace(tiling_for("Q4_0", 64, 256, 256), compute_wgs=wgs)
         if wgs + 2 > threads:
-            with pytest.raises(ValueError, match=f"xla_force_host_platform_device_count={wgs + 2}"):
+            with pytest.raises(ArgumentError, match=f"XLA_FLAGS=--xla_force_host_platform_device_count={wgs + 2}"):
                 gemm(x, w, compute_dtype=BF16, tiling=t, interpret=True)
 
 
