@@ -593,7 +593,7 @@ def gemm_lanes(x, lanes: dict[str, jax.Array], *, fmt: str, compute_dtype, out_d
     interpret = _interpret(interpret)
     t = tiling or _default_tiling(fmt, m, n, k, out_dtype, interpret)
     _validate("gemm_lanes", fmt, t, compute_dtype, out_dtype)
-    if interpret and t.compute_wgs + 2 > _interpreter_threads():
+    if interpret and not _interpreter_fits(t.compute_wgs):
         raise ArgumentError(f"gemm_lanes: {t} runs {t.compute_wgs + 1} warpgroups a CTA; the Mosaic GPU interpreter "
                             f"runs them and their caller at once only on {t.compute_wgs + 2} threads of XLA's CPU "
                             f"client, and this process's has {_interpreter_threads()} (one a CPU device, at least one "
@@ -617,10 +617,16 @@ def _interpreter_threads() -> int:
     return max(len(jax.devices("cpu")), cores)
 
 
+def _interpreter_fits(compute_wgs: int = 1) -> bool:
+    """Whether the interpreter can run a CTA of `compute_wgs` compute warpgroups here: they, the TMA
+    warpgroup and their caller need compute_wgs + 2 threads of XLA's CPU pool (`gemm_lanes`)."""
+    return compute_wgs + 2 <= _interpreter_threads()
+
+
 def _default_tiling(fmt: str, m: int, n: int, k: int, out_dtype, interpret) -> MosaicGpuTiling:
     """`tiling_for`'s, with one compute warpgroup where the interpreter cannot run two at once."""
     t = tiling_for(fmt, m, n, k, out_dtype)
-    if interpret and t.compute_wgs + 2 > _interpreter_threads():
+    if interpret and not _interpreter_fits(t.compute_wgs):
         return dataclasses.replace(t, compute_wgs=1)
     return t
 

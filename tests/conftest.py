@@ -18,7 +18,7 @@ from helpers import REAL_MODELS
 # This setting does not cover every case: XLA's thunk executor still hands independent parts of a large
 # program to the pool. In session 43 a Mosaic GPU interpreter test hung that way, three threads blocked
 # on a pool of two, each time beside a background check. So the Mosaic GPU interpreter's tests run only
-# where the pool has a thread for each of its programs (`pallas_kernels.mosaic_gpu._interpreter_threads`):
+# where the pool has a thread for each of its programs (`pallas_kernels.mosaic_gpu._interpreter_fits`):
 # on two cores, in a process of four CPU devices (test_linear_mosaic_gpu.py runs
 # test_linear_mosaic_gpu_interpret.py there). A hang prints every thread's stack after 10 minutes
 # (faulthandler_timeout, pyproject.toml).

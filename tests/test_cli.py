@@ -97,7 +97,7 @@ def test_generate_with_the_fused_kernels(capsys):
 
 def test_mosaic_gpu_interpreter_without_the_threads_it_needs_is_one_line(capsys):
     """--impl mosaic_gpu on a CPU whose XLA pool cannot run the interpreter's warpgroups (two cores, one
-    device; `pallas_kernels.mosaic_gpu._interpreter_threads`): one error line naming the flag that gives it
+    device; `pallas_kernels.mosaic_gpu._interpreter_fits`): one error line naming the flag that gives it
     them, status 2, at the first prompt past the decode rows; where the pool can, the text."""
     from pallas_kernels import mosaic_gpu
     from realm_jax.reference import reference_dir
@@ -107,7 +107,7 @@ def test_mosaic_gpu_interpreter_without_the_threads_it_needs_is_one_line(capsys)
     code = main(["generate", prompt, "--model", model, "--max-new-tokens", "1", "--precision", "bf16",
                  "--impl", "mosaic_gpu"])
     out, err = capsys.readouterr()
-    if mosaic_gpu._interpreter_threads() >= 3:
+    if mosaic_gpu._interpreter_fits():
         assert code == 0 and out.startswith(prompt), err[-2000:]
     else:
         assert code == 2 and err.count("\n") == 1, err[-2000:]

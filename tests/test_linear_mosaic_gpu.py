@@ -91,7 +91,7 @@ def test_two_compute_warpgroups_in_a_persistent_loop(two_warpgroups):
 
 # The interpreter's cases where this process cannot run them (test_linear_mosaic_gpu_interpret.py skips itself).
 _INTERPRET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_linear_mosaic_gpu_interpret.py")
-_IN_PROCESS = mosaic_gpu._interpreter_threads() >= 3
+_IN_PROCESS = mosaic_gpu._interpreter_fits()
 
 
 @background.job(__file__, "interpreter_process",

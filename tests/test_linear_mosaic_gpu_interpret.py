@@ -6,7 +6,7 @@ the rows to the edge between the two kernels; N is never a multiple of the 128-r
 warpgroups as programs on XLA's CPU client, all blocking on each other's barriers while their caller waits
 in a callback: they need as many threads of the client's pool (one per CPU device, at least one per core),
 or they may wait forever (three hangs seen on two cores with one device, beside other work). So where this
-process's pool is too small for one compute warpgroup (`mosaic_gpu._interpreter_threads() < 3`: CI's two
+process's pool is too small for one compute warpgroup (`mosaic_gpu._interpreter_fits()`: not on CI's two
 cores), the module is skipped here and test_linear_mosaic_gpu.py runs it in a process of four CPU devices.
 """
 
@@ -25,10 +25,10 @@ from realm_jax.quant import dequantize, quantize
 from helpers import assert_matmul_close, random_qtensor
 from linear_base import BF16, LinearTests
 
-THREADS = mosaic_gpu._interpreter_threads()
-if THREADS < 3:
-    pytest.skip(f"the Mosaic GPU interpreter needs 3 threads of XLA's CPU client and this process has {THREADS}: "
-                "test_linear_mosaic_gpu.py runs this module in a process of four CPU devices", allow_module_level=True)
+if not mosaic_gpu._interpreter_fits():
+    pytest.skip(f"the Mosaic GPU interpreter needs 3 threads of XLA's CPU client and this process has "
+                f"{mosaic_gpu._interpreter_threads()}: test_linear_mosaic_gpu.py runs this module in a process of four "
+                "CPU devices", allow_module_level=True)
 
 
 class TestMosaicGpuInterpret(LinearTests):
