@@ -341,12 +341,13 @@ def _command_sizes(args: argparse.Namespace) -> dict[str, int]:
 
 def _load(args: argparse.Namespace, mesh=None, progress: bool = True):
     from realm_jax.assets import default_model_path
+    from realm_jax.distributed.guard import stderr_is_terminal
     from realm_jax.runtime import load
 
     _check_path(args.model)
     # A progress bar only on a terminal: piped, stderr holds the one-line error and nothing else.
     return load(args.model or default_model_path(), policy=args.precision, mesh=mesh, impl=args.impl,
-                progress=progress and sys.stderr.isatty())
+                progress=progress and stderr_is_terminal())
 
 
 def _distributed_config(args: argparse.Namespace, **processes):
@@ -526,10 +527,15 @@ def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options, comm
 
     import jax
 
-    from realm_jax.distributed import coordinator, launch
+    from realm_jax.distributed import coordinator, guard, launch
 
     config = _distributed_config(gen, num_processes=args.num_processes, process_id=args.process_id,
                                  coordinator_address=args.coordinator)
+    if not guard.guarded():  # the process launched: the worker runs as its child (`guard`), then ends as it did
+        code = guard.run([sys.executable, "-m", "realm_jax.cli", *args.argv])
+        if code < 0:
+            guard.exit_like(code)
+        return code
     rank = config.process_id
     if options.cpu_devices is not None:
         launch.use_cpu_devices(options.cpu_devices)
@@ -545,6 +551,7 @@ def _run_worker(args: argparse.Namespace, gen: argparse.Namespace, options, comm
                          "model file": _model_identity(gen.model or default_model_path())}
             coord = coordinator.join(config, init_timeout=options.init_timeout,
                                      heartbeat_timeout=options.heartbeat_timeout, agreement=agreement)
+            guard.tell(_who(coord, config), {p.rank: str(p) for p in coord.peers})
             with contextlib.ExitStack() as stack:
                 if not coord.is_main:  # process 0 prints the text
                     stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
@@ -778,7 +785,9 @@ def _known_models(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv  # (a launched worker starts itself again under its guard)
     try:
         with warnings.catch_warnings():  # restored on return: main may run inside a longer-lived process
             warnings.showwarning = _one_line_warning

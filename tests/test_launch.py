@@ -23,6 +23,7 @@ import pytest
 from realm_jax.cli import main
 from realm_jax.distributed import (DistributedConfig, MeshShape, cluster_environment, parse_mesh, plan_mesh,
                                    strategy_of)
+from realm_jax.distributed.guard import EXIT_PEER_LOST
 from realm_jax.distributed.launch import FAULT_ENV, reserved_port
 from realm_jax.errors import CoordinatorError, MeshError
 import background
@@ -417,3 +418,23 @@ def test_without_a_supervisor_a_peer_dying_mid_run_is_named():
     assert code0 == 3 and t0 < LOST_WITHIN_S, err0[-3000:]
     assert re.search(rf"process 0 \(.+\): lost process 1 \(.+, pid {procs[1].pid}\): no heartbeat for \d+ s",
                      _errors(err0)[-1])
+
+
+def test_without_a_supervisor_process_0_dying_mid_run_is_one_line():
+    """Process 0 runs the coordination service: when it dies, JAX aborts the others at once from C++ (a stack
+    trace, SIGABRT); each survivor's guard says it in one line naming process 0, and exits EXIT_PEER_LOST."""
+    with reserved_port() as port:
+        slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                     JAX_COORDINATOR_PORT=str(port), **{FAULT_ENV: "0:generate"})
+        procs = [subprocess.Popen([sys.executable, "-m", "realm_jax.cli", "launch", "--cluster", "--cpu-devices", "2",
+                                   "--", *GENERATE, "--mesh", "model=4"], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=_env(**slurm, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)))
+                 for r in (0, 1)]
+        (code0, _, _), (code1, err1, t1) = _finish(procs)
+    assert code0 == -9
+    assert code1 == EXIT_PEER_LOST and t1 < LOST_WITHIN_S, err1[-3000:]
+    assert re.fullmatch(rf"realm-jax: error: process 1 of 2 \(.+, pid {procs[1].pid}\): lost process 0 \(.+, pid "
+                        rf"{procs[0].pid}\) \(it runs the coordination service\): JAX ended this process \(.+\)",
+                        err1.splitlines()[-1]), err1[-3000:]
+    assert "stack trace" not in err1 and "Terminating" not in err1, err1[-3000:]

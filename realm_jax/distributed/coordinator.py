@@ -11,8 +11,9 @@ Lost peers end every process in bounded time, with a message naming the lost pro
   (or a tenth of `heartbeat_timeout`) and reads everyone's; a peer silent for `heartbeat_timeout` seconds,
   or a coordination service that stops answering, ends the process with a message naming the peer's rank,
   host and pid. JAX's own heartbeat (twice as patient plus 30 s) remains behind it. When process 0 (which runs the
-  coordination service) dies, JAX itself aborts the others at once, with its own message naming the
-  "leader task".
+  coordination service) dies, JAX itself aborts the others at once from C++ (SIGABRT, a stack trace); a
+  launched worker's guard (`guard`) turns that into one line naming process 0. Messages name a guarded
+  worker by its guard's pid, the process launched.
 Under `realm-jax launch --processes N` a supervisor also watches the processes and stops all of them as
 soon as one fails; the watchdog here is what bounds a cluster run, where no supervisor exists.
 """
@@ -35,11 +36,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from realm_jax.distributed.config import DistributedConfig
+from realm_jax.distributed.guard import EXIT_PEER_LOST, launched_pid
 from realm_jax.distributed.mesh import MeshShape, make_mesh
 from realm_jax.errors import CoordinatorError, MeshError, PeerError
 from realm_jax.inputs import shown
 
-EXIT_PEER_LOST = 3  # the exit status of a process that stops because a peer was lost
 _KEY = "realm_jax"  # prefix of this module's keys in the coordination service's store
 _BEAT_INTERVAL = 1.0  # at most; a tenth of the timeout when that is shorter
 
@@ -74,7 +75,7 @@ class Peer:
 def process_name(rank: int | None = None, n: int | None = None) -> str:
     """"process R of N (host, pid P)": this process, as error messages name it."""
     who = "this process" if rank is None else f"process {rank}" + ("" if n is None else f" of {n}")
-    return f"{who} ({socket.gethostname()}, pid {os.getpid()})"
+    return f"{who} ({socket.gethostname()}, pid {launched_pid()})"
 
 
 def _die(message: str) -> None:
@@ -172,7 +173,7 @@ def join(config: DistributedConfig, *, init_timeout: float = 60.0, heartbeat_tim
       A `Coordinator` (rank, world size, local devices, peers, global meshes, shutdown).
     """
     if config.explicit and config.num_processes == 1 and config.coordinator_address is None:
-        return Coordinator(0, 1, None, None, [Peer(0, socket.gethostname(), os.getpid())], None)
+        return Coordinator(0, 1, None, None, [Peer(0, socket.gethostname(), launched_pid())], None)
     cluster = None
     if not config.explicit:
         cluster = cluster_environment()
@@ -245,7 +246,7 @@ def _listening(address: str) -> bool:
 def _exchange_peers(rank: int, n: int, timeout: float, agreement: dict[str, Any] | None = None) -> list[Peer]:
     """Every process's host and pid (and `agreement`, checked against this process's), published through the
     coordination service's key-value store."""
-    me = Peer(rank, socket.gethostname(), os.getpid())
+    me = Peer(rank, socket.gethostname(), launched_pid())
     if n == 1:
         return [me]
     client = _client()

@@ -5,8 +5,9 @@ A worker is `realm-jax launch --process-id I --num-processes N --coordinator HOS
 (or `realm-jax launch --cluster -- ...` under Slurm, Open MPI or Kubernetes); `realm-jax launch
 --processes N` starts N of them on 127.0.0.1 and watches them: when one exits with an error or is killed,
 it stops the others at once and names the one that failed. Workers bound their own waits as well
-(`coordinator.join`), which is what ends a cluster run that has no supervisor. On Linux a worker is killed
-with its supervisor, however the supervisor ends.
+(`coordinator.join`), which is what ends a cluster run that has no supervisor. Every worker runs under a
+guard (`guard`: the process launched, its worker a child) that turns JAX's abort on a lost coordination
+service into one line. On Linux a worker is killed with its supervisor, however the supervisor ends.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+from realm_jax.distributed import guard
 from realm_jax.distributed.config import check_host
 from realm_jax.distributed.coordinator import EXIT_PEER_LOST
 from realm_jax.errors import CoordinatorError, PeerError
@@ -111,12 +113,14 @@ def run_local(n: int, command: Sequence[str], options: WorkerOptions, *, poll_s:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CoordinatorError(f"processes={n!r} must be an int >= 1")
-    program = [sys.executable, "-m", "realm_jax.cli"]
+    # each worker under a guard (guard.py, run as a script: no jax imported there), which turns JAX's abort on a
+    # lost coordination service into one line
+    program = [sys.executable, "-P", guard.__file__, "--", sys.executable, "-m", "realm_jax.cli"]
     procs: list[subprocess.Popen] = []
     with contextlib.ExitStack() as stack:
         address = f"127.0.0.1:{stack.enter_context(reserved_port())}"
         stack.callback(lambda: _stop([p for p in procs if p.poll() is None]))
-        arm = _die_with(os.getpid())
+        arm = guard.die_with(os.getpid())
         for r in range(n):
             with warnings.catch_warnings():  # JAX's at-fork warning: the child only calls prctl, then execs
                 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
@@ -138,24 +142,6 @@ def run_local(n: int, command: Sequence[str], options: WorkerOptions, *, poll_s:
         others += [f"killed process {r} (pid {p.pid})" for r, p in running]
         raise PeerError(f"lost process {rank} of {n} (127.0.0.1, pid {procs[rank].pid}): it {_describe(code)}"
                         + (f"; {', '.join(others)}" if others else ""))
-
-
-def _die_with(parent: int):
-    """A Popen `preexec_fn` (Linux; None elsewhere): the worker gets SIGKILL when the supervisor dies, even
-    by SIGKILL (which runs none of its cleanup): a worker stuck in a collective whose peers still answer
-    would otherwise run on as an orphan."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child imports and loads nothing
-
-    def arm() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the supervisor died before the line above
-            os._exit(1)
-
-    return arm
 
 
 def _describe(code: int) -> str:
@@ -213,7 +199,7 @@ def fault_point(phase: str, rank: int) -> None:
         raise CoordinatorError(f"{FAULT_ENV}={spec!r} must be RANK:PHASE with PHASE one of {', '.join(_FAULT_PHASES)}")
     if int(r) != rank or p != phase:
         return
-    print(f"realm-jax: process {rank} (pid {os.getpid()}): failing at {phase!r} as {FAULT_ENV} asks",
+    print(f"realm-jax: process {rank} (pid {guard.launched_pid()}): failing at {phase!r} as {FAULT_ENV} asks",
           file=sys.stderr, flush=True)
     if phase == "join":
         os._exit(1)
