@@ -273,16 +273,18 @@ def quantize_x(x: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array]
     if lay.order is not None:  # the blocks of each unit in the kernel's order
         x = x.reshape(m, k // lay.unit, lay.x_blocks, 32)[:, :, list(lay.order)].reshape(m, k // 32, 32)
     d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / X_MAX
-    q = round_away(x / jnp.where(d == 0, 1, d)).astype(jnp.int16)
+    q = round_away(x / jnp.where(d == 0, 1, d)).astype(jnp.int32)  # |q| <= X_MAX: int16 values
     units = k // lay.unit
 
     def lanes(a):  # [M, K/32, ...] -> [M, units, per unit]
         return a.reshape(m, units, -1)
 
+    # the int16 halves of a word, little-endian, in integer arithmetic (a bitcast of int16 pairs and a stack
+    # of the two parts made XLA's GPU compile two more kernels a matmul: a slice and a concatenation)
     quads = q.reshape(m, k // 32, 8, 4)
-    pairs = [lax.bitcast_convert_type(quads[..., 2 * i : 2 * i + 2], jnp.int32) for i in range(2)]
+    pairs = jnp.moveaxis((quads[..., 0::2] & 0xFFFF) | (quads[..., 1::2] << 16), -1, 0)  # [2, M, K/32, 8]
     if lay.int_sums:
-        sums = jnp.sum(q.astype(jnp.int32).reshape(m, k // lay.sums, lay.sums), axis=-1)
+        sums = jnp.sum(q.reshape(m, k // lay.sums, lay.sums), axis=-1)
     else:
         sums = jnp.sum(x.reshape(m, k // lay.sums, lay.sums), axis=-1)
-    return jnp.stack([lanes(pairs[0]), lanes(pairs[1])]), lanes(d[..., 0]), lanes(sums)
+    return pairs.reshape(2, m, units, -1), lanes(d[..., 0]), lanes(sums)
