@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 EXTRAS := dev,model,notebooks,serve
 
-.PHONY: setup run test test-all llama bench device-wheels clean
+.PHONY: setup run test test-all llama bench device-wheels gpu-aot clean
 
 setup: $(STAMP)
 
@@ -41,5 +41,17 @@ device-wheels: setup
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl gguf tqdm jinja2 markupsafe tokenizers pyyaml
 
+# XLA's GPU compile without a GPU (scripts/gpu_aot.py, tests/test_gpu_aot.py): a venv of its own with JAX's
+# CUDA plugin at the installed jaxlib's version and pip's ptxas (~330 MB of downloads). Not in .venv: there
+# the plugin would make every JAX start look for a GPU.
+AOT := .venv-gpu-aot
+gpu-aot: setup
+	@jax=$$($(PY) -c 'import jax; print(jax.__version__)') && jaxlib=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') \
+	  && python=$$(scripts/find_python.sh) || exit 1; \
+	  [ -x $(AOT)/bin/python ] || "$$python" -m venv $(AOT) || exit 1; \
+	  $(AOT)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" "jax==$$jax" "jaxlib==$$jaxlib" \
+	  && $(AOT)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "jax-cuda12-plugin==$$jaxlib" \
+	    "jax-cuda12-pjrt==$$jaxlib" nvidia-cuda-nvcc-cu12
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AOT) .pytest_cache

@@ -1,0 +1,57 @@
+"""XLA's GPU compile for an H100 without a GPU (`scripts/gpu_aot.py`): the decode kernels compile through XLA's
+own Triton, as a device compiles them, and what a matmul and a decode step launch is counted. Needs JAX's
+CUDA plugin, kept out of the project's venv: `make gpu-aot`, then
+`.venv-gpu-aot/bin/python -m pytest tests/test_gpu_aot.py`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _has_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_plugin(),
+                                reason="needs JAX's CUDA plugin for XLA's deviceless GPU compile: make gpu-aot, then "
+                                       ".venv-gpu-aot/bin/python -m pytest tests/test_gpu_aot.py")
+
+
+def _aot(tmp_path, *args: str) -> list[dict]:
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_aot.py"), *args, "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_decode_gemv_compiles_through_xla_without_spills(tmp_path):
+    """Q4_K's GEMV at one row of x and an 8B llama's q projection: one Pallas kernel giving every SM two
+    programs, no spills, and the activations' preparation and the K splits' sum in at most four XLA kernels."""
+    (c,) = _aot(tmp_path, "--matmul", "triton:Q4_K:1:4096x4096")
+    pallas = [k for k in c["kernels"] if k["kind"] == "pallas"]
+    assert [k["name"] for k in pallas] == ["decode_q4_k"], c["kernels"]
+    assert pallas[0]["programs"] >= 2 * 132 and pallas[0]["spill_bytes"] == 0 and pallas[0]["registers"] <= 255
+    assert len(c["kernels"]) <= 5, c["kernels"]
+
+
+def test_a_decode_step_is_counted_in_launches(tmp_path):
+    """The synthetic Q4_K_M model's decode step on the GEMV: its matmuls and attention are Pallas kernels, none
+    spills, and the step's launches stay within what they were when this test was written (105, 4 layers)."""
+    (c,) = _aot(tmp_path, "--step", str(ROOT / "tests" / "data" / "synthetic" / "llama-k-q4_k_m.gguf"), "--impl",
+                "triton")
+    pallas = [k for k in c["kernels"] if k["kind"] == "pallas"]
+    assert {k["name"].split("__")[0] for k in pallas} == {"decode_q4_k", "decode_q6_k", "decode_attention"}
+    assert all(k["spill_bytes"] == 0 for k in pallas), pallas
+    assert len(c["kernels"]) <= 105, [k["name"] for k in c["kernels"]]
