@@ -272,7 +272,9 @@ def quantize_x(x: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array, jax.Array]
     x = x.astype(jnp.float32).reshape(m, k // 32, 32)
     if lay.order is not None:  # the blocks of each unit in the kernel's order
         x = x.reshape(m, k // lay.unit, lay.x_blocks, 32)[:, :, list(lay.order)].reshape(m, k // 32, 32)
-    d = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / X_MAX
+    # max(|x| / X_MAX) is max|x| / X_MAX to the bit (rounding is monotonic), and XLA's GPU compile makes it
+    # within the reduction's kernel, where a division after it took one more kernel a matmul
+    d = jnp.max(jnp.abs(x) / X_MAX, axis=-1, keepdims=True)
     q = round_away(x / jnp.where(d == 0, 1, d)).astype(jnp.int32)  # |q| <= X_MAX: int16 values
     units = k // lay.unit
 
