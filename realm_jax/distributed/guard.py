@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 
 EXIT_PEER_LOST = 3  # the exit status of a process that stops because a peer was lost
@@ -199,8 +200,10 @@ def run(command: Sequence[str], *, write=_write_stderr) -> int:
     info_r, info_w = os.pipe()
     env = dict(os.environ, **{GUARD_ENV: str(info_w), PID_ENV: str(os.getpid()), TTY_ENV: str(int(os.isatty(2)))})
     try:
-        child = subprocess.Popen(list(command), stderr=subprocess.PIPE, env=env, pass_fds=(info_w,), process_group=0,
-                                 preexec_fn=die_with(os.getpid()))
+        with warnings.catch_warnings():  # JAX's at-fork warning, where it runs: the child only calls prctl, then execs
+            warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+            child = subprocess.Popen(list(command), stderr=subprocess.PIPE, env=env, pass_fds=(info_w,),
+                                     process_group=0, preexec_fn=die_with(os.getpid()))
     except BaseException:
         os.close(info_r)
         raise
