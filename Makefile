@@ -42,8 +42,9 @@ device-wheels: setup
 	  -d .whl gguf tqdm jinja2 markupsafe tokenizers pyyaml
 
 # XLA's GPU compile without a GPU (scripts/gpu_aot.py, tests/test_gpu_aot.py): a venv of its own with JAX's
-# CUDA plugin at the installed jaxlib's version and pip's ptxas (~330 MB of downloads). Not in .venv: there
-# the plugin would make every JAX start look for a GPU.
+# CUDA plugin at the installed jaxlib's version, pip's ptxas and, apart in its tools/, cuobjdump (for
+# `kernel_report.py --compiler xla`): ~330 MB of downloads. Not in .venv: there the plugin would make every
+# JAX start look for a GPU.
 AOT := .venv-gpu-aot
 gpu-aot: setup
 	@jax=$$($(PY) -c 'import jax; print(jax.__version__)') && jaxlib=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') \
@@ -51,7 +52,9 @@ gpu-aot: setup
 	  [ -x $(AOT)/bin/python ] || "$$python" -m venv $(AOT) || exit 1; \
 	  $(AOT)/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" "jax==$$jax" "jaxlib==$$jaxlib" \
 	  && $(AOT)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "jax-cuda12-plugin==$$jaxlib" \
-	    "jax-cuda12-pjrt==$$jaxlib" nvidia-cuda-nvcc-cu12
+	    "jax-cuda12-pjrt==$$jaxlib" nvidia-cuda-nvcc-cu12 \
+	  && $(AOT)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target $(AOT)/tools \
+	    nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm
 
 clean:
 	rm -rf $(VENV) $(AOT) .pytest_cache

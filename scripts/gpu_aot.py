@@ -107,10 +107,9 @@ class Compiled:
         return sum(1 for k in self.kernels if (kind is None or k.kind == kind) and (loop is None or k.in_loop == loop))
 
 
-def _ptxas(ptx: pathlib.Path, cuda_dir: str | None) -> dict[str, tuple[int, int]]:
+def _ptxas(ptx: pathlib.Path) -> dict[str, tuple[int, int]]:
     """kernel -> (registers, spill bytes) from ptxas -v on XLA's PTX (the flags XLA passes)."""
-    exe = os.path.join(cuda_dir, "bin", "ptxas") if cuda_dir else "ptxas"
-    out = subprocess.run([exe, "-arch=sm_90a", "-v", "--warn-on-spills", str(ptx), "-o", os.devnull],
+    out = subprocess.run([ptxas(), "-arch=sm_90a", "-v", "--warn-on-spills", str(ptx), "-o", os.devnull],
                          capture_output=True, text=True)
     found, name = {}, None
     for line in (out.stdout + out.stderr).splitlines():
@@ -123,14 +122,16 @@ def _ptxas(ptx: pathlib.Path, cuda_dir: str | None) -> dict[str, tuple[int, int]
     return found
 
 
-def compile_for(name: str, fn, *args, dev=None) -> Compiled:
+def compile_for(name: str, fn, *args, dev=None, dump_to: pathlib.Path | None = None) -> Compiled:
     """Lower and compile `fn(*args)` (args: ShapeDtypeStructs, placed by this on `dev`) for the GPU of `dev`
-    (default: an H100), and read what it launches from XLA's dumps."""
+    (default: an H100), and read what it launches from XLA's dumps (kept in `dump_to` where given: the
+    kernels' PTX, `ptx_of`)."""
     dev = dev or device()
     sharding = jax.sharding.SingleDeviceSharding(dev)
     args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), args)
     cuda_dir = _cuda_dir()
-    with tempfile.TemporaryDirectory() as dump:
+    with tempfile.TemporaryDirectory() as scratch:
+        dump = str(dump_to or scratch)
         options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True, "xla_dump_emitter_re": "ptx"}
         if cuda_dir:
             options["xla_gpu_cuda_data_dir"] = cuda_dir
@@ -142,7 +143,7 @@ def compile_for(name: str, fn, *args, dev=None) -> Compiled:
         compiled_at = time.perf_counter()
         regs = {}
         for ptx in sorted(pathlib.Path(dump).glob("*.ptx")):
-            regs.update(_ptxas(ptx, cuda_dir))
+            regs.update(_ptxas(ptx))
         kernels, depth = [], 0
         for path in sorted(glob.glob(f"{dump}/*thunk_sequence.txt")):
             for line in pathlib.Path(path).read_text().splitlines():
@@ -166,6 +167,37 @@ def compile_for(name: str, fn, *args, dev=None) -> Compiled:
                     kernels.append(Kernel(kind, kind, in_loop=depth > 0 and line.startswith("    ")))
         graphs, ungraphed = _graphs(dump)
     return Compiled(name, lowered_at - start, compiled_at - lowered_at, kernels, graphs, ungraphed)
+
+
+def ptx_of(dump: pathlib.Path, kernel: str) -> pathlib.Path:
+    """The PTX file of `kernel` (its entry's name) in a dump of `compile_for`."""
+    for ptx in sorted(pathlib.Path(dump).glob("*.ptx")):
+        if re.search(rf"\.entry {re.escape(kernel)}\(", ptx.read_text()):
+            return ptx
+    raise RuntimeError(f"no PTX of {kernel!r} in {dump}")
+
+
+def ptxas() -> str:
+    """The ptxas XLA compiles with here (pip's nvidia-cuda-nvcc-cu12, else one on PATH)."""
+    cuda_dir = _cuda_dir()
+    return os.path.join(cuda_dir, "bin", "ptxas") if cuda_dir else "ptxas"
+
+
+def cuobjdump() -> str:
+    """A cuobjdump: pip triton's, or `make gpu-aot`'s (its tools/), or one on PATH."""
+    try:
+        import triton
+
+        found = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        if found.exists():
+            return str(found)
+    except ImportError:
+        pass
+    tools = sorted(pathlib.Path(sys.prefix, "tools", "nvidia").glob("*/bin/cuobjdump"))
+    if not tools:
+        return "cuobjdump"
+    os.environ["PATH"] = f"{tools[-1].parent}{os.pathsep}{os.environ.get('PATH', '')}"  # its nvdisasm, beside it
+    return str(tools[-1])
 
 
 def _graphs(dump: str) -> tuple[int, int]:

@@ -16,6 +16,10 @@ path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` 
   device, so the lowered MLIR operations per K step (the ops in the pipeline's loop body) at 512 rows,
   against the committed baseline (`kernel_report_baseline.json`, `--write-baseline`), which may only go
   down; the programs in the grid.
+- `--compiler xla`: the Triton rows from XLA's own compile instead (`scripts/gpu_aot.py`: JAX's CUDA plugin
+  compiling for an H100 without a GPU, `make gpu-aot`), the compiler a device runs: its Triton and passes
+  differ from pip's, and so do the counts (session 45: the block-dot GEMM 10-35% more instructions a
+  weight, the lanes GEMM at 16 rows of x 2-3x more).
 - Both: from `jax.make_jaxpr` of the backend's matmul, any array of at least a weight's size made per call
   outside the kernels (a transpose, a pad or a copy of the weight).
 - The decode step of the synthetic Q4_K_M and Q5_K_M models on each GPU decode backend (`step_copies`:
@@ -24,7 +28,7 @@ path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` 
   (a copy wherever a kernel reads it, as XLA cannot fuse a slice into a custom call).
 
     python scripts/kernel_report.py [--formats Q4_K,Q6_K] [--rows 1,4,16] [--json out.json] [--markdown out.md]
-                                    [--write-baseline]
+                                    [--write-baseline] [--compiler triton|xla]
 
 At full issue an H200 executes about 5 instructions per weight element while streaming Q4_K at 3.7 TB/s
 (FACTS.md); a decode GEMV at the bandwidth limit needs about 1-2.
@@ -44,13 +48,17 @@ import subprocess
 import sys
 import tempfile
 
-import jax
-import jax.numpy as jnp
-from jax.extend import core as jex_core
-from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+# --compiler xla: JAX's CUDA plugin checks for CUDA libraries the deviceless compile does not need (gpu_aot.py)
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))  # gpu_aot, for --compiler xla
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of the triton the GPU machine has
 
 from realm_jax import linear  # noqa: E402
@@ -203,7 +211,8 @@ def capture_triton(fn, *args) -> list[dict]:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     warps = [int(v) for v in re.findall(r"num_warps = (\d+) : i32", text)]
     stages = [int(v) for v in re.findall(r"num_stages = (\d+) : i32", text)]
-    return [{"ttir": ttir, "grid": grid, "num_warps": w, "num_stages": s}
+    return [{"ttir": ttir, "grid": grid, "num_warps": w, "num_stages": s, "source": (fn, args),
+             "name": re.search(r"tt\.func public @(\w+)", ttir).group(1)}
             for (ttir, grid), w, s in zip(got, warps, stages)]
 
 
@@ -295,9 +304,38 @@ def sass_body(sass: str, trips: int = 1) -> tuple[str, list[str]]:
     return scope, ops
 
 
+def compile_xla(kernel: dict, workdir: pathlib.Path) -> dict:
+    """`compile_triton`'s figures from the compile a device makes: XLA's own (its Triton, then ptxas), for an
+    H100 without a GPU (`scripts/gpu_aot.py`; JAX's CUDA plugin: `make gpu-aot`). The kernel's program (the
+    path captured) compiles whole; this kernel's PTX is taken from XLA's dump."""
+    import gpu_aot
+
+    fn, args = kernel["source"]
+    dump = pathlib.Path(tempfile.mkdtemp(dir=workdir))
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    with gpu_aot._as_gpu():
+        gpu_aot.compile_for(kernel["name"], fn, *args, dump_to=dump)
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    seconds = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime  # the whole program's compile
+    cubin = workdir / "kernel.cubin"
+    subprocess.run([gpu_aot.ptxas(), "-arch=sm_90a", str(gpu_aot.ptx_of(dump, kernel["name"])), "-o", str(cubin)],
+                   check=True, capture_output=True)
+    usage = subprocess.run([gpu_aot.cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage {cubin}: no resource line in {usage!r}")
+    regs, stack, local = map(int, found.groups())
+    sass = subprocess.run([gpu_aot.cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return {"registers": regs, "spill_bytes": stack + local, "sass": sass, "compile_s": seconds}
+
+
+COMPILERS = {"triton": compile_triton, "xla": compile_xla}
+COMPILER = "triton"  # `--compiler`: pip's triton on the captured IR, or XLA's own compile (the device's)
+
+
 def _sass_cost(kernel: dict, workdir: pathlib.Path, weights_per_step: int, weights_per_program: int,
                trips: int) -> dict:
-    compiled = compile_triton(kernel, workdir)
+    compiled = COMPILERS[COMPILER](kernel, workdir)
     scope, body = sass_body(compiled["sass"], trips)
     threads = 32 * kernel["num_warps"]
     ops = collections.Counter(op.split(".")[0] for op in body)
@@ -589,11 +627,25 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", type=pathlib.Path)
     ap.add_argument("--write-baseline", action="store_true",
                     help=f"record the Mosaic GPU ops in {BASELINE.name}, under this jax version")
+    ap.add_argument("--compiler", choices=sorted(COMPILERS), default="triton",
+                    help="what compiles the Triton kernels: pip's triton on the captured IR (default), or XLA's "
+                         "own compile for an H100, as a device compiles them (needs JAX's CUDA plugin: make gpu-aot, "
+                         "then run this with .venv-gpu-aot/bin/python)")
     args = ap.parse_args(argv)
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        ap.error("needs pip's triton (no GPU needed): pip install triton==3.9.0")
+    global COMPILER
+    COMPILER = args.compiler
+    if COMPILER == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            ap.error("needs pip's triton (no GPU needed): pip install triton==3.9.0")
+    else:
+        import gpu_aot
+
+        try:
+            gpu_aot.device()
+        except Exception as e:  # no plugin, or one that cannot make the device
+            ap.error(f"--compiler xla needs JAX's CUDA plugin (make gpu-aot): {str(e).splitlines()[0]}")
     rows = report([f for f in args.formats.split(",") if f], [int(v) for v in args.rows.split(",")]) + step_rows()
     table = markdown(rows)
     print(table)

@@ -55,3 +55,17 @@ def test_a_decode_step_is_counted_in_launches(tmp_path):
     assert {k["name"].split("__")[0] for k in pallas} == {"decode_q4_k", "decode_q6_k", "decode_attention"}
     assert all(k["spill_bytes"] == 0 for k in pallas), pallas
     assert len(c["kernels"]) <= 105, [k["name"] for k in c["kernels"]]
+
+
+def test_the_kernel_report_reads_the_kernels_xla_compiles(tmp_path):
+    """`kernel_report.py --compiler xla`: the same report, its Triton rows from XLA's own compile (the
+    device's compiler), Q4_K's GEMV at one row of x: every SM two programs, no spill, under 2.5 instructions
+    a weight in the K loop (1.4-1.6 when this was written)."""
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--compiler", "xla", "--formats",
+                           "Q4_K", "--rows", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gemv = [r for r in json.loads(out.read_text()) if r["kernel"] == "triton"]
+    assert len(gemv) == 4 and all(r["programs"] >= 2 * 132 and r["spill_bytes"] == 0 for r in gemv), gemv
+    assert all(0.5 < r["instructions_per_weight"] < 2.5 for r in gemv if r["instructions_per_weight"]), gemv
