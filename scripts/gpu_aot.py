@@ -18,6 +18,11 @@ What it cannot tell: times (no device), autotuned XLA GEMM tiles (XLA takes its 
 Set-up (a venv of its own: the plugin in the project's .venv would make every JAX start look for a GPU):
 `make gpu-aot`, then `.venv-gpu-aot/bin/python scripts/gpu_aot.py --matmul triton:Q4_K:1:14336x4096`.
 The plugin must be the installed jaxlib's version; ptxas comes from pip's `nvidia-cuda-nvcc-cu12`.
+
+As the GPU machine compiles (jax 0.11.2 with the CUDA 13 plugin): a venv with jax and jaxlib 0.11.2,
+`jax-cuda13-plugin` and `jax-cuda13-pjrt` 0.11.2 (`--no-deps`), `nvidia-cuda-nvcc==13.0.*` and the project's
+dependencies, the project on PYTHONPATH, and the H100's description in REALM_JAX_GPU_TARGET_CONFIG (0.11.2's
+plugin embeds none: `--write-target-config FILE` writes it from 0.12's).
 """
 
 from __future__ import annotations
@@ -52,18 +57,35 @@ _THUNK = re.compile(r"^\s*\d+: (k\w+)\s+\[[^\]]*\]\s*(.*)$")
 _KERNEL = re.compile(r"^(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+)")
 
 
-def target_config(device: str = H100) -> str:
-    """The GPU target description (a GpuTargetConfigProto as text) of `device`, from XLA's GPU specs that the
-    CUDA plugin embeds."""
-    import jax_plugins.xla_cuda12 as plugin
+def _plugin():
+    """JAX's CUDA plugin package: CUDA 12's or 13's (the GPU machine's jax 0.11.2 has 13's)."""
+    import importlib
 
-    data = (pathlib.Path(plugin.__file__).parent / "xla_cuda_plugin.so").read_bytes()
+    for name in ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise RuntimeError("no JAX CUDA plugin installed (jax-cuda12-plugin or jax-cuda13-plugin): make gpu-aot")
+
+
+TARGET_ENV = "REALM_JAX_GPU_TARGET_CONFIG"  # a GpuTargetConfigProto text file, where the plugin embeds none
+
+
+def target_config(device: str = H100) -> str:
+    """The GPU target description (a GpuTargetConfigProto as text) of `device`: the file TARGET_ENV names, else
+    XLA's GPU specs that the CUDA plugin embeds (jaxlib 0.12's do; 0.11.2's do not: give it the file this
+    function wrote from a newer one, `python scripts/gpu_aot.py --write-target-config FILE`)."""
+    if os.environ.get(TARGET_ENV):
+        return pathlib.Path(os.environ[TARGET_ENV]).read_text()
+    plugin = _plugin()
+    data = b"".join(p.read_bytes() for p in pathlib.Path(plugin.__file__).parent.glob("*.so"))
     for m in re.finditer(rb"gpu_device_info \{", data):
         start = data.rfind(b"\0", 0, m.start()) + 1
         text = data[start:data.find(b"\0", m.start())].decode(errors="replace")
         if f'device_description_str: "{device}"' in text:
             return text
-    raise RuntimeError(f"no GPU spec for {device!r} in {plugin.__file__}")
+    raise RuntimeError(f"no GPU spec for {device!r} in {plugin.__file__}: give one in {TARGET_ENV}")
 
 
 def device(name: str = H100):
@@ -75,11 +97,17 @@ def device(name: str = H100):
 
 
 def _cuda_dir() -> str | None:
+    """The CUDA directory of pip's ptxas: nvidia-cuda-nvcc-cu12's nvidia/cuda_nvcc, or nvidia-cuda-nvcc's
+    (CUDA 13) nvidia/cu13; None: XLA's own search (PATH, /usr/local/cuda)."""
     try:
-        import nvidia.cuda_nvcc as nvcc
+        import nvidia
     except ImportError:
         return None
-    return str(pathlib.Path(list(nvcc.__path__)[0]))
+    for base in nvidia.__path__:
+        for sub in ("cuda_nvcc", "cu13"):
+            if pathlib.Path(base, sub, "bin", "ptxas").exists():
+                return str(pathlib.Path(base, sub))
+    return None
 
 
 @dataclasses.dataclass
@@ -292,7 +320,12 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="triton", help="the --step's backend (default triton)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--write-target-config", metavar="FILE", help=f"write the H100's description (for {TARGET_ENV}) "
+                   "and stop")
     args = p.parse_args(argv)
+    if args.write_target_config:
+        pathlib.Path(args.write_target_config).write_text(target_config())
+        return 0
     dev = device()
     results = [matmul(spec, dev) for spec in args.matmul]
     layers = None
