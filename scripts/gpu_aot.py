@@ -323,10 +323,22 @@ def main(argv=None) -> int:
     p.add_argument("--write-target-config", metavar="FILE", help=f"write the H100's description (for {TARGET_ENV}) "
                    "and stop")
     args = p.parse_args(argv)
-    if args.write_target_config:
-        pathlib.Path(args.write_target_config).write_text(target_config())
-        return 0
-    dev = device()
+    try:
+        if args.write_target_config:
+            pathlib.Path(args.write_target_config).write_text(target_config())
+            return 0
+        dev = device()
+    except (RuntimeError, OSError) as e:  # no plugin, no description: say so, not a traceback
+        p.error(str(e).splitlines()[0])
+    from realm_jax import linear
+    from realm_jax.quant import FORMATS
+
+    for spec in args.matmul:
+        parts = spec.split(":")
+        if (len(parts) != 4 or parts[0] not in linear.BACKENDS or parts[1] not in FORMATS or not parts[2].isdigit()
+                or not re.fullmatch(r"\d+x\d+", parts[3])):
+            p.error(f"--matmul {spec!r}: expected BACKEND:FORMAT:M:NxK, a backend of {sorted(linear.BACKENDS)} "
+                    "and a format name (e.g. triton:Q4_K:1:4096x4096)")
     results = [matmul(spec, dev) for spec in args.matmul]
     layers = None
     if args.step:
