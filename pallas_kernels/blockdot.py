@@ -78,6 +78,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.ptx import fma
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 from realm_jax.quant import QTensor, get_format
 from realm_jax.quant import kquantize, kquants, legacy
@@ -410,20 +411,6 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
 
 
 # --- the kernel ---------------------------------------------------------------------------------------
-def _fma(a, b, c, *, interpret: bool) -> jax.Array:
-    """a * b + c in f32, rounded once (`fma.rn.f32`), broadcast to one shape. Written out because XLA's own
-    Triton, which compiles the kernel on a device, does not contract a multiply and an add into an FFMA as
-    pip's triton does: a block's scale took an FMUL and an FADD an output (`scripts/kernel_report.py
-    --compiler xla`: Q4_0 at one row of x 1.85 instructions a weight against 1.61)."""
-    a, b, c = jnp.broadcast_arrays(a, b, c)
-    if interpret:
-        return a * b + c
-    [out] = pltriton.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[a, b, c], constraints="=f,f,f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
-    return out
-
-
 def _pairs(words, j: int, per: int, *, interpret: bool) -> jax.Array:
     """Code j of each uint16 of `words` as f16, exact: nibble j (per = 4) 1024 + q (j = 0, 2) or 1024 + 16 q
     (j = 1, 3); byte j (per = 2) 1024 + b, one prmt for two."""
@@ -531,9 +518,9 @@ def _kernel(*refs, fmt: str, t: BlockTiling, steps: int, stacked: bool, interpre
             if fmt == "Q8_K":
                 step_sum = step_sum + p
             elif fmt in _SUPER:  # the sub-block's integer scale times its dot
-                step_sum = _fma(scales[b], p, step_sum, interpret=interpret)
+                step_sum = fma(scales[b], p, step_sum, interpret=interpret)
             else:  # the block's scale times its dot
-                acc = _fma(scales[b], p, acc, interpret=interpret)
+                acc = fma(scales[b], p, acc, interpret=interpret)
         return acc + d * step_sum if fmt in _SUPER or fmt == "Q8_K" else acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((t.rows, t.x_rows), jnp.float32))

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, ROW_ALIGN, X_MAX, Layout
+from pallas_kernels.ptx import fma
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
 
 __all__ = ["MAX_ROWS", "DecodeTiling", "gemv", "tiling_for"]
@@ -313,11 +314,12 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
                             piece = piece * scale.astype(jnp.float32)
                         dot = piece if dot is None else dot + piece
                     dx = dx_ref[pl.ds(m0 + m, 1), units, pl.ds(s, 1)][0][..., None]  # [units, 1, 1]
-                    scaled = scaled + (dx * chain.shift if chain.shift != 1.0 else dx) * dot
+                    scaled = fma(dx * chain.shift if chain.shift != 1.0 else dx, dot, scaled, interpret=interpret)
                     for sums, factor in chain.offsets:
                         sx = sx_ref[pl.ds(m0 + m, 1), units, pl.ds(sums, 1)][0][..., None]
                         offsets = offsets + (sx if factor is None else sx * factor)
-                out.append(accs[m] + d * scaled + (dm * offsets if dm is not None else 0.0))
+                acc = fma(d, scaled, accs[m], interpret=interpret)  # FFMAs, which XLA's Triton does not make
+                out.append(fma(dm, offsets, acc, interpret=interpret) if dm is not None else acc)
             return tuple(out)
 
         if LAYOUTS[fmt].unit == 32:

@@ -71,10 +71,10 @@ def test_the_kernel_report_reads_the_kernels_xla_compiles(tmp_path):
     assert all(0.5 < r["instructions_per_weight"] < 2.5 for r in gemv if r["instructions_per_weight"]), gemv
 
 
-def test_the_block_dot_gemm_as_xla_compiles_it(tmp_path):
-    """The block-dot GEMM's K loop under XLA's own Triton (the device's compiler), 14336x4096: a block's scale
-    one FFMA an output (`blockdot._fma`; XLA's Triton made it an FMUL and an FADD: Q4_0 2.54 at 16 rows of
-    x, Q6_K 5.80), so that it costs what pip's triton showed (2.04, 4.84 when this was written)."""
+def test_the_scales_are_ffmas_as_xla_compiles_the_kernels(tmp_path):
+    """The block-dot GEMM's and the GEMV's K loops under XLA's own Triton (the device's compiler): a scale
+    times a dot is one FFMA (`pallas_kernels.ptx.fma`; XLA's Triton made it an FMUL and an FADD: the block-dot
+    GEMM at 16 rows of x, 14336x4096, Q4_0 2.54, Q6_K 5.80; 2.04 and 4.84 when this was written)."""
     code = f"""
 import pathlib, sys, tempfile
 sys.path.insert(0, {str(ROOT / "scripts")!r})
@@ -84,6 +84,10 @@ for fmt, bound in (("Q4_0", 2.15), ("Q6_K", 5.0)):
     r = kr.blocks_row(fmt, 16, 14336, 4096, pathlib.Path(tempfile.mkdtemp()))
     assert r["instructions_per_weight"] <= bound, (fmt, r)
     assert r["programs"] >= 2 * 132, (fmt, r)
+# the GEMV at the k/v shape, its scales' FFMAs written out too (2.04 and 2.16 without)
+for fmt, bound in (("Q5_K", 2.0), ("Q6_K", 2.1)):
+    r = kr.triton_row(fmt, 1, 1024, 4096, pathlib.Path(tempfile.mkdtemp()))
+    assert r["instructions_per_weight"] <= bound and r["spill_bytes"] == 0, (fmt, r)
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
