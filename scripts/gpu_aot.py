@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))  # kernel_report: how the report traces a matmul and a decode step
 
 H100 = "NVIDIA H100 80GB HBM3"
 # The names pallas_kernels gives its Triton kernels (their pallas_call's `name`; XLA's own kernels are its
@@ -246,57 +247,27 @@ def _graphs(dump: str) -> tuple[int, int]:
 
 
 def matmul(spec: str, dev=None) -> Compiled:
-    """`BACKEND:FORMAT:M:NxK`: that backend's matmul of x [M, K] bf16 with a prepared (N, K) weight."""
-    from realm_jax import linear
-    from realm_jax.precision import Policy
-    from realm_jax.quant import QTensor, get_format
+    """`BACKEND:FORMAT:M:NxK`: that backend's matmul of x [M, K] bf16 with a prepared (N, K) weight, as
+    `kernel_report` traces it."""
+    import kernel_report
 
     backend, fmt, m, shape = spec.split(":")
     n, k = (int(v) for v in shape.split("x"))
-    f = get_format(fmt)
-    planes = {p.name: jax.ShapeDtypeStruct((n, k // f.block_size * p.count), p.dtype) for p in f.planes}
-    be = linear.BACKENDS[backend]
-    with _as_gpu():
-        w = jax.eval_shape(lambda qt: be.prepare(qt, Policy.of("bf16")), QTensor(fmt, (n, k), planes))
-    x = jax.ShapeDtypeStruct((int(m), k), jnp.bfloat16)
-    bf16 = jnp.dtype(jnp.bfloat16)
-    return compile_for(spec, lambda x, w: be.matmul(x, w, compute_dtype=bf16, out_dtype=bf16, interpret=False), x, w,
-                       dev=dev)
+    with kernel_report.as_gpu():
+        w = kernel_report.abstract_weight(backend, fmt, n, k)
+        return compile_for(spec, kernel_report._matmul(backend), jax.ShapeDtypeStruct((int(m), k), jnp.bfloat16), w,
+                           dev=dev)
 
 
 def step(path: str, impl: str, batch: int = 1, dev=None) -> tuple[Compiled, int]:
-    """A decode step of the model at `path` on `impl` (a token a row of `batch`, a 256-token cache); and the
-    model's layers."""
-    from realm_jax import runtime
-    from realm_jax.checkpoint import read_gguf
-    from realm_jax.models import config_from_gguf
-    from realm_jax.models.transformer import forward, init_cache
-    from realm_jax.precision import Policy
+    """A decode step of the model at `path` on `impl` (`kernel_report.decode_step`: a token a row of `batch`,
+    a 256-token cache); and the model's layers."""
+    import kernel_report
 
-    metadata, tensors = read_gguf(path)
-    config = config_from_gguf(metadata, tensors, str(path))
-    policy = Policy.of("bf16")
-    with _as_gpu():
-        params = jax.eval_shape(lambda: runtime.build_params(config, tensors, str(path), policy, impl=impl,
-                                                             last_apart=True))
-        cache = jax.eval_shape(lambda: init_cache(config, batch, 256, policy.kv))
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    last = jnp.zeros((batch,), jnp.int32)
-
-    def fn(p, c, t, pos):
-        return forward(config, p, t, pos, c, policy=policy, impl=impl, last=last)
-
-    with _as_gpu():
-        compiled = compile_for(f"step {pathlib.Path(path).name} {impl} batch {batch}", fn, params, cache, tokens,
-                               tokens, dev=dev)
+    with kernel_report.as_gpu():
+        fn, args, config = kernel_report.decode_step(pathlib.Path(path), impl, "bf16", batch)
+        compiled = compile_for(f"step {pathlib.Path(path).name} {impl} batch {batch}", fn, *args, dev=dev)
     return compiled, config.n_layers
-
-
-def _as_gpu():
-    """The linear backends choose their GPU code by the default backend: a GPU's, here."""
-    from unittest import mock
-
-    return mock.patch.object(jax, "default_backend", lambda: "gpu")
 
 
 def markdown(c: Compiled) -> str:

@@ -156,14 +156,18 @@ def copies_in(jaxpr, from_weight: set, threshold: int) -> list[str]:
     return found
 
 
-def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: int = 1) -> list[str]:
-    """A model's decode step (`forward` on one new token a row, the weights prepared for `backend` as `load`
-    lays them out on a GPU), traced for an abstract H100: what `copies_in` finds made from the weights
-    outside the kernels, at the size of the smallest of a layer's linear weights' largest planes; and,
-    marked "cache:", from the KV cache at the size of a layer's keys (a layer's cache copied out of the
-    stack for XLA's attention, where the kernel reads it in place; the writes are in place)."""
+def as_gpu():
+    """The linear backends choose their GPU code (kernels, not interpret mode) by the default backend: a
+    GPU's, inside this."""
     from unittest import mock
 
+    return mock.patch.object(jax, "default_backend", lambda: "gpu")
+
+
+def decode_step(path: pathlib.Path, backend: str, policy: str = "bf16", batch: int = 1):
+    """A model's decode step as a function and its abstract arguments: (fn, (params, cache, tokens,
+    positions), config), `forward` on one new token a row of `batch`, a 256-token cache, the weights prepared
+    for `backend` as `load` lays them out (call under `as_gpu`: on a GPU)."""
     from realm_jax import runtime
     from realm_jax.checkpoint import read_gguf
     from realm_jax.models import config_from_gguf
@@ -172,15 +176,26 @@ def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: i
     metadata, tensors = read_gguf(path)
     config = config_from_gguf(metadata, tensors, str(path))
     pol = Policy.of(policy)
-    # the backends choose their GPU code (kernels, not interpret mode) from the default backend
-    with mock.patch.object(jax, "default_backend", lambda: "gpu"), use_abstract_mesh(H100):
-        params = jax.eval_shape(lambda: runtime.build_params(config, tensors, str(path), pol, impl=backend,
-                                                             last_apart=True))
-        cache = jax.eval_shape(lambda: init_cache(config, batch, 256, pol.kv))
-        tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-        jaxpr = jax.make_jaxpr(lambda p, c, t, pos: forward(config, p, t, pos, c, policy=pol, impl=backend,
-                                                            last=jnp.zeros((batch,), jnp.int32)))(
-            params, cache, tokens, tokens)
+    params = jax.eval_shape(lambda: runtime.build_params(config, tensors, str(path), pol, impl=backend,
+                                                         last_apart=True))
+    cache = jax.eval_shape(lambda: init_cache(config, batch, 256, pol.kv))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+
+    def fn(p, c, t, pos):
+        return forward(config, p, t, pos, c, policy=pol, impl=backend, last=jnp.zeros((batch,), jnp.int32))
+
+    return fn, (params, cache, tokens, tokens), config
+
+
+def step_copies(path: pathlib.Path, backend: str, policy: str = "bf16", batch: int = 1) -> list[str]:
+    """A model's decode step (`forward` on one new token a row, the weights prepared for `backend` as `load`
+    lays them out on a GPU), traced for an abstract H100: what `copies_in` finds made from the weights
+    outside the kernels, at the size of the smallest of a layer's linear weights' largest planes; and,
+    marked "cache:", from the KV cache at the size of a layer's keys (a layer's cache copied out of the
+    stack for XLA's attention, where the kernel reads it in place; the writes are in place)."""
+    with as_gpu(), use_abstract_mesh(H100):
+        fn, (params, cache, *tokens), _ = decode_step(path, backend, policy, batch)
+        jaxpr = jax.make_jaxpr(fn)(params, cache, *tokens)
     layers = [lin for run in params["layers"] for lin in run.params.values() if isinstance(lin, Prepared)]
     threshold = min(max(leaf.size // leaf.shape[0] * leaf.dtype.itemsize for leaf in jax.tree.leaves(lin))
                     for lin in layers)
@@ -261,17 +276,20 @@ def compile_triton(kernel: dict, workdir: pathlib.Path) -> dict:
     (workdir / "kernel.ptx").write_text(compiled.asm["ptx"])
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    # Registers and spills of this very cubin (a separate `ptxas -v` of the PTX, without Triton's ptxas flags,
-    # allocated differently: it read 0 spill bytes where this cubin has a 64-byte stack of spills). A Triton
-    # kernel has no local arrays: its stack frame is spilled registers.
-    usage = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True,
-                           text=True).stdout
+    return cubin_figures(cubin, str(bin_dir / "cuobjdump")) | {"compile_s": seconds}
+
+
+def cubin_figures(cubin: pathlib.Path, cuobjdump: str) -> dict:
+    """Registers, spill bytes and SASS of a cubin. From the cubin itself (a separate `ptxas -v` of the PTX,
+    without the compiler's own ptxas flags, allocates differently: it read 0 spill bytes where Triton's cubin
+    had a 64-byte stack of spills). A Triton kernel has no local arrays: its stack frame is spilled registers."""
+    usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump -res-usage {cubin}: no resource line in {usage!r}")
     regs, stack, local = map(int, found.groups())
-    sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    return {"registers": regs, "spill_bytes": stack + local, "sass": sass, "compile_s": seconds}
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True).stdout
+    return {"registers": regs, "spill_bytes": stack + local, "sass": sass}
 
 
 def sass_body(sass: str, trips: int = 1) -> tuple[str, list[str]]:
@@ -313,20 +331,14 @@ def compile_xla(kernel: dict, workdir: pathlib.Path) -> dict:
     fn, args = kernel["source"]
     dump = pathlib.Path(tempfile.mkdtemp(dir=workdir))
     start = resource.getrusage(resource.RUSAGE_SELF)
-    with gpu_aot._as_gpu():
+    with as_gpu():
         gpu_aot.compile_for(kernel["name"], fn, *args, dump_to=dump)
     end = resource.getrusage(resource.RUSAGE_SELF)
     seconds = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime  # the whole program's compile
     cubin = workdir / "kernel.cubin"
     subprocess.run([gpu_aot.ptxas(), "-arch=sm_90a", str(gpu_aot.ptx_of(dump, kernel["name"])), "-o", str(cubin)],
                    check=True, capture_output=True)
-    usage = subprocess.run([gpu_aot.cuobjdump(), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    if found is None:
-        raise RuntimeError(f"cuobjdump -res-usage {cubin}: no resource line in {usage!r}")
-    regs, stack, local = map(int, found.groups())
-    sass = subprocess.run([gpu_aot.cuobjdump(), "-sass", str(cubin)], capture_output=True, text=True).stdout
-    return {"registers": regs, "spill_bytes": stack + local, "sass": sass, "compile_s": seconds}
+    return cubin_figures(cubin, gpu_aot.cuobjdump()) | {"compile_s": seconds}
 
 
 COMPILERS = {"triton": compile_triton, "xla": compile_xla}

@@ -241,7 +241,7 @@ def run(command: Sequence[str], *, write=_write_stderr) -> int:
                     if info_text.endswith(b"\n"):
                         try:
                             info = json.loads(info_text.decode(errors="replace").splitlines()[-1])
-                        except ValueError:
+                        except ValueError:  # not the worker's JSON: the message names "this process" then
                             pass
                 else:
                     relay.feed(data)
@@ -264,7 +264,7 @@ def _forward(child: subprocess.Popen, sig: int) -> None:
     if child.poll() is None:
         try:
             child.send_signal(sig)
-        except OSError:
+        except OSError:  # it ended between the poll and the signal
             pass
 
 
