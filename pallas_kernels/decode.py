@@ -55,8 +55,8 @@ class DecodeTiling:
       units: layout units (256 or 32 elements of K) per loop step.
       splits: programs along K; each sums its share of the units.
       parts: programs per unit (k-quants): each multiplies its share of the unit's four groups of activation
-        blocks (1, 2 or 4), where the rows and the K splits alone give too few programs (an 8B llama's k/v
-        projection).
+        blocks (1, 2 or 4; Q6_K also 8, half a group each: `_PARTS`), where the rows and the K splits alone
+        give too few programs (an 8B llama's k/v projection).
     """
 
     rows: int
@@ -68,6 +68,13 @@ class DecodeTiling:
     @property
     def num_warps(self) -> int:
         return self.rows // (32 * self.per_thread)
+
+
+# Programs a unit may be split over (`DecodeTiling.parts`): a k-quant's four groups of activation blocks, one
+# to four a program; Q6_K's also in halves (eight parts), whose code words are apart (its fifth and sixth
+# bits in H words of their own): at the k/v projection (1024 rows) its eight weight rows a thread then give
+# 512 programs, where four groups a program would give 256.
+_PARTS = {fmt: (1, 2, 4, 8) if fmt == "Q6_K" else (1, 2, 4) for fmt in GEMV_FORMATS if LAYOUTS[fmt].unit == 256}
 
 
 def _pow2_divisors(n: int) -> list[int]:
@@ -86,7 +93,7 @@ def tiling_for(fmt: str, m: int, n: int, k: int) -> DecodeTiling:
     programs = lambda t: chunks * (n // t.rows) * t.splits * t.parts  # noqa: E731
     options = [DecodeTiling(rows=32 * per_thread, per_thread=per_thread, units=1, splits=splits, parts=parts)
                for per_thread in sorted({rows_per_thread(fmt), 4}, reverse=True) if n % (32 * per_thread) == 0
-               for splits in _pow2_divisors(units) for parts in ((1, 2, 4) if lay.unit == 256 else (1,))]
+               for splits in _pow2_divisors(units) for parts in _PARTS.get(fmt, (1,))]
     enough = [t for t in options if programs(t) >= 2 * _SMS]
     if enough:
         return min(enough, key=lambda t: (-t.per_thread, programs(t), t.parts))
@@ -99,7 +106,8 @@ def rows_per_thread(fmt: str) -> int:
     spread over four: the formats with a fifth or sixth bit, whose codes take more instructions to assemble
     (kernel_report at M = 1: Q5_0/Q5_1 1.81-1.89 instructions a weight at four rows, 1.57-1.66 at eight;
     Q5_K/Q6_K 1.72-1.88 at eight, 1.98-1.99 at four where N = 1024 leaves too few programs for eight; no
-    spills)."""
+    spills). Q6_K keeps eight there by splitting a unit over eight programs (`_PARTS`): on XLA's Triton, the
+    device's compiler, 2.09 at four rows a thread, 1.87 at eight in halves of a group."""
     return 8 if fmt in ("Q5_0", "Q5_1", "Q5_K", "Q6_K") else 4
 
 
@@ -213,10 +221,12 @@ def _legacy(fmt: str, get, groups=(0,), *, interpret: bool = False) -> tuple:
     return d, dm, [_Chain(0, [(codes, None, None)], offsets=[(0, None)])], False
 
 
-def _kquant(fmt: str, get, groups=(0, 1, 2, 3), *, interpret: bool = False) -> tuple:
+def _kquant(fmt: str, get, groups=(0, 1, 2, 3), halves=(0, 1), *, interpret: bool = False) -> tuple:
     """Q4_K, Q5_K, Q6_K, Q8_K: one 256-element super-block per unit, eight activation blocks of 32 in four
     groups of two that read the same code words (the low and the high nibbles of a word): `groups` are the
-    groups to multiply, plain or traced ints (a program may take part of a unit: `DecodeTiling.parts`)."""
+    groups to multiply, plain or traced ints (a program may take part of a unit: `DecodeTiling.parts`);
+    Q6_K's `halves` the halves of each group's code words (a 16-element sub-block of each of its two blocks),
+    plain or traced ints too."""
     d = get("d").astype(jnp.float32)
     chains = []
     for g in groups:
@@ -224,20 +234,18 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3), *, interpret: bool = False) -> t
             for s in (2 * g, 2 * g + 1):
                 chains.append(_Chain(s, [([(get("q", 8 * s + w), w) for w in range(8)], None, None)]))
         elif fmt == "Q6_K":  # group g: ql words 8g + w, in their low and high nibbles, meet activation blocks
-            words = [get("q", 8 * g + w) for w in range(8)]  # 2g and 2g + 1 (the layout's block order)
-            codes = ([], [])
-            for half in (0, 1):  # H word 2s + half: code j of code word 4 half + r at bits 8j + 2r
-                pair = _paired_codes(words[4 * half : 4 * half + 4], get("h", 4 * g + half),
-                                     get("h", 4 * g + 2 + half), (0, 2, 4, 6), 2, interpret)
+            parts = ([], [])  # 2g and 2g + 1 (the layout's block order)
+            for i in halves:  # H word 2s + i: code j of code word 4i + r at bits 8j + 2r
+                pair = _paired_codes([get("q", 8 * g + 4 * i + r) for r in range(4)], get("h", 4 * g + i),
+                                     get("h", 4 * g + 2 + i), (0, 2, 4, 6), 2, interpret)
                 for high in (0, 1):
-                    codes[high].extend(pair[high])
+                    # a 16-element sub-block of four code words; codes q of 6 bits stand for q - 32: their dot
+                    # product less 32 x the activations' sum
+                    s = 2 * g + high
+                    parts[high].append((list(zip(pair[high], [4 * i + r for r in range(4)])),
+                                        get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i)))
             for high in (0, 1):
-                s = 2 * g + high
-                # two 16-element sub-blocks of four code words; codes q of 6 bits stand for q - 32: their dot
-                # product less 32 x the activations' sum
-                parts = [(list(zip(codes[high][4 * i : 4 * i + 4], range(4 * i, 4 * i + 4))),
-                          get("sc", 2 * s + i).astype(jnp.int32), (-32, 2 * s + i)) for i in range(2)]
-                chains.append(_Chain(s, parts))
+                chains.append(_Chain(2 * g + high, parts[high]))
         else:  # Q4_K, Q5_K: group g is chunk g, whose words hold sub-block 2g (low nibbles) and 2g + 1 (high)
             words = [get("q", 8 * g + w) for w in range(8)]
             if fmt == "Q5_K":  # code j of code word w: its fifth bit at bit 8j + 4 + w (w < 4) or 8j + w - 4
@@ -287,8 +295,8 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
             """Word p of plane `name` for the step's units and the program's rows: [units, 1, rows]."""
             return planes[name][(*lead, units, pl.ds(p, 1), pl.ds(r0, bn))]
 
-        def multiply(groups, accs):
-            d, dm, chains, signed = _FORMATS[fmt](get, groups, interpret=interpret)
+        def multiply(which, accs):
+            d, dm, chains, signed = _FORMATS[fmt](get, *which, interpret=interpret)
             out = []
             for m in range(m_rows):  # unrolled: each row of x keeps its accumulators in registers
                 scaled = jnp.zeros((t.units, 1, bn), jnp.float32)
@@ -323,12 +331,14 @@ def _kernel(*refs, fmt: str, names: tuple[str, ...], t: DecodeTiling, steps: int
             return tuple(out)
 
         if LAYOUTS[fmt].unit == 32:
-            return multiply((0,), accs)
+            return multiply(((0,),), accs)
         # This program's groups of the unit's activation blocks (all four, or its part), one at a time in a
         # loop: the same code on other words. Unrolled, the kernel's Triton IR grows 4x and its compile time
         # ~15x (Q4_K: 29 s of CPU against 2 s; Q6_K: 47 against 3), for ~0.1-0.3 fewer instructions a weight.
+        if t.parts == 8:  # Q6_K: half a group, the program's part of it
+            return multiply(((part // 2,), (part % 2,)), accs)
         per = 4 // t.parts
-        return lax.fori_loop(0, per, lambda j, accs: multiply((part * per + j,), accs), accs)
+        return lax.fori_loop(0, per, lambda j, accs: multiply(((part * per + j,),), accs), accs)
 
     acc = lax.fori_loop(0, steps, body, tuple(jnp.zeros((t.units, 1, bn), jnp.float32) for _ in range(m_rows)))
     for m in range(m_rows):  # the one reduction over the units
@@ -367,7 +377,7 @@ def gemv(xw, dx, sx, lanes: dict[str, jax.Array], *, fmt: str, layer=None, tilin
         dx, sx = (jnp.pad(a, ((0, m_pad - m), (0, 0), (0, 0))) for a in (dx, sx))
     chunk = min(m_pad, chunk_rows(fmt))
     t = tiling or tiling_for(fmt, m, n, units * lay.unit)
-    if n % t.rows or units % (t.splits * t.units) or 4 % t.parts or (t.parts > 1 and lay.unit != 256):
+    if n % t.rows or units % (t.splits * t.units) or t.parts not in _PARTS.get(fmt, (1,)):
         raise ShapeMismatchError(f"decode gemv: {t} does not divide {n} rows and {units} units of {fmt}")
     names = tuple(lay.planes)
     kernel = functools.partial(_kernel, fmt=fmt, names=names, t=t, steps=units // t.splits // t.units,

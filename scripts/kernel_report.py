@@ -374,7 +374,7 @@ def triton_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     (kernel,) = capture_triton(_matmul("triton"), jax.ShapeDtypeStruct((m, k), BF16), w)
     t = decode.tiling_for(fmt, m, n, k)
     per_unit = t.rows * lay.unit // t.parts
-    trips = 4 // t.parts if lay.unit == 256 else 1  # the kernel's loop over a unit's groups
+    trips = max(1, 4 // t.parts) if lay.unit == 256 else 1  # the kernel's loop over a unit's groups
     program = _sass_cost(kernel, workdir, per_unit * t.units, per_unit * units // t.splits, trips)
     # ~4 steps a program (the K splits a unit count divides into), or all the units in one program
     fewer = [d for d in decode._pow2_divisors(units // t.units) if d <= t.splits // 4]

@@ -84,8 +84,9 @@ for fmt, bound in (("Q4_0", 2.15), ("Q6_K", 5.0)):
     r = kr.blocks_row(fmt, 16, 14336, 4096, pathlib.Path(tempfile.mkdtemp()))
     assert r["instructions_per_weight"] <= bound, (fmt, r)
     assert r["programs"] >= 2 * 132, (fmt, r)
-# the GEMV at the k/v shape, its scales' FFMAs written out too (2.04 and 2.16 without)
-for fmt, bound in (("Q5_K", 2.0), ("Q6_K", 2.1)):
+# the GEMV at the k/v shape, its scales' FFMAs written out too (2.04 and 2.16 without; Q6_K 2.09 with them
+# at four rows a thread, 1.87 at eight in halves of a group)
+for fmt, bound in (("Q5_K", 2.0), ("Q6_K", 1.95)):
     r = kr.triton_row(fmt, 1, 1024, 4096, pathlib.Path(tempfile.mkdtemp()))
     assert r["instructions_per_weight"] <= bound and r["spill_bytes"] == 0, (fmt, r)
 print("ok")

@@ -85,7 +85,8 @@ def test_tiling_fills_the_gpu_at_the_8b_shapes():
             for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
                 t = decode.tiling_for(fmt, m, n, k)
                 units = k // lay.unit
-                assert n % t.rows == 0 and units % (t.splits * t.units) == 0 and 4 % t.parts == 0, t
+                allowed = (1, 2, 4, 8) if fmt == "Q6_K" else (1, 2, 4) if lay.unit == 256 else (1,)
+                assert n % t.rows == 0 and units % (t.splits * t.units) == 0 and t.parts in allowed, t
                 chunks = max(1, (1 << (m - 1).bit_length()) // decode.chunk_rows(fmt))
                 assert chunks * n // t.rows * t.splits * t.parts >= 2 * 132, (fmt, m, n, k, t)
 
@@ -219,6 +220,28 @@ def test_mma_reads_a_layer_of_a_stack_in_place(fmt, m, rng):
         y = np.asarray(one.sum(0))[:m, :130]
         want = np.asarray(x, np.float64) @ np.asarray(dequantize(w), np.float64).T
         np.testing.assert_allclose(y, want, rtol=0, atol=2e-2 * np.abs(want).max())  # bf16 weights and x
+
+
+def test_q6_k_halves_of_a_group(rng):
+    """Q6_K's unit split over 2, 4 and 8 programs (eight: half a group of activation blocks each, its
+    tiling at the k/v projection, eight rows a thread) sums to the exact product of integer activations,
+    as the whole unit does; a part count that does not split the unit is an error."""
+    m, k = 2, 512
+    w = random_qtensor("Q6_K", 200, k, rng)
+    x = rng.integers(-32767, 32768, (m, k)).astype(np.float32)
+    x.reshape(m, -1, 32)[:, :, 0] = 32767.0  # every block's scale 1: int16 holds x exactly
+    want = x.astype(np.float64) @ np.asarray(dequantize(w), np.float64).T
+    lanes, xq = to_lanes(w), quantize_x(jnp.asarray(x), "Q6_K")
+    assert decode.tiling_for("Q6_K", 1, 1024, 4096) == decode.DecodeTiling(rows=256, per_thread=8, units=1,
+                                                                           splits=16, parts=8)
+    for parts in (1, 2, 4, 8):
+        t = decode.DecodeTiling(rows=256, per_thread=8, units=1, splits=2, parts=parts)
+        part = decode.gemv(*xq, lanes, fmt="Q6_K", tiling=t, interpret=True)
+        assert part.shape[0] == 2 * parts
+        y = np.asarray(part.sum(0))[:m, :200]
+        assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max(), parts
+    with pytest.raises(ShapeMismatchError, match="does not divide"):
+        decode.gemv(*xq, lanes, fmt="Q6_K", tiling=dataclasses.replace(t, parts=3), interpret=True)
 
 
 @pytest.mark.parametrize("n", [300, 500])

@@ -44,10 +44,12 @@ __all__ = ["DECODE_ROWS", "GEMV_ROWS", "TRITON", "LanesWeight", "Triton", "multi
 
 DECODE_ROWS = 64  # rows of x up to which the kernels serve without a measurement (pallas_kernels.mma)
 # Rows of x up to which the GEMV runs, the tensor-core GEMM past them: the GEMV's instructions a weight
-# grow with the rows (scripts/kernel_report.py, 4096x4096, H100: Q4_K 1.5 at one row, ~5 at four, ~10 at
-# eight; the rows padded to a power of two), the GEMM's do not. A heuristic from instruction counts, for
-# the device kinds the routes table does not cover.
-GEMV_ROWS = 4
+# grow with the rows (the rows padded to a power of two), the GEMM's do not. A heuristic from instruction
+# counts on the device's compiler (`scripts/kernel_report.py --compiler xla`, XLA's own Triton, 4096x4096,
+# H100), for the device kinds the routes table does not cover: at 5-8 rows the GEMV takes 6.6-13.3 a
+# weight, the GEMM (padded to 16 rows) 12.6-25.8, 1.5-2.3x more in every format; at 16 rows they are even
+# (GEMV 13.1-26.6, GEMM 12.6-25.8; e.g. Q4_K 18.6 / 21.8, Q6_K 26.6 / 20.4).
+GEMV_ROWS = 8
 _KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
