@@ -58,7 +58,6 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pallas_kernels.decode_layout import GEMV_FORMATS  # noqa: E402
 from realm_jax import linear, native  # noqa: E402
 from realm_jax.bench import git_revision, write_report  # noqa: E402
 from realm_jax.linear import routes  # noqa: E402
@@ -71,7 +70,6 @@ FULL_M = [1, 8, 16, 128, 512, 2048]
 SMALL_SHAPES = [(1024, 1024), (1024, 4096)]
 SMALL_M = [1, 16, 128]
 DEFAULT_FORMATS = ["Q4_K", "Q5_K", "Q6_K", "Q8_K", "Q8_0"]
-GEMV_MAX_ROWS = 16  # rows of x past which the GEMV is not timed (it costs a dp2a chain a row)
 CACHE_BYTES = 64 << 20  # CPU: the copies of a weight exceed this last-level cache
 GPU_BYTES = 256 << 20  # GPU: and this (several times an H100/H200's 50-60 MB L2)
 
@@ -190,8 +188,8 @@ def bench_shape(fmt, n, k, ms, *, backends, reps, runs, key, warps=()):
                 impls[b] = (matmul, [(x, w) for w in weights])
                 continue
             for path in be.paths:
-                if path == "gemv" and (m > GEMV_MAX_ROWS or fmt not in GEMV_FORMATS):
-                    continue  # the GEMV past 16 rows, or a format without one
+                if not be.serves(path, fmt, m):
+                    continue  # e.g. the GEMV past 16 rows, or a format without one
                 fn = jax.jit(functools.partial(be.matmul_path, path=path, compute_dtype=jnp.bfloat16,
                                                out_dtype=jnp.bfloat16))
                 impls[f"{b}/{path}"] = (fn, [(x, w) for w in weights])

@@ -7,6 +7,9 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
     decode       the Pallas Triton GPU decode GEMV (`pallas_kernels.decode.gemv`) on the weight in its lane
                  layout (`pallas_kernels.decode_layout`, made at load), activations quantized to int16 per
                  32 values, integer dot products (dp2a) on the packed codes: a few rows of x
+    lanesdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_K (`pallas_kernels.lanesdot`)
+                 on the same lanes: one dot per 16 codes of a sub-block, the codes fed to the mma.sync from
+                 registers, the scales applied to the dots' outputs: 3-16 rows of x
     mma          the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.mma.gemm`) on the same
                  lanes: each weight dequantized once in registers for all the rows of x a program holds (up
                  to 64 in one tile for decode, tiles of 128 for prefill; mma, wgmma)

@@ -253,7 +253,8 @@ def _kquant(fmt: str, get, groups=(0, 1, 2, 3), halves=(0, 1), *, interpret: boo
                                        1, interpret)
             for high in (0, 1):
                 s = 2 * g + high
-                sc, mn = get("sc", s).astype(jnp.int32), get("mn", s).astype(jnp.float32)
+                scm = 4 * g + high  # `decode_layout`: a chunk's two scales, then its two mins
+                sc, mn = get("scm", scm).astype(jnp.int32), get("scm", scm + 2).astype(jnp.float32)
                 if fmt == "Q4_K":  # high nibbles stay in place: 16x the codes, undone in f32
                     codes = [(word & _u32(HI if high else LO), w) for w, word in enumerate(words)]
                 else:

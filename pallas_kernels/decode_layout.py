@@ -18,7 +18,9 @@ code word (`H` planes below); nothing else is changed, so the layout holds exact
                  bit of code j of code word w (the code word paired with activation word w).
     Q8_0         q [nb, 8, N] words of qs (signed bytes); d [nb, 1, N].
     Q4_K         q [ns, 32, N]: word 8c + w of chunk c holds sub-block 2c in its low nibbles and 2c + 1 in
-                 its high nibbles (activation word w of each); sc, mn [ns, 8, N]; d, dmin [ns, 1, N].
+                 its high nibbles (activation word w of each); scm [ns, 16, N] the sub-blocks' six-bit scales
+                 and mins, chunk by chunk: word 4c + i the scale of sub-block 2c + i, 4c + 2 + i its min
+                 (i < 2; a unit's one [16, rows] tile, the A of `lanesdot`'s offset dots); d, dmin [ns, 1, N].
     Q5_K         as Q4_K, plus H [ns, 8, N] per sub-block, arranged as Q5_0's.
     Q6_K         q [ns, 32, N] words of ql; H [ns, 16, N]: two words per 32-element block s, word
                  2s + (w >= 4) holding the two high bits of code j of code word w at bits 8j + 2(w % 4);
@@ -83,8 +85,8 @@ LAYOUTS = {
     "Q5_0": Layout(32, {"q": 4, "h": 1, "d": 1}),
     "Q5_1": Layout(32, {"q": 4, "h": 1, "d": 1, "m": 1}),
     "Q8_0": Layout(32, {"q": 8, "d": 1}),
-    "Q4_K": Layout(256, {"q": 32, "sc": 8, "mn": 8, "d": 1, "dmin": 1}),
-    "Q5_K": Layout(256, {"q": 32, "h": 8, "sc": 8, "mn": 8, "d": 1, "dmin": 1}),
+    "Q4_K": Layout(256, {"q": 32, "scm": 16, "d": 1, "dmin": 1}),
+    "Q5_K": Layout(256, {"q": 32, "h": 8, "scm": 16, "d": 1, "dmin": 1}),
     # Q6_K: word group g (ql words 8g..8g+7) holds blocks 4(g // 2) + g % 2 (low nibbles) and that + 2
     # (high nibbles); taken as blocks 2g and 2g + 1, every index the kernel computes from g is affine in g.
     "Q6_K": Layout(256, {"q": 32, "h": 16, "sc": 16, "d": 1}, sums=16, int_sums=True,
@@ -195,7 +197,8 @@ def to_lanes(w: QTensor) -> dict[str, jax.Array]:
     if w.fmt in ("Q5_0", "Q5_1"):
         out["h"] = _lanes(_spread5(_q5_bits(p["qh"])), units)
     elif w.fmt in ("Q4_K", "Q5_K"):
-        out["sc"], out["mn"] = _lanes(p["scales"], units), _lanes(p["mins"], units)
+        both = jnp.stack([p["scales"].reshape(-1, units, 4, 2), p["mins"].reshape(-1, units, 4, 2)], axis=3)
+        out["scm"] = _lanes(both.reshape(both.shape[0], -1), units)  # chunk c: two scales, then two mins
         if w.fmt == "Q5_K":
             out["h"] = _lanes(_spread5(_q5k_bits(p["qh"])).reshape(p["qh"].shape[0], -1), units)
     elif w.fmt in ("Q2_K", "Q3_K", "IQ4_XS"):
@@ -227,7 +230,8 @@ def from_lanes(fmt: str, shape: tuple[int, int], lanes: dict[str, jax.Array]) ->
         bits = _gather5(p["h"]).astype(U32)  # [N, nb, 32]
         planes["qh"] = jnp.sum(bits << jnp.arange(32, dtype=U32), axis=-1, dtype=U32)
     elif fmt in ("Q4_K", "Q5_K"):
-        planes["scales"], planes["mins"] = p["sc"], p["mn"]
+        both = p["scm"].reshape(n, -1, 4, 2, 2)
+        planes["scales"], planes["mins"] = both[:, :, :, 0].reshape(n, -1), both[:, :, :, 1].reshape(n, -1)
         if fmt == "Q5_K":
             bits = _gather5(p["h"].reshape(n, -1, 8))  # [N, ns, 8, 32]
             planes["qh"] = jnp.sum(bits << jnp.arange(8, dtype=jnp.uint8)[:, None], axis=-2,

@@ -327,8 +327,8 @@ def _kquant(fmt: str, get, c, rows: int, *, interpret: bool, magic) -> jax.Array
         h_, s_, jj_ = _iota(dims, 0), _iota(dims, 2), _iota(dims, 3)
         src, pp = _halves(q[None, :, None, None, :], s_), 4 + 8 * jj_ + 4 * h_
         codes = _placed(src, pp, magic, interpret=interpret)
-    sc = get("sc", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, None, :]  # sub-block 2c + h
-    mn = get("mn", (2 * c, 2))[0].astype(jnp.float32)[:, None, None, None, :]
+    sc = get("scm", (4 * c, 2))[0].astype(jnp.float32)[:, None, None, None, :]  # sub-block 2c + h
+    mn = get("scm", (4 * c + 2, 2))[0].astype(jnp.float32)[:, None, None, None, :]  # its min
     dmin = get("dmin", None).astype(jnp.float32)[0]
     w = codes * ((d[0] * sc) * _pow2(pp, -1)) - dmin * mn
     return w.reshape(CHUNK, rows)

@@ -3,8 +3,10 @@
 For every format and rows of x it lowers the linear layer's GPU backends for an abstract H100 (the whole
 path a model runs: the backend's wrapper and its kernels, as `realm_jax.linear` calls them) and reports:
 
-- Triton (`triton` backend: `pallas_kernels.decode`, the GEMV, up to GEMV_ROWS rows of x, and
-  `pallas_kernels.mma`, the tensor-core GEMM, past them, `--rows 512` for its prefill tiles; and the
+- Triton (`triton` backend, the path its heuristic takes: `pallas_kernels.decode`, the GEMV, up to
+  GEMV_ROWS rows of x, `pallas_kernels.lanesdot`, the block-dot GEMM on the lanes, from DOT_FROM to 16 rows
+  where the format has it, and `pallas_kernels.mma`, the tensor-core GEMM, past them, `--rows 512` for its
+  prefill tiles; and the
   `triton_blocks` backend's block-dot GEMM, `pallas_kernels.blockdot`, up to 16 rows of x): the
   Triton IR, after Triton's TTIR passes as the device runs them, compiled to a cubin by pip's
   `triton` (an optional extra: `pip install triton==3.9.0`; no GPU needed), then `ptxas -v` (registers,
@@ -107,7 +109,7 @@ def weight_copies(backend: str, fmt: str, m: int, n: int, k: int, fn=None) -> li
     return copies_in(jaxpr.jaxpr, set(jaxpr.jaxpr.invars[1:]), biggest)  # x, then the weight's arrays
 
 
-_VIEWS = ("reshape", "squeeze", "expand_dims")  # row-major: the same bytes, no copy
+_VIEWS = ("reshape", "squeeze", "expand_dims", "bitcast_convert_type")  # row-major: the same bytes, no copy
 _UPDATES = ("dynamic_update_slice", "scatter")  # their result is their first operand, updated in place
 
 
@@ -497,13 +499,55 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     }
 
 
-def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
-    """The Triton kernel for m rows of x: the GEMV up to GEMV_ROWS (where the format has one), else the
-    tensor-core GEMM (past DECODE_ROWS its prefill tiles, which the backend takes where measured faster)."""
-    from pallas_kernels.decode_layout import GEMV_FORMATS
-    from realm_jax.linear.triton import GEMV_ROWS
+def lanesdot_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The block-dot GEMM on the lanes (`pallas_kernels.lanesdot`: the `triton` backend's "dot" path) as the
+    backend runs it, and the instructions per weight of its K loop (a unit of 256 elements a step), from the
+    same kernel with fewer K splits where the backend's tiling leaves one unit a program."""
+    from pallas_kernels import lanesdot
 
-    return (triton_row if m <= GEMV_ROWS and fmt in GEMV_FORMATS else mma_row)(fmt, m, n, k, workdir)
+    w = abstract_weight("triton", fmt, n, k)
+    x = jax.ShapeDtypeStruct((m, k), BF16)
+    gemm = lambda x, w, t=None: lanesdot.gemm(x, w.lanes, fmt=fmt, tiling=t)  # noqa: E731
+    (kernel,) = capture_triton(gemm, x, w)
+    t = lanesdot.tiling_for(fmt, n, k, m)
+    steps = k // 256
+    per_step = t.rows * 256
+    program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, 1)
+    fewer = max(s for s in range(1, max(1, t.splits // 4) + 1) if steps % s == 0)  # a divisor of the units
+    looped = dataclasses.replace(t, splits=fewer if steps // t.splits < 2 else t.splits)
+    (loop_kernel,) = capture_triton(lambda x, w: gemm(x, w, looped), x, w)
+    loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
+    counted = 1 if loop["scope"] == "loop" else steps // looped.splits
+    macs = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # mma.sync m16n8k16: one a warp
+            + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)
+    if macs != t.x_rows * t.rows * (256 + 64) * counted:  # the codes' dots and the unit's four offset dots
+        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {macs} MACs counted in the {loop['scope']}, not {counted} "
+                           f"units of [{t.rows}, 320] x [320, {t.x_rows}]: the loop was misread")
+    grid = kernel["grid"]
+    return {
+        "kernel": "triton_dot", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
+        "ttir_ops": ttir_ops(kernel["ttir"]),
+        "registers": program["registers"], "spill_bytes": program["spill_bytes"],
+        "compile_s": round(program["compile_s"], 2),
+        "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
+        "instructions_per_weight": round(loop["per_weight"], 3),
+        "program_instructions_per_weight": round(program["per_weight"], 3),
+        "rows_per_program": t.x_rows,
+        "ldg128_per_weight": round(loop["ldg128"], 4),
+        "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
+        "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
+        "weight_copies": weight_copies("triton", fmt, m, n, k, lambda x, w: gemm(x, w)),
+    }
+
+
+def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
+    """The Triton kernel the backend takes for m rows of x without a measured route: the GEMV, the block-dot
+    GEMM on the lanes or the tensor-core GEMM (past DECODE_ROWS its prefill tiles, which the backend takes
+    where measured faster)."""
+    from realm_jax.linear.triton import TRITON
+
+    path = TRITON.path(fmt, m, BF16, device_kind="none")  # the heuristic's, whatever this machine is
+    return {"gemv": triton_row, "dot": lanesdot_row}.get(path, mma_row)(fmt, m, n, k, workdir)
 
 
 def capture_mosaic(fn, *args) -> list[str]:
@@ -614,7 +658,7 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         copies = "; ".join(r["weight_copies"]) or "none"
-        if r["kernel"] in ("triton", "triton_mma", "triton_blocks"):
+        if r["kernel"] in ("triton", "triton_dot", "triton_mma", "triton_blocks"):
             lines.append(f"| {r['kernel']} | {r['format']} | {r['m']} | {r['n']}x{r['k']} | {r['programs']} | "
                          f"{r['registers']} | {r['spill_bytes']} | {r['instructions_per_weight']} "
                          f"({r['program_instructions_per_weight']}) | {r['ldg128_per_weight']} | {r['barriers']} / "

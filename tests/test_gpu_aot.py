@@ -72,7 +72,7 @@ def test_the_kernel_report_reads_the_kernels_xla_compiles(tmp_path):
 
 
 def test_the_scales_are_ffmas_as_xla_compiles_the_kernels(tmp_path):
-    """The block-dot GEMM's and the GEMV's K loops under XLA's own Triton (the device's compiler): a scale
+    """The block-dot GEMMs' and the GEMV's K loops under XLA's own Triton (the device's compiler): a scale
     times a dot is one FFMA (`pallas_kernels.ptx.fma`; XLA's Triton made it an FMUL and an FADD: the block-dot
     GEMM at 16 rows of x, 14336x4096, Q4_0 2.54, Q6_K 5.80; 2.04 and 4.84 when this was written)."""
     code = f"""
@@ -89,6 +89,10 @@ for fmt, bound in (("Q4_0", 2.15), ("Q6_K", 5.0)):
 for fmt, bound in (("Q5_K", 2.0), ("Q6_K", 1.95)):
     r = kr.triton_row(fmt, 1, 1024, 4096, pathlib.Path(tempfile.mkdtemp()))
     assert r["instructions_per_weight"] <= bound and r["spill_bytes"] == 0, (fmt, r)
+# the block-dot GEMM on the lanes (2.81 and 3.67 when written; the lanes GEMM it replaced at 9-16 rows: 21.75)
+for m, bound in ((8, 3.0), (16, 3.9)):
+    r = kr.lanesdot_row("Q4_K", m, 14336, 4096, pathlib.Path(tempfile.mkdtemp()))
+    assert r["instructions_per_weight"] <= bound and r["spill_bytes"] == 0 and r["programs"] >= 2 * 132, (m, r)
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -64,7 +64,9 @@ def test_decode_loop_instructions_and_spills(fmt, shape, bound, tmp_path):
 # 2.58 / 3.56 / 4.95 / 4.72 / 1.44). Guarded with a little room; no spills. Q6_K at 16 rows of x is guarded
 # where the device compiles it (tests/test_gpu_aot.py): a block's scale is an explicit FFMA since session 45
 # (`pallas_kernels.ptx.fma`: XLA's Triton did not contract it, 5.68 -> 4.68 instructions a weight there), and pip's
-# triton then spills 192 bytes there (4.34 -> 4.92); at 8 rows 3.41 either way.
+# triton then spills 192 bytes there (4.34 -> 4.92); at 8 rows 3.41 either way. The block-dot GEMM on the lanes
+# (`triton`'s "dot" path, Q4_K at 3-16 rows of x): 2.61 at 8 rows, 3.21-3.34 at 16 (64 weight rows a program:
+# at 128 pip's triton spilled 88 bytes at 14336x4096); XLA's Triton 2.81 and 3.67-3.72 (tests/test_gpu_aot.py).
 @pytest.mark.parametrize("kernel,fmt,m,shape,bound", [
     ("mma", "Q4_K", 16, (4096, 4096), 7.0), ("mma", "Q5_0", 16, (4096, 4096), 7.3),
     ("mma", "Q6_K", 64, (4096, 4096), 8.0), ("blocks", "Q4_0", 8, (14336, 4096), 1.7),
@@ -72,10 +74,12 @@ def test_decode_loop_instructions_and_spills(fmt, shape, bound, tmp_path):
     ("blocks", "Q4_K", 8, (14336, 4096), 2.0), ("blocks", "Q4_K", 16, (14336, 4096), 2.8),
     ("blocks", "Q8_0", 8, (14336, 4096), 1.75),
     ("blocks", "Q6_K", 8, (4096, 14336), 3.5), ("blocks", "Q5_0", 8, (14336, 4096), 2.9),
-    ("blocks", "Q5_K", 16, (4096, 14336), 4.3), ("blocks", "Q8_K", 16, (14336, 4096), 1.3)])
+    ("blocks", "Q5_K", 16, (4096, 14336), 4.3), ("blocks", "Q8_K", 16, (14336, 4096), 1.3),
+    ("dot", "Q4_K", 8, (4096, 4096), 2.8), ("dot", "Q4_K", 16, (14336, 4096), 3.6)])
 def test_gemm_loop_instructions_and_spills(kernel, fmt, m, shape, bound, tmp_path):
     pytest.importorskip("triton", reason="needs pip's triton (the kernel-report extra) to compile the Triton IR")
-    row = (kernel_report.mma_row if kernel == "mma" else kernel_report.blocks_row)(fmt, m, *shape, tmp_path)
+    row = {"mma": kernel_report.mma_row, "blocks": kernel_report.blocks_row,
+           "dot": kernel_report.lanesdot_row}[kernel](fmt, m, *shape, tmp_path)
     assert row["programs"] >= 2 * kernel_report.SMS, row
     assert row["instructions_per_weight"] <= bound, row
     assert row["spill_bytes"] == 0 and row["loop_spill_bytes"] == 0, row

@@ -21,7 +21,7 @@ from pallas_kernels.decode_layout import GEMV_FORMATS, LAYOUTS, from_lanes, quan
 from realm_jax import linear
 from realm_jax.errors import RoutesError, ShapeMismatchError
 from realm_jax.linear import routes
-from realm_jax.linear.triton import DECODE_ROWS, GEMV_ROWS, TRITON
+from realm_jax.linear.triton import DECODE_ROWS, DOT_FROM, GEMV_ROWS, TRITON
 from realm_jax.precision import Policy
 from realm_jax.quant import dequantize, quantize
 from decode_agreement import assert_decode_agrees
@@ -34,8 +34,9 @@ H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NV
 
 class TestTriton(LinearTests):
     BACKEND = "triton"
-    # the GEMV up to GEMV_ROWS, the tensor-core GEMM up to DECODE_ROWS (64), the reference past them
-    ROWS = (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, DECODE_ROWS + 1)
+    # the GEMV up to GEMV_ROWS (Q4_K: the block-dot GEMM from DOT_FROM to 16), the tensor-core GEMM up to
+    # DECODE_ROWS (64), the reference past them
+    ROWS = (1, DOT_FROM, GEMV_ROWS + 1, DECODE_ROWS, DECODE_ROWS + 1)
 
 
 class TestTritonLowering(LoweringTests):
@@ -157,11 +158,12 @@ def _routes(kind: str, table: dict) -> dict:
 
 def test_routes_pick_the_measured_path(monkeypatch, rng):
     """Where the table has the device kind, the backend takes the path measured fastest at the nearest
-    measured rows of x (on a log scale); elsewhere the heuristic: GEMV up to GEMV_ROWS, GEMM up to
-    DECODE_ROWS, XLA past them. A measured GEMM at prefill rows serves them (the model's matmul matches the
-    reference)."""
+    measured rows of x (on a log scale), unless that path does not take them (the GEMV past 16 rows);
+    elsewhere the heuristic: GEMV up to GEMV_ROWS (the block-dot GEMM from DOT_FROM where the format has it:
+    tests/test_lanesdot.py), GEMM up to DECODE_ROWS, XLA past them. A measured GEMM at prefill rows serves
+    them (the model's matmul matches the reference)."""
     kind = jax.devices()[0].device_kind
-    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, 65)] == [
+    assert [TRITON.path("Q6_K", m, jnp.bfloat16) for m in (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, 65)] == [
         "gemv", "gemv", "mma", "mma", "xla"]
     assert TRITON.path("Q2_K", 1, jnp.bfloat16) == "mma" and TRITON.path("Q4_K", 1, jnp.float32) == "xla"
     table = _routes(kind, {"Q4_K": [[1, "gemv"], [16, "mma"], [512, "mma"], [2048, "xla"]]})
@@ -170,8 +172,10 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
         "gemv", "gemv", "gemv", "mma", "mma", "mma", "xla", "xla"]  # 4 and 1024: ties take the smaller
     assert TRITON.path("Q6_K", 130, jnp.bfloat16) == "xla"  # no entry: the heuristic
     monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q4_K": [[1, "gemv"], [16, "gemv"]]}))
-    # past twice the rows measured, the heuristic: a decode route does not serve prefill
-    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (32, 33, 2048)] == ["gemv", "mma", "xla"]
+    # past twice the rows measured, the heuristic: a decode route does not serve prefill; nor does the GEMV
+    # take more than 16 rows where the table's nearest entry is its
+    assert [TRITON.path("Q4_K", m, jnp.bfloat16) for m in (16, 17, 32, 33, 2048)] == ["gemv", "mma", "mma", "mma",
+                                                                                      "xla"]
     monkeypatch.setattr(routes, "table", lambda: table)
     assert TRITON.path("Q4_K", 130, jnp.float32) == "xla"
     w = random_qtensor("Q4_K", 130, 256, rng)
@@ -182,8 +186,11 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
     monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q2_K": [[1, "gemv"]]}))
     with pytest.raises(RoutesError, match="Q2_K.*does not have"):
         TRITON.path("Q2_K", 1, jnp.bfloat16)
+    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q6_K": [[8, "dot"]]}))
+    with pytest.raises(RoutesError, match="Q6_K: routes 8 rows of x to the dot path, which Q6_K does not have"):
+        TRITON.path("Q6_K", 8, jnp.bfloat16)
     monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q4_K": [[1, "fast"]]}))
-    with pytest.raises(RoutesError, match="'fast' is not one of gemv, mma, xla"):
+    with pytest.raises(RoutesError, match="'fast' is not one of gemv, dot, mma, xla"):
         TRITON.path("Q4_K", 1, jnp.bfloat16)
 
 
@@ -192,7 +199,7 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
     ({"H": {"measured": {}}}, "'backends'"),
     ({"H": {"backends": {"cuda": {}}}}, "'cuda' is not a backend"),
     ({"H": {"backends": {"triton": {"Q4_K": [[0, "mma"]]}}}}, "Q4_K"),
-    ({"H": {"backends": {"triton": {"Q4_K": [[1, "fast"]]}}}}, "gemv, mma, xla"),
+    ({"H": {"backends": {"triton": {"Q4_K": [[1, "fast"]]}}}}, "gemv, dot, mma, xla"),
     ({"H": {"backends": {"triton": {"Q4_K": [[1, "mma"], [1, "xla"]]}}}}, "distinct"),
     ({"H": {"backends": {"triton": {"Q4_K": []}}}}, "Q4_K"),
 ])

@@ -3,8 +3,9 @@
     xla          the reference: dequantize with jnp, then XLA's dot (every format, every platform)
     native       realm_jax.native's C++ kernels on one CPU device (decode on the planes as stored; prefill
                  on the same planes dequantized a panel at a time, or a dense copy)
-    triton       the Pallas Triton kernels (GPU)
-    triton_blocks  the Pallas Triton block-dot decode GEMM for Q4_0, Q4_1, Q4_K, Q8_0 on a layout of its own
+    triton       the Pallas Triton kernels (GPU) on one layout, the lanes: the decode GEMV, the block-dot GEMM
+                 (Q4_K, 3-16 rows of x) and the tensor-core GEMM
+    triton_blocks  the Pallas Triton block-dot decode GEMM for nine formats on a layout of its own
                  (GPU; a candidate beside triton's decode kernels, chosen with impl="triton_blocks")
     mosaic_gpu   the Pallas Mosaic GPU kernels (Hopper)
     mosaic_tpu   the Pallas Mosaic TPU kernels (TPU)

@@ -94,6 +94,10 @@ class Backend:
     def runs_on(self, platform: str) -> bool:
         return platform in self.platforms or (self.interprets and platform == "cpu")
 
+    def serves(self, path: str, fmt: str, m: int | None = None) -> bool:
+        """Whether `path` (one of `paths`) multiplies a `fmt` weight (by m rows of x, where given)."""
+        return path in self.paths and (path == "xla" or m is None or self.max_rows is None or m <= self.max_rows)
+
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
         """Why this backend cannot multiply by a weight of this format and logical shape, or None."""
         if len(shape) != 2:

@@ -1,9 +1,13 @@
-"""The Pallas Triton backend (GPU): three paths on the weight in its lane layout
+"""The Pallas Triton backend (GPU): four paths on the weight in its lane layout
 (`pallas_kernels.decode_layout`, made once at load), under a 16-bit compute dtype:
 
 - "gemv": the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per 32 values and
   integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an instruction
   a weight for each row of x (not for Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4);
+- "dot": the block-dot GEMM of `pallas_kernels.lanesdot` (Q4_K), up to 16 rows of x: the codes fed to the
+  tensor cores from registers, one dot per 16 codes of a sub-block, the scales applied to the dots'
+  outputs: 2.9 / 3.4 instructions a weight at 8 / 16 rows on the device's compiler, where the GEMV takes
+  9.3 / 18.6 and the GEMM 21.8;
 - "mma": the tensor-core GEMM of `pallas_kernels.mma`, which dequantizes each weight once (to the compute
   dtype, as the reference rounds it) for all the rows of x a program holds (every row up to 64, tiles of
   128 past them) and multiplies them by `mma` / `wgmma`;
@@ -13,7 +17,8 @@
 
 Which path serves m rows of x is measured per device kind (`realm_jax.linear.routes`, written by
 `benchmarks/kernels.py --write-routes` on the device). Without a measurement: the GEMV up to `GEMV_ROWS`
-rows, the GEMM up to 64 (where it wins by instruction counts: ~1 and ~10 a weight against the dense copy's
+rows (`DOT_FROM` - 1 where the format has the block-dot GEMM, which takes the rows from there to 16), the
+GEMM up to 64 (where it wins by instruction counts: ~1 and ~10 a weight against the dense copy's
 traffic), XLA past them, where the GEMM's prefill tiles are not yet timed against XLA's dequantize+dot
 (308 TFLOP/s at 512 rows on an H200). JAX has deprecated the Pallas Triton lowering (Mosaic GPU is the
 maintained one); every lowering warns so, and `pallas_kernels` filters that one warning.
@@ -40,7 +45,7 @@ from realm_jax.linear.base import Backend, Prepared, local_shape, xla_matmul
 from realm_jax.precision import Policy
 from realm_jax.quant import Format, QTensor
 
-__all__ = ["DECODE_ROWS", "GEMV_ROWS", "TRITON", "LanesWeight", "Triton", "multiply"]
+__all__ = ["DECODE_ROWS", "DOT_FROM", "GEMV_ROWS", "TRITON", "LanesWeight", "Triton", "multiply"]
 
 DECODE_ROWS = 64  # rows of x up to which the kernels serve without a measurement (pallas_kernels.mma)
 # Rows of x up to which the GEMV runs, the tensor-core GEMM past them: the GEMV's instructions a weight
@@ -50,6 +55,10 @@ DECODE_ROWS = 64  # rows of x up to which the kernels serve without a measuremen
 # weight, the GEMM (padded to 16 rows) 12.6-25.8, 1.5-2.3x more in every format; at 16 rows they are even
 # (GEMV 13.1-26.6, GEMM 12.6-25.8; e.g. Q4_K 18.6 / 21.8, Q6_K 26.6 / 20.4).
 GEMV_ROWS = 8
+# Rows of x from which the block-dot GEMM serves the formats it has (up to its MAX_ROWS): at one row the GEMV
+# takes 1.4-1.5 instructions a weight against its 2.9 (its eight rows of x, the mma's N, padded), at two
+# 2.4, at three and four (padded to four) 4.8 (Q4_K, 4096x4096, XLA's Triton).
+DOT_FROM = 3
 _KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -89,8 +98,12 @@ def _interpret(interpret: bool | None) -> bool:
 
 def multiply(x: jax.Array, w: LanesWeight, path: str, *, compute_dtype, interpret: bool,
              out_dtype=jnp.float32) -> jax.Array:
-    """x [M, K] @ dequant(w)^T by the kernel of `path` ("gemv" or "mma"): [M, N'] (N' the lanes' padded
-    rows), summed in f32; in out_dtype where the GEMM writes it (K not split), else f32."""
+    """x [M, K] @ dequant(w)^T by the kernel of `path` ("gemv", "dot" or "mma"): [M, N'] (N' the lanes'
+    padded rows), summed in f32; in out_dtype where the GEMM writes it (K not split), else f32."""
+    if path == "dot":
+        from pallas_kernels import lanesdot
+
+        return lanesdot.gemm(x, w.lanes, fmt=w.fmt, layer=w.layer, interpret=interpret)
     if path == "gemv":
         from pallas_kernels import decode
 
@@ -109,7 +122,7 @@ class Triton(Backend):
     interprets = True
     formats = frozenset(LAYOUTS)  # the formats with lanes: the GEMV's (GEMV_FORMATS), the others GEMM only
     max_rows = DECODE_ROWS
-    paths = ("gemv", "mma", "xla")
+    paths = ("gemv", "dot", "mma", "xla")
     weight_type: ClassVar[type[LanesWeight]] = LanesWeight
 
     def unsupported(self, fmt: Format, shape: tuple[int, ...]) -> str | None:
@@ -125,22 +138,35 @@ class Triton(Backend):
         chosen = self.measured_path(fmt, m, device_kind)
         if chosen is not None:
             return chosen
-        if m <= GEMV_ROWS and fmt in GEMV_FORMATS:
+        dot = self.serves("dot", fmt, m)
+        if m <= (DOT_FROM - 1 if dot else GEMV_ROWS) and fmt in GEMV_FORMATS:
             return "gemv"
+        if dot:
+            return "dot"
         return "mma" if m <= DECODE_ROWS else "xla"
+
+    def serves(self, path: str, fmt: str, m: int | None = None) -> bool:
+        """Whether `path` multiplies a `fmt` weight (by m rows of x, where given)."""
+        from pallas_kernels import decode, lanesdot
+
+        rows = {"gemv": decode.MAX_ROWS, "dot": lanesdot.MAX_ROWS}.get(path)
+        if rows is not None and m is not None and m > rows:
+            return False
+        return {"gemv": fmt in GEMV_FORMATS, "dot": fmt in lanesdot.FORMATS}.get(path, path in self.paths)
 
     def measured_path(self, fmt: str, m: int, device_kind: str | None = None) -> str | None:
         """The path the routes table gives m rows of x of a `fmt` weight on this device kind, checked
-        against this backend's paths, or None where the table has no entry."""
+        against this backend's paths, or None where the table has no entry or its path does not take m rows
+        (the GEMV and the block-dot GEMM take up to 16)."""
         kind = device_kind or jax.devices()[0].device_kind
         chosen = routes.measured(self.name, kind, fmt, m)
         if chosen is not None and chosen not in self.paths:
             raise RoutesError(f"{routes.ROUTES_FILE}: {kind!r}/{self.name}/{fmt}: path {chosen!r} is not one of "
                               f"{', '.join(self.paths)}")
-        if chosen == "gemv" and fmt not in GEMV_FORMATS:
+        if chosen is not None and not self.serves(chosen, fmt):
             raise RoutesError(f"{routes.ROUTES_FILE}: {kind!r}/{self.name}/{fmt}: routes {m} rows of x to the "
-                              f"GEMV, which {fmt} does not have")
-        return chosen
+                              f"{chosen} path, which {fmt} does not have")
+        return chosen if chosen is None or self.serves(chosen, fmt, m) else None
 
     def kernel_rows(self, m: int, compute_dtype, fmt: str | None = None) -> bool:
         """Whether m rows of x of a `fmt` weight (Q4_K where unsaid) go to a kernel: its path."""
@@ -262,6 +288,9 @@ class Triton(Backend):
         kind = jax.devices()[0].device_kind
         if self.name in routes.table().get(kind, {}).get("backends", {}):
             return f"triton{mode}: GEMV, tensor-core GEMM or xla as measured on {kind} (realm_jax/linear/routes.json)"
+        if w is not None and self.serves("dot", w.fmt):
+            return (f"triton decode GEMV{mode} (1-{DOT_FROM - 1} rows, 16-bit compute), block-dot GEMM "
+                    f"({DOT_FROM}-16), tensor-core GEMM (17-{DECODE_ROWS}), xla (more)")
         return (f"triton decode GEMV{mode} (1-{GEMV_ROWS} rows, 16-bit compute), tensor-core GEMM "
                 f"({GEMV_ROWS + 1}-{DECODE_ROWS}), xla (more)")
 
