@@ -7,7 +7,7 @@ device kind, format and rows of x (`realm_jax.linear.routes`):
     decode       the Pallas Triton GPU decode GEMV (`pallas_kernels.decode.gemv`) on the weight in its lane
                  layout (`pallas_kernels.decode_layout`, made at load), activations quantized to int16 per
                  32 values, integer dot products (dp2a) on the packed codes: a few rows of x
-    lanesdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_K (`pallas_kernels.lanesdot`)
+    lanesdot     the Pallas Triton GPU decode GEMM on the tensor cores for Q4_K, Q5_K and Q6_K (`lanesdot`)
                  on the same lanes: one dot per 16 codes of a sub-block, the codes fed to the mma.sync from
                  registers, the scales applied to the dots' outputs: 3-16 rows of x
     mma          the Pallas Triton GPU GEMM on the tensor cores (`pallas_kernels.mma.gemm`) on the same

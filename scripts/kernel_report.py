@@ -512,17 +512,20 @@ def lanesdot_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dic
     t = lanesdot.tiling_for(fmt, n, k, m)
     steps = k // 256
     per_step = t.rows * 256
-    program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, 1)
-    fewer = max(s for s in range(1, max(1, t.splits // 4) + 1) if steps % s == 0)  # a divisor of the units
-    looped = dataclasses.replace(t, splits=fewer if steps // t.splits < 2 else t.splits)
+    trips = 4 if fmt in lanesdot.LOOP_CHUNKS else 1  # the loop over a unit's four chunks
+    program = _sass_cost(kernel, workdir, per_step, per_step * steps // t.splits, trips)
+    # a divisor of the units that leaves a loop of four units or more (of two, with a loop inside, Triton
+    # may unroll the outer one)
+    looped = dataclasses.replace(t, splits=max(s for s in range(1, max(1, t.splits // 4) + 1) if steps % s == 0))
     (loop_kernel,) = capture_triton(lambda x, w: gemm(x, w, looped), x, w)
-    loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
+    loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, trips)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
     macs = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # mma.sync m16n8k16: one a warp
             + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)
-    if macs != t.x_rows * t.rows * (256 + 64) * counted:  # the codes' dots and the unit's four offset dots
+    dot_k = lanesdot.DOT_K[fmt]  # the codes' dots and the unit's offset dots
+    if macs != t.x_rows * t.rows * dot_k * counted:
         raise RuntimeError(f"{fmt} M={m} {n}x{k}: {macs} MACs counted in the {loop['scope']}, not {counted} "
-                           f"units of [{t.rows}, 320] x [320, {t.x_rows}]: the loop was misread")
+                           f"units of [{t.rows}, {dot_k}] x [{dot_k}, {t.x_rows}]: the loop was misread")
     grid = kernel["grid"]
     return {
         "kernel": "triton_dot", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],

@@ -34,8 +34,8 @@ H100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="NV
 
 class TestTriton(LinearTests):
     BACKEND = "triton"
-    # the GEMV up to GEMV_ROWS (Q4_K: the block-dot GEMM from DOT_FROM to 16), the tensor-core GEMM up to
-    # DECODE_ROWS (64), the reference past them
+    # the GEMV up to GEMV_ROWS (Q4_K, Q5_K, Q6_K: the block-dot GEMM from DOT_FROM to 16), the tensor-core GEMM
+    # up to DECODE_ROWS (64), the reference past them
     ROWS = (1, DOT_FROM, GEMV_ROWS + 1, DECODE_ROWS, DECODE_ROWS + 1)
 
 
@@ -163,7 +163,7 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
     tests/test_lanesdot.py), GEMM up to DECODE_ROWS, XLA past them. A measured GEMM at prefill rows serves
     them (the model's matmul matches the reference)."""
     kind = jax.devices()[0].device_kind
-    assert [TRITON.path("Q6_K", m, jnp.bfloat16) for m in (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, 65)] == [
+    assert [TRITON.path("Q8_0", m, jnp.bfloat16) for m in (1, GEMV_ROWS, GEMV_ROWS + 1, DECODE_ROWS, 65)] == [
         "gemv", "gemv", "mma", "mma", "xla"]
     assert TRITON.path("Q2_K", 1, jnp.bfloat16) == "mma" and TRITON.path("Q4_K", 1, jnp.float32) == "xla"
     table = _routes(kind, {"Q4_K": [[1, "gemv"], [16, "mma"], [512, "mma"], [2048, "xla"]]})
@@ -186,9 +186,9 @@ def test_routes_pick_the_measured_path(monkeypatch, rng):
     monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q2_K": [[1, "gemv"]]}))
     with pytest.raises(RoutesError, match="Q2_K.*does not have"):
         TRITON.path("Q2_K", 1, jnp.bfloat16)
-    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q6_K": [[8, "dot"]]}))
-    with pytest.raises(RoutesError, match="Q6_K: routes 8 rows of x to the dot path, which Q6_K does not have"):
-        TRITON.path("Q6_K", 8, jnp.bfloat16)
+    monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q8_0": [[8, "dot"]]}))
+    with pytest.raises(RoutesError, match="Q8_0: routes 8 rows of x to the dot path, which Q8_0 does not have"):
+        TRITON.path("Q8_0", 8, jnp.bfloat16)
     monkeypatch.setattr(routes, "table", lambda: _routes(kind, {"Q4_K": [[1, "fast"]]}))
     with pytest.raises(RoutesError, match="'fast' is not one of gemv, dot, mma, xla"):
         TRITON.path("Q4_K", 1, jnp.bfloat16)

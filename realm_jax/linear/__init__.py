@@ -4,7 +4,7 @@
     native       realm_jax.native's C++ kernels on one CPU device (decode on the planes as stored; prefill
                  on the same planes dequantized a panel at a time, or a dense copy)
     triton       the Pallas Triton kernels (GPU) on one layout, the lanes: the decode GEMV, the block-dot GEMM
-                 (Q4_K, 3-16 rows of x) and the tensor-core GEMM
+                 (Q4_K, Q5_K, Q6_K at 3-16 rows of x) and the tensor-core GEMM
     triton_blocks  the Pallas Triton block-dot decode GEMM for nine formats on a layout of its own
                  (GPU; a candidate beside triton's decode kernels, chosen with impl="triton_blocks")
     mosaic_gpu   the Pallas Mosaic GPU kernels (Hopper)

@@ -4,10 +4,10 @@
 - "gemv": the GEMV of `pallas_kernels.decode`, with the activations quantized to int16 per 32 values and
   integer dot products (`dp2a`; the int16 activations err less than a bf16 product): half an instruction
   a weight for each row of x (not for Q2_K, Q3_K, IQ4_NL, IQ4_XS and MXFP4);
-- "dot": the block-dot GEMM of `pallas_kernels.lanesdot` (Q4_K), up to 16 rows of x: the codes fed to the
-  tensor cores from registers, one dot per 16 codes of a sub-block, the scales applied to the dots'
-  outputs: 2.9 / 3.4 instructions a weight at 8 / 16 rows on the device's compiler, where the GEMV takes
-  9.3 / 18.6 and the GEMM 21.8;
+- "dot": the block-dot GEMM of `pallas_kernels.lanesdot` (Q4_K, Q5_K, Q6_K), up to 16 rows of x: the codes
+  fed to the tensor cores from registers, one dot per 16 codes of a sub-block, the scales applied to the
+  dots' outputs: at 8 / 16 rows on the device's compiler Q4_K 2.8 / 3.7 instructions a weight, Q6_K
+  6.3 / 6.9, where the GEMV takes 9.3 / 18.6 and 13.3 / 26.6, the GEMM 21.8 and 20.4;
 - "mma": the tensor-core GEMM of `pallas_kernels.mma`, which dequantizes each weight once (to the compute
   dtype, as the reference rounds it) for all the rows of x a program holds (every row up to 64, tiles of
   128 past them) and multiplies them by `mma` / `wgmma`;
@@ -56,8 +56,9 @@ DECODE_ROWS = 64  # rows of x up to which the kernels serve without a measuremen
 # (GEMV 13.1-26.6, GEMM 12.6-25.8; e.g. Q4_K 18.6 / 21.8, Q6_K 26.6 / 20.4).
 GEMV_ROWS = 8
 # Rows of x from which the block-dot GEMM serves the formats it has (up to its MAX_ROWS): at one row the GEMV
-# takes 1.4-1.5 instructions a weight against its 2.9 (its eight rows of x, the mma's N, padded), at two
-# 2.4, at three and four (padded to four) 4.8 (Q4_K, 4096x4096, XLA's Triton).
+# takes 1.4-1.5 instructions a weight against its 2.8 (its eight rows of x, the mma's N, padded), at two
+# 2.4, at three and four (padded to four) 4.8 (Q4_K, 4096x4096, XLA's Triton; Q6_K 1.9 / 6.7 at one / four
+# rows against 6.3).
 DOT_FROM = 3
 _KERNEL_COMPUTE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
