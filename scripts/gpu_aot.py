@@ -53,7 +53,7 @@ sys.path.insert(1, str(ROOT / "scripts"))  # kernel_report: how the report trace
 H100 = "NVIDIA H100 80GB HBM3"
 # The names pallas_kernels gives its Triton kernels (their pallas_call's `name`; XLA's own kernels are its
 # fusions: loop_*, input_*, wrapped_*, gemm_fusion_*, triton_*)
-PALLAS_NAMES = ("decode_", "mma_", "blockdot_")
+PALLAS_NAMES = ("decode_", "mma_", "blockdot_", "lanesdot_")
 _THUNK = re.compile(r"^\s*\d+: (k\w+)\s+\[[^\]]*\]\s*(.*)$")
 _KERNEL = re.compile(r"^(\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+)")
 
