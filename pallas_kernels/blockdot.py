@@ -84,7 +84,7 @@ from realm_jax.quant import QTensor, get_format
 from realm_jax.quant import kquantize, kquants, legacy
 from realm_jax.quant.common import split_nibbles
 
-__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm",
+__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "launch",
            "prepare_x", "split_columns", "tiling_for", "to_blocks"]
 
 FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_K")
@@ -569,15 +569,22 @@ def gemm(x: jax.Array, planes: dict[str, jax.Array], *, fmt: str, layer=None, ti
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, t=t, steps=steps // t.splits, stacked=stacked, interpret=interpret)
+    return launch(kernel, args, t, m, n_pad, scale, f"blockdot_{fmt.lower()}", interpret)
+
+
+def launch(kernel, args, t, m: int, n: int, scale, name: str, interpret: bool) -> jax.Array:
+    """Run a block-dot kernel (this module's, `lanesdot`'s) of tiling t (rows, splits, x_rows, num_warps) on
+    whole arrays: grid (n / t.rows, t.splits), partial sums [splits, m, n] f32 (the rows of x past m not
+    stored), summed over the splits and times each row of x's `scale` [M']: [m, n]."""
     part = pl.pallas_call(
         kernel,
-        grid=(n_pad // t.rows, t.splits),
+        grid=(n // t.rows, t.splits),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, m, n_pad), jnp.float32),  # the rows of x past m: not stored
+        out_shape=jax.ShapeDtypeStruct((t.splits, m, n), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=3),
         interpret=interpret,
-        name=f"blockdot_{fmt.lower()}",
+        name=name,
     )(*args)
     y = part[0] if t.splits == 1 else jnp.sum(part, axis=0)
     return y * scale[:m, None]

@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.blockdot import _pairs, _pow2
+from pallas_kernels.blockdot import _pairs, _pow2, launch
 from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN
 from pallas_kernels.ptx import fma
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
@@ -324,15 +324,4 @@ def gemm(x: jax.Array, lanes: dict[str, jax.Array], *, fmt: str, layer=None, til
     if stacked:
         args = (jnp.asarray(layer, jnp.int32).reshape(1), *args)
     kernel = functools.partial(_kernel, fmt=fmt, t=t, steps=units // t.splits, stacked=stacked, interpret=interpret)
-    part = pl.pallas_call(
-        kernel,
-        grid=(n // t.rows, t.splits),
-        in_specs=[pl.no_block_spec] * len(args),
-        out_specs=pl.BlockSpec((1, t.x_rows, t.rows), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((t.splits, m, n), jnp.float32),  # the rows of x past m: not stored
-        compiler_params=pltriton.CompilerParams(num_warps=t.num_warps, num_stages=3),
-        interpret=interpret,
-        name=f"lanesdot_{fmt.lower()}",
-    )(*args)
-    y = part[0] if t.splits == 1 else jnp.sum(part, axis=0)
-    return y * scale[:m, None]
+    return launch(kernel, args, t, m, n, scale, f"lanesdot_{fmt.lower()}", interpret)

@@ -476,6 +476,15 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
     loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, 1)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
     step_k = blockdot.STEP + blockdot.OFFSET_K[fmt]  # the blocks' dots, and the step's offset dots
+    return _dot_row("triton_blocks", fmt, m, n, k, kernel, program, loop, loop_kernel, t, counted, step_k,
+                    weight_copies("triton_blocks", fmt, m, n, k))
+
+
+def _dot_row(name: str, fmt: str, m: int, n: int, k: int, kernel, program, loop, loop_kernel, t, counted: int,
+             step_k: int, copies: list[str]) -> dict:
+    """The report's row of a block-dot GEMM (`blocks_row`, `lanesdot_row`: two warps' `mma.sync`, a K step of
+    step_k MACs a weight row and row of x, `counted` steps in the loop measured), checked against the HMMAs
+    the loop holds."""
     macs = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # mma.sync m16n8k16: one a warp
             + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)  # wgmma: one a warpgroup
     if macs != t.x_rows * t.rows * step_k * counted:
@@ -484,7 +493,7 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
                            f"misread")
     grid = kernel["grid"]
     return {
-        "kernel": "triton_blocks", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
+        "kernel": name, "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
         "ttir_ops": ttir_ops(kernel["ttir"]),
         "registers": program["registers"], "spill_bytes": program["spill_bytes"],
         "compile_s": round(program["compile_s"], 2),
@@ -495,7 +504,7 @@ def blocks_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
         "ldg128_per_weight": round(loop["ldg128"], 4),
         "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
         "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
-        "weight_copies": weight_copies("triton_blocks", fmt, m, n, k),
+        "weight_copies": copies,
     }
 
 
@@ -520,27 +529,8 @@ def lanesdot_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dic
     (loop_kernel,) = capture_triton(lambda x, w: gemm(x, w, looped), x, w)
     loop = _sass_cost(loop_kernel, workdir, per_step, per_step * steps // looped.splits, trips)
     counted = 1 if loop["scope"] == "loop" else steps // looped.splits
-    macs = (loop["ops"]["HMMA"] * loop_kernel["num_warps"] * 16 * 8 * 16  # mma.sync m16n8k16: one a warp
-            + loop["wgmma_macs"] * loop_kernel["num_warps"] // 4)
-    dot_k = lanesdot.DOT_K[fmt]  # the codes' dots and the unit's offset dots
-    if macs != t.x_rows * t.rows * dot_k * counted:
-        raise RuntimeError(f"{fmt} M={m} {n}x{k}: {macs} MACs counted in the {loop['scope']}, not {counted} "
-                           f"units of [{t.rows}, {dot_k}] x [{dot_k}, {t.x_rows}]: the loop was misread")
-    grid = kernel["grid"]
-    return {
-        "kernel": "triton_dot", "format": fmt, "m": m, "n": n, "k": k, "programs": grid[0] * grid[1],
-        "ttir_ops": ttir_ops(kernel["ttir"]),
-        "registers": program["registers"], "spill_bytes": program["spill_bytes"],
-        "compile_s": round(program["compile_s"], 2),
-        "loop_registers": loop["registers"], "loop_spill_bytes": loop["spill_bytes"],
-        "instructions_per_weight": round(loop["per_weight"], 3),
-        "program_instructions_per_weight": round(program["per_weight"], 3),
-        "rows_per_program": t.x_rows,
-        "ldg128_per_weight": round(loop["ldg128"], 4),
-        "barriers": program["ops"]["BAR"], "shuffles": program["ops"]["SHFL"],
-        "shared": sum(program["ops"][o] for o in ("STS", "LDS", "LDSM")),
-        "weight_copies": weight_copies("triton", fmt, m, n, k, lambda x, w: gemm(x, w)),
-    }
+    return _dot_row("triton_dot", fmt, m, n, k, kernel, program, loop, loop_kernel, t, counted, lanesdot.DOT_K[fmt],
+                    weight_copies("triton", fmt, m, n, k, lambda x, w: gemm(x, w)))
 
 
 def decode_row(fmt: str, m: int, n: int, k: int, workdir: pathlib.Path) -> dict:
