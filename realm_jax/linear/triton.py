@@ -288,7 +288,8 @@ class Triton(Backend):
         mode = " (interpret mode)" if jax.default_backend() == "cpu" else ""
         kind = jax.devices()[0].device_kind
         if self.name in routes.table().get(kind, {}).get("backends", {}):
-            return f"triton{mode}: GEMV, tensor-core GEMM or xla as measured on {kind} (realm_jax/linear/routes.json)"
+            return (f"triton{mode}: GEMV, block-dot GEMM, tensor-core GEMM or xla as measured on {kind} "
+                    "(realm_jax/linear/routes.json)")
         if w is not None and self.serves("dot", w.fmt):
             return (f"triton decode GEMV{mode} (1-{DOT_FROM - 1} rows, 16-bit compute), block-dot GEMM "
                     f"({DOT_FROM}-16), tensor-core GEMM (17-{DECODE_ROWS}), xla (more)")
