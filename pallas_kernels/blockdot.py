@@ -84,8 +84,8 @@ from realm_jax.quant import QTensor, get_format
 from realm_jax.quant import kquantize, kquants, legacy
 from realm_jax.quant.common import split_nibbles
 
-__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "launch",
-           "prepare_x", "split_columns", "tiling_for", "to_blocks"]
+__all__ = ["FORMATS", "MAX_ROWS", "OFFSET_K", "ROW_ALIGN", "STEP", "BlockTiling", "from_blocks", "gemm", "hi_lo",
+           "launch", "prepare_x", "scale_rows", "split_columns", "tiling_for", "to_blocks"]
 
 FORMATS = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_K")
 # Codes a uint16 of the "q" plane: four nibbles (Q6_K: the codes' low four bits), or (Q8_0) two bytes, each
@@ -370,15 +370,11 @@ def _pow2(e: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type((e + 127).astype(jnp.int32) << 23, jnp.float32)
 
 
-def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x [M, K] -> (x^T [K', M'] f16, B, row scales [M] f32): each row times a power of two (its largest
-    magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16; the row scales
-    undo the powers of two on the output. B: the offset dots' B operands (`_OFFSET_DOTS`),
-    [OFFSET_K a step, M'] f16, from X, each block's sum of the scaled f16 row, and c X (`_offsets`), times
-    _CORRECTION_SCALE, each in two f16 parts (hi, lo: ~22 bits together, as the cancellation against the
-    blocks' dots, 1024 X of them, needs)."""
+def scale_rows(x: jax.Array, x_rows: int, k_padded: int) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> (x16 [M', K'] f16, e [M] int32): each row times 2^e, its largest magnitude into [2^14, 2^15)
+    (any finite row fits f16's range; bf16 x converts exactly), rounded to f16, zero-padded to whole tiles of
+    x_rows rows and to k_padded columns. 2^-e undoes it on the output (`_pow2(-e)`)."""
     m, k = x.shape
-    bk = _block_k(fmt)
     xf = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(xf), axis=1)
     # the exponent of amax from its bits (log2 and exp2 are approximations on some backends: XLA:CPU's
@@ -386,7 +382,24 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
     exponent = (lax.bitcast_convert_type(amax, jnp.int32) >> 23) - 127  # subnormal amax: -127
     e = jnp.clip(jnp.where(amax > 0, _X_MAX_EXP - exponent, 0), -126, 126)
     x16 = (xf * _pow2(e)[:, None]).astype(jnp.float16)
-    x16 = jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k)))
+    return jnp.pad(x16, ((0, -(-m // x_rows) * x_rows - m), (0, k_padded - k))), e
+
+
+def hi_lo(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """f32 v as two f16 parts, v ~ hi + lo (~22 bits together): the offset dots' B operands."""
+    hi = v.astype(jnp.float16)
+    return hi, (v - hi.astype(jnp.float32)).astype(jnp.float16)
+
+
+def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [M, K] -> (x^T [K', M'] f16, B, row scales [M] f32): each row times a power of two (its largest
+    magnitude into [2^14, 2^15)) rounded to f16, the odd blocks of each step divided by 16; the row scales
+    undo the powers of two on the output. B: the offset dots' B operands (`_OFFSET_DOTS`),
+    [OFFSET_K a step, M'] f16, from X, each block's sum of the scaled f16 row, and c X (`_offsets`), times
+    _CORRECTION_SCALE, each in two f16 parts (hi, lo: ~22 bits together, as the cancellation against the
+    blocks' dots, 1024 X of them, needs)."""
+    bk = _block_k(fmt)
+    x16, e = scale_rows(x, x_rows, k_padded)
     blocks, steps = k_padded // bk, k_padded // STEP
     odd = (jnp.arange(blocks) % 2 == 1) & (_PER_WORD[fmt] == 4)  # a nibble at bit 4
     place = jnp.where(odd, 1.0 / 16, 1.0).astype(jnp.float16)
@@ -402,8 +415,7 @@ def prepare_x(x: jax.Array, fmt: str, k_padded: int, x_rows: int) -> tuple[jax.A
                 continue
             first = 8 if value.endswith("+") else 0  # of the step's blocks
             v = values[value.rstrip("+")].reshape(-1, steps, STEP // bk)[..., first: first + 8]
-            hi = v.astype(jnp.float16)
-            parts.append(hi if i % 2 == 0 else (v - hi.astype(jnp.float32)).astype(jnp.float16))  # hi, then lo
+            parts.append(hi_lo(v)[i % 2])  # hi, then lo
     if not parts:  # Q8_K: c X of each step, f32 [steps, M']
         return xt, jnp.sum(values["cx"].reshape(-1, steps, STEP // bk), axis=-1).T / _CORRECTION_SCALE, _pow2(-e)
     b = jnp.stack(parts, axis=2).reshape(sums.shape[0], -1).T  # [steps * OFFSET_K, M']

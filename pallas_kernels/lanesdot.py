@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.blockdot import _pairs, _pow2, launch
+from pallas_kernels.blockdot import _CORRECTION_SCALE, _pairs, _pow2, hi_lo, launch, scale_rows
 from pallas_kernels.decode_layout import LAYOUTS, ROW_ALIGN
 from pallas_kernels.ptx import fma
 from realm_jax.errors import ShapeMismatchError, UnsupportedFormatError
@@ -65,8 +65,6 @@ FORMATS = ("Q4_K", "Q5_K", "Q6_K")
 MAX_ROWS = 16  # rows of x (padded to 8 or 16: the mma's N)
 _UNIT = 256
 _SMS = 132
-_X_MAX_EXP = 14  # each row of x is scaled so that its largest magnitude lies in [2^14, 2^15)
-_CORRECTION_SCALE = 2.0**-16  # B of the offset dots: x's sub-block sums scaled into f16's range
 # A unit's rows of x^T (Q6_K: each sub-block's x twice, the other sub-block of its tile zero: 512) and of the
 # offset dots' B (four dots of K 16: c X and X in two parts each; Q6_K: two, c X)
 _X_K = {"Q4_K": 256, "Q5_K": 256, "Q6_K": 512}
@@ -133,14 +131,10 @@ def prepare_x(x: jax.Array, fmt: str, x_rows: int) -> tuple[jax.Array, jax.Array
     the scaled f16 row and c = 1024 for the low nibbles' sub-blocks, 64 for the high ones' (their x divided
     by 16): Q4_K, Q5_K (row 4 c + i: the scale of sub-block 2 c + i, row 4 c + 2 + i: its min) c X, then X
     at the mins' rows; Q6_K (row 2 s + i: sub-block i of the block at position s) (c + 32) X."""
-    m, k = x.shape
+    k = x.shape[1]
     units = k // _UNIT
-    m_pad = -(-m // x_rows) * x_rows
-    xf = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=1)
-    exponent = (lax.bitcast_convert_type(amax, jnp.int32) >> 23) - 127  # from its bits: exact (blockdot)
-    e = jnp.clip(jnp.where(amax > 0, _X_MAX_EXP - exponent, 0), -126, 126)
-    x16 = jnp.pad((xf * _pow2(e)[:, None]).astype(jnp.float16), ((0, m_pad - m), (0, 0)))
+    x16, e = scale_rows(x, x_rows, k)
+    m_pad = x16.shape[0]
     x16 = x16.reshape(m_pad, units, _UNIT)
     rows, position = _positions(fmt)
     place = jnp.asarray(np.where(position % 2 == 1, 1 / 16, 1.0), jnp.float16)  # a high nibble's element
@@ -151,14 +145,10 @@ def prepare_x(x: jax.Array, fmt: str, x_rows: int) -> tuple[jax.Array, jax.Array
     block_pos = np.argsort(np.asarray(LAYOUTS[fmt].order or range(8)))  # each file block's position
     c = np.where(np.repeat(block_pos, 32 // sub) % 2 == 1, 64.0, 1024.0)  # per sub-block, in file order
 
-    def parts(v):
-        hi = v.astype(jnp.float16)
-        return [hi, (v - hi.astype(jnp.float32)).astype(jnp.float16)]
-
     if fmt == "Q6_K":  # in layout order: row 2 s + i, the block at position s
         file_rows = np.asarray([2 * LAYOUTS[fmt].order[p // 2] + p % 2 for p in range(16)])
         cx = (sums * jnp.asarray(c + 32.0, jnp.float32))[:, :, file_rows]
-        b = jnp.stack(parts(cx), axis=2)  # [M', units, 2 dots, 16]
+        b = jnp.stack(hi_lo(cx), axis=2)  # [M', units, 2 dots, 16]
     else:
         def tile_rows(v, at_min: bool):  # sub-block values -> the scm tile's 16 rows, zeros elsewhere
             v = v.reshape(m_pad, units, 4, 1, 2)
@@ -166,7 +156,7 @@ def prepare_x(x: jax.Array, fmt: str, x_rows: int) -> tuple[jax.Array, jax.Array
             return jnp.concatenate([zero, v] if at_min else [v, zero], axis=3).reshape(m_pad, units, 16)
 
         cx = sums * jnp.asarray(c, jnp.float32)
-        b = jnp.stack([tile_rows(p, at_min) for v, at_min in ((cx, False), (sums, True)) for p in parts(v)], axis=2)
+        b = jnp.stack([tile_rows(p, at_min) for v, at_min in ((cx, False), (sums, True)) for p in hi_lo(v)], axis=2)
     return xt, b.reshape(m_pad, units * _OFFSET_K[fmt]).T, _pow2(-e)
 
 
